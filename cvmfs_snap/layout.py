@@ -1,0 +1,281 @@
+"""The repository layout contract: every path and metadata file cvmfs-snap reads or writes in a CVMFS repository.
+
+Both the publisher (which writes the tree) and the node snapshotter (which reads it) import this module; nothing else
+spells a repository path. Paths are those of DUCC on unpacked.cern.ch, so a repository DUCC filled can be served by our
+snapshotter and extended by our publisher without change.
+
+With ``d`` the compressed layer digest hex (no ``sha256:``) and ``cfg`` the image config digest hex::
+
+    <root>/                                   the repository (/cvmfs/<repo>, or a local directory)
+      .layers/.cvmfscatalog                   nested catalog for all layers
+      .layers/<d[0:2]>/.cvmfscatalog          one catalog per bucket
+      .layers/<d[0:2]>/<d>/layerfs/           layer content as `cvmfs_server ingest` stores it: whiteout files
+                                              (.wh.NAME, .wh..wh..opq) stay plain empty files
+      .layers/<d[0:2]>/<d>/layerfs/.cvmfscatalog   one nested catalog per layer
+      .layers/<d[0:2]>/<d>/.metadata/origin.json   {"origin": [config digests of images using the layer]}
+      .layers/<d[0:2]>/<d>/.metadata/layers.json   DUCC's podman-style record (id = diffID, ...)
+      .layers/<d[0:2]>/<d>/.metadata/layer.json    ours (LayerRecord); written LAST: its presence marks the layer
+                                                   complete
+      .metadata/<registry>/<repository>:<tag>/manifest.json   the image manifest (for multi-arch: per platform,
+                                                              see image_metadata_dir)
+      .metadata/<registry>/<repository>:<tag>/config.json     the image config
+      .metadata/<registry>/<repository>:<tag>/index.json      the index / manifest list of a multi-arch image
+      .metadata/<registry>/<repository>:<tag>/image.json      ours (ImageRecord): digests, layers, when published
+      .flat/<cfg[0:2]>/<cfg>/                 flattened root filesystem (whiteouts applied), own catalog
+      <registry>/<repository>:<tag>           relative symlink -> .flat/<cfg[0:2]>/<cfg>
+      .multiarch/<arch>/<registry>/<repository>:<tag>   per-architecture symlinks of a multi-arch image
+
+A layer is *complete* when its ``layer.json`` exists and parses, or, for layers DUCC published (no ``layer.json``),
+when its ``layerfs`` directory exists. The publisher must make ``layerfs`` visible only together with ``layer.json``
+(the local backend stages the whole layer directory and renames it into place; the cvmfs backends publish both in one
+transaction or write ``layer.json`` in the publish that follows a successful ingest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError
+
+#: version of the metadata files we write (layer.json, image.json)
+LAYOUT_VERSION = 1
+
+LAYERS_DIR = ".layers"
+METADATA_DIR = ".metadata"
+FLAT_DIR = ".flat"
+MULTIARCH_DIR = ".multiarch"
+LAYERFS = "layerfs"
+CATALOG_MARKER = ".cvmfscatalog"
+ORIGIN_JSON = "origin.json"
+LAYERS_JSON = "layers.json"
+LAYER_JSON = "layer.json"
+MANIFEST_JSON = "manifest.json"
+CONFIG_JSON = "config.json"
+INDEX_JSON = "index.json"
+IMAGE_JSON = "image.json"
+
+#: files CVMFS itself places in a tree that a container must never see
+CVMFS_MARKER_FILES = frozenset({CATALOG_MARKER, ".cvmfsdirtab"})
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._:@+-]*$")
+
+
+def digest_hex(digest: str) -> str:
+    """Return the hex part of a ``sha256:<64 hex>`` digest, rejecting anything else.
+
+    This is the one gate between untrusted digests (registry manifests, containerd labels) and repository paths:
+    ``../``, other algorithms, upper case and wrong lengths are refused with :class:`InvalidInputError`.
+    """
+    if not isinstance(digest, str):
+        raise InvalidInputError(f"layer digest must be a string, got {type(digest).__name__}")
+    algo, sep, hexpart = digest.partition(":")
+    if not sep:
+        raise InvalidInputError(f"invalid digest {digest[:100]!r}: expected 'sha256:<64 hex digits>'")
+    if algo != "sha256":
+        raise InvalidInputError(
+            f"unsupported digest algorithm {algo[:20]!r} in {digest[:100]!r}: only sha256 layers can be served"
+        )
+    if not _HEX64.match(hexpart):
+        raise InvalidInputError(f"invalid sha256 digest {digest[:100]!r}: expected 64 lower-case hex digits")
+    return hexpart
+
+
+def _check_component(value: str, what: str) -> str:
+    """Refuse path components that could leave the metadata tree."""
+    for part in value.split("/"):
+        if part in ("", ".", "..") or not _SAFE_COMPONENT.match(part):
+            raise InvalidInputError(f"{what} {value!r} cannot be used as a repository path")
+    return value
+
+
+@dataclass
+class LayerRecord:
+    """Our ``layer.json``: everything the snapshotter needs to serve a layer, written last by the publisher."""
+
+    digest: str
+    diff_id: str
+    media_type: str
+    compressed_size: int
+    uncompressed_size: int
+    entries: int
+    #: paths (relative, no leading '/') that this layer deletes from lower layers (from ``.wh.NAME`` files)
+    whiteouts: list[str] = field(default_factory=list)
+    #: directories (relative) made opaque by this layer (``.wh..wh..opq``)
+    opaque_dirs: list[str] = field(default_factory=list)
+    publisher_version: str = ""
+    created: float = 0.0
+    version: int = LAYOUT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LayerRecord:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            version = int(data.get("version", 0))
+            if version > LAYOUT_VERSION:
+                raise InvalidInputError(
+                    f"layer.json version {version} is newer than this cvmfs-snap understands ({LAYOUT_VERSION}); "
+                    "upgrade cvmfs-snap on this node"
+                )
+            known = set(cls.__dataclass_fields__)
+            rec = cls(**{k: v for k, v in data.items() if k in known})
+            digest_hex(rec.digest)
+            if not isinstance(rec.whiteouts, list) or not isinstance(rec.opaque_dirs, list):
+                raise TypeError("whiteouts/opaque_dirs must be lists")
+            return rec
+        except InvalidInputError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"malformed layer.json: {exc}") from exc
+
+
+@dataclass
+class ImageRecord:
+    """Our ``image.json`` beside manifest.json: what was published for one tag (one platform)."""
+
+    reference: str
+    manifest_digest: str
+    config_digest: str
+    layers: list[str]
+    platform: str = ""
+    index_digest: str = ""
+    published: float = 0.0
+    version: int = LAYOUT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ImageRecord:
+        try:
+            data = json.loads(text)
+            known = set(cls.__dataclass_fields__)
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"malformed image.json: {exc}") from exc
+
+
+class RepositoryLayout:
+    """Paths inside one repository root. Pure path arithmetic plus small read helpers; writes belong to backends."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # -- layers -------------------------------------------------------------------------------------------------
+    @property
+    def layers_root(self) -> Path:
+        return self.root / LAYERS_DIR
+
+    def layer_bucket(self, digest: str) -> Path:
+        return self.layers_root / digest_hex(digest)[:2]
+
+    def layer_dir(self, digest: str) -> Path:
+        d = digest_hex(digest)
+        return self.layers_root / d[:2] / d
+
+    def layerfs(self, digest: str) -> Path:
+        return self.layer_dir(digest) / LAYERFS
+
+    def layer_metadata_dir(self, digest: str) -> Path:
+        return self.layer_dir(digest) / METADATA_DIR
+
+    def origin_json(self, digest: str) -> Path:
+        return self.layer_metadata_dir(digest) / ORIGIN_JSON
+
+    def layers_json(self, digest: str) -> Path:
+        return self.layer_metadata_dir(digest) / LAYERS_JSON
+
+    def layer_json(self, digest: str) -> Path:
+        return self.layer_metadata_dir(digest) / LAYER_JSON
+
+    def read_layer_record(self, digest: str) -> LayerRecord | None:
+        """Our record of a layer, or None when there is none (absent, or a DUCC-made layer)."""
+        try:
+            text = self.layer_json(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        rec = LayerRecord.from_json(text)
+        if rec.digest != digest:
+            raise InvalidInputError(f"{self.layer_json(digest)} describes {rec.digest}, not {digest}")
+        return rec
+
+    def is_layer_complete(self, digest: str) -> bool:
+        """True when the layer can be served: complete layer.json, or (DUCC) an existing layerfs directory."""
+        if self.layer_json(digest).is_file():
+            try:
+                self.read_layer_record(digest)
+            except InvalidInputError:
+                return False
+            return self.layerfs(digest).is_dir()
+        return self.layerfs(digest).is_dir()
+
+    def iter_layer_digests(self) -> list[str]:
+        """All layer digests present under .layers (complete or not), as ``sha256:<hex>``."""
+        out: list[str] = []
+        try:
+            buckets = sorted(os.listdir(self.layers_root))
+        except FileNotFoundError:
+            return out
+        for b in buckets:
+            if len(b) != 2:
+                continue
+            try:
+                names = sorted(os.listdir(self.layers_root / b))
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            out.extend(f"sha256:{n}" for n in names if _HEX64.match(n) and n[:2] == b)
+        return out
+
+    # -- images ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def image_name(registry: str, repository: str, tag: str) -> str:
+        """``<registry>/<repository>:<tag>``, the relative name used under .metadata and for public links."""
+        _check_component(registry, "registry")
+        _check_component(repository, "repository")
+        _check_component(tag, "tag")
+        return f"{registry}/{repository}:{tag}"
+
+    @property
+    def metadata_root(self) -> Path:
+        return self.root / METADATA_DIR
+
+    def image_metadata_dir(self, registry: str, repository: str, tag: str, arch: str | None = None) -> Path:
+        """Metadata of one tag; for one platform of a multi-arch image, ``arch`` (e.g. ``arm64``) adds a level."""
+        base = self.metadata_root / self.image_name(registry, repository, tag)
+        if arch:
+            return base / _check_component(arch.replace("/", "-"), "architecture")
+        return base
+
+    def flat_dir(self, config_digest: str) -> Path:
+        c = digest_hex(config_digest)
+        return self.root / FLAT_DIR / c[:2] / c
+
+    def public_link(self, registry: str, repository: str, tag: str) -> Path:
+        return self.root / self.image_name(registry, repository, tag)
+
+    def multiarch_link(self, arch: str, registry: str, repository: str, tag: str) -> Path:
+        return self.root / MULTIARCH_DIR / _check_component(arch.replace("/", "-"), "architecture") / (
+            self.image_name(registry, repository, tag)
+        )
+
+    def flat_link_target(self, link: Path, config_digest: str) -> str:
+        """The relative symlink text from ``link`` to the flat tree of ``config_digest``."""
+        return os.path.relpath(self.flat_dir(config_digest), link.parent)
+
+
+def read_json(path: Path) -> Any:
+    """Read a metadata JSON file; malformed content is an InvalidInputError naming the file."""
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise InvalidInputError(f"malformed JSON in {path}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The node snapshotter: a containerd remote snapshotter (gRPC proxy plugin) serving layers from CVMFS."""

@@ -1,0 +1,1 @@
+"""The stratum-0 side of cvmfs-snap: wishlist -> CVMFS repository tree."""
