@@ -234,3 +234,26 @@ def push_image(registry_url: str, repo: str, tag: str, img: BuiltImage) -> str:
         return p.image(repo, tag, img)
     finally:
         p.close()
+
+
+BUSYBOX = "/bin/busybox"
+BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "test", "stat", "find", "wc", "sleep", "true", "false", "id", "touch",
+                   "mkdir", "rm", "sha256sum", "readlink", "env", "head", "du")
+
+
+def busybox_entries(path: str = BUSYBOX) -> list[Entry]:
+    """Entries for a minimal runnable userland: Debian's static busybox plus applet symlinks in /bin.
+
+    Needs the busybox-static package on the host (installed by scripts/install-deps); nothing is downloaded."""
+    with open(path, "rb") as f:
+        data = f.read()
+    entries = [Entry("bin", type="dir"), Entry("bin/busybox", data=data, mode=0o755)]
+    entries += [Entry(f"bin/{a}", type="symlink", linkname="busybox") for a in BUSYBOX_APPLETS]
+    entries += [Entry("etc", type="dir"), Entry("tmp", type="dir", mode=0o1777), Entry("proc", type="dir"),
+                Entry("sys", type="dir"), Entry("dev", type="dir")]
+    return entries
+
+
+def busybox_layer(codec: str = "gzip") -> BuiltLayer:
+    """A gzip layer with a static busybox, so images built here can run under runc."""
+    return layer(busybox_entries(), codec)

@@ -1,0 +1,174 @@
+"""Image references: parse what a site admin or a DUCC recipe writes into registry / repository / tag / digest.
+
+The grammar follows the distribution reference grammar (the one docker, containerd and DUCC use), with two
+deliberate differences:
+
+* the registry is kept *as written* (``registry.hub.docker.com`` stays that, it is not rewritten to ``docker.io``),
+  because DUCC's public CVMFS paths are built from it; only :attr:`ImageReference.api_host` maps the Docker Hub
+  aliases to the host that actually serves the API;
+* ``https://`` and ``http://`` prefixes, as DUCC recipes write them, are accepted and stripped; ``http://`` marks the
+  registry as plain-HTTP (insecure) for this reference.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from cvmfs_snap.errors import InvalidInputError
+
+#: registries that are all Docker Hub; single-component repositories there live under ``library/``
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry.hub.docker.com", "registry-1.docker.io"})
+DOCKER_HUB_API_HOST = "registry-1.docker.io"
+DEFAULT_REGISTRY = "docker.io"
+DEFAULT_TAG = "latest"
+
+#: distribution limits the full name (registry + "/" + repository) to 255 characters
+NAME_MAX = 255
+
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN_RE = re.compile(
+    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]{{1,5}})?$"
+)
+_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
+#: digest algorithms we can verify, with the length of their hex encoding
+DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([0-9a-f]+)$")
+
+
+def validate_digest(digest: str, what: str = "digest") -> str:
+    """Return ``digest`` if it is ``sha256:<64 lower-case hex>`` (or sha512); raise InvalidInputError otherwise.
+
+    Digests come from registries and manifests (untrusted) and end up in URLs and paths, so they are checked
+    strictly here, once.
+    """
+    m = _DIGEST_RE.match(digest) if isinstance(digest, str) else None
+    if not m:
+        raise InvalidInputError(f"invalid {what} {digest!r}: expected 'sha256:' followed by 64 lower-case hex digits")
+    algo, hexpart = m.group(1), m.group(2)
+    if algo not in DIGEST_ALGORITHMS:
+        raise InvalidInputError(f"unsupported digest algorithm in {what} {digest!r}: only sha256 and sha512 are "
+                                "supported")
+    if len(hexpart) != DIGEST_ALGORITHMS[algo]:
+        raise InvalidInputError(f"invalid {what} {digest!r}: {algo} needs {DIGEST_ALGORITHMS[algo]} hex digits, "
+                                f"got {len(hexpart)}")
+    return digest
+
+
+def _is_domain(component: str) -> bool:
+    # same rule as docker's reference normalisation: a first component is a registry host when it looks like one
+    # (has a dot or a port, is localhost, or has upper-case letters, which repositories never have)
+    return "." in component or ":" in component or component == "localhost" or component.lower() != component
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """A parsed image reference. ``registry`` is as written; ``tag`` is None only for digest-only references."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+    #: the reference was written with ``http://``: use plain HTTP for this registry
+    insecure: bool = field(default=False, compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> ImageReference:
+        """Parse ``[scheme://][registry/]repository[:tag][@digest]``; InvalidInputError says what is wrong."""
+        if not isinstance(text, str):
+            raise InvalidInputError(f"image reference must be a string, got {type(text).__name__}")
+        original = text
+        s = text.strip()
+        if not s:
+            raise InvalidInputError("empty image reference: write e.g. 'docker.io/library/ubuntu:22.04'")
+        insecure = False
+        low = s.lower()
+        if low.startswith("https://"):
+            s = s[len("https://"):]
+        elif low.startswith("http://"):
+            s = s[len("http://"):]
+            insecure = True
+        elif "://" in s:
+            raise InvalidInputError(f"invalid image reference {original!r}: only http:// and https:// prefixes "
+                                    "are understood")
+        if any(c.isspace() for c in s):
+            raise InvalidInputError(f"invalid image reference {original!r}: contains white space")
+
+        digest: str | None = None
+        if "@" in s:
+            s, digest = s.split("@", 1)
+            try:
+                validate_digest(digest)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"invalid image reference {original!r}: {e}") from None
+
+        tag: str | None = None
+        slash = s.rfind("/")
+        colon = s.rfind(":")
+        if colon > slash:
+            s, tag = s[:colon], s[colon + 1:]
+            if not _TAG_RE.match(tag):
+                raise InvalidInputError(
+                    f"invalid tag {tag!r} in image reference {original!r}: a tag is 1-128 characters of letters, "
+                    "digits, '_', '.', '-' and must not start with '.' or '-'")
+        if not s:
+            raise InvalidInputError(f"invalid image reference {original!r}: no repository name")
+
+        parts = s.split("/")
+        if len(parts) > 1 and _is_domain(parts[0]):
+            registry, path = parts[0], parts[1:]
+            if not _DOMAIN_RE.match(registry):
+                raise InvalidInputError(f"invalid registry host {registry!r} in image reference {original!r}")
+        else:
+            registry, path = DEFAULT_REGISTRY, parts
+        if registry.lower() in DOCKER_HUB_ALIASES and len(path) == 1:
+            path = ["library", *path]
+        for comp in path:
+            if not _PATH_COMPONENT_RE.match(comp):
+                hint = " (repository names must be lower case)" if comp.lower() != comp else ""
+                raise InvalidInputError(
+                    f"invalid repository name component {comp!r} in image reference {original!r}{hint}: use "
+                    "lower-case letters, digits and single separators '.', '_', '__', '-'")
+        repository = "/".join(path)
+        if len(registry) + 1 + len(repository) > NAME_MAX:
+            raise InvalidInputError(f"image name in {original!r} is longer than {NAME_MAX} characters")
+        if tag is None and digest is None:
+            tag = DEFAULT_TAG
+        return cls(registry=registry, repository=repository, tag=tag, digest=digest, insecure=insecure)
+
+    @property
+    def api_host(self) -> str:
+        """The host[:port] that serves the registry API (Docker Hub aliases map to registry-1.docker.io)."""
+        if self.registry.lower() in DOCKER_HUB_ALIASES:
+            return DOCKER_HUB_API_HOST
+        return self.registry
+
+    @property
+    def name(self) -> str:
+        """``registry/repository`` without tag or digest."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def reference(self) -> str:
+        """What to put after ``/manifests/`` in a registry URL: the digest when known, else the tag."""
+        return self.digest or self.tag or DEFAULT_TAG
+
+    def with_tag(self, tag: str) -> ImageReference:
+        """The same repository with another tag (and no digest)."""
+        if not _TAG_RE.match(tag):
+            raise InvalidInputError(f"invalid tag {tag!r} for image {self.name}")
+        return replace(self, tag=tag, digest=None)
+
+    def with_digest(self, digest: str) -> ImageReference:
+        """The same repository pinned to ``digest`` (the tag is kept for display)."""
+        validate_digest(digest)
+        return replace(self, digest=digest)
+
+    def __str__(self) -> str:
+        s = self.name
+        if self.tag is not None:
+            s += f":{self.tag}"
+        if self.digest is not None:
+            s += f"@{self.digest}"
+        return s

@@ -1,0 +1,213 @@
+"""Publisher settings: one dataclass, filled from an optional YAML file and then from command-line flags.
+
+Why a file at all: the stratum-0 runs the publisher as a service (``loop``) and as a cron job (``convert``); both
+should read the same site settings (backend, repository, credentials file, insecure registries) without repeating
+them on every command line. Flags given on the command line always win over the file.
+
+Example ``/etc/cvmfs-snap/publisher.yaml``::
+
+    backend: cvmfs-ingest
+    repo: unpacked.cern.ch
+    cvmfs_server: /usr/bin/cvmfs_server
+    concurrency: 4
+    insecure_registries: ["registry.internal:5000"]
+    platforms: [linux/amd64, linux/arm64]
+    grace_period_days: 7
+    state_dir: /var/spool/cvmfs-snap/unpacked.cern.ch
+    daemon:
+      listen: 127.0.0.1:8080
+      poll_interval: 300
+      debounce: 5
+      publish_on_miss_allow: ["registry.cern.ch/atlas/*"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cvmfs_snap.errors import InvalidInputError
+
+BACKENDS = ("local", "cvmfs-ingest", "cvmfs-transaction")
+
+_REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class DaemonConfig:
+    """Settings of ``loop`` (the daemon, see ``publisher.daemon``)."""
+
+    #: host:port of the HTTP endpoint (webhooks, /metrics, /healthz)
+    listen: str = "127.0.0.1:8080"
+    #: seconds between two full passes over the recipe (tag lists re-read, moved tags republished)
+    poll_interval: float = 300.0
+    #: seconds to wait after a webhook before publishing, to coalesce bursts of pushes
+    debounce: float = 5.0
+    #: ``registry/repository`` globs the daemon may publish on demand (publish-on-miss); empty: none
+    publish_on_miss_allow: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PublisherConfig:
+    """Every publisher setting. ``load`` reads the YAML file, ``apply_args`` lays command-line flags over it."""
+
+    backend: str = "local"
+    #: directory the repository tree is written to / read from; default ``/cvmfs/<repo>``
+    root: str | None = None
+    #: CVMFS repository name (``unpacked.cern.ch``); for ``local`` only informational
+    repo: str | None = None
+    #: path of the ``cvmfs_server`` command (cvmfs backends)
+    cvmfs_server: str = "cvmfs_server"
+    #: a sub-path for ``cvmfs_server transaction <repo>/<lease_path>`` (gateway lease; cvmfs-transaction backend)
+    lease_path: str | None = None
+    #: how many layers are downloaded/unpacked at the same time
+    concurrency: int = 2
+    #: do not build the flattened root filesystem (``.flat``) nor the public symlinks
+    skip_flat: bool = False
+    #: ``host:port`` of registries reached over plain HTTP
+    insecure_registries: list[str] = field(default_factory=list)
+    #: Docker ``config.json`` with registry credentials; default: ``$DOCKER_CONFIG`` / ``~/.docker/config.json``
+    docker_config: str | None = None
+    #: platforms to publish from multi-arch images (``linux/amd64``); empty: all
+    platforms: list[str] = field(default_factory=list)
+    #: GC keeps images scheduled for removal at least this long
+    grace_period_days: float = 7.0
+    #: local state (lock file, staging of the cvmfs backends, GC schedule); default depends on the backend
+    state_dir: str | None = None
+    #: per-request registry timeout (seconds) and retries
+    registry_timeout: float = 60.0
+    registry_retries: int = 4
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "configuration") -> PublisherConfig:
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"{source}: expected a mapping of settings at the top level")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
+            )
+        values = dict(data)
+        daemon_data = values.pop("daemon", None) or {}
+        if not isinstance(daemon_data, dict):
+            raise InvalidInputError(f"{source}: 'daemon' must be a mapping")
+        dknown = {f.name for f in fields(DaemonConfig)}
+        dunknown = sorted(set(daemon_data) - dknown)
+        if dunknown:
+            raise InvalidInputError(
+                f"{source}: unknown daemon setting(s) {', '.join(dunknown)}; known: {', '.join(sorted(dknown))}"
+            )
+        try:
+            cfg = cls(**values, daemon=DaemonConfig(**daemon_data))
+        except TypeError as exc:
+            raise InvalidInputError(f"{source}: {exc}") from exc
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> PublisherConfig:
+        """The settings from a YAML file, or the defaults when ``path`` is None."""
+        if path is None:
+            return cls()
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read publisher configuration {p}: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise InvalidInputError(f"publisher configuration {p} is not valid YAML: {exc}") from exc
+        return cls.from_dict(data, str(p))
+
+    def apply_args(self, args: argparse.Namespace) -> PublisherConfig:
+        """Lay command-line flags over these settings (flags left unset keep the file's value)."""
+        mapping = {
+            "backend": "backend",
+            "root": "root",
+            "repo": "repo",
+            "cvmfs_server": "cvmfs_server",
+            "lease_path": "lease_path",
+            "concurrency": "concurrency",
+            "docker_config": "docker_config",
+            "state_dir": "state_dir",
+            "grace_period": "grace_period_days",
+        }
+        for arg, attr in mapping.items():
+            value = getattr(args, arg, None)
+            if value is not None:
+                setattr(self, attr, value)
+        if getattr(args, "skip_flat", False):
+            self.skip_flat = True
+        extra_insecure = getattr(args, "insecure_registry", None)
+        if extra_insecure:
+            self.insecure_registries = [*self.insecure_registries, *extra_insecure]
+        plats = getattr(args, "platform", None)
+        if plats:
+            self.platforms = list(plats)
+        self.validate("command line")
+        return self
+
+    def validate(self, source: str = "configuration") -> None:
+        if self.backend not in BACKENDS:
+            raise InvalidInputError(f"{source}: unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise InvalidInputError(f"{source}: concurrency must be a positive integer, got {self.concurrency!r}")
+        if self.repo is not None and not _REPO_NAME.match(self.repo):
+            raise InvalidInputError(f"{source}: {self.repo!r} is not a CVMFS repository name")
+        if self.lease_path is not None and (
+            self.lease_path.startswith("/") or ".." in self.lease_path.split("/")
+        ):
+            raise InvalidInputError(f"{source}: lease_path {self.lease_path!r} must be relative, without '..'")
+        for name in ("insecure_registries", "platforms"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidInputError(f"{source}: {name} must be a list of strings")
+        if self.grace_period_days < 0:
+            raise InvalidInputError(f"{source}: grace_period_days must not be negative")
+
+    # -- derived ---------------------------------------------------------------------------------------------------
+    def repository_root(self) -> Path:
+        """Where the tree is: ``root`` when given, else ``/cvmfs/<repo>``."""
+        if self.root:
+            return Path(self.root)
+        if self.repo:
+            return Path("/cvmfs") / self.repo
+        raise InvalidInputError(
+            "no repository given: pass --root DIR (local backend) or --repo NAME (cvmfs backends), "
+            "or set root/repo in the configuration file"
+        )
+
+    def effective_state_dir(self) -> Path:
+        """Local state directory: ``state_dir`` if set; for ``local`` a hidden directory in the root; else
+        ``/var/spool/cvmfs-snap/<repo>`` (must be on the stratum-0's local disk, not in the repository)."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        if self.backend == "local":
+            return self.repository_root() / ".cvmfs-snap-state"
+        return Path("/var/spool/cvmfs-snap") / (self.repo or "default")
+
+    def make_backend(self) -> Any:
+        """The configured backend (imported lazily: ``publisher.backends``)."""
+        from .backends import make_backend
+
+        return make_backend(self)
+
+    def make_client(self) -> Any:
+        """A ``cvmfs_snap.oci.RegistryClient`` with these settings."""
+        from cvmfs_snap.oci import CredentialStore, RegistryClient
+
+        return RegistryClient(
+            credentials=CredentialStore.from_docker_config(self.docker_config),
+            insecure_registries=list(self.insecure_registries),
+            timeout=self.registry_timeout,
+            retries=self.registry_retries,
+        )

@@ -1,0 +1,214 @@
+"""Parse registry push notifications into the (registry, repository, tag) triples the daemon may publish.
+
+Two payload families are understood:
+
+* the CNCF distribution registry's ``notifications`` envelope
+  (``application/vnd.docker.distribution.events.v1+json``): ``{"events": [{"action": "push", "target": {...},
+  "request": {"host": ...}}]}``. The registry also sends events for blob uploads, pulls and pushes by digest; only
+  manifest pushes *by tag* name something a recipe can ask for, so everything else is ignored (not an error: the
+  registry would otherwise retry it forever).
+* Harbor's ``PUSH_ARTIFACT`` webhook: ``{"type": "PUSH_ARTIFACT", "event_data": {"resources": [{"resource_url":
+  "host/project/repo:tag", "tag": ...}], "repository": {...}}}``.
+
+This module only parses and authenticates; which events are wanted (the recipe) is the daemon's decision. Malformed
+input raises :class:`InvalidInputError`, which the daemon turns into HTTP 400 without stopping.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from cvmfs_snap.errors import InvalidInputError
+
+DISTRIBUTION_EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
+
+#: hosts that all mean Docker Hub (the recipe may say any of them, the registry another)
+_DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
+
+#: media types of things a tag can point to; blob pushes carry layer/config types or octet-stream
+_MANIFEST_TYPES = frozenset({
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+})
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+#: the largest webhook body we read (registries batch events, but never megabytes of them)
+MAX_BODY = 1 << 20
+
+
+@dataclass(frozen=True)
+class PushEvent:
+    """One tag that a registry says was pushed."""
+
+    registry: str
+    repository: str
+    tag: str
+    digest: str = ""
+
+    @property
+    def image(self) -> str:
+        """``registry/repository:tag``, the form a recipe line and ``ImageReference.parse`` use."""
+        return f"{self.registry}/{self.repository}:{self.tag}"
+
+
+def normalize_host(host: str) -> str:
+    """A registry host in one spelling, so that webhook hosts compare equal to recipe hosts.
+
+    Default ports are dropped (``harbor.example.org:443`` is ``harbor.example.org``), case is folded, and every Docker
+    Hub alias becomes ``docker.io``.
+    """
+    h = host.strip().lower()
+    for default in (":443", ":80"):
+        if h.endswith(default):
+            h = h[: -len(default)]
+    return "docker.io" if h in _DOCKER_HUB else h
+
+
+def check_authorization(header: str | None, secret: str | None) -> bool:
+    """True when no secret is configured, or the ``Authorization`` header carries it.
+
+    The distribution registry sends whatever the endpoint's ``headers`` say and Harbor its "auth header" verbatim, so
+    both ``<secret>`` and ``Bearer <secret>`` are accepted. The comparison is constant-time.
+    """
+    if not secret:
+        return True
+    if not header:
+        return False
+    value = header.strip()
+    candidates = [value]
+    if value.lower().startswith("bearer "):
+        candidates.append(value[7:].strip())
+    want = secret.encode()
+    ok = False
+    for c in candidates:
+        ok |= hmac.compare_digest(c.encode(), want)
+    return ok
+
+
+def _load(body: bytes) -> Any:
+    if len(body) > MAX_BODY:
+        raise InvalidInputError(f"webhook body of {len(body)} bytes is larger than the {MAX_BODY} bytes accepted")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"webhook body is not valid JSON: {exc}") from exc
+
+
+def _valid(registry: str, repository: str, tag: str) -> bool:
+    return bool(_HOST_RE.match(registry) and _REPO_RE.match(repository) and _TAG_RE.match(tag))
+
+
+def parse_distribution_events(body: bytes) -> list[PushEvent]:
+    """Tag pushes from a distribution ``notifications`` envelope; other events are skipped."""
+    return _distribution_events(_load(body))
+
+
+def _distribution_events(data: Any) -> list[PushEvent]:
+    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+        raise InvalidInputError('registry notification must be a JSON object with an "events" list')
+    out: list[PushEvent] = []
+    for i, ev in enumerate(data["events"]):
+        if not isinstance(ev, dict):
+            raise InvalidInputError(f"registry notification event #{i} is not a JSON object")
+        if ev.get("action") != "push":
+            continue
+        target = ev.get("target")
+        if not isinstance(target, dict):
+            raise InvalidInputError(f'registry notification event #{i} has no "target" object')
+        tag = target.get("tag")
+        media_type = target.get("mediaType", "")
+        if not tag or (media_type and media_type not in _MANIFEST_TYPES):
+            continue  # a blob upload or a push by digest: nothing a recipe names
+        repository = target.get("repository")
+        host = ""
+        url = target.get("url")
+        if isinstance(url, str) and url:
+            host = urlsplit(url).netloc
+        request = ev.get("request")
+        if not host and isinstance(request, dict) and isinstance(request.get("host"), str):
+            host = request["host"]
+        if not isinstance(repository, str) or not isinstance(tag, str) or not host:
+            raise InvalidInputError(
+                f"registry notification event #{i} lacks target.repository, target.tag or a registry host "
+                "(target.url or request.host)"
+            )
+        host = normalize_host(host)
+        if not _valid(host, repository, tag):
+            raise InvalidInputError(
+                f"registry notification event #{i} names an invalid image {host[:100]}/{repository[:200]}:{tag[:130]}"
+            )
+        digest = target.get("digest", "")
+        out.append(PushEvent(host, repository, tag, digest if isinstance(digest, str) else ""))
+    return out
+
+
+def split_resource_url(resource_url: str) -> tuple[str, str, str]:
+    """``host/project/repo:tag`` (optionally ``@digest``) -> (host, repository, tag); tag "" for digest-only URLs."""
+    url = resource_url.strip()
+    if "://" in url:
+        url = url.split("://", 1)[1]
+    url = url.split("@", 1)[0]
+    host, sep, rest = url.partition("/")
+    if not sep or not rest:
+        raise InvalidInputError(f"Harbor resource_url {resource_url[:300]!r} is not of the form host/project/repo:tag")
+    repository, tag = rest, ""
+    last = rest.rsplit("/", 1)[-1]
+    if ":" in last:
+        repository, tag = rest.rsplit(":", 1)
+    return normalize_host(host), repository, tag
+
+
+def parse_harbor(body: bytes) -> list[PushEvent]:
+    """Tag pushes from a Harbor ``PUSH_ARTIFACT`` webhook; other Harbor event types give an empty list."""
+    return _harbor_events(_load(body))
+
+
+def _harbor_events(data: Any) -> list[PushEvent]:
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise InvalidInputError('Harbor webhook must be a JSON object with a "type"')
+    if data["type"] != "PUSH_ARTIFACT":
+        return []
+    event_data = data.get("event_data")
+    if not isinstance(event_data, dict) or not isinstance(event_data.get("resources"), list):
+        raise InvalidInputError('Harbor PUSH_ARTIFACT webhook lacks "event_data.resources"')
+    out: list[PushEvent] = []
+    for i, res in enumerate(event_data["resources"]):
+        if not isinstance(res, dict) or not isinstance(res.get("resource_url"), str):
+            raise InvalidInputError(f'Harbor webhook resource #{i} has no "resource_url"')
+        host, repository, tag = split_resource_url(res["resource_url"])
+        if isinstance(res.get("tag"), str) and res["tag"]:
+            tag = res["tag"]
+        if not tag:
+            continue  # pushed by digest only
+        if not _valid(host, repository, tag):
+            raise InvalidInputError(
+                f"Harbor webhook resource #{i} names an invalid image {host[:100]}/{repository[:200]}:{tag[:130]}"
+            )
+        digest = res.get("digest", "")
+        out.append(PushEvent(host, repository, tag, digest if isinstance(digest, str) else ""))
+    return out
+
+
+def parse_webhook(body: bytes) -> list[PushEvent]:
+    """Either payload family, told apart by shape (``events`` list vs Harbor ``type``)."""
+    data = _load(body)
+    if isinstance(data, dict) and "events" in data:
+        return _distribution_events(data)
+    if isinstance(data, dict) and "type" in data:
+        return _harbor_events(data)
+    raise InvalidInputError(
+        'unknown webhook payload: expected a distribution registry envelope ({"events": [...]}) or a Harbor '
+        'event ({"type": "PUSH_ARTIFACT", ...})'
+    )
