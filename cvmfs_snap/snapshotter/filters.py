@@ -108,9 +108,9 @@ class _Parser:
         self.pos += 1
         if ch in _ESCAPES:
             return _ESCAPES[ch]
-        if ch == quote or ch in "\"'/|":
-            if ch != quote and quote != '"':
-                raise self.error(f"illegal escape \\{ch}")
+        if ch in "\"'/|":
+            if ch != quote:  # like containerd: only the enclosing quote character may be escaped
+                raise self.error(f"illegal escape \\{ch} inside {quote}...{quote}")
             return ch
         widths = {"x": 2, "u": 4, "U": 8}
         if ch in widths:

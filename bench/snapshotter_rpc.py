@@ -1,0 +1,106 @@
+"""Latency of the snapshotter's gRPC calls on this machine (not a test: numbers only).
+
+    python bench/snapshotter_rpc.py [--layers 128] [--reps 3]
+
+Starts the daemon in-process on a private temp root and unix socket, then times through a real gRPC channel:
+Prepare+Commit of a chain of local layers, Prepare of remote layers (AlreadyExists path, an in-script source serving
+3 directories per layer), View/Mounts of the full stack, Stat and List.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from cvmfs_snap.snapshotter.config import Config
+from cvmfs_snap.snapshotter.daemon import Daemon
+from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF, RemoteLayer
+
+
+class DirSource:
+    name = "bench"
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def lookup(self, labels: Mapping[str, str]) -> RemoteLayer | None:
+        d = labels.get(LABEL_CRI_LAYER_DIGEST)
+        return RemoteLayer(self.name, d) if d else None
+
+    def lowerdirs(self, digest: str) -> list[Path]:
+        return [self.base / digest[7:] / f"p{i}" for i in range(3)]
+
+
+def timed(fn: Callable[[Any], object], request: Any, expect: grpc.StatusCode | None = None) -> float:
+    t = time.perf_counter()
+    try:
+        fn(request)
+    except grpc.RpcError as exc:
+        if exc.code() != expect:
+            raise
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="cs-bench-snap-", dir="/tmp"))
+    d = Daemon(Config(grpc_workers=4), str(tmp / "s.sock"), tmp / "root", sources=[DirSource(tmp / "src")])
+    d.start()
+    results: dict[str, list[float]] = {}
+    try:
+        with grpc.insecure_channel(f"unix:{d.address}") as ch:
+            stub = pb_grpc.SnapshotsStub(ch)
+            lst = lambda req: list(stub.List(req))  # noqa: E731
+            for rep in range(a.reps):
+                def add(what: str, seconds: float) -> None:
+                    results.setdefault(what, []).append(seconds)
+
+                parent = ""
+                for i in range(a.layers):
+                    key, name = f"r{rep}-a{i}", f"r{rep}-c{i}"
+                    add("Prepare(local)", timed(stub.Prepare, pb.PrepareSnapshotRequest(key=key, parent=parent)))
+                    add("Commit(empty)", timed(stub.Commit, pb.CommitSnapshotRequest(name=name, key=key)))
+                    parent = name
+                add(f"View({a.layers} local)", timed(stub.View, pb.ViewSnapshotRequest(key=f"r{rep}-v", parent=parent)))
+                rparent = ""
+                for i in range(a.layers):
+                    chain = f"sha256:{rep:032x}{i:032x}"
+                    labels = {LABEL_TARGET_REF: chain, LABEL_CRI_LAYER_DIGEST: f"sha256:{i:064x}"}
+                    add("Prepare(remote->AlreadyExists)", timed(
+                        stub.Prepare, pb.PrepareSnapshotRequest(key="x", parent=rparent, labels=labels),
+                        grpc.StatusCode.ALREADY_EXISTS))
+                    rparent = chain
+                add(f"Prepare(on {a.layers} remote x3, new links)",
+                    timed(stub.Prepare, pb.PrepareSnapshotRequest(key=f"r{rep}-ctr", parent=rparent)))
+                add(f"Prepare(on {a.layers} remote x3, links exist)",
+                    timed(stub.Prepare, pb.PrepareSnapshotRequest(key=f"r{rep}-ctr2", parent=rparent)))
+                add("Mounts(same)", timed(stub.Mounts, pb.MountsRequest(key=f"r{rep}-ctr")))
+                add("Stat", timed(stub.Stat, pb.StatSnapshotRequest(key=parent)))
+                add("List(all)", timed(lst, pb.ListSnapshotsRequest()))
+            total = sum(len(r.info) for r in stub.List(pb.ListSnapshotsRequest()))
+    finally:
+        d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'call':<36} {'n':>5} {'median ms':>10} {'p90 ms':>8}")
+    for k, v in results.items():
+        v = sorted(v)
+        p90 = v[min(len(v) - 1, int(len(v) * 0.9))]
+        print(f"{k:<36} {len(v):>5} {statistics.median(v) * 1e3:>10.2f} {p90 * 1e3:>8.2f}")
+    print(f"snapshots at the end: {total}")
+
+
+if __name__ == "__main__":
+    main()

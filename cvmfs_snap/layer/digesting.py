@@ -1,0 +1,69 @@
+"""A reader that hashes every byte that passes through it.
+
+The OCI diffID of a layer is the sha256 of its *uncompressed* tar, the layer digest the sha256 of the compressed
+blob. Both are computed on the fly while the layer streams through, so that no layer is ever read twice or held in
+memory to be hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+from cvmfs_snap.errors import IntegrityError
+
+
+class Readable(Protocol):
+    """Anything with ``read(n) -> bytes`` (files, HTTP streams, our own decoders)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class HashingReader:
+    """Pass-through reader that keeps a sha256 and a byte count of what was read.
+
+    ``digest`` is only meaningful once the underlying stream reported EOF (``eof`` is then True): a digest of a
+    prefix would silently verify nothing.
+    """
+
+    def __init__(self, stream: Readable, hash: bool = True) -> None:
+        self._stream = stream
+        self._hashing = hash
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.eof = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._stream.read(n)
+        if data:
+            if self._hashing:
+                self._hash.update(data)
+            self.size += len(data)
+        elif n != 0:
+            self.eof = True
+        return data
+
+    def drain(self, chunk: int = 1 << 20) -> int:
+        """Read to EOF (hashing), return how many bytes that took."""
+        n = 0
+        while True:
+            data = self.read(chunk)
+            if not data:
+                return n
+            n += len(data)
+
+    @property
+    def digest(self) -> str | None:
+        """``sha256:<hex>`` of everything read, or None before EOF (or when not hashing)."""
+        return "sha256:" + self._hash.hexdigest() if self.eof and self._hashing else None
+
+    def verify(self, expected: str, what: str) -> None:
+        """Raise IntegrityError unless the stream ended and its digest is ``expected``."""
+        got = self.digest
+        if got is None:
+            raise IntegrityError(f"{what}: cannot verify {expected} before the stream is read to its end")
+        if got != expected:
+            raise IntegrityError(
+                f"{what}: content has digest {got}, expected {expected}; the blob is corrupt or was tampered "
+                "with: remove it from the cache/registry and publish again"
+            )

@@ -1,0 +1,458 @@
+"""containerd snapshot semantics in plain Python, on the sqlite store and a directory tree.
+
+Why a separate core: the semantics (kinds, parents, commit, remove rules, label updates, mounts) are what containerd
+and its conformance suite check, and they are easiest to test without gRPC. The servicer (``service.py``) only
+converts messages; this module raises :mod:`cvmfs_snap.errors` kinds that it maps to gRPC codes.
+
+Layout under the snapshotter root (like containerd's overlayfs snapshotter, plus podman-style short links)::
+
+    <root>/metadata.db             the store (store.py)
+    <root>/snapshots/<id>/fs       a local snapshot's files (upperdir of active snapshots), mode 0755
+    <root>/snapshots/<id>/work     overlay workdir of an active snapshot
+    <root>/l/<b36 id>[-<n>]        short symlinks to every lowerdir we hand out (local fs dirs and remote dirs)
+
+Why the ``l/`` links: containerd's ``mount.All`` fits a long ``lowerdir=`` into the one page the kernel accepts by
+making the lowerdirs relative to their longest common parent directory. Remote layers live under ~100-character
+CVMFS paths with no useful common parent, so we give every lowerdir a short name under one directory: 128 layers of
+3 dirs each then take ~2 KiB after compaction.
+
+Remote layers: a Prepare carrying ``containerd.io/snapshot.ref`` (the chain ID containerd unpacks into) asks each
+:class:`~cvmfs_snap.snapshotter.sources.base.LayerSource` in order. When one serves the layer we record a *committed*
+snapshot named after the chain ID, with no directory of its own, and answer AlreadyExists: containerd then skips the
+download and uses our snapshot. Its lowerdirs are asked from the same source at Mounts time. Removing a remote
+snapshot only drops our record and links; CVMFS is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import (
+    AlreadyExistsError,
+    CvmfsSnapError,
+    FailedPreconditionError,
+    InvalidInputError,
+    UnavailableError,
+)
+from . import filters as flt
+from .sources.base import (
+    LABEL_LAYER_DIGEST,
+    LABEL_REMOTE,
+    LABEL_SOURCE,
+    LABEL_TARGET_REF,
+    LayerSource,
+    RemoteLayer,
+)
+from .store import DB_NAME, KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, SnapshotRecord, Store
+
+log = logging.getLogger(__name__)
+
+#: containerd's limit on one label (key + value), labels.Validate
+MAX_LABEL_SIZE = 4096
+LINKS_DIR = "l"
+SNAPSHOTS_DIR = "snapshots"
+#: outcome name of a Prepare served by a normal local snapshot (for metrics)
+OUTCOME_LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount(2) call for containerd (``containerd.types.Mount``)."""
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass
+class Info:
+    """containerd's ``snapshots.Info``: what Stat/List/Update answer."""
+
+    name: str
+    parent: str
+    kind: str  # active, view, committed
+    created: int  # nanoseconds since the epoch
+    updated: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int
+    inodes: int
+
+
+class PrepareObserver(Protocol):
+    """Told the outcome of every Prepare (a source name, or "local"): the daemon's metrics implement it."""
+
+    def prepare_outcome(self, outcome: str) -> None: ...
+
+
+def b36(n: int) -> str:
+    """Short lower-case base-36 text of a non-negative integer (snapshot ids in link names)."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in labels.items():
+        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
+            raise InvalidInputError(
+                f"label {k[:80]!r} is too long: key and value together may not exceed {MAX_LABEL_SIZE} bytes"
+            )
+        out[str(k)] = str(v)
+    return out
+
+
+def _overlay_index_supported() -> bool:
+    # like containerd: pass index=off only when the kernel knows the option
+    return os.path.exists("/sys/module/overlay/parameters/index")
+
+
+def disk_usage(path: Path) -> Usage:
+    """Blocks and distinct inodes below ``path`` (like containerd's fs.DiskUsage: hard links counted once)."""
+    size = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [str(path)]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            size += st.st_blocks * 512
+        try:
+            entries = list(os.scandir(d))
+        except (NotADirectoryError, FileNotFoundError):
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+                continue
+            try:
+                est = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if (est.st_dev, est.st_ino) not in seen:
+                seen.add((est.st_dev, est.st_ino))
+                size += est.st_blocks * 512
+    return Usage(size=size, inodes=len(seen))
+
+
+class Snapshotter:
+    """containerd's Snapshotter interface over a :class:`Store` and ``root``."""
+
+    def __init__(self, root: Path, store: Store | None = None, sources: Sequence[LayerSource] = (),
+                 observer: PrepareObserver | None = None) -> None:
+        self.root = Path(root)
+        (self.root / SNAPSHOTS_DIR).mkdir(parents=True, exist_ok=True)
+        (self.root / LINKS_DIR).mkdir(parents=True, exist_ok=True)
+        self.store = store if store is not None else Store(self.root / DB_NAME)
+        self.sources = list(sources)
+        self.observer = observer
+        self.index_off = _overlay_index_supported()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- paths ----------------------------------------------------------------------------------------------------
+    def snapshot_dir(self, rec: SnapshotRecord) -> Path:
+        return self.root / SNAPSHOTS_DIR / str(rec.id)
+
+    def fs_dir(self, rec: SnapshotRecord) -> Path:
+        return self.snapshot_dir(rec) / "fs"
+
+    def work_dir(self, rec: SnapshotRecord) -> Path:
+        return self.snapshot_dir(rec) / "work"
+
+    def _source(self, rec: SnapshotRecord) -> LayerSource:
+        for s in self.sources:
+            if s.name == rec.source:
+                return s
+        raise UnavailableError(
+            f"snapshot {rec.key!r} (layer {rec.digest}) is served by source {rec.source!r}, which is not configured "
+            "in this snapshotter: restore its configuration, or remove the image and pull it again"
+        )
+
+    # -- create ---------------------------------------------------------------------------------------------------
+    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
+        labels = validate_labels(labels or {})
+        target = labels.get(LABEL_TARGET_REF, "")
+        if target:
+            if self.store.find(target) is not None:
+                raise AlreadyExistsError(f"target snapshot {target!r} already exists")
+            remote = self._lookup(labels)
+            if remote is not None:
+                self._create_remote(target, parent, labels, remote)
+                if self.observer:
+                    self.observer.prepare_outcome(remote.source)
+                raise AlreadyExistsError(
+                    f"target snapshot {target!r} already exists: served remotely by {remote.source} "
+                    f"(layer {remote.digest})"
+                )
+        mounts = self._create(KIND_ACTIVE, key, parent, labels)
+        if self.observer:
+            self.observer.prepare_outcome(OUTCOME_LOCAL)
+        return mounts
+
+    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
+        return self._create(KIND_VIEW, key, parent, validate_labels(labels or {}))
+
+    def _lookup(self, labels: Mapping[str, str]) -> RemoteLayer | None:
+        for source in self.sources:
+            try:
+                remote = source.lookup(labels)
+            except InvalidInputError:
+                raise
+            except Exception as exc:  # a broken source must never break pulls: fall back to a download
+                log.warning("layer source %s failed on %s (%s); falling back to a normal download",
+                            getattr(source, "name", source), labels.get(LABEL_TARGET_REF, "?"), exc,
+                            exc_info=not isinstance(exc, CvmfsSnapError))
+                continue
+            if remote is not None:
+                return remote
+        return None
+
+    def _create_remote(self, target: str, parent: str, labels: Mapping[str, str], remote: RemoteLayer) -> None:
+        merged = dict(labels)
+        merged[LABEL_REMOTE] = "remote snapshot"
+        merged.update(remote.labels)
+        merged[LABEL_SOURCE] = remote.source
+        merged[LABEL_LAYER_DIGEST] = remote.digest
+        self.store.create(target, KIND_COMMITTED, parent, validate_labels(merged), source=remote.source,
+                          digest=remote.digest)
+        log.info("snapshot %s: layer %s served by %s (parent %r)", target, remote.digest, remote.source,
+                 parent or "-")
+
+    def _create(self, kind: str, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        if not key:
+            raise InvalidInputError("snapshot key must not be empty")
+        rec = self.store.create(key, kind, parent, labels)
+        try:
+            self._make_dirs(rec)
+            return self._mounts(rec)
+        except BaseException:
+            self._discard(rec)
+            raise
+
+    def _make_dirs(self, rec: SnapshotRecord) -> None:
+        d = self.snapshot_dir(rec)
+        try:
+            d.mkdir(mode=0o700)
+            fs = self.fs_dir(rec)
+            fs.mkdir()
+            os.chmod(fs, 0o755)
+            if rec.kind == KIND_ACTIVE:
+                self.work_dir(rec).mkdir(mode=0o711)
+            if rec.parent:
+                # like containerd's overlayfs: the new root is owned like the parent's (user namespaces, chown)
+                parent = self.store.get(rec.parent)
+                if not parent.remote:
+                    st = os.stat(self.fs_dir(parent))
+                    os.lchown(fs, st.st_uid, st.st_gid)
+        except FileExistsError as exc:
+            raise UnavailableError(
+                f"snapshot directory {d} exists already but is not in the metadata (left by a crash or a restored "
+                "root?): it was removed, retry the operation"
+            ) from exc
+        except OSError as exc:
+            raise UnavailableError(f"cannot create snapshot directory {d} for {rec.key!r}: {exc}") from exc
+
+    def _discard(self, rec: SnapshotRecord) -> None:
+        with contextlib.suppress(CvmfsSnapError):
+            self.store.remove(rec.key)
+        shutil.rmtree(self.snapshot_dir(rec), ignore_errors=True)
+
+    # -- mounts ---------------------------------------------------------------------------------------------------
+    def mounts(self, key: str) -> list[Mount]:
+        rec = self.store.get(key)
+        if rec.kind == KIND_COMMITTED:
+            raise FailedPreconditionError(
+                f"snapshot {key!r} is committed: only active snapshots and views have mounts (make a view of it)"
+            )
+        return self._mounts(rec)
+
+    def _link(self, name: str, target: Path) -> str:
+        """Make ``<root>/l/<name>`` point at ``target`` (atomically replaced if it pointed elsewhere)."""
+        link = self.root / LINKS_DIR / name
+        t = str(target)
+        try:
+            if os.readlink(link) == t:
+                return str(link)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # not a link: someone put something else there
+            raise UnavailableError(
+                f"{link} is not a symlink ({exc}): remove it so the snapshotter can recreate it"
+            ) from exc
+        tmp = link.with_name(f".{name}.{uuid.uuid4().hex[:8]}")
+        os.symlink(t, tmp)
+        os.replace(tmp, link)
+        return str(link)
+
+    def _lowerdirs(self, rec: SnapshotRecord) -> list[tuple[str, Path]]:
+        """(link name, real dir) of every layer dir of committed snapshot ``rec``, top-most first."""
+        if not rec.remote:
+            return [(b36(rec.id), self.fs_dir(rec))]
+        dirs = self._source(rec).lowerdirs(rec.digest)
+        if not dirs:
+            raise UnavailableError(f"source {rec.source} returned no directories for layer {rec.digest}")
+        base = b36(rec.id)
+        return [(base if i == 0 else f"{base}-{i}", Path(d)) for i, d in enumerate(dirs)]
+
+    def _mounts(self, rec: SnapshotRecord) -> list[Mount]:
+        parents = self.store.chain(rec)
+        if not parents:
+            return [Mount("bind", str(self.fs_dir(rec)), ("rw" if rec.kind == KIND_ACTIVE else "ro", "rbind"))]
+        layers: list[tuple[str, Path]] = []
+        for p in parents:
+            layers.extend(self._lowerdirs(p))
+        if rec.kind == KIND_VIEW and len(layers) == 1:
+            return [Mount("bind", str(layers[0][1]), ("ro", "rbind"))]
+        options: list[str] = []
+        if self.index_off:
+            options.append("index=off")
+        if rec.kind == KIND_ACTIVE:
+            options.append(f"workdir={self.work_dir(rec)}")
+            options.append(f"upperdir={self.fs_dir(rec)}")
+        lower = [self._link(name, target) for name, target in layers]
+        options.append("lowerdir=" + ":".join(lower))
+        return [Mount("overlay", "overlay", tuple(options))]
+
+    # -- commit / remove ------------------------------------------------------------------------------------------
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        labels = validate_labels(labels or {})
+        rec = self.store.get(key)
+        if not name:
+            raise InvalidInputError(f"cannot commit {key!r}: the committed snapshot needs a name")
+        usage = disk_usage(self.fs_dir(rec)) if rec.kind == KIND_ACTIVE else Usage(0, 0)
+        self.store.commit(key, name, labels, usage.size, usage.inodes)
+
+    def remove(self, key: str) -> None:
+        rec = self.store.remove(key)
+        self._drop_links(rec.id)
+        if not rec.remote:
+            d = self.snapshot_dir(rec)
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("snapshot %r removed, but its directory %s could not be deleted (%s): Cleanup will "
+                            "retry", key, d, exc)
+
+    def _drop_links(self, sid: int) -> None:
+        base = b36(sid)
+        links = self.root / LINKS_DIR
+        for name in [base, *(n for n in _listdir(links) if n.startswith(base + "-"))]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(links / name)
+
+    # -- info -----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def info(rec: SnapshotRecord) -> Info:
+        return Info(rec.key, rec.parent, rec.kind, rec.created, rec.updated, dict(rec.labels))
+
+    def stat(self, key: str) -> Info:
+        return self.info(self.store.get(key))
+
+    def update(self, info: Info, fieldpaths: Iterable[str] = ()) -> Info:
+        """Update mutable fields (labels) of snapshot ``info.name``.
+
+        No paths: replace all labels. ``labels``: replace all labels. ``labels.K``: set (or delete, if ``info``
+        lacks K) that one label. Any other path (name, parent, kind, created, ...) is immutable: InvalidInput.
+        """
+        rec = self.store.get(info.name)
+        paths = list(fieldpaths)
+        new = validate_labels(info.labels)
+        if paths:
+            labels = dict(rec.labels)
+            for path in paths:
+                if path == "labels":
+                    labels = dict(new)
+                elif path.startswith("labels."):
+                    k = path[len("labels."):]
+                    if k in new:
+                        labels[k] = new[k]
+                    else:
+                        labels.pop(k, None)
+                else:
+                    raise InvalidInputError(
+                        f"cannot update field {path!r} of snapshot {info.name!r}: only labels can change"
+                    )
+            new = labels
+        return self.info(self.store.set_labels(info.name, new))
+
+    def walk(self, filters: Sequence[str] = ()) -> list[Info]:
+        parsed = flt.parse_all(filters)
+        out = []
+        for rec in self.store.all():
+            if flt.match_any(parsed, flt.snapshot_adaptor(rec.key, rec.parent, rec.kind, rec.labels)):
+                out.append(self.info(rec))
+        return out
+
+    def usage(self, key: str) -> Usage:
+        rec = self.store.get(key)
+        if rec.kind == KIND_ACTIVE:
+            return disk_usage(self.fs_dir(rec))
+        return Usage(rec.size, rec.inodes)
+
+    def cleanup(self) -> list[str]:
+        """Delete snapshot dirs and links the metadata does not know (left by failed removes or crashes)."""
+        # list the directories BEFORE reading the ids: a concurrent Prepare inserts its row before it makes its
+        # directory, so every directory listed here that belongs to a live snapshot has its id in `ids`.
+        sdir = self.root / SNAPSHOTS_DIR
+        ldir = self.root / LINKS_DIR
+        dir_names = _listdir(sdir)
+        link_names = _listdir(ldir)
+        ids = self.store.ids()
+        known = {b36(i) for i in ids}
+        removed: list[str] = []
+        for name in dir_names:
+            if name.isdigit() and int(name) in ids:
+                continue
+            path = sdir / name
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(str(path))
+            except OSError as exc:
+                log.warning("cleanup: cannot delete %s: %s", path, exc)
+        for name in link_names:
+            if name.split("-", 1)[0] in known and not name.startswith("."):
+                continue
+            try:
+                os.unlink(ldir / name)
+                removed.append(str(ldir / name))
+            except OSError as exc:
+                log.warning("cleanup: cannot delete %s: %s", ldir / name, exc)
+        if removed:
+            log.info("cleanup removed %d unreferenced entries", len(removed))
+        return removed
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+

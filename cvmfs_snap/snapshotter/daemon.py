@@ -1,0 +1,168 @@
+"""``cvmfs-snap snapshotter``: the containerd proxy snapshotter daemon.
+
+Flags, defaults and config file match the official cvmfs containerd snapshotter (``containerd-cvmfs-grpc``), so it
+is a drop-in replacement: containerd's ``[proxy_plugins.cvmfs-snapshotter]`` keeps pointing at
+``/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock``. See :mod:`cvmfs_snap.snapshotter.config` for the file.
+
+The daemon never mounts anything for containers (containerd does, from our answers), so stopping or restarting it
+leaves running containers alone; all state is in ``<root>/metadata.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+
+from ..errors import InvalidInputError, UnavailableError
+from .config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, load_config
+from .core import Snapshotter
+from .metrics import Metrics
+from .service import add_to_server
+from .sources.base import LayerSource
+from .store import DB_NAME, Store
+
+log = logging.getLogger(__name__)
+
+#: logrus level names the official snapshotter accepts, mapped to Python's
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+              "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
+              "panic": logging.CRITICAL}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML configuration file (default /etc/containerd-cvmfs-grpc/config.toml if it exists)")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help=f"unix socket to serve containerd's snapshot API on (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+                        help=f"directory for snapshots and metadata (default {DEFAULT_ROOT})")
+    parser.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS),
+                        help="logging level (default info)")
+
+
+def build_sources(cfg: Config, root: Path) -> list[LayerSource]:
+    """Instantiate the configured sources in order; a source whose module is not installed is skipped loudly."""
+    out: list[LayerSource] = []
+    for name in cfg.sources:
+        if name == "cvmfs":
+            try:
+                mod = importlib.import_module("cvmfs_snap.snapshotter.sources.cvmfs")
+            except ModuleNotFoundError as exc:
+                if exc.name != "cvmfs_snap.snapshotter.sources.cvmfs":
+                    raise
+                log.warning("the cvmfs layer source is not available in this build: every layer will be downloaded")
+                continue
+            source: LayerSource = mod.CvmfsSource(cfg.mountpoint, root / "cvmfs")
+            log.info("layer source cvmfs: repository at %s", cfg.mountpoint)
+            out.append(source)
+        else:  # config.py refuses unknown names; keep the daemon honest if the two drift apart
+            raise InvalidInputError(f"unknown layer source {name!r}")
+    return out
+
+
+def _prepare_socket(address: str) -> None:
+    path = Path(address)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidInputError(f"{path} exists and is not a socket: remove it or choose another --address")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(path))
+        except OSError:
+            log.info("removing stale socket %s", path)
+            path.unlink()
+            return
+    raise UnavailableError(f"another process is already serving on {path}: stop it first or choose another --address")
+
+
+class Daemon:
+    """The running server: core + gRPC + metrics. ``start()``, then ``stop()`` (idempotent)."""
+
+    def __init__(self, cfg: Config, address: str, root: Path,
+                 sources: list[LayerSource] | None = None) -> None:
+        self.cfg = cfg
+        self.address = address
+        self.root = Path(root)
+        self.metrics = Metrics()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.sources = sources if sources is not None else build_sources(cfg, self.root)
+        self.core = Snapshotter(self.root, Store(self.root / DB_NAME), self.sources, observer=self.metrics)
+        self.server: grpc.Server | None = None
+        self.metrics_bound: tuple[str, int] | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        _prepare_socket(self.address)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.cfg.grpc_workers,
+                                                        thread_name_prefix="snapshots"),
+                             options=[("grpc.max_receive_message_length", 16 << 20)])
+        add_to_server(server, self.core, self.metrics)
+        old = os.umask(0o177)  # the socket is born 0600: only root (containerd) may talk to us
+        try:
+            if server.add_insecure_port(f"unix:{self.address}") == 0:
+                raise UnavailableError(f"cannot listen on unix socket {self.address}")
+            server.start()
+        finally:
+            os.umask(old)
+        os.chmod(self.address, 0o600)
+        self.server = server
+        if self.cfg.metrics_address:
+            self.metrics_bound = self.metrics.serve(self.cfg.metrics_address)
+        log.info("cvmfs-snap snapshotter serving on %s (root %s, sources: %s)", self.address, self.root,
+                 ", ".join(s.name for s in self.sources) or "none")
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        self.metrics.stop()
+        self.core.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)
+        log.info("cvmfs-snap snapshotter stopped")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(LOG_LEVELS.get(str(args.log_level), logging.INFO))
+    cfg = load_config(args.config)
+    daemon = Daemon(cfg, str(args.address), Path(args.root))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("got %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, on_signal)
+    try:
+        daemon.start()
+        while not stop.wait(3600):
+            pass
+    finally:
+        daemon.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0

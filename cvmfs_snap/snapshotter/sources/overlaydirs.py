@@ -1,0 +1,423 @@
+"""Node-local directories that make a CVMFS layer tree look, under overlayfs, exactly like a containerd layer.
+
+A layer in CVMFS keeps the tar's whiteouts as plain files (``.wh.NAME``, ``.wh..wh..opq``) because a stratum-0 cannot
+store overlay whiteouts, and carries CVMFS's own ``.cvmfscatalog`` markers. containerd's overlayfs snapshotter instead
+turns ``.wh.NAME`` into a char 0/0 device at ``NAME`` and ``.wh..wh..opq`` into ``trusted.overlay.opaque=y`` on the
+directory. To show a container the same tree, every layer is served as (top-most first)::
+
+    upper mask   char 0/0 whiteouts at the paths of the .wh.* files and CVMFS markers: hides them in the layerfs
+    layerfs      the read-only CVMFS tree itself
+    lower        char 0/0 whiteouts at the paths the layer deletes in lower layers, opaque dirs it makes opaque
+
+Why it is right, by overlay's lookup rules (top to bottom, a whiteout stops the lookup of its name, an opaque dir
+stops the merge of the dir with layers below, a non-directory stops everything below it):
+
+* a whiteout in the *mask* shadows a ``.wh.*`` file of the layerfs just below it; since containerd never shows
+  ``.wh.*`` names either, hiding that name in layers further down changes nothing;
+* the *lower* dir sits between this layer and the layers below it, so its whiteouts and opaque dirs act on the
+  layers below only, never on this layer's own content: a path deleted by layer N and re-created by layer N+1 is
+  found in layer N+1 before the lookup ever reaches layer N's whiteout;
+* directories in the mask and the lower dir are never opaque (except the lower dir's opaque dirs), so they merge
+  with the layerfs; each one exists in the layerfs too, and copies its mode, owner, times and xattrs, because the
+  top-most layer holding a directory decides what the container sees of it;
+* a whiteout is skipped when the layer itself has something at that path. containerd applies ``.wh.NAME`` followed
+  by ``NAME`` as "replace": a file hides the lower ones anyway, a directory merges with the lower directory (it is
+  not made opaque), and the lower whiteout would wrongly hide the lower directory's content.
+
+Directories that would be empty are omitted, so a layer costs 1 to 3 overlay lowerdirs (overlay allows 500: a
+128-layer image fits). Everything is built once per layer digest into a temporary directory and renamed into place,
+so a crash mid-build never leaves a half-built directory that a later mount would use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_snap.errors import IntegrityError, UnavailableError
+from cvmfs_snap.layout import CVMFS_MARKER_FILES
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+#: version of the node-local directory format; a directory of another version is rebuilt
+FORMAT_VERSION = 1
+UPPER = "upper"
+LOWER = "lower"
+META_JSON = "meta.json"
+INDEX_JSON = "index.json"
+
+#: extended attributes the CVMFS client makes up on every entry ("magic xattrs", cvmfs/magic_xattr.cc). They
+#: describe the client, not the image, so they are never copied onto our directories.
+CVMFS_MAGIC_XATTRS = frozenset({
+    "user.authz", "user.catalog_counters", "user.chunk_list", "user.chunks", "user.compression",
+    "user.direct_io", "user.external_file", "user.external_host", "user.external_timeout", "user.external_url",
+    "user.fqrn", "user.hash", "user.hitrate", "user.host", "user.host_list", "user.lhash", "user.logbuffer",
+    "user.ncleanup24", "user.nclg", "user.ndiropen", "user.ndownload", "user.nioerr", "user.nopen", "user.pid",
+    "user.proxy", "user.proxy_list", "user.proxy_list_external", "user.pubkeys", "user.rawlink",
+    "user.repo_counters", "user.repo_metainfo", "user.revision", "user.root_hash", "user.rx", "user.speed",
+    "user.tag", "user.timeout", "user.timeout_direct", "user.timestamp_last_ioerr", "user.uptime",
+    "user.usedfd", "user.useddirp", "user.version", "xfsroot.rawlink",
+})
+_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+
+
+@dataclass(frozen=True)
+class LayerIndex:
+    """What a layer deletes and what of its tree must stay hidden; paths relative to the layerfs, '' is its root."""
+
+    #: paths this layer deletes from the layers below it (``.wh.NAME`` -> ``NAME``)
+    whiteouts: tuple[str, ...]
+    #: directories this layer makes opaque (``.wh..wh..opq`` in them)
+    opaque_dirs: tuple[str, ...]
+    #: entries of the layerfs the container must not see: the ``.wh.*`` files themselves and CVMFS markers
+    hidden: tuple[str, ...]
+    #: where the index came from: "layer.json" or "scan"
+    origin: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"whiteouts": list(self.whiteouts), "opaque_dirs": list(self.opaque_dirs),
+                           "hidden": list(self.hidden), "origin": self.origin}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> LayerIndex:
+        try:
+            data = json.loads(text)
+            return cls(tuple(str(p) for p in data["whiteouts"]), tuple(str(p) for p in data["opaque_dirs"]),
+                       tuple(str(p) for p in data["hidden"]), str(data.get("origin", "")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"malformed whiteout index {where}: {exc}; delete it to have it rebuilt") from exc
+
+    @classmethod
+    def from_record(cls, whiteouts: Iterable[str], opaque_dirs: Iterable[str], markers: Iterable[str] = (),
+                    origin: str = "layer.json") -> LayerIndex:
+        """The index from a layer's recorded whiteouts (layer.json, or a scan of a DUCC layer's tree): the names of
+        the ``.wh.*`` files to hide follow from the paths they delete. ``markers`` are the CVMFS marker files found
+        in the layerfs."""
+        wh = tuple(_normalize(p) for p in whiteouts)
+        op = tuple(_normalize(p) for p in opaque_dirs)
+        hidden = [_join(_parent(p), WHITEOUT_PREFIX + _base(p)) for p in wh if p]
+        hidden += [_join(d, OPAQUE_MARKER) for d in op]
+        hidden += list(markers)
+        return cls(wh, op, tuple(dict.fromkeys(hidden)), origin)
+
+
+#: builds a layer's index when no cached one exists (reads layer.json or scans the layerfs)
+IndexFactory = Callable[[], LayerIndex]
+
+
+def _normalize(path: object) -> str:
+    """An index path as the publisher writes it (relative, no leading '/'); tolerate '/x' and './x'."""
+    if not isinstance(path, str):
+        raise IntegrityError(f"whiteout index entry {path!r} is not a path string; republish the layer")
+    path = path.strip("/")
+    while path.startswith("./"):
+        path = path[2:].lstrip("/")
+    return "" if path == "." else path
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def _base(path: str) -> str:
+    return path.rpartition("/")[2]
+
+
+def root_markers(layerfs: Path) -> list[str]:
+    """CVMFS marker files at the top of a layerfs (the nested catalog `cvmfs_server ingest --catalog` makes)."""
+    found = []
+    for name in sorted(CVMFS_MARKER_FILES):
+        try:
+            os.lstat(layerfs / name)
+        except FileNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def _components(path: str, digest: str) -> tuple[str, ...]:
+    """Split an index path, refusing anything that could leave the directory we build (the index is data)."""
+    if path == "":
+        return ()
+    parts = tuple(path.split("/"))
+    for p in parts:
+        if p in ("", ".", "..") or "\x00" in p:
+            raise IntegrityError(
+                f"the whiteout index of layer {digest} contains the unsafe path {path[:200]!r}; the layer's "
+                "metadata is corrupt: republish the layer (or delete the node-local index to rebuild it)"
+            )
+    return parts
+
+
+def _copy_xattrs(src: Path, dst: Path) -> None:
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.ENODATA):
+            log.debug("cannot list xattrs of %s: %s", src, exc)
+        return
+    for name in names:
+        if name in CVMFS_MAGIC_XATTRS or name.startswith(_OVERLAY_XATTR_PREFIXES):
+            continue
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+        except OSError as exc:
+            log.debug("cannot copy xattr %s from %s to %s: %s", name, src, dst, exc)
+
+
+def _copy_dir_meta(src: Path, dst: Path) -> None:
+    """Make ``dst`` look like the layerfs directory ``src``: owner, mode (with set-id/sticky bits), xattrs, times."""
+    st = os.lstat(src)
+    os.lchown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))  # after chown, which may clear set-id bits
+    _copy_xattrs(src, dst)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+class _TreeBuilder:
+    """Creates whiteouts and directories under one root, mirroring the layerfs directories they sit in."""
+
+    def __init__(self, root: Path, layerfs: Path, digest: str, dir_cache: dict[tuple[str, ...], bool]) -> None:
+        self.root = root
+        self.layerfs = layerfs
+        self.digest = digest
+        self.dirs: set[tuple[str, ...]] = set()  # directories made (relative), metadata copied at the end
+        self.entries = 0  # whiteouts made + opaque dirs marked
+        self._dir_cache = dir_cache  # shared: is this path a real directory in the layerfs?
+
+    def _layerfs_is_dir(self, parts: tuple[str, ...]) -> bool:
+        """True if every component of ``parts`` is a real directory (no symlink) in the layerfs."""
+        for i in range(len(parts) + 1):
+            key = parts[:i]
+            known = self._dir_cache.get(key)
+            if known is None:
+                try:
+                    known = stat.S_ISDIR(os.lstat(self.layerfs.joinpath(*key)).st_mode)
+                except (FileNotFoundError, NotADirectoryError):
+                    known = False
+                self._dir_cache[key] = known
+            if not known:
+                return False
+        return True
+
+    def ensure_dir(self, parts: tuple[str, ...]) -> bool:
+        """Create ``parts`` (and parents) here if it is a real directory in the layerfs; False if it is not."""
+        if not self._layerfs_is_dir(parts):
+            return False
+        for i in range(len(parts) + 1):
+            key = parts[:i]
+            if key not in self.dirs:
+                if key:
+                    os.mkdir(self.root.joinpath(*key), 0o700)
+                self.dirs.add(key)
+        return True
+
+    def whiteout(self, parts: tuple[str, ...]) -> bool:
+        if not parts or not self.ensure_dir(parts[:-1]):
+            return False
+        path = self.root.joinpath(*parts)
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        except FileExistsError:
+            return False
+        self.entries += 1
+        return True
+
+    def opaque(self, parts: tuple[str, ...]) -> bool:
+        if not self.ensure_dir(parts):
+            return False
+        os.setxattr(self.root.joinpath(*parts), OPAQUE_XATTR, b"y")
+        self.entries += 1
+        return True
+
+    def finish(self) -> None:
+        """Copy the layerfs metadata onto every directory made, deepest first (children change a dir's mtime)."""
+        for parts in sorted(self.dirs, key=len, reverse=True):
+            _copy_dir_meta(self.layerfs.joinpath(*parts), self.root.joinpath(*parts))
+
+
+@dataclass(frozen=True)
+class OverlayDirs:
+    """The node-local directories of one layer; None where a directory would be empty (and is not stacked)."""
+
+    upper: Path | None
+    lower: Path | None
+
+
+def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str) -> OverlayDirs:
+    """Build ``dest/upper`` (the mask) and ``dest/lower`` from ``index``; ``dest`` must exist and be empty.
+
+    Entries whose directory is not a real directory of the layerfs are skipped with a warning: the mask or lower dir
+    would otherwise add a directory the layer does not have (or hide a symlink behind a directory).
+    """
+    dir_cache: dict[tuple[str, ...], bool] = {}
+    upper = _TreeBuilder(dest / UPPER, layerfs, digest, dir_cache)
+    lower = _TreeBuilder(dest / LOWER, layerfs, digest, dir_cache)
+    upper.root.mkdir(0o700)
+    lower.root.mkdir(0o700)
+    skipped: list[str] = []
+
+    for path in index.hidden:
+        parts = _components(path, digest)
+        if parts and not upper.whiteout(parts) and not upper.ensure_dir(parts[:-1]):
+            skipped.append(path)
+    for path in index.opaque_dirs:
+        parts = _components(path, digest)
+        if not lower.opaque(parts):
+            skipped.append(path + "/" + OPAQUE_MARKER)
+    for path in index.whiteouts:
+        parts = _components(path, digest)
+        if not parts:
+            continue
+        try:
+            os.lstat(layerfs.joinpath(*parts))
+            continue  # the layer itself has something here: see the module docstring
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        if not lower.whiteout(parts) and not lower.ensure_dir(parts[:-1]):
+            skipped.append(path)
+    if skipped:
+        log.warning("layer %s: %d whiteout index entries name paths whose directory is not in the layer tree %s "
+                    "and were ignored (first: %s)", digest, len(skipped), layerfs, skipped[:3])
+
+    result: list[Path | None] = []
+    for b in (upper, lower):
+        if b.entries:
+            b.finish()
+            result.append(b.root)
+        else:
+            shutil.rmtree(b.root)
+            result.append(None)
+    return OverlayDirs(result[0], result[1])
+
+
+class OverlayDirCache:
+    """Node-local overlay directories per layer digest under ``state_dir/<digest hex>/``, built once.
+
+    A finished layer directory holds ``meta.json`` (format version, what was built), ``index.json`` (the whiteout
+    index, the expensive part for scanned DUCC layers) and the ``upper``/``lower`` dirs that are not empty. It is
+    built in ``state_dir/.tmp-*`` and renamed into place, so its existence means it is complete. Threads asking for
+    the same digest wait for one build (a lock per digest); another process racing us loses the rename and uses the
+    winner's directory.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def _lock(self, hexd: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(hexd, threading.Lock())
+
+    def layer_dir(self, hexd: str) -> Path:
+        return self.state_dir / hexd
+
+    def cached(self, hexd: str) -> OverlayDirs | None:
+        """The finished directories of a layer, or None if not built (or built by another format version)."""
+        d = self.layer_dir(hexd)
+        try:
+            meta = json.loads((d / META_JSON).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            meta = {}
+        if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+            return None
+        return OverlayDirs(d / UPPER if meta.get("upper") else None, d / LOWER if meta.get("lower") else None)
+
+    def cached_index(self, hexd: str) -> LayerIndex | None:
+        p = self.layer_dir(hexd) / INDEX_JSON
+        try:
+            return LayerIndex.from_json(p.read_bytes(), str(p))
+        except (FileNotFoundError, IntegrityError):
+            return None
+
+    def get(self, digest: str, hexd: str, layerfs: Path, make_index: IndexFactory) -> OverlayDirs:
+        """The layer's directories, building them (with the index ``make_index()`` returns) on first use."""
+        found = self.cached(hexd)
+        if found is not None:
+            return found
+        with self._lock(hexd):
+            found = self.cached(hexd)
+            if found is not None:
+                return found
+            return self._build(digest, hexd, layerfs, make_index)
+
+    def _build(self, digest: str, hexd: str, layerfs: Path, make_index: IndexFactory) -> OverlayDirs:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        final = self.layer_dir(hexd)
+        index = self.cached_index(hexd) or make_index()
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{hexd[:16]}-", dir=self.state_dir))
+        try:
+            try:
+                dirs = build_overlay_dirs(layerfs, index, tmp, digest)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EPERM, errno.EACCES):
+                    raise UnavailableError(
+                        f"cannot build the node-local whiteout directories of layer {digest} in {self.state_dir}: "
+                        f"{exc}; free space or fix permissions there (the snapshotter must run as root)"
+                    ) from exc
+                raise
+            (tmp / INDEX_JSON).write_text(index.to_json())
+            meta = {"version": FORMAT_VERSION, "digest": digest, "layerfs": str(layerfs),
+                    "upper": dirs.upper is not None, "lower": dirs.lower is not None, "index": index.origin}
+            (tmp / META_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+            os.chmod(tmp, 0o700)
+            if final.exists():  # left by another format version: move it away first
+                stale = Path(tempfile.mkdtemp(prefix=f".old-{hexd[:16]}-", dir=self.state_dir))
+                os.rename(final, stale / "d")
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                log.debug("layer %s: another process built %s first", digest, final)
+                shutil.rmtree(tmp, ignore_errors=True)
+                other = self.cached(hexd)
+                if other is None:
+                    raise
+                return other
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("layer %s: built node-local overlay dirs in %s (mask: %s, lower: %s, index from %s: %d whiteouts, "
+                 "%d opaque dirs, %d hidden entries)", digest, final, dirs.upper is not None,
+                 dirs.lower is not None, index.origin, len(index.whiteouts), len(index.opaque_dirs),
+                 len(index.hidden))
+        return OverlayDirs(final / UPPER if dirs.upper else None, final / LOWER if dirs.lower else None)
+
+    def remove(self, hexd: str) -> None:
+        """Forget a layer's directories (e.g. when no snapshot uses it any more); mounts using them keep working."""
+        with self._lock(hexd):
+            d = self.layer_dir(hexd)
+            if d.exists():
+                stale = Path(tempfile.mkdtemp(prefix=f".old-{hexd[:16]}-", dir=self.state_dir))
+                os.rename(d, stale / "d")
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def cleanup_temporaries(self) -> None:
+        """Remove half-built directories a crash left behind (call once at start, before any build)."""
+        with contextlib.suppress(FileNotFoundError):
+            for e in os.scandir(self.state_dir):
+                if e.name.startswith((".tmp-", ".old-")) and e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)

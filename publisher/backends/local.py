@@ -1,0 +1,266 @@
+"""The ``local`` backend: the repository is a plain directory (the demo, the tests, or a tree exported otherwise).
+
+Atomic visibility by staging and rename: a layer (``layerfs`` + ``.metadata``) and a flat tree are built under
+``<root>/.cvmfs-snap-staging/<pid>-<random>/`` on the same filesystem and renamed into place in one ``rename(2)``;
+metadata files are written to a temporary name and renamed; symlinks are replaced by renaming a new link over the
+old one. A process killed at any moment leaves at most a staging directory, which ``recover`` removes once its
+owner process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvmfs_snap.layout import (
+    CATALOG_MARKER,
+    FLAT_DIR,
+    LAYER_JSON,
+    LAYERFS,
+    LAYERS_JSON,
+    METADATA_DIR,
+    ORIGIN_JSON,
+    LayerRecord,
+    RepositoryLayout,
+)
+
+from ..crashpoints import crash_point
+from .base import (
+    Backend,
+    LayerInfo,
+    LayerOpener,
+    RepoLock,
+    TarStream,
+    Txn,
+    check_diff_id,
+    check_relpath,
+    layers_json,
+    merge_origin,
+    new_record,
+    symlink_atomic,
+    write_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".cvmfs-snap-staging"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Staging:
+    """Private scratch directories named ``<pid>-<random>`` so a later run can tell abandoned ones."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def new(self) -> Path:
+        self.base.mkdir(parents=True, exist_ok=True)
+        d = self.base / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        d.mkdir()
+        return d
+
+    @contextmanager
+    def dir(self) -> Iterator[Path]:
+        d = self.new()
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def clean_abandoned(self) -> int:
+        """Remove directories of processes that no longer run; returns how many."""
+        n = 0
+        try:
+            names = os.listdir(self.base)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            pid_s = name.split("-", 1)[0]
+            if pid_s.isdigit() and int(pid_s) != os.getpid() and not _pid_alive(int(pid_s)):
+                shutil.rmtree(self.base / name, ignore_errors=True)
+                n += 1
+        if n:
+            log.info("removed %d staging directories left by killed runs in %s", n, self.base)
+        return n
+
+
+def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path) -> LayerRecord:
+    """Build a complete layer directory (``layerfs`` with its catalog marker, ``.metadata``) from a tar.
+
+    ``.wh.*`` stay plain files (layer mode), as ``cvmfs_server ingest`` stores them; ``layer.json`` is written last.
+    """
+    from cvmfs_snap.layer import apply_layer
+    from cvmfs_snap.layer.digesting import HashingReader
+
+    layerfs = layer_dir / LAYERFS
+    layerfs.mkdir(parents=True)
+    reader = HashingReader(tar)
+    res = apply_layer(reader, layerfs, mode="layer", name=info.digest)
+    reader.drain()
+    check_diff_id(info, reader.digest)
+    (layerfs / CATALOG_MARKER).touch()
+    rec = new_record(info, reader.digest or "", reader.size, res.entries, res.whiteouts.whiteouts,
+                     res.whiteouts.opaque_dirs)
+    write_layer_metadata(layer_dir / METADATA_DIR, rec, info.origin, None)
+    return rec
+
+
+def write_layer_metadata(md: Path, rec: LayerRecord, origin: Sequence[str], existing_origin: bytes | None) -> None:
+    md.mkdir(parents=True, exist_ok=True)
+    write_atomic(md / LAYERS_JSON, layers_json(rec))
+    write_atomic(md / ORIGIN_JSON, merge_origin(existing_origin, origin) or existing_origin or b"")
+    write_atomic(md / LAYER_JSON, rec.to_json().encode())  # last: marks the layer complete
+
+
+def build_flat_dir(target: Path, layers: Sequence[LayerOpener]) -> None:
+    """Apply the layers bottom-first in merged mode (whiteouts applied) into ``target``."""
+    from cvmfs_snap.layer import apply_layer
+
+    target.mkdir(parents=True, exist_ok=True)
+    for i, opener in enumerate(layers):
+        with opener() as tar:
+            apply_layer(tar, target, mode="merged", name=f"layer {i} of flat tree {target.name}")
+    (target / CATALOG_MARKER).touch()
+
+
+@dataclass
+class _Op:
+    kind: str
+    relpath: str
+    data: bytes = b""
+    target: str = ""
+
+
+@dataclass
+class LocalTxn(Txn):
+    """Buffers changes; ``commit`` applies them in order, each one atomically."""
+
+    root: Path
+    remove_into: Callable[[], Path]
+    ops: list[_Op] = field(default_factory=list)
+
+    def write_file(self, relpath: str, data: bytes) -> None:
+        self.ops.append(_Op("write", check_relpath(relpath), data=bytes(data)))
+
+    def symlink(self, relpath: str, target: str) -> None:
+        self.ops.append(_Op("symlink", check_relpath(relpath), target=target))
+
+    def remove(self, relpath: str) -> None:
+        self.ops.append(_Op("remove", check_relpath(relpath)))
+
+    def makedirs(self, relpath: str) -> None:
+        self.ops.append(_Op("mkdir", check_relpath(relpath)))
+
+    def commit(self) -> None:
+        for op in self.ops:
+            crash_point("txn-op")
+            path = self.root / op.relpath
+            if op.kind == "write":
+                write_atomic(path, op.data)
+            elif op.kind == "symlink":
+                symlink_atomic(path, op.target)
+            elif op.kind == "mkdir":
+                path.mkdir(parents=True, exist_ok=True)
+            elif op.kind == "remove":
+                remove_atomic(path, self.remove_into)
+        self.ops.clear()
+
+
+def remove_atomic(path: Path, scratch: Callable[[], Path]) -> None:
+    """Make ``path`` disappear in one rename (into a scratch dir on the same filesystem), then delete it."""
+    if not path.is_symlink() and not path.exists():
+        return
+    if path.is_dir() and not path.is_symlink():
+        trash = scratch()
+        os.rename(path, trash / "x")
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.unlink(path)
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, root: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.layout = RepositoryLayout(self.root)
+        self.staging = Staging(self.root / STAGING_DIR)
+        self.state_dir = Path(state_dir) if state_dir else self.root / ".cvmfs-snap-state"
+        self.lock = RepoLock(self.state_dir / "repository.lock")
+
+    def recover(self) -> None:
+        with self.lock():
+            self.staging.clean_abandoned()
+
+    def _ensure_catalogs(self, *dirs: Path) -> None:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            marker = d / CATALOG_MARKER
+            if not marker.exists():
+                marker.touch()
+
+    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
+        with self.staging.dir() as stage:
+            layer_dir = stage / "layer"
+            rec = unpack_layer_dir(info, tar_stream, layer_dir)
+            crash_point("layer-unpacked")
+            final = self.layout.layer_dir(info.digest)
+            with self.lock():
+                if self.layout.is_layer_complete(info.digest):
+                    log.info("layer %s was completed meanwhile by another publisher; keeping that one", info.digest)
+                    return self.layout.read_layer_record(info.digest) or rec
+                self._ensure_catalogs(self.layout.layers_root, self.layout.layer_bucket(info.digest))
+                if final.exists():  # incomplete leftover (e.g. DUCC metadata without layerfs): replace it
+                    old_md = final / METADATA_DIR / ORIGIN_JSON
+                    if old_md.is_file():
+                        write_layer_metadata(layer_dir / METADATA_DIR, rec, info.origin, old_md.read_bytes())
+                    remove_atomic(final, self.staging.new)
+                os.rename(layer_dir, final)
+                fsync_dir(final.parent)
+            crash_point("layer-visible")
+            return rec
+
+    def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
+        with self.staging.dir() as stage:
+            flat = stage / "flat"
+            build_flat_dir(flat, layers)
+            crash_point("flat-built")
+            final = self.layout.flat_dir(config_digest)
+            with self.lock():
+                if final.is_dir():
+                    return
+                self._ensure_catalogs(self.root / FLAT_DIR)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(flat, final)
+                fsync_dir(final.parent)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Txn]:
+        with self.lock():
+            txn = LocalTxn(self.root, self.staging.new)
+            yield txn
+            txn.commit()

@@ -1,0 +1,279 @@
+"""``cvmfs-snap-publisher``: DUCC's verbs on the stratum-0.
+
+    cvmfs-snap-publisher convert RECIPE              publish every image of a DUCC recipe once
+    cvmfs-snap-publisher loop RECIPE                 the daemon: keep the recipe published (publisher.daemon)
+    cvmfs-snap-publisher convert-single-image IMAGE [REPO]
+    cvmfs-snap-publisher gc [--grace-period DAYS] [--dry-run]      (publisher.gc)
+    cvmfs-snap-publisher check-image-syntax IMAGE
+
+Common options: ``--backend {local,cvmfs-ingest,cvmfs-transaction}`` (default local), ``--root DIR``,
+``--repo NAME``, ``--concurrency N``, ``--skip-flat``, ``--config FILE`` (YAML, see publisher.config). The exit status
+is 0 when every image was published (or already was), 1 when any failed, 2 for unusable input (bad recipe,
+configuration or image name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import threading
+from typing import Any
+
+from cvmfs_snap import __version__
+from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
+
+from .config import BACKENDS, PublisherConfig
+
+log = logging.getLogger("publisher")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("repository and backend")
+    g.add_argument("--config", metavar="FILE", help="YAML settings file (flags override it)")
+    g.add_argument("--backend", choices=BACKENDS, default=None, help="how the tree is written (default: local)")
+    g.add_argument("--root", metavar="DIR", default=None, help="repository root (default /cvmfs/<repo>)")
+    g.add_argument("--repo", metavar="NAME", default=None, help="CVMFS repository name, e.g. unpacked.cern.ch")
+    g.add_argument("--cvmfs-server", dest="cvmfs_server", metavar="PATH", default=None,
+                   help="cvmfs_server command (cvmfs backends; default cvmfs_server)")
+    g.add_argument("--lease-path", dest="lease_path", metavar="SUBPATH", default=None,
+                   help="cvmfs-transaction: open transactions on <repo>/<SUBPATH> (gateway lease)")
+    g.add_argument("--state-dir", dest="state_dir", metavar="DIR", default=None,
+                   help="local state: lock file, staging (default depends on the backend)")
+    w = p.add_argument_group("publishing")
+    w.add_argument("--concurrency", type=int, default=None, metavar="N", help="layers processed at once (default 2)")
+    w.add_argument("--skip-flat", action="store_true", help="do not build flat root filesystems / public links")
+    w.add_argument("--platform", action="append", metavar="OS/ARCH",
+                   help="publish only these platforms of multi-arch images (repeatable; default all)")
+    w.add_argument("--insecure-registry", dest="insecure_registry", action="append", metavar="HOST:PORT",
+                   help="registry reached over plain HTTP (repeatable)")
+    w.add_argument("--docker-config", dest="docker_config", metavar="FILE", default=None,
+                   help="Docker config.json with registry credentials")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvmfs-snap-publisher",
+        description="Publish container images into a CVMFS repository (DUCC-compatible layout and verbs).",
+    )
+    parser.add_argument("--version", action="version", version=f"cvmfs-snap-publisher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="publish all images of a DUCC recipe")
+    p.add_argument("recipe", metavar="RECIPE")
+    _common(p)
+
+    p = sub.add_parser("loop", help="keep a recipe published: poll, webhooks, /metrics (daemon)")
+    p.add_argument("recipe", metavar="RECIPE")
+    _common(p)
+
+    p = sub.add_parser("convert-single-image", help="publish one image")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("repo_positional", metavar="REPO", nargs="?", help="CVMFS repository (as DUCC's argument)")
+    _common(p)
+
+    p = sub.add_parser("gc", help="remove images scheduled for removal and layers no image uses")
+    p.add_argument("--grace-period", dest="grace_period", type=float, default=None, metavar="DAYS",
+                   help="keep scheduled images at least DAYS days (default 7)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    _common(p)
+
+    p = sub.add_parser("check-image-syntax", help="parse an image reference and show its parts")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> PublisherConfig:
+    config = PublisherConfig.load(getattr(args, "config", None))
+    return config.apply_args(args)
+
+
+# -- progress ----------------------------------------------------------------------------------------------------
+class RichProgress:
+    """Progress bars for layers on a terminal (``ProgressSink``)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), transient=True,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def layer_started(self, digest: str, size: int) -> None:
+        with self._lock:
+            self._tasks[digest] = self._progress.add_task(f"layer {digest[7:19]}", total=size or None)
+
+    def layer_advanced(self, digest: str, nbytes: int) -> None:
+        task = self._tasks.get(digest)
+        if task is not None:
+            self._progress.advance(task, nbytes)
+
+    def layer_finished(self, digest: str, ok: bool) -> None:
+        with self._lock:
+            task = self._tasks.pop(digest, None)
+        if task is not None:
+            self._progress.remove_task(task)
+
+    def image_finished(self, result: Any) -> None:
+        status = "[green]ok" if result.ok else "[red]FAILED"
+        self._progress.console.print(f"{status}[/] {result.ref}")
+
+
+def _setup_logging(level: str, progress: RichProgress | None) -> None:
+    root = logging.getLogger()
+    if root.handlers:
+        root.setLevel(getattr(logging, level.upper(), logging.INFO))
+        return
+    handler: logging.Handler
+    if progress is not None:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=progress._progress.console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+# -- verbs ---------------------------------------------------------------------------------------------------------
+def _summary(results: list[Any], recipe_errors: list[Any]) -> int:
+    failed = [r for r in results if not r.ok]
+    published = sum(1 for r in results if r.ok and not r.unchanged)
+    unchanged = sum(1 for r in results if r.ok and r.unchanged)
+    for e in recipe_errors:
+        print(f"FAILED {e.input}: {e.message}", file=sys.stderr)
+    for r in failed:
+        print(f"FAILED {r.ref}: {r.error}", file=sys.stderr)
+    print(
+        f"{published} image(s) published, {unchanged} unchanged, {len(failed) + len(recipe_errors)} failed",
+        file=sys.stderr,
+    )
+    return 1 if failed or recipe_errors else 0
+
+
+def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
+    from .pipeline import Publisher
+    from .recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    recipe_into_config(recipe, config, args)
+    with Publisher.from_config(config, progress=progress) as pub:
+        refs = recipe.expand(pub.client)
+        results = pub.publish_images(refs)
+    return _summary(results, recipe.errors)
+
+
+def recipe_into_config(recipe: Any, config: PublisherConfig, args: argparse.Namespace | None = None) -> None:
+    """A recipe's ``cvmfs_repo``, ``platforms`` and ``http://`` registries complete the settings (flags win)."""
+    if recipe.cvmfs_repo and not config.repo:
+        config.repo = recipe.cvmfs_repo
+    elif recipe.cvmfs_repo and config.repo and recipe.cvmfs_repo != config.repo:
+        log.warning("recipe names repository %s; publishing into %s as configured", recipe.cvmfs_repo, config.repo)
+    if recipe.platforms and not (args is not None and getattr(args, "platform", None)):
+        config.platforms = list(recipe.platforms)
+    for host in recipe.insecure_registries:
+        if host not in config.insecure_registries:
+            config.insecure_registries.append(host)
+    config.validate("recipe")
+
+
+def cmd_convert_single(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
+    from cvmfs_snap.oci import ImageReference
+
+    from .pipeline import Publisher
+
+    if args.repo_positional and not config.repo:
+        config.repo = args.repo_positional
+        config.validate("command line")
+    ref = ImageReference.parse(args.image)
+    if ref.insecure and ref.registry not in config.insecure_registries:
+        config.insecure_registries.append(ref.registry)
+    with Publisher.from_config(config, progress=progress) as pub:
+        result = pub.publish_image(ref)
+    return _summary([result], [])
+
+
+def cmd_check_image_syntax(args: argparse.Namespace) -> int:
+    from cvmfs_snap.oci import ImageReference
+
+    from .recipe import parse_line
+
+    line = parse_line(args.image)
+    if line.error or line.ref is None:
+        print(f"invalid: {line.error}", file=sys.stderr)
+        return 2
+    ref: ImageReference = line.ref
+    print(f"registry:   {ref.registry}")
+    print(f"api host:   {ref.api_host}")
+    print(f"repository: {ref.repository}")
+    print(f"tag:        {line.tag_glob if line.tag_glob else (ref.tag or '')}" + (" (glob)" if line.tag_glob else ""))
+    print(f"digest:     {ref.digest or ''}")
+    print(f"scheme:     {'http' if ref.insecure else 'https'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-image-syntax":
+        _setup_logging(args.log_level, None)
+        try:
+            return cmd_check_image_syntax(args)
+        except CvmfsSnapError as exc:
+            print(f"invalid: {exc}", file=sys.stderr)
+            return 2
+    use_rich = sys.stderr.isatty() and not args.no_progress and args.command in ("convert", "convert-single-image")
+    progress = RichProgress() if use_rich else None
+    _setup_logging(args.log_level, progress)
+    try:
+        config = load_config(args)
+        if args.command == "loop":
+            daemon = importlib.import_module("publisher.daemon")
+            return int(daemon.run_daemon(args, config) or 0)
+        if args.command == "gc":
+            gc = importlib.import_module("publisher.gc")
+            return int(gc.run_gc(args, config) or 0)
+        if progress is not None:
+            with progress:
+                return _dispatch(args, config, progress)
+        return _dispatch(args, config, None)
+    except InvalidInputError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except CvmfsSnapError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
+    if args.command == "convert":
+        return cmd_convert(args, config, progress)
+    return cmd_convert_single(args, config, progress)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

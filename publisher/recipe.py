@@ -1,0 +1,192 @@
+"""DUCC recipe v1: the list of images a site wants in its repository.
+
+A DUCC recipe is accepted unchanged::
+
+    version: 1
+    user: smosciat
+    cvmfs_repo: 'unpacked.cern.ch'
+    output_format: '$(scheme)://registry.gitlab.cern.ch/thin/$(image)'
+    input:
+      - 'https://registry.hub.docker.com/library/fedora:latest'
+      - 'https://registry.hub.docker.com/library/debian:*'
+
+``input`` lines may carry ``*`` globs in the tag; they are matched against the registry's tag list. We add one
+optional key, ``platforms: [linux/amd64, ...]``, to restrict which platforms of multi-arch images are published.
+``user`` and ``output_format`` (DUCC's thin-image push) are read and ignored, with a log line saying so.
+
+A broken input line does not spoil the recipe: it is recorded in :attr:`Recipe.errors` (and reported as a failed
+image by the CLI/daemon) while the other lines proceed. Only a file that is not a recipe at all raises.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
+from cvmfs_snap.oci import ImageReference, Platform, RegistryClient
+
+log = logging.getLogger(__name__)
+
+KNOWN_KEYS = {"version", "user", "cvmfs_repo", "output_format", "input", "platforms"}
+
+
+@dataclass
+class RecipeLine:
+    """One ``input`` entry: parsed reference (tag glob kept apart) or why it cannot be used."""
+
+    text: str
+    ref: ImageReference | None = None
+    #: the tag glob (``v1.*``) when the tag has ``*``; ``ref.tag`` is then a placeholder
+    tag_glob: str | None = None
+    error: str | None = None
+
+    def ref_with_tag(self, tag: str) -> ImageReference:
+        assert self.ref is not None
+        return self.ref.with_tag(tag)
+
+
+@dataclass
+class RecipeError:
+    """A recipe line that failed (bad syntax, tag list unreadable, no tag matching its glob)."""
+
+    input: str
+    message: str
+
+
+@dataclass
+class Recipe:
+    version: int
+    cvmfs_repo: str | None
+    lines: list[RecipeLine]
+    user: str | None = None
+    output_format: str | None = None
+    platforms: list[str] = field(default_factory=list)
+    path: str = ""
+    errors: list[RecipeError] = field(default_factory=list)
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read recipe {p}: {exc.strerror}") from exc
+        return cls.parse(text, str(p))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "recipe") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InvalidInputError(f"recipe {source} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"recipe {source}: expected a mapping with 'version' and 'input'")
+        version = data.get("version")
+        if version != 1:
+            raise InvalidInputError(
+                f"recipe {source}: unsupported version {version!r}; only DUCC recipe version 1 is understood "
+                "(add 'version: 1')"
+            )
+        unknown = sorted(set(data) - KNOWN_KEYS)
+        if unknown:
+            log.warning("recipe %s: ignoring unknown key(s) %s", source, ", ".join(map(str, unknown)))
+        inputs = data.get("input")
+        if not isinstance(inputs, list):
+            raise InvalidInputError(f"recipe {source}: 'input' must be a list of image references")
+        platforms = data.get("platforms") or []
+        if not isinstance(platforms, list) or not all(isinstance(x, str) for x in platforms):
+            raise InvalidInputError(f"recipe {source}: 'platforms' must be a list like [linux/amd64, linux/arm64]")
+        for plat in platforms:
+            try:
+                Platform.parse(plat)
+            except CvmfsSnapError as exc:
+                raise InvalidInputError(f"recipe {source}: bad platform {plat!r}: {exc}") from exc
+        if data.get("output_format"):
+            log.info("recipe %s: 'output_format' (DUCC thin-image push) is not supported and is ignored", source)
+        if data.get("user"):
+            log.debug("recipe %s: 'user' is informational and ignored", source)
+        repo = data.get("cvmfs_repo")
+        recipe = cls(
+            version=1,
+            cvmfs_repo=str(repo) if repo else None,
+            lines=[parse_line(item) for item in inputs],
+            user=str(data["user"]) if data.get("user") else None,
+            output_format=str(data["output_format"]) if data.get("output_format") else None,
+            platforms=list(platforms),
+            path=source,
+        )
+        for line in recipe.lines:
+            if line.error:
+                recipe.errors.append(RecipeError(line.text, line.error))
+                log.error("recipe %s: %s", source, line.error)
+        return recipe
+
+    @property
+    def insecure_registries(self) -> list[str]:
+        """Registries the recipe names with ``http://`` (plain HTTP)."""
+        return sorted({ln.ref.registry for ln in self.lines if ln.ref is not None and ln.ref.insecure})
+
+    # -- expansion -------------------------------------------------------------------------------------------------
+    def expand(self, client: RegistryClient) -> list[ImageReference]:
+        """The concrete references: plain lines as they are, tag globs matched against the registry's tags.
+
+        Lines that fail here (tag list unreadable, nothing matches) are added to :attr:`errors`, which then holds
+        the syntax errors plus this expansion's failures (a daemon expanding again and again does not pile up).
+        """
+        self.errors = [RecipeError(ln.text, ln.error) for ln in self.lines if ln.error]
+        out: list[ImageReference] = []
+        seen: set[str] = set()
+        for line in self.lines:
+            if line.ref is None:
+                continue
+            refs: list[ImageReference]
+            if line.tag_glob is None:
+                refs = [line.ref]
+            else:
+                try:
+                    tags = client.list_tags(line.ref)
+                except CvmfsSnapError as exc:
+                    self._fail(line, f"{line.text}: cannot list tags to expand {line.tag_glob!r}: {exc}")
+                    continue
+                matched = sorted(t for t in tags if fnmatch.fnmatchcase(t, line.tag_glob))
+                if not matched:
+                    self._fail(line, f"{line.text}: no tag of {line.ref.name} matches {line.tag_glob!r}")
+                    continue
+                log.info("recipe %s: %s expands to %d tag(s)", self.path, line.text, len(matched))
+                refs = [line.ref_with_tag(t) for t in matched]
+            for r in refs:
+                if str(r) not in seen:
+                    seen.add(str(r))
+                    out.append(r)
+        return out
+
+    def _fail(self, line: RecipeLine, message: str) -> None:
+        log.error("recipe %s: %s", self.path, message)
+        self.errors.append(RecipeError(line.text, message))
+
+
+def parse_line(item: Any) -> RecipeLine:
+    """Parse one ``input`` entry; errors are returned in the line, never raised."""
+    if not isinstance(item, str):
+        return RecipeLine(text=repr(item), error=f"input entry {item!r} is not a string image reference")
+    text = item.strip()
+    glob: str | None = None
+    body = text
+    slash, colon = body.rfind("/"), body.rfind(":")
+    if "*" in body:
+        if colon <= slash or "*" in body[:colon] or "@" in body:
+            return RecipeLine(text=text, error=f"{text}: '*' is only allowed in the tag (e.g. repo:v1.*)")
+        glob = body[colon + 1:]
+        body = body[:colon] + ":latest"
+    try:
+        ref = ImageReference.parse(body)
+    except CvmfsSnapError as exc:
+        return RecipeLine(text=text, error=f"{text}: {exc}")
+    return RecipeLine(text=text, ref=ref, tag_glob=glob)

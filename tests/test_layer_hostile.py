@@ -1,0 +1,82 @@
+"""Every hostile layer in the corpus is refused with the right error, naming the entry, touching nothing outside."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
+from cvmfs_snap.layer import apply_layer, open_layer
+from tests.support.hostile import HostileCase, build_corpus
+
+_IDS = [c.id for c in build_corpus(Path("/nonexistent"))]
+
+
+def snapshot(top: Path, skip: Path) -> dict[str, tuple[object, ...]]:
+    """Everything under ``top`` except ``skip``: type, mode, owner, size, content hash, link target, mtime."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        if Path(dirpath) == skip:
+            dirnames[:] = []
+            continue
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            if p == skip:
+                continue
+            st = p.lstat()
+            extra: object = None
+            if stat.S_ISREG(st.st_mode):
+                extra = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(p)
+            out[str(p.relative_to(top))] = (st.st_mode, st.st_uid, st.st_size, st.st_nlink, st.st_mtime_ns, extra)
+    return out
+
+
+@pytest.fixture
+def arena(tmp_path: Path) -> tuple[Path, Path]:
+    """A target directory with sentinel trees around it: ``outside`` beside it and files next to it."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "secret").write_text("do not touch")
+    (outside / "sub" / "file").write_text("nor this")
+    work = tmp_path / "work"
+    target = work / "a" / "target"
+    target.mkdir(parents=True)
+    (work / "neighbour").write_text("keep")
+    return target, outside
+
+
+@pytest.mark.parametrize("case_id", _IDS)
+def test_hostile_layer_refused(case_id: str, arena: tuple[Path, Path], tmp_path: Path) -> None:
+    target, outside = arena
+    case: HostileCase = next(c for c in build_corpus(outside) if c.id == case_id)
+    if case.setup:
+        case.setup(target)
+    before = snapshot(tmp_path, target)
+    passwd = Path("/etc/passwd").stat()
+    with pytest.raises(case.error) as info, open_layer(
+        io.BytesIO(case.blob), case.media_type, name=f"sha256:{case.id}"
+    ) as stream:
+        apply_layer(stream, target, mode=case.mode, limits=case.limits)  # type: ignore[arg-type]
+    msg = str(info.value)
+    assert f"sha256:{case.id}" in msg  # names the layer
+    msg = msg.replace(f"sha256:{case.id}", "<layer>")
+    assert case.names in msg, f"message does not name the entry ({case.names!r}): {msg}"
+    if case.error is InvalidInputError:
+        assert isinstance(info.value, InvalidInputError)
+    assert snapshot(tmp_path, target) == before, "something outside the target changed"
+    assert Path("/etc/passwd").stat().st_nlink == passwd.st_nlink
+    assert not (outside / "pwned").exists()
+
+
+def test_corpus_is_big_enough() -> None:
+    cases = build_corpus(Path("/tmp/x"))
+    assert len(cases) >= 20
+    assert len({c.id for c in cases}) == len(cases)
+    assert sum(1 for c in cases if c.error is UnsafeLayerError) >= 20

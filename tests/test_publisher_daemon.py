@@ -1,0 +1,344 @@
+"""The publisher daemon end to end: a real subprocess (``python -m publisher.cli loop``), a real registry whose
+``notifications`` call it, the local backend, and plain HTTP requests for Harbor, publish-on-miss and /metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cvmfs_snap.layout import ImageRecord, RepositoryLayout
+from tests.support import images as im
+from tests.support.registry import Registry, free_port, start_registry
+
+SECRET = "s3cret-for-tests"
+WAIT = 90.0
+
+
+def wait_for(what: str, cond: Callable[[], object], daemon: Daemon | None = None, timeout: float = WAIT) -> object:
+    """Poll ``cond`` until it returns something true (a deadline, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            log = daemon.log.read_text()[-4000:] if daemon else ""
+            raise AssertionError(f"timed out waiting for {what}\n--- daemon log ---\n{log}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    url: str
+    root: Path
+    recipe: Path
+    log: Path
+    layout: RepositoryLayout
+
+    def record(self, host: str, repo: str, tag: str) -> ImageRecord | None:
+        p = self.layout.image_metadata_dir(host, repo, tag) / "image.json"
+        try:
+            return ImageRecord.from_json(p.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def wait_published(self, host: str, repo: str, tag: str, manifest_digest: str) -> ImageRecord:
+        def done() -> ImageRecord | None:
+            rec = self.record(host, repo, tag)
+            return rec if rec is not None and rec.manifest_digest == manifest_digest else None
+
+        rec = wait_for(f"{host}/{repo}:{tag} to be published", done, self)
+        assert isinstance(rec, ImageRecord)
+        return rec
+
+    def write_recipe(self, lines: list[str]) -> None:
+        """Save the recipe the way editors do: write a temporary file and rename it over the old one."""
+        tmp = self.recipe.with_name(".recipe.yaml.swp")
+        tmp.write_text(yaml.safe_dump({"version": 1, "input": lines}))
+        os.replace(tmp, self.recipe)
+
+
+def start_daemon(tmp: Path, recipe_lines: list[str], daemon_cfg: dict[str, object],
+                 env: dict[str, str] | None = None) -> Daemon:
+    root = tmp / "repo"
+    (tmp / "recipes").mkdir()
+    recipe = tmp / "recipes" / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"version": 1, "input": recipe_lines}))
+    cfg = tmp / "publisher.yaml"
+    cfg.write_text(yaml.safe_dump({"backend": "local", "root": str(root), "state_dir": str(tmp / "state"),
+                                   "daemon": daemon_cfg}))
+    log = tmp / "recipes" / "daemon.log"  # beside the recipe: its own writes must not look like recipe edits
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "publisher.cli", "loop", str(recipe), "--config", str(cfg), "--log-level", "debug"],
+            stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+    url = f"http://{daemon_cfg['listen']}"
+    d = Daemon(proc, url, root, recipe, log, RepositoryLayout(root))
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}: {log.read_text()[-4000:]}")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for("the daemon to serve /healthz", healthy, d)
+    return d
+
+
+def stop_daemon(d: Daemon) -> int:
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            d.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(d.proc.pid, signal.SIGKILL)
+            d.proc.wait()
+    return d.proc.returncode
+
+
+@dataclass
+class Env:
+    daemon: Daemon
+    loud: Registry  # sends notifications to the daemon
+    quiet: Registry  # sends nothing (Harbor payloads and publish-on-miss are posted by the tests)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("daemon")
+    port = free_port()
+    notifications = {"endpoints": [{
+        "name": "cvmfs-snap", "url": f"http://127.0.0.1:{port}/webhooks/registry",
+        "headers": {"Authorization": [f"Bearer {SECRET}"]},
+        "timeout": "2s", "threshold": 1, "backoff": "1s",
+        "ignoredmediatypes": ["application/octet-stream"],
+    }]}
+    with start_registry(tmp / "loud", extra_config={"notifications": notifications}) as loud, \
+            start_registry(tmp / "quiet") as quiet:
+        recipe = [f"{loud.host}/hook/app:*", f"{quiet.host}/harbor/img:v2"]
+        d = start_daemon(
+            tmp, recipe,
+            {"listen": f"127.0.0.1:{port}", "poll_interval": 3600, "debounce": 0.2,
+             "publish_on_miss_allow": [f"{quiet.host}/miss/*"]},
+            env={"CVMFS_SNAP_WEBHOOK_SECRET": SECRET},
+        )
+        try:
+            yield Env(d, loud, quiet)
+        finally:
+            rc = stop_daemon(d)
+            assert rc == 0, d.log.read_text()[-4000:]
+
+
+def test_registry_push_makes_the_daemon_publish(env: Env) -> None:
+    img = im.image([im.layer([("etc/hook", b"pushed\n")])])
+    digest = im.push_image(env.loud.url, "hook/app", "v1", img)
+    rec = env.daemon.wait_published(env.loud.host, "hook/app", "v1", digest)
+    assert rec.layers == [lay.digest for lay in img.layers]
+    assert env.daemon.layout.is_layer_complete(img.layers[0].digest)
+    link = env.daemon.layout.public_link(env.loud.host, "hook/app", "v1")
+    assert (link / "etc/hook").read_bytes() == b"pushed\n"
+
+    # the tag moves: the next push publishes the new manifest
+    img2 = im.image([im.layer([("etc/hook", b"pushed again\n")])])
+    digest2 = im.push_image(env.loud.url, "hook/app", "v1", img2)
+    env.daemon.wait_published(env.loud.host, "hook/app", "v1", digest2)
+    assert (link / "etc/hook").read_bytes() == b"pushed again\n"
+
+
+def test_recipe_edit_publishes_the_new_image(env: Env) -> None:
+    img = im.image([im.layer([("etc/edit", b"added by editing the recipe\n")])])
+    digest = im.push_image(env.loud.url, "edit/new", "v1", img)
+    # not in the recipe: the registry's notification is acknowledged but ignored
+    wait_for("the ignored webhook", lambda: "edit/new:v1" in env.daemon.log.read_text(), env.daemon)
+    assert env.daemon.record(env.loud.host, "edit/new", "v1") is None
+    recipe = yaml.safe_load(env.daemon.recipe.read_text())["input"]
+    env.daemon.write_recipe([*recipe, f"{env.loud.host}/edit/new:v1"])
+    env.daemon.wait_published(env.loud.host, "edit/new", "v1", digest)
+    # a broken recipe is reported and the previous one kept; the daemon keeps serving
+    env.daemon.recipe.write_text("version: 1\ninput: [unclosed\n")
+    wait_for("the broken recipe to be reported",
+             lambda: httpx.get(f"{env.daemon.url}/healthz").json()["recipe_error"], env.daemon)
+    env.daemon.write_recipe([*recipe, f"{env.loud.host}/edit/new:v1"])
+    wait_for("the fixed recipe to be loaded",
+             lambda: httpx.get(f"{env.daemon.url}/healthz").json()["recipe_error"] is None, env.daemon)
+
+
+def harbor_payload(resource_url: str, tag: str) -> dict[str, object]:
+    return {"type": "PUSH_ARTIFACT", "occur_at": 1700000000, "operator": "admin",
+            "event_data": {"resources": [{"digest": "", "tag": tag, "resource_url": resource_url}],
+                           "repository": {"name": "img", "namespace": "harbor", "repo_full_name": "harbor/img"}}}
+
+
+def test_harbor_webhook(env: Env) -> None:
+    img = im.image([im.layer([("etc/harbor", b"from harbor\n")])])
+    digest = im.push_image(env.quiet.url, "harbor/img", "v2", img)
+    body = harbor_payload(f"{env.quiet.host}/harbor/img:v2", "v2")
+    r = httpx.post(f"{env.daemon.url}/webhooks/harbor", json=body)
+    assert r.status_code == 401  # the shared secret is required
+    r = httpx.post(f"{env.daemon.url}/webhooks/harbor", json=body, headers={"Authorization": SECRET})
+    assert r.status_code == 200, r.text
+    assert r.json()["queued"] == [f"{env.quiet.host}/harbor/img:v2"]
+    env.daemon.wait_published(env.quiet.host, "harbor/img", "v2", digest)
+    # tags the recipe does not name are acknowledged and ignored
+    r = httpx.post(f"{env.daemon.url}/webhooks", json=harbor_payload(f"{env.quiet.host}/harbor/img:v3", "v3"),
+                   headers={"Authorization": f"Bearer {SECRET}"})
+    assert r.status_code == 200 and r.json() == {"queued": [], "ignored": [f"{env.quiet.host}/harbor/img:v3"]}
+
+
+def test_publish_on_miss_respects_the_allow_list(env: Env) -> None:
+    img = im.image([im.layer([("etc/miss", b"published on demand\n")])])
+    digest = im.push_image(env.quiet.url, "miss/one", "v1", img)
+    im.push_image(env.quiet.url, "other/one", "v1", img)
+    url = f"{env.daemon.url}/publish-on-miss"
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/other/one:v1"})
+    assert r.status_code == 403 and "allow-list" in r.json()["error"]
+    assert httpx.post(url, json={"image": "Not An Image!"}).status_code == 400
+    assert httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": "sha256:../x"}).status_code == 400
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": img.layers[0].digest})
+    assert r.status_code == 202, r.text
+    env.daemon.wait_published(env.quiet.host, "miss/one", "v1", digest)
+    assert env.daemon.record(env.quiet.host, "other/one", "v1") is None
+    # the layer is there now; and asking again right away for the image is rate-limited, not re-queued
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": img.layers[0].digest})
+    assert r.status_code == 200 and r.json()["status"] == "present"
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1"})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"events": "x"}', b'{"events": [{"action": "push"}]}', b"[]"])
+def test_malformed_webhooks_get_400_and_the_daemon_keeps_serving(env: Env, body: bytes) -> None:
+    auth = {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"}
+    r = httpx.post(f"{env.daemon.url}/webhooks/registry", content=body, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]
+    assert httpx.get(f"{env.daemon.url}/healthz").status_code == 200
+    assert env.daemon.proc.poll() is None
+
+
+def test_metrics_and_status(env: Env) -> None:
+    img = im.image([im.layer([("etc/metrics", b"m\n")])])
+    digest = im.push_image(env.loud.url, "hook/app", "metrics", img)
+    env.daemon.wait_published(env.loud.host, "hook/app", "metrics", digest)
+    text = httpx.get(f"{env.daemon.url}/metrics").text
+
+    def value(sample: str) -> float:
+        lines = [ln for ln in text.splitlines() if ln.startswith(sample + " ") or ln.startswith(sample + "{")]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+    assert value("cvmfs_snap_publisher_images_published_total") >= 1
+    assert value("cvmfs_snap_publisher_layers_published_total") >= 1
+    assert value("cvmfs_snap_publisher_bytes_published_total") >= len(b"m\n")
+    assert value("cvmfs_snap_publisher_image_seconds_count") >= 1
+    assert "cvmfs_snap_publisher_queue_depth" in text
+    assert value('cvmfs_snap_publisher_webhooks_total{kind="registry",outcome="ok"}') >= 1
+    status = httpx.get(f"{env.daemon.url}/status").json()
+    key = f"{env.loud.host}/hook/app:metrics"
+    assert any(s["image"] == key and s["ok"] for s in status["images"])
+
+
+def test_bad_image_fails_alone_and_sigterm_finishes_in_flight_work(tmp_path: Path, registry: Registry) -> None:
+    """An image that does not exist fails with a message in /status; SIGTERM while an image is being published
+    lets that publish finish, then the daemon exits with status 0."""
+    import threading
+
+    from tests.support.http_servers import Reply, Request, serve
+
+    release = threading.Event()
+    stalled = threading.Event()
+
+    def stalling_registry(req: Request) -> Reply:
+        if "/manifests/" in req.path:
+            stalled.set()
+            release.wait(60)
+            return Reply(404, {"Content-Type": "application/json"},
+                         b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}')
+        return Reply(200, {"Content-Type": "application/json"}, b"{}")
+
+    img = im.image([im.layer([("etc/ok", b"ok\n")])])
+    digest = im.push_image(registry.url, "term/ok", "v1", img)
+    port = free_port()
+    with serve(stalling_registry) as slow:
+        d = start_daemon(tmp_path, [f"{registry.host}/term/missing:v1", f"{registry.host}/term/ok:v1",
+                                    f"{slow.host}/stall/img:v1"],
+                         {"listen": f"127.0.0.1:{port}", "poll_interval": 3600, "debounce": 0.1})
+        try:
+            d.wait_published(registry.host, "term/ok", "v1", digest)
+
+            def failed() -> list[dict[str, object]]:
+                images = httpx.get(f"{d.url}/status").json()["images"]
+                return [s for s in images if "term/missing" in str(s["image"]) and not s["ok"]]
+
+            statuses = wait_for("the missing image to fail", failed, d)
+            assert isinstance(statuses, list)
+            assert "term/missing" in str(statuses[0]["message"])
+
+            wait_for("the stalled image to be in flight", stalled.is_set, d)
+            assert httpx.get(f"{d.url}/status").json()["queue"]["running"] == [f"{slow.host}/stall/img:v1"]
+            d.proc.send_signal(signal.SIGTERM)
+            wait_for("SIGTERM to be received", lambda: "received SIGTERM" in d.log.read_text(), d)
+            assert d.proc.poll() is None  # still finishing the in-flight image
+            release.set()
+            rc = d.proc.wait(60)
+        finally:
+            release.set()
+            stop_daemon(d)
+    log = d.log.read_text()
+    assert rc == 0, log[-4000:]
+    assert f"publishing {slow.host}/stall/img:v1 (poll) failed" in log
+    assert "publisher daemon stopped" in log and "abandoned" not in log
+
+
+def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -> None:
+    """In process: stop() reports in-flight work it had to abandon (run_daemon then exits 0 regardless)."""
+    import threading
+
+    from publisher.config import PublisherConfig
+    from publisher.daemon import Daemon, DaemonSettings
+    from publisher.pipeline import Publisher
+    from publisher.recipe import Recipe
+    from tests.support.http_servers import Reply, Request, serve
+
+    release, stalled = threading.Event(), threading.Event()
+
+    def stalling_registry(req: Request) -> Reply:
+        if "/manifests/" in req.path:
+            stalled.set()
+            release.wait(60)
+            return Reply(404, {"Content-Type": "application/json"}, b'{"errors": []}')
+        return Reply(200, {"Content-Type": "application/json"}, b"{}")
+
+    with serve(stalling_registry) as slow:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"version": 1, "input": [f"{slow.host}/stall/img:v1"]}))
+        config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
+        pub = Publisher.from_config(config)
+        settings = DaemonSettings(listen="127.0.0.1:0", debounce=0, shutdown_timeout=0.5)
+        d = Daemon(recipe, config, settings, pub, pub.client, pub.backend, load_recipe=Recipe.load,
+                   expand=lambda r, c: list(r.expand(c)), state_dir=tmp_path / "state")
+        try:
+            _host, port = d.start()
+            assert port > 0
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            wait_for("the stalled image to be in flight", stalled.is_set)
+            assert d.stop() is False
+            assert d.queue.snapshot()["running"] == [f"{slow.host}/stall/img:v1"]
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        finally:
+            release.set()
+        assert d.queue.wait_idle(30)
+        assert d.status()["images"][0]["ok"] is False
+        pub.close()

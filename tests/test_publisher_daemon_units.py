@@ -1,0 +1,176 @@
+"""The daemon's pure parts: webhook parsing and authentication, the work queue, recipe matching, allow-list."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.oci.reference import ImageReference
+from publisher.daemon import QueueItem, WorkQueue, allowed_by, recipe_patterns
+from publisher.recipe import Recipe
+from publisher.webhooks import (
+    PushEvent,
+    check_authorization,
+    parse_distribution_events,
+    parse_harbor,
+    parse_webhook,
+    split_resource_url,
+)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+D1 = "sha256:" + "1" * 64
+
+
+def envelope(*events: dict[str, object]) -> bytes:
+    return json.dumps({"events": list(events)}).encode()
+
+
+def push(repo: str, tag: str | None, media_type: str = OCI_MANIFEST, url_host: str | None = "reg.example:5000",
+         request_host: str = "other.example:5000", action: str = "push") -> dict[str, object]:
+    target: dict[str, object] = {"mediaType": media_type, "digest": D1, "repository": repo, "size": 10}
+    if url_host:
+        target["url"] = f"http://{url_host}/v2/{repo}/manifests/{D1}"
+    if tag is not None:
+        target["tag"] = tag
+    return {"id": "x", "action": action, "target": target, "request": {"host": request_host, "method": "PUT"}}
+
+
+def test_distribution_keeps_only_tag_pushes_of_manifests() -> None:
+    body = envelope(
+        push("a/b", "v1"),
+        push("a/b", None),  # push by digest (index children)
+        push("a/b", None, media_type="application/octet-stream"),  # blob upload
+        push("a/b", "v1", action="pull"),
+        push("c/d", "latest", url_host=None),
+    )
+    events = parse_distribution_events(body)
+    assert events == [
+        PushEvent("reg.example:5000", "a/b", "v1", D1),
+        PushEvent("other.example:5000", "c/d", "latest", D1),  # host from request.host when no url
+    ]
+    assert events[0].image == "reg.example:5000/a/b:v1"
+    assert parse_webhook(body) == events
+
+
+def test_distribution_host_spelling_is_normalised() -> None:
+    (ev,) = parse_distribution_events(envelope(push("library/ubuntu", "22.04", url_host="registry-1.docker.io:443")))
+    assert ev.registry == "docker.io"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b'{"events": {}}',
+        envelope({"action": "push"}),
+        envelope("nope"),  # type: ignore[arg-type]
+        envelope(push("../etc", "v1")),
+        envelope(push("a/b", "bad tag!")),
+        json.dumps({"events": [{"action": "push", "target": {"repository": "a/b", "tag": "v1"}}]}).encode(),
+    ],
+)
+def test_malformed_distribution_payloads_are_invalid_input(body: bytes) -> None:
+    with pytest.raises(InvalidInputError):
+        parse_distribution_events(body)
+
+
+def harbor(resource_url: str, tag: str | None = None, kind: str = "PUSH_ARTIFACT") -> bytes:
+    res: dict[str, object] = {"digest": D1, "resource_url": resource_url}
+    if tag is not None:
+        res["tag"] = tag
+    return json.dumps({
+        "type": kind, "occur_at": 1700000000, "operator": "admin",
+        "event_data": {"resources": [res], "repository": {"name": "repo", "namespace": "proj",
+                                                           "repo_full_name": "proj/repo"}},
+    }).encode()
+
+
+def test_harbor_push_artifact() -> None:
+    assert parse_harbor(harbor("harbor.example.org/proj/repo:v2", tag="v2")) == [
+        PushEvent("harbor.example.org", "proj/repo", "v2", D1)
+    ]
+    # the tag may only be in the URL; a digest-only push names no tag; other event types are ignored
+    assert parse_webhook(harbor("harbor.example.org:443/proj/sub/repo:v3"))[0].image == (
+        "harbor.example.org/proj/sub/repo:v3"
+    )
+    assert parse_harbor(harbor(f"harbor.example.org/proj/repo@{D1}")) == []
+    assert parse_harbor(harbor("harbor.example.org/proj/repo:v2", kind="DELETE_ARTIFACT")) == []
+    assert split_resource_url("h:5000/p/r:t") == ("h:5000", "p/r", "t")
+    for bad in (b'{"type": "PUSH_ARTIFACT"}', harbor("no-slash"), b'{"no": "type"}'):
+        with pytest.raises(InvalidInputError):
+            parse_webhook(bad)
+
+
+def test_authorization() -> None:
+    assert check_authorization(None, None)
+    assert check_authorization("anything", "")
+    assert not check_authorization(None, "s3cret")
+    assert not check_authorization("Bearer wrong", "s3cret")
+    assert check_authorization("Bearer s3cret", "s3cret")
+    assert check_authorization("s3cret", "s3cret")
+
+
+def _item(key: str) -> QueueItem:
+    return QueueItem(key, ImageReference.parse(key), "test")
+
+
+def test_queue_dedupes_and_never_runs_one_image_twice() -> None:
+    q = WorkQueue()
+    assert q.put(_item("r.example/a:1")) == "queued"
+    assert q.put(_item("r.example/a:1")) == "already-queued"
+    assert q.put(_item("r.example/b:1")) == "queued"
+    first = q.get()
+    assert first is not None and first.key == "r.example/a:1"
+    # asked again while running: runs once more afterwards, not in parallel
+    assert q.put(_item("r.example/a:1")) == "after-current-run"
+    second = q.get()
+    assert second is not None and second.key == "r.example/b:1"
+    assert q.snapshot() == {"waiting": [], "running": ["r.example/a:1", "r.example/b:1"]}
+    q.done("r.example/a:1")
+    again = q.get()
+    assert again is not None and again.key == "r.example/a:1"
+    q.done("r.example/a:1")
+    q.done("r.example/b:1")
+    assert q.wait_idle(1)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(q.get()))
+    t.start()
+    q.close()
+    t.join(5)
+    assert got == [None]
+    assert q.put(_item("r.example/c:1")) == "closing"
+
+
+def test_recipe_patterns_match_pushed_tags() -> None:
+    recipe = Recipe.parse(
+        "version: 1\ninput:\n"
+        "  - 'https://registry.hub.docker.com/library/debian:*'\n"
+        "  - 'http://127.0.0.1:5000/team/app:v1'\n"
+        "  - 'not a reference!'\n"
+    )
+    pats = recipe_patterns(recipe)
+    assert len(pats) == 2
+    debian, app = pats
+    assert debian.matches("registry-1.docker.io", "library/debian", "bookworm")
+    assert not debian.matches("registry-1.docker.io", "library/ubuntu", "bookworm")
+    assert app.matches("127.0.0.1:5000", "team/app", "v1")
+    assert not app.matches("127.0.0.1:5000", "team/app", "v2")
+    assert not app.matches("127.0.0.1:5001", "team/app", "v1")
+    # the reference published keeps the recipe's spelling of the registry (DUCC paths) and its http:// marker
+    ref = debian.line_ref.with_tag("bookworm")
+    assert str(ref) == "registry.hub.docker.com/library/debian:bookworm"
+    assert app.line_ref.insecure
+
+
+def test_publish_on_miss_allow_list() -> None:
+    allow = ["registry.cern.ch/atlas/*", "docker.io/library/*"]
+    assert allowed_by(allow, ImageReference.parse("registry.cern.ch/atlas/athena:22"))
+    assert allowed_by(allow, ImageReference.parse("ubuntu:22.04"))
+    assert allowed_by(allow, ImageReference.parse("registry-1.docker.io/library/ubuntu"))
+    assert not allowed_by(allow, ImageReference.parse("registry.cern.ch/cms/cmssw:1"))
+    assert not allowed_by(allow, ImageReference.parse("evil.example/atlas/athena:22"))
+    assert not allowed_by([], ImageReference.parse("registry.cern.ch/atlas/athena:22"))

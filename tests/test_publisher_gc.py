@@ -1,0 +1,234 @@
+"""Garbage collection on a repository the real pipeline published from a real registry (local backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cvmfs_snap.errors import InvalidInputError, UnavailableError
+from cvmfs_snap.layout import RepositoryLayout
+from publisher.config import PublisherConfig
+from publisher.gc import collect_garbage, gc_lock, plan_gc
+from publisher.pipeline import REMOVE_SCHEDULE, SCHEDULE_KEY, Publisher
+from tests.support import images as im
+from tests.support.registry import Registry
+
+DAY = 86400.0
+
+
+@dataclass
+class Repo:
+    root: Path
+    state: Path
+    layout: RepositoryLayout
+    config: PublisherConfig
+    host: str
+
+    def meta(self, repo: str, tag: str) -> Path:
+        return self.layout.image_metadata_dir(self.host, repo, tag)
+
+    def link(self, repo: str, tag: str) -> Path:
+        return self.layout.public_link(self.host, repo, tag)
+
+    def publish(self, *refs: str) -> None:
+        with Publisher.from_config(self.config) as pub:
+            results = pub.publish_images(refs)
+        assert all(r.ok for r in results), [r.error for r in results]
+
+    def age_everything(self, days: float) -> None:
+        """Pretend every layer and flat was published ``days`` ago (layer.json ``created``, flat dir mtime)."""
+        past = time.time() - days * DAY
+        for digest in self.layout.iter_layer_digests():
+            p = self.layout.layer_json(digest)
+            rec = json.loads(p.read_text())
+            rec["created"] = past
+            p.write_text(json.dumps(rec))
+        for bucket in (self.root / ".flat").iterdir():
+            for flat in bucket.iterdir() if bucket.is_dir() else []:
+                if flat.is_dir():
+                    os.utime(flat, (past, past))
+
+    def age_schedule(self, days: float) -> None:
+        p = self.root / REMOVE_SCHEDULE
+        entries = json.loads(p.read_text())
+        for e in entries:
+            e[SCHEDULE_KEY]["scheduled_at"] = time.time() - days * DAY
+        p.write_text(json.dumps(entries))
+
+
+def make_repo(tmp_path: Path, registry: Registry) -> Repo:
+    root = tmp_path / "repo"
+    state = tmp_path / "state"
+    config = PublisherConfig(backend="local", root=str(root), state_dir=str(state))
+    return Repo(root, state, RepositoryLayout(root), config, registry.host)
+
+
+@dataclass
+class Scenario:
+    repo: Repo
+    base: im.BuiltLayer
+    a_only: im.BuiltLayer
+    b_only: im.BuiltLayer
+    c_only: im.BuiltLayer
+    img_a: im.BuiltImage
+    img_b: im.BuiltImage
+    img_c: im.BuiltImage
+    tag: str
+
+
+@pytest.fixture
+def scenario(tmp_path: Path, registry: Registry) -> Iterator[Scenario]:
+    """gc/one:v1 = A (base + a), then moved to C (base + c); gc/two:v1 = B (base + b), metadata then dropped."""
+    repo = make_repo(tmp_path, registry)
+    tag = f"v{time.time_ns()}"  # the session registry is shared: own tags
+    base = im.layer([("etc/base", b"shared base\n")])
+    a_only = im.layer([("etc/a", b"only in A\n" * 100)])
+    b_only = im.layer([("etc/b", b"only in B\n" * 200)])
+    c_only = im.layer([("etc/c", b"only in C\n")])
+    img_a, img_b, img_c = im.image([base, a_only]), im.image([base, b_only]), im.image([base, c_only])
+    im.push_image(registry.url, "gc/one", tag, img_a)
+    im.push_image(registry.url, "gc/two", tag, img_b)
+    repo.publish(registry.ref("gc/one", tag), registry.ref("gc/two", tag))
+    assert repo.layout.is_layer_complete(b_only.digest) and repo.link("gc/two", tag).is_symlink()
+    # move gc/one:<tag> to C and republish: A's manifest goes to the remove schedule
+    im.push_image(registry.url, "gc/one", tag, img_c)
+    repo.publish(registry.ref("gc/one", tag))
+    schedule = json.loads((repo.root / REMOVE_SCHEDULE).read_text())
+    assert [e[SCHEDULE_KEY]["config_digest"] for e in schedule] == [img_a.config_digest]
+    # an admin drops gc/two from the repository by deleting its metadata
+    subprocess.run(["rm", "-r", str(repo.meta("gc/two", tag))], check=True)
+    yield Scenario(repo, base, a_only, b_only, c_only, img_a, img_b, img_c, tag)
+
+
+def _kinds(plan: object) -> set[tuple[str, str]]:
+    return {(i.kind, i.digest) for i in plan.items}  # type: ignore[attr-defined]
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".cvmfs-snap-state" not in p.parts)
+
+
+def test_gc_removes_exactly_the_unreferenced_old_things(scenario: Scenario) -> None:
+    s, repo = scenario, scenario.repo
+    tag = s.tag
+
+    # 1. everything was just published: the grace period keeps it all
+    before = _tree(repo.root)
+    plan = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    assert plan.items == []
+    assert {i.digest for i in plan.kept_young} >= {s.a_only.digest, s.b_only.digest}
+    assert _tree(repo.root) == before
+
+    # 2. a month later: B was dropped long ago and goes; A was replaced only now (remove schedule) and stays
+    repo.age_everything(30)
+    dry = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=True)
+    expected = {("layer", s.b_only.digest), ("flat", s.img_b.config_digest), ("link", s.img_b.config_digest)}
+    assert _kinds(dry) == expected
+    assert {i.digest for i in dry.kept_young} == {s.a_only.digest, s.img_a.config_digest}
+    assert dry.bytes >= 2 * len(b"only in B\n" * 200)  # etc/b in the layer and in the flat tree
+    assert _tree(repo.root) == before  # dry run changes nothing
+
+    done = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    assert _kinds(done) == expected
+    layout = repo.layout
+    assert not layout.layer_dir(s.b_only.digest).exists()
+    assert not layout.flat_dir(s.img_b.config_digest).exists()
+    assert not repo.link("gc/two", tag).is_symlink()
+    # shared and current things stay
+    for lay in (s.base, s.a_only, s.c_only):
+        assert layout.is_layer_complete(lay.digest)
+    assert layout.flat_dir(s.img_c.config_digest).is_dir() and layout.flat_dir(s.img_a.config_digest).is_dir()
+    assert repo.link("gc/one", tag).resolve() == layout.flat_dir(s.img_c.config_digest).resolve()
+    assert (repo.meta("gc/one", tag) / "image.json").is_file()
+
+    # 3. the move is now older than the grace period too: A's own layer and flat go, the schedule is emptied
+    repo.age_schedule(8)
+    done = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    assert _kinds(done) == {("layer", s.a_only.digest), ("flat", s.img_a.config_digest)}
+    assert not layout.layer_dir(s.a_only.digest).exists()
+    assert json.loads((repo.root / REMOVE_SCHEDULE).read_text()) == []
+    assert layout.is_layer_complete(s.base.digest) and layout.is_layer_complete(s.c_only.digest)
+
+    # 4. nothing left to collect
+    assert collect_garbage(repo.config.make_backend(), repo.state, 0, dry_run=False).items == []
+
+
+def test_gc_cli_dry_run_lists_and_changes_nothing(scenario: Scenario) -> None:
+    s, repo = scenario, scenario.repo
+    before = _tree(repo.root)
+    cmd = [sys.executable, "-m", "publisher.cli", "gc", "--root", str(repo.root), "--state-dir", str(repo.state),
+           "--grace-period", "0", "--dry-run"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"would remove layer {s.b_only.digest}" in r.stdout
+    assert f"would remove layer {s.a_only.digest}" in r.stdout  # grace 0: the move no longer protects A
+    assert s.base.digest not in r.stdout and s.c_only.digest not in r.stdout
+    assert "gc: would remove 2 layers, 2 flats, 1 links" in r.stdout
+    assert _tree(repo.root) == before
+
+    r = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "gc: removed 2 layers, 2 flats, 1 links" in r.stdout
+    assert not repo.layout.layer_dir(s.a_only.digest).exists()
+    assert repo.layout.is_layer_complete(s.base.digest)
+
+
+def test_gc_refuses_to_guess_when_metadata_is_unreadable(tmp_path: Path, registry: Registry) -> None:
+    repo = make_repo(tmp_path, registry)
+    lay = im.layer([("etc/x", b"x\n")])
+    im.push_image(registry.url, "gc/bad", "v1", im.image([lay]))
+    repo.publish(registry.ref("gc/bad", "v1"))
+    (repo.meta("gc/bad", "v1") / "manifest.json").write_text("{broken")
+    with pytest.raises(InvalidInputError, match=r"manifest\.json"):
+        plan_gc(repo.layout, 0, now=time.time() + 365 * DAY)
+    assert repo.layout.is_layer_complete(lay.digest)
+
+
+def test_gc_waits_for_publishers(tmp_path: Path) -> None:
+    """A publish in progress holds the GC lock shared; GC's exclusive lock then cannot be had."""
+    with gc_lock(tmp_path, exclusive=False), gc_lock(tmp_path, exclusive=False, timeout=1), \
+            pytest.raises(UnavailableError, match="publishing is running"), \
+            gc_lock(tmp_path, exclusive=True, timeout=0.5):
+        pass
+    with gc_lock(tmp_path, exclusive=True, timeout=1):
+        pass
+
+
+def test_gc_removes_multiarch_flats_and_links_of_a_dropped_image(tmp_path: Path, registry: Registry) -> None:
+    repo = make_repo(tmp_path, registry)
+    amd = im.image([im.layer([("etc/arch", b"amd64\n")])], architecture="amd64")
+    arm = im.image([im.layer([("etc/arch", b"arm64\n")])], architecture="arm64", variant="v8")
+    keep = im.image([im.layer([("etc/keep", b"kept\n")])])
+    p = im.Pusher(registry.url)
+    try:
+        p.multiarch("gc/multi", "v1", [(amd, {"os": "linux", "architecture": "amd64"}),
+                                       (arm, {"os": "linux", "architecture": "arm64", "variant": "v8"})])
+        p.image("gc/keep", "v1", keep)
+    finally:
+        p.close()
+    repo.publish(registry.ref("gc/multi", "v1"), registry.ref("gc/keep", "v1"))
+    links = [repo.link("gc/multi", "v1"),
+             repo.layout.multiarch_link("amd64", registry.host, "gc/multi", "v1"),
+             repo.layout.multiarch_link("arm64-v8", registry.host, "gc/multi", "v1")]
+    assert all(link.is_symlink() for link in links)
+
+    subprocess.run(["rm", "-r", str(repo.meta("gc/multi", "v1"))], check=True)
+    repo.age_everything(30)
+    plan = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    assert _kinds(plan) == {
+        ("layer", amd.layers[0].digest), ("layer", arm.layers[0].digest),
+        ("flat", amd.config_digest), ("flat", arm.config_digest),
+        ("link", amd.config_digest), ("link", arm.config_digest),
+    }
+    assert plan.count("link") == 3  # the public link and both .multiarch links
+    assert not any(link.is_symlink() for link in links)
+    assert repo.layout.is_layer_complete(keep.layers[0].digest)
+    assert repo.link("gc/keep", "v1").is_symlink() and (repo.link("gc/keep", "v1") / "etc/keep").is_file()

@@ -1,0 +1,280 @@
+"""The publisher pipeline with the local backend, against a real registry on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfs_snap.layout import LayerRecord, RepositoryLayout
+from cvmfs_snap.oci import RegistryClient
+from publisher.backends.base import LayerInfo, TarStream
+from publisher.backends.local import STAGING_DIR, LocalBackend
+from publisher.pipeline import REMOVE_SCHEDULE, SCHEDULE_KEY, Publisher, read_remove_schedule
+from tests.support import images as im
+from tests.support.publisher_env import base_layer, check_invariants, top_layer
+from tests.support.registry import Registry
+
+
+class CountingBackend(LocalBackend):
+    """The real local backend, counting how often each layer is published."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: Counter[str] = Counter()
+        self._clock = threading.Lock()
+
+    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
+        with self._clock:
+            self.calls[info.digest] += 1
+        return super().publish_layer(info, tar_stream)
+
+
+@pytest.fixture
+def client() -> Iterator[RegistryClient]:
+    with RegistryClient(timeout=20, retries=1) as c:
+        yield c
+
+
+def publisher(root: Path, client: RegistryClient, **kw: object) -> tuple[Publisher, CountingBackend]:
+    be = CountingBackend(root)
+    return Publisher(be, client, **kw), be  # type: ignore[arg-type]
+
+
+def test_multilayer_image_layout(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    base, top = base_layer("a"), top_layer("zstd")
+    img = im.image([base, top])
+    mdigest = im.push_image(registry.url, "pub/multi", "v1", img)
+    root = tmp_path / "repo"
+    pub, _ = publisher(root, client)
+    with pub:
+        res = pub.publish_image(registry.ref("pub/multi", "v1"))
+    assert res.ok, res.error
+    assert res.manifest_digest == mdigest
+    assert res.layers_published == 2
+    layout = RepositoryLayout(root)
+
+    # layer trees: whiteouts stay plain files, catalogs where the contract says
+    lfs = layout.layerfs(top.digest)
+    assert (lfs / "etc/.wh.motd").is_file() and (lfs / "etc/.wh.motd").stat().st_size == 0
+    assert (lfs / "opt/app/.wh..wh..opq").is_file()
+    assert (lfs / ".cvmfscatalog").is_file()
+    assert (root / ".layers/.cvmfscatalog").is_file()
+    assert (layout.layer_bucket(top.digest) / ".cvmfscatalog").is_file()
+    assert (layout.layerfs(base.digest) / "bin/tool").stat().st_uid == 1000
+    assert os.readlink(layout.layerfs(base.digest) / "bin/sh-link") == "tool"
+
+    rec = layout.read_layer_record(top.digest)
+    assert rec is not None
+    assert rec.diff_id == top.diff_id and rec.media_type == im.OCI_LAYER_ZSTD
+    assert rec.whiteouts == ["etc/motd"] and rec.opaque_dirs == ["opt/app"]
+    assert rec.compressed_size == len(top.blob) and rec.uncompressed_size == len(top.tar)
+    podman = json.loads(layout.layers_json(top.digest).read_text())
+    assert podman[0]["id"] == top.diff_id.split(":")[1]
+    assert podman[0]["compressed-diff-digest"] == top.digest
+    assert podman[0]["diff-digest"] == top.diff_id and podman[0]["diff-size"] == len(top.tar)
+    assert json.loads(layout.origin_json(base.digest).read_text()) == {"origin": [img.config_digest]}
+
+    # image metadata
+    meta = layout.image_metadata_dir(registry.host, "pub/multi", "v1")
+    assert (meta / "manifest.json").read_bytes() == img.manifest
+    assert (meta / "config.json").read_bytes() == img.config
+    image_rec = json.loads((meta / "image.json").read_text())
+    assert image_rec["manifest_digest"] == mdigest and image_rec["layers"] == [base.digest, top.digest]
+
+    # flat tree: whiteouts applied, opaque dir emptied, own catalog; relative public link
+    flat = layout.flat_dir(img.config_digest)
+    assert (flat / ".cvmfscatalog").is_file()
+    assert (flat / "etc/os-release").read_bytes() == b"NAME=test\n"
+    assert not (flat / "etc/motd").exists() and not (flat / "etc/.wh.motd").exists()
+    assert sorted(os.listdir(flat / "opt/app")) == ["new.txt"]
+    link = layout.public_link(registry.host, "pub/multi", "v1")
+    assert link.is_symlink() and not os.readlink(link).startswith("/")
+    assert link.resolve() == flat.resolve()
+    assert check_invariants(root) == []
+    assert os.listdir(root / STAGING_DIR) == []
+
+
+def test_shared_layer_processed_once_and_origin_merged(
+    registry: Registry, client: RegistryClient, tmp_path: Path
+) -> None:
+    shared = base_layer("shared")
+    imgs = [im.image([shared, im.layer([(f"img{i}", str(i).encode())], codec="gzip")]) for i in range(3)]
+    refs = []
+    for i, img in enumerate(imgs):
+        im.push_image(registry.url, f"pub/shared{i}", "v1", img)
+        refs.append(registry.ref(f"pub/shared{i}", "v1"))
+    root = tmp_path / "repo"
+    pub, be = publisher(root, client, concurrency=2)
+    with pub:
+        results = pub.publish_images(refs)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert be.calls[shared.digest] == 1
+    assert sum(be.calls.values()) == 4
+    origin = json.loads(RepositoryLayout(root).origin_json(shared.digest).read_text())["origin"]
+    assert sorted(origin) == sorted(i.config_digest for i in imgs)
+    assert check_invariants(root) == []
+
+
+def test_multiarch_all_platforms_and_restriction(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    amd = im.image([base_layer("amd64")], architecture="amd64")
+    arm = im.image([base_layer("arm64")], architecture="arm64", variant="v8")
+    ppc = im.image([base_layer("ppc64le")], architecture="ppc64le")
+    idx_digest = im.Pusher(registry.url).multiarch(
+        "pub/multiarch", "v1",
+        [(arm, {"os": "linux", "architecture": "arm64", "variant": "v8"}),
+         (amd, {"os": "linux", "architecture": "amd64"}),
+         (ppc, {"os": "linux", "architecture": "ppc64le"})],
+    )
+    root = tmp_path / "repo"
+    pub, _ = publisher(root, client)
+    with pub:
+        res = pub.publish_image(registry.ref("pub/multiarch", "v1"))
+    assert res.ok, res.error
+    assert res.manifest_digest == idx_digest
+    assert sorted(res.platforms) == ["amd64", "arm64-v8", "ppc64le"]
+    layout = RepositoryLayout(root)
+    meta = layout.image_metadata_dir(registry.host, "pub/multiarch", "v1")
+    assert json.loads((meta / "index.json").read_text())["manifests"]
+    for key, img in (("amd64", amd), ("arm64-v8", arm), ("ppc64le", ppc)):
+        assert (meta / key / "manifest.json").read_bytes() == img.manifest
+        link = layout.multiarch_link(key, registry.host, "pub/multiarch", "v1")
+        assert link.resolve() == layout.flat_dir(img.config_digest).resolve()
+        assert (link / "etc/motd").read_text() == f"hello {key.split('-')[0]}\n"
+    # the plain name points at amd64 even though arm64 comes first in the index
+    public = layout.public_link(registry.host, "pub/multiarch", "v1")
+    assert public.resolve() == layout.flat_dir(amd.config_digest).resolve()
+    assert json.loads((meta / "image.json").read_text())["index_digest"] == idx_digest
+
+    # a restriction to arm64: only that platform, and the plain name points at it
+    root2 = tmp_path / "repo2"
+    pub2, be2 = publisher(root2, client, platforms=["linux/arm64"])
+    with pub2:
+        res2 = pub2.publish_image(registry.ref("pub/multiarch", "v1"))
+    assert res2.ok, res2.error
+    assert res2.platforms == ["arm64-v8"]
+    assert set(be2.calls) == {arm.layers[0].digest}
+    layout2 = RepositoryLayout(root2)
+    assert layout2.public_link(registry.host, "pub/multiarch", "v1").resolve() == (
+        layout2.flat_dir(arm.config_digest).resolve()
+    )
+
+
+def test_idempotent_and_moved_tag(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    base = base_layer("move")
+    v1 = im.image([base, top_layer("gzip", b"one\n")])
+    d1 = im.push_image(registry.url, "pub/moving", "stable", v1)
+    root = tmp_path / "repo"
+    ref = registry.ref("pub/moving", "stable")
+    pub, be = publisher(root, client)
+    with pub:
+        first = pub.publish_image(ref)
+        again = pub.publish_image(ref)
+        assert first.ok and not first.unchanged
+        assert again.ok and again.unchanged and again.layers_published == 0
+        assert sum(be.calls.values()) == 2
+
+        v2 = im.image([base, top_layer("gzip", b"two\n")])
+        d2 = im.push_image(registry.url, "pub/moving", "stable", v2)
+        moved = pub.publish_image(ref)
+    assert moved.ok, moved.error
+    assert moved.moved_from == d1 and moved.manifest_digest == d2
+    assert moved.layers_published == 1 and moved.layers_skipped == 1
+    assert be.calls[base.digest] == 1
+    layout = RepositoryLayout(root)
+    link = layout.public_link(registry.host, "pub/moving", "stable")
+    assert (link / "opt/app/new.txt").read_text() == "two\n"
+    schedule = read_remove_schedule(root)
+    assert len(schedule) == 1
+    assert schedule[0]["config"]["digest"] == v1.config_digest
+    assert schedule[0][SCHEDULE_KEY]["manifest_digest"] == d1
+    assert (root / REMOVE_SCHEDULE).is_file()
+    # the old flat tree is still there (GC removes it after the grace period), the new one is linked
+    assert layout.flat_dir(v1.config_digest).is_dir()
+    assert check_invariants(root) == []
+
+
+def test_crash_leftovers_are_redone(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    """A run that left image.json but lost its public link (or a flat tree) is completed, not skipped."""
+    img = im.image([base_layer("redo")])
+    im.push_image(registry.url, "pub/redo", "v1", img)
+    root = tmp_path / "repo"
+    ref = registry.ref("pub/redo", "v1")
+    pub, _ = publisher(root, client)
+    with pub:
+        assert pub.publish_image(ref).ok
+        layout = RepositoryLayout(root)
+        layout.public_link(registry.host, "pub/redo", "v1").unlink()
+        res = pub.publish_image(ref)
+    assert res.ok and not res.unchanged
+    assert layout.public_link(registry.host, "pub/redo", "v1").is_dir()
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [im.Entry("link", type="symlink", linkname="/etc"), ("link/evil-passwd", b"x")],
+        [im.Entry("hl", type="hardlink", linkname="../../outside")],
+    ],
+    ids=["write-through-symlink", "hardlink-escape"],
+)
+def test_hostile_layer_fails_image_without_trace(
+    registry: Registry, client: RegistryClient, tmp_path: Path, entries: list[im.Entry]
+) -> None:
+    good = base_layer("hostile")
+    bad = im.layer(entries)
+    img = im.image([good, bad])
+    repo = "pub/hostile-" + ("a" if entries[0].type == "symlink" else "b")
+    im.push_image(registry.url, repo, "v1", img)
+    root = tmp_path / "repo"
+    pub, _ = publisher(root, client)
+    with pub:
+        res = pub.publish_image(registry.ref(repo, "v1"))
+    assert not res.ok
+    assert bad.digest in res.error
+    layout = RepositoryLayout(root)
+    assert not layout.layer_dir(bad.digest).exists()
+    assert layout.is_layer_complete(good.digest)  # the good layer is fine to keep
+    assert not layout.image_metadata_dir(registry.host, repo, "v1").exists()
+    assert not layout.public_link(registry.host, repo, "v1").exists()
+    assert not Path("/etc/evil-passwd").exists()
+    assert os.listdir(root / STAGING_DIR) == []
+    assert check_invariants(root) == []
+
+
+def test_wrong_diff_id_is_refused(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    lay = base_layer("diffid")
+    other = im.layer([("x", b"y")])
+    img = im.image([lay])
+    cfg = json.loads(img.config)
+    cfg["rootfs"]["diff_ids"] = [other.diff_id]
+    config = json.dumps(cfg).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": im.OCI_MANIFEST,
+        "config": {"mediaType": im.OCI_CONFIG, "digest": im.sha256(config), "size": len(config)},
+        "layers": [lay.descriptor()],
+    }).encode()
+    forged = im.BuiltImage([lay], config, manifest, im.OCI_MANIFEST)
+    im.push_image(registry.url, "pub/diffid", "v1", forged)
+    root = tmp_path / "repo"
+    pub, _ = publisher(root, client)
+    with pub:
+        res = pub.publish_image(registry.ref("pub/diffid", "v1"))
+    assert not res.ok
+    assert "diffID" in res.error and lay.digest in res.error
+    assert not RepositoryLayout(root).layer_dir(lay.digest).exists()
+
+
+def test_unknown_image_and_bad_reference(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    pub, _ = publisher(root, client)
+    with pub:
+        missing, bad = pub.publish_images([registry.ref("pub/does-not-exist", "v1"), "Not A/Valid::ref"])
+    assert not missing.ok and "pub/does-not-exist" in missing.error
+    assert not bad.ok and "invalid" in bad.error.lower()
+    assert check_invariants(root) == []

@@ -1,0 +1,270 @@
+"""The gRPC service through a real channel on a unix socket, the daemon process, config, status and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import field_mask_pb2
+
+from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from cvmfs_snap.errors import InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.snapshotter import service
+from cvmfs_snap.snapshotter.config import Config, load_config, parse_config
+from cvmfs_snap.snapshotter.daemon import Daemon
+from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
+from tests.support.layersource import FakeSource
+from tests.support.snapshotter_daemon import start_daemon, stop_daemon, wait_ready
+
+D1 = "sha256:" + "1" * 64
+CHAIN1 = "sha256:" + "a" * 64
+
+
+@pytest.fixture
+def served(short_tmp: Path) -> Iterator[tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]]:
+    layer = short_tmp / "layer1"
+    layer.mkdir()
+    (layer / "hello").write_text("from the source\n")
+    src = FakeSource(layers={D1: [layer]})
+    d = Daemon(Config(metrics_address="127.0.0.1:0", grpc_workers=4), str(short_tmp / "s.sock"), short_tmp / "root",
+               sources=[src])
+    d.start()
+    channel = grpc.insecure_channel(f"unix:{d.address}")
+    try:
+        yield d, pb_grpc.SnapshotsStub(channel), src
+    finally:
+        channel.close()
+        d.stop()
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as ei:
+        call()  # type: ignore[operator]
+    return ei.value.code()
+
+
+def test_socket_is_private(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    d, _, _ = served
+    st = os.stat(d.address)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_lifecycle_over_grpc(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    _, stub, _ = served
+    r = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter="x", key="a", labels={"l": "v"}))
+    assert [(m.type, list(m.options)) for m in r.mounts] == [("bind", ["rw", "rbind"])]
+    assert stub.Mounts(pb.MountsRequest(key="a")).mounts == r.mounts
+    info = stub.Stat(pb.StatSnapshotRequest(key="a")).info
+    assert (info.name, info.kind, dict(info.labels)) == ("a", pb.ACTIVE, {"l": "v"})
+    assert info.created_at == info.updated_at and info.created_at.seconds > 0
+    stub.Commit(pb.CommitSnapshotRequest(name="c", key="a", labels={"k": "1"}))
+    assert stub.Stat(pb.StatSnapshotRequest(key="c")).info.kind == pb.COMMITTED
+    v = stub.View(pb.ViewSnapshotRequest(key="v", parent="c"))
+    assert [(m.type, list(m.options)) for m in v.mounts] == [("bind", ["ro", "rbind"])]
+    assert stub.Usage(pb.UsageRequest(key="c")).inodes == 1
+
+    upd = stub.Update(pb.UpdateSnapshotRequest(info=pb.Info(name="c", labels={"k": "2", "z": "3"}),
+                                               update_mask=field_mask_pb2.FieldMask(paths=["labels.k"])))
+    assert dict(upd.info.labels) == {"k": "2"}
+    upd = stub.Update(pb.UpdateSnapshotRequest(info=pb.Info(name="c", labels={"only": "1"})))
+    assert dict(upd.info.labels) == {"only": "1"}
+
+    names = [i.name for resp in stub.List(pb.ListSnapshotsRequest(filters=["kind==committed"])) for i in resp.info]
+    assert names == ["c"]
+    stub.Remove(pb.RemoveSnapshotRequest(key="v"))
+    stub.Remove(pb.RemoveSnapshotRequest(key="c"))
+    stub.Cleanup(pb.CleanupRequest())
+    assert [i for resp in stub.List(pb.ListSnapshotsRequest()) for i in resp.info] == []
+
+
+def test_error_codes(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    _, stub, _ = served
+    stub.Prepare(pb.PrepareSnapshotRequest(key="a"))
+    stub.Commit(pb.CommitSnapshotRequest(name="p", key="a"))
+    stub.Prepare(pb.PrepareSnapshotRequest(key="child", parent="p"))
+    C = grpc.StatusCode
+    assert code_of(lambda: stub.Stat(pb.StatSnapshotRequest(key="nope"))) == C.NOT_FOUND
+    assert code_of(lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="child"))) == C.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Remove(pb.RemoveSnapshotRequest(key="p"))
+    assert ei.value.code() == C.FAILED_PRECONDITION and "remove" in (ei.value.details() or "")
+    assert code_of(lambda: stub.Update(pb.UpdateSnapshotRequest(
+        info=pb.Info(name="p", parent="x"), update_mask=field_mask_pb2.FieldMask(paths=["parent"])))) == (
+        C.INVALID_ARGUMENT)
+    assert code_of(lambda: stub.List(pb.ListSnapshotsRequest(filters=["name=="])).next()) == C.INVALID_ARGUMENT
+    assert code_of(lambda: stub.Mounts(pb.MountsRequest(key="p"))) == C.FAILED_PRECONDITION
+
+
+def test_error_mapping_table() -> None:
+    from cvmfs_snap.errors import AuthError, CvmfsSnapError, FailedPreconditionError, UnsafeLayerError
+
+    assert service.status_code(UnavailableError("x")) == grpc.StatusCode.UNAVAILABLE
+    assert service.status_code(UnsafeLayerError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert service.status_code(FailedPreconditionError("x")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert service.status_code(AuthError("x")) == grpc.StatusCode.UNKNOWN
+    assert service.status_code(CvmfsSnapError("x")) == grpc.StatusCode.UNKNOWN
+
+
+def test_remote_prepare_and_metrics(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    d, stub, src = served
+    labels = {LABEL_TARGET_REF: CHAIN1, LABEL_CRI_LAYER_DIGEST: D1}
+    assert code_of(lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="extract-1", labels=labels))) == (
+        grpc.StatusCode.ALREADY_EXISTS)
+    # what containerd does next: find the target with a filter
+    flt = f'labels."containerd.io/snapshot.ref"=={CHAIN1},parent==""'
+    found = [i for resp in stub.List(pb.ListSnapshotsRequest(filters=[flt])) for i in resp.info]
+    assert [(i.name, i.kind) for i in found] == [(CHAIN1, pb.COMMITTED)]
+    v = stub.View(pb.ViewSnapshotRequest(key="v", parent=CHAIN1))
+    assert v.mounts[0].source == str(src.layers[D1][0])
+    # hostile labels -> INVALID_ARGUMENT
+    bad = {LABEL_TARGET_REF: "sha256:" + "b" * 64, LABEL_CRI_LAYER_DIGEST: "sha256:../../x"}
+    assert code_of(lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="e2", labels=bad))) == (
+        grpc.StatusCode.INVALID_ARGUMENT)
+    stub.Prepare(pb.PrepareSnapshotRequest(key="local-one"))
+    assert d.metrics_bound is not None
+    host, port = d.metrics_bound
+    text = httpx.get(f"http://{host}:{port}/metrics", timeout=10).text
+    assert 'cvmfs_snap_snapshotter_prepare_total{outcome="fake"} 1.0' in text
+    assert 'cvmfs_snap_snapshotter_prepare_total{outcome="local"} 1.0' in text
+    assert 'cvmfs_snap_snapshotter_rpc_errors_total{code="INVALID_ARGUMENT",rpc="Prepare"} 1.0' in text
+    assert 'cvmfs_snap_snapshotter_rpc_seconds_count{rpc="View"} 1.0' in text
+
+
+def test_list_is_batched(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    _, stub, _ = served
+    n = service.LIST_BATCH + 5
+    for i in range(n):
+        stub.View(pb.ViewSnapshotRequest(key=f"v{i:04d}"))
+    batches = [len(r.info) for r in stub.List(pb.ListSnapshotsRequest())]
+    assert batches == [service.LIST_BATCH, 5]
+
+
+def test_unexpected_exception_is_internal(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    d, stub, src = served
+    src.fail_with = None
+
+    def boom(_key: str) -> object:
+        raise ZeroDivisionError("bug")
+
+    d.core.stat = boom  # type: ignore[assignment,method-assign]
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Stat(pb.StatSnapshotRequest(key="x"))
+    assert ei.value.code() == grpc.StatusCode.INTERNAL and "bug" in (ei.value.details() or "")
+
+
+# -- config -----------------------------------------------------------------------------------------------------------
+def test_config_defaults_and_official_keys(tmp_path: Path) -> None:
+    assert Config().mountpoint == Path("/cvmfs/unpacked.cern.ch")
+    assert parse_config({"repository": "other.cern.ch"}).mountpoint == Path("/cvmfs/other.cern.ch")
+    cfg = parse_config({"repository": "x", "absolute-mountpoint": "/mnt/repo",
+                        "cvmfs-snap": {"metrics-address": "127.0.0.1:9", "sources": ["cvmfs"], "grpc-workers": 3}})
+    assert (cfg.mountpoint, cfg.metrics_address, cfg.sources, cfg.grpc_workers) == (
+        Path("/mnt/repo"), "127.0.0.1:9", ["cvmfs"], 3)
+    with pytest.raises(InvalidInputError, match="repository"):
+        parse_config({"repository": 5})
+    with pytest.raises(InvalidInputError, match="unknown layer source"):
+        parse_config({"cvmfs-snap": {"sources": ["nfs"]}})
+    with pytest.raises(InvalidInputError, match="absolute"):
+        parse_config({"absolute-mountpoint": "relative/path"})
+    with pytest.raises(NotFoundError, match="--config"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("repository = \n")
+    with pytest.raises(InvalidInputError, match="not valid TOML"):
+        load_config(bad)
+    good = tmp_path / "good.toml"
+    good.write_text('repository = "sft.cern.ch"\nunknown-key = 1\n')
+    assert load_config(good).mountpoint == Path("/cvmfs/sft.cern.ch")
+
+
+# -- the daemon process -----------------------------------------------------------------------------------------------
+def test_daemon_restart_keeps_state_and_stops_on_sigterm(short_tmp: Path) -> None:
+    sock = short_tmp / "run" / "s.sock"
+    cfg = short_tmp / "c.toml"
+    cfg.write_text(f'absolute-mountpoint = "{short_tmp}/repo"\n')
+    proc = start_daemon(short_tmp, "--config", str(cfg), "--log-level", "debug")
+    try:
+        wait_ready(proc)
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            stub = pb_grpc.SnapshotsStub(ch)
+            stub.Prepare(pb.PrepareSnapshotRequest(key="a"))
+            stub.Commit(pb.CommitSnapshotRequest(name="base", key="a"))
+            m = stub.Prepare(pb.PrepareSnapshotRequest(key="run", parent="base")).mounts
+    finally:
+        assert stop_daemon(proc) == 0
+    log = (short_tmp / "daemon.log").read_text()
+    assert "got SIGTERM" in log and "stopped" in log
+    assert not sock.exists()
+    tree = sorted((str(p), p.is_symlink() and os.readlink(p)) for p in (short_tmp / "root").rglob("*")
+                  if "metadata.db" not in p.name)
+
+    # a stale socket file is replaced; state and dirs are kept as they were
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    s.close()
+    proc = start_daemon(short_tmp, "--config", str(cfg))
+    try:
+        wait_ready(proc)
+        assert sorted((str(p), p.is_symlink() and os.readlink(p)) for p in (short_tmp / "root").rglob("*")
+                      if "metadata.db" not in p.name) == tree
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            stub = pb_grpc.SnapshotsStub(ch)
+            assert stub.Mounts(pb.MountsRequest(key="run")).mounts == m
+        # a second daemon on the same socket refuses to steal it
+        second = subprocess.run(
+            [sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--root", str(short_tmp / "root2"),
+             "--address", str(sock), "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and "already serving" in second.stderr
+
+        status = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "status", "--root", str(short_tmp / "root"),
+                                 "--json"], capture_output=True, text=True, check=True, timeout=60)
+        data = json.loads(status.stdout)
+        assert {(s["name"], s["kind"], s["source"]) for s in data["snapshots"]} == {
+            ("base", "committed", "local"), ("run", "active", "local")}
+        assert data["counts"]["committed_by_source"] == {"local": 1}
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_missing_explicit_config_is_an_error(short_tmp: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--root", str(short_tmp / "r"),
+                        "--address", str(short_tmp / "s.sock"), "--config", str(short_tmp / "nope.toml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "nope.toml" in r.stderr and "does not exist" in r.stderr
+    assert not (short_tmp / "s.sock").exists()
+
+
+def test_status_table_shows_origin(tmp_path: Path) -> None:
+    from cvmfs_snap.snapshotter.core import Snapshotter
+
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    sn = Snapshotter(tmp_path / "root", sources=[FakeSource(name="cvmfs", layers={D1: [layer]})])
+    with pytest.raises(Exception, match="already exists"):
+        sn.prepare("e", "", {LABEL_TARGET_REF: CHAIN1, LABEL_CRI_LAYER_DIGEST: D1})
+    sn.prepare("ctr", CHAIN1)
+    sn.close()
+    r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "status", "--root", str(tmp_path / "root")],
+                       capture_output=True, text=True, check=True, timeout=60)
+    lines = r.stdout.splitlines()
+    assert any(line.startswith(CHAIN1) and f"cvmfs {D1}" in line for line in lines), r.stdout
+    assert any(line.startswith("ctr ") and line.rstrip().endswith("local") for line in lines), r.stdout
+    assert "2 snapshot(s): 1 active, 1 committed" in r.stdout
+    assert "cvmfs: 1" in r.stdout
+
+
+def test_generated_stubs_are_current() -> None:
+    r = subprocess.run(["flock", "/tmp/cvmfs-snap-gen.lock", sys.executable, "-m", "cvmfs_snap.api.generate",
+                        "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

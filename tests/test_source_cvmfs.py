@@ -1,0 +1,299 @@
+"""CvmfsSource: labels, layer lookup, repository health and errors, building node-local dirs once and atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.layout import LayerRecord, RepositoryLayout
+from cvmfs_snap.snapshotter.sources.base import (
+    LABEL_CRI_LAYER_DIGEST,
+    LABEL_LAYER_DIGEST,
+    LABEL_SOURCE,
+    LABEL_TARGET_REF,
+    LayerSource,
+    RemoteLayer,
+)
+from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
+from tests.support.images import BuiltLayer, Entry, layer
+from tests.support.layertrees import write_cvmfs_layer
+
+CHAIN = "sha256:" + "c" * 64
+HEALTH_LOGGER = "cvmfs_snap.snapshotter.sources.health"
+
+
+def one_layer() -> BuiltLayer:
+    return layer(["d/", ("d/f", b"f"), Entry("d/.wh.gone"), Entry(".wh..wh..opq")])
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, BuiltLayer]:
+    lay = one_layer()
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay)
+    return root, lay
+
+
+def labels(digest: str, key: str = LABEL_CRI_LAYER_DIGEST) -> dict[str, str]:
+    return {LABEL_TARGET_REF: CHAIN, key: digest}
+
+
+def health_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == HEALTH_LOGGER]
+
+
+# -- lookup ---------------------------------------------------------------------------------------------------
+
+
+def test_lookup_published_layer(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    root, lay = repo
+    src: LayerSource = CvmfsSource(root, tmp_path / "state", name="cvmfs-a")
+    for key in (LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST):
+        got = src.lookup(labels(lay.digest, key))
+        assert got == RemoteLayer(source="cvmfs-a", digest=lay.digest,
+                                  labels={LABEL_SOURCE: "cvmfs-a", LABEL_LAYER_DIGEST: lay.digest})
+    both = {**labels(lay.digest), LABEL_LAYER_DIGEST: lay.digest}
+    assert src.lookup(both) is not None
+
+
+def test_lookup_not_published_or_incomplete(repo: tuple[Path, BuiltLayer], tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    root, lay = repo
+    src = CvmfsSource(root, tmp_path / "state")
+    other = layer([("x", b"x")])
+    assert src.lookup(labels(other.digest)) is None
+    with pytest.raises(NotFoundError, match=other.digest):
+        src.lowerdirs(other.digest)
+    # without the chain ID or without a digest there is nothing to serve
+    assert src.lookup({LABEL_CRI_LAYER_DIGEST: lay.digest}) is None
+    assert src.lookup({LABEL_TARGET_REF: CHAIN}) is None
+    # layer.json (written last by publishers) but no layerfs: broken, not complete
+    partial = layer([("p", b"p")])
+    lay_out = RepositoryLayout(root)
+    lay_out.layer_metadata_dir(partial.digest).mkdir(parents=True)
+    lay_out.layer_json(partial.digest).write_text(LayerRecord(partial.digest, partial.diff_id, partial.media_type,
+                                                              1, 1, 1).to_json())
+    # a malformed layer.json: not served, one warning naming the file however often it is asked
+    broken = layer([("b", b"b")])
+    write_cvmfs_layer(root, broken)
+    lay_out.layer_json(broken.digest).write_text("{not json")
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        assert src.lookup(labels(broken.digest)) is None
+        assert src.lookup(labels(partial.digest)) is None
+    for digest in (broken.digest, partial.digest):
+        warnings = [r for r in caplog.records if digest in r.getMessage()]
+        assert len(warnings) == 1 and "layer.json exists but is malformed" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("digest", [
+    "sha256:../../../../etc/passwd",
+    "sha256:" + "a" * 63 + "/",
+    "sha256:" + "A" * 64,
+    "md5:" + "a" * 32,
+    "sha512:" + "a" * 128,
+    "../" + "a" * 64,
+    "",
+])
+def test_hostile_digest_labels(repo: tuple[Path, BuiltLayer], tmp_path: Path, digest: str) -> None:
+    root, _ = repo
+    src = CvmfsSource(root, tmp_path / "state")
+    for key in (LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST):
+        with pytest.raises(InvalidInputError):
+            src.lookup(labels(digest, key))
+    with pytest.raises(InvalidInputError):
+        src.lowerdirs(digest)
+    assert not (tmp_path / "state").exists() or not [p for p in (tmp_path / "state").iterdir()]
+
+
+def test_contradictory_digest_labels(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    root, lay = repo
+    src = CvmfsSource(root, tmp_path / "state")
+    with pytest.raises(InvalidInputError, match="contradictory"):
+        src.lookup({**labels(lay.digest), LABEL_LAYER_DIGEST: "sha256:" + "0" * 64})
+
+
+# -- health ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_repository_is_unavailable_and_logged_once(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    lay = one_layer()
+    src = CvmfsSource(tmp_path / "no-such-repo", tmp_path / "state", health_ttl=0)
+    caplog.set_level(logging.INFO)
+    for _ in range(4):
+        assert src.lookup(labels(lay.digest)) is None
+    with pytest.raises(UnavailableError, match="not available"):
+        src.lowerdirs(lay.digest)
+    recs = health_records(caplog)
+    assert len(recs) == 1 and recs[0].levelno == logging.ERROR
+    assert "unavailable" in recs[0].getMessage() and "ENOENT" in recs[0].getMessage()
+    assert not src.health().available
+
+
+def test_repository_vanishes_and_comes_back(repo: tuple[Path, BuiltLayer], tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    root, lay = repo
+    os.setxattr(root, "user.revision", b"42")
+    os.setxattr(root, "user.fqrn", b"unpacked.example.org")
+    src = CvmfsSource(root, tmp_path / "state", health_ttl=0)
+    caplog.set_level(logging.INFO)
+    assert src.lookup(labels(lay.digest)) is not None
+    st = src.health()
+    assert st.available and st.revision == 42 and st.fqrn == "unpacked.example.org"
+    first = src.lowerdirs(lay.digest)
+
+    os.rename(root, tmp_path / "away")
+    for _ in range(3):
+        assert src.lookup(labels(lay.digest)) is None
+    with pytest.raises(UnavailableError):
+        src.lowerdirs(lay.digest)
+    os.rename(tmp_path / "away", root)
+    for _ in range(3):
+        assert src.lookup(labels(lay.digest)) is not None
+    assert src.lowerdirs(lay.digest) == first
+
+    msgs = [r.getMessage() for r in health_records(caplog)]
+    assert len(msgs) == 3, msgs
+    assert "is available (repository unpacked.example.org, revision 42)" in msgs[0]
+    assert "unavailable" in msgs[1]
+    assert "available again" in msgs[2]
+
+
+def test_health_is_cached(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    root, lay = repo
+    src = CvmfsSource(root, tmp_path / "state", health_ttl=3600)
+    assert src.lookup(labels(lay.digest)) is not None
+    os.rename(root, tmp_path / "away")
+    # within the TTL the cached "available" stands; the layer lookup itself then finds nothing
+    assert src.health().available
+    assert src.lookup(labels(lay.digest)) is None
+    assert not src.health(force=True).available
+
+
+# -- node-local dirs ------------------------------------------------------------------------------------------
+
+
+def test_lowerdirs_built_once_under_concurrency(repo: tuple[Path, BuiltLayer], tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    root, lay = repo
+    state = tmp_path / "state"
+    src = CvmfsSource(root, state)
+    caplog.set_level(logging.INFO)
+    results: list[list[Path]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        start.wait()
+        try:
+            results.append(src.lowerdirs(lay.digest))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 8 and all(r == results[0] for r in results)
+    built = [r for r in caplog.records if "built node-local overlay dirs" in r.getMessage()]
+    assert len(built) == 1
+    hexd = lay.digest[7:]
+    assert sorted(os.listdir(state)) == [hexd]
+    mask, layerfs, lower = results[0]
+    assert mask == state / hexd / "upper" and lower == state / hexd / "lower"
+    assert layerfs == RepositoryLayout(root.resolve()).layerfs(lay.digest)
+    # whiteouts: the .wh.* files and the catalog marker hidden above; the deletion and the opaque root below
+    assert sorted(os.listdir(mask)) == [".cvmfscatalog", ".wh..wh..opq", "d"]
+    assert os.listdir(mask / "d") == [".wh.gone"]
+    assert os.listdir(lower) == ["d"] and os.listdir(lower / "d") == ["gone"]
+    assert os.getxattr(lower, "trusted.overlay.opaque") == b"y"
+    wh = os.lstat(lower / "d" / "gone")
+    assert (wh.st_mode & 0o170000, wh.st_rdev) == (0o020000, 0)
+    # a second source on the same state dir (snapshotter restart) reuses the built dirs
+    caplog.clear()
+    assert CvmfsSource(root, state).lowerdirs(lay.digest) == results[0]
+    assert not [r for r in caplog.records if "built node-local" in r.getMessage()]
+
+
+def test_crash_leftovers_are_not_used(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    root, lay = repo
+    state = tmp_path / "state"
+    hexd = lay.digest[7:]
+    # a build that died half-way leaves only a temporary dir; a dir without meta.json is not a finished build
+    (state / f".tmp-{hexd[:16]}-dead" / "upper").mkdir(parents=True)
+    (state / hexd / "upper").mkdir(parents=True)
+    src = CvmfsSource(root, state)
+    assert not [n for n in os.listdir(state) if n.startswith(".tmp-")]
+    dirs = src.lowerdirs(lay.digest)
+    assert len(dirs) == 3 and json.loads((state / hexd / "meta.json").read_text())["version"] == 1
+    assert sorted(os.listdir(state)) == [hexd]
+
+
+def test_corrupt_index_fails_cleanly(tmp_path: Path) -> None:
+    lay = layer(["d/", ("d/f", b"f")])
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay)
+    lo = RepositoryLayout(root)
+    rec = LayerRecord.from_json(lo.layer_json(lay.digest).read_text())
+    rec.whiteouts = ["d/../../../../escape"]
+    lo.layer_json(lay.digest).write_text(rec.to_json())
+    state = tmp_path / "state"
+    src = CvmfsSource(root, state)
+    with pytest.raises(IntegrityError, match="unsafe path"):
+        src.lowerdirs(lay.digest)
+    assert os.listdir(state) == []
+    assert not (tmp_path / "escape").exists()
+
+
+def test_forget_rebuilds(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    root, lay = repo
+    src = CvmfsSource(root, tmp_path / "state")
+    first = src.lowerdirs(lay.digest)
+    src.forget(lay.digest)
+    assert not first[0].exists()
+    assert src.lowerdirs(lay.digest) == first and first[0].exists()
+
+
+def test_layer_removed_from_repository(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    import shutil
+
+    root, lay = repo
+    src = CvmfsSource(root, tmp_path / "state")
+    src.lowerdirs(lay.digest)
+    shutil.rmtree(RepositoryLayout(root).layer_dir(lay.digest))
+    with pytest.raises(NotFoundError, match="no longer published"):
+        src.lowerdirs(lay.digest)
+
+
+@pytest.mark.timeout(60)
+def test_hung_repository_does_not_block(short_tmp: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A FUSE mount that never answers: lookups come back (None), Mounts fail with UnavailableError, and stuck
+    worker threads stay bounded."""
+    from cvmfs_snap.snapshotter.sources import health
+    from tests.support.hangfs import hung_mount
+
+    lay = one_layer()
+    caplog.set_level(logging.INFO)
+    with hung_mount(short_tmp / "cvmfs") as mnt:
+        src = CvmfsSource(mnt, tmp_path / "state", health_ttl=0, fs_timeout=0.3)
+        for _ in range(health.MAX_STUCK_CALLS + 4):
+            assert src.lookup(labels(lay.digest)) is None
+        with pytest.raises(UnavailableError, match="hung"):
+            src.lowerdirs(lay.digest)
+        stuck = [t for t in threading.enumerate() if t.name.startswith("cvmfs-fs-call")]
+        assert 1 <= len(stuck) <= health.MAX_STUCK_CALLS
+        recs = health_records(caplog)
+        assert len(recs) == 1 and "no answer within 0.3 s" in recs[0].getMessage()
+    # the FUSE daemon is gone: the kernel failed the pending calls and the threads ended
+    for t in stuck:
+        t.join(10)
+    assert not [t for t in stuck if t.is_alive()]
