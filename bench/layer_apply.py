@@ -47,14 +47,15 @@ def make_layer(path: Path, size: int, files: int, seed: int = 1) -> bytes:
             def writable(self) -> bool:
                 return True
 
-            def write(self, b) -> int:  # type: ignore[no-untyped-def,override]
+            def write(self, b) -> int:  # type: ignore[no-untyped-def]
                 h.update(b)
                 return raw.write(b)
 
-        with tarfile.open(fileobj=Tee(), mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=Tee(), mode="w|", format=tarfile.PAX_FORMAT) as tf:
             dirs = set()
+            per_dir = max(1, files // 400)  # grouped by directory, as tar writers walking a tree emit them
             for i, sz in enumerate(sizes):
-                d = f"usr/share/d{i % 97}/s{i % 13}"
+                d = f"usr/share/d{i // (per_dir * 7)}/s{(i // per_dir) % 7}"
                 for k in range(1, d.count("/") + 2):
                     sub = "/".join(d.split("/")[:k])
                     if sub not in dirs:

@@ -28,13 +28,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 log = logging.getLogger("cvmfs_snap")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvmfs-snap", description=__doc__.split("\n")[0])
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that subcommand's module is imported (a node's ``pull`` should not
+    pay for importing the daemon's dependencies)."""
+    parser = argparse.ArgumentParser(prog="cvmfs-snap", description="cvmfs-snap on a node: serve container layers from CVMFS")
     parser.add_argument("--version", action="version", version=f"cvmfs-snap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if only is not None and name != only:
+            continue
         try:
             importlib.import_module(module).add_arguments(p)
         except ModuleNotFoundError as exc:  # a part not built yet must not break the others
@@ -50,10 +54,15 @@ def setup_logging(level: str = "info") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request URL at INFO; signed blob-storage URLs carry credentials in their query
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    args = build_parser(only).parse_args(argv)
     if not logging.getLogger().handlers:
         setup_logging(getattr(args, "log_level", "info") or "info")
     if getattr(args, "_missing", False):

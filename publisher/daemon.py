@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -102,6 +103,12 @@ class DaemonSettings:
                 setattr(s, name, value)
         if not s.webhook_secret:
             s.webhook_secret = os.environ.get(WEBHOOK_SECRET_ENV) or None
+        try:
+            for name in ("poll_interval", "debounce", "miss_cooldown", "miss_rate_per_minute", "shutdown_timeout"):
+                setattr(s, name, float(getattr(s, name)))
+            s.workers = int(s.workers)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"daemon settings: a number is expected: {exc}") from exc
         if s.poll_interval <= 0 or s.debounce < 0 or s.workers < 1:
             raise InvalidInputError(
                 f"daemon settings: poll_interval must be > 0 (got {s.poll_interval}), debounce >= 0 "
@@ -310,7 +317,6 @@ class Daemon:
         self._last_attempt: dict[str, float] = {}
         self._miss_tokens = settings.miss_rate_per_minute
         self._miss_refill = time.monotonic()
-        self._threads: list[threading.Thread] = []
         self._observer: Any = None
         self.server: ThreadingHTTPServer | None = None
 
@@ -582,7 +588,6 @@ class Daemon:
                     for i in range(self.settings.workers)]
         for t in threads:
             t.start()
-        self._threads = threads
         log.info("publisher daemon listening on http://%s:%d/ (webhooks: /webhooks/registry, /webhooks/harbor; "
                  "/publish-on-miss, /metrics, /healthz, /status)", bound_host, bound_port)
         return str(bound_host), int(bound_port)
@@ -699,9 +704,13 @@ class _Server(ThreadingHTTPServer):
             log.error("error serving a request from %s", client_address, exc_info=True)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def make_server(daemon: Daemon, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("Handler", (_Handler,), {"daemon": daemon})
-    return _Server((host, port), handler)
+    return (_Server6 if ":" in host else _Server)((host, port), handler)
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------

@@ -242,8 +242,13 @@ def _iter_flats(layout: RepositoryLayout) -> Iterator[str]:
 
 
 def _iter_links(root: Path) -> Iterator[Path]:
-    """Public links (top-level non-hidden trees) and multiarch links; nothing under .layers/.flat/.metadata."""
-    starts = [root / name for name in sorted(os.listdir(root)) if not name.startswith(".")]
+    """Public links (under top-level directories named like registry hosts) and multiarch links.
+
+    Only ``<host>/`` trees are walked (``host.name``, ``host:port``, ``localhost``): other content a site keeps in
+    the repository root is neither walked nor touched.
+    """
+    starts = [root / name for name in sorted(os.listdir(root))
+              if not name.startswith(".") and ("." in name or ":" in name or name == "localhost")]
     starts.append(root / MULTIARCH_DIR)
     for start in starts:
         if start.is_symlink():

@@ -489,18 +489,20 @@ class Publisher:
                 wanted = {p.key for p in plats}
                 if old is not None and old.index_digest:
                     for sub in meta_dir.iterdir():
-                        if sub.is_dir() and sub.name not in wanted:
+                        if sub.is_dir() and sub.name not in wanted:  # a platform the tag no longer has
                             txn.remove(rel(sub))
+                            txn.remove(rel(layout.multiarch_link(sub.name, registry, repository, tag)))
                 for p in plats:
                     sub = layout.image_metadata_dir(registry, repository, tag, p.key)
                     txn.write_file(rel(sub / MANIFEST_JSON), p.manifest.raw)
                     txn.write_file(rel(sub / CONFIG_JSON), p.config)
                     txn.write_file(rel(sub / IMAGE_JSON), record(p).to_json().encode())
             else:
-                if old is not None and old.index_digest:
+                if old is not None and old.index_digest:  # was multi-arch, is not any more
                     for sub in meta_dir.iterdir():
                         if sub.is_dir():
                             txn.remove(rel(sub))
+                            txn.remove(rel(layout.multiarch_link(sub.name, registry, repository, tag)))
                     txn.remove(rel(meta_dir / INDEX_JSON))
             txn.write_file(rel(meta_dir / MANIFEST_JSON), default.manifest.raw)
             txn.write_file(rel(meta_dir / CONFIG_JSON), default.config)

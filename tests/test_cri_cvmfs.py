@@ -87,9 +87,12 @@ def test_cri_pull_serves_published_layers_from_cvmfs(node: tuple[Registry, Path,
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["100", "cvmfs-snap-test"]
 
-    # cvmfs-snap pull into another namespace: the same layers remote, the blob of the local layer comes again
+    # cvmfs-snap pull into another namespace: the same layers remote; the local layer's blob is shared by
+    # containerd across namespaces, so nothing at all is fetched from the registry
     res = run_pull(p.ref, address=cd.address, namespace="viaours", snapshotter=PLUGIN)
-    assert [lay.outcome for lay in res.layers] == [Outcome.REMOTE, Outcome.REMOTE, Outcome.PULLED]
+    assert [lay.outcome for lay in res.layers] == [Outcome.REMOTE, Outcome.REMOTE, Outcome.CACHED]
+    for lay in local:
+        assert blob_gets(registry.log, lay.digest) == 1
 
     rpull = goref_bin("rpull")
     if rpull is None:

@@ -8,11 +8,13 @@ import os
 import stat
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer import (
+    ApplyResult,
     Limits,
     WhiteoutIndex,
     apply_layer,
@@ -28,7 +30,7 @@ T0 = 1_600_000_000
 
 
 def apply(entries: list[Entry | tuple[str, bytes] | str] | bytes, target: Path, mode: str = "layer",
-          **kw: object):  # type: ignore[no-untyped-def]
+          **kw: Any) -> ApplyResult:
     tar = entries if isinstance(entries, bytes) else make_tar(entries)
     return apply_layer(io.BytesIO(tar), target, mode=mode, **kw)  # type: ignore[arg-type]
 
@@ -242,3 +244,53 @@ def test_limits_total_size(tmp_path: Path) -> None:
 
     with pytest.raises(UnsafeLayerError, match="'b'"):
         apply([("a", b"x" * 600), ("b", b"y" * 600)], tmp_path, limits=Limits(max_total_size=1000))
+
+
+@pytest.mark.parametrize("fmt", [["--format=gnu"], ["--format=posix", "--sparse-version=1.0"],
+                                 ["--format=posix", "--sparse-version=0.1"],
+                                 ["--format=posix", "--sparse-version=0.0"]])
+def test_sparse_files_from_gnu_tar(fmt: list[str], tmp_path: Path) -> None:
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(5 << 20)
+        f.write(b"middle" * 1000)
+        f.seek(12 << 20)
+        f.write(b"tail")
+    with open(src / "hole-at-end", "wb") as f:
+        f.write(b"x" * 10000)
+        f.truncate(9 << 20)
+    tar = tmp_path / "s.tar"
+    subprocess.run(["tar", "--sparse", *fmt, "-cf", str(tar), "-C", str(src), "sparse", "hole-at-end"], check=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(tar, "rb") as raw:
+        res = apply_layer(raw, out)
+    assert res.entries == 2
+    for name in ("sparse", "hole-at-end"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+        assert (out / name).stat().st_blocks * 512 < 1 << 20  # holes stay holes
+
+
+def test_fifo_in_target_is_never_opened_in_merged_mode(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "pipe")
+    apply([("pipe", b"replaced"), Entry("d/pipe", "hardlink", linkname="pipe")], tmp_path, mode="merged")
+    assert (tmp_path / "pipe").read_bytes() == b"replaced"
+    assert (tmp_path / "d/pipe").stat().st_ino == (tmp_path / "pipe").stat().st_ino
+
+
+def test_directory_replaced_and_recreated_in_one_layer(tmp_path: Path) -> None:
+    # parents are cached as open fds while unpacking: replacing a directory must not leave a stale one behind
+    apply(["d/", "d/sub/", ("d/sub/x", b"old"), Entry("d", data=b"file now"), "d/", "d/sub/", ("d/sub/y", b"new"),
+           Entry(".wh.d")], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "d/sub").iterdir()) == ["y"]
+    (tmp_path / "m").mkdir()
+    apply([("keep", b"k")], tmp_path / "m", mode="merged")
+    apply(["a/", "a/b/", ("a/b/x", b"1"), Entry(".wh.a"), "a/", ("a/b2", b"2")], tmp_path / "m", mode="merged")
+    assert sorted(str(p.relative_to(tmp_path / "m")) for p in (tmp_path / "m").rglob("*")) == [
+        "a", "a/b", "a/b/x", "a/b2", "keep"]

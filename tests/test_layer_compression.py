@@ -124,6 +124,7 @@ class _Generated:
                     self._buf += self._z.flush()
                     self._z = None
                 break
+            assert self._z is not None
             self._buf += self._z.compress(part)
         out, self._buf = self._buf[:n], self._buf[n:]
         return out

@@ -166,8 +166,12 @@ def test_recipe_edit_publishes_the_new_image(env: Env) -> None:
     wait_for("the ignored webhook", lambda: "edit/new:v1" in env.daemon.log.read_text(), env.daemon)
     assert env.daemon.record(env.loud.host, "edit/new", "v1") is None
     recipe = yaml.safe_load(env.daemon.recipe.read_text())["input"]
-    env.daemon.write_recipe([*recipe, f"{env.loud.host}/edit/new:v1"])
+    env.daemon.write_recipe([*recipe, f"{env.loud.host}/edit/new:v1", "Broken Line!"])
     env.daemon.wait_published(env.loud.host, "edit/new", "v1", digest)
+    # the broken line fails on its own, with its reason
+    status = httpx.get(f"{env.daemon.url}/status").json()
+    (broken,) = [s for s in status["images"] if s["image"] == "Broken Line!"]
+    assert broken["source"] == "recipe" and not broken["ok"] and "white space" in broken["message"]
     # a broken recipe is reported and the previous one kept; the daemon keeps serving
     env.daemon.recipe.write_text("version: 1\ninput: [unclosed\n")
     wait_for("the broken recipe to be reported",

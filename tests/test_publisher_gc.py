@@ -232,3 +232,44 @@ def test_gc_removes_multiarch_flats_and_links_of_a_dropped_image(tmp_path: Path,
     assert not any(link.is_symlink() for link in links)
     assert repo.layout.is_layer_complete(keep.layers[0].digest)
     assert repo.link("gc/keep", "v1").is_symlink() and (repo.link("gc/keep", "v1") / "etc/keep").is_file()
+
+
+@pytest.mark.parametrize("backend", ["cvmfs-ingest", "cvmfs-transaction"])
+def test_gc_removes_through_cvmfs_server(tmp_path: Path, registry: Registry, backend: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the cvmfs backends GC changes the repository only inside `cvmfs_server transaction` ... `publish`."""
+    from tests.support.publisher_env import make_fake_cvmfs
+
+    fake = make_fake_cvmfs(tmp_path)
+    base = im.layer([("etc/base", b"base\n")])
+    gone = im.layer([("etc/gone", b"gone\n")])
+    keep, drop = im.image([base]), im.image([base, gone])
+    im.push_image(registry.url, "gcvmfs/keep", backend, keep)
+    im.push_image(registry.url, "gcvmfs/drop", backend, drop)
+    args = ["--backend", backend, "--repo", fake.repo, "--root", str(fake.root), "--cvmfs-server", fake.exe,
+            "--state-dir", str(tmp_path / "state")]
+    env = {**os.environ, **fake.env()}
+    r = subprocess.run([sys.executable, "-m", "publisher.cli", "convert-single-image", registry.ref("gcvmfs/keep",
+                        backend), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "publisher.cli", "convert-single-image", registry.ref("gcvmfs/drop",
+                        backend), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    layout = RepositoryLayout(fake.root)
+    # the admin drops the image (in a transaction, as on a real stratum-0)
+    config = PublisherConfig(backend=backend, root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
+                             state_dir=str(tmp_path / "state"))
+    fake.apply_env(monkeypatch)
+    with config.make_backend().transaction() as txn:
+        txn.remove(str(layout.image_metadata_dir(registry.host, "gcvmfs/drop", backend).relative_to(fake.root)))
+    before = len(fake.commands())
+
+    r = subprocess.run([sys.executable, "-m", "publisher.cli", "gc", "--grace-period", "0", *args], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "gc: removed 1 layers, 1 flats, 1 links" in r.stdout
+    assert fake.commands()[before:] == [["transaction", fake.repo], ["publish", fake.repo]]
+    assert fake.violations() == ""  # nothing changed outside a transaction
+    assert not layout.layer_dir(gone.digest).exists()
+    assert not layout.flat_dir(drop.config_digest).exists()
+    assert layout.is_layer_complete(base.digest) and layout.flat_dir(keep.config_digest).is_dir()

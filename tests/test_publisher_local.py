@@ -278,3 +278,59 @@ def test_unknown_image_and_bad_reference(registry: Registry, client: RegistryCli
     assert not missing.ok and "pub/does-not-exist" in missing.error
     assert not bad.ok and "invalid" in bad.error.lower()
     assert check_invariants(root) == []
+
+
+def test_auth_failure_and_credentials(tmp_path: Path) -> None:
+    import base64
+    import subprocess
+
+    from cvmfs_snap.oci import CredentialStore
+    from tests.support.registry import start_registry
+
+    password = "s3cret-Pw-for-publisher"
+    out = subprocess.run(["htpasswd", "-Bbn", "alice", password], check=True, capture_output=True, text=True)
+    (tmp_path / "htpasswd").write_text(out.stdout)
+    auth = {"auth": {"htpasswd": {"realm": "cvmfs-snap-test", "path": str(tmp_path / "htpasswd")}}}
+    with start_registry(tmp_path / "reg", auth) as reg:
+        pusher = im.Pusher(reg.url, auth=("alice", password))
+        pusher.image("private/img", "v1", im.image([base_layer("private")]))
+        pusher.close()
+        root = tmp_path / "repo"
+        with RegistryClient(timeout=20, retries=0) as anon, Publisher(LocalBackend(root), anon) as pub:
+            res = pub.publish_image(reg.ref("private/img", "v1"))
+        assert not res.ok
+        assert "private/img" in res.error and ("credential" in res.error.lower() or "auth" in res.error.lower())
+        assert password not in res.error
+        assert not (root / ".metadata").exists()
+
+        cfg = tmp_path / "docker-config.json"
+        token = base64.b64encode(f"alice:{password}".encode()).decode()
+        cfg.write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
+        creds = CredentialStore.from_docker_config(str(cfg))
+        with RegistryClient(credentials=creds, timeout=20, retries=0) as c, Publisher(LocalBackend(root), c) as pub:
+            ok = pub.publish_image(reg.ref("private/img", "v1"))
+        assert ok.ok, ok.error
+
+
+def test_multiarch_tag_loses_a_platform(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    amd = im.image([base_layer("ma-amd64")], architecture="amd64")
+    arm = im.image([base_layer("ma-arm64")], architecture="arm64")
+    pusher = im.Pusher(registry.url)
+    pusher.multiarch("pub/shrink", "v1", [(amd, {"os": "linux", "architecture": "amd64"}),
+                                          (arm, {"os": "linux", "architecture": "arm64"})])
+    root = tmp_path / "repo"
+    ref = registry.ref("pub/shrink", "v1")
+    pub, _ = publisher(root, client)
+    with pub:
+        assert pub.publish_image(ref).ok
+        layout = RepositoryLayout(root)
+        assert layout.multiarch_link("arm64", registry.host, "pub/shrink", "v1").is_dir()
+        pusher.multiarch("pub/shrink", "v1", [(amd, {"os": "linux", "architecture": "amd64"})])
+        res = pub.publish_image(ref)
+    assert res.ok and res.moved_from and res.platforms == ["amd64"]
+    meta = layout.image_metadata_dir(registry.host, "pub/shrink", "v1")
+    assert sorted(p.name for p in meta.iterdir() if p.is_dir()) == ["amd64"]
+    assert not layout.multiarch_link("arm64", registry.host, "pub/shrink", "v1").is_symlink()
+    scheduled = [e[SCHEDULE_KEY]["config_digest"] for e in read_remove_schedule(root)]
+    assert scheduled == [arm.config_digest]  # amd64 is still in use, only arm64 goes to GC
+    assert check_invariants(root) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.containerd.unpack import Outcome
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, start_containerd
 from tests.support.images import BuiltImage, Pusher, image, layer
 from tests.support.pullcheck import active, blob_gets, client, committed, containerd_in_tmp
 from tests.support.registry import Registry
@@ -95,7 +96,8 @@ def test_same_result_as_ctr_images_pull(registry: Registry, containerd: Containe
                        check=False)
     assert r.returncode == 0, r.stderr
     res = run_pull(ref, address=containerd.address, namespace="viaours", snapshotter="overlayfs")
-    assert [lay.outcome for lay in res.layers] == [Outcome.PULLED] * 3
+    # containerd shares blobs between namespaces: ctr's download is reused, ours unpacks them itself
+    assert [lay.outcome for lay in res.layers] == [Outcome.CACHED] * 3 and res.downloaded == 0
 
     with client(containerd, "viactr") as theirs, client(containerd, "viaours") as ours:
         a, b = theirs.get_image(ref), ours.get_image(ref)
@@ -190,6 +192,13 @@ def test_blob_in_content_store_is_not_downloaded_again(fresh_registry: Registry,
     assert [lay.outcome for lay in res.layers] == [Outcome.CACHED]
     assert blob_gets(fresh_registry.log, img.layers[0].digest) == 1
     assert set(committed(containerd, "native", "cached")) == {img.layers[0].diff_id}
+    # another namespace: containerd shares the blob (shared content policy), the registry is not asked again
+    res = run_pull(ref, address=containerd.address, namespace="cached2", snapshotter="overlayfs")
+    assert [lay.outcome for lay in res.layers] == [Outcome.CACHED] and res.downloaded == 0
+    assert blob_gets(fresh_registry.log, img.layers[0].digest) == 1
+    with client(containerd, "cached2") as c:
+        info = c.content_info(img.layers[0].digest)
+        assert info is not None and info.labels[L.DISTRIBUTION_SOURCE + "127.0.0.1"] == "pull/cached"
 
 
 def _tamper(reg: Registry, digest: str) -> None:
@@ -253,6 +262,17 @@ def test_progress_reporting(registry: Registry, containerd: Containerd, caplog: 
         run_pull(ref, address=containerd.address, namespace="progress2", snapshotter="overlayfs",
                  progress=LogProgress())
     lines = [r.getMessage() for r in caplog.records if r.name == "cvmfs_snap.containerd.progress"]
-    assert any(img.layers[1].digest in m and "pulled" in m and "downloaded" in m for m in lines), lines
+    # (another namespace: containerd shares the blobs, nothing is downloaded again)
+    assert any(img.layers[1].digest in m and "cached, 0 B downloaded" in m for m in lines), lines
     s = summary(res)
     assert f"layer 1/2 {img.layers[0].digest} pulled" in s and "2 pulled" in s
+
+
+def test_proxy_snapshotter_not_running(registry: Registry, short_tmp: Path) -> None:
+    img = image([layer([("gone", b"g")])])
+    Pusher(registry.url).image("pull/gone", "v1", img)
+    with start_containerd(short_tmp / "c", proxy_plugins={"gone": str(short_tmp / "nothing.sock")}) as cd:
+        with pytest.raises(UnavailableError, match=r"'gone' does not answer containerd.*cvmfs-snap snapshotter"):
+            run_pull(registry.ref("pull/gone", "v1"), address=cd.address, snapshotter="gone")
+        with client(cd) as c:
+            assert c.get_image(registry.ref("pull/gone", "v1")) is None

@@ -211,12 +211,11 @@ def test_lowerdirs_built_once_under_concurrency(repo: tuple[Path, BuiltLayer], t
     mask, layerfs, lower = results[0]
     assert mask == state / hexd / "upper" and lower == state / hexd / "lower"
     assert layerfs == RepositoryLayout(root.resolve()).layerfs(lay.digest)
-    # whiteouts: the .wh.* files and the catalog marker hidden above; the deletion and the opaque root below
+    # whiteouts above the layerfs: the .wh.* files, the catalog marker, the deletion; the opaque root below it
     assert sorted(os.listdir(mask)) == [".cvmfscatalog", ".wh..wh..opq", "d"]
-    assert os.listdir(mask / "d") == [".wh.gone"]
-    assert os.listdir(lower) == ["d"] and os.listdir(lower / "d") == ["gone"]
-    assert os.getxattr(lower, "trusted.overlay.opaque") == b"y"
-    wh = os.lstat(lower / "d" / "gone")
+    assert sorted(os.listdir(mask / "d")) == [".wh.gone", "gone"]
+    assert os.listdir(lower) == [] and os.getxattr(lower, "trusted.overlay.opaque") == b"y"
+    wh = os.lstat(mask / "d" / "gone")
     assert (wh.st_mode & 0o170000, wh.st_rdev) == (0o020000, 0)
     # a second source on the same state dir (snapshotter restart) reuses the built dirs
     caplog.clear()
@@ -297,3 +296,26 @@ def test_hung_repository_does_not_block(short_tmp: Path, tmp_path: Path, caplog:
     for t in stuck:
         t.join(10)
     assert not [t for t in stuck if t.is_alive()]
+
+
+def test_index_entries_outside_real_dirs_are_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An index naming paths through a symlink or a missing dir must not make the mask/lower dirs add (or turn a
+    symlink into) a directory."""
+    from tests.support.layertrees import mounted_overlay
+
+    lay = layer(["real/", ("real/x", b"x"), Entry("linkdir", "symlink", linkname="real")])
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay, marker=False)
+    lo = RepositoryLayout(root)
+    rec = LayerRecord.from_json(lo.layer_json(lay.digest).read_text())
+    rec.whiteouts = ["linkdir/x", "missing/y"]
+    rec.opaque_dirs = ["linkdir", "missing"]
+    lo.layer_json(lay.digest).write_text(rec.to_json())
+    caplog.set_level(logging.WARNING)
+    dirs = CvmfsSource(root, tmp_path / "state").lowerdirs(lay.digest)
+    assert dirs == [lo.layerfs(lay.digest).resolve()]
+    # 2 deletions, 2 opaque dirs, and the 4 .wh.* files they imply
+    assert any("8 whiteout index entries" in r.getMessage() and "were ignored" in r.getMessage()
+               for r in caplog.records)
+    with mounted_overlay(dirs, tmp_path / "m") as m:
+        assert os.readlink(m / "linkdir") == "real" and (m / "real/x").read_bytes() == b"x"

@@ -17,7 +17,9 @@ import queue
 import secrets
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -51,6 +53,8 @@ LEASE_HEADER = "containerd-lease"
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 #: containerd's default gRPC message limit is 16 MiB; stay far below it
 WRITE_CHUNK = 1 << 20
+#: content writes sent ahead of containerd's answers (bounded memory: WRITE_WINDOW * WRITE_CHUNK)
+WRITE_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ class ImageRecord:
     target: Descriptor
     labels: Mapping[str, str]
 
+
+#: blob data for :meth:`ContainerdClient.write_content`: the chunks, or a function opening them
+ChunkSource = Iterable[bytes] | Callable[[], AbstractContextManager[Iterable[bytes]]]
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[CvmfsSnapError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -272,19 +279,24 @@ class ContainerdClient:
             raise_from_grpc(exc, f"read content {digest}")
         return b"".join(chunks)
 
-    def write_content(self, ref: str, desc: Descriptor, chunks: Iterable[bytes],
+    def write_content(self, ref: str, desc: Descriptor, chunks: ChunkSource,
                       labels: Mapping[str, str] | None = None, lock_wait: float = 60.0) -> bool:
         """Stream a blob into the content store with containerd's Write protocol and commit it, verified against
-        ``desc`` (containerd checks size and digest at commit). Returns False when the blob was already there (then
-        ``chunks`` is not consumed). ``ref`` is the ingest name (containerd uses ``layer-<digest>`` etc.); a
-        concurrent writer of the same ref is waited for up to ``lock_wait`` seconds."""
+        ``desc`` (containerd checks size and digest at commit). Returns False when the blob was already there.
+
+        ``chunks`` is the data, or a function opening it (a context manager of chunks), called only once containerd
+        has said it does not have the blob: with containerd's shared content policy a blob pulled in another
+        namespace is taken from there, and the registry must not even be asked. ``ref`` is the ingest name
+        (containerd uses ``layer-<digest>`` etc.); a concurrent writer of the same ref is waited for up to
+        ``lock_wait`` seconds."""
         deadline = time.monotonic() + lock_wait
         delay = 0.1
+        retried_complete = False
         while True:
             session = _WriteSession(self, ref)
             try:
                 try:
-                    session.send(content_pb2.WriteContentRequest(
+                    stat_resp = session.send(content_pb2.WriteContentRequest(
                         action=content_pb2.STAT, ref=ref, total=desc.size, expected=desc.digest))
                 except grpc.RpcError as exc:
                     code = grpc_code(exc)
@@ -297,7 +309,18 @@ class ContainerdClient:
                         delay = min(delay * 2, 2.0)
                         continue
                     raise_from_grpc(exc, f"open content writer {ref}")
+                if desc.size > 0 and stat_resp.offset == desc.size and not retried_complete:
+                    # containerd has the data already (blob of another namespace under the shared content
+                    # policy, or a finished ingest): commit it as containerd's fetch does, verified by digest
+                    if self._commit_existing(session, desc, labels):
+                        return False
+                    retried_complete = True  # it did not verify: start over, writing from offset 0
+                    self.abort_ingest(ref)
+                    continue
                 try:
+                    if callable(chunks):
+                        with chunks() as opened:
+                            return self._stream(session, desc, opened, labels)
                     return self._stream(session, desc, chunks, labels)
                 except BaseException:
                     # we own the ingest: drop the partial data (a retry starts at offset 0 anyway)
@@ -308,17 +331,42 @@ class ContainerdClient:
                 session.close()
 
     @staticmethod
+    def _commit_existing(session: _WriteSession, desc: Descriptor, labels: Mapping[str, str] | None) -> bool:
+        """Commit an ingest that already holds all of ``desc``'s bytes; False if containerd refuses them."""
+        try:
+            session.send(content_pb2.WriteContentRequest(
+                action=content_pb2.COMMIT, offset=desc.size, total=desc.size, expected=desc.digest,
+                labels=dict(labels or {})))
+        except grpc.RpcError as exc:
+            if grpc_code(exc) == grpc.StatusCode.ALREADY_EXISTS:
+                return True
+            log.warning("content ingest for %s looked complete but did not commit (%s); downloading it again",
+                        desc.digest, grpc_details(exc))
+            return False
+        return True
+
+    @staticmethod
     def _stream(session: _WriteSession, desc: Descriptor, chunks: Iterable[bytes],
                 labels: Mapping[str, str] | None) -> bool:
+        """Send the data with up to WRITE_WINDOW writes in flight (containerd answers each in order), so reading
+        the registry and containerd's disk writes overlap; then commit."""
         offset = 0
+        pending: deque[int] = deque()  # the offset containerd must report after each outstanding write
+
+        def settle(limit: int) -> None:
+            while len(pending) > limit:
+                expect = pending.popleft()
+                resp = session.receive()
+                if resp.offset != expect:
+                    raise IntegrityError(f"containerd is at offset {resp.offset} of {desc.digest}, expected {expect}")
+
         try:
             for chunk in _rechunk(chunks, WRITE_CHUNK):
-                resp = session.send(content_pb2.WriteContentRequest(action=content_pb2.WRITE, offset=offset,
-                                                                    data=chunk))
-                if resp.offset != offset + len(chunk):
-                    raise IntegrityError(f"containerd stored {resp.offset - offset} of {len(chunk)} bytes of "
-                                         f"{desc.digest} at offset {offset}")
-                offset = resp.offset
+                session.submit(content_pb2.WriteContentRequest(action=content_pb2.WRITE, offset=offset, data=chunk))
+                offset += len(chunk)
+                pending.append(offset)
+                settle(WRITE_WINDOW)
+            settle(0)
             if offset != desc.size:
                 raise IntegrityError(f"blob {desc.digest} has {offset} bytes, its descriptor says {desc.size}: "
                                      "the registry sent truncated or wrong content")
@@ -422,10 +470,17 @@ class ContainerdClient:
 
 
 def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """Pieces of at most ``size`` bytes (gRPC messages must stay small), never empty."""
+    """Pieces of exactly ``size`` bytes (the last may be shorter), never empty: registry streams come in small
+    reads, and every Write message costs containerd a round trip, so they are coalesced; gRPC messages must also
+    stay well below containerd's 16 MiB limit."""
+    buf = bytearray()
     for chunk in chunks:
-        for i in range(0, len(chunk), size):
-            yield chunk[i:i + size]
+        buf += chunk
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
 
 
 class _WriteSession:
@@ -447,14 +502,22 @@ class _WriteSession:
             assert isinstance(item, content_pb2.WriteContentRequest)
             yield item
 
-    def send(self, req: content_pb2.WriteContentRequest) -> content_pb2.WriteContentResponse:
+    def submit(self, req: content_pb2.WriteContentRequest) -> None:
+        """Queue a request without waiting for its response (see :meth:`receive`)."""
         self._q.put(req)
+
+    def receive(self) -> content_pb2.WriteContentResponse:
+        """The next response, in request order."""
         try:
             resp = next(self._responses)
         except StopIteration:
             raise UnavailableError(f"containerd closed the content write stream for {self.ref} early") from None
         assert isinstance(resp, content_pb2.WriteContentResponse)
         return resp
+
+    def send(self, req: content_pb2.WriteContentRequest) -> content_pb2.WriteContentResponse:
+        self.submit(req)
+        return self.receive()
 
     def close(self) -> None:
         if not self._closed:

@@ -8,7 +8,6 @@ config, because containerd's content store must hold them byte for byte (their d
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cvmfs_snap.containerd.client import Descriptor
-from cvmfs_snap.errors import IntegrityError, InvalidInputError
+from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.oci import CredentialStore, ImageReference, Platform, RegistryClient, validate_digest
 from cvmfs_snap.oci import Descriptor as OciDescriptor
 
@@ -114,28 +113,10 @@ class OciRegistry:
                     if not b:
                         return
                     yield bytes(b)
-            yield verified(chunks(), desc, ref)
+            yield chunks()  # the client checks size and digest at EOF; containerd checks them again at commit
 
     def close(self) -> None:
         self.client.close()
-
-
-def verified(chunks: Iterator[bytes], desc: Descriptor, ref: ImageReference) -> Iterator[bytes]:
-    """Pass chunks through, raising IntegrityError as soon as there are too many bytes and at the end if size or
-    sha256 differ from ``desc`` (containerd checks again at commit; this names the image in the error)."""
-    algo = desc.digest.split(":", 1)[0]
-    h = hashlib.new(algo)
-    n = 0
-    for c in chunks:
-        n += len(c)
-        if n > desc.size:
-            raise IntegrityError(f"blob {desc.digest} of {ref} is longer than its descriptor's {desc.size} bytes: "
-                                 "the registry's copy is corrupt")
-        h.update(c)
-        yield c
-    if n != desc.size or f"{algo}:{h.hexdigest()}" != desc.digest:
-        raise IntegrityError(f"blob {desc.digest} of {ref} does not match its digest ({n} bytes read): the "
-                             "registry's copy is corrupt or was tampered with")
 
 
 def make_registry(ref: ImageReference, plain_http: bool = False) -> OciRegistry:

@@ -185,8 +185,8 @@ class Puller:
         return {CRI_IMAGE_LABEL: CRI_IMAGE_MANAGED} if self.cri_records else {}
 
     def check_snapshotter(self) -> None:
-        """Fail early, before downloading anything, if containerd does not know the snapshotter or its proxy
-        plugin does not answer."""
+        """Fail early, before downloading anything, if containerd does not know the snapshotter. (Whether a proxy
+        snapshotter's daemon answers shows only at Prepare: containerd answers Stat from its own metadata.)"""
         sn = self.snapshotter
         try:
             self.client.snapshot_stat(sn, "cvmfs-snap-probe-" + "0" * 16)
@@ -247,6 +247,10 @@ class Puller:
             try:
                 mounts = self.client.prepare(sn, key, parent, labels)
                 break
+            except UnavailableError as exc:
+                raise UnavailableError(
+                    f"{exc}. Snapshotter {sn!r} does not answer containerd: is its daemon running (for ours: "
+                    "cvmfs-snap snapshotter) on the socket containerd's proxy_plugins entry names?") from exc
             except AlreadyExistsError:
                 info = self.client.snapshot_stat(sn, chain)
                 if info is not None:
@@ -280,7 +284,7 @@ class Puller:
             self.client.remove_snapshot(self.snapshotter, key)
 
     def _fetch_layer(self, ref: ImageReference, desc: Descriptor, on_bytes: Callable[[int], None]) -> int:
-        """Download a layer blob into the content store unless it is there; returns the bytes downloaded."""
+        """Download a layer blob into the content store unless containerd has it; returns the bytes downloaded."""
         if self.client.content_info(desc.digest) is not None:
             return 0
         count = 0
@@ -292,7 +296,16 @@ class Puller:
                 on_bytes(len(c))
                 yield c
 
+        @contextlib.contextmanager
+        def open_blob() -> Iterator[Iterable[bytes]]:
+            with self.registry.open_blob(ref, desc) as chunks:
+                yield counted(chunks)
+
         source = L.merge_source_label({}, ref.registry, ref.repository)
-        with self.registry.open_blob(ref, desc) as chunks:
-            written = self.client.write_content(content_ref(desc), desc, counted(chunks), source)
-        return count if written else 0
+        if self.client.write_content(content_ref(desc), desc, open_blob, source):
+            return count
+        # containerd had it (pulled in another namespace, shared content policy): label it as its fetch does
+        info = self.client.content_info(desc.digest)
+        self.client.update_content_labels(
+            desc.digest, L.merge_source_label(info.labels if info else {}, ref.registry, ref.repository))
+        return 0

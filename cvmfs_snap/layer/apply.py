@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +40,7 @@ Mode = Literal["layer", "merged"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
+_DIR_CACHE = 128
 _ZEROS = bytes(_CHUNK)
 
 
@@ -67,13 +69,33 @@ class _Applier:
         self.added: set[str] = set()
         self.ancestors: set[str] = set()
         self._warned_xattr = False
+        self._dirs: OrderedDict[str, int] = OrderedDict()
 
     # -- walking ----------------------------------------------------------------------------------------------
     def _walk(self, parts: list[str], create: bool, where: str) -> int | None:
-        """fd of the directory ``parts`` below the root, never through a symlink; None if missing (create=False)."""
-        fd = os.dup(self.root_fd)
+        """fd of the directory ``parts`` below the root, never through a symlink; None if missing (create=False).
+
+        The fd is *borrowed* from a small cache (do not close it): tars list neighbours together, and re-opening
+        every parent for every entry would double the syscalls. The cache is dropped whenever a directory is
+        removed, so a cached fd never stands for a path that now names something else.
+        """
+        if not parts:
+            return self.root_fd
+        key = "/".join(parts)
+        fd = self._dirs.get(key)
+        if fd is not None:
+            self._dirs.move_to_end(key)
+            return fd
+        start, base_fd = 0, self.root_fd
+        for i in range(len(parts) - 1, 0, -1):  # start from the nearest cached ancestor
+            anc = self._dirs.get("/".join(parts[:i]))
+            if anc is not None:
+                start, base_fd = i, anc
+                break
+        fd = os.dup(base_fd)
         try:
-            for i, comp in enumerate(parts):
+            for i in range(start, len(parts)):
+                comp = parts[i]
                 try:
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -98,10 +120,18 @@ class _Applier:
                     ) from None
                 os.close(fd)
                 fd = nfd
-            return fd
         except BaseException:
             os.close(fd)
             raise
+        self._dirs[key] = fd
+        if len(self._dirs) > _DIR_CACHE:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
 
     # -- metadata ---------------------------------------------------------------------------------------------
     def _set_xattrs(self, target: int | str, entry: TarEntry, follow: bool = True) -> None:
@@ -174,16 +204,14 @@ class _Applier:
             return
         pfd = self._walk(parts[:-1], True, where)
         assert pfd is not None
-        try:
-            self._create(pfd, base, entry, where)
-        finally:
-            os.close(pfd)
+        self._create(pfd, base, entry, where)
         self._record_added(entry.path)
 
-    def _clear(self, pfd: int, base: str, keep_dir: bool) -> bool:
+    def _clear(self, pfd: int, base: str, keep_dir: bool, path: str) -> bool:
         """Remove what is at ``base`` (a directory recursively) unless keep_dir and it is a directory.
 
-        Returns True if a directory was kept.
+        ``path`` is the same thing relative to the root (to drop cached fds below it). Returns True if a directory
+        was kept.
         """
         try:
             st = os.lstat(base, dir_fd=pfd)
@@ -192,6 +220,8 @@ class _Applier:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return True
+            for key in [k for k in self._dirs if k == path or k.startswith(path + "/")]:
+                os.close(self._dirs.pop(key))
             shutil.rmtree(base, dir_fd=pfd)
         else:
             os.unlink(base, dir_fd=pfd)
@@ -200,7 +230,7 @@ class _Applier:
     def _create(self, pfd: int, base: str, entry: TarEntry, where: str) -> None:
         kind = entry.kind
         if kind == "dir":
-            if not self._clear(pfd, base, keep_dir=True):
+            if not self._clear(pfd, base, keep_dir=True, path=entry.path):
                 os.mkdir(base, 0o700, dir_fd=pfd)
             dfd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
             try:
@@ -214,9 +244,12 @@ class _Applier:
                 raise UnsafeLayerError(
                     f"{where}: layer content exceeds Limits.max_total_size ({lim} bytes); refusing the layer"
                 )
-            self._clear(pfd, base, keep_dir=False)
-            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=pfd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(base, flags, 0o600, dir_fd=pfd)
+            except FileExistsError:  # O_EXCL: whatever is there (device, FIFO, symlink) is never opened
+                self._clear(pfd, base, keep_dir=False, path=entry.path)
+                fd = os.open(base, flags, 0o600, dir_fd=pfd)
             try:
                 self._write(fd, entry)
                 self._meta_fd(fd, entry)
@@ -224,7 +257,7 @@ class _Applier:
                 os.close(fd)
             self.size += entry.size
         elif kind == "symlink":
-            self._clear(pfd, base, keep_dir=False)
+            self._clear(pfd, base, keep_dir=False, path=entry.path)
             os.symlink(entry.linkname, base, dir_fd=pfd)
             self._meta_at(pfd, base, entry)
         elif kind == "hardlink":
@@ -235,7 +268,7 @@ class _Applier:
                     f"{where}: {kind} device {entry.devmajor}:{entry.devminor} refused (Limits.allow_devices is "
                     "False)"
                 )
-            self._clear(pfd, base, keep_dir=False)
+            self._clear(pfd, base, keep_dir=False, path=entry.path)
             try:
                 if kind == "fifo":
                     os.mkfifo(base, 0o600, dir_fd=pfd)
@@ -252,6 +285,9 @@ class _Applier:
             raise UnsafeLayerError(f"{where}: unsupported entry kind {kind}")
 
     def _write(self, fd: int, entry: TarEntry) -> None:
+        if entry.sparse is not None:
+            self._write_sparse(fd, entry, entry.sparse)
+            return
         pos = 0
         holes = False
         while True:
@@ -259,7 +295,7 @@ class _Applier:
             if not chunk:
                 break
             n = len(chunk)
-            if n == _CHUNK and chunk == _ZEROS:
+            if n >= 4096 and _ZEROS.startswith(chunk):  # a memcmp, no copy; fails fast on real data
                 os.lseek(fd, n, os.SEEK_CUR)  # leave a hole: big zero-filled files cost no disk
                 holes = True
             else:
@@ -269,6 +305,20 @@ class _Applier:
             pos += n
         if holes:
             os.ftruncate(fd, pos)
+
+    @staticmethod
+    def _write_sparse(fd: int, entry: TarEntry, segments: list[tuple[int, int]]) -> None:
+        for off, n in segments:
+            os.lseek(fd, off, os.SEEK_SET)
+            while n:
+                chunk = entry.read(min(n, _CHUNK))
+                if not chunk:  # TarReader raises on truncation; this only guards a map/data mismatch
+                    raise UnsafeLayerError(f"entry {entry.display}: sparse data shorter than its map")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                n -= len(chunk)
+        os.ftruncate(fd, entry.size)
 
     def _hardlink(self, pfd: int, base: str, entry: TarEntry, where: str) -> None:
         if entry.linkname == entry.path:
@@ -282,28 +332,27 @@ class _Applier:
                 "may only point to files unpacked before them. Refusing the layer"
             )
         try:
-            try:
-                st = os.lstat(tparts[-1], dir_fd=tpfd)
-            except FileNotFoundError:
-                raise UnsafeLayerError(
-                    f"{where}: hardlink target {entry.linkname!r} does not exist in the target directory; "
-                    "hardlinks may only point to files unpacked before them. Refusing the layer"
-                ) from None
-            if stat.S_ISDIR(st.st_mode):
-                raise UnsafeLayerError(f"{where}: hardlink to directory {entry.linkname!r}; refusing the layer")
-            if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) and not self.limits.allow_devices:
-                raise UnsafeLayerError(f"{where}: hardlink to device {entry.linkname!r} refused "
-                                       "(Limits.allow_devices is False)")
-            try:
-                dst = os.lstat(base, dir_fd=pfd)
-                if dst.st_ino == st.st_ino and dst.st_dev == st.st_dev:
-                    return  # already that file
-            except FileNotFoundError:
-                pass
-            self._clear(pfd, base, keep_dir=False)
-            os.link(tparts[-1], base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
-        finally:
-            os.close(tpfd)
+            st = os.lstat(tparts[-1], dir_fd=tpfd)
+        except FileNotFoundError:
+            raise UnsafeLayerError(
+                f"{where}: hardlink target {entry.linkname!r} does not exist in the target directory; "
+                "hardlinks may only point to files unpacked before them. Refusing the layer"
+            ) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafeLayerError(f"{where}: hardlink to directory {entry.linkname!r}; refusing the layer")
+        if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) and not self.limits.allow_devices:
+            raise UnsafeLayerError(f"{where}: hardlink to device {entry.linkname!r} refused "
+                                   "(Limits.allow_devices is False)")
+        try:
+            dst = os.lstat(base, dir_fd=pfd)
+            if dst.st_ino == st.st_ino and dst.st_dev == st.st_dev:
+                return  # already that file
+        except FileNotFoundError:
+            pass
+        if entry.linkname.startswith(entry.path + "/"):
+            raise UnsafeLayerError(f"{where}: hardlink to {entry.linkname!r}, inside itself; refusing the layer")
+        self._clear(pfd, base, keep_dir=False, path=entry.path)
+        os.link(tparts[-1], base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
 
     # -- whiteouts --------------------------------------------------------------------------------------------
     def _whiteout(self, entry: TarEntry, parts: list[str], where: str) -> None:
@@ -325,19 +374,16 @@ class _Applier:
         if self.mode == "layer":
             pfd = self._walk(parts[:-1], True, where)
             assert pfd is not None
+            self._clear(pfd, base, keep_dir=False, path=entry.path)
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=pfd)
             try:
-                self._clear(pfd, base, keep_dir=False)
-                fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                             dir_fd=pfd)
-                try:
-                    if self.same_owner:
-                        os.fchown(fd, 0, 0)
-                    os.fchmod(fd, 0o644)
-                    os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-                finally:
-                    os.close(fd)
+                if self.same_owner:
+                    os.fchown(fd, 0, 0)
+                os.fchmod(fd, 0o644)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
             finally:
-                os.close(pfd)
+                os.close(fd)
             return
         # merged: delete from the lower layers, never what this layer itself added
         if deleted is None:
@@ -347,19 +393,16 @@ class _Applier:
         pfd = self._walk(parts[:-1], False, where)
         if pfd is None:
             return
-        try:
-            if path in self.added or path in self.ancestors:
-                # the layer itself (re)created this path: the whiteout only hides what lower layers had below it
-                try:
-                    is_dir = stat.S_ISDIR(os.lstat(deleted, dir_fd=pfd).st_mode)
-                except FileNotFoundError:
-                    is_dir = False
-                if is_dir:
-                    self._clear_lower([*parts[:-1], deleted], where)
-                return
-            self._clear(pfd, deleted, keep_dir=False)
-        finally:
-            os.close(pfd)
+        if path in self.added or path in self.ancestors:
+            # the layer itself (re)created this path: the whiteout only hides what lower layers had below it
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(deleted, dir_fd=pfd).st_mode)
+            except FileNotFoundError:
+                is_dir = False
+            if is_dir:
+                self._clear_lower([*parts[:-1], deleted], where)
+            return
+        self._clear(pfd, deleted, keep_dir=False, path=path)
 
     def _clear_lower(self, dir_parts: list[str], where: str) -> None:
         """Remove everything below a directory that this layer did not add (an opaque directory)."""
@@ -369,18 +412,13 @@ class _Applier:
             fd = self._walk(parts, False, where)
             if fd is None:
                 continue
-            try:
-                for name in os.listdir(fd):
-                    child = "/".join([*parts, name])
-                    if child in self.added or child in self.ancestors:
-                        if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
-                            stack.append([*parts, name])
-                        continue
-                    self._clear(fd, name, keep_dir=False)
-            except NotADirectoryError:
-                pass
-            finally:
-                os.close(fd)
+            for name in os.listdir(fd):
+                child = "/".join([*parts, name])
+                if child in self.added or child in self.ancestors:
+                    if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                        stack.append([*parts, name])
+                    continue
+                self._clear(fd, name, keep_dir=False, path=child)
 
     def finish(self) -> None:
         """Directory mtimes last, deepest first: creating children changed them while unpacking."""
@@ -389,12 +427,8 @@ class _Applier:
                 fd = self._walk(path.split("/") if path else [], False, path)
             except UnsafeLayerError:
                 continue  # replaced by a symlink or file later in the layer
-            if fd is None:
-                continue
-            try:
+            if fd is not None:
                 os.utime(fd, ns=(mtime, mtime))
-            finally:
-                os.close(fd)
 
 
 def _kind_of(mode: int) -> str:
@@ -449,6 +483,7 @@ def apply_layer(
             "permissions and that the target filesystem supports the file types and xattrs of the image"
         ) from e
     finally:
+        applier.close()
         os.close(root_fd)
     return ApplyResult(
         entries=reader.entries,

@@ -304,6 +304,33 @@ class _ZstdDecoder:
         return data
 
 
+class _Buffered:
+    """Serves small reads (512-byte tar headers) from one big decoded chunk.
+
+    Asking zlib for 512 bytes at a time would copy the whole pending input (``unconsumed_tail``) on every call;
+    decoding ``_CHUNK`` at a time and slicing keeps the cost linear.
+    """
+
+    def __init__(self, src: Readable) -> None:
+        self._src = src
+        self._buf = b""
+        self._pos = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._pos >= len(self._buf):
+            self._buf = self._src.read(max(n, _CHUNK))
+            self._pos = 0
+            if not self._buf:
+                return b""
+        if self._pos == 0 and n >= len(self._buf):
+            data = self._buf
+            self._buf = b""
+            return data
+        data = self._buf[self._pos : self._pos + n]
+        self._pos += len(data)
+        return data
+
+
 class LayerStream:
     """The uncompressed tar of a layer, read with ``read(n)``; digests are known once it is read to EOF.
 
@@ -334,7 +361,7 @@ class LayerStream:
             self._decoder = _ZstdDecoder(src, name)
         else:
             self._decoder = src
-        self._out = HashingReader(self._decoder)
+        self._out = HashingReader(_Buffered(self._decoder))
 
     def read(self, n: int = -1, /) -> bytes:
         if n is None or n < 0:

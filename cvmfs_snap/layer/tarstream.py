@@ -72,6 +72,8 @@ class TarEntry:
     devminor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
     offset: int = 0
+    #: for sparse members: (offset, length) of each data segment; ``read`` returns the segments back to back
+    sparse: list[tuple[int, int]] | None = None
     _reader: TarReader | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -118,7 +120,12 @@ def _parse_pax(data: bytes, where: str) -> dict[str, bytes]:
         key, eq, value = data[sp + 1 : pos + length - 1].partition(b"=")
         if not eq or not key:
             raise InvalidInputError(f"{where}: malformed PAX extended header record at +{pos}; the layer is corrupt")
-        recs[key.decode("utf-8", "surrogateescape")] = value
+        k = key.decode("utf-8", "surrogateescape")
+        if k in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
+            # sparse format 0.0 repeats these two keys, once per segment: keep them all, in order
+            recs["GNU.sparse.map00"] = recs.get("GNU.sparse.map00", b"") + value + b","
+        else:
+            recs[k] = value
         pos += length
     return recs
 
@@ -256,6 +263,7 @@ class TarReader:
         pax: dict[str, bytes] = {}
         longname: bytes | None = None
         longlink: bytes | None = None
+        pax_total = 0
         while True:
             off = self._pos
             block = self._read_block()
@@ -281,10 +289,11 @@ class TarReader:
             if size < 0:
                 raise InvalidInputError(f"{where}: negative size in tar header; the layer is corrupt")
             if typeflag in (b"x", b"g"):
-                if size > lim.max_pax_header_size:
+                pax_total += size  # several PAX headers before one entry count together
+                if size > lim.max_pax_header_size or pax_total > lim.max_pax_header_size:
                     raise UnsafeLayerError(
-                        f"{where}: PAX extended header of {size} bytes exceeds the limit of "
-                        f"{lim.max_pax_header_size} bytes (Limits.max_pax_header_size); refusing the layer"
+                        f"{where}: PAX extended header of {size} bytes ({pax_total} for this entry) exceeds the "
+                        f"limit of {lim.max_pax_header_size} bytes (Limits.max_pax_header_size); refusing the layer"
                     )
                 data = self._read_exact(size, f"inside PAX header {show(hname)}")
                 self._skip(-size % BLOCK, "after a PAX header")
@@ -324,7 +333,9 @@ class TarReader:
         lim = self.limits
         typeflag = block[156:157]
         magic = block[257:265]
-        if "path" in pax:
+        if "GNU.sparse.name" in pax:
+            raw = pax["GNU.sparse.name"]
+        elif "path" in pax:
             raw = pax["path"]
         elif longname is not None:
             raw = longname
@@ -343,19 +354,26 @@ class TarReader:
             raise UnsafeLayerError(
                 f"{where}: layer has more than {lim.max_entries} entries (Limits.max_entries); refusing the layer"
             )
-        kind = _KINDS.get(typeflag)
+        kind = "file" if typeflag == b"S" else _KINDS.get(typeflag)
         if typeflag == b"\0" and raw.endswith(b"/"):
             kind = "dir"  # old tars mark directories only by the trailing slash
         if kind is None:
-            extra = " (GNU sparse file)" if typeflag == b"S" else ""
             raise InvalidInputError(
-                f"{where}: unsupported tar entry type {typeflag!r}{extra}; rebuild the layer with a standard "
+                f"{where}: unsupported tar entry type {typeflag!r}; rebuild the layer with a standard "
                 "tar writer (docker, buildah, umoci)"
             )
-        if any(k.startswith("GNU.sparse.") for k in pax):
-            raise InvalidInputError(
-                f"{where}: PAX sparse file entries are not supported; rebuild the layer without --sparse"
-            )
+        sparse_format = None
+        pax_map = b""
+        if typeflag == b"S":
+            sparse_format = "old GNU"
+        elif pax.get("GNU.sparse.major") == b"1" and pax.get("GNU.sparse.minor") == b"0":
+            sparse_format = "1.0"
+        elif "GNU.sparse.map" in pax:
+            sparse_format = "0.1"
+            pax_map = pax["GNU.sparse.map"]
+        elif "GNU.sparse.map00" in pax:
+            sparse_format = "0.0"
+            pax_map = pax["GNU.sparse.map00"].rstrip(b",")
         path = normalize_path(raw_name, lim, where)
         if path == "" and kind != "dir":
             raise UnsafeLayerError(f"{where}: a {kind} cannot replace the layer root; refusing the layer")
@@ -400,12 +418,90 @@ class TarReader:
             devmajor = _parse_octal(block[329:337], "devmajor", where)
             devminor = _parse_octal(block[337:345], "devminor", where)
         xattrs = _xattrs(pax, lim, where)
+        sparse: list[tuple[int, int]] | None = None
+        realsize = size
+        if sparse_format == "old GNU":
+            sparse, realsize = self._old_gnu_sparse(block, where)
         self._remaining = size
         self._padding = -size % BLOCK
+        if sparse_format in ("1.0", "0.1", "0.0"):
+            key = "GNU.sparse.realsize" if sparse_format == "1.0" else "GNU.sparse.size"
+            if key not in pax:
+                raise InvalidInputError(f"{where}: PAX sparse file without {key}; the layer is corrupt")
+            realsize = _pax_int(pax[key], key, where)
+            if sparse_format == "1.0":
+                sparse = self._sparse_map_1_0(where)
+            else:
+                nums = pax_map.split(b",") if pax_map else []
+                sparse = _pairs([_pax_int(n, "GNU.sparse.map", where) for n in nums], where)
+        if sparse is not None:
+            _check_sparse(sparse, realsize, self._remaining, where)
         return TarEntry(
-            path=path, raw_name=raw_name, kind=kind, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns,
-            linkname=linkname, devmajor=devmajor, devminor=devminor, xattrs=xattrs, offset=off, _reader=self,
+            path=path, raw_name=raw_name, kind=kind, mode=mode, uid=uid, gid=gid, size=realsize,
+            mtime_ns=mtime_ns, linkname=linkname, devmajor=devmajor, devminor=devminor, xattrs=xattrs, offset=off,
+            sparse=sparse, _reader=self,
         )
+
+    def _old_gnu_sparse(self, block: bytes, where: str) -> tuple[list[tuple[int, int]], int]:
+        """Segments of an old-GNU sparse member: 4 in the header, 21 per extension block after it."""
+        nums: list[int] = []
+
+        def take(buf: bytes, start: int, count: int) -> None:
+            for i in range(count):
+                o = start + 24 * i
+                if buf[o] == 0:
+                    break
+                nums.append(_parse_octal(buf[o : o + 12], "sparse offset", where))
+                nums.append(_parse_octal(buf[o + 12 : o + 24], "sparse length", where))
+
+        take(block, 386, 4)
+        extended = block[482]
+        used = 0
+        while extended:
+            used += BLOCK
+            if used > self.limits.max_pax_header_size:
+                raise UnsafeLayerError(f"{where}: sparse map is larger than Limits.max_pax_header_size")
+            ext = self._read_exact(BLOCK, "inside a sparse map")
+            take(ext, 0, 21)
+            extended = ext[504]
+        return _pairs(nums, where), _parse_octal(block[483:495], "sparse real size", where)
+
+    def _sparse_map_1_0(self, where: str) -> list[tuple[int, int]]:
+        """PAX 1.0 sparse map: decimal numbers, one a line, at the start of the data, padded to a block."""
+        text = b""
+        nums: list[int] = []
+        want = None
+        while want is None or len(nums) < want:
+            if len(text) > self.limits.max_pax_header_size or self._remaining < BLOCK:
+                raise InvalidInputError(f"{where}: malformed or oversized PAX 1.0 sparse map")
+            blk = self._read_exact(BLOCK, "inside a sparse map")
+            self._remaining -= BLOCK
+            text += blk
+            lines = text.split(b"\n")
+            nums = []
+            for ln in lines[:-1]:
+                if not ln.isdigit():
+                    raise InvalidInputError(f"{where}: malformed PAX 1.0 sparse map")
+                nums.append(int(ln))
+            if nums:
+                want = 1 + 2 * nums[0]
+        return _pairs(nums[1:want], where)
+
+
+def _pairs(nums: list[int], where: str) -> list[tuple[int, int]]:
+    if len(nums) % 2:
+        raise InvalidInputError(f"{where}: sparse map has an odd number of values; the layer is corrupt")
+    return list(zip(nums[::2], nums[1::2], strict=True))
+
+
+def _check_sparse(segments: list[tuple[int, int]], realsize: int, stored: int, where: str) -> None:
+    end = 0
+    for off, n in segments:
+        if off < end or n < 0 or off + n > realsize:
+            raise InvalidInputError(f"{where}: sparse map has overlapping or out-of-range segments")
+        end = off + n
+    if sum(n for _, n in segments) != stored:
+        raise InvalidInputError(f"{where}: sparse map does not match the stored data size; the layer is corrupt")
 
 
 def _xattrs(pax: dict[str, bytes], lim: Limits, where: str) -> dict[str, bytes]:

@@ -118,6 +118,19 @@ def _symlink_setup(name: str, to: Path) -> Callable[[Path], None]:
     return setup
 
 
+def _old_sparse(name: bytes, segments: list[tuple[int, int]], realsize: int, stored: int) -> bytes:
+    """An old-GNU sparse header ('S') with the given map (at most 4 segments, no extension blocks)."""
+    b = bytearray(header(name, b"S", stored))
+    b[257:265] = b"ustar  \0"
+    for i, (off, n) in enumerate(segments):
+        b[386 + 24 * i : 398 + 24 * i] = _octal(off, 12)
+        b[398 + 24 * i : 410 + 24 * i] = _octal(n, 12)
+    b[483:495] = _octal(realsize, 12)
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b) + pad(b"x" * stored)
+
+
 def _device_setup(target: Path) -> None:
     (target / "dev").mkdir()
     os.mknod(target / "dev" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
@@ -211,6 +224,17 @@ def build_corpus(outside: Path) -> list[HostileCase]:
             tar_of(header(b"././@LongLink", b"L", 1 << 20) + pad(b"AAAAlongname" * 20), raw_file(b"short")),
             UnsafeLayerError, "AAAAlongname",
         ),
+        HostileCase(
+            "many-pax-headers",
+            tar_of(*(pax_block({f"k{i}".encode(): b"v" * 400_000}) for i in range(3)), raw_file(b"f")),
+            UnsafeLayerError, "Limits.max_pax_header_size",
+        ),
+        HostileCase(
+            "sparse-map-out-of-range",
+            tar_of(pax_block({b"GNU.sparse.map": b"0,10,5,10", b"GNU.sparse.size": b"20", b"GNU.sparse.name": b"sp"}),
+                   raw_file(b"GNUSparseFile.0/sp", b"x" * 20)),
+            InvalidInputError, "'sp'",
+        ),
         HostileCase("too-many-entries", make_tar([f"f{i}" for i in range(12)]), UnsafeLayerError, "'f10'",
                     limits=Limits(max_entries=10)),
         HostileCase("overlong-path", tar_of(pax_block({b"path": b"d/" * 2100 + b"f"}), raw_file(b"f")),
@@ -254,7 +278,8 @@ def build_corpus(outside: Path) -> list[HostileCase]:
         HostileCase("whiteout-of-dotdot", tar_of(raw_file(b"d/.wh...")), UnsafeLayerError, ".wh..."),
         HostileCase("whiteout-traversal", tar_of(raw_file(b".wh.../x")), UnsafeLayerError, ".wh.../x"),
         HostileCase("whiteout-of-dot", tar_of(raw_file(b"d/.wh..")), UnsafeLayerError, ".wh.."),
-        HostileCase("gnu-sparse-unsupported", tar_of(header(b"sparse", b"S")), InvalidInputError, "sparse"),
+        HostileCase("gnu-sparse-map-mismatch", tar_of(_old_sparse(b"sparse", [(0, 100)], realsize=100, stored=0)),
+                    InvalidInputError, "'sparse'"),
         HostileCase("unknown-type", tar_of(header(b"vol", b"V")), InvalidInputError, "vol"),
         HostileCase("root-replaced-by-symlink", tar_of(header(b"./", b"2", linkname=out)), UnsafeLayerError, "./"),
         HostileCase(

@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cvmfs_snap.layout import IMAGE_JSON, ImageRecord, RepositoryLayout
 from tests.support import images as im
@@ -64,14 +65,14 @@ class FakeCvmfs:
         for k, v in self.env(fail).items():
             monkeypatch.setenv(k, v)  # type: ignore[attr-defined]
 
-    def log(self) -> list[dict[str, object]]:
+    def log(self) -> list[dict[str, Any]]:
         p = self.state / "log.jsonl"
         if not p.exists():
             return []
         return [json.loads(line) for line in p.read_text().splitlines()]
 
     def commands(self) -> list[list[str]]:
-        return [list(e["argv"]) for e in self.log()]  # type: ignore[call-overload]
+        return [list(e["argv"]) for e in self.log()]
 
     def violations(self) -> str:
         p = self.state / "violations"
@@ -106,8 +107,8 @@ def check_invariants(root: Path, *, allow_ducc_layers: bool = False) -> list[str
     if meta.is_dir():
         for dirpath, _dirs, files in os.walk(meta):
             if IMAGE_JSON in files:
-                rec = ImageRecord.from_json((Path(dirpath) / IMAGE_JSON).read_bytes())
-                for d in rec.layers:
+                img = ImageRecord.from_json((Path(dirpath) / IMAGE_JSON).read_bytes())
+                for d in img.layers:
                     if not layout.is_layer_complete(d):
                         problems.append(f"{dirpath}: image uses incomplete layer {d}")
     for dirpath, dirs, files in os.walk(root):

@@ -25,7 +25,7 @@ from cvmfs_snap.layout import RepositoryLayout, digest_hex
 
 from .base import LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST, LABEL_SOURCE, LABEL_TARGET_REF, RemoteLayer
 from .health import HealthStatus, RepositoryHealth, call_with_timeout
-from .overlaydirs import LayerIndex, OverlayDirCache, root_markers
+from .overlaydirs import LayerIndex, OverlayDirCache, OverlayDirs, root_markers
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,8 @@ class CvmfsSource:
                 f"{self.layout.layerfs(digest)}); remove the image from containerd and pull it again"
             )
         try:
-            dirs = call_with_timeout(lambda: self.dirs.get(digest, hexd, layerfs, lambda: self._index(digest,
-                                                                                                       layerfs)),
-                                     self.build_timeout, f"building the whiteout directories of layer {digest}")
+            dirs = call_with_timeout(lambda: self._overlay_dirs(digest, hexd, layerfs), self.build_timeout,
+                                     f"building the whiteout directories of layer {digest}")
         except OSError as exc:
             raise self._fs_error(digest, exc) from exc
         return [p for p in (dirs.upper, layerfs, dirs.lower) if p is not None]
@@ -151,6 +150,9 @@ class CvmfsSource:
             return None
         real_root = Path(os.path.realpath(self.root))
         return RepositoryLayout(real_root).layerfs(digest)
+
+    def _overlay_dirs(self, digest: str, hexd: str, layerfs: Path) -> OverlayDirs:
+        return self.dirs.get(digest, hexd, layerfs, lambda: self._index(digest, layerfs))
 
     def _index(self, digest: str, layerfs: Path) -> LayerIndex:
         """The whiteout index: from our layer.json when there is one, else (DUCC layers) by scanning the layerfs."""

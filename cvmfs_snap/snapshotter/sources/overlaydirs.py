@@ -5,28 +5,32 @@ store overlay whiteouts, and carries CVMFS's own ``.cvmfscatalog`` markers. cont
 turns ``.wh.NAME`` into a char 0/0 device at ``NAME`` and ``.wh..wh..opq`` into ``trusted.overlay.opaque=y`` on the
 directory. To show a container the same tree, every layer is served as (top-most first)::
 
-    upper mask   char 0/0 whiteouts at the paths of the .wh.* files and CVMFS markers: hides them in the layerfs
+    upper mask   char 0/0 whiteouts at the paths of the .wh.* files and CVMFS markers (hides them in the layerfs),
+                 and at the paths the layer deletes in lower layers
     layerfs      the read-only CVMFS tree itself
-    lower        char 0/0 whiteouts at the paths the layer deletes in lower layers, opaque dirs it makes opaque
+    lower        only if the layer has opaque dirs: those dirs, marked opaque
 
 Why it is right, by overlay's lookup rules (top to bottom, a whiteout stops the lookup of its name, an opaque dir
 stops the merge of the dir with layers below, a non-directory stops everything below it):
 
 * a whiteout in the *mask* shadows a ``.wh.*`` file of the layerfs just below it; since containerd never shows
   ``.wh.*`` names either, hiding that name in layers further down changes nothing;
-* the *lower* dir sits between this layer and the layers below it, so its whiteouts and opaque dirs act on the
-  layers below only, never on this layer's own content: a path deleted by layer N and re-created by layer N+1 is
-  found in layer N+1 before the lookup ever reaches layer N's whiteout;
+* a deletion ``NAME`` is a whiteout in the mask only when the layerfs has nothing at ``NAME`` (checked with
+  ``lstat``), so it cannot hide this layer's own content, only the layers below: exactly what containerd's char
+  device in the layer dir does. Layers above are found first, so a path deleted by layer N and re-created by layer
+  N+1 is visible again. When the layer has ``.wh.NAME`` *and* ``NAME``, containerd applies it as "replace": a file
+  hides the lower ones anyway, and a directory merges with the lower directory (it is not made opaque), which is
+  what skipping the whiteout gives;
+* an opaque directory must stop the lookup *below* this layer's content, so it lives in the *lower* dir, under the
+  layerfs; it cannot go into the mask, where it would hide the layerfs's own entries;
 * directories in the mask and the lower dir are never opaque (except the lower dir's opaque dirs), so they merge
   with the layerfs; each one exists in the layerfs too, and copies its mode, owner, times and xattrs, because the
-  top-most layer holding a directory decides what the container sees of it;
-* a whiteout is skipped when the layer itself has something at that path. containerd applies ``.wh.NAME`` followed
-  by ``NAME`` as "replace": a file hides the lower ones anyway, a directory merges with the lower directory (it is
-  not made opaque), and the lower whiteout would wrongly hide the lower directory's content.
+  top-most layer holding a directory decides what the container sees of it. Entries whose directory is not a real
+  directory of the layerfs (missing, or a symlink) are ignored, so we never add or replace a directory.
 
-Directories that would be empty are omitted, so a layer costs 1 to 3 overlay lowerdirs (overlay allows 500: a
-128-layer image fits). Everything is built once per layer digest into a temporary directory and renamed into place,
-so a crash mid-build never leaves a half-built directory that a later mount would use.
+Directories that would be empty are omitted, so a layer costs 1 to 3 overlay lowerdirs, usually 2 (overlay
+allows 500: a 128-layer image fits). Everything is built once per layer digest into a temporary directory and
+renamed into place, so a crash mid-build never leaves a half-built directory that a later mount would use.
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ class _TreeBuilder:
         self.entries = 0  # whiteouts made + opaque dirs marked
         self._dir_cache = dir_cache  # shared: is this path a real directory in the layerfs?
 
-    def _layerfs_is_dir(self, parts: tuple[str, ...]) -> bool:
+    def layerfs_is_dir(self, parts: tuple[str, ...]) -> bool:
         """True if every component of ``parts`` is a real directory (no symlink) in the layerfs."""
         for i in range(len(parts) + 1):
             key = parts[:i]
@@ -220,7 +224,7 @@ class _TreeBuilder:
 
     def ensure_dir(self, parts: tuple[str, ...]) -> bool:
         """Create ``parts`` (and parents) here if it is a real directory in the layerfs; False if it is not."""
-        if not self._layerfs_is_dir(parts):
+        if not self.layerfs_is_dir(parts):
             return False
         for i in range(len(parts) + 1):
             key = parts[:i]
@@ -263,7 +267,7 @@ class OverlayDirs:
 
 
 def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str) -> OverlayDirs:
-    """Build ``dest/upper`` (the mask) and ``dest/lower`` from ``index``; ``dest`` must exist and be empty.
+    """Build ``dest/upper`` (the mask) and ``dest/lower`` (opaque dirs) from ``index``; ``dest`` must be empty.
 
     Entries whose directory is not a real directory of the layerfs are skipped with a warning: the mask or lower dir
     would otherwise add a directory the layer does not have (or hide a symlink behind a directory).
@@ -279,21 +283,23 @@ def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str
         parts = _components(path, digest)
         if parts and not upper.whiteout(parts) and not upper.ensure_dir(parts[:-1]):
             skipped.append(path)
-    for path in index.opaque_dirs:
-        parts = _components(path, digest)
-        if not lower.opaque(parts):
-            skipped.append(path + "/" + OPAQUE_MARKER)
     for path in index.whiteouts:
         parts = _components(path, digest)
         if not parts:
             continue
+        if not upper.layerfs_is_dir(parts[:-1]):
+            skipped.append(path)
+            continue
         try:
             os.lstat(layerfs.joinpath(*parts))
             continue  # the layer itself has something here: see the module docstring
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             pass
-        if not lower.whiteout(parts) and not lower.ensure_dir(parts[:-1]):
-            skipped.append(path)
+        upper.whiteout(parts)
+    for path in index.opaque_dirs:
+        parts = _components(path, digest)
+        if not lower.opaque(parts):
+            skipped.append(path + "/" + OPAQUE_MARKER)
     if skipped:
         log.warning("layer %s: %d whiteout index entries name paths whose directory is not in the layer tree %s "
                     "and were ignored (first: %s)", digest, len(skipped), layerfs, skipped[:3])
@@ -363,7 +369,7 @@ class OverlayDirCache:
             return self._build(digest, hexd, layerfs, make_index)
 
     def _build(self, digest: str, hexd: str, layerfs: Path, make_index: IndexFactory) -> OverlayDirs:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         final = self.layer_dir(hexd)
         index = self.cached_index(hexd) or make_index()
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{hexd[:16]}-", dir=self.state_dir))

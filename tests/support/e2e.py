@@ -1,0 +1,277 @@
+"""Helpers for the node end-to-end tests (tests/test_e2e_*.py) and the benchmarks in bench/.
+
+The whole data path with real processes: publish an image with ``cvmfs-snap-publisher convert-single-image --backend
+local`` into a directory that stands for ``/cvmfs/<repo>``, run ``cvmfs-snap snapshotter`` as a proxy plugin of a
+private containerd, pull with ``cvmfs-snap pull``, and look at the result the way a container would: mount a view of
+the image's top snapshot and list it entry by entry (:func:`tree_listing`), so two snapshotters can be compared.
+
+Everything here starts processes by PID and unmounts only what it mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.containerd import Containerd, start_containerd
+from tests.support.snapshotter_daemon import SnapshotterProcess, running_daemon
+
+PLUGIN = "cvmfs-snapshotter"
+REPO_NAME = "unpacked.test.ch"
+#: xattrs the kernel's overlayfs keeps for itself: they describe how a tree is stacked, not the image
+OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+
+
+def publish(root: Path, ref: str, *, insecure_host: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``cvmfs-snap-publisher convert-single-image --backend local`` of ``ref`` into ``root``; fails the caller
+    with the publisher's output if it does not exit 0."""
+    r = subprocess.run(
+        [sys.executable, "-m", "publisher.cli", "convert-single-image", "--backend", "local", "--root", str(root),
+         "--repo", REPO_NAME, "--insecure-registry", insecure_host, "--skip-flat", "--no-progress", ref],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if r.returncode != 0:
+        raise AssertionError(f"publishing {ref} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n"
+                             f"{r.stderr[-4000:]}")
+    return r
+
+
+def cvmfs_snap_pull(cd: Containerd, ref: str, *, snapshotter: str = PLUGIN, namespace: str = "default",
+                    check: bool = True, timeout: float = 600) -> tuple[subprocess.CompletedProcess[str],
+                                                                     dict[str, Any]]:
+    """``cvmfs-snap pull --json`` through ``cd``; returns the process and its parsed JSON (empty if it failed)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "cvmfs_snap.cli", "pull", "--address", cd.address, "--namespace", namespace,
+         "--snapshotter", snapshotter, "--plain-http", "--json", ref],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if r.returncode != 0:
+        if check:
+            raise AssertionError(f"cvmfs-snap pull {ref} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+        return r, {}
+    out: dict[str, Any] = json.loads(r.stdout)
+    return r, out
+
+
+def write_config(path: Path, mountpoint: Path, extra: str = "") -> Path:
+    path.write_text(f'repository = "{REPO_NAME}"\nabsolute-mountpoint = "{mountpoint}"\n{extra}')
+    return path
+
+
+@dataclass
+class Node:
+    """A worker node: our snapshotter daemon and a containerd that uses it as proxy plugin ``cvmfs-snapshotter``."""
+
+    snapshotter: SnapshotterProcess
+    containerd: Containerd
+    repo: Path  # the directory standing for /cvmfs/<repo>
+    config: Path
+
+    def log(self) -> str:
+        return self.snapshotter.log.read_text(errors="replace")
+
+
+@contextmanager
+def node(tmp: Path, repo: Path, *, log_level: str = "debug") -> Iterator[Node]:
+    """Start the snapshotter (config: ``absolute-mountpoint = repo``) and a private containerd in ``tmp``."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = write_config(tmp / "snap.toml", repo)
+    with running_daemon(tmp, "--config", str(cfg), "--log-level", log_level) as sp, \
+            start_containerd(tmp / "ctd", proxy_plugins={PLUGIN: str(sp.address)}) as cd:
+        yield Node(sp, cd, repo, cfg)
+
+
+PAGE_SIZE = os.sysconf("SC_PAGESIZE")
+
+
+def compact_lowerdirs(options: list[str]) -> tuple[str | None, list[str]]:
+    """What containerd 1.6's ``mount.All`` does with overlay options that approach a page (mount_linux.go,
+    ``compactLowerdirOption``): lowerdirs relative to the parent of their longest common prefix, mounted from
+    there. Returns (directory to mount from or None, options)."""
+    if len(",".join(options)) < PAGE_SIZE - 512:
+        return None, options
+    idx = next((i for i, o in enumerate(options) if o.startswith("lowerdir=")), -1)
+    if idx == -1:
+        return None, options
+    dirs = options[idx][len("lowerdir="):].split(":")
+    if len(dirs) == 1:
+        return None, options
+    common = os.path.commonprefix(dirs)
+    if not common:
+        return None, options
+    common = os.path.dirname(common)
+    if common in ("", "/"):
+        return None, options
+    common += "/"
+    rel = [d[len(common):] for d in dirs]
+    return common, [*options[:idx], *options[idx + 1:], "lowerdir=" + ":".join(rel)]
+
+
+@contextmanager
+def mounted_view(cd: Containerd, snapshotter: str, parent: str, key: str) -> Iterator[Path]:
+    """Mount a read-only view of the committed snapshot ``parent`` (an image's top chain ID) the way containerd
+    would mount it for a container; yields the mount point. The view and the mount are removed afterwards."""
+    r = cd.ctr("snapshots", "--snapshotter", snapshotter, "view", "--mounts", key, parent, check=False)
+    if r.returncode != 0:
+        raise AssertionError(f"ctr snapshots view {key} {parent} on {snapshotter} failed: {r.stderr}")
+    mounts = json.loads(r.stdout)
+    target = Path(tempfile.mkdtemp(prefix="cs-view-", dir="/tmp"))
+    done: list[Path] = []
+    try:
+        for m in mounts:
+            mtype = m.get("Type") or m.get("type")
+            source = m.get("Source") or m.get("source")
+            options = list(m.get("Options") or m.get("options") or [])
+            if mtype == "bind":
+                flags = ["--rbind"] if "rbind" in options else ["--bind"]
+                subprocess.run(["mount", *flags, source, str(target)], check=True, capture_output=True)
+                done.append(target)
+                if "ro" in options:
+                    subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True,
+                                   capture_output=True)
+            else:
+                cwd, options = compact_lowerdirs(options) if mtype == "overlay" else (None, options)
+                opts = ",".join(options)
+                if len(opts) >= PAGE_SIZE:
+                    raise AssertionError(f"mount options of {parent} do not fit in a page even as containerd "
+                                         f"compacts them ({len(opts)} bytes)")
+                r2 = subprocess.run(["mount", "-t", mtype, source, str(target), "-o", opts], capture_output=True,
+                                    text=True, cwd=cwd)
+                if r2.returncode != 0:
+                    raise AssertionError(f"mount -t {mtype} failed: {r2.stderr}\noptions: {opts}")
+                done.append(target)
+        yield target
+    finally:
+        for t in reversed(done):
+            subprocess.run(["umount", str(t)], check=False, capture_output=True)
+        with contextlib.suppress(OSError):
+            target.rmdir()
+        cd.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, check=False)
+
+
+def _xattrs(path: str, is_link: bool) -> dict[str, str]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for n in sorted(names):
+        if n.startswith(OVERLAY_XATTR_PREFIXES):
+            continue
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False).hex()
+        except OSError as exc:
+            out[n] = f"<error {exc.errno}>"
+    return out
+
+
+def tree_listing(root: Path) -> dict[str, dict[str, Any]]:
+    """Every entry below ``root`` (``"."`` is the root) as a comparable record: type, permission bits (with
+    set-id/sticky), uid/gid, xattrs (not overlay's own), sha256 of regular files, symlink target, device numbers,
+    link count of non-directories, and the other names of the same inode (hardlinks)."""
+    entries: dict[str, dict[str, Any]] = {}
+    inodes: dict[tuple[int, int], list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        names = [(rel_dir, None)] if rel_dir == "." else []
+        names += [(os.path.normpath(os.path.join(rel_dir, n)), n) for n in sorted(dirnames + filenames)]
+        for rel, _ in names:
+            p = os.path.join(root, rel)
+            st = os.lstat(p)
+            mode = st.st_mode
+            rec: dict[str, Any] = {"mode": oct(stat.S_IMODE(mode)), "uid": st.st_uid, "gid": st.st_gid}
+            if stat.S_ISDIR(mode):
+                rec["type"] = "dir"
+                if rel in entries:
+                    continue
+            elif stat.S_ISREG(mode):
+                rec["type"] = "file"
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                rec["sha256"] = h.hexdigest()
+                rec["size"] = st.st_size
+            elif stat.S_ISLNK(mode):
+                rec["type"] = "symlink"
+                rec["target"] = os.readlink(p)
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                rec["type"] = "char" if stat.S_ISCHR(mode) else "block"
+                rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+            elif stat.S_ISFIFO(mode):
+                rec["type"] = "fifo"
+            else:
+                rec["type"] = "other"
+            if not stat.S_ISDIR(mode):
+                rec["nlink"] = st.st_nlink
+                if st.st_nlink > 1:
+                    inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            rec["xattrs"] = _xattrs(p, stat.S_ISLNK(mode))
+            entries[rel] = rec
+    for names in inodes.values():
+        for n in names:
+            entries[n]["hardlinks"] = sorted(names)
+    return entries
+
+
+def diff_listings(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], a_name: str = "ours",
+                  b_name: str = "native") -> list[str]:
+    """Readable differences between two :func:`tree_listing` results (empty when equal)."""
+    out = [f"only in {a_name}: {k} {a[k]}" for k in sorted(set(a) - set(b))]
+    out += [f"only in {b_name}: {k} {b[k]}" for k in sorted(set(b) - set(a))]
+    for k in sorted(set(a) & set(b)):
+        if a[k] != b[k]:
+            keys = sorted(set(a[k]) | set(b[k]))
+            d = {f: (a[k].get(f), b[k].get(f)) for f in keys if a[k].get(f) != b[k].get(f)}
+            out.append(f"differs: {k} ({a_name}, {b_name}): {d}")
+    return out
+
+
+def snapshotter_status(root: Path) -> dict[str, Any]:
+    """``cvmfs-snap status --json`` of a snapshotter root (read-only, safe while the daemon runs)."""
+    r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "status", "--root", str(root), "--json"],
+                       capture_output=True, text=True, check=True, timeout=60)
+    data: dict[str, Any] = json.loads(r.stdout)
+    return data
+
+
+def log_mark(log: Path) -> int:
+    """The current end of a registry access log: count requests after it with :func:`blob_gets_after` (the publisher
+    downloads every layer it publishes; only what the node fetches afterwards matters)."""
+    return log.stat().st_size
+
+
+def blob_gets_after(log: Path, digest: str, mark: int) -> int:
+    """How many GETs of blob ``digest`` the docker-registry access log shows after byte offset ``mark``."""
+    with open(log, "rb") as f:
+        f.seek(mark)
+        text = f.read().decode(errors="replace")
+    needle = f"/blobs/{digest} HTTP"
+    return sum(1 for line in text.splitlines() if '"GET /v2/' in line and needle in line)
+
+
+def blob_bytes_after(log: Path, mark: int) -> tuple[int, int]:
+    """(count, bytes) of blob GETs answered after byte offset ``mark`` of a docker-registry access log."""
+    with open(log, "rb") as f:
+        f.seek(mark)
+        text = f.read().decode(errors="replace")
+    count = total = 0
+    for line in text.splitlines():
+        if '"GET /v2/' in line and "/blobs/sha256:" in line:
+            count += 1
+            rest = line.split('HTTP/1.1" ', 1)[-1].split()
+            if len(rest) >= 2 and rest[1].isdigit():
+                total += int(rest[1])
+    return count, total

@@ -1,0 +1,181 @@
+"""DUCC recipes, publisher settings and the ``cvmfs-snap-publisher`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.layout import RepositoryLayout
+from cvmfs_snap.oci import RegistryClient
+from publisher.cli import build_parser, load_config
+from publisher.config import PublisherConfig
+from publisher.recipe import Recipe
+from tests.support import images as im
+from tests.support.publisher_env import base_layer
+from tests.support.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DUCC_RECIPE = """\
+version: 1
+user: smosciat
+cvmfs_repo: 'unpacked.cern.ch'
+output_format: '$(scheme)://registry.gitlab.cern.ch/thin/$(image)'
+input:
+    - 'https://registry.hub.docker.com/library/fedora:latest'
+    - 'https://registry.hub.docker.com/library/debian:stable'
+    - 'https://registry.hub.docker.com/library/Centos:7'
+    - 'https://gitlab-registry.cern.ch/atlas/athena/*:21.0.*'
+    - 42
+    - 'registry.cern.ch/cms/cmssw:CMSSW_*'
+"""
+
+
+def test_ducc_recipe_accepted_with_broken_lines(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    r = Recipe.parse(DUCC_RECIPE, "recipe.yaml")
+    assert r.cvmfs_repo == "unpacked.cern.ch" and r.user == "smosciat"
+    assert "output_format" in caplog.text and "ignored" in caplog.text
+    good = [ln for ln in r.lines if ln.ref is not None]
+    assert [str(ln.ref) for ln in good[:2]] == [
+        "registry.hub.docker.com/library/fedora:latest", "registry.hub.docker.com/library/debian:stable",
+    ]
+    assert good[2].tag_glob == "CMSSW_*" and good[2].ref is not None
+    assert good[2].ref.repository == "cms/cmssw"
+    bad = {e.input: e.message for e in r.errors}
+    assert len(bad) == 3
+    assert "lower case" in bad["https://registry.hub.docker.com/library/Centos:7"]
+    assert "only allowed in the tag" in bad["https://gitlab-registry.cern.ch/atlas/athena/*:21.0.*"]
+    assert "not a string" in bad["42"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("version: 2\ninput: []\n", "version"), ("version: 1\ninput: x\n", "'input' must be a list"),
+     ("[1, 2", "not valid YAML"), ("version: 1\ninput: []\nplatforms: [amd64]\n", "bad platform")],
+)
+def test_unusable_recipes(text: str, needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=needle):
+        Recipe.parse(text, "r.yaml")
+
+
+def test_recipe_platforms_and_http_registries() -> None:
+    r = Recipe.parse("version: 1\nplatforms: [linux/amd64, linux/arm64/v8]\n"
+                     "input: ['http://127.0.0.1:5000/a/b:1', 'https://reg.example.org/c:2']\n")
+    assert r.platforms == ["linux/amd64", "linux/arm64/v8"]
+    assert r.insecure_registries == ["127.0.0.1:5000"]
+
+
+def test_tag_globs_expand_against_registry(registry: Registry) -> None:
+    img = im.image([base_layer("glob")])
+    for tag in ("v1.0", "v1.1", "v2.0", "latest"):
+        im.push_image(registry.url, "recipe/globbed", tag, img)
+    r = Recipe.parse(
+        "version: 1\ninput:\n"
+        f"  - 'http://{registry.host}/recipe/globbed:v1.*'\n"
+        f"  - 'http://{registry.host}/recipe/globbed:latest'\n"
+        f"  - 'http://{registry.host}/recipe/globbed:nothing*'\n"
+        f"  - 'http://{registry.host}/recipe/no-such-repo:*'\n"
+    )
+    with RegistryClient(timeout=20, retries=0) as client:
+        refs = r.expand(client)
+        assert [ref.tag for ref in refs] == ["v1.0", "v1.1", "latest"]
+        assert len(r.errors) == 2
+        assert "no tag" in r.errors[0].message and "nothing*" in r.errors[0].message
+        assert "recipe/no-such-repo" in r.errors[1].message
+        r.expand(client)
+        assert len(r.errors) == 2  # expanding again does not pile up errors
+
+
+def test_config_file_and_flag_override(tmp_path: Path) -> None:
+    cfg = tmp_path / "publisher.yaml"
+    cfg.write_text(
+        "backend: cvmfs-ingest\nrepo: unpacked.cern.ch\nconcurrency: 4\ninsecure_registries: [reg:5000]\n"
+        "platforms: [linux/amd64]\ndaemon:\n  listen: 127.0.0.1:9999\n  publish_on_miss_allow: ['reg:5000/a/*']\n"
+    )
+    args = build_parser().parse_args(["convert", "r.yaml", "--config", str(cfg), "--concurrency", "3",
+                                      "--insecure-registry", "other:1", "--backend", "cvmfs-transaction"])
+    c = load_config(args)
+    assert c.backend == "cvmfs-transaction" and c.concurrency == 3 and c.repo == "unpacked.cern.ch"
+    assert c.insecure_registries == ["reg:5000", "other:1"]
+    assert c.daemon.listen == "127.0.0.1:9999" and c.daemon.publish_on_miss_allow == ["reg:5000/a/*"]
+    assert c.repository_root() == Path("/cvmfs/unpacked.cern.ch")
+    assert c.effective_state_dir() == Path("/var/spool/cvmfs-snap/unpacked.cern.ch")
+    gc_args = build_parser().parse_args(["gc", "--root", "/x", "--grace-period", "2", "--dry-run"])
+    assert load_config(gc_args).grace_period_days == 2.0 and gc_args.dry_run
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("backend: nfs\n", "unknown backend"), ("colour: blue\n", "unknown setting"),
+     ("concurrency: 0\n", "positive"), ("daemon: {port: 1}\n", "unknown daemon setting")],
+)
+def test_bad_config(tmp_path: Path, text: str, needle: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(InvalidInputError, match=needle):
+        PublisherConfig.load(p)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "publisher.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, check=False, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cli_convert_reports_failures_and_exit_status(registry: Registry, tmp_path: Path) -> None:
+    img = im.image([base_layer("cli")])
+    im.push_image(registry.url, "cli/good", "v1", img)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "version: 1\nuser: x\ncvmfs_repo: unpacked.test.ch\noutput_format: 'ignored'\ninput:\n"
+        f"  - 'http://{registry.host}/cli/good:v1'\n"
+        f"  - 'http://{registry.host}/cli/Bad Name:v1'\n"
+        f"  - 'http://{registry.host}/cli/missing:v1'\n"
+    )
+    root = tmp_path / "repo"
+    r = _cli("convert", str(recipe), "--root", str(root))
+    assert r.returncode == 1, r.stderr
+    assert "FAILED" in r.stderr and "cli/Bad Name" in r.stderr and "cli/missing" in r.stderr
+    assert "1 image(s) published, 0 unchanged, 2 failed" in r.stderr
+    assert RepositoryLayout(root).public_link(registry.host, "cli/good", "v1").is_dir()
+
+    good_only = tmp_path / "good.yaml"
+    good_only.write_text(f"version: 1\ninput: ['http://{registry.host}/cli/good:v1']\n")
+    r2 = _cli("convert", str(good_only), "--root", str(root))
+    assert r2.returncode == 0, r2.stderr
+    assert "0 image(s) published, 1 unchanged, 0 failed" in r2.stderr
+
+
+def test_cli_convert_single_image_and_syntax(registry: Registry, tmp_path: Path) -> None:
+    img = im.image([base_layer("single")])
+    im.push_image(registry.url, "cli/single", "v1", img)
+    root = tmp_path / "repo"
+    r = _cli("convert-single-image", f"http://{registry.host}/cli/single:v1", "--root", str(root), "--skip-flat")
+    assert r.returncode == 0, r.stderr
+    layout = RepositoryLayout(root)
+    assert (layout.image_metadata_dir(registry.host, "cli/single", "v1") / "image.json").is_file()
+    assert not layout.public_link(registry.host, "cli/single", "v1").exists()  # --skip-flat
+    assert not (root / ".flat").exists()
+
+    ok = _cli("check-image-syntax", "https://registry.hub.docker.com/library/ubuntu:2*")
+    assert ok.returncode == 0
+    assert "registry:   registry.hub.docker.com" in ok.stdout and "2* (glob)" in ok.stdout
+    bad = _cli("check-image-syntax", "Not Valid")
+    assert bad.returncode == 2 and "invalid" in bad.stderr
+
+    nobackend = _cli("convert-single-image", "x/y:1", "--backend", "cvmfs-ingest", "--root", str(root))
+    assert nobackend.returncode == 2 and "--repo" in nobackend.stderr
+
+
+def test_parser_has_ducc_verbs() -> None:
+    parser = build_parser()
+    for verb in ("convert", "loop", "convert-single-image", "gc", "check-image-syntax"):
+        ns = parser.parse_args([verb, "x"] if verb not in ("gc",) else [verb])
+        assert isinstance(ns, argparse.Namespace) and ns.command == verb
