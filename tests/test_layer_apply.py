@@ -294,3 +294,30 @@ def test_directory_replaced_and_recreated_in_one_layer(tmp_path: Path) -> None:
     apply(["a/", "a/b/", ("a/b/x", b"1"), Entry(".wh.a"), "a/", ("a/b2", b"2")], tmp_path / "m", mode="merged")
     assert sorted(str(p.relative_to(tmp_path / "m")) for p in (tmp_path / "m").rglob("*")) == [
         "a", "a/b", "a/b/x", "a/b2", "keep"]
+
+
+def test_scan_tree_whiteouts_does_not_follow_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".wh.should-not-appear").touch()
+    tree = tmp_path / "tree"
+    (tree / "a/b").mkdir(parents=True)
+    (tree / "a/b/.wh.x").touch()
+    (tree / ".wh..wh..opq").touch()
+    (tree / "a/.wh..wh.plnk").mkdir()  # AUFS bookkeeping, not a deletion
+    (tree / "link").symlink_to(outside)
+    assert scan_tree_whiteouts(tree) == WhiteoutIndex(whiteouts=["a/b/x"], opaque_dirs=[""])
+
+
+def test_iter_layer_streams_member_data_in_chunks() -> None:
+    data = os.urandom(3 * 100_000 + 7)
+    members = list(iter_layer(io.BytesIO(make_tar([("x", data), ("y", b"tail")]))))
+    assert [m.path for m in members] == ["x", "y"]  # unread data is skipped
+    it = iter_layer(io.BytesIO(make_tar([("x", data), ("y", b"tail")])))
+    x = next(it)
+    got = b""
+    while chunk := x.read(100_000):
+        assert len(chunk) <= 100_000
+        got += chunk
+    assert got == data and x.size == len(data)
+    assert next(it).read() == b"tail"

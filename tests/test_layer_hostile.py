@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
-from cvmfs_snap.layer import apply_layer, open_layer
+from cvmfs_snap.layer import apply_layer, iter_layer, open_layer
 from tests.support.hostile import HostileCase, build_corpus
 
 _IDS = [c.id for c in build_corpus(Path("/nonexistent"))]
@@ -80,3 +80,15 @@ def test_corpus_is_big_enough() -> None:
     assert len(cases) >= 20
     assert len({c.id for c in cases}) == len(cases)
     assert sum(1 for c in cases if c.error is UnsafeLayerError) >= 20
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in build_corpus(Path("/nonexistent")) if c.mode == "layer"])
+def test_iter_layer_refuses_the_same_layers_without_unpacking(case_id: str, tmp_path: Path) -> None:
+    """Consumers that hand the tar to another tool (cvmfs_server ingest) get the same verdict from iter_layer."""
+    case = next(c for c in build_corpus(tmp_path) if c.id == case_id)
+    with pytest.raises(case.error) as info, open_layer(io.BytesIO(case.blob), case.media_type, name="L") as s:
+        for entry in iter_layer(s, case.limits, name="L"):
+            while entry.read(1 << 16):
+                pass
+    assert case.names in str(info.value)
+    assert list(tmp_path.iterdir()) == []

@@ -276,3 +276,19 @@ def test_proxy_snapshotter_not_running(registry: Registry, short_tmp: Path) -> N
             run_pull(registry.ref("pull/gone", "v1"), address=cd.address, snapshotter="gone")
         with client(cd) as c:
             assert c.get_image(registry.ref("pull/gone", "v1")) is None
+
+
+@pytest.mark.parametrize("max_downloads", [1, 3])
+def test_downloads_ahead_of_unpacking(fresh_registry: Registry, containerd: Containerd, max_downloads: int) -> None:
+    img = image([layer([(f"l{i}", bytes([i]) * 300_000)], "gzip") for i in range(5)])
+    repo = f"pull/ahead{max_downloads}"
+    Pusher(fresh_registry.url).image(repo, "v1", img)
+    ns = f"ahead{max_downloads}"
+    res = run_pull(fresh_registry.ref(repo, "v1"), address=containerd.address, namespace=ns,
+                   snapshotter="overlayfs", max_downloads=max_downloads)
+    assert [lay.outcome for lay in res.layers] == [Outcome.PULLED] * 5
+    assert [lay.downloaded for lay in res.layers] == [len(lay.blob) for lay in img.layers]
+    for lay in img.layers:
+        assert blob_gets(fresh_registry.log, lay.digest) == 1
+    assert set(committed(containerd, "overlayfs", ns)) == set(L.chain_ids([x.diff_id for x in img.layers]))
+    assert not active(containerd, "overlayfs", ns)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import TextIO
+
+from rich.progress import TaskID
 
 from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.containerd.registry import ResolvedImage
@@ -53,19 +56,14 @@ class RichProgress:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TaskID,
-            TextColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
         self.console = Console(file=stream or sys.stderr)
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                   TransferSpeedColumn(), console=self.console, transient=False)
         self._tasks: dict[int, TaskID] = {}
+        self._layers: list[Descriptor] = []
+        self._lock = threading.Lock()
         self.total = 0
 
     def __enter__(self) -> RichProgress:
@@ -77,16 +75,23 @@ class RichProgress:
 
     def resolved(self, image: ResolvedImage) -> None:
         self.total = len(image.layers)
+        self._layers = list(image.layers)
         self.console.print(f"[bold]{image.ref}[/]: manifest {short(image.manifest.digest)}, {image.platform}, "
                            f"{len(image.layers)} layers")
 
+    def _task(self, index: int, desc: Descriptor) -> TaskID:
+        with self._lock:  # downloads ahead report from other threads
+            if index not in self._tasks:
+                self._tasks[index] = self._progress.add_task(
+                    f"layer {index + 1}/{self.total} {short(desc.digest)}", total=desc.size)
+            return self._tasks[index]
+
     def layer_started(self, index: int, desc: Descriptor) -> None:
-        self._tasks[index] = self._progress.add_task(
-            f"layer {index + 1}/{self.total} {short(desc.digest)}", total=desc.size)
+        self._task(index, desc)
 
     def layer_bytes(self, index: int, nbytes: int) -> None:
-        if index in self._tasks:
-            self._progress.advance(self._tasks[index], nbytes)
+        if 0 <= index < len(self._layers):
+            self._progress.advance(self._task(index, self._layers[index]), nbytes)
 
     def layer_done(self, result: LayerResult) -> None:
         task = self._tasks.get(result.index)

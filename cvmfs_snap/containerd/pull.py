@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="talk to the registry over plain HTTP (loopback registries always use it)")
     parser.add_argument("--no-cri-labels", action="store_true",
                         help="do not send the CRI layer labels (then no layer can be served remotely)")
+    parser.add_argument("--max-concurrent-downloads", type=int, default=3, metavar="N",
+                        help="layer blobs downloaded at once, ahead of unpacking (default %(default)s, as CRI)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for containerd to answer (default %(default)s)")
@@ -66,14 +68,16 @@ def result_json(result: PullResult) -> dict[str, object]:
 
 def run_pull(image: str, address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,
              snapshotter: str = DEFAULT_SNAPSHOTTER, platform: str | None = None, plain_http: bool = False,
-             cri_labels: bool = True, progress: Progress | None = None, timeout: float = 10.0) -> PullResult:
+             cri_labels: bool = True, progress: Progress | None = None, timeout: float = 10.0,
+             max_downloads: int = 3) -> PullResult:
     """Library entry point of the pull (the CLI's ``main`` minus the printing)."""
     ref = ImageReference.parse(image)
     plat = Platform.parse(platform) if platform else Platform.host()
     registry = make_registry(ref, plain_http=plain_http)
     try:
         with ContainerdClient(address, namespace, timeout=timeout) as client:
-            return Puller(client, registry, snapshotter, progress=progress, cri_labels=cri_labels).pull(ref, plat)
+            return Puller(client, registry, snapshotter, progress=progress, cri_labels=cri_labels,
+                          max_downloads=max_downloads).pull(ref, plat)
     finally:
         registry.close()
 
@@ -86,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         progress: Progress = stack.enter_context(RichProgress()) if interactive else LogProgress()
         result = run_pull(args.image, address=args.address, namespace=args.namespace, snapshotter=args.snapshotter,
                           platform=args.platform, plain_http=args.plain_http, cri_labels=not args.no_cri_labels,
-                          progress=progress, timeout=args.timeout)
+                          progress=progress, timeout=args.timeout, max_downloads=args.max_concurrent_downloads)
     if args.json:
         print(json.dumps(result_json(result), indent=2))
     else:

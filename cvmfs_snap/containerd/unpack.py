@@ -14,10 +14,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -132,7 +134,8 @@ class Puller:
     """One pull of one image into one containerd namespace through one snapshotter."""
 
     def __init__(self, client: ContainerdClient, registry: RegistryAccess, snapshotter: str,
-                 progress: Progress | None = None, cri_labels: bool = True, cri_records: bool | None = None) -> None:
+                 progress: Progress | None = None, cri_labels: bool = True, cri_records: bool | None = None,
+                 max_downloads: int = 3) -> None:
         if not snapshotter:
             raise InvalidInputError("no snapshotter given: pass --snapshotter (e.g. cvmfs-snapshotter, overlayfs)")
         self.client = client
@@ -142,6 +145,13 @@ class Puller:
         self.cri_labels = cri_labels
         #: write the image records the way CRI does (default: in the k8s.io namespace)
         self.cri_records = client.namespace == CRI_NAMESPACE if cri_records is None else cri_records
+        if max_downloads < 1:
+            raise InvalidInputError(f"max downloads must be at least 1, got {max_downloads}")
+        #: blobs downloaded at once: the current layer's and, after a layer that is not served remotely, the next
+        #: ones (containerd does the same after the first local layer, for all remaining layers)
+        self.max_downloads = max_downloads
+        self._pool: ThreadPoolExecutor | None = None
+        self._prefetch: dict[int, Future[int]] = {}
 
     def pull(self, ref: ImageReference, platform: Platform | None = None) -> PullResult:
         t0 = time.monotonic()
@@ -156,8 +166,13 @@ class Puller:
             result = PullResult(name=name, snapshotter=self.snapshotter, target=image.target,
                                 manifest_digest=image.manifest.digest, config_digest=image.config.digest,
                                 chain_id=chains[-1] if chains else "", platform=str(image.platform))
-            for i in range(len(image.layers)):
-                result.layers.append(self._layer(image, chains, i))
+            self._pool = ThreadPoolExecutor(self.max_downloads - 1, thread_name_prefix="prefetch") \
+                if self.max_downloads > 1 else None
+            try:
+                for i in range(len(image.layers)):
+                    result.layers.append(self._layer(image, chains, i))
+            finally:
+                self._stop_prefetch()
             if chains:
                 self.client.update_content_labels(image.config.digest,
                                                   {L.GC_REF_SNAPSHOT + self.snapshotter: chains[-1]})
@@ -238,6 +253,7 @@ class Puller:
             return res
 
         if self.client.snapshot_stat(sn, chain) is not None:
+            self._forget_prefetch(i)
             return done(Outcome.PRESENT)
         labels = L.snapshot_labels(str(image.ref), image.manifest.digest, image.layers, i, chain, self.cri_labels)
         key = ""
@@ -255,6 +271,7 @@ class Puller:
                 info = self.client.snapshot_stat(sn, chain)
                 if info is not None:
                     log.debug("layer %s (%s) is served by snapshotter %s", desc.digest, chain, sn)
+                    self._forget_prefetch(i)
                     return done(Outcome.REMOTE)
                 log.debug("extraction snapshot %s exists but chain ID %s does not; retrying", key, chain)
         if mounts is None:
@@ -262,7 +279,12 @@ class Puller:
                 f"snapshotter {sn} answered AlreadyExists for layer {desc.digest} of {image.ref} but has no "
                 f"snapshot {chain}: check the snapshotter's log")
         try:
-            downloaded = self._fetch_layer(image.ref, desc, lambda n: self.progress.layer_bytes(i, n))
+            self._start_prefetch(image, i + 1)
+            fut = self._prefetch.pop(i, None)
+            if fut is not None:
+                downloaded = fut.result()
+            else:
+                downloaded = self._fetch_layer(image.ref, desc, lambda n: self.progress.layer_bytes(i, n))
             res.downloaded = downloaded
             applied = self.client.apply(desc, mounts)
             if applied.digest != diff_id:
@@ -278,6 +300,37 @@ class Puller:
             raise
         self.client.update_content_labels(desc.digest, {L.UNCOMPRESSED: diff_id})
         return done(Outcome.PULLED if downloaded else Outcome.CACHED)
+
+    def _start_prefetch(self, image: ResolvedImage, start: int) -> None:
+        """Download the blobs of the next layers in the background while this one is applied. Only called once a
+        layer turned out not to be served remotely: then the image is most likely not published, and the next
+        layers will be needed too."""
+        if self._pool is None:
+            return
+        for j in range(start, min(start + self.max_downloads - 1, len(image.layers))):
+            if j not in self._prefetch:
+                desc = image.layers[j]
+                self._prefetch[j] = self._pool.submit(
+                    self._fetch_layer, image.ref, desc, functools.partial(self.progress.layer_bytes, j))
+
+    def _forget_prefetch(self, i: int) -> None:
+        """Layer ``i`` needs no blob after all: cancel its download if it has not started."""
+        fut = self._prefetch.pop(i, None)
+        if fut is not None and not fut.cancel():
+            self._prefetch[i] = fut  # running: _stop_prefetch waits for it and reports it
+
+    def _stop_prefetch(self) -> None:
+        """Cancel the downloads not started, wait for the running ones (they hold content ingests)."""
+        pool, self._pool = self._pool, None
+        left, self._prefetch = self._prefetch, {}
+        for fut in left.values():
+            fut.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for j, fut in left.items():
+            if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result():
+                log.info("layer %d was downloaded ahead (%d bytes) but then not needed: it was served remotely "
+                         "or already unpacked", j + 1, fut.result())
 
     def _remove(self, key: str) -> None:
         with contextlib.suppress(CvmfsSnapError):

@@ -561,6 +561,22 @@ def normalize_path(raw: str, limits: Limits, where: str) -> str:
     return path
 
 
-def iter_layer(stream: Readable, limits: Limits | None = None, name: str = "layer") -> Iterator[TarEntry]:
-    """Checked members of an uncompressed layer tar (see :class:`TarReader`)."""
-    return iter(TarReader(stream, limits, name))
+def iter_layer(
+    stream: Readable, limits: Limits | None = None, name: str = "layer", *, check_structure: bool = True
+) -> Iterator[TarEntry]:
+    """Checked members of an uncompressed layer tar (see :class:`TarReader`).
+
+    With ``check_structure`` (the default) the layer is also checked as a whole, as a standalone layer, the way
+    ``apply_layer`` in ``layer`` mode would (no writing through its own symlinks, hardlinks only to its own
+    earlier files, sane whiteout names): for consumers that hand the tar to another tool instead of unpacking it.
+    """
+    from cvmfs_snap.layer.structure import StructureChecker
+
+    reader = TarReader(stream, limits, name)
+    if not check_structure:
+        yield from reader
+        return
+    checker = StructureChecker(limits, name)
+    for entry in reader:
+        checker.check(entry)
+        yield entry

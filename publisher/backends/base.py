@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import IntegrityError, InvalidInputError
@@ -264,13 +264,3 @@ def symlink_atomic(path: Path, target: str) -> None:
         os.unlink(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, path)
-
-
-def copy_stream(src: IO[bytes] | TarStream, dst: IO[bytes], bufsize: int = 1 << 20) -> int:
-    total = 0
-    while True:
-        chunk = src.read(bufsize)
-        if not chunk:
-            return total
-        dst.write(chunk)
-        total += len(chunk)

@@ -27,6 +27,7 @@ statuses decide success; stderr noise (dash's ``[[: not found``) is only logged.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -384,8 +385,6 @@ class CvmfsTransactionBackend(CvmfsBackend):
 
 
 def _origin_list(path: Path) -> list[str]:
-    import json
-
     try:
         data = json.loads(path.read_bytes())
         return [str(x) for x in data.get("origin", [])]

@@ -107,7 +107,7 @@ def compact_lowerdirs(options: list[str]) -> tuple[str | None, list[str]]:
     dirs = options[idx][len("lowerdir="):].split(":")
     if len(dirs) == 1:
         return None, options
-    common = os.path.commonprefix(dirs)
+    common = os.path.commonprefix(dirs)  # noqa: RUF071 - string prefix on purpose, as containerd does
     if not common:
         return None, options
     common = os.path.dirname(common)
@@ -185,9 +185,9 @@ def tree_listing(root: Path) -> dict[str, dict[str, Any]]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
-        names = [(rel_dir, None)] if rel_dir == "." else []
-        names += [(os.path.normpath(os.path.join(rel_dir, n)), n) for n in sorted(dirnames + filenames)]
-        for rel, _ in names:
+        rels = ["."] if rel_dir == "." else []
+        rels += [os.path.normpath(os.path.join(rel_dir, n)) for n in sorted(dirnames + filenames)]
+        for rel in rels:
             p = os.path.join(root, rel)
             st = os.lstat(p)
             mode = st.st_mode
@@ -220,9 +220,9 @@ def tree_listing(root: Path) -> dict[str, dict[str, Any]]:
                     inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
             rec["xattrs"] = _xattrs(p, stat.S_ISLNK(mode))
             entries[rel] = rec
-    for names in inodes.values():
-        for n in names:
-            entries[n]["hardlinks"] = sorted(names)
+    for same in inodes.values():
+        for n in same:
+            entries[n]["hardlinks"] = sorted(same)
     return entries
 
 
