@@ -2,7 +2,7 @@
 registry, with overlayfs (everything downloaded and unpacked) and with our snapshotter serving the published layers
 from a CVMFS-laid-out directory (nothing downloaded).
 
-    python bench/pull_containerd.py [--mib 64] [--reps 3]
+    python bench/pull_containerd.py [--mib 64] [--layers 1] [--reps 3]
 
 Prints one line per (method, snapshotter, repetition) with wall time and bytes fetched from the registry.
 """
@@ -48,11 +48,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=1, help="data layers the --mib are split into")
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="cs-bench-", dir="/tmp"))
     try:
-        data = layer(["data/", *[(f"data/r{i}", os.urandom(1 << 20)) for i in range(args.mib)]])
-        layers = [busybox_layer(), data]
+        per = max(1, args.mib // args.layers)
+        layers = [busybox_layer()] + [
+            layer([f"data{n}/", *[(f"data{n}/r{i}", os.urandom(1 << 20)) for i in range(per)]])
+            for n in range(args.layers)]
         img = image(layers)
         repo = d / "repo"
         lay = RepositoryLayout(repo)

@@ -140,7 +140,14 @@ class RichProgress:
         self._progress.console.print(f"{status}[/] {result.ref}")
 
 
+#: libraries whose INFO/DEBUG lines carry full request URLs: redirects to blob storage are pre-signed URLs whose
+#: query string is a credential, and such lines end up in journald and shared log collectors
+QUIET_LOGGERS = ("httpx", "httpcore")
+
+
 def _setup_logging(level: str, progress: RichProgress | None) -> None:
+    for name in QUIET_LOGGERS:  # even at --log-level debug: our own lines say which blob is being fetched
+        pass
     root = logging.getLogger()
     if root.handlers:
         root.setLevel(getattr(logging, level.upper(), logging.INFO))

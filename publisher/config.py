@@ -19,6 +19,11 @@ Example ``/etc/cvmfs-snap/publisher.yaml``::
       poll_interval: 300
       debounce: 5
       publish_on_miss_allow: ["registry.cern.ch/atlas/*"]
+      workers: 2
+      miss_cooldown: 60
+      miss_rate_per_minute: 30
+      shutdown_timeout: 30
+      # webhook_secret: better in the environment, CVMFS_SNAP_WEBHOOK_SECRET
 """
 
 from __future__ import annotations
@@ -50,6 +55,40 @@ class DaemonConfig:
     debounce: float = 5.0
     #: ``registry/repository`` globs the daemon may publish on demand (publish-on-miss); empty: none
     publish_on_miss_allow: list[str] = field(default_factory=list)
+    #: shared secret webhooks must send (``Authorization: Bearer <secret>``); None: taken from the environment
+    #: variable ``CVMFS_SNAP_WEBHOOK_SECRET``, and when that is unset too every webhook is accepted. Prefer the
+    #: environment (a systemd ``EnvironmentFile`` readable only by the publisher) over a world-readable file.
+    webhook_secret: str | None = None
+    #: images published side by side (layers inside each image overlap according to ``concurrency``)
+    workers: int = 2
+    #: seconds: a publish-on-miss request for an image tried less than this long ago is answered 429
+    miss_cooldown: float = 60.0
+    #: publish-on-miss requests queued per minute at most (token bucket); the others are answered 429
+    miss_rate_per_minute: float = 30.0
+    #: seconds in-flight images may take to finish after SIGTERM/SIGINT before they are abandoned
+    shutdown_timeout: float = 30.0
+
+    def validate(self, source: str = "configuration") -> None:
+        """Types and ranges, checked when the file is read (the daemon's own checks come too late for cron)."""
+        numbers = ("poll_interval", "debounce", "miss_cooldown", "miss_rate_per_minute", "shutdown_timeout")
+        for name in numbers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise InvalidInputError(f"{source}: daemon.{name} must be a number >= 0, got {value!r}")
+        if self.poll_interval <= 0:
+            raise InvalidInputError(f"{source}: daemon.poll_interval must be > 0, got {self.poll_interval!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise InvalidInputError(f"{source}: daemon.workers must be a positive integer, got {self.workers!r}")
+        if not isinstance(self.listen, str) or ":" not in self.listen:
+            raise InvalidInputError(f"{source}: daemon.listen must be host:port, got {self.listen!r}")
+        if self.webhook_secret is not None and (not isinstance(self.webhook_secret, str) or not self.webhook_secret):
+            raise InvalidInputError(f"{source}: daemon.webhook_secret must be a non-empty string")
+        if not isinstance(self.publish_on_miss_allow, list) or not all(
+            isinstance(g, str) for g in self.publish_on_miss_allow
+        ):
+            raise InvalidInputError(
+                f"{source}: daemon.publish_on_miss_allow must be a list of registry/repository globs"
+            )
 
 
 @dataclass
@@ -173,6 +212,7 @@ class PublisherConfig:
                 raise InvalidInputError(f"{source}: {name} must be a list of strings")
         if self.grace_period_days < 0:
             raise InvalidInputError(f"{source}: grace_period_days must not be negative")
+        self.daemon.validate(source)
 
     # -- derived ---------------------------------------------------------------------------------------------------
     def repository_root(self) -> Path:

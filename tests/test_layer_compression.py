@@ -168,3 +168,11 @@ def test_zstd_bomb_is_read_in_bounded_chunks(tmp_path: Path) -> None:
     assert res.size == st.st_size == 256 << 20
     assert st.st_blocks * 512 < 1 << 20  # all-zero chunks become holes
     assert peak < 24 << 20
+
+
+def test_diff_id_through_a_hashing_wrapper(tmp_path: Path) -> None:
+    from cvmfs_snap.layer import HashingReader
+
+    wrapped = HashingReader(io.BytesIO(TAR))
+    res = apply_layer(wrapped, tmp_path)
+    assert res.diff_id == wrapped.digest == _digest(TAR)

@@ -112,10 +112,35 @@ def test_config_file_and_flag_override(tmp_path: Path) -> None:
     assert load_config(gc_args).grace_period_days == 2.0 and gc_args.dry_run
 
 
+def test_config_file_with_every_daemon_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keys the daemon reads are accepted, typed and reach DaemonSettings; the secret may come from env."""
+    from publisher.daemon import WEBHOOK_SECRET_ENV, DaemonSettings
+
+    cfg = tmp_path / "publisher.yaml"
+    cfg.write_text(
+        "root: /srv/repo\ndaemon:\n  listen: 127.0.0.1:0\n  poll_interval: 60\n  debounce: 0.5\n"
+        "  publish_on_miss_allow: ['reg:5000/a/*']\n  webhook_secret: s3cret\n  workers: 3\n"
+        "  miss_cooldown: 10\n  miss_rate_per_minute: 5\n  shutdown_timeout: 7.5\n"
+    )
+    c = PublisherConfig.load(cfg)
+    d = c.daemon
+    assert (d.webhook_secret, d.workers, d.miss_cooldown, d.miss_rate_per_minute, d.shutdown_timeout) == (
+        "s3cret", 3, 10, 5, 7.5)
+    monkeypatch.setenv(WEBHOOK_SECRET_ENV, "from-env")
+    s = DaemonSettings.from_config(c)
+    assert (s.webhook_secret, s.workers, s.miss_cooldown, s.miss_rate_per_minute, s.shutdown_timeout) == (
+        "s3cret", 3, 10.0, 5.0, 7.5)  # the file wins over the environment
+    defaults = PublisherConfig.load(None)
+    assert defaults.daemon.webhook_secret is None and defaults.daemon.workers == 2
+    assert DaemonSettings.from_config(defaults).webhook_secret == "from-env"
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [("backend: nfs\n", "unknown backend"), ("colour: blue\n", "unknown setting"),
-     ("concurrency: 0\n", "positive"), ("daemon: {port: 1}\n", "unknown daemon setting")],
+     ("concurrency: 0\n", "positive"), ("daemon: {port: 1}\n", "unknown daemon setting"),
+     ("daemon: {workers: 0}\n", "daemon.workers"), ("daemon: {miss_cooldown: soon}\n", "daemon.miss_cooldown"),
+     ("daemon: {webhook_secret: ''}\n", "webhook_secret")],
 )
 def test_bad_config(tmp_path: Path, text: str, needle: str) -> None:
     p = tmp_path / "c.yaml"
@@ -172,6 +197,18 @@ def test_cli_convert_single_image_and_syntax(registry: Registry, tmp_path: Path)
 
     nobackend = _cli("convert-single-image", "x/y:1", "--backend", "cvmfs-ingest", "--root", str(root))
     assert nobackend.returncode == 2 and "--repo" in nobackend.stderr
+
+
+def test_cli_never_logs_request_urls(registry: Registry, tmp_path: Path) -> None:
+    """httpx logs every request URL at INFO (httpcore more at DEBUG); pre-signed blob URLs carry credentials in
+    their query, so the CLI keeps both libraries at WARNING even with --log-level debug."""
+    im.push_image(registry.url, "cli/quiet", "v1", im.image([base_layer("quiet")]))
+    r = _cli("convert-single-image", f"http://{registry.host}/cli/quiet:v1", "--root", str(tmp_path / "repo"),
+             "--log-level", "debug", "--skip-flat")
+    assert r.returncode == 0, r.stderr
+    assert "publisher" in r.stderr  # debug logging is on ...
+    assert "HTTP Request:" not in r.stderr and "/blobs/sha256:" not in r.stderr  # ... but no request URLs
+    assert " httpcore" not in r.stderr and " httpx:" not in r.stderr
 
 
 def test_parser_has_ducc_verbs() -> None:

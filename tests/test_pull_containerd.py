@@ -280,7 +280,7 @@ def test_proxy_snapshotter_not_running(registry: Registry, short_tmp: Path) -> N
 
 @pytest.mark.parametrize("max_downloads", [1, 3])
 def test_downloads_ahead_of_unpacking(fresh_registry: Registry, containerd: Containerd, max_downloads: int) -> None:
-    img = image([layer([(f"l{i}", bytes([i]) * 300_000)], "gzip") for i in range(5)])
+    img = image([layer([(f"l{i}", bytes([i + 10 * max_downloads]) * 300_000)]) for i in range(5)])
     repo = f"pull/ahead{max_downloads}"
     Pusher(fresh_registry.url).image(repo, "v1", img)
     ns = f"ahead{max_downloads}"
@@ -292,3 +292,23 @@ def test_downloads_ahead_of_unpacking(fresh_registry: Registry, containerd: Cont
         assert blob_gets(fresh_registry.log, lay.digest) == 1
     assert set(committed(containerd, "overlayfs", ns)) == set(L.chain_ids([x.diff_id for x in img.layers]))
     assert not active(containerd, "overlayfs", ns)
+
+
+def test_docker_media_types(registry: Registry, containerd: Containerd) -> None:
+    """Docker schema 2 manifests and manifest lists (what most registries still serve) work like OCI ones."""
+    amd = image([layer([("d", b"docker")])], docker=True)
+    arm = image([layer([("d", b"arm")])], architecture="arm64", docker=True)
+    list_digest = Pusher(registry.url).multiarch("pull/docker", "v1", [
+        (amd, {"os": "linux", "architecture": "amd64"}), (arm, {"os": "linux", "architecture": "arm64"})],
+        docker=True)
+    ref = registry.ref("pull/docker", "v1")
+    res = run_pull(ref, address=containerd.address, namespace="docker", snapshotter="overlayfs",
+                   platform="linux/amd64")
+    assert res.target.digest == list_digest
+    assert res.target.media_type == "application/vnd.docker.distribution.manifest.list.v2+json"
+    assert res.manifest_digest == amd.manifest_digest
+    with client(containerd, "docker") as c:
+        man = c.content_info(amd.manifest_digest)
+        assert man is not None and man.labels[L.GC_REF_CONTENT_CONFIG] == amd.config_digest
+        assert man.labels[L.GC_REF_CONTENT_LAYER + "0"] == amd.layers[0].digest
+    assert set(committed(containerd, "overlayfs", "docker")) == {amd.layers[0].diff_id}

@@ -10,19 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import shared_dir
 from tests.support.snapshotter_daemon import running_daemon
-
-_CANDIDATES = [
-    os.environ.get("CVMFS_SNAP_SHARED", ""),
-    str(Path(__file__).resolve().parents[1].parent / "shared"),
-    "/work/shared",
-]
 
 
 def harness() -> Path | None:
-    for base in _CANDIDATES:
-        if base and (Path(base) / "tools/snapshotter-conformance/run.sh").is_file():
-            return Path(base) / "tools/snapshotter-conformance/run.sh"
+    shared = shared_dir()
+    if shared is not None and (shared / "tools/snapshotter-conformance/run.sh").is_file():
+        return shared / "tools/snapshotter-conformance/run.sh"
     return None
 
 

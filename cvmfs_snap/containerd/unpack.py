@@ -38,7 +38,6 @@ from cvmfs_snap.oci import ImageReference, Platform
 
 log = logging.getLogger(__name__)
 
-COMMITTED = 3  # snapshots Kind.COMMITTED
 #: the containerd namespace the CRI plugin (Kubernetes) uses, and the label CRI puts on the images it manages
 CRI_NAMESPACE = "k8s.io"
 CRI_IMAGE_LABEL = "io.cri-containerd.image"
@@ -154,6 +153,9 @@ class Puller:
         self._prefetch: dict[int, Future[int]] = {}
 
     def pull(self, ref: ImageReference, platform: Platform | None = None) -> PullResult:
+        """Resolve ``ref`` for ``platform`` (default: this host's), store its index/manifest/config, unpack or
+        remotely mount every layer, then record the image. Raises cvmfs-snap errors; on failure nothing is left
+        but what the lease protected (collected by containerd once the lease is gone)."""
         t0 = time.monotonic()
         platform = platform or Platform.host()
         name = str(ref)

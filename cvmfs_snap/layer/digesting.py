@@ -57,6 +57,11 @@ class HashingReader:
         """``sha256:<hex>`` of everything read, or None before EOF (or when not hashing)."""
         return "sha256:" + self._hash.hexdigest() if self.eof and self._hashing else None
 
+    @property
+    def diff_id(self) -> str | None:
+        """The same as :attr:`digest`; lets a tar reader on top of this stream skip hashing it a second time."""
+        return self.digest
+
     def verify(self, expected: str, what: str) -> None:
         """Raise IntegrityError unless the stream ended and its digest is ``expected``."""
         got = self.digest

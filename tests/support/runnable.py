@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.support.images import BuiltImage, BuiltLayer, Entry, Pusher, image, layer
+from tests.support.paths import shared_dir
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "cat", "echo", "ls", "true", "test", "sleep", "id", "wc")
@@ -64,8 +65,10 @@ def push_runnable(registry_url: str, host: str, repo: str, tag: str = "v1", extr
 
 
 def goref_bin(tool: str) -> str | None:
-    """A go-reference tool (/work/shared/tools/go-reference) if built: $GOREF_BIN, its bin/, /tmp/go-reference/bin."""
-    for d in (os.environ.get("GOREF_BIN", ""), "/work/shared/tools/go-reference/bin", "/tmp/go-reference/bin"):
+    """A go-reference tool (shared/tools/go-reference) if built: $GOREF_BIN, its bin/, /tmp/go-reference/bin."""
+    shared = shared_dir()
+    in_shared = str(shared / "tools/go-reference/bin") if shared else ""
+    for d in (os.environ.get("GOREF_BIN", ""), in_shared, "/tmp/go-reference/bin"):
         if d and os.access(os.path.join(d, tool), os.X_OK):
             return os.path.join(d, tool)
     return shutil.which(tool)
