@@ -147,7 +147,7 @@ QUIET_LOGGERS = ("httpx", "httpcore")
 
 def _setup_logging(level: str, progress: RichProgress | None) -> None:
     for name in QUIET_LOGGERS:  # even at --log-level debug: our own lines say which blob is being fetched
-        pass
+        logging.getLogger(name).setLevel(logging.WARNING)
     root = logging.getLogger()
     if root.handlers:
         root.setLevel(getattr(logging, level.upper(), logging.INFO))
