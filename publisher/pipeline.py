@@ -43,6 +43,7 @@ from cvmfs_snap.oci import Descriptor, ImageReference, Index, Manifest, Platform
 from . import metrics
 from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, layers_json, merge_origin, new_record
 from .crashpoints import crash_point
+from .gc import gc_lock
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,12 @@ class _CountingReader:
 
 
 def arch_key(p: Platform) -> str:
-    """Directory name of one platform under ``.multiarch`` and the per-arch metadata: ``amd64``, ``arm64-v8``;
-    non-Linux platforms get the OS in front (``windows-amd64``)."""
-    key = p.architecture + (f"-{p.variant}" if p.variant else "")
+    """Directory name of one platform under ``.multiarch`` and the per-arch metadata: ``amd64``, ``arm64:v8``.
+
+    DUCC's spelling (``GetNameWithArch``: ``<arch>`` or ``<arch>:<variant>``), so the ``.multiarch/<arch>`` paths
+    users and DUCC-era scripts know keep working. DUCC ignores the OS; non-Linux platforms get it in front here
+    (``windows-amd64``) so that they cannot take the place of the Linux image of the same architecture."""
+    key = p.architecture + (f":{p.variant}" if p.variant else "")
     return key if p.os == "linux" else f"{p.os}-{key}"
 
 
@@ -143,6 +147,7 @@ class Publisher:
         skip_flat: bool = False,
         platforms: Sequence[str] | None = None,
         progress: ProgressSink | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.backend = backend
         self.client = client
@@ -157,6 +162,14 @@ class Publisher:
         self._inflight: dict[str, Future[str]] = {}
         self._image_locks: dict[str, threading.Lock] = {}
         self._backend_label = backend.name
+        #: where ``gc.lock`` lives (held shared while an image is published, so GC never sweeps under a publish);
+        #: by default the backend's state directory
+        sd = state_dir if state_dir is not None else getattr(backend, "state_dir", None)
+        self.state_dir: Path | None = Path(sd) if sd is not None else None
+        #: how long a publish waits for a running GC before the image fails with "garbage collection is running"
+        self.gc_lock_timeout = 3600.0
+        #: build flat trees from the published layer trees (no second download); False: from the registry
+        self.flat_from_tree = True
         #: clients passed in belong to the caller; the one from_config makes is ours to close
         self._owns_client = False
 
@@ -167,7 +180,7 @@ class Publisher:
         backend.recover()
         pub = cls(
             backend, config.make_client(), concurrency=config.concurrency, skip_flat=config.skip_flat,
-            platforms=config.platforms, progress=progress,
+            platforms=config.platforms, progress=progress, state_dir=config.effective_state_dir(),
         )
         pub._owns_client = True
         return pub
@@ -202,7 +215,7 @@ class Publisher:
             if isinstance(ref, str):
                 ref = ImageReference.parse(ref)
             name = str(ref)
-            with self._image_lock(name):
+            with self._image_lock(name), self._gc_shared():
                 result = self._publish(ref)
         except CvmfsSnapError as exc:
             result = ImageResult(ref=name, ok=False, error=str(exc))
@@ -231,6 +244,18 @@ class Publisher:
         with self._lock:
             lock = self._image_locks.setdefault(name, threading.Lock())
         with lock:
+            yield
+
+    @contextmanager
+    def _gc_shared(self) -> Iterator[None]:
+        """Hold ``<state_dir>/gc.lock`` shared for one image, so ``gc`` (exclusive) never sweeps while layers it
+        would consider unreferenced are being published or reused. ``flock`` shared locks taken on separate file
+        descriptions coexist, so the daemon holding its own shared lock around this call cannot deadlock, and GC
+        polls for its exclusive lock instead of queueing ahead of new shared holders."""
+        if self.state_dir is None:
+            yield
+            return
+        with gc_lock(self.state_dir, exclusive=False, timeout=self.gc_lock_timeout):
             yield
 
     @staticmethod
@@ -290,10 +315,8 @@ class Publisher:
         if not self.skip_flat:
             for p in plats:
                 if not self.backend.has_flat(p.config_digest):
-                    openers = [self._opener(ref, d) for d in p.manifest.layers]
                     with self._heavy:
-                        log.info("%s: building flat root filesystem %s", ref, p.config_digest)
-                        self.backend.publish_flat(p.config_digest, openers)
+                        self._build_flat(ref, p)
 
         self._commit_metadata(ref, obj, plats, old)
         metrics.IMAGES_PUBLISHED.labels(self._backend_label).inc()
@@ -376,6 +399,49 @@ class Publisher:
     def _opener(self, ref: ImageReference, desc: Descriptor) -> LayerOpener:
         return lambda: self._open_layer(ref, desc)
 
+    # -- flat trees ------------------------------------------------------------------------------------------------
+    def _build_flat(self, ref: ImageReference, p: _Platform) -> None:
+        """Build one flat tree, each layer read from its published tree when this host can read it (no second
+        download), else from the registry. Should reading or applying a published tree fail, the flat is rebuilt
+        from the registry alone: a flat must not depend on a tree that may be damaged."""
+        failed: list[BaseException] = []
+        openers: list[LayerOpener] = []
+        from_tree = 0
+        for desc in p.manifest.layers:
+            tree = self.backend.layer_tree(desc.digest) if self.flat_from_tree else None
+            if tree is None:
+                openers.append(self._opener(ref, desc))
+            else:
+                openers.append(self._tree_opener(tree, desc.digest, failed))
+                from_tree += 1
+        log.info("%s: building flat root filesystem %s (%d of %d layers from the repository, %d from the "
+                 "registry)", ref, p.config_digest, from_tree, len(openers), len(openers) - from_tree)
+        try:
+            self.backend.publish_flat(p.config_digest, openers)
+            return
+        except (CvmfsSnapError, OSError) as exc:
+            if not failed:
+                raise
+            log.warning("%s: building flat %s from the published layer trees failed (%s); fetching its layers "
+                        "from the registry instead", ref, p.config_digest, exc)
+        self.backend.publish_flat(p.config_digest, [self._opener(ref, d) for d in p.manifest.layers])
+
+    def _tree_opener(self, tree: Path, digest: str, failed: list[BaseException]) -> LayerOpener:
+        from .layertree import open_layer_tree
+
+        user_xattrs = not self.backend.reads_through_cvmfs
+
+        @contextmanager
+        def opened() -> Iterator[TarStream]:
+            try:
+                with open_layer_tree(tree, user_xattrs=user_xattrs, name=f"layer {digest}") as stream:
+                    yield stream
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+
+        return opened
+
     def _do_layer(self, ref: ImageReference, desc: Descriptor, diff_id: str, cfg: str) -> str:
         digest = desc.digest
         if self.backend.has_layer(digest):
@@ -426,10 +492,17 @@ class Publisher:
         registry, repository, tag = self._names(ref)
         records = [rec]
         if rec.index_digest:
-            records = [r for r in (self._read_image_record(p) for p in meta_dir.iterdir() if p.is_dir())
-                       if r is not None]
+            subs = [(p.name, self._read_image_record(p)) for p in meta_dir.iterdir() if p.is_dir()]
+            records = [r for _name, r in subs if r is not None]
             if not records:
                 return False
+            for name, r in subs:
+                # a directory named otherwise than arch_key names it today (``arm64-v8`` before the DUCC spelling
+                # ``arm64:v8``): republish, which renames the metadata and the ``.multiarch`` link
+                if r is None or not r.platform or arch_key(Platform.parse(r.platform)) != name:
+                    return False
+                if not self.skip_flat and not self.layout.multiarch_link(name, registry, repository, tag).is_dir():
+                    return False
         for r in records:
             if not all(self.layout.is_layer_complete(d) for d in r.layers):
                 return False

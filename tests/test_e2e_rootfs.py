@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.containerd import labels as L
+from cvmfs_snap.layout import RepositoryLayout
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.e2e import (
     PLUGIN,
@@ -38,7 +39,7 @@ from tests.support.images import BuiltLayer, Entry, Pusher, image, layer
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, require_busybox
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 #: security.capability of `setcap cap_net_bind_service=ep`: VFS_CAP_REVISION_2 | effective, permitted bit 10
 CAP_NET_BIND_SERVICE = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")
@@ -121,9 +122,11 @@ class BothPulls:
 
 
 @contextmanager
-def published_and_native(registry: Registry, tmp: Path, name: str, layers: list[BuiltLayer]) -> Iterator[BothPulls]:
+def published_and_native(registry: Registry, tmp: Path, name: str, layers: list[BuiltLayer],
+                         ducc: bool = False) -> Iterator[BothPulls]:
     """Push and publish an image, pull it through our snapshotter (every layer must be served remotely, no blob
-    downloaded) and natively into a second containerd; list both root filesystems."""
+    downloaded) and natively into a second containerd; list both root filesystems. ``ducc``: remove our
+    layer.json files after publishing, leaving the layers as DUCC does (the snapshotter scans them for whiteouts)."""
     img = image(layers, cmd=("/bin/sh",))
     p = Pusher(registry.url)
     try:
@@ -133,6 +136,11 @@ def published_and_native(registry: Registry, tmp: Path, name: str, layers: list[
     ref = registry.ref(name, "v1")
     repo = tmp / "cvmfs"
     publish(repo, ref, insecure_host=registry.host)
+    if ducc:
+        layout = RepositoryLayout(repo)
+        for lay in layers:
+            layout.layer_json(lay.digest).unlink()
+            assert layout.is_layer_complete(lay.digest)
     top_chain = L.chain_ids([lay.diff_id for lay in layers])[-1]
     with node(tmp / "n", repo) as n, start_containerd(tmp / "nat") as native:
         mark = log_mark(registry.log)
@@ -150,9 +158,11 @@ def published_and_native(registry: Registry, tmp: Path, name: str, layers: list[
         assert "Traceback" not in n.log()
 
 
-def test_rootfs_identical_to_native_pull(fresh_registry: Registry, short_tmp: Path) -> None:
+@pytest.mark.parametrize("layout", ["layer.json", "ducc"])
+def test_rootfs_identical_to_native_pull(fresh_registry: Registry, short_tmp: Path, layout: str) -> None:
+    """``layer.json``: as our publisher leaves layers; ``ducc``: without layer.json, as DUCC leaves them."""
     require_busybox()
-    with published_and_native(fresh_registry, short_tmp, "e2e/rootfs", tricky_image()) as both:
+    with published_and_native(fresh_registry, short_tmp, "e2e/rootfs", tricky_image(), ducc=layout == "ducc") as both:
         ours, theirs, n = both.ours, both.theirs, both.node
         # the comparison is only as good as the image: make sure the tricky entries are really there
         assert theirs["re"]["sha256"] != "" and theirs["f2d"]["type"] == "dir" and theirs["d2f"]["type"] == "file"
@@ -168,6 +178,8 @@ def test_rootfs_identical_to_native_pull(fresh_registry: Registry, short_tmp: Pa
         assert differences == [], "\n".join(differences[:40])
         hidden = [k for k in ours if k.rsplit("/", 1)[-1].startswith(".wh.") or k.endswith(".cvmfscatalog")]
         assert hidden == []
+        # the DUCC variant really went through the scan of the layer trees
+        assert ("published by DUCC?" in n.log()) == (layout == "ducc")
 
         # the image runs with runc on our snapshotter, and a deleted path is gone inside the container
         r = n.containerd.ctr("run", "--rm", "--snapshotter", PLUGIN, both.ref, "e2e-rootfs-run", "/bin/sh", "-c",

@@ -13,7 +13,7 @@ from tests.support.images import BuiltImage, Pusher, image
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, data_layer, require_busybox
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 UNAVAILABLE_LINE = "is unavailable"
 

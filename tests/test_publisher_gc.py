@@ -217,7 +217,7 @@ def test_gc_removes_multiarch_flats_and_links_of_a_dropped_image(tmp_path: Path,
     repo.publish(registry.ref("gc/multi", "v1"), registry.ref("gc/keep", "v1"))
     links = [repo.link("gc/multi", "v1"),
              repo.layout.multiarch_link("amd64", registry.host, "gc/multi", "v1"),
-             repo.layout.multiarch_link("arm64-v8", registry.host, "gc/multi", "v1")]
+             repo.layout.multiarch_link("arm64:v8", registry.host, "gc/multi", "v1")]
     assert all(link.is_symlink() for link in links)
 
     subprocess.run(["rm", "-r", str(repo.meta("gc/multi", "v1"))], check=True)

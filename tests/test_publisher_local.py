@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,15 +139,16 @@ def test_multiarch_all_platforms_and_restriction(registry: Registry, client: Reg
         res = pub.publish_image(registry.ref("pub/multiarch", "v1"))
     assert res.ok, res.error
     assert res.manifest_digest == idx_digest
-    assert sorted(res.platforms) == ["amd64", "arm64-v8", "ppc64le"]
+    assert sorted(res.platforms) == ["amd64", "arm64:v8", "ppc64le"]  # DUCC's <arch>:<variant>
     layout = RepositoryLayout(root)
     meta = layout.image_metadata_dir(registry.host, "pub/multiarch", "v1")
     assert json.loads((meta / "index.json").read_text())["manifests"]
-    for key, img in (("amd64", amd), ("arm64-v8", arm), ("ppc64le", ppc)):
+    for key, img in (("amd64", amd), ("arm64:v8", arm), ("ppc64le", ppc)):
         assert (meta / key / "manifest.json").read_bytes() == img.manifest
         link = layout.multiarch_link(key, registry.host, "pub/multiarch", "v1")
         assert link.resolve() == layout.flat_dir(img.config_digest).resolve()
-        assert (link / "etc/motd").read_text() == f"hello {key.split('-')[0]}\n"
+        assert (link / "etc/motd").read_text() == f"hello {key.split(':')[0]}\n"
+        assert str(link.relative_to(root)).startswith(f".multiarch/{key}/{registry.host}/")
     # the plain name points at amd64 even though arm64 comes first in the index
     public = layout.public_link(registry.host, "pub/multiarch", "v1")
     assert public.resolve() == layout.flat_dir(amd.config_digest).resolve()
@@ -157,12 +160,42 @@ def test_multiarch_all_platforms_and_restriction(registry: Registry, client: Reg
     with pub2:
         res2 = pub2.publish_image(registry.ref("pub/multiarch", "v1"))
     assert res2.ok, res2.error
-    assert res2.platforms == ["arm64-v8"]
+    assert res2.platforms == ["arm64:v8"]
     assert set(be2.calls) == {arm.layers[0].digest}
     layout2 = RepositoryLayout(root2)
     assert layout2.public_link(registry.host, "pub/multiarch", "v1").resolve() == (
         layout2.flat_dir(arm.config_digest).resolve()
     )
+
+
+def test_multiarch_names_of_earlier_versions_are_renamed(
+    registry: Registry, client: RegistryClient, tmp_path: Path
+) -> None:
+    """Repositories published before the DUCC spelling (``arm64-v8``) are renamed on the next run."""
+    amd = im.image([base_layer("ren-amd")], architecture="amd64")
+    arm = im.image([base_layer("ren-arm")], architecture="arm64", variant="v8")
+    im.Pusher(registry.url).multiarch("pub/rename", "v1", [(amd, {"os": "linux", "architecture": "amd64"}),
+                                       (arm, {"os": "linux", "architecture": "arm64", "variant": "v8"})])
+    root = tmp_path / "repo"
+    layout = RepositoryLayout(root)
+    ref = registry.ref("pub/rename", "v1")
+    meta = layout.image_metadata_dir(registry.host, "pub/rename", "v1")
+    new_link = layout.multiarch_link("arm64:v8", registry.host, "pub/rename", "v1")
+    old_link = layout.multiarch_link("arm64-v8", registry.host, "pub/rename", "v1")
+    pub, _ = publisher(root, client)
+    with pub:
+        assert pub.publish_image(ref).ok
+        os.rename(meta / "arm64:v8", meta / "arm64-v8")  # what an earlier version wrote
+        old_link.parent.mkdir(parents=True)
+        os.rename(new_link, old_link)
+        assert old_link.is_dir()
+        res = pub.publish_image(ref)
+        assert res.ok and not res.unchanged and res.layers_published == 0, res
+        assert pub.publish_image(ref).unchanged
+    assert sorted(p.name for p in meta.iterdir() if p.is_dir()) == ["amd64", "arm64:v8"]
+    assert new_link.resolve() == layout.flat_dir(arm.config_digest).resolve()
+    assert not old_link.is_symlink()
+    assert check_invariants(root) == []
 
 
 def test_idempotent_and_moved_tag(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
@@ -334,3 +367,218 @@ def test_multiarch_tag_loses_a_platform(registry: Registry, client: RegistryClie
     scheduled = [e[SCHEDULE_KEY]["config_digest"] for e in read_remove_schedule(root)]
     assert scheduled == [arm.config_digest]  # amd64 is still in use, only arm64 goes to GC
     assert check_invariants(root) == []
+
+
+# -- flat trees from the published layer trees (one download per blob) ------------------------------------------
+def rich_layers() -> list[im.BuiltLayer]:
+    """Layers exercising what a flat must get right: owners, modes, times, hard links, symlinks, xattrs, devices,
+    whiteouts, opaque directories, a directory replaced by a file and a file by a directory."""
+    E = im.Entry
+    bottom = im.layer([
+        E("etc", type="dir", mode=0o755), ("etc/passwd", b"root:x:0:0\n"), ("etc/motd", b"bottom\n"),
+        E("srv", type="dir", mode=0o750, uid=33, gid=33, mtime=1_600_000_000),
+        E("srv/data.bin", data=bytes(range(256)) * 64, mode=0o640, uid=33, gid=33, mtime=1_600_000_001),
+        E("srv/link-to-data", type="hardlink", linkname="srv/data.bin"),
+        E("usr", type="dir"), E("usr/bin", type="dir"),
+        E("usr/bin/tool", data=b"#!/bin/sh\n", mode=0o4755, pax={"SCHILY.xattr.user.origin": "bottom"}),
+        E("usr/bin/alias", type="symlink", linkname="tool"),
+        E("dev", type="dir"), E("dev/null", type="char", devmajor=1, devminor=3, mode=0o666),
+        E("var", type="dir"), E("var/cache", type="dir"), ("var/cache/a", b"a"), ("var/cache/b", b"b"),
+        E("opt", type="dir"), E("opt/was-dir", type="dir"), ("opt/was-dir/inner", b"x"), ("opt/was-file", b"f"),
+        E("empty", type="dir", mode=0o700),
+    ], codec="gzip")
+    middle = im.layer([
+        E("etc", type="dir"), E("etc/.wh.motd"), ("etc/hostname", b"middle\n"),
+        E("var", type="dir"), E("var/cache", type="dir"), E("var/cache/.wh..wh..opq"), ("var/cache/c", b"c"),
+        E("opt", type="dir"), E("opt/was-dir", data=b"now a file\n"),
+        E("opt/was-file", type="dir", mode=0o711), ("opt/was-file/child", b"child"),
+    ], codec="zstd")
+    top = im.layer([
+        E("usr", type="dir"), E("usr/bin", type="dir"), E("usr/bin/.wh.alias"),
+        E("srv", type="dir", mode=0o750, uid=33, gid=33, mtime=1_600_000_000),
+        E("srv/data.bin", data=b"replaced", mode=0o600, uid=33, gid=33),
+    ], codec="plain")
+    return [bottom, middle, top]
+
+
+def describe(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything of a tree a container could notice: type, mode, owner, mtime, content/target/device, xattrs,
+    and which paths share an inode (hard links)."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, list[str]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = os.lstat(p)
+            if os.path.islink(p):
+                what: object = os.readlink(p)
+            elif p.is_file():
+                what = p.read_bytes()
+                inodes.setdefault(st.st_ino, []).append(rel)
+            else:
+                what = st.st_rdev
+            xattrs = {} if os.path.islink(p) else {k: os.getxattr(p, k) for k in os.listxattr(p)}
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns if not p.is_dir() else None, what, xattrs)
+    for group in inodes.values():
+        for rel in group:
+            out[rel] = (*out[rel], tuple(sorted(group)))
+    return out
+
+
+def test_flat_from_layer_trees_equals_flat_from_registry(
+    registry: Registry, client: RegistryClient, tmp_path: Path
+) -> None:
+    img = im.image(rich_layers())
+    im.push_image(registry.url, "pub/rich", "v1", img)
+    flats = []
+    for from_tree in (True, False):
+        root = tmp_path / ("tree" if from_tree else "registry")
+        pub, _ = publisher(root, client)
+        pub.flat_from_tree = from_tree
+        with pub:
+            res = pub.publish_image(registry.ref("pub/rich", "v1"))
+        assert res.ok, res.error
+        flats.append(RepositoryLayout(root).flat_dir(img.config_digest))
+    tree_flat, registry_flat = (describe(f) for f in flats)
+    assert tree_flat.pop(".cvmfscatalog")[4] == registry_flat.pop(".cvmfscatalog")[4] == b""  # made when built
+    assert tree_flat == registry_flat
+    # and the flat is what overlay semantics say, not just the same mistake twice
+    assert "etc/motd" not in tree_flat and tree_flat["etc/hostname"][4] == b"middle\n"
+    assert sorted(os.listdir(flats[0] / "var/cache")) == ["c"]
+    assert (flats[0] / "opt/was-dir").read_bytes() == b"now a file\n"
+    assert sorted(os.listdir(flats[0] / "opt/was-file")) == ["child"]
+    assert "usr/bin/alias" not in tree_flat and (flats[0] / "srv/data.bin").read_bytes() == b"replaced"
+    assert (flats[0] / "srv/link-to-data").read_bytes() == bytes(range(256)) * 64  # the old inode stays linked
+    assert tree_flat["usr/bin/tool"][0] & 0o7777 == 0o4755
+    assert not any(".wh." in p or ".cvmfscatalog" in p for p in tree_flat)
+    assert tree_flat["usr/bin/tool"][5] == {"user.origin": b"bottom"}
+
+
+def _blob_gets(log: Path) -> Counter[str]:
+    found: Counter[str] = Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.search(r'"GET /v2/[^ "]+/blobs/(sha256:[0-9a-f]{64}) HTTP', line)
+        if m:
+            found[m.group(1)] += 1
+    return found
+
+
+def _settled_blob_gets(log: Path, expected_total: int) -> Counter[str]:
+    """The registry writes its access log after answering; wait (bounded) until the lines are there."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = _blob_gets(log)
+        if sum(found.values()) >= expected_total or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_publish_fetches_each_blob_once(fresh_registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    layers = rich_layers()
+    img = im.image(layers)
+    im.push_image(fresh_registry.url, "once/rich", "v1", img)
+    root = tmp_path / "repo"
+    pub, _ = publisher(root, client)
+    with pub:
+        res = pub.publish_image(fresh_registry.ref("once/rich", "v1"))
+        assert res.ok, res.error
+        gets = _settled_blob_gets(fresh_registry.log, len(layers) + 1)
+        assert gets == Counter({**{lay.digest: 1 for lay in layers}, img.config_digest: 1})
+
+        # a second image on top of the same layers: only its new layer and config are fetched
+        extra = im.layer([("extra.txt", b"extra\n")], codec="gzip")
+        img2 = im.image([*layers, extra])
+        im.push_image(fresh_registry.url, "once/more", "v1", img2)
+        res2 = pub.publish_image(fresh_registry.ref("once/more", "v1"))
+        assert res2.ok and res2.layers_skipped == len(layers) and res2.layers_published == 1, res2
+        gets = _settled_blob_gets(fresh_registry.log, len(layers) + 3)
+    assert gets == Counter({**{lay.digest: 1 for lay in layers}, img.config_digest: 1,
+                            extra.digest: 1, img2.config_digest: 1})
+    flat2 = RepositoryLayout(root).flat_dir(img2.config_digest)
+    assert (flat2 / "extra.txt").read_bytes() == b"extra\n" and not (flat2 / "etc/motd").exists()
+    assert check_invariants(root) == []
+
+
+
+class VanishingTreeBackend(LocalBackend):
+    """The real local backend, but the published trees it offers for flats are gone when they are read."""
+
+    def layer_tree(self, digest: str) -> Path | None:
+        tree = super().layer_tree(digest)
+        return None if tree is None else tree.with_name("vanished")
+
+
+def test_flat_falls_back_to_registry_when_a_tree_cannot_be_read(
+    fresh_registry: Registry, client: RegistryClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base, top = base_layer("vanish"), top_layer("gzip")
+    img = im.image([base, top])
+    im.push_image(fresh_registry.url, "once/vanish", "v1", img)
+    root = tmp_path / "repo"
+    with Publisher(VanishingTreeBackend(root), client) as pub:
+        res = pub.publish_image(fresh_registry.ref("once/vanish", "v1"))
+    assert res.ok, res.error
+    assert "fetching its layers from the registry instead" in caplog.text and "vanished" in caplog.text
+    flat = RepositoryLayout(root).flat_dir(img.config_digest)
+    assert (flat / "opt/app/new.txt").read_bytes() == b"new\n" and not (flat / "etc/motd").exists()
+    gets = _settled_blob_gets(fresh_registry.log, 5)
+    assert gets[base.digest] == gets[top.digest] == 2  # once for the layers, once for the rebuilt flat
+    assert check_invariants(root) == [] and os.listdir(root / STAGING_DIR) == []
+
+
+# -- the GC lock ---------------------------------------------------------------------------------------------------
+class HoldingProgress:
+    """A progress sink that holds the first layer until released, to look at a publish from outside."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def layer_started(self, digest: str, size: int) -> None:
+        self.started.set()
+        assert self.release.wait(60)
+
+    def layer_advanced(self, digest: str, nbytes: int) -> None:
+        pass
+
+    def layer_finished(self, digest: str, ok: bool) -> None:
+        pass
+
+    def image_finished(self, result: object) -> None:
+        pass
+
+
+def test_publish_holds_the_gc_lock_shared(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cvmfs_snap.errors import UnavailableError
+    from publisher.config import PublisherConfig
+    from publisher.gc import gc_lock
+
+    im.push_image(registry.url, "pub/gclock", "v1", im.image([base_layer("gclock")]))
+    im.push_image(registry.url, "pub/gclock", "v2", im.image([base_layer("gclock2")]))
+    root = tmp_path / "repo"
+    config = PublisherConfig(root=str(root), insecure_registries=[registry.host])
+    progress = HoldingProgress()
+    with Publisher.from_config(config, progress=progress) as pub, ThreadPoolExecutor(1) as ex:
+        state = config.effective_state_dir()
+        assert pub.state_dir == state  # `convert` and `convert-single-image` go through from_config
+        fut = ex.submit(pub.publish_image, registry.ref("pub/gclock", "v1"))
+        try:
+            assert progress.started.wait(60)
+            with pytest.raises(UnavailableError, match="publishing is running"), \
+                    gc_lock(state, exclusive=True, timeout=0.3):
+                pass
+            with gc_lock(state, exclusive=False, timeout=1):  # the daemon's own shared lock coexists
+                pass
+        finally:
+            progress.release.set()
+        assert fut.result(60).ok
+    with gc_lock(state, exclusive=True, timeout=5):  # released once the image is done
+        # ... and while GC holds it, a publish waits for it, then fails saying why
+        with Publisher.from_config(config) as pub2:
+            pub2.gc_lock_timeout = 0.5
+            res = pub2.publish_image(registry.ref("pub/gclock", "v2"))
+    assert not res.ok and "garbage collection is running" in res.error
+    assert not RepositoryLayout(root).image_metadata_dir(registry.host, "pub/gclock", "v2").exists()

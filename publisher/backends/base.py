@@ -103,6 +103,20 @@ class Backend(ABC):
     def has_flat(self, config_digest: str) -> bool:
         return self.layout.flat_dir(config_digest).is_dir()
 
+    #: the repository is read through a CVMFS client mount, which lists magic ``user.*`` xattrs on every file
+    reads_through_cvmfs: ClassVar[bool] = False
+
+    def layer_tree(self, digest: str) -> Path | None:
+        """The published ``layerfs`` of a complete layer when this host can read it, else None.
+
+        Flat trees are built from these trees instead of downloading the layers a second time; a layer whose tree
+        is not readable here (a publisher node without the repository mounted) is fetched from the registry.
+        """
+        path = self.layout.layerfs(digest)
+        if self.has_layer(digest) and os.access(path, os.R_OK | os.X_OK):
+            return path
+        return None
+
     @abstractmethod
     def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
         """Unpack (or ingest) one layer's decompressed tar with its metadata; visible only when complete.

@@ -173,6 +173,8 @@ class DirectTxn(Txn):
 class CvmfsBackend(Backend):
     """What both ``cvmfs_server`` backends share: the lock, transactions, the flat tree, recovery."""
 
+    reads_through_cvmfs = True
+
     def __init__(self, root: str | os.PathLike[str], repo: str, *, cvmfs_server: str = "cvmfs_server",
                  state_dir: str | os.PathLike[str], lease_path: str | None = None) -> None:
         self.root = Path(root)

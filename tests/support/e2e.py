@@ -1,4 +1,4 @@
-"""Helpers for the node end-to-end tests (tests/test_e2e_*.py) and the benchmarks in bench/.
+"""Helpers for the node end-to-end tests (tests/test_e2e_*.py).
 
 The whole data path with real processes: publish an image with ``cvmfs-snap-publisher convert-single-image --backend
 local`` into a directory that stands for ``/cvmfs/<repo>``, run ``cvmfs-snap snapshotter`` as a proxy plugin of a
@@ -18,7 +18,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,3 +276,13 @@ def blob_bytes_after(log: Path, mark: int) -> tuple[int, int]:
             if len(rest) >= 2 and rest[1].isdigit():
                 total += int(rest[1])
     return count, total
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until it is true. For effects containerd applies asynchronously (its garbage collector removes
+    snapshots from the backend some time after a container is deleted)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.1)
