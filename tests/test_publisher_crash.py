@@ -101,7 +101,7 @@ def _content(root: Path) -> dict[str, str]:
 @pytest.mark.parametrize(
     "point",
     ["layer-unpacked:1", "layer-visible:1", "layer-visible:3", "image-layers-done:1", "flat-built:1",
-     "txn-op:1", "txn-op:4", "txn-op:9"],
+     "txn-op:1", "txn-op:4", "txn-op:9", "atomic-write:1", "atomic-write:14"],
 )
 def test_kill_at_named_point_then_rerun(
     point: str, tmp_path: Path, registry: Registry, images: list[tuple[str, str, im.BuiltImage]],

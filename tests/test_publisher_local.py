@@ -575,10 +575,9 @@ def test_publish_holds_the_gc_lock_shared(registry: Registry, client: RegistryCl
         finally:
             progress.release.set()
         assert fut.result(60).ok
-    with gc_lock(state, exclusive=True, timeout=5):  # released once the image is done
-        # ... and while GC holds it, a publish waits for it, then fails saying why
-        with Publisher.from_config(config) as pub2:
-            pub2.gc_lock_timeout = 0.5
-            res = pub2.publish_image(registry.ref("pub/gclock", "v2"))
+    # released once the image is done; and while GC holds it, a publish waits for it, then fails saying why
+    with gc_lock(state, exclusive=True, timeout=5), Publisher.from_config(config) as pub2:
+        pub2.gc_lock_timeout = 0.5
+        res = pub2.publish_image(registry.ref("pub/gclock", "v2"))
     assert not res.ok and "garbage collection is running" in res.error
     assert not RepositoryLayout(root).image_metadata_dir(registry.host, "pub/gclock", "v2").exists()

@@ -273,6 +273,19 @@ def test_layer_removed_from_repository(repo: tuple[Path, BuiltLayer], tmp_path: 
         src.lowerdirs(lay.digest)
 
 
+def test_repository_gone_is_unavailable_not_missing_layer(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    """Within the health cache's lifetime the repository vanishes: Mounts must say "repository unavailable", never
+    "layer no longer published, pull again" (wrong advice during a CVMFS outage), and work again once it is back."""
+    root, lay = repo
+    src = CvmfsSource(root, tmp_path / "state", health_ttl=3600)
+    first = src.lowerdirs(lay.digest)
+    root.rename(tmp_path / "away")
+    with pytest.raises(UnavailableError, match="not available"):
+        src.lowerdirs(lay.digest)
+    (tmp_path / "away").rename(root)
+    assert src.lowerdirs(lay.digest) == first
+
+
 @pytest.mark.timeout(60)
 def test_hung_repository_does_not_block(short_tmp: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A FUSE mount that never answers: lookups come back (None), Mounts fail with UnavailableError, and stuck

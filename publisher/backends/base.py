@@ -35,6 +35,8 @@ from cvmfs_snap import __version__
 from cvmfs_snap.errors import IntegrityError, InvalidInputError
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 
+from ..crashpoints import crash_point
+
 log = logging.getLogger(__name__)
 
 
@@ -254,26 +256,30 @@ class RepoLock:
             os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a file next to its final name, fsync, rename: readers never see a partial file."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
+    """Write a file next to its final name (or in ``tmp_dir``, a scratch directory on the same filesystem that
+    recovery cleans, so a run killed mid-write leaves no stray file in the tree), fsync, rename: readers never
+    see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = (tmp_dir or path.parent) / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.chmod(tmp, mode)
+    crash_point("atomic-write")
     os.replace(tmp, path)
 
 
-def symlink_atomic(path: Path, target: str) -> None:
-    """Replace ``path`` with a symlink to ``target`` in one rename (no moment without the link)."""
+def symlink_atomic(path: Path, target: str, tmp_dir: Path | None = None) -> None:
+    """Replace ``path`` with a symlink to ``target`` in one rename (no moment without the link); ``tmp_dir`` as
+    for :func:`write_atomic`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir() and not path.is_symlink():
         raise InvalidInputError(
             f"{path} is a directory, not a symlink; refusing to replace it with a link (remove it by hand if stale)"
         )
-    tmp = path.parent / f".{path.name}.lnk-{os.getpid()}-{threading.get_ident()}"
+    tmp = (tmp_dir or path.parent) / f".{path.name}.lnk-{os.getpid()}-{threading.get_ident()}"
     with suppress(FileNotFoundError):
         os.unlink(tmp)
     os.symlink(target, tmp)

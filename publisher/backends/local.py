@@ -175,18 +175,25 @@ class LocalTxn(Txn):
         self.ops.append(_Op("mkdir", check_relpath(relpath)))
 
     def commit(self) -> None:
-        for op in self.ops:
-            crash_point("txn-op")
-            path = self.root / op.relpath
-            if op.kind == "write":
-                write_atomic(path, op.data)
-            elif op.kind == "symlink":
-                symlink_atomic(path, op.target)
-            elif op.kind == "mkdir":
-                path.mkdir(parents=True, exist_ok=True)
-            elif op.kind == "remove":
-                remove_atomic(path, self.remove_into)
-        self.ops.clear()
+        # temporary files and links are made in a staging directory (same filesystem, removed by ``recover`` if
+        # we are killed), never beside their final names where a kill would leave them in the published tree
+        scratch = self.remove_into() if self.ops else None
+        try:
+            for op in self.ops:
+                crash_point("txn-op")
+                path = self.root / op.relpath
+                if op.kind == "write":
+                    write_atomic(path, op.data, tmp_dir=scratch)
+                elif op.kind == "symlink":
+                    symlink_atomic(path, op.target, tmp_dir=scratch)
+                elif op.kind == "mkdir":
+                    path.mkdir(parents=True, exist_ok=True)
+                elif op.kind == "remove":
+                    remove_atomic(path, self.remove_into)
+            self.ops.clear()
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
 def remove_atomic(path: Path, scratch: Callable[[], Path]) -> None:

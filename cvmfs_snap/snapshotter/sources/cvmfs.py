@@ -102,6 +102,10 @@ class CvmfsSource:
         except OSError as exc:
             raise self._fs_error(digest, exc) from exc
         if layerfs is None:
+            # The layer itself, or the whole repository? Only the first means "pull again"; during a CVMFS outage
+            # that advice would be wrong, so ask the repository afresh.
+            self.health_monitor.status(force=True)
+            self.health_monitor.require(what)
             raise NotFoundError(
                 f"layer {digest} is no longer published in the CVMFS repository {self.root} (no complete "
                 f"{self.layout.layerfs(digest)}); remove the image from containerd and pull it again"

@@ -144,8 +144,13 @@ class RepositoryHealth:
             return new
 
     def require(self, what: str) -> HealthStatus:
-        """Return the status if available, else raise UnavailableError explaining what cannot be done."""
+        """Return the status if available, else raise UnavailableError explaining what cannot be done.
+
+        A cached "unavailable" is probed again first: this guards mounts (a container start), where being right
+        as soon as the repository is back matters more than the cost of one bounded probe."""
         st = self.status()
+        if not st.available:
+            st = self.status(force=True)
         if not st.available:
             raise UnavailableError(
                 f"{what}: the CVMFS repository at {self.root} is not available ({st.reason}); check the CVMFS client "
