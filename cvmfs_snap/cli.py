@@ -31,7 +31,8 @@ log = logging.getLogger("cvmfs_snap")
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that subcommand's module is imported (a node's ``pull`` should not
     pay for importing the daemon's dependencies)."""
-    parser = argparse.ArgumentParser(prog="cvmfs-snap", description="cvmfs-snap on a node: serve container layers from CVMFS")
+    parser = argparse.ArgumentParser(prog="cvmfs-snap",
+                                     description="cvmfs-snap on a node: serve container layers from CVMFS")
     parser.add_argument("--version", action="version", version=f"cvmfs-snap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():

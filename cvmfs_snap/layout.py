@@ -23,7 +23,8 @@ With ``d`` the compressed layer digest hex (no ``sha256:``) and ``cfg`` the imag
       .metadata/<registry>/<repository>:<tag>/image.json      ours (ImageRecord): digests, layers, when published
       .flat/<cfg[0:2]>/<cfg>/                 flattened root filesystem (whiteouts applied), own catalog
       <registry>/<repository>:<tag>           relative symlink -> .flat/<cfg[0:2]>/<cfg>
-      .multiarch/<arch>/<registry>/<repository>:<tag>   per-architecture symlinks of a multi-arch image
+      .multiarch/<arch>/<registry>/<repository>:<tag>   per-architecture symlinks of a multi-arch image; <arch> as
+                                              DUCC spells it: amd64, arm64:v8 (``<arch>[:<variant>]``)
 
 A layer is *complete* when its ``layer.json`` exists and parses, or, for layers DUCC published (no ``layer.json``),
 when its ``layerfs`` directory exists. The publisher must make ``layerfs`` visible only together with ``layer.json``
@@ -108,6 +109,9 @@ class LayerRecord:
     whiteouts: list[str] = field(default_factory=list)
     #: directories (relative) made opaque by this layer (``.wh..wh..opq``)
     opaque_dirs: list[str] = field(default_factory=list)
+    #: AUFS metadata entries (relative) the layerfs keeps as plain files/dirs (``.wh..wh.plnk``, ``.wh..wh.aufs``)
+    #: that containers must not see; absent in records written before it existed (= none)
+    hidden: list[str] = field(default_factory=list)
     publisher_version: str = ""
     created: float = 0.0
     version: int = LAYOUT_VERSION
@@ -130,8 +134,8 @@ class LayerRecord:
             known = set(cls.__dataclass_fields__)
             rec = cls(**{k: v for k, v in data.items() if k in known})
             digest_hex(rec.digest)
-            if not isinstance(rec.whiteouts, list) or not isinstance(rec.opaque_dirs, list):
-                raise TypeError("whiteouts/opaque_dirs must be lists")
+            if not all(isinstance(v, list) for v in (rec.whiteouts, rec.opaque_dirs, rec.hidden)):
+                raise TypeError("whiteouts/opaque_dirs/hidden must be lists")
             return rec
         except InvalidInputError:
             raise

@@ -9,7 +9,8 @@ image whose metadata points at missing layers.
 Concurrency: layers of *all* images being published go through one bounded pool (``concurrency`` workers) and a
 layer wanted by several images at once is processed once (the in-flight table maps digest -> future). Image
 orchestration runs in lightweight threads that mostly wait; flat-tree builds share the same bound.
-Streaming end to end (registry -> decompressor -> unpacker), so memory does not grow with layer size.
+Streaming end to end (registry -> decompressor -> unpacker), so memory does not grow with layer size. Flat trees
+are built from the published layer trees (``publisher.layertree``), so each blob is downloaded once per publish.
 """
 
 from __future__ import annotations
@@ -499,7 +500,10 @@ class Publisher:
             for name, r in subs:
                 # a directory named otherwise than arch_key names it today (``arm64-v8`` before the DUCC spelling
                 # ``arm64:v8``): republish, which renames the metadata and the ``.multiarch`` link
-                if r is None or not r.platform or arch_key(Platform.parse(r.platform)) != name:
+                try:
+                    if r is None or not r.platform or arch_key(Platform.parse(r.platform)) != name:
+                        return False
+                except CvmfsSnapError:
                     return False
                 if not self.skip_flat and not self.layout.multiarch_link(name, registry, repository, tag).is_dir():
                     return False
@@ -608,7 +612,7 @@ class Publisher:
                 if stat.S_ISREG(st.st_mode):
                     size += st.st_size
         info = LayerInfo(desc.digest, desc.media_type, desc.size, expected_diff_id=diff_id)
-        rec = new_record(info, diff_id, size, entries, idx.whiteouts, idx.opaque_dirs)
+        rec = new_record(info, diff_id, size, entries, idx.whiteouts, idx.opaque_dirs, idx.hidden)
         root = self.layout.root
         if not self.layout.layers_json(desc.digest).exists():
             txn.write_file(str(self.layout.layers_json(desc.digest).relative_to(root)), layers_json(rec))

@@ -136,23 +136,31 @@ def test_same_owner_false_keeps_our_owner(tmp_path: Path) -> None:
 def test_layer_mode_keeps_whiteouts_as_plain_files(tmp_path: Path) -> None:
     res = apply([
         "etc/", Entry("etc/.wh.passwd", uid=5, mode=0o600), Entry(".wh.opt"), "var/cache/",
-        Entry("var/cache/.wh..wh..opq"), Entry(".wh..wh..opq"), Entry(".wh..wh.plnk", "dir"),
-        ("var/cache/new", b"n"),
+        Entry("var/cache/.wh..wh..opq"), Entry(".wh..wh..opq"), Entry(".wh..wh.plnk", "dir", mode=0o700),
+        ("var/cache/new", b"n"), (".wh..wh.plnk/123", b"aufs hardlink"), Entry(".wh..wh.plnk/.wh.x"),
+        Entry("etc/.wh..wh.aufs", mode=0o600),
     ], tmp_path)
-    assert res.whiteouts == WhiteoutIndex(whiteouts=["etc/passwd", "opt"], opaque_dirs=["", "var/cache"])
+    assert res.whiteouts == WhiteoutIndex(whiteouts=["etc/passwd", "opt"], opaque_dirs=["", "var/cache"],
+                                          hidden=[".wh..wh.plnk", "etc/.wh..wh.aufs"])
     wh = (tmp_path / "etc/.wh.passwd").lstat()
     assert stat.S_ISREG(wh.st_mode) and wh.st_size == 0
     assert (stat.S_IMODE(wh.st_mode), wh.st_uid, wh.st_gid) == (0o644, 0, 0)
     assert (tmp_path / "var/cache/.wh..wh..opq").is_file()
-    assert not (tmp_path / ".wh..wh.plnk").exists()  # AUFS bookkeeping is dropped, as containerd does
+    # AUFS bookkeeping is stored as the tar has it (as cvmfs_server ingest does), below it nothing is interpreted
+    assert stat.S_IMODE((tmp_path / ".wh..wh.plnk").lstat().st_mode) == 0o700
+    assert (tmp_path / ".wh..wh.plnk/123").read_bytes() == b"aufs hardlink"
+    assert (tmp_path / ".wh..wh.plnk/.wh.x").is_file()
+    assert stat.S_IMODE((tmp_path / "etc/.wh..wh.aufs").lstat().st_mode) == 0o600
     assert scan_tree_whiteouts(tmp_path) == res.whiteouts
     d = res.whiteouts.to_dict()
-    assert d == {"whiteouts": ["etc/passwd", "opt"], "opaque_dirs": ["", "var/cache"]}
+    assert d == {"whiteouts": ["etc/passwd", "opt"], "opaque_dirs": ["", "var/cache"],
+                 "hidden": [".wh..wh.plnk", "etc/.wh..wh.aufs"]}
     assert WhiteoutIndex.from_dict(d) == res.whiteouts
 
 
 @pytest.mark.parametrize("bad", [{"whiteouts": ["../x"]}, {"whiteouts": "x"}, {"opaque_dirs": ["/abs"]},
-                                 {"whiteouts": [""]}, {"whiteouts": [3]}])
+                                 {"whiteouts": [""]}, {"whiteouts": [3]}, {"hidden": [""]}, {"hidden": ["a/../b"]},
+                                 {"hidden": "x"}])
 def test_whiteout_index_from_dict_rejects(bad: dict[str, object]) -> None:
     with pytest.raises(InvalidInputError):
         WhiteoutIndex.from_dict(bad)
@@ -304,9 +312,11 @@ def test_scan_tree_whiteouts_does_not_follow_symlinks(tmp_path: Path) -> None:
     (tree / "a/b").mkdir(parents=True)
     (tree / "a/b/.wh.x").touch()
     (tree / ".wh..wh..opq").touch()
-    (tree / "a/.wh..wh.plnk").mkdir()  # AUFS bookkeeping, not a deletion
+    (tree / "a/.wh..wh.plnk").mkdir()  # AUFS bookkeeping, not a deletion: hidden, not looked into
+    (tree / "a/.wh..wh.plnk/.wh.y").touch()
     (tree / "link").symlink_to(outside)
-    assert scan_tree_whiteouts(tree) == WhiteoutIndex(whiteouts=["a/b/x"], opaque_dirs=[""])
+    assert scan_tree_whiteouts(tree) == WhiteoutIndex(whiteouts=["a/b/x"], opaque_dirs=[""],
+                                                      hidden=["a/.wh..wh.plnk"])
 
 
 def test_iter_layer_streams_member_data_in_chunks() -> None:

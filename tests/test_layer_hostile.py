@@ -12,9 +12,10 @@ import pytest
 
 from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
 from cvmfs_snap.layer import apply_layer, iter_layer, open_layer
-from tests.support.hostile import HostileCase, build_corpus
+from tests.support.hostile import ClampedCase, HostileCase, build_clamped_corpus, build_corpus
 
 _IDS = [c.id for c in build_corpus(Path("/nonexistent"))]
+_CLAMPED_IDS = [c.id for c in build_clamped_corpus(Path("/nonexistent"))]
 
 
 def snapshot(top: Path, skip: Path) -> dict[str, tuple[object, ...]]:
@@ -92,3 +93,39 @@ def test_iter_layer_refuses_the_same_layers_without_unpacking(case_id: str, tmp_
                 pass
     assert case.names in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case_id", _CLAMPED_IDS)
+def test_merged_mode_clamps_symlink_escapes_inside_the_target(
+    case_id: str, arena: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """containerd follows parent symlinks inside the root on a merged view: the layer is accepted, and every write
+    lands inside the target (absolute targets and '..' stop at the root). Nothing outside changes."""
+    target, outside = arena
+    case: ClampedCase = next(c for c in build_clamped_corpus(outside) if c.id == case_id)
+    if case.setup:
+        case.setup(target)
+    before = snapshot(tmp_path, target)
+    passwd = Path("/etc/passwd").stat()
+    apply_layer(io.BytesIO(case.blob), target, mode="merged", name=f"sha256:{case.id}")
+    assert snapshot(tmp_path, target) == before, "something outside the target changed"
+    assert Path("/etc/passwd").stat().st_nlink == passwd.st_nlink
+    assert not (outside / "pwned").exists() and (outside / "secret").read_text() == "do not touch"
+    for rel in case.lands:
+        assert os.path.lexists(target / rel), f"{rel} was not written inside the target"
+    for rel in case.symlinks:
+        assert (target / rel).is_symlink(), f"{rel} is no longer a symlink"
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in build_clamped_corpus(Path("/nonexistent"))
+                                     if c.id.startswith("layer-")])
+def test_layer_mode_still_refuses_writing_through_its_symlinks(case_id: str, tmp_path: Path) -> None:
+    """The same layers stored on their own (layer mode) are refused, with a message saying why, by apply_layer and
+    by iter_layer (the structure check before cvmfs_server ingest)."""
+    case = next(c for c in build_clamped_corpus(tmp_path / "outside") if c.id == case_id)
+    with pytest.raises(UnsafeLayerError, match="layer mode") as info:
+        apply_layer(io.BytesIO(case.blob), tmp_path, mode="layer", name="sha256:L")
+    assert "is a symlink" in str(info.value)
+    with pytest.raises(UnsafeLayerError, match="layer mode"):
+        for _ in iter_layer(io.BytesIO(case.blob), name="L"):
+            pass

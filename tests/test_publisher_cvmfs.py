@@ -14,6 +14,7 @@ from cvmfs_snap.oci import RegistryClient
 from publisher.config import PublisherConfig
 from publisher.pipeline import Publisher
 from tests.support import images as im
+from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import FakeCvmfs, base_layer, check_invariants, make_fake_cvmfs, top_layer
 from tests.support.registry import Registry
 
@@ -201,3 +202,25 @@ def test_recover_aborts_transaction_left_open(fake: FakeCvmfs, client: RegistryC
     backend.recover()
     assert fake.commands()[-1] == ["abort", "-f", fake.repo]
     assert not (fake.root / "half-written").exists()
+
+
+@pytest.mark.parametrize("backend", ["cvmfs-ingest", "cvmfs-transaction"])
+def test_cvmfs_backends_fetch_each_blob_once(
+    backend: str, fresh_registry: Registry, client: RegistryClient, fake: FakeCvmfs
+) -> None:
+    """The flat is built from the published layer trees (read back from the repository), not downloaded again;
+    ``user.*`` xattrs, which a CVMFS mount lists for its own magic attributes, are not copied into it."""
+    base = im.layer([im.Entry("etc", type="dir"), ("etc/motd", b"base\n"),
+                     im.Entry("tool", data=b"x", pax={"SCHILY.xattr.user.origin": "base"})], codec="gzip")
+    top = top_layer("zstd")
+    img = im.image([base, top])
+    im.push_image(fresh_registry.url, "cvmfs/once", "v1", img)
+    with make_publisher(fake, client, backend) as pub:
+        res = pub.publish_image(fresh_registry.ref("cvmfs/once", "v1"))
+    assert res.ok, res.error
+    gets = settled_blob_gets(fresh_registry.log, 3)
+    assert gets == {base.digest: 1, top.digest: 1, img.config_digest: 1}
+    flat = RepositoryLayout(fake.root).flat_dir(img.config_digest)
+    assert (flat / "opt/app/new.txt").read_bytes() == b"new\n" and not (flat / "etc/motd").exists()
+    assert "user.origin" not in os.listxattr(flat / "tool")
+    assert check_invariants(fake.root) == [] and fake.violations() == ""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.pipeline import REMOVE_SCHEDULE, SCHEDULE_KEY, Publisher, read_remove_schedule
 from tests.support import images as im
+from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import base_layer, check_invariants, top_layer
 from tests.support.registry import Registry
 
@@ -455,25 +454,6 @@ def test_flat_from_layer_trees_equals_flat_from_registry(
     assert tree_flat["usr/bin/tool"][5] == {"user.origin": b"bottom"}
 
 
-def _blob_gets(log: Path) -> Counter[str]:
-    found: Counter[str] = Counter()
-    for line in log.read_text(errors="replace").splitlines():
-        m = re.search(r'"GET /v2/[^ "]+/blobs/(sha256:[0-9a-f]{64}) HTTP', line)
-        if m:
-            found[m.group(1)] += 1
-    return found
-
-
-def _settled_blob_gets(log: Path, expected_total: int) -> Counter[str]:
-    """The registry writes its access log after answering; wait (bounded) until the lines are there."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = _blob_gets(log)
-        if sum(found.values()) >= expected_total or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
-
-
 def test_publish_fetches_each_blob_once(fresh_registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
     layers = rich_layers()
     img = im.image(layers)
@@ -483,7 +463,7 @@ def test_publish_fetches_each_blob_once(fresh_registry: Registry, client: Regist
     with pub:
         res = pub.publish_image(fresh_registry.ref("once/rich", "v1"))
         assert res.ok, res.error
-        gets = _settled_blob_gets(fresh_registry.log, len(layers) + 1)
+        gets = settled_blob_gets(fresh_registry.log, len(layers) + 1)
         assert gets == Counter({**{lay.digest: 1 for lay in layers}, img.config_digest: 1})
 
         # a second image on top of the same layers: only its new layer and config are fetched
@@ -492,7 +472,7 @@ def test_publish_fetches_each_blob_once(fresh_registry: Registry, client: Regist
         im.push_image(fresh_registry.url, "once/more", "v1", img2)
         res2 = pub.publish_image(fresh_registry.ref("once/more", "v1"))
         assert res2.ok and res2.layers_skipped == len(layers) and res2.layers_published == 1, res2
-        gets = _settled_blob_gets(fresh_registry.log, len(layers) + 3)
+        gets = settled_blob_gets(fresh_registry.log, len(layers) + 3)
     assert gets == Counter({**{lay.digest: 1 for lay in layers}, img.config_digest: 1,
                             extra.digest: 1, img2.config_digest: 1})
     flat2 = RepositoryLayout(root).flat_dir(img2.config_digest)
@@ -522,7 +502,7 @@ def test_flat_falls_back_to_registry_when_a_tree_cannot_be_read(
     assert "fetching its layers from the registry instead" in caplog.text and "vanished" in caplog.text
     flat = RepositoryLayout(root).flat_dir(img.config_digest)
     assert (flat / "opt/app/new.txt").read_bytes() == b"new\n" and not (flat / "etc/motd").exists()
-    gets = _settled_blob_gets(fresh_registry.log, 5)
+    gets = settled_blob_gets(fresh_registry.log, 5)
     assert gets[base.digest] == gets[top.digest] == 2  # once for the layers, once for the rebuilt flat
     assert check_invariants(root) == [] and os.listdir(root / STAGING_DIR) == []
 

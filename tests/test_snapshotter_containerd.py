@@ -14,6 +14,7 @@ import pytest
 
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from tests.support.containerd import start_containerd
+from tests.support.e2e import wait_for
 from tests.support.images import BuiltLayer
 from tests.support.pullcheck import blob_gets
 from tests.support.registry import Registry
@@ -53,13 +54,15 @@ def test_ctr_pull_and_run_with_local_layers(registry: Registry, short_tmp: Path)
                    "cat /data/file0 | wc -l", check=False)
         assert r.returncode == 0 and r.stdout.strip() == "50", r.stderr
 
-        st = status(sp.root)
-        snaps = st["snapshots"]
-        assert isinstance(snaps, list)
-        committed = [s for s in snaps if s["kind"] == "committed"]
+        def snaps() -> list[dict[str, object]]:
+            found = status(sp.root)["snapshots"]
+            assert isinstance(found, list)
+            return found
+
+        committed = [s for s in snaps() if s["kind"] == "committed"]
         assert len(committed) == 3 and all(s["source"] == "local" for s in committed)
-        # containerd removed the containers' active snapshots after --rm
-        assert [s for s in snaps if s["kind"] == "active"] == []
+        # containerd removes the containers' active snapshots after --rm, asynchronously (its garbage collector)
+        wait_for(lambda: not [s for s in snaps() if s["kind"] == "active"], "containerd to remove active snapshots")
         assert "Traceback" not in sp.log.read_text()
 
 

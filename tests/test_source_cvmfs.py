@@ -21,6 +21,7 @@ from cvmfs_snap.snapshotter.sources.base import (
     RemoteLayer,
 )
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
+from cvmfs_snap.snapshotter.sources.overlaydirs import FORMAT_VERSION
 from tests.support.images import BuiltLayer, Entry, layer
 from tests.support.layertrees import write_cvmfs_layer
 
@@ -233,7 +234,7 @@ def test_crash_leftovers_are_not_used(repo: tuple[Path, BuiltLayer], tmp_path: P
     src = CvmfsSource(root, state)
     assert not [n for n in os.listdir(state) if n.startswith(".tmp-")]
     dirs = src.lowerdirs(lay.digest)
-    assert len(dirs) == 3 and json.loads((state / hexd / "meta.json").read_text())["version"] == 1
+    assert len(dirs) == 3 and json.loads((state / hexd / "meta.json").read_text())["version"] == FORMAT_VERSION
     assert sorted(os.listdir(state)) == [hexd]
 
 

@@ -9,16 +9,31 @@ Two modes:
 ``merged``
     whiteouts are applied to what the target already holds (a flattened root filesystem built layer by layer).
 
-Safety does not rest on checking path strings. Every parent directory is opened component by component from a file
-descriptor of the target root with ``O_NOFOLLOW | O_DIRECTORY`` (openat-style), so a symlink anywhere in a parent
-path -- created by this layer or already in the target -- makes the write fail instead of following it. Files are
-created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` after removing what was there, so an existing device node, FIFO or
-symlink at that name is never opened. Writing *through* a symlink is refused even when the symlink points inside
-the target: Docker-built layers never need it, and refusing is what keeps the rule simple enough to trust.
+Safety does not rest on checking path strings. Every directory is opened component by component from a file
+descriptor of the target root with ``O_NOFOLLOW | O_DIRECTORY`` (openat-style). Files are created with
+``O_CREAT | O_EXCL | O_NOFOLLOW`` after removing what was there, so an existing device node, FIFO or symlink at that
+name is never opened: the last component of an entry is never followed (a tar entry replaces a symlink at its own
+path, as in containerd). Symlinks in the *parent* path of an entry (or of a hardlink target) depend on the mode:
+
+``merged``
+    followed, but only inside the target, the way containerd resolves a parent path on a merged view (continuity's
+    ``fs.RootPath``; securejoin, ``openat2(RESOLVE_IN_ROOT)``): each component is looked up with ``lstat`` from the
+    root, a symlink's target is spliced in, an absolute target restarts at the root and ``..`` stops at the root;
+    more than :data:`MAX_SYMLINKS` symlinks in one path is an error (ELOOP). The result is a list of real
+    directories below the root, opened again with ``O_NOFOLLOW``, so the write lands inside the target whatever the
+    symlinks say. Real images need this: a usrmerge base layer has ``lib -> usr/lib`` and a later tar-built layer
+    adds ``lib/x86_64-linux-gnu/libfoo.so``.
+``layer``
+    refused. A layer tree is stored on its own, and its symlinks usually point into lower layers that are not
+    there, so following them would put files where the image does not expect them.
+
+AUFS bookkeeping entries (``.wh..wh.plnk/``, ``.wh..wh.aufs``) are skipped in ``merged`` mode and stored as plain
+entries in ``layer`` mode (as ``cvmfs_server ingest`` stores them), listed in ``WhiteoutIndex.hidden``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,7 +47,7 @@ from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, UnsafeLay
 from cvmfs_snap.layer.digesting import Readable
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.tarstream import TarEntry, TarReader
-from cvmfs_snap.layer.whiteout import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, WhiteoutIndex
+from cvmfs_snap.layer.whiteout import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, WhiteoutIndex, is_aufs_meta
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +57,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
 _DIR_CACHE = 128
 _ZEROS = bytes(_CHUNK)
+#: symlinks followed while resolving one path in merged mode (Linux's MAXSYMLINKS); more is ELOOP
+MAX_SYMLINKS = 40
 
 
 @dataclass
@@ -111,10 +128,7 @@ class _Applier:
                     st = os.lstat(comp, dir_fd=fd)
                     sub = "/".join(parts[: i + 1])
                     if stat.S_ISLNK(st.st_mode):
-                        raise UnsafeLayerError(
-                            f"{where}: parent {sub!r} is a symlink; writing through symlinks is refused because "
-                            "it could escape the target directory. The layer is hostile or was built wrongly"
-                        ) from None
+                        raise self._symlink_error(fd, comp, sub, where) from None
                     raise UnsafeLayerError(
                         f"{where}: parent {sub!r} is a {_kind_of(st.st_mode)}, not a directory; refusing the layer"
                     ) from None
@@ -127,6 +141,92 @@ class _Applier:
         if len(self._dirs) > _DIR_CACHE:
             os.close(self._dirs.popitem(last=False)[1])
         return fd
+
+    def _symlink_error(self, fd: int, comp: str, sub: str, where: str) -> UnsafeLayerError:
+        try:
+            to = f" (to {os.readlink(comp, dir_fd=fd)!r})"
+        except OSError:
+            to = ""
+        if self.mode == "layer":
+            return UnsafeLayerError(
+                f"{where}: parent {sub!r} is a symlink{to} of this layer. In layer mode each layer is stored on its "
+                "own, where such a symlink may point into a lower layer that is not there, so writing through it is "
+                "refused. Rebuild the image so that the layer does not write below its own symlink (merged, flat "
+                "unpacking follows symlinks inside the root)"
+            )
+        return UnsafeLayerError(
+            f"{where}: {sub!r} became a symlink{to} while resolving the path; refusing to write through it. Is "
+            f"another process changing {self.target}?"
+        )
+
+    def _parent(self, parts: list[str], create: bool, where: str) -> tuple[int, list[str]] | None:
+        """fd and real path (components below the root) of the directory named by ``parts``; None if it does not
+        exist and ``create`` is False. In merged mode symlinks on the way are resolved inside the root (see the
+        module docstring); in layer mode a symlink is refused. The fd is borrowed, as from :meth:`_walk`."""
+        if self.mode == "layer" or not parts or "/".join(parts) in self._dirs:
+            # a cached fd is a real directory reached without symlinks: no resolution needed
+            fd = self._walk(parts, create, where)
+            return None if fd is None else (fd, parts)
+        real = self._resolve(parts, create, where)
+        if real is None:
+            return None
+        fd = self._walk(real, create, where)
+        return None if fd is None else (fd, real)
+
+    def _resolve(self, parts: list[str], create: bool, where: str) -> list[str] | None:
+        """The real directories ``parts`` leads to, following symlinks but never above the root (merged mode).
+
+        Components that do not exist are kept as they are (created later when ``create``), as containerd does; a
+        dangling symlink thus leads to directories created inside the root. None if missing and not ``create``.
+        """
+        todo = list(reversed(parts))
+        cur: list[str] = []
+        known = 0  # how many leading components of cur exist as real directories
+        links = 0
+        while todo:
+            comp = todo.pop()
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                if cur:  # at the root, ".." stays at the root
+                    cur.pop()
+                    known = min(known, len(cur))
+                continue
+            if known == len(cur):
+                pfd = self._walk(cur, False, where)
+                st: os.stat_result | None = None
+                if pfd is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        st = os.lstat(comp, dir_fd=pfd)
+                if st is None:
+                    if not create:
+                        return None
+                elif stat.S_ISLNK(st.st_mode):
+                    assert pfd is not None
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        raise UnsafeLayerError(
+                            f"{where}: more than {MAX_SYMLINKS} symlinks while resolving {'/'.join(parts)!r} (a "
+                            "symlink loop, ELOOP); refusing the layer"
+                        )
+                    target = os.readlink(comp, dir_fd=pfd)
+                    if target.startswith("/"):
+                        cur, known = [], 0
+                    todo.extend(reversed(target.split("/")))
+                    continue
+                elif stat.S_ISDIR(st.st_mode):
+                    known += 1
+                else:
+                    sub = "/".join([*cur, comp])
+                    via = "" if sub == "/".join(parts[: len(cur) + 1]) else " (after following symlinks)"
+                    raise UnsafeLayerError(
+                        f"{where}: parent {sub!r}{via} is a {_kind_of(st.st_mode)}, not a directory; refusing the "
+                        "layer"
+                    )
+            elif not create:
+                return None
+            cur.append(comp)
+        return cur
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -191,21 +291,33 @@ class _Applier:
             return
         parts = entry.path.split("/")
         base = parts[-1]
-        for comp in parts[:-1]:
+        plain = False  # below an AUFS metadata directory in layer mode: stored as it is, nothing interpreted
+        for i, comp in enumerate(parts[:-1]):
             if comp.startswith(META_PREFIX):
+                if self.mode == "layer" and comp != OPAQUE_MARKER:
+                    plain = True  # the directory may come without an entry of its own: hide it anyway
+                    self.index.hidden.append("/".join(parts[: i + 1]))
+                    break
                 log.debug("%s: ignoring entry below AUFS metadata directory", where)
                 return
             if comp.startswith(WHITEOUT_PREFIX):
                 raise UnsafeLayerError(
                     f"{where}: path goes through whiteout {comp!r}, which cannot be a directory; refusing the layer"
                 )
-        if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(entry, parts, where)
-            return
-        pfd = self._walk(parts[:-1], True, where)
-        assert pfd is not None
-        self._create(pfd, base, entry, where)
-        self._record_added(entry.path)
+        if not plain and base.startswith(WHITEOUT_PREFIX):
+            if not is_aufs_meta(base):
+                self._whiteout(entry, parts, where)
+                return
+            if self.mode == "merged":
+                log.debug("%s: ignoring AUFS metadata entry", where)
+                return
+            self.index.hidden.append(entry.path)  # layer mode: kept as the tar has it, hidden on the node
+        got = self._parent(parts[:-1], True, where)
+        assert got is not None
+        pfd, real = got
+        path = "/".join([*real, base])
+        self._create(pfd, base, path, real, entry, where)
+        self._record_added(path)
 
     def _clear(self, pfd: int, base: str, keep_dir: bool, path: str) -> bool:
         """Remove what is at ``base`` (a directory recursively) unless keep_dir and it is a directory.
@@ -227,17 +339,19 @@ class _Applier:
             os.unlink(base, dir_fd=pfd)
         return False
 
-    def _create(self, pfd: int, base: str, entry: TarEntry, where: str) -> None:
+    def _create(self, pfd: int, base: str, path: str, parent: list[str], entry: TarEntry, where: str) -> None:
+        """Create ``entry`` as ``base`` in the directory ``pfd``; ``path`` is where that is below the root (after
+        resolving symlinks in merged mode), ``parent`` the components of its directory."""
         kind = entry.kind
         if kind == "dir":
-            if not self._clear(pfd, base, keep_dir=True, path=entry.path):
+            if not self._clear(pfd, base, keep_dir=True, path=path):
                 os.mkdir(base, 0o700, dir_fd=pfd)
             dfd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
             try:
                 self._meta_fd(dfd, entry)
             finally:
                 os.close(dfd)
-            self.dir_times[entry.path] = entry.mtime_ns
+            self.dir_times[path] = entry.mtime_ns
         elif kind == "file":
             lim = self.limits.max_total_size
             if lim is not None and self.size + entry.size > lim:
@@ -248,7 +362,7 @@ class _Applier:
             try:
                 fd = os.open(base, flags, 0o600, dir_fd=pfd)
             except FileExistsError:  # O_EXCL: whatever is there (device, FIFO, symlink) is never opened
-                self._clear(pfd, base, keep_dir=False, path=entry.path)
+                self._clear(pfd, base, keep_dir=False, path=path)
                 fd = os.open(base, flags, 0o600, dir_fd=pfd)
             try:
                 self._write(fd, entry)
@@ -257,18 +371,18 @@ class _Applier:
                 os.close(fd)
             self.size += entry.size
         elif kind == "symlink":
-            self._clear(pfd, base, keep_dir=False, path=entry.path)
+            self._clear(pfd, base, keep_dir=False, path=path)
             os.symlink(entry.linkname, base, dir_fd=pfd)
             self._meta_at(pfd, base, entry)
         elif kind == "hardlink":
-            self._hardlink(pfd, base, entry, where)
+            self._hardlink(base, path, parent, entry, where)
         elif kind in ("char", "block", "fifo"):
             if kind != "fifo" and not self.limits.allow_devices:
                 raise UnsafeLayerError(
                     f"{where}: {kind} device {entry.devmajor}:{entry.devminor} refused (Limits.allow_devices is "
                     "False)"
                 )
-            self._clear(pfd, base, keep_dir=False, path=entry.path)
+            self._clear(pfd, base, keep_dir=False, path=path)
             try:
                 if kind == "fifo":
                     os.mkfifo(base, 0o600, dir_fd=pfd)
@@ -320,50 +434,52 @@ class _Applier:
                 n -= len(chunk)
         os.ftruncate(fd, entry.size)
 
-    def _hardlink(self, pfd: int, base: str, entry: TarEntry, where: str) -> None:
+    def _hardlink(self, base: str, path: str, parent: list[str], entry: TarEntry, where: str) -> None:
         if entry.linkname == entry.path:
             log.debug("%s: hardlink to itself, nothing to do", where)
             return
+        missing = UnsafeLayerError(
+            f"{where}: hardlink target {entry.linkname!r} does not exist in the target directory; hardlinks "
+            "may only point to files unpacked before them. Refusing the layer"
+        )
         tparts = entry.linkname.split("/")
-        tpfd = self._walk(tparts[:-1], False, where + f" (hardlink target {entry.linkname!r})")
-        if tpfd is None:
-            raise UnsafeLayerError(
-                f"{where}: hardlink target {entry.linkname!r} does not exist in the target directory; hardlinks "
-                "may only point to files unpacked before them. Refusing the layer"
-            )
+        # the target's directory resolves like any parent path (merged: symlinks inside the root), its last
+        # component is never followed: a hardlink to a symlink links the symlink, as containerd and link(2) do
+        got = self._parent(tparts[:-1], False, where + f" (hardlink target {entry.linkname!r})")
+        if got is None:
+            raise missing
+        tpfd, treal = got
         try:
             st = os.lstat(tparts[-1], dir_fd=tpfd)
         except FileNotFoundError:
-            raise UnsafeLayerError(
-                f"{where}: hardlink target {entry.linkname!r} does not exist in the target directory; "
-                "hardlinks may only point to files unpacked before them. Refusing the layer"
-            ) from None
+            raise missing from None
         if stat.S_ISDIR(st.st_mode):
             raise UnsafeLayerError(f"{where}: hardlink to directory {entry.linkname!r}; refusing the layer")
         if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) and not self.limits.allow_devices:
             raise UnsafeLayerError(f"{where}: hardlink to device {entry.linkname!r} refused "
                                    "(Limits.allow_devices is False)")
+        if "/".join([*treal, tparts[-1]]).startswith(path + "/"):
+            raise UnsafeLayerError(f"{where}: hardlink to {entry.linkname!r}, inside itself; refusing the layer")
+        pfd = self._walk(parent, False, where)  # again: resolving the target may have evicted it from the cache
+        if pfd is None:
+            raise UnsafeLayerError(f"{where}: its directory disappeared while unpacking; refusing the layer")
         try:
             dst = os.lstat(base, dir_fd=pfd)
             if dst.st_ino == st.st_ino and dst.st_dev == st.st_dev:
                 return  # already that file
         except FileNotFoundError:
             pass
-        if entry.linkname.startswith(entry.path + "/"):
-            raise UnsafeLayerError(f"{where}: hardlink to {entry.linkname!r}, inside itself; refusing the layer")
-        self._clear(pfd, base, keep_dir=False, path=entry.path)
+        self._clear(pfd, base, keep_dir=False, path=path)
         os.link(tparts[-1], base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
 
     # -- whiteouts --------------------------------------------------------------------------------------------
     def _whiteout(self, entry: TarEntry, parts: list[str], where: str) -> None:
+        """``.wh.NAME`` or ``.wh..wh..opq`` (AUFS metadata never comes here)."""
         base = parts[-1]
         parent = "/".join(parts[:-1])
         if base == OPAQUE_MARKER:
             self.index.opaque_dirs.append(parent)
             deleted = None
-        elif base.startswith(META_PREFIX):
-            log.debug("%s: ignoring AUFS metadata entry", where)
-            return
         else:
             deleted = base[len(WHITEOUT_PREFIX) :]
             if deleted in ("", ".", ".."):
@@ -385,14 +501,16 @@ class _Applier:
             finally:
                 os.close(fd)
             return
-        # merged: delete from the lower layers, never what this layer itself added
+        # merged: delete from the lower layers, never what this layer itself added. The directory resolves like
+        # any parent path (symlinks followed inside the root); one that does not exist has nothing to delete.
+        got = self._parent(parts[:-1], False, where)
+        if got is None:
+            return
+        pfd, real = got
         if deleted is None:
-            self._clear_lower(parts[:-1], where)
+            self._clear_lower(real, where)
             return
-        path = f"{parent}/{deleted}" if parent else deleted
-        pfd = self._walk(parts[:-1], False, where)
-        if pfd is None:
-            return
+        path = "/".join([*real, deleted])
         if path in self.added or path in self.ancestors:
             # the layer itself (re)created this path: the whiteout only hides what lower layers had below it
             try:
@@ -400,7 +518,7 @@ class _Applier:
             except FileNotFoundError:
                 is_dir = False
             if is_dir:
-                self._clear_lower([*parts[:-1], deleted], where)
+                self._clear_lower([*real, deleted], where)
             return
         self._clear(pfd, deleted, keep_dir=False, path=path)
 

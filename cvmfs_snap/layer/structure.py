@@ -11,7 +11,7 @@ from __future__ import annotations
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.tarstream import TarEntry
-from cvmfs_snap.layer.whiteout import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
+from cvmfs_snap.layer.whiteout import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, is_aufs_meta
 
 _NAMES = {"file": "regular file", "symlink": "symlink", "hardlink": "regular file", "char": "character device",
           "block": "block device", "fifo": "FIFO"}
@@ -37,8 +37,10 @@ class StructureChecker:
                 continue
             if kind == "symlink":
                 raise UnsafeLayerError(
-                    f"{where}: parent {sub!r} is a symlink; writing through symlinks is refused because it could "
-                    "escape the target directory. The layer is hostile or was built wrongly"
+                    f"{where}: parent {sub!r} is a symlink of this layer. In layer mode each layer is stored on its "
+                    "own, where such a symlink may point into a lower layer that is not there, so writing through it "
+                    "is refused. Rebuild the image so that the layer does not write below its own symlink (merged, "
+                    "flat unpacking follows symlinks inside the root)"
                 )
             raise UnsafeLayerError(f"{where}: parent {sub!r} is a {_NAMES[kind]}, not a directory; refusing the layer")
 
@@ -48,22 +50,27 @@ class StructureChecker:
             return
         parts = entry.path.split("/")
         base = parts[-1]
+        plain = False  # below AUFS metadata: stored as it is (layer mode, cvmfs_server ingest), checked as content
         for comp in parts[:-1]:
             if comp.startswith(META_PREFIX):
+                if comp != OPAQUE_MARKER:
+                    plain = True
+                    break
                 return
             if comp.startswith(WHITEOUT_PREFIX):
                 raise UnsafeLayerError(
                     f"{where}: path goes through whiteout {comp!r}, which cannot be a directory; refusing the layer"
                 )
         self._check_parents(parts, where)
-        if base.startswith(WHITEOUT_PREFIX) and base != OPAQUE_MARKER and not base.startswith(META_PREFIX):
+        whiteout = not plain and base.startswith(WHITEOUT_PREFIX) and not is_aufs_meta(base)
+        if whiteout and base != OPAQUE_MARKER:
             deleted = base[len(WHITEOUT_PREFIX) :]
             if deleted in ("", ".", ".."):
                 raise UnsafeLayerError(
                     f"{where}: whiteout of {deleted!r} is not a valid name (path traversal?); refusing the layer"
                 )
         kind = entry.kind
-        if base.startswith(WHITEOUT_PREFIX):
+        if whiteout:
             kind = "file"
         elif kind in ("char", "block") and not self.limits.allow_devices:
             raise UnsafeLayerError(

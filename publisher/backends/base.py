@@ -205,7 +205,7 @@ def merge_origin(existing: bytes | None, config_digests: Sequence[str]) -> bytes
 
 
 def new_record(info: LayerInfo, diff_id: str, size: int, entries: int, whiteouts: Sequence[str],
-               opaque_dirs: Sequence[str]) -> LayerRecord:
+               opaque_dirs: Sequence[str], hidden: Sequence[str] = ()) -> LayerRecord:
     return LayerRecord(
         digest=info.digest,
         diff_id=diff_id,
@@ -215,6 +215,7 @@ def new_record(info: LayerInfo, diff_id: str, size: int, entries: int, whiteouts
         entries=entries,
         whiteouts=sorted(whiteouts),
         opaque_dirs=sorted(opaque_dirs),
+        hidden=sorted(set(hidden)),
         publisher_version=f"cvmfs-snap {__version__}",
         created=time.time(),
     )

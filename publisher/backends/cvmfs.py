@@ -303,28 +303,25 @@ def spool_and_validate(info: LayerInfo, tar: TarStream, spool: Path) -> LayerRec
     whiteouts; check the diffID. Nothing reaches ``cvmfs_server`` before this returned."""
     from cvmfs_snap.layer import iter_layer
     from cvmfs_snap.layer.digesting import HashingReader
-    from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, whiteout_target
+    from cvmfs_snap.layer.whiteout import classify
 
-    whiteouts: list[str] = []
-    opaque: list[str] = []
+    found: dict[str, list[str]] = {"whiteout": [], "opaque": [], "hidden": []}
     entries = 0
     reader = HashingReader(tar)
     with open(spool, "wb") as f:
         tee = _Tee(reader, f)
         for entry in iter_layer(tee, name=info.digest):
             entries += 1
-            parent, _, base = entry.path.rpartition("/")
-            target = whiteout_target(base)
-            if base == OPAQUE_MARKER:
-                opaque.append(parent)
-            elif target and target not in (".", ".."):
-                whiteouts.append(f"{parent}/{target}" if parent else target)
+            meaning = classify(entry.path)  # the same index apply_layer(mode="layer") returns
+            if meaning is not None:
+                found[meaning[0]].append(meaning[1])
             while entry.read(1 << 20):
                 pass
         while tee.read(1 << 20):
             pass
     check_diff_id(info, reader.digest)
-    return new_record(info, reader.digest or "", reader.size, entries, whiteouts, opaque)
+    return new_record(info, reader.digest or "", reader.size, entries, found["whiteout"], found["opaque"],
+                      found["hidden"])
 
 
 @dataclass

@@ -123,7 +123,7 @@ def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path) -> LayerR
     check_diff_id(info, reader.digest)
     (layerfs / CATALOG_MARKER).touch()
     rec = new_record(info, reader.digest or "", reader.size, res.entries, res.whiteouts.whiteouts,
-                     res.whiteouts.opaque_dirs)
+                     res.whiteouts.opaque_dirs, res.whiteouts.hidden)
     write_layer_metadata(layer_dir / METADATA_DIR, rec, info.origin, None)
     return rec
 

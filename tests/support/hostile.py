@@ -283,23 +283,67 @@ def build_corpus(outside: Path) -> list[HostileCase]:
         HostileCase("unknown-type", tar_of(header(b"vol", b"V")), InvalidInputError, "vol"),
         HostileCase("root-replaced-by-symlink", tar_of(header(b"./", b"2", linkname=out)), UnsafeLayerError, "./"),
         HostileCase(
-            "merged-symlink-in-target", tar_of(raw_file(b"lib/evil", b"pwned")), UnsafeLayerError, "lib/evil",
-            mode="merged", setup=_symlink_setup("lib", outside),
-        ),
-        HostileCase(
-            "merged-whiteout-through-symlink", tar_of(raw_file(b"lnk/.wh.secret")), UnsafeLayerError,
-            "lnk/.wh.secret", mode="merged", setup=_symlink_setup("lnk", outside),
-        ),
-        HostileCase(
-            "merged-opaque-through-symlink", tar_of(raw_file(b"lnk/.wh..wh..opq")), UnsafeLayerError,
-            "lnk/.wh..wh..opq", mode="merged", setup=_symlink_setup("lnk", outside),
-        ),
-        HostileCase(
             "merged-hardlink-through-symlink", tar_of(header(b"h", b"1", linkname=b"lnk/secret")), UnsafeLayerError,
             "'h'", mode="merged", setup=_symlink_setup("lnk", outside),
         ),
     ]
     return cases
+
+
+@dataclass
+class ClampedCase:
+    """A ``merged``-mode layer that writes through a symlink aiming outside the target.
+
+    containerd resolves parent paths inside the root (absolute targets and ``..`` stop at the root), so it accepts
+    these layers and the writes land inside the root; so must we. ``lands`` are paths (relative to the target) the
+    apply must create, ``symlinks`` paths that must still be symlinks afterwards. Nothing outside may change.
+    """
+
+    id: str
+    blob: bytes
+    lands: list[str]
+    symlinks: list[str] = field(default_factory=list)
+    setup: Callable[[Path], None] | None = None
+
+
+def build_clamped_corpus(outside: Path) -> list[ClampedCase]:
+    """Escapes through symlinks that merged mode clamps inside the target (``outside`` as in :func:`build_corpus`)."""
+    out = str(outside).encode()
+    rel = str(outside).lstrip("/")  # where an absolute symlink to ``outside`` lands inside the target
+    return [
+        ClampedCase("target-symlink-absolute", tar_of(raw_file(b"lib/evil", b"pwned")), [f"{rel}/evil"], ["lib"],
+                    setup=_symlink_setup("lib", outside)),
+        ClampedCase("target-symlink-whiteout", tar_of(raw_file(b"lnk/.wh.secret")), [], ["lnk"],
+                    setup=_symlink_setup("lnk", outside)),
+        ClampedCase("target-symlink-opaque", tar_of(raw_file(b"lnk/.wh..wh..opq")), [], ["lnk"],
+                    setup=_symlink_setup("lnk", outside)),
+        ClampedCase("layer-symlink-absolute",
+                    tar_of(header(b"esc", b"2", linkname=out), raw_file(b"esc/pwned", b"pwned")),
+                    [f"{rel}/pwned"], ["esc"]),
+        ClampedCase("layer-symlink-relative",
+                    tar_of(header(b"esc", b"2", linkname=b"../../../../../../../../.." + out),
+                           raw_file(b"esc/pwned", b"pwned")),
+                    [f"{rel}/pwned"], ["esc"]),
+        ClampedCase("layer-symlink-dotdot",
+                    tar_of(header(b"esc", b"2", linkname=b"../../.."), raw_file(b"esc/file", b"pwned")),
+                    ["file"], ["esc"]),
+        ClampedCase("layer-symlink-chain",
+                    tar_of(header(b"b", b"2", linkname=out), header(b"a", b"2", linkname=b"b"),
+                           raw_file(b"a/pwned", b"pwned")),
+                    [f"{rel}/pwned"], ["a", "b"]),
+        ClampedCase("layer-symlink-replaces-dir",
+                    tar_of(header(b"d/", b"5", mode=0o755), raw_file(b"d/ok", b"fine"),
+                           header(b"d", b"2", linkname=out), raw_file(b"d/pwned", b"pwned")),
+                    [f"{rel}/pwned"], ["d"]),
+        ClampedCase("layer-symlink-deep-parent",
+                    tar_of(header(b"x/y/", b"5", mode=0o755), header(b"x/y/z", b"2", linkname=out),
+                           header(b"x/y/z/sub/", b"5", mode=0o755)),
+                    [f"{rel}/sub"], ["x/y/z"]),
+        ClampedCase("layer-whiteout-through-symlink",
+                    tar_of(header(b"esc", b"2", linkname=out), raw_file(b"esc/.wh.secret"),
+                           raw_file(b"esc/sub/.wh..wh..opq")),
+                    [], ["esc"]),
+    ]
 
 
 def _flip(blob: bytes, at: int) -> bytes:
@@ -322,4 +366,5 @@ def tarfile_names(blob: bytes) -> list[str]:
         return tf.getnames()
 
 
-__all__ = ["END", "Entry", "HostileCase", "build_corpus", "header", "pad", "pax_block", "raw_file", "tar_of"]
+__all__ = ["END", "ClampedCase", "Entry", "HostileCase", "build_clamped_corpus", "build_corpus", "header", "pad",
+           "pax_block", "raw_file", "tar_of"]

@@ -165,11 +165,12 @@ class CvmfsSource:
         except InvalidInputError as exc:
             raise IntegrityError(f"layer {digest}: {exc}; republish the layer") from exc
         if rec is not None:
-            return LayerIndex.from_record(rec.whiteouts, rec.opaque_dirs, root_markers(layerfs))
+            return LayerIndex.from_record(rec.whiteouts, rec.opaque_dirs, root_markers(layerfs), aufs_meta=rec.hidden)
         log.info("layer %s has no %s (published by DUCC?): scanning %s once for whiteouts", digest,
                  self.layout.layer_json(digest).name, layerfs)
         idx = scan_tree_whiteouts(layerfs)
-        return LayerIndex.from_record(idx.whiteouts, idx.opaque_dirs, root_markers(layerfs), origin="scan")
+        return LayerIndex.from_record(idx.whiteouts, idx.opaque_dirs, root_markers(layerfs), origin="scan",
+                                      aufs_meta=idx.hidden)
 
     def _fs_error(self, digest: str, exc: OSError) -> UnavailableError:
         """Log an OSError met on the repository and turn it into the UnavailableError to raise at Mounts."""

@@ -5,8 +5,8 @@ store overlay whiteouts, and carries CVMFS's own ``.cvmfscatalog`` markers. cont
 turns ``.wh.NAME`` into a char 0/0 device at ``NAME`` and ``.wh..wh..opq`` into ``trusted.overlay.opaque=y`` on the
 directory. To show a container the same tree, every layer is served as (top-most first)::
 
-    upper mask   char 0/0 whiteouts at the paths of the .wh.* files and CVMFS markers (hides them in the layerfs),
-                 and at the paths the layer deletes in lower layers
+    upper mask   char 0/0 whiteouts at the paths of the .wh.* files, AUFS metadata entries (.wh..wh.plnk/, ...)
+                 and CVMFS markers (hides them in the layerfs), and at the paths the layer deletes in lower layers
     layerfs      the read-only CVMFS tree itself
     lower        only if the layer has opaque dirs: those dirs, marked opaque
 
@@ -57,8 +57,9 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 
-#: version of the node-local directory format; a directory of another version is rebuilt
-FORMAT_VERSION = 1
+#: version of the node-local directory format; a directory of another version is rebuilt (2: AUFS metadata hidden,
+#: so indexes scanned by version 1, which did not list it, are not reused either)
+FORMAT_VERSION = 2
 UPPER = "upper"
 LOWER = "lower"
 META_JSON = "meta.json"
@@ -87,19 +88,23 @@ class LayerIndex:
     whiteouts: tuple[str, ...]
     #: directories this layer makes opaque (``.wh..wh..opq`` in them)
     opaque_dirs: tuple[str, ...]
-    #: entries of the layerfs the container must not see: the ``.wh.*`` files themselves and CVMFS markers
+    #: entries of the layerfs the container must not see: the ``.wh.*`` files themselves, AUFS metadata entries
+    #: (``.wh..wh.plnk``...) and CVMFS markers
     hidden: tuple[str, ...]
     #: where the index came from: "layer.json" or "scan"
     origin: str = ""
 
     def to_json(self) -> str:
         return json.dumps({"whiteouts": list(self.whiteouts), "opaque_dirs": list(self.opaque_dirs),
-                           "hidden": list(self.hidden), "origin": self.origin}, indent=1) + "\n"
+                           "hidden": list(self.hidden), "origin": self.origin, "version": FORMAT_VERSION},
+                          indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> LayerIndex:
         try:
             data = json.loads(text)
+            if data.get("version") != FORMAT_VERSION:
+                raise ValueError(f"index format {data.get('version')}, expected {FORMAT_VERSION}")
             return cls(tuple(str(p) for p in data["whiteouts"]), tuple(str(p) for p in data["opaque_dirs"]),
                        tuple(str(p) for p in data["hidden"]), str(data.get("origin", "")))
         except (ValueError, KeyError, TypeError) as exc:
@@ -107,14 +112,24 @@ class LayerIndex:
 
     @classmethod
     def from_record(cls, whiteouts: Iterable[str], opaque_dirs: Iterable[str], markers: Iterable[str] = (),
-                    origin: str = "layer.json") -> LayerIndex:
+                    origin: str = "layer.json", aufs_meta: Iterable[str] = ()) -> LayerIndex:
         """The index from a layer's recorded whiteouts (layer.json, or a scan of a DUCC layer's tree): the names of
         the ``.wh.*`` files to hide follow from the paths they delete. ``markers`` are the CVMFS marker files found
-        in the layerfs."""
-        wh = tuple(_normalize(p) for p in whiteouts)
-        op = tuple(_normalize(p) for p in opaque_dirs)
+        in the layerfs, ``aufs_meta`` the AUFS metadata entries it keeps (``hidden`` of the record or scan).
+
+        Whiteouts and opaque dirs at or below an AUFS metadata entry are dropped: that whole subtree is hidden, and a
+        whiteout below it would need a directory where the mask has a whiteout."""
+        meta = tuple(_normalize(p) for p in aufs_meta)
+        meta = tuple(p for p in meta if p)
+
+        def visible(path: str) -> bool:
+            return not any(path == m or path.startswith(m + "/") for m in meta)
+
+        wh = tuple(p for p in (_normalize(p) for p in whiteouts) if visible(p))
+        op = tuple(p for p in (_normalize(p) for p in opaque_dirs) if visible(p))
         hidden = [_join(_parent(p), WHITEOUT_PREFIX + _base(p)) for p in wh if p]
         hidden += [_join(d, OPAQUE_MARKER) for d in op]
+        hidden += list(meta)
         hidden += list(markers)
         return cls(wh, op, tuple(dict.fromkeys(hidden)), origin)
 
