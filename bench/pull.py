@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.containerd import Containerd, start_containerd
+from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.devenv.registry import Registry, start_registry
 
 PLUGIN = "cvmfs-snapshotter"
@@ -142,13 +142,7 @@ def measure_ours(work: Path, reg: Registry, repo: Path, ref: str, size: int) -> 
             t_run = run(ctr(cd, "run", "--rm", "--snapshotter", PLUGIN, ref, "bench-ours", "/bin/true"),
                         "ctr run (cvmfs-snap)")
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, timeout=20, group=False)
     return Result(size, "cvmfs-snap (published)", t_pull, inner, requests, fetched, t_run)
 
 

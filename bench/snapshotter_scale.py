@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import grpc
 
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 
@@ -158,13 +158,7 @@ def main() -> None:
         mem.append(("+ local + containers", proc_mem(proc.pid), n_snapshots()))
         ch.close()
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, timeout=20, group=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nsnapshotter gRPC latency ({a.images} images x {a.depth} layers, {a.local} local layers, "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .devenv import images as im
 from .devenv.containerd import Containerd, start_containerd
+from .devenv.procs import stop_process
 from .devenv.registry import Registry, start_registry
 from .errors import CommandError, UnavailableError
 
@@ -144,16 +145,7 @@ def main(args: argparse.Namespace) -> int:
                 stdout=lf, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
-        def _stop_snapshotter() -> None:
-            if snap.poll() is None:
-                snap.terminate()
-                try:
-                    snap.wait(15)
-                except subprocess.TimeoutExpired:
-                    snap.kill()
-                    snap.wait()
-
-        stack.callback(_stop_snapshotter)
+        stack.callback(stop_process, snap, timeout=15)
         _wait_socket(sock, snap, snap_log)
 
         ctd: Containerd = stack.enter_context(

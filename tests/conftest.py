@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.procs import unmount_below
 from tests.support.registry import Registry, start_registry
 
 
@@ -34,7 +35,5 @@ def short_tmp() -> Iterator[Path]:
     try:
         yield d
     finally:
-        import subprocess
-
-        subprocess.run(["sh", "-c", f"grep -o ' {d}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l"], check=False)
+        unmount_below(d)
         shutil.rmtree(d, ignore_errors=True)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from .procs import stop_process, unmount_below
 
 CONTAINERD_BIN = shutil.which("containerd") or "/usr/bin/containerd"
 CTR_BIN = shutil.which("ctr") or "/usr/bin/ctr"
@@ -116,12 +117,5 @@ def start_containerd(
                     cd.ctr("tasks", "rm", "-f", t, namespace=ns_line, check=False, timeout=20)
         except Exception:
             pass
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        subprocess.run(["sh", "-c", f"grep -o ' {root}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l"],
-                       check=False)
+        stop_process(proc, timeout=15)
+        unmount_below(root)

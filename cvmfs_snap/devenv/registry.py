@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from .procs import stop_process
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 
@@ -93,10 +94,4 @@ def start_registry(root: Path, extra_config: dict[str, Any] | None = None, port:
                 time.sleep(0.05)
         yield reg
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc)

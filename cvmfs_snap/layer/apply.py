@@ -47,7 +47,7 @@ from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, UnsafeLay
 from cvmfs_snap.layer.digesting import Readable
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.tarstream import TarEntry, TarReader
-from cvmfs_snap.layer.whiteout import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, WhiteoutIndex, is_aufs_meta
+from cvmfs_snap.layer.whiteout import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, WhiteoutIndex, aufs_meta_prefix, is_aufs_meta
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +443,12 @@ class _Applier:
             "may only point to files unpacked before them. Refusing the layer"
         )
         tparts = entry.linkname.split("/")
+        if self.mode == "merged" and aufs_meta_prefix(tparts) is not None:
+            raise UnsafeLayerError(
+                f"{where}: hardlink into AUFS metadata ({entry.linkname!r}), which merged mode skips; the image was "
+                "committed on AUFS. Its layers can still be published in layer mode; for a flat tree, re-export the "
+                "image (e.g. docker save / skopeo copy from a non-AUFS host) or skip the flat"
+            )
         # the target's directory resolves like any parent path (merged: symlinks inside the root), its last
         # component is never followed: a hardlink to a symlink links the symlink, as containerd and link(2) do
         got = self._parent(tparts[:-1], False, where + f" (hardlink target {entry.linkname!r})")

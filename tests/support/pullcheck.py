@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cvmfs_snap.containerd.client import ContainerdClient, SnapshotInfo
+from cvmfs_snap.devenv.procs import stop_process, unmount_below
 from tests.support.containerd import Containerd, start_containerd
 
 
@@ -18,7 +19,6 @@ def containerd_in_tmp(proxy_plugins: Mapping[str, str] | None = None, cri_snapsh
                       insecure_registries: list[str] | None = None) -> Iterator[Containerd]:
     """A private containerd under a fresh short /tmp directory (socket paths must stay short)."""
     import shutil
-    import subprocess
 
     d = Path(tempfile.mkdtemp(prefix="cs-pull-", dir="/tmp"))
     try:
@@ -26,8 +26,7 @@ def containerd_in_tmp(proxy_plugins: Mapping[str, str] | None = None, cri_snapsh
                               insecure_registries=insecure_registries) as cd:
             yield cd
     finally:
-        subprocess.run(["sh", "-c", f"grep -o ' {d}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l"],
-                       check=False)
+        unmount_below(d)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -61,9 +60,7 @@ def active(cd: Containerd, snapshotter: str, namespace: str = "default") -> list
 @contextmanager
 def fakeremote(binary: str, remote: bool = True) -> Iterator[tuple[str, Path]]:
     """Run go-reference's ``fakeremote`` proxy snapshotter; yields (socket, prepare log). Killed by PID."""
-    import os
     import shutil
-    import signal
     import subprocess
     import time
 
@@ -81,13 +78,7 @@ def fakeremote(binary: str, remote: bool = True) -> Iterator[tuple[str, Path]]:
             time.sleep(0.05)
         yield str(sock), log
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc)
         subprocess.run(["sh", "-c", f"grep -o ' {d}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l"],
                        check=False)
         shutil.rmtree(d, ignore_errors=True)

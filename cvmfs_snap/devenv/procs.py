@@ -1,0 +1,55 @@
+"""Stopping what the demo and tests started: processes by PID (never by name: other daemons of the same program may
+run on the host), and mounts below a directory they own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0, group: bool = True) -> None:
+    """SIGTERM ``proc`` (its whole process group when ``group``: it was started with ``start_new_session``), wait up
+    to ``timeout`` seconds, then SIGKILL the group."""
+    if proc.poll() is not None:
+        return
+    try:
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as octal."""
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\"))
+
+
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    base = os.path.realpath(path)
+    found: list[str] = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 2:
+                continue
+            mp = _unescape(fields[1])
+            if mp == base or mp.startswith(base + "/"):
+                found.append(mp)
+    return sorted(found, key=len, reverse=True)
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount everything mounted at or below ``path`` (best effort)."""
+    for mp in mounts_below(path):
+        subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
