@@ -45,7 +45,6 @@ from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError, UnavailableErro
 from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.oci.reference import ImageReference
 from publisher import metrics
-from publisher.gc import gc_lock
 from publisher.webhooks import (
     MAX_BODY,
     PushEvent,
@@ -310,7 +309,6 @@ class Daemon:
         self.recipe: Any = None
         self.patterns: list[RecipePattern] = []
         self.recipe_error: str | None = None
-        self._parse_errors = 0
         self._loaded_signature: tuple[int, int, int, int] | None = None
         self._lock = threading.Lock()
         self.history: OrderedDict[str, ImageStatus] = OrderedDict()
@@ -338,7 +336,6 @@ class Daemon:
             self.recipe = recipe
             self.patterns = recipe_patterns(recipe)
             self.recipe_error = None
-            self._parse_errors = len(getattr(recipe, "errors", None) or [])
         # the recipe's own `platforms:` applies when the configuration does not restrict platforms
         if self._recipe_platforms and hasattr(self.publisher, "platforms"):
             self.publisher.platforms = list(getattr(recipe, "platforms", None) or [])
@@ -348,12 +345,9 @@ class Daemon:
     def full_pass(self) -> int:
         """Expand the recipe (tag lists re-read) and queue every image; returns how many were queued."""
         with self._lock:
-            recipe, parse_errors = self.recipe, self._parse_errors
+            recipe = self.recipe
         if recipe is None:
             return 0
-        errors = getattr(recipe, "errors", None)
-        if isinstance(errors, list):
-            del errors[parse_errors:]  # expansion errors of the previous pass; this pass reports its own
         try:
             refs = self._expand(recipe, self.client)
         except CvmfsSnapError as exc:
@@ -406,11 +400,9 @@ class Daemon:
         t0 = time.monotonic()
         ok, message, digest = False, "", ""
         try:
-            with gc_lock(self.state_dir, exclusive=False, timeout=3600):
-                result = self.publisher.publish_image(item.ref)
-            ok = bool(getattr(result, "ok", True))
-            message = str(getattr(result, "error", None) or getattr(result, "message", None) or "")
-            digest = str(getattr(result, "manifest_digest", "") or "")
+            # publish_image holds the GC lock (shared) itself
+            result = self.publisher.publish_image(item.ref)
+            ok, message, digest = result.ok, result.error or "", result.manifest_digest or ""
         except CvmfsSnapError as exc:
             message = str(exc)
         except Exception as exc:

@@ -14,6 +14,8 @@ import io
 import os
 from pathlib import Path
 
+import pytest
+
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layer import apply_layer, iter_layer, scan_tree_whiteouts
 from cvmfs_snap.layout import RepositoryLayout

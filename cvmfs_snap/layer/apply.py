@@ -47,7 +47,14 @@ from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, UnsafeLay
 from cvmfs_snap.layer.digesting import Readable
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.tarstream import TarEntry, TarReader
-from cvmfs_snap.layer.whiteout import META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX, WhiteoutIndex, aufs_meta_prefix, is_aufs_meta
+from cvmfs_snap.layer.whiteout import (
+    META_PREFIX,
+    OPAQUE_MARKER,
+    WHITEOUT_PREFIX,
+    WhiteoutIndex,
+    aufs_meta_prefix,
+    is_aufs_meta,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,9 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
     metrics-address = "127.0.0.1:9102"   # serve Prometheus metrics on http://HOST:PORT/metrics; empty: off
     sources = ["cvmfs"]                  # layer sources asked in order at Prepare time (known: "cvmfs")
     grpc-workers = 16                    # threads serving gRPC calls
+    publish-on-miss-url = ""             # publisher daemon's POST /publish-on-miss; empty: never report misses
+    publish-on-miss-secret = ""          # sent as "Authorization: Bearer <secret>"; better: the file below
+    publish-on-miss-secret-file = ""     # file holding that secret (e.g. mode 0600), read at start
 
 Unknown keys are logged as warnings and ignored (the official snapshotter ignores them too), so a typo is visible
 in the log but never stops a node. A value of the wrong type is an error naming the file and the key.
@@ -28,6 +31,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import InvalidInputError, NotFoundError
 
@@ -48,6 +52,12 @@ class Config:
     metrics_address: str = ""
     sources: list[str] = field(default_factory=lambda: ["cvmfs"])
     grpc_workers: int = 16
+    #: where misses are reported (publisher daemon's POST /publish-on-miss); "" = off
+    publish_on_miss_url: str = ""
+    #: shared secret for that endpoint, from publish-on-miss-secret or read from publish-on-miss-secret-file;
+    #: kept out of repr() so that logging a Config never shows it
+    publish_on_miss_secret: str = field(default="", repr=False)
+    publish_on_miss_secret_file: str = ""
     path: Path | None = None  # the file it came from, if any
 
     @property
@@ -93,6 +103,13 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
                     cfg.grpc_workers = _typed(where, name, v, int)
                     if cfg.grpc_workers < 1:
                         raise InvalidInputError(f"{where}: {name} must be at least 1")
+                elif k == "publish-on-miss-url":
+                    cfg.publish_on_miss_url = _typed(where, name, v, str).strip()
+                    _check_url(where, name, cfg.publish_on_miss_url)
+                elif k == "publish-on-miss-secret":
+                    cfg.publish_on_miss_secret = _typed(where, name, v, str).strip()
+                elif k == "publish-on-miss-secret-file":
+                    cfg.publish_on_miss_secret_file = _typed(where, name, v, str).strip()
                 else:
                     log.warning("%s: unknown key %r ignored", where, name)
         else:
@@ -100,7 +117,47 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
     if cfg.absolute_mountpoint and not cfg.absolute_mountpoint.startswith("/"):
         raise InvalidInputError(f"{where}: absolute-mountpoint must be an absolute path, got "
                                 f"{cfg.absolute_mountpoint!r}")
+    if cfg.publish_on_miss_secret_file:
+        if cfg.publish_on_miss_secret:
+            raise InvalidInputError(f"{where}: set {OUR_TABLE}.publish-on-miss-secret or "
+                                    f"{OUR_TABLE}.publish-on-miss-secret-file, not both")
+        cfg.publish_on_miss_secret = _read_secret(where, cfg.publish_on_miss_secret_file)
     return cfg
+
+
+def _check_url(where: str, name: str, url: str) -> None:
+    """An http(s) URL with a host, or empty (off). Credentials in the URL are refused: they would end up in logs
+    and in ``ps``-style dumps of the configuration; the secret has its own keys."""
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise InvalidInputError(f"{where}: {name} is not a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInputError(f"{where}: {name} must be an http:// or https:// URL with a host, e.g. "
+                                "http://stratum0.example.org:8080/publish-on-miss")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidInputError(f"{where}: {name} must not contain credentials; put the shared secret in "
+                                f"{OUR_TABLE}.publish-on-miss-secret-file instead")
+
+
+def _read_secret(where: str, path: str) -> str:
+    """The secret in ``path`` (surrounding white space and a trailing newline dropped); never echoed in errors."""
+    p = Path(path)
+    try:
+        secret = p.read_text().strip()
+    except FileNotFoundError:
+        raise NotFoundError(f"{where}: {OUR_TABLE}.publish-on-miss-secret-file {p} does not exist: create it "
+                            "with the publisher's shared secret or remove the key") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InvalidInputError(f"{where}: cannot read {OUR_TABLE}.publish-on-miss-secret-file {p}: "
+                                f"{reason}") from None
+    if not secret:
+        raise InvalidInputError(f"{where}: {OUR_TABLE}.publish-on-miss-secret-file {p} is empty")
+    return secret
 
 
 def load_config(path: Path | None) -> Config:

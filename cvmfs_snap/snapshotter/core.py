@@ -21,6 +21,11 @@ Remote layers: a Prepare carrying ``containerd.io/snapshot.ref`` (the chain ID c
 snapshot named after the chain ID, with no directory of its own, and answer AlreadyExists: containerd then skips the
 download and uses our snapshot. Its lowerdirs are asked from the same source at Mounts time. Removing a remote
 snapshot only drops our record and links; CVMFS is never touched.
+
+Misses: when such a Prepare finds no source serving the layer and every source *answered* (none failed), the layer is
+simply not published; the optional ``on_miss`` callback is then told the Prepare's labels after the local snapshot
+exists (the daemon wires the publish-on-miss reporter there). A source that failed is not a miss: it says nothing
+about what is published. The callback must not block; its exceptions are logged and never fail the Prepare.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -96,6 +101,10 @@ class PrepareObserver(Protocol):
     def prepare_outcome(self, outcome: str) -> None: ...
 
 
+#: told the labels of a Prepare whose layer no source serves although every source answered (see the module doc)
+MissCallback = Callable[[Mapping[str, str]], None]
+
+
 def b36(n: int) -> str:
     """Short lower-case base-36 text of a non-negative integer (snapshot ids in link names)."""
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -159,13 +168,14 @@ class Snapshotter:
     """containerd's Snapshotter interface over a :class:`Store` and ``root``."""
 
     def __init__(self, root: Path, store: Store | None = None, sources: Sequence[LayerSource] = (),
-                 observer: PrepareObserver | None = None) -> None:
+                 observer: PrepareObserver | None = None, on_miss: MissCallback | None = None) -> None:
         self.root = Path(root)
         (self.root / SNAPSHOTS_DIR).mkdir(parents=True, exist_ok=True)
         (self.root / LINKS_DIR).mkdir(parents=True, exist_ok=True)
         self.store = store if store is not None else Store(self.root / DB_NAME)
         self.sources = list(sources)
         self.observer = observer
+        self.on_miss = on_miss
         self.index_off = _overlay_index_supported()
 
     def close(self) -> None:
@@ -194,10 +204,12 @@ class Snapshotter:
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         labels = validate_labels(labels or {})
         target = labels.get(LABEL_TARGET_REF, "")
+        missed = False
         if target:
             if self.store.find(target) is not None:
                 raise AlreadyExistsError(f"target snapshot {target!r} already exists")
-            remote = self._lookup(labels)
+            remote, answered = self._lookup(labels)
+            missed = answered and bool(self.sources)
             if remote is not None:
                 self._create_remote(target, parent, labels, remote)
                 if self.observer:
@@ -209,12 +221,19 @@ class Snapshotter:
         mounts = self._create(KIND_ACTIVE, key, parent, labels)
         if self.observer:
             self.observer.prepare_outcome(OUTCOME_LOCAL)
+        if missed and self.on_miss is not None:
+            try:
+                self.on_miss(labels)
+            except Exception:  # reporting a miss is a courtesy: it must never fail the pull
+                log.warning("reporting the miss of %s failed", target, exc_info=True)
         return mounts
 
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         return self._create(KIND_VIEW, key, parent, validate_labels(labels or {}))
 
-    def _lookup(self, labels: Mapping[str, str]) -> RemoteLayer | None:
+    def _lookup(self, labels: Mapping[str, str]) -> tuple[RemoteLayer | None, bool]:
+        """(the first source's RemoteLayer or None, whether every source asked answered without failing)."""
+        answered = True
         for source in self.sources:
             try:
                 remote = source.lookup(labels)
@@ -224,10 +243,11 @@ class Snapshotter:
                 log.warning("layer source %s failed on %s (%s); falling back to a normal download",
                             getattr(source, "name", source), labels.get(LABEL_TARGET_REF, "?"), exc,
                             exc_info=not isinstance(exc, CvmfsSnapError))
+                answered = False
                 continue
             if remote is not None:
-                return remote
-        return None
+                return remote, answered
+        return None, answered
 
     def _create_remote(self, target: str, parent: str, labels: Mapping[str, str], remote: RemoteLayer) -> None:
         merged = dict(labels)
