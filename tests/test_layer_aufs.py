@@ -10,6 +10,7 @@ directory of that name. We hide that too, as Docker does; that is the one differ
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -107,3 +108,46 @@ def test_published_layer_hides_aufs_metadata_through_the_source(tmp_path: Path) 
     with mounted_overlay(ours2, tmp_path / "m_ducc") as m3:
         assert dump_tree(m3) == view
     assert sorted(os.listdir(tmp_path / "state2")) == sorted(lay.digest[7:] for lay in layers)
+
+
+@pytest.mark.slow
+def test_difference_from_real_containerd_is_only_below_plnk(tmp_path: Path, short_tmp: Path, registry: object) -> None:
+    """Real containerd 1.6 (overlayfs snapshotter, after a real pull) shows the same tree except what lies below
+    ``.wh..wh.plnk/``, which we hide (see the module docstring)."""
+    import re
+    import shlex
+    import subprocess
+
+    from tests.support.containerd import start_containerd
+    from tests.support.images import image, push_image
+    from tests.support.registry import Registry
+
+    assert isinstance(registry, Registry)
+    layers = aufs_layers()
+    push_image(registry.url, "layer-aufs/img", "v1", image(layers))
+    ref = registry.ref("layer-aufs/img", "v1")
+    root = tmp_path / "repo"
+    backend = LocalBackend(root)
+    for lay in layers:
+        backend.publish_layer(LayerInfo(lay.digest, lay.media_type, len(lay.blob), lay.diff_id), io.BytesIO(lay.tar))
+    src = CvmfsSource(root, tmp_path / "state")
+    top_chain = layers[0].diff_id
+    for lay in layers[1:]:
+        top_chain = "sha256:" + hashlib.sha256(f"{top_chain} {lay.diff_id}".encode()).hexdigest()
+    with start_containerd(short_tmp / "ctd") as ctd:
+        ctd.ctr("images", "pull", "--plain-http", ref)
+        r = ctd.ctr("snapshots", "view", "--target", str(tmp_path / "m_ctd"), "aufs-view", top_chain, check=False)
+        assert r.returncode == 0, r.stderr
+        argv = shlex.split(r.stdout.strip())
+        assert argv[:3] == ["mount", "-t", "overlay"] and re.search(r"lowerdir=[^,]*:", r.stdout), r.stdout
+        (tmp_path / "m_ctd").mkdir()
+        subprocess.run(argv, check=True)
+        try:
+            ours = [d for lay in reversed(layers) for d in src.lowerdirs(lay.digest)]
+            with mounted_overlay(ours, tmp_path / "m_ours") as mine:
+                view, view_ctd = dump_tree(mine), dump_tree(tmp_path / "m_ctd")
+        finally:
+            subprocess.run(["umount", str(tmp_path / "m_ctd")], check=True)
+    only_ctd = sorted(set(view_ctd) - set(view))
+    assert only_ctd == [".wh..wh.plnk", ".wh..wh.plnk/123"]
+    assert {k: v for k, v in view_ctd.items() if k not in only_ctd} == view

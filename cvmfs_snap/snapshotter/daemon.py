@@ -31,6 +31,7 @@ from ..errors import InvalidInputError, UnavailableError
 from .config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, load_config
 from .core import Snapshotter
 from .metrics import Metrics
+from .missreport import MissReporter
 from .service import add_to_server
 from .sources.base import LayerSource
 from .store import DB_NAME, Store
@@ -74,6 +75,26 @@ def build_sources(cfg: Config, root: Path) -> list[LayerSource]:
     return out
 
 
+def build_reporter(cfg: Config, sources: list[LayerSource], metrics: Metrics) -> MissReporter | None:
+    """The publish-on-miss reporter when ``publish-on-miss-url`` is set and a CVMFS source can vouch for misses.
+
+    A miss means something only while the CVMFS repository answers, so the reporter asks the health of the first
+    source that has one (the CVMFS source's ``health()``); without such a source nothing is reported."""
+    if not cfg.publish_on_miss_url:
+        return None
+    health = next((getattr(s, "health", None) for s in sources if callable(getattr(s, "health", None))), None)
+    if health is None:
+        log.warning("publish-on-miss-url is set but no configured layer source reports CVMFS health (sources: %s): "
+                    "misses are not reported", ", ".join(s.name for s in sources) or "none")
+        return None
+
+    def available() -> bool:
+        return bool(health().available)
+
+    return MissReporter(cfg.publish_on_miss_url, secret=cfg.publish_on_miss_secret, available=available,
+                        registry=metrics.registry)
+
+
 def _prepare_socket(address: str) -> None:
     path = Path(address)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -106,7 +127,9 @@ class Daemon:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.sources = sources if sources is not None else build_sources(cfg, self.root)
-        self.core = Snapshotter(self.root, Store(self.root / DB_NAME), self.sources, observer=self.metrics)
+        self.reporter = build_reporter(cfg, self.sources, self.metrics)
+        self.core = Snapshotter(self.root, Store(self.root / DB_NAME), self.sources, observer=self.metrics,
+                                on_miss=self.reporter.miss if self.reporter is not None else None)
         self.server: grpc.Server | None = None
         self.metrics_bound: tuple[str, int] | None = None
         self._stopped = threading.Event()
@@ -126,6 +149,8 @@ class Daemon:
             os.umask(old)
         os.chmod(self.address, 0o600)
         self.server = server
+        if self.reporter is not None:
+            self.reporter.start()
         if self.cfg.metrics_address:
             self.metrics_bound = self.metrics.serve(self.cfg.metrics_address)
         log.info("cvmfs-snap snapshotter serving on %s (root %s, sources: %s)", self.address, self.root,
@@ -137,6 +162,8 @@ class Daemon:
         self._stopped.set()
         if self.server is not None:
             self.server.stop(grace).wait()
+        if self.reporter is not None:
+            self.reporter.close()
         self.metrics.stop()
         self.core.close()
         with contextlib.suppress(FileNotFoundError):
