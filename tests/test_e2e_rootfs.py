@@ -190,8 +190,6 @@ def test_rootfs_identical_to_native_pull(fresh_registry: Registry, short_tmp: Pa
                                         ".", "..", "again", ""]
 
 
-@pytest.mark.xfail(strict=True, reason="publisher's layer apply ignores a hardlink header's owner/mode; containerd "
-                   "applies them to the shared inode (archive/tar.go createTarFile: Lchown+lchmod after os.Link)")
 def test_hardlink_header_metadata_like_containerd(fresh_registry: Registry, short_tmp: Path) -> None:
     """A hardlink header with other owner/mode than its target: containerd applies it to the inode (both names)."""
     require_busybox()

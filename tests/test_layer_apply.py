@@ -46,7 +46,10 @@ def test_metadata_is_kept(tmp_path: Path) -> None:
         Entry("usr/bin/mine", data=b"x", mode=0o6711, uid=1000, gid=1001, mtime=T0 + 4),
         Entry("tmp", "dir", mode=0o1777, mtime=T0 + 5),
         Entry("usr/bin/sh", "symlink", linkname="/bin/busybox", uid=7, gid=8, mtime=T0 + 6),
-        Entry("usr/bin/ping2", "hardlink", linkname="usr/bin/ping"),
+        # a hardlink header carries the inode's own metadata, as GNU tar and Go's archive/tar write it
+        Entry("usr/bin/ping2", "hardlink", linkname="usr/bin/ping", mode=0o4755, mtime=T0 + 3,
+              pax={"SCHILY.xattr.security.capability": CAP_NET_RAW.decode("utf-8", "surrogateescape"),
+                   "SCHILY.xattr.user.note": "hello"}),
         Entry("dev", "dir", mtime=T0 + 7),
         Entry("dev/null", "char", mode=0o666, devmajor=1, devminor=3, mtime=T0 + 8),
         Entry("dev/loop0", "block", mode=0o660, gid=6, devmajor=7, devminor=0, mtime=T0 + 9),
@@ -331,3 +334,27 @@ def test_iter_layer_streams_member_data_in_chunks() -> None:
         got += chunk
     assert got == data and x.size == len(data)
     assert next(it).read() == b"tail"
+
+
+def test_hardlink_header_metadata_applies_to_the_inode_like_containerd(tmp_path: Path) -> None:
+    """containerd (archive/tar.go createTarFile) applies a hardlink header's owner, xattrs, mode and times to the
+    shared inode after link(2); a container must see the same on both names. A hardlink to a symlink links the
+    symlink and never chmods through it."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"o")
+    outside.chmod(0o600)
+    root = tmp_path / "root"
+    root.mkdir()
+    apply([
+        Entry("f", data=b"x", mode=0o644, uid=1, gid=2, mtime=T0),
+        Entry("g", "hardlink", linkname="f", mode=0o4750, uid=3, gid=4, mtime=T0 + 9,
+              pax={"SCHILY.xattr.user.via": "hardlink"}),
+        Entry("l", "symlink", linkname=str(outside), mtime=T0),
+        Entry("l2", "hardlink", linkname="l", mode=0o777, mtime=T0 + 1),
+    ], root)
+    for name in ("f", "g"):
+        st = (root / name).lstat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (0o4750, 3, 4, (T0 + 9) * 10**9)
+        assert os.getxattr(root / name, "user.via") == b"hardlink"
+    assert (root / "l2").is_symlink() and (root / "l2").lstat().st_ino == (root / "l").lstat().st_ino
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600

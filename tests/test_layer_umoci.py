@@ -35,7 +35,7 @@ def _layers() -> list[BuiltLayer]:
         Entry("dev", **d), Entry("tmp", "dir", mode=0o1777, mtime=T),  # type: ignore[arg-type]
         Entry("bin/busybox", data=b"\x7fELF busybox", mode=0o755, mtime=T + 1),
         Entry("bin/sh", "symlink", linkname="busybox", mtime=T + 2),
-        Entry("bin/ls", "hardlink", linkname="bin/busybox"),
+        Entry("bin/ls", "hardlink", linkname="bin/busybox", mode=0o755, mtime=T + 1),  # as tar writers do
         Entry("usr/bin/ping", data=b"ping", mode=0o4755, mtime=T + 3,
               pax={"SCHILY.xattr.security.capability": CAP}),
         Entry("usr/bin/wall", data=b"wall", mode=0o2755, gid=5, mtime=T + 4),
@@ -66,7 +66,7 @@ def _layers() -> list[BuiltLayer]:
         Entry("etc/passwd", data=b"root:x:0:0::/root:/bin/ash\n", mtime=T + 23),
         Entry("replaced-by-dir", "dir", mode=0o750, mtime=T),
         Entry("dir-replaced", data=b"now a file", mtime=T + 24),
-        Entry("bin/cat", "hardlink", linkname="bin/busybox"),
+        Entry("bin/cat", "hardlink", linkname="bin/busybox", mode=0o755, mtime=T + 1),
         Entry("usr/bin/ping", data=b"ping v2", mode=0o4711, mtime=T + 25,
               pax={"SCHILY.xattr.security.capability": CAP, "SCHILY.xattr.user.v": "2"}),
     ], codec="gzip")  # umoci 0.4.7 cannot read zstd layers

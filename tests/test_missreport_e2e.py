@@ -141,9 +141,11 @@ def test_unpublished_image_is_reported_published_and_then_served_from_cvmfs(fres
                               text, re.M)
                 return float(m.group(1)) if m else -1.0
 
-            # 1. nothing published: every layer is downloaded, and the node reports the image
+            # 1. nothing published: the first layer is downloaded and the node reports the image. The publisher
+            # may be done before the pull reaches the later layers, which are then already served from CVMFS.
             _, first = cvmfs_snap_pull(cd, ref, namespace="first")
-            assert [lay["outcome"] for lay in first["layers"]] == ["pulled"] * 3
+            outcomes = [lay["outcome"] for lay in first["layers"]]
+            assert outcomes[0] == "pulled" and set(outcomes) <= {"pulled", "remote"}, outcomes
 
             # 2. the publisher gets one report for the image (three layers missed) and publishes it
             wait_for(lambda: all(layout.is_layer_complete(lay.digest) for lay in img.layers),

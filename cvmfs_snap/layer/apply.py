@@ -34,6 +34,7 @@ entries in ``layer`` mode (as ``cvmfs_server ingest`` stores them), listed in ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -484,6 +485,9 @@ class _Applier:
             pass
         self._clear(pfd, base, keep_dir=False, path=path)
         os.link(tparts[-1], base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
+        # containerd (archive/tar.go createTarFile) applies the hardlink header's owner, xattrs, mode and times to
+        # the shared inode; a hardlink to a symlink must not be chmod-ed (chmod follows symlinks)
+        self._meta_at(pfd, base, dataclasses.replace(entry, kind="symlink") if stat.S_ISLNK(st.st_mode) else entry)
 
     # -- whiteouts --------------------------------------------------------------------------------------------
     def _whiteout(self, entry: TarEntry, parts: list[str], where: str) -> None:
