@@ -656,14 +656,18 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         if body is None:
             return
+        # one shared secret guards every POST endpoint: registry webhooks and node reports alike
+        if not check_authorization(self.headers.get("Authorization"), self.daemon.settings.webhook_secret):
+            if path in kinds:
+                WEBHOOKS_RECEIVED.labels(kinds[path], "unauthorized").inc()
+            else:
+                MISSES_RECEIVED.labels("unauthorized").inc()
+            log.warning("POST %s from %s refused: missing or wrong Authorization", path, self.address_string())
+            self._send(401, {"error": "missing or wrong Authorization header"},
+                       headers={"WWW-Authenticate": 'Bearer realm="cvmfs-snap-publisher"'})
+            return
         if path in kinds:
             kind = kinds[path]
-            if not check_authorization(self.headers.get("Authorization"), self.daemon.settings.webhook_secret):
-                WEBHOOKS_RECEIVED.labels(kind, "unauthorized").inc()
-                log.warning("webhook from %s refused: missing or wrong Authorization", self.address_string())
-                self._send(401, {"error": "missing or wrong Authorization header"},
-                           headers={"WWW-Authenticate": 'Bearer realm="cvmfs-snap-publisher"'})
-                return
             try:
                 result = self.daemon.handle_webhook(kind, body)
             except InvalidInputError as exc:

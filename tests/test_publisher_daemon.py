@@ -208,18 +208,23 @@ def test_publish_on_miss_respects_the_allow_list(env: Env) -> None:
     digest = im.push_image(env.quiet.url, "miss/one", "v1", img)
     im.push_image(env.quiet.url, "other/one", "v1", img)
     url = f"{env.daemon.url}/publish-on-miss"
-    r = httpx.post(url, json={"image": f"{env.quiet.host}/other/one:v1"})
+    # node reports need the shared secret too
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1"})
+    assert r.status_code == 401
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/other/one:v1"}, headers=auth)
     assert r.status_code == 403 and "allow-list" in r.json()["error"]
-    assert httpx.post(url, json={"image": "Not An Image!"}).status_code == 400
-    assert httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": "sha256:../x"}).status_code == 400
-    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": img.layers[0].digest})
+    assert httpx.post(url, json={"image": "Not An Image!"}, headers=auth).status_code == 400
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": "sha256:../x"}, headers=auth)
+    assert r.status_code == 400
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": img.layers[0].digest}, headers=auth)
     assert r.status_code == 202, r.text
     env.daemon.wait_published(env.quiet.host, "miss/one", "v1", digest)
     assert env.daemon.record(env.quiet.host, "other/one", "v1") is None
     # the layer is there now; and asking again right away for the image is rate-limited, not re-queued
-    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": img.layers[0].digest})
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1", "layer": img.layers[0].digest}, headers=auth)
     assert r.status_code == 200 and r.json()["status"] == "present"
-    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1"})
+    r = httpx.post(url, json={"image": f"{env.quiet.host}/miss/one:v1"}, headers=auth)
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
 
 
