@@ -165,13 +165,9 @@ class ContainerdClient:
             f"unix://{os.path.abspath(address)}",
             options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)],
         )
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            self.channel.close()
-            raise UnavailableError(
-                f"containerd is not answering at {address} (waited {timeout:.0f}s): check that containerd is "
-                "running (systemctl status containerd) and that --address names its gRPC socket") from None
+        # No channel_ready_future here: its connectivity-polling thread makes close() wait ~0.2 s, most of a
+        # remote-layer pull. A dead socket surfaces on the first call instead (see _call).
+        self.timeout = timeout  # deadline of the first call (creating the lease)
         self.content = content_pb2_grpc.ContentStub(self.channel)
         self.images = images_pb2_grpc.ImagesStub(self.channel)
         self.leases = leases_pb2_grpc.LeasesStub(self.channel)
@@ -217,7 +213,9 @@ class ContainerdClient:
             if grpc_code(exc) == grpc.StatusCode.UNAVAILABLE and \
                     "failed to connect to all addresses" in grpc_details(exc).lower():
                 raise UnavailableError(
-                    f"containerd at {self.address} went away during {what}: {grpc_details(exc)}") from exc
+                    f"containerd is not answering at {self.address} ({what}: {grpc_details(exc)}): check that "
+                    "containerd is running (systemctl status containerd) and that --address names its gRPC socket"
+                ) from exc
             raise_from_grpc(exc, what)
 
     # -- leases -------------------------------------------------------------------------------------------------
@@ -229,7 +227,8 @@ class ContainerdClient:
         expire = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=expire_after)
         lease_id = f"cvmfs-snap-pull-{secrets.token_hex(8)}"
         resp = self._call(self.leases.Create, leases_pb2.CreateRequest(
-            id=lease_id, labels={LEASE_EXPIRE_LABEL: expire.strftime("%Y-%m-%dT%H:%M:%SZ")}), "create lease")
+            id=lease_id, labels={LEASE_EXPIRE_LABEL: expire.strftime("%Y-%m-%dT%H:%M:%SZ")}), "create lease",
+            timeout=self.timeout)  # the first call of a pull: a hung containerd fails here, within --timeout
         self.lease_id = resp.lease.id
         try:
             yield self.lease_id
