@@ -34,7 +34,7 @@ from pathlib import Path
 from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.containerd import Containerd, start_containerd
 from cvmfs_snap.devenv.procs import stop_process
-from cvmfs_snap.devenv.registry import Registry, start_registry
+from cvmfs_snap.devenv.registry import Registry, blob_gets, start_registry
 
 PLUGIN = "cvmfs-snapshotter"
 MiB = 1 << 20
@@ -75,17 +75,8 @@ def build_image(size: int, layer_bytes: int, seed: int) -> im.BuiltImage:
 
 def blob_stats(log: Path, mark: int) -> tuple[int, int]:
     """(requests, bytes) of blob GETs in a docker-registry access log after byte offset ``mark``."""
-    with open(log, "rb") as f:
-        f.seek(mark)
-        text = f.read().decode(errors="replace")
-    count = total = 0
-    for line in text.splitlines():
-        if '"GET /v2/' in line and "/blobs/sha256:" in line:
-            count += 1
-            rest = line.split('HTTP/1.1" ', 1)[-1].split()
-            if len(rest) >= 2 and rest[1].isdigit():
-                total += int(rest[1])
-    return count, total
+    gets = blob_gets(log, mark)
+    return len(gets), sum(g.size for g in gets)
 
 
 def run(cmd: list[str], what: str, timeout: float = 3600) -> float:

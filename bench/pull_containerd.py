@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,21 +26,14 @@ from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.layout import RepositoryLayout
 from tests.support.containerd import start_containerd
 from tests.support.images import Pusher, image, layer
-from tests.support.registry import start_registry
+from tests.support.registry import blob_gets, start_registry
 from tests.support.runnable import busybox_layer, goref_bin
 from tests.support.snapshotter_daemon import running_daemon
 
 
 def registry_bytes(log: Path, since: int) -> int:
     """Sum of response sizes of blob GETs in the access log after byte offset ``since``."""
-    total = 0
-    with open(log, "rb") as f:
-        f.seek(since)
-        for line in f.read().decode(errors="replace").splitlines():
-            m = re.search(r'"GET /v2/[^ ]+/blobs/[^ ]+ HTTP/[0-9.]+" 200 (\d+)', line)
-            if m:
-                total += int(m.group(1))
-    return total
+    return sum(g.size for g in blob_gets(log, since) if g.status == 200)
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 from .devenv import images as im
 from .devenv.containerd import Containerd, start_containerd
 from .devenv.procs import stop_process
-from .devenv.registry import Registry, start_registry
+from .devenv.registry import Registry, blob_gets, log_mark, start_registry
 from .errors import CommandError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -90,17 +90,8 @@ def _wait_socket(path: Path, proc: subprocess.Popen[bytes], logfile: Path, timeo
 
 def _blob_gets(reg: Registry, since: int) -> tuple[int, int]:
     """(count, bytes) of blob GETs in the registry's access log after byte offset ``since``."""
-    text = reg.log.read_text(errors="replace")[since:]
-    count = total = 0
-    for line in text.splitlines():
-        if '"GET /v2/' in line and "/blobs/sha256:" in line:
-            count += 1
-            parts = line.split('" ')
-            if len(parts) > 1:
-                fields = parts[1].split()
-                if len(fields) >= 2 and fields[1].isdigit():
-                    total += int(fields[1])
-    return count, total
+    gets = blob_gets(reg.log, since)
+    return len(gets), sum(g.size for g in gets)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
             start_containerd(work / "ctd", proxy_plugins={"cvmfs-snapshotter": str(sock)}))
         native: Containerd = stack.enter_context(start_containerd(work / "nat"))
 
-        mark = len(reg.log.read_text(errors="replace"))
+        mark = log_mark(reg.log)
         t0 = time.monotonic()
         _run([py, "-m", "cvmfs_snap.cli", "pull", "--address", ctd.address, "--snapshotter", "cvmfs-snapshotter",
               ref], "cvmfs-snap pull")
@@ -168,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
         for line in out.strip().splitlines():
             print(f"         {line}")
 
-        mark = len(reg.log.read_text(errors="replace"))
+        mark = log_mark(reg.log)
         t0 = time.monotonic()
         native.ctr("images", "pull", "--plain-http", ref)
         t_native = time.monotonic() - t0

@@ -22,6 +22,7 @@ to survive (a layer becomes visible only complete; the next run redoes the image
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -33,7 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +46,7 @@ from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError, UnavailableErro
 from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.oci.reference import ImageReference
 from publisher import metrics
+from publisher.config import DaemonConfig, PublisherConfig
 from publisher.webhooks import (
     MAX_BODY,
     PushEvent,
@@ -74,52 +76,13 @@ DAEMON_IMAGES = Counter(
 WEBHOOK_SECRET_ENV = "CVMFS_SNAP_WEBHOOK_SECRET"
 
 
-# -- settings not (yet) in DaemonConfig -----------------------------------------------------------------------------
-@dataclass
-class DaemonSettings:
-    """The daemon's view of its settings: ``PublisherConfig.daemon`` plus defaults for optional knobs."""
-
-    listen: str = "127.0.0.1:8080"
-    poll_interval: float = 300.0
-    debounce: float = 5.0
-    publish_on_miss_allow: list[str] = field(default_factory=list)
-    webhook_secret: str | None = None
-    #: images published side by side (layers inside one image overlap according to ``concurrency``)
-    workers: int = 2
-    #: a publish-on-miss request for an image tried less than this long ago is refused with 429
-    miss_cooldown: float = 60.0
-    #: at most this many publish-on-miss images are queued per minute (token bucket), the rest get 429
-    miss_rate_per_minute: float = 30.0
-    shutdown_timeout: float = 30.0
-
-    @classmethod
-    def from_config(cls, config: Any) -> DaemonSettings:
-        d = getattr(config, "daemon", None)
-        s = cls()
-        for name in cls.__dataclass_fields__:
-            value = getattr(d, name, None) if d is not None else None
-            if value is not None:
-                setattr(s, name, value)
-        if not s.webhook_secret:
-            s.webhook_secret = os.environ.get(WEBHOOK_SECRET_ENV) or None
-        try:
-            for name in ("poll_interval", "debounce", "miss_cooldown", "miss_rate_per_minute", "shutdown_timeout"):
-                setattr(s, name, float(getattr(s, name)))
-            s.workers = int(s.workers)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"daemon settings: a number is expected: {exc}") from exc
-        if s.poll_interval <= 0 or s.debounce < 0 or s.workers < 1:
-            raise InvalidInputError(
-                f"daemon settings: poll_interval must be > 0 (got {s.poll_interval}), debounce >= 0 "
-                f"(got {s.debounce}), workers >= 1 (got {s.workers})"
-            )
-        if not isinstance(s.publish_on_miss_allow, list) or not all(
-            isinstance(g, str) for g in s.publish_on_miss_allow
-        ):
-            raise InvalidInputError(
-                "daemon settings: publish_on_miss_allow must be a list of registry/repository globs"
-            )
-        return s
+def daemon_settings(config: PublisherConfig) -> DaemonConfig:
+    """The daemon's settings: the configuration's ``daemon`` section (typed and range-checked when the file was
+    read), with the shared secret taken from the environment when the file does not set one."""
+    settings = dataclasses.replace(config.daemon)
+    if not settings.webhook_secret:
+        settings.webhook_secret = os.environ.get(WEBHOOK_SECRET_ENV) or None
+    return settings
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -289,7 +252,7 @@ class ImageStatus:
 class Daemon:
     """All the moving parts of ``loop``; :meth:`start` and :meth:`stop` make it usable from tests too."""
 
-    def __init__(self, recipe_path: Path, config: Any, settings: DaemonSettings, publisher: Any, client: Any,
+    def __init__(self, recipe_path: Path, config: Any, settings: DaemonConfig, publisher: Any, client: Any,
                  backend: Any, *, load_recipe: Callable[[Path], Any], expand: Callable[[Any, Any], list[Any]],
                  state_dir: Path, recipe_platforms: bool = True) -> None:
         self.recipe_path = recipe_path
@@ -710,7 +673,7 @@ def make_server(daemon: Daemon, host: str, port: int) -> ThreadingHTTPServer:
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------
-def run_daemon(args: argparse.Namespace, config: Any) -> int:
+def run_daemon(args: argparse.Namespace, config: PublisherConfig) -> int:
     """``cvmfs-snap-publisher loop RECIPE``: serve until SIGTERM/SIGINT, then exit 0."""
     from publisher.pipeline import Publisher
     from publisher.recipe import Recipe
@@ -725,7 +688,7 @@ def run_daemon(args: argparse.Namespace, config: Any) -> int:
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         recipe_path = Path(str(getattr(args, "recipe", None) or "")).absolute()
-        settings = DaemonSettings.from_config(config)
+        settings = daemon_settings(config)
         platforms_fixed = bool(config.platforms)
         try:
             # the recipe's http:// registries, repository and platforms complete the settings, as for `convert`

@@ -314,8 +314,8 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
     """In process: stop() reports in-flight work it had to abandon (run_daemon then exits 0 regardless)."""
     import threading
 
-    from publisher.config import PublisherConfig
-    from publisher.daemon import Daemon, DaemonSettings
+    from publisher.config import DaemonConfig, PublisherConfig
+    from publisher.daemon import Daemon
     from publisher.pipeline import Publisher
     from publisher.recipe import Recipe
     from tests.support.http_servers import Reply, Request, serve
@@ -334,7 +334,7 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
         recipe.write_text(yaml.safe_dump({"version": 1, "input": [f"{slow.host}/stall/img:v1"]}))
         config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
         pub = Publisher.from_config(config)
-        settings = DaemonSettings(listen="127.0.0.1:0", debounce=0, shutdown_timeout=0.5)
+        settings = DaemonConfig(listen="127.0.0.1:0", debounce=0, shutdown_timeout=0.5)
         d = Daemon(recipe, config, settings, pub, pub.client, pub.backend, load_recipe=Recipe.load,
                    expand=lambda r, c: list(r.expand(c)), state_dir=tmp_path / "state")
         try:

@@ -113,8 +113,8 @@ def test_config_file_and_flag_override(tmp_path: Path) -> None:
 
 
 def test_config_file_with_every_daemon_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The keys the daemon reads are accepted, typed and reach DaemonSettings; the secret may come from env."""
-    from publisher.daemon import WEBHOOK_SECRET_ENV, DaemonSettings
+    """The keys the daemon reads are accepted, typed and reach the daemon's settings; the secret may come from env."""
+    from publisher.daemon import WEBHOOK_SECRET_ENV, daemon_settings
 
     cfg = tmp_path / "publisher.yaml"
     cfg.write_text(
@@ -127,12 +127,12 @@ def test_config_file_with_every_daemon_setting(tmp_path: Path, monkeypatch: pyte
     assert (d.webhook_secret, d.workers, d.miss_cooldown, d.miss_rate_per_minute, d.shutdown_timeout) == (
         "s3cret", 3, 10, 5, 7.5)
     monkeypatch.setenv(WEBHOOK_SECRET_ENV, "from-env")
-    s = DaemonSettings.from_config(c)
+    s = daemon_settings(c)
     assert (s.webhook_secret, s.workers, s.miss_cooldown, s.miss_rate_per_minute, s.shutdown_timeout) == (
         "s3cret", 3, 10.0, 5.0, 7.5)  # the file wins over the environment
     defaults = PublisherConfig.load(None)
     assert defaults.daemon.webhook_secret is None and defaults.daemon.workers == 2
-    assert DaemonSettings.from_config(defaults).webhook_secret == "from-env"
+    assert daemon_settings(defaults).webhook_secret == "from-env"
 
 
 @pytest.mark.parametrize(

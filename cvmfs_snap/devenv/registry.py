@@ -7,6 +7,7 @@ Use :func:`start_registry` directly for special configurations (htpasswd, token 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,34 @@ import yaml
 from .procs import stop_process
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+
+
+#: a blob GET in the registry's access log (combined log format): digest, status, response bytes
+_BLOB_GET = re.compile(r'"GET /v2/[^ "]+/blobs/(sha256:[0-9a-f]{64}) HTTP/[0-9.]+" (\d{3}) (\d+)')
+
+
+@dataclass(frozen=True)
+class BlobGet:
+    """One blob download the registry answered."""
+
+    digest: str
+    status: int
+    size: int
+
+
+def blob_gets(log: Path, since: int = 0) -> list[BlobGet]:
+    """The blob GETs a docker-registry access log shows after byte offset ``since`` (see :func:`log_mark`).
+
+    This is how the demo, benchmarks and tests prove what was (not) downloaded."""
+    with open(log, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    return [BlobGet(m.group(1), int(m.group(2)), int(m.group(3))) for m in _BLOB_GET.finditer(text)]
+
+
+def log_mark(log: Path) -> int:
+    """The current end of an access log: count what happens after it with ``blob_gets(log, since=mark)``."""
+    return log.stat().st_size
 
 
 def free_port() -> int:

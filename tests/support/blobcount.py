@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from pathlib import Path
 
-_BLOB_GET = re.compile(r'"GET /v2/[^ "]+/blobs/(sha256:[0-9a-f]{64}) HTTP')
+from cvmfs_snap.devenv.registry import blob_gets as all_blob_gets
 
 
 def blob_gets(log: Path) -> Counter[str]:
     """digest -> how many GETs of that blob the access log shows."""
-    found: Counter[str] = Counter()
-    for line in log.read_text(errors="replace").splitlines():
-        m = _BLOB_GET.search(line)
-        if m:
-            found[m.group(1)] += 1
-    return found
+    return Counter(g.digest for g in all_blob_gets(log))
 
 
 def settled_blob_gets(log: Path, expected_total: int, wait: float = 10.0) -> Counter[str]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_snap.devenv.registry import blob_gets
+from cvmfs_snap.devenv.registry import log_mark as log_mark  # re-exported for the e2e tests
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.snapshotter_daemon import SnapshotterProcess, running_daemon
 
@@ -248,34 +250,15 @@ def snapshotter_status(root: Path) -> dict[str, Any]:
     return data
 
 
-def log_mark(log: Path) -> int:
-    """The current end of a registry access log: count requests after it with :func:`blob_gets_after` (the publisher
-    downloads every layer it publishes; only what the node fetches afterwards matters)."""
-    return log.stat().st_size
-
-
 def blob_gets_after(log: Path, digest: str, mark: int) -> int:
     """How many GETs of blob ``digest`` the docker-registry access log shows after byte offset ``mark``."""
-    with open(log, "rb") as f:
-        f.seek(mark)
-        text = f.read().decode(errors="replace")
-    needle = f"/blobs/{digest} HTTP"
-    return sum(1 for line in text.splitlines() if '"GET /v2/' in line and needle in line)
+    return sum(1 for g in blob_gets(log, mark) if g.digest == digest)
 
 
 def blob_bytes_after(log: Path, mark: int) -> tuple[int, int]:
     """(count, bytes) of blob GETs answered after byte offset ``mark`` of a docker-registry access log."""
-    with open(log, "rb") as f:
-        f.seek(mark)
-        text = f.read().decode(errors="replace")
-    count = total = 0
-    for line in text.splitlines():
-        if '"GET /v2/' in line and "/blobs/sha256:" in line:
-            count += 1
-            rest = line.split('HTTP/1.1" ', 1)[-1].split()
-            if len(rest) >= 2 and rest[1].isdigit():
-                total += int(rest[1])
-    return count, total
+    gets = blob_gets(log, mark)
+    return len(gets), sum(g.size for g in gets)
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -3,7 +3,6 @@ through our own client (content store, snapshots, image records)."""
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from cvmfs_snap.containerd.client import ContainerdClient, SnapshotInfo
 from cvmfs_snap.devenv.procs import stop_process, unmount_below
+from cvmfs_snap.devenv.registry import blob_gets as all_blob_gets
 from tests.support.containerd import Containerd, start_containerd
 
 
@@ -32,8 +32,7 @@ def containerd_in_tmp(proxy_plugins: Mapping[str, str] | None = None, cri_snapsh
 
 def blob_gets(log: Path, digest: str) -> int:
     """How many GET requests for blob ``digest`` the docker-registry access log shows."""
-    pat = re.compile(r'"GET /v2/[^ "]+/blobs/' + re.escape(digest) + r' HTTP')
-    return sum(1 for line in log.read_text(errors="replace").splitlines() if pat.search(line))
+    return sum(1 for g in all_blob_gets(log) if g.digest == digest)
 
 
 def client(cd: Containerd, namespace: str = "default") -> ContainerdClient:
