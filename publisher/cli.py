@@ -3,7 +3,7 @@
     cvmfs-snap-publisher convert RECIPE              publish every image of a DUCC recipe once
     cvmfs-snap-publisher loop RECIPE                 the daemon: keep the recipe published (publisher.daemon)
     cvmfs-snap-publisher convert-single-image IMAGE [REPO]
-    cvmfs-snap-publisher gc [--grace-period DAYS] [--dry-run]      (publisher.gc)
+    cvmfs-snap-publisher gc [--recipe RECIPE] [--grace-period DAYS] [--dry-run]      (publisher.gc)
     cvmfs-snap-publisher check-image-syntax IMAGE
 
 Common options: ``--backend {local,cvmfs-ingest,cvmfs-transaction}`` (default local), ``--root DIR``,
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", dest="grace_period", type=float, default=None, metavar="DAYS",
                    help="keep scheduled images at least DAYS days (default 7)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--recipe", metavar="RECIPE", default=None,
+                   help="also schedule images this DUCC recipe no longer names for removal (removed by a later gc "
+                        "after the grace period); images named again are unscheduled")
     _common(p)
 
     p = sub.add_parser("check-image-syntax", help="parse an image reference and show its parts")

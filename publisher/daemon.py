@@ -11,6 +11,10 @@ Work arrives from four places and goes through **one** queue into the pipeline (
 * publish-on-miss reports from nodes (``POST /publish-on-miss``), limited by an allow-list of
   ``registry/repository`` globs, deduplicated and rate-limited.
 
+After each full pass, images the recipe no longer names are scheduled for removal (and images it names again are
+unscheduled) in the remove schedule that ``gc`` works through; nothing is scheduled when the recipe or any of its
+lines failed. The daemon never removes anything: that stays an explicit ``gc`` (see ``publisher.gc``).
+
 The queue holds each image at most once and never hands one image to two workers at once; a request for an image
 that is being published marks it to run once more afterwards (the push may have come after our manifest read).
 Every item fails on its own: a broken recipe line, an unknown image, an auth failure or a hostile layer is logged
@@ -324,7 +328,24 @@ class Daemon:
             if self.enqueue(ref, "poll") == "queued":
                 n += 1
         log.info("full pass over %s: %d image(s), %d newly queued", self.recipe_path, len(refs), n)
+        self.schedule_unwanted(recipe, refs)
         return n
+
+    def schedule_unwanted(self, recipe: Any, refs: list[Any]) -> None:
+        """After a full pass: images the recipe no longer names go to the remove schedule (``gc`` removes them
+        after the grace period), images it names again leave it. Skipped, with a log line, when the recipe file
+        could not be re-read or any line failed: a typo or a registry outage must never schedule images."""
+        from publisher import gc
+
+        problems = [f"recipe line {e.message}" for e in getattr(recipe, "errors", None) or []]
+        if self.recipe_error:
+            problems.insert(0, f"recipe {self.recipe_path} not reloaded: {self.recipe_error}")
+        keep = gc.publish_on_miss_keep(self.settings.publish_on_miss_allow)
+        wishlist = gc.Wishlist.from_refs(refs, problems, keep)
+        try:
+            gc.record_unwanted(self.backend, self.state_dir, wishlist)
+        except CvmfsSnapError as exc:
+            log.error("images dropped from the recipe not scheduled for removal this pass: %s", exc)
 
     def recipe_ref_for(self, ev: PushEvent) -> ImageReference | None:
         """The reference to publish for a pushed tag, spelt as the recipe spells it; None when not wanted."""
