@@ -59,6 +59,10 @@ MANIFEST_JSON = "manifest.json"
 CONFIG_JSON = "config.json"
 INDEX_JSON = "index.json"
 IMAGE_JSON = "image.json"
+#: DUCC's list of manifests to garbage-collect (moved tags, images dropped from the recipe), relative to the root
+REMOVE_SCHEDULE = ".metadata/remove-schedule.json"
+#: our key inside a remove-schedule entry (DUCC ignores unknown keys): reference, digests, when and why scheduled
+SCHEDULE_KEY = "x-cvmfs-snap"
 
 #: files CVMFS itself places in a tree that a container must never see
 CVMFS_MARKER_FILES = frozenset({CATALOG_MARKER, ".cvmfsdirtab"})

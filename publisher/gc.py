@@ -65,6 +65,8 @@ from cvmfs_snap.layout import (
     MANIFEST_JSON,
     METADATA_DIR,
     MULTIARCH_DIR,
+    REMOVE_SCHEDULE,
+    SCHEDULE_KEY,
     ImageRecord,
     RepositoryLayout,
     digest_hex,
@@ -74,8 +76,6 @@ log = logging.getLogger(__name__)
 
 DAY = 86400.0
 GC_LOCK_NAME = "gc.lock"
-#: our key in remove-schedule entries (``publisher.pipeline.SCHEDULE_KEY``; the pipeline imports this module)
-SCHEDULE_KEY = "x-cvmfs-snap"
 
 
 # -- the lock shared by publishers and GC ------------------------------------------------------------------------
@@ -688,7 +688,6 @@ def apply_plan(backend: Any, plan: GcPlan) -> None:
     """Remove the plan's items in one backend transaction (committed on success, aborted on error)."""
     if not plan.items and plan.schedule is None:
         return
-    from publisher.pipeline import REMOVE_SCHEDULE
 
     with backend.transaction() as txn:
         for item in plan.items:
@@ -745,7 +744,7 @@ def record_unwanted(backend: Any, state_dir: str | os.PathLike[str], wishlist: W
     Holds the GC lock shared, as a publish does, so it never interleaves with a sweep; the schedule is read again
     and written inside one backend transaction, which is opened only when something changes (with the cvmfs
     backends every transaction is a publish)."""
-    from publisher.pipeline import REMOVE_SCHEDULE, read_remove_schedule
+    from publisher.pipeline import read_remove_schedule
 
     layout: RepositoryLayout = backend.layout
     t = time.time() if now is None else now

@@ -36,6 +36,8 @@ from cvmfs_snap.layout import (
     IMAGE_JSON,
     INDEX_JSON,
     MANIFEST_JSON,
+    REMOVE_SCHEDULE,
+    SCHEDULE_KEY,
     ImageRecord,
     RepositoryLayout,
 )
@@ -44,14 +46,10 @@ from cvmfs_snap.oci import Descriptor, ImageReference, Index, Manifest, Platform
 from . import metrics
 from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, layers_json, merge_origin, new_record
 from .crashpoints import crash_point
-from .gc import gc_lock
+from .gc import REASON_DROPPED, gc_lock
 
 log = logging.getLogger(__name__)
 
-#: DUCC's list of replaced images waiting for garbage collection (repository-relative)
-REMOVE_SCHEDULE = ".metadata/remove-schedule.json"
-#: key we add to each remove-schedule entry (DUCC's readers ignore unknown keys)
-SCHEDULE_KEY = "x-cvmfs-snap"
 
 DEFAULT_ARCH = "amd64"
 
@@ -633,8 +631,11 @@ class Publisher:
         except ValueError:
             log.warning("%s is malformed; starting a new one", REMOVE_SCHEDULE)
             schedule = []
+        # manifests already scheduled as moved tags (an image dropped from the recipe and then moved still needs
+        # its moved-tag entry: the dropped entry is withdrawn when the image is named again)
         known = {
-            (e.get(SCHEDULE_KEY) or {}).get("manifest_digest") for e in schedule if isinstance(e, dict)
+            (e.get(SCHEDULE_KEY) or {}).get("manifest_digest") for e in schedule
+            if isinstance(e, dict) and (e.get(SCHEDULE_KEY) or {}).get("reason") != REASON_DROPPED
         }
         added = 0
         for d in old_dirs:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
-from cvmfs_snap.layout import RepositoryLayout
+from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
 from publisher.config import PublisherConfig
 from publisher.gc import collect_garbage, gc_lock, plan_gc
-from publisher.pipeline import REMOVE_SCHEDULE, SCHEDULE_KEY, Publisher
+from publisher.pipeline import Publisher
 from tests.support import images as im
 from tests.support.registry import Registry
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cvmfs_snap.layout import RepositoryLayout
+from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
 from publisher import gc
 from publisher.config import DaemonConfig, PublisherConfig
 from publisher.gc import REASON_DROPPED, Wishlist, collect_garbage, record_unwanted
-from publisher.pipeline import REMOVE_SCHEDULE, SCHEDULE_KEY, Publisher
+from publisher.pipeline import Publisher
 from tests.support import images as im
 from tests.support.registry import Registry, free_port
 from tests.test_publisher_gc import Repo, _tree, make_repo
@@ -343,10 +343,6 @@ def test_record_unwanted_needs_no_transaction_when_nothing_changes(tmp_path: Pat
     assert backend.transactions == 1
 
 
-def test_schedule_key_matches_the_pipeline() -> None:
-    assert gc.SCHEDULE_KEY == SCHEDULE_KEY
-
-
 @pytest.mark.parametrize(("name", "parts"), [
     ("127.0.0.1:5000/a/b/c:v1", ("127.0.0.1:5000", "a/b/c", "v1")),
     ("docker.io/library/ubuntu:sha256:abc", ("docker.io", "library/ubuntu", "sha256:abc")),
@@ -392,3 +388,21 @@ def test_dropped_image_is_removed_through_cvmfs_server(tmp_path: Path, registry:
     assert not layout.image_metadata_dir(registry.host, "gcr/cvmfs-drop", "v1").exists()
     assert not layout.flat_dir(drop.config_digest).exists()
     assert layout.flat_dir(keep.config_digest).is_dir()
+
+
+def test_dropped_then_moved_tag_still_schedules_the_old_manifest(tmp_path: Path, registry: Registry) -> None:
+    """An image dropped from the recipe (scheduled) whose tag then moves and is republished: the replaced manifest
+    gets its own moved-tag entry, so its layers keep the moved-tag grace period."""
+    repo = make_repo(tmp_path, registry)
+    tag = f"v{time.time_ns()}"
+    old = im.image([im.layer([("etc/v", b"old\n")])])
+    new = im.image([im.layer([("etc/v", b"new\n")])])
+    im.push_image(registry.url, "gcr/moving", tag, old)
+    ref = registry.ref("gcr/moving", tag)
+    repo.publish(ref)
+    backend = repo.config.make_backend()
+    assert record_unwanted(backend, repo.state, Wishlist({"x/y:z"})).scheduled == [f"{registry.host}/gcr/moving:{tag}"]
+    im.push_image(registry.url, "gcr/moving", tag, new)
+    repo.publish(ref)
+    moved = [e for e in schedule(repo) if e.get(SCHEDULE_KEY, {}).get("reason") != REASON_DROPPED]  # type: ignore[attr-defined]
+    assert [e[SCHEDULE_KEY]["manifest_digest"] for e in moved] == [old.manifest_digest]  # type: ignore[index]

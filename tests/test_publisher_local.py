@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.layout import LayerRecord, RepositoryLayout
+from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, LayerRecord, RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.local import STAGING_DIR, LocalBackend
-from publisher.pipeline import REMOVE_SCHEDULE, SCHEDULE_KEY, Publisher, read_remove_schedule
+from publisher.pipeline import Publisher, read_remove_schedule
 from tests.support import images as im
 from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import base_layer, check_invariants, top_layer
