@@ -32,12 +32,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cvmfs_snap.devenv.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Pusher  # noqa: E402
 from tests.support.registry import start_registry  # noqa: E402
 
 FILE_SIZE = 8 << 20
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 class _HashingWriter(io.RawIOBase):
@@ -99,21 +97,6 @@ def make_layer(path: Path, index: int, size: int) -> dict[str, object]:
             "diff_id": "sha256:" + sink.diff.hexdigest(), "uncompressed": sink.size}
 
 
-def push_blob(client: httpx.Client, repo: str, digest: str, path: Path | None = None, data: bytes = b"") -> None:
-    r = client.post(f"/v2/{repo}/blobs/uploads/")
-    r.raise_for_status()
-    loc = r.headers["Location"]
-    sep = "&" if "?" in loc else "?"
-    if path is not None:
-        with open(path, "rb") as f:
-            r = client.put(f"{loc}{sep}digest={digest}", content=f,
-                           headers={"Content-Type": "application/octet-stream",
-                                    "Content-Length": str(path.stat().st_size)})
-    else:
-        r = client.put(f"{loc}{sep}digest={digest}", content=data, headers={"Content-Type": "application/octet-stream"})
-    r.raise_for_status()
-
-
 #: a small launcher: fork+exec the command and report its ru_maxrss. Measuring from here directly would be wrong:
 #: a child's high-water mark starts at the size of the process that forked it (this one holds the registry client).
 _LAUNCHER = """
@@ -171,12 +154,15 @@ def main() -> int:
                 "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": len(config)},
                 "layers": [{k: lay[k] for k in ("mediaType", "digest", "size")} for lay in layers],
             }).encode()
-            with httpx.Client(base_url=reg.url, timeout=600) as c:
+            pusher = Pusher(reg.url)
+            pusher.client.timeout = httpx.Timeout(600)
+            try:
                 for i, lay in enumerate(layers):
-                    push_blob(c, "bench/big", str(lay["digest"]), work / f"layer{i}.tar.gz")
-                push_blob(c, "bench/big", cfg_digest, data=config)
-                c.put("/v2/bench/big/manifests/v1", content=manifest,
-                      headers={"Content-Type": OCI_MANIFEST}).raise_for_status()
+                    pusher.upload("bench/big", str(lay["digest"]), work / f"layer{i}.tar.gz")
+                pusher.upload("bench/big", cfg_digest, config)
+                pusher.manifest("bench/big", "v1", manifest, OCI_MANIFEST)
+            finally:
+                pusher.close()
             for i in range(args.layers):
                 (work / f"layer{i}.tar.gz").unlink()
             compressed = sum(int(str(lay["size"])) for lay in layers)

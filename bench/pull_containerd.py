@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cvmfs_snap.containerd.pull import run_pull
+from cvmfs_snap.devenv.procs import unmount_below
 from cvmfs_snap.layout import RepositoryLayout
 from tests.support.containerd import start_containerd
 from tests.support.images import Pusher, image, layer
@@ -89,7 +90,7 @@ def main() -> int:
                         print(f"{method:16} {sn:18} rep {rep}: {dt:6.3f}s  registry blob bytes "
                               f"{registry_bytes(reg.log, mark)}", flush=True)
     finally:
-        subprocess.run(["sh", "-c", f"grep -o ' {d}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l"], check=False)
+        unmount_below(d)
         shutil.rmtree(d, ignore_errors=True)
     return 0
 

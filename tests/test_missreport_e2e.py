@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import RepositoryLayout
 from tests.support import images as im
 from tests.support.containerd import start_containerd
@@ -95,13 +95,7 @@ def publisher_daemon(tmp: Path, repo: Path, registry: Registry) -> Iterator[Publ
         port = _port_from_log(log, r"listening on http://127\.0\.0\.1:(\d+)/", proc, "the publisher daemon")
         yield PublisherDaemon(proc, f"http://127.0.0.1:{port}", log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, timeout=60, group=False)
 
 
 def test_unpublished_image_is_reported_published_and_then_served_from_cvmfs(fresh_registry: Registry,

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import ImageRecord, RepositoryLayout
 from tests.support import images as im
 from tests.support.registry import Registry, free_port, start_registry
@@ -100,14 +101,7 @@ def start_daemon(tmp: Path, recipe_lines: list[str], daemon_cfg: dict[str, objec
 
 
 def stop_daemon(d: Daemon) -> int:
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(d.proc.pid, signal.SIGKILL)
-            d.proc.wait()
-    return d.proc.returncode
+    return stop_process(d.proc, timeout=60, group=False)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import zstandard
@@ -200,14 +201,23 @@ class Pusher:
         digest = sha256(data)
         if self.client.head(f"/v2/{repo}/blobs/{digest}").status_code == 200:
             return digest
+        self.upload(repo, digest, data)
+        return digest
+
+    def upload(self, repo: str, digest: str, content: bytes | Path) -> None:
+        """Monolithic upload of one blob; a Path is streamed from disk (large generated layers)."""
         r = self.client.post(f"/v2/{repo}/blobs/uploads/")
         r.raise_for_status()
         loc = r.headers["Location"]
         sep = "&" if "?" in loc else "?"
-        r = self.client.put(f"{loc}{sep}digest={digest}", content=data,
-                            headers={"Content-Type": "application/octet-stream"})
+        headers = {"Content-Type": "application/octet-stream"}
+        if isinstance(content, Path):
+            headers["Content-Length"] = str(content.stat().st_size)
+            with open(content, "rb") as f:
+                r = self.client.put(f"{loc}{sep}digest={digest}", content=f, headers=headers)
+        else:
+            r = self.client.put(f"{loc}{sep}digest={digest}", content=content, headers=headers)
         r.raise_for_status()
-        return digest
 
     def manifest(self, repo: str, ref: str, body: bytes, media_type: str) -> str:
         r = self.client.put(f"/v2/{repo}/manifests/{ref}", content=body, headers={"Content-Type": media_type})
@@ -249,7 +259,8 @@ def busybox_entries(path: str = BUSYBOX) -> list[Entry]:
         data = f.read()
     entries = [Entry("bin", type="dir"), Entry("bin/busybox", data=data, mode=0o755)]
     entries += [Entry(f"bin/{a}", type="symlink", linkname="busybox") for a in BUSYBOX_APPLETS]
-    entries += [Entry("etc", type="dir"), Entry("tmp", type="dir", mode=0o1777), Entry("proc", type="dir"),
+    entries += [Entry("etc", type="dir"), Entry("etc/hostname", data=b"cvmfs-snap-test\n"),
+                Entry("tmp", type="dir", mode=0o1777), Entry("proc", type="dir"),
                 Entry("sys", type="dir"), Entry("dev", type="dir")]
     return entries
 

@@ -10,11 +10,11 @@ import subprocess
 from pathlib import Path
 
 
-def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0, group: bool = True) -> None:
+def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0, group: bool = True) -> int:
     """SIGTERM ``proc`` (its whole process group when ``group``: it was started with ``start_new_session``), wait up
-    to ``timeout`` seconds, then SIGKILL the group."""
+    to ``timeout`` seconds, then SIGKILL the group. Returns the exit status."""
     if proc.poll() is not None:
-        return
+        return proc.returncode
     try:
         if group:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -27,6 +27,7 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0, group:
         proc.wait()
     except ProcessLookupError:
         proc.wait()
+    return proc.returncode
 
 
 def _unescape(field: str) -> str:

@@ -78,6 +78,5 @@ def fakeremote(binary: str, remote: bool = True) -> Iterator[tuple[str, Path]]:
         yield str(sock), log
     finally:
         stop_process(proc)
-        subprocess.run(["sh", "-c", f"grep -o ' {d}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l"],
-                       check=False)
+        unmount_below(d)
         shutil.rmtree(d, ignore_errors=True)

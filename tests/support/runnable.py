@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.images import BuiltImage, BuiltLayer, Entry, Pusher, image, layer
+from cvmfs_snap.devenv.images import busybox_layer as busybox_layer  # re-exported for the tests
+from tests.support.images import BuiltImage, BuiltLayer, Pusher, image, layer
 from tests.support.paths import shared_dir
 
 BUSYBOX = "/bin/busybox"
-APPLETS = ("sh", "cat", "echo", "ls", "true", "test", "sleep", "id", "wc")
 
 
 def busybox_available() -> bool:
@@ -28,15 +28,6 @@ def busybox_available() -> bool:
 def require_busybox() -> None:
     if not busybox_available():
         pytest.skip("static /bin/busybox missing: apt-get install busybox-static")
-
-
-def busybox_layer(codec: str = "gzip") -> BuiltLayer:
-    with open(BUSYBOX, "rb") as f:
-        data = f.read()
-    entries: list[Entry | tuple[str, bytes] | str] = ["bin/", Entry("bin/busybox", data=data, mode=0o755)]
-    entries += [Entry(f"bin/{a}", type="symlink", linkname="busybox") for a in APPLETS]
-    entries += ["etc/", ("etc/hostname", b"cvmfs-snap-test\n")]
-    return layer(entries, codec)
 
 
 @dataclass
