@@ -51,6 +51,7 @@ from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.oci.reference import ImageReference
 from publisher import metrics
 from publisher.config import DaemonConfig, PublisherConfig
+from publisher.recipe import Recipe
 from publisher.webhooks import (
     MAX_BODY,
     PushEvent,
@@ -273,7 +274,7 @@ class Daemon:
         self.stopping = threading.Event()
         self._recipe_changed = threading.Event()
         self._wake = threading.Event()
-        self.recipe: Any = None
+        self.recipe: Recipe | None = None
         self.patterns: list[RecipePattern] = []
         self.recipe_error: str | None = None
         self._loaded_signature: tuple[int, int, int, int] | None = None
@@ -304,8 +305,8 @@ class Daemon:
             self.patterns = recipe_patterns(recipe)
             self.recipe_error = None
         # the recipe's own `platforms:` applies when the configuration does not restrict platforms
-        if self._recipe_platforms and hasattr(self.publisher, "platforms"):
-            self.publisher.platforms = list(getattr(recipe, "platforms", None) or [])
+        if self._recipe_platforms:
+            self.publisher.platforms = list(recipe.platforms)
         log.info("recipe %s loaded: %d input(s)", self.recipe_path, len(self.patterns))
         return True
 
@@ -320,7 +321,7 @@ class Daemon:
         except CvmfsSnapError as exc:
             log.error("recipe %s could not be expanded: %s", self.recipe_path, exc)
             return 0
-        for err in getattr(recipe, "errors", None) or []:
+        for err in recipe.errors:
             # a broken line fails on its own, visible in /status like a failed image
             self._record(ImageStatus(str(err.input), "recipe", False, str(err.message), time.time()))
         n = 0
@@ -331,13 +332,13 @@ class Daemon:
         self.schedule_unwanted(recipe, refs)
         return n
 
-    def schedule_unwanted(self, recipe: Any, refs: list[Any]) -> None:
+    def schedule_unwanted(self, recipe: Recipe, refs: list[Any]) -> None:
         """After a full pass: images the recipe no longer names go to the remove schedule (``gc`` removes them
         after the grace period), images it names again leave it. Skipped, with a log line, when the recipe file
         could not be re-read or any line failed: a typo or a registry outage must never schedule images."""
         from publisher import gc
 
-        problems = [f"recipe line {e.message}" for e in getattr(recipe, "errors", None) or []]
+        problems = [f"recipe line {e.message}" for e in recipe.errors]
         if self.recipe_error:
             problems.insert(0, f"recipe {self.recipe_path} not reloaded: {self.recipe_error}")
         keep = gc.publish_on_miss_keep(self.settings.publish_on_miss_allow)

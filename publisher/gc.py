@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError, UnavailableError
 from cvmfs_snap.layout import (
@@ -71,6 +71,9 @@ from cvmfs_snap.layout import (
     RepositoryLayout,
     digest_hex,
 )
+
+if TYPE_CHECKING:
+    from publisher.config import PublisherConfig
 
 log = logging.getLogger(__name__)
 
@@ -815,14 +818,14 @@ def format_report(plan: GcPlan, *, dry_run: bool) -> str:
     return "\n".join(lines)
 
 
-def load_wishlist(recipe_path: str, config: Any, args: argparse.Namespace | None = None) -> Wishlist:
+def load_wishlist(recipe_path: str, config: PublisherConfig, args: argparse.Namespace | None = None) -> Wishlist:
     """Read and expand a recipe (tag lists read from the registries) into a :class:`Wishlist`.
 
     Never raises for a bad recipe or an unreachable registry: those become ``problems``, which stop scheduling."""
     from publisher.cli import recipe_into_config
     from publisher.recipe import Recipe
 
-    keep = publish_on_miss_keep(getattr(getattr(config, "daemon", None), "publish_on_miss_allow", None))
+    keep = publish_on_miss_keep(config.daemon.publish_on_miss_allow)
     try:
         recipe = Recipe.load(recipe_path)
         recipe_into_config(recipe, config, args)
