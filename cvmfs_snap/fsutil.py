@@ -9,6 +9,7 @@ names relative to a directory fd.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -57,7 +58,9 @@ def _split(fd: int) -> tuple[list[str], list[str]]:
     return dirs, other
 
 
-def walk_fd(top: str | os.PathLike[str], *, dir_fd: int | None = None) -> Iterator[tuple[str, int, list[str], list[str]]]:
+def walk_fd(
+    top: str | os.PathLike[str], *, dir_fd: int | None = None
+) -> Iterator[tuple[str, int, list[str], list[str]]]:
     """Walk ``top`` top-down, like ``os.fwalk`` without recursion.
 
     Yields ``(relpath, dirfd, dirnames, filenames)``: ``relpath`` is the directory below ``top`` ("" for ``top``),
@@ -128,10 +131,8 @@ def _remove_contents(fd: int, top: str) -> None:
         while True:
             dirs, others = _split(cur_fd)
             for name in others:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=cur_fd)
-                except FileNotFoundError:
-                    pass
             frame.pending = dirs
             stack.append(frame)
             while True:
@@ -206,12 +207,8 @@ def remove_tree(path: str | os.PathLike[str], *, missing_ok: bool = True) -> Non
 
 def remove_tree_quietly(path: str | os.PathLike[str]) -> bool:
     """Best-effort :func:`remove_tree` (``ignore_errors=True``); returns whether ``path`` is gone."""
-    try:
+    with contextlib.suppress(OSError, FailedPreconditionError):
         remove_tree(path)
-    except OSError:
-        pass
-    except FailedPreconditionError:
-        pass
     return not os.path.lexists(path)
 
 
