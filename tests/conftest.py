@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cvmfs_snap.devenv.procs import unmount_below
+from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
 from tests.support.registry import Registry, start_registry
 
 
@@ -28,12 +30,18 @@ def fresh_registry(tmp_path: Path) -> Iterator[Registry]:
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short directory under /tmp (unix socket paths must stay under 108 bytes)."""
-    import shutil
-    import tempfile
-
     d = Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp"))
     try:
         yield d
     finally:
         unmount_below(d)
-        shutil.rmtree(d, ignore_errors=True)
+        remove_tree_quietly(d)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After a green run, remove this run's temporary tree ourselves: the deep trees the tests make (5,000 levels)
+    would make pytest's own recursive clean-up of old runs fail at exit. A failed run's tree is kept to look at."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if exitstatus == 0 and factory is not None and factory._basetemp is not None:
+        unmount_below(factory._basetemp)
+        remove_tree(factory._basetemp)
