@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError, NotFoundError
-from cvmfs_snap.oci import Credentials, CredentialStore, Descriptor, ImageReference, Index, Manifest, Platform
+from cvmfs_snap.oci import (
+    Credentials,
+    CredentialStore,
+    Descriptor,
+    ImageReference,
+    Index,
+    Manifest,
+    Platform,
+    validate_digest,
+)
 from cvmfs_snap.oci.auth import TokenCache, parse_www_authenticate
 from cvmfs_snap.oci.client import _is_loopback, _merge_ranges, parse_multipart_byteranges
 from cvmfs_snap.oci.manifest import compute_digest, parse_manifest
@@ -58,8 +67,12 @@ GOOD = [
     (f"ghcr.io/o/r:t@{D}", ("ghcr.io", "o/r", "t", D, "ghcr.io", f"ghcr.io/o/r:t@{D}", False)),
     (f"host:1/r@{D}", ("host:1", "r", None, D, "host:1", f"host:1/r@{D}", False)),
     ("a.b/c__d.e-f---g", ("a.b", "c__d.e-f---g", "latest", None, "a.b", "a.b/c__d.e-f---g:latest", False)),
-    ("Registry.Example.org/x", ("Registry.Example.org", "x", "latest", None, "Registry.Example.org",
-                                "Registry.Example.org/x:latest", False)),
+    ("Registry.Example.org/x", ("registry.example.org", "x", "latest", None, "registry.example.org",
+                                "registry.example.org/x:latest", False)),
+    ("LOCALHOST:5000/x", ("localhost:5000", "x", "latest", None, "localhost:5000", "localhost:5000/x:latest", False)),
+    ("[::ABCD]:5000/x", ("[::abcd]:5000", "x", "latest", None, "[::abcd]:5000", "[::abcd]:5000/x:latest", False)),
+    ("Docker.IO/ubuntu", ("docker.io", "library/ubuntu", "latest", None, "registry-1.docker.io",
+                          "docker.io/library/ubuntu:latest", False)),
     ("  ubuntu  ", ("docker.io", "library/ubuntu", "latest", None, "registry-1.docker.io",
                     "docker.io/library/ubuntu:latest", False)),
 ]
@@ -121,6 +134,34 @@ def test_with_tag_and_digest() -> None:
         ref.with_digest("sha256:nothex")
     with pytest.raises(InvalidInputError):
         ref.with_tag("no/slash")
+
+
+def test_validators_match_the_whole_string() -> None:
+    """A tag from a webhook or a tag list ending in a newline is refused with a clear error (it used to pass the
+    `$`-anchored check and reach httpx as an unexpected error); so is a digest with one."""
+    ref = ImageReference.parse("localhost:5000/a/b:v1")
+    for tag in ("v2\n", "v2\r\n", "\nv2", "v2\x00"):
+        with pytest.raises(InvalidInputError, match="invalid tag"):
+            ref.with_tag(tag)
+    for digest in (D + "\n", "\n" + D, "sha256\n:" + "ab" * 32):
+        with pytest.raises(InvalidInputError, match="invalid digest"):
+            validate_digest(digest)
+        with pytest.raises(InvalidInputError, match="invalid digest"):
+            ref.with_digest(digest)
+    with pytest.raises(InvalidInputError, match="invalid tag"):
+        ref.with_tag(None)  # type: ignore[arg-type]
+
+
+def test_registry_host_has_one_spelling() -> None:
+    """`LOCALHOST:5000` and `LocalHost:5000` are one registry: equal references, one name (metadata path)."""
+    spellings = ["LOCALHOST:5000/a/b:v1", "LocalHost:5000/a/b:v1", "localhost:5000/a/b:v1",
+                 "http://LocalHost:5000/a/b:v1"]
+    refs = [ImageReference.parse(s) for s in spellings]
+    assert {r.name for r in refs} == {"localhost:5000/a/b"}
+    assert len(set(refs)) == 1
+    # built directly (e.g. from a webhook's host field), the spelling is canonical too
+    assert ImageReference("LocalHost:5000", "a/b", "v1") == refs[0]
+    assert ImageReference("LocalHost:5000", "a/b", "v1").registry == "localhost:5000"
 
 
 # ---------------------------------------------------------------- platforms

@@ -3,11 +3,15 @@
 The grammar follows the distribution reference grammar (the one docker, containerd and DUCC use), with two
 deliberate differences:
 
-* the registry is kept *as written* (``registry.hub.docker.com`` stays that, it is not rewritten to ``docker.io``),
-  because DUCC's public CVMFS paths are built from it; only :attr:`ImageReference.api_host` maps the Docker Hub
-  aliases to the host that actually serves the API;
-* ``https://`` and ``http://`` prefixes, as DUCC recipes write them, are accepted and stripped; ``http://`` marks the
-  registry as plain-HTTP (insecure) for this reference.
+* the registry is kept *as written*, only lower-cased (``registry.hub.docker.com`` stays that, it is not rewritten
+  to ``docker.io``), because DUCC's public CVMFS paths are built from it; only :attr:`ImageReference.api_host` maps
+  the Docker Hub aliases to the host that actually serves the API;
+* ``https://`` and ``http://`` prefixes, as DUCC recipes write them, are accepted and stripped; ``http://`` is
+  remembered in :attr:`ImageReference.insecure`, but it is a wish, not a setting: the client speaks plain HTTP only
+  to loopback registries and to those configured insecure, and refuses an ``http://`` reference to any other host
+  (see :mod:`cvmfs_snap.oci.transport`).
+
+Every validator here matches the whole string (``re.fullmatch``): a tag or digest with a trailing newline is invalid.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ DEFAULT_TAG = "latest"
 NAME_MAX = 255
 
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+# all validators here are used with ``fullmatch`` (never ``match`` with ``$``, which accepts a trailing newline)
 _DOMAIN_RE = re.compile(
-    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]{{1,5}})?$"
+    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]{{1,5}})?"
 )
-_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
+_PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 #: digest algorithms we can verify, with the length of their hex encoding
 DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
-_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([0-9a-f]+)$")
+_DIGEST_RE = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([0-9a-f]+)")
 
 
 def validate_digest(digest: str, what: str = "digest") -> str:
@@ -43,7 +48,7 @@ def validate_digest(digest: str, what: str = "digest") -> str:
     Digests come from registries and manifests (untrusted) and end up in URLs and paths, so they are checked
     strictly here, once.
     """
-    m = _DIGEST_RE.match(digest) if isinstance(digest, str) else None
+    m = _DIGEST_RE.fullmatch(digest) if isinstance(digest, str) else None
     if not m:
         raise InvalidInputError(f"invalid {what} {digest!r}: expected 'sha256:' followed by 64 lower-case hex digits")
     algo, hexpart = m.group(1), m.group(2)
@@ -64,7 +69,12 @@ def _is_domain(component: str) -> bool:
 
 @dataclass(frozen=True)
 class ImageReference:
-    """A parsed image reference. ``registry`` is as written; ``tag`` is None only for digest-only references."""
+    """A parsed image reference; ``tag`` is None only for digest-only references.
+
+    ``registry`` is the host[:port] as written but in its one canonical spelling: lower case (DNS names and IPv6
+    literals are case-insensitive), port kept. ``LOCALHOST:5000/x`` and ``localhost:5000/x`` are the same image
+    and get the same metadata path, allow-list entry and credentials.
+    """
 
     registry: str
     repository: str
@@ -72,6 +82,10 @@ class ImageReference:
     digest: str | None = None
     #: the reference was written with ``http://``: use plain HTTP for this registry
     insecure: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.registry, str) and self.registry != self.registry.lower():
+            object.__setattr__(self, "registry", self.registry.lower())
 
     @classmethod
     def parse(cls, text: str) -> ImageReference:
@@ -108,7 +122,7 @@ class ImageReference:
         colon = s.rfind(":")
         if colon > slash:
             s, tag = s[:colon], s[colon + 1:]
-            if not _TAG_RE.match(tag):
+            if not _TAG_RE.fullmatch(tag):
                 raise InvalidInputError(
                     f"invalid tag {tag!r} in image reference {original!r}: a tag is 1-128 characters of letters, "
                     "digits, '_', '.', '-' and must not start with '.' or '-'")
@@ -118,14 +132,14 @@ class ImageReference:
         parts = s.split("/")
         if len(parts) > 1 and _is_domain(parts[0]):
             registry, path = parts[0], parts[1:]
-            if not _DOMAIN_RE.match(registry):
+            if not _DOMAIN_RE.fullmatch(registry):
                 raise InvalidInputError(f"invalid registry host {registry!r} in image reference {original!r}")
         else:
             registry, path = DEFAULT_REGISTRY, parts
         if registry.lower() in DOCKER_HUB_ALIASES and len(path) == 1:
             path = ["library", *path]
         for comp in path:
-            if not _PATH_COMPONENT_RE.match(comp):
+            if not _PATH_COMPONENT_RE.fullmatch(comp):
                 hint = " (repository names must be lower case)" if comp.lower() != comp else ""
                 raise InvalidInputError(
                     f"invalid repository name component {comp!r} in image reference {original!r}{hint}: use "
@@ -156,8 +170,10 @@ class ImageReference:
 
     def with_tag(self, tag: str) -> ImageReference:
         """The same repository with another tag (and no digest)."""
-        if not _TAG_RE.match(tag):
-            raise InvalidInputError(f"invalid tag {tag!r} for image {self.name}")
+        if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+            raise InvalidInputError(f"invalid tag {tag!r} for image {self.name}: a tag is 1-128 characters of "
+                                    "letters, digits, '_', '.', '-' (no white space or line breaks) and must not "
+                                    "start with '.' or '-'")
         return replace(self, tag=tag, digest=None)
 
     def with_digest(self, digest: str) -> ImageReference:
