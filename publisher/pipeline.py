@@ -356,7 +356,7 @@ class Publisher:
 
     def _load_platform(self, ref: ImageReference, m: Manifest, key: str, p: Platform | None) -> _Platform:
         cfg_digest = m.config.digest
-        config = self.client.get_blob(ref, cfg_digest)
+        config = self.client.get_blob(ref, cfg_digest, size=m.config.size)
         try:
             cfg = json.loads(config)
             diff_ids = list(cfg["rootfs"]["diff_ids"])

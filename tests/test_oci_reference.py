@@ -20,7 +20,8 @@ from cvmfs_snap.oci import (
     validate_digest,
 )
 from cvmfs_snap.oci.auth import TokenCache, parse_www_authenticate
-from cvmfs_snap.oci.client import _is_loopback, _merge_ranges, parse_multipart_byteranges
+from cvmfs_snap.oci.ranges import merge_ranges, parse_multipart_byteranges
+from cvmfs_snap.oci.transport import is_loopback
 from cvmfs_snap.oci.manifest import compute_digest, parse_manifest
 from tests.support import images as im
 from tests.support.http_servers import byteranges_reply
@@ -360,9 +361,9 @@ def test_token_cache_expiry_and_invalidate() -> None:
 
 def test_loopback_detection() -> None:
     for h in ("localhost", "localhost:5000", "127.0.0.1", "127.0.0.1:80", "127.9.8.7:1", "[::1]:5000", "::1"):
-        assert _is_loopback(h), h
+        assert is_loopback(h), h
     for h in ("registry.example.org", "10.0.0.1:5000", "[2001:db8::1]:5000", "localhost.example.org"):
-        assert not _is_loopback(h), h
+        assert not is_loopback(h), h
 
 
 def test_multipart_byteranges_parser_and_merge() -> None:
@@ -376,4 +377,4 @@ def test_multipart_byteranges_parser_and_merge() -> None:
         parse_multipart_byteranges(rep.body[:-40], rep.headers["Content-Type"])
     with pytest.raises(ValueError):
         parse_multipart_byteranges(rep.body, "multipart/byteranges")
-    assert _merge_ranges([(10, 5), (0, 5), (5, 5), (100, 1), (12, 20), (50, 0)]) == [(0, 32), (100, 101)]
+    assert merge_ranges([(10, 5), (0, 5), (5, 5), (100, 1), (12, 20), (50, 0)]) == [(0, 32), (100, 101)]

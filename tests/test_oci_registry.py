@@ -105,7 +105,7 @@ def test_not_found(registry: Registry, pusher: im.Pusher, client: RegistryClient
         client.get_manifest(_ref(registry, "oci/no-such-repo"))
     missing = "sha256:" + "0" * 64
     with pytest.raises(NotFoundError, match=missing):
-        client.get_blob(_ref(registry, "oci/nf", "v1"), missing)
+        client.get_blob(_ref(registry, "oci/nf", "v1"), missing, size=1)
     with pytest.raises(NotFoundError):
         client.get_manifest(_ref(registry, "oci/nf").with_digest(missing))
 
@@ -133,7 +133,7 @@ def test_blob_streaming_and_size_check(registry: Registry, pusher: im.Pusher, cl
         buffered = io.BufferedReader(stream)
         assert buffered.read() == lay.blob
     with pytest.raises(InvalidInputError, match="open_blob"):
-        client.get_blob(ref, lay.digest, max_size=1024)
+        client.get_blob(ref, lay.digest, size=len(lay.blob), max_size=1024)
     with pytest.raises(InvalidInputError, match="invalid digest"):
         client.open_blob(ref, "sha256:../../x")
 
@@ -184,13 +184,15 @@ def test_localhost_name_uses_plain_http(registry: Registry, pusher: im.Pusher, c
     assert m.digest == digest
     # as DUCC recipes write it
     assert client.get_manifest(ImageReference.parse(f"http://{registry.host}/oci/localhost:v1")).digest == digest
-    # non-loopback hosts get HTTPS unless configured insecure (or written with http://)
-    assert client._base_url(ImageReference.parse("registry.example.org/x")) == "https://registry.example.org"
-    assert client._base_url(ImageReference.parse("http://registry.example.org/x")) == "http://registry.example.org"
-    with RegistryClient(insecure_registries=["registry.example.org:5000"]) as c2:
-        assert c2._base_url(ImageReference.parse("registry.example.org:5000/x")).startswith("http://")
-        assert c2._base_url(ImageReference.parse("registry.example.org/x")).startswith("https://")
-    assert client._base_url(ImageReference.parse("ubuntu")) == "https://registry-1.docker.io"
+    # non-loopback hosts get HTTPS unless configured insecure; http:// alone does not make a host insecure
+    assert client.base_url(ImageReference.parse("registry.example.org/x")) == "https://registry.example.org"
+    with pytest.raises(InvalidInputError, match="not configured as an insecure registry"):
+        client.base_url(ImageReference.parse("http://registry.example.org/x"))
+    with RegistryClient(insecure_registries=["Registry.Example.org:5000"]) as c2:
+        assert c2.base_url(ImageReference.parse("registry.example.org:5000/x")).startswith("http://")
+        assert c2.base_url(ImageReference.parse("http://registry.example.org:5000/x")).startswith("http://")
+        assert c2.base_url(ImageReference.parse("registry.example.org/x")).startswith("https://")
+    assert client.base_url(ImageReference.parse("ubuntu")) == "https://registry-1.docker.io"
 
 
 def test_config_json_roundtrip(registry: Registry, pusher: im.Pusher, client: RegistryClient) -> None:
@@ -199,5 +201,5 @@ def test_config_json_roundtrip(registry: Registry, pusher: im.Pusher, client: Re
     pusher.image("oci/plat", "v1", img)
     ref = _ref(registry, "oci/plat", "v1")
     assert client.list_platforms(ref) == [Platform("linux", "arm64", "v8")]
-    cfg = json.loads(client.get_blob(ref, img.config_digest))
+    cfg = json.loads(client.get_blob(ref, img.config_digest, size=len(img.config)))
     assert cfg["architecture"] == "arm64"
