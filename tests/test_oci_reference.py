@@ -20,9 +20,9 @@ from cvmfs_snap.oci import (
     validate_digest,
 )
 from cvmfs_snap.oci.auth import TokenCache, parse_www_authenticate
+from cvmfs_snap.oci.manifest import compute_digest, parse_manifest
 from cvmfs_snap.oci.ranges import merge_ranges, parse_multipart_byteranges
 from cvmfs_snap.oci.transport import is_loopback
-from cvmfs_snap.oci.manifest import compute_digest, parse_manifest
 from tests.support import images as im
 from tests.support.http_servers import byteranges_reply
 

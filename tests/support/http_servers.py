@@ -1,18 +1,26 @@
 """Tiny scripted HTTP servers on loopback, for behaviour no real registry here shows on demand.
 
 Used for: a flaky server (503 then 200), a server that serves a tampered manifest, a redirecting server that
-records the headers it receives, a blob server that speaks (or refuses) multi-range ``multipart/byteranges``.
-Each server runs in a thread on 127.0.0.1 with a free port and records every request.
+records the headers it receives, a blob server that speaks (or refuses) multi-range ``multipart/byteranges``, a
+server that trickles its body a byte at a time. Each server runs in a thread on 127.0.0.1 with a free port and
+records every request, and every byte it received on the wire (``raw``: what a network sniffer would see).
+
+:class:`RenamingTransport` lets a test speak to such a server under a name that is *not* loopback (e.g.
+``registry.example.test:PORT``): the client, its policy and its auth see only that name; the transport connects to
+127.0.0.1 instead. So "a registry elsewhere" can be tested on the wire without leaving the machine.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import httpx
 
 
 @dataclass
@@ -29,6 +37,8 @@ class Reply:
     body: bytes = b""
     #: send this Content-Length instead of len(body) (to simulate a truncated body), None = len(body)
     content_length: int | None = None
+    #: send the body one byte every ``trickle`` seconds (a slow or hostile server), None = all at once
+    trickle: float | None = None
 
 
 Handler = Callable[[Request], Reply]
@@ -50,6 +60,12 @@ class _QuietServer(ThreadingHTTPServer):
 class LoopbackServer:
     host: str  # 127.0.0.1:PORT
     requests: list[Request]
+    #: every byte received, all connections in arrival order
+    raw: bytearray = field(default_factory=bytearray)
+
+    @property
+    def port(self) -> int:
+        return int(self.host.rsplit(":", 1)[1])
 
     @property
     def url(self) -> str:
@@ -63,10 +79,35 @@ class LoopbackServer:
 def serve(handler: Handler) -> Iterator[LoopbackServer]:
     """Run ``handler`` (Request -> Reply) behind an HTTP/1.1 server on 127.0.0.1:<free port>."""
     requests: list[Request] = []
+    raw = bytearray()
     lock = threading.Lock()
+
+    class _Tee:
+        """The request stream, with every byte read also appended to ``raw``."""
+
+        def __init__(self, f: Any) -> None:
+            self._f = f
+
+        def _rec(self, b: bytes) -> bytes:
+            with lock:
+                raw.extend(b)
+            return b
+
+        def readline(self, *a: Any) -> bytes:
+            return self._rec(self._f.readline(*a))
+
+        def read(self, *a: Any) -> bytes:
+            return self._rec(self._f.read(*a))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._f, name)
 
     class _H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _Tee(self.rfile)  # type: ignore[assignment]
 
         def _do(self) -> None:
             req = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
@@ -85,7 +126,17 @@ def serve(handler: Handler) -> Iterator[LoopbackServer]:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
-            if self.command != "HEAD":
+            if self.command != "HEAD" and rep.trickle is not None:
+                self.wfile.flush()
+                try:
+                    for i in range(len(rep.body)):
+                        self.wfile.write(rep.body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(rep.trickle)
+                except OSError:  # the client gave up, as it should
+                    self.close_connection = True
+                    return
+            elif self.command != "HEAD":
                 self.wfile.write(rep.body)
             self.wfile.flush()
 
@@ -99,7 +150,7 @@ def serve(handler: Handler) -> Iterator[LoopbackServer]:
                               daemon=True)
     thread.start()
     try:
-        yield LoopbackServer(host=f"127.0.0.1:{server.server_address[1]}", requests=requests)
+        yield LoopbackServer(host=f"127.0.0.1:{server.server_address[1]}", requests=requests, raw=raw)
     finally:
         server.shutdown()
         server.server_close()
@@ -130,3 +181,23 @@ def byteranges_reply(blob: bytes, ranges: list[tuple[int, int]], boundary: str =
         body += blob[start:end + 1] + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
     return Reply(206, {"Content-Type": f"multipart/byteranges; boundary={boundary}"}, body)
+
+
+class RenamingTransport(httpx.BaseTransport):
+    """Connects requests for ``names`` (host name -> loopback host, ports kept) to 127.0.0.1, leaving the URL the
+    client built (and its Host header) as they are everywhere above the transport. HTTPS requests really start a
+    TLS handshake (against a plain-HTTP test server it fails, which shows no plain request was made)."""
+
+    def __init__(self, names: Mapping[str, str] | None = None) -> None:
+        self.names = dict(names or {})
+        self._inner = httpx.HTTPTransport(verify=False)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        target = self.names.get(request.url.host)
+        if target is not None:  # a copy: the client keeps seeing its own request (and URL) on the response
+            request = httpx.Request(request.method, request.url.copy_with(host=target), headers=request.headers,
+                                    stream=request.stream, extensions=request.extensions)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
