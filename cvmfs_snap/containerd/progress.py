@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import TextIO
-
-from rich.progress import TaskID
+from typing import TYPE_CHECKING, TextIO
 
 from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.containerd.registry import ResolvedImage
 from cvmfs_snap.containerd.unpack import LayerResult, Outcome, PullResult
+
+if TYPE_CHECKING:  # rich is imported only when a RichProgress is made (a terminal): not for --json, journald, CI
+    from rich.progress import TaskID
 
 log = logging.getLogger(__name__)
 

@@ -215,7 +215,17 @@ class _SchemeTransport(httpx.BaseTransport):
         self._tls.close()
 
 
+_tls_contexts = 0
+
+
+def tls_contexts_made() -> int:
+    """How many TLS contexts (CA bundle loads) this process has made so far."""
+    return _tls_contexts
+
+
 def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    global _tls_contexts
+    _tls_contexts += 1
     if ca_bundle:
         return ssl.create_default_context(cafile=ca_bundle)
     return httpx.create_ssl_context(trust_env=True)  # certifi, or SSL_CERT_FILE / SSL_CERT_DIR
