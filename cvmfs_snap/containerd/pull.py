@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", default=None,
                         help="os/arch[/variant] to pull from a multi-platform image (default: this host's)")
     parser.add_argument("--plain-http", action="store_true",
-                        help="talk to the registry over plain HTTP (loopback registries always use it)")
+                        help="talk to the registry over plain HTTP, credentials included (loopback registries "
+                             "always use it; an http:// image reference without this flag is refused)")
     parser.add_argument("--no-cri-labels", action="store_true",
                         help="do not send the CRI layer labels (then no layer can be served remotely)")
     parser.add_argument("--max-concurrent-downloads", type=int, default=3, metavar="N",
@@ -87,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise here
     with ExitStack() as stack:
         interactive = sys.stderr.isatty() and not args.json
+        # RichProgress imports rich when made: only for a terminal (not --json, journald, CI)
         progress: Progress = stack.enter_context(RichProgress()) if interactive else LogProgress()
         result = run_pull(args.image, address=args.address, namespace=args.namespace, snapshotter=args.snapshotter,
                           platform=args.platform, plain_http=args.plain_http, cri_labels=not args.no_cri_labels,

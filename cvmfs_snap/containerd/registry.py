@@ -121,8 +121,9 @@ class OciRegistry:
 
 def make_registry(ref: ImageReference, plain_http: bool = False) -> OciRegistry:
     """The registry access for ``ref``: the project's OCI client, with credentials from the docker config. It uses
-    plain HTTP for loopback registries and ``http://`` references by itself; ``plain_http`` adds the reference's
-    registry to its insecure list."""
+    plain HTTP for loopback registries by itself; ``plain_http`` (the admin's ``--plain-http``) adds the
+    reference's registry to its insecure list. An ``http://`` reference alone does not: it is refused for any other
+    host."""
     insecure = [ref.registry] if plain_http else []
     return OciRegistry(RegistryClient(credentials=CredentialStore.from_docker_config(None),
                                       insecure_registries=insecure))
