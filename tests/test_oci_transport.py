@@ -173,6 +173,18 @@ def test_trickling_registry_is_cut_off_by_the_deadline(script, what: str) -> Non
     assert "too slow" in str(ei.value) and srv.host.split(":")[0] in str(ei.value)
 
 
+def test_trickled_status_line_and_headers_are_cut_off_too(script) -> None:  # type: ignore[no-untyped-def]
+    """The deadline holds while the response head is still arriving (httpx only bounds each socket operation)."""
+    srv = script(lambda r: Reply(200, {"Content-Type": im.OCI_MANIFEST, "X-Pad": "p" * 200}, IMG.manifest,
+                                 trickle=0.1, trickle_head=True))
+    ref = ImageReference.parse(f"{srv.host}/slow/img:v1")
+    t0 = time.monotonic()
+    with RegistryClient(timeout=5, retries=0, transfer_deadline=1.5) as c, \
+            pytest.raises(UnavailableError, match="deadline of 2 s"):
+        c.get_manifest(ref)
+    assert time.monotonic() - t0 < 4.0
+
+
 def test_blob_deadline_scales_with_declared_size(script) -> None:  # type: ignore[no-untyped-def]
     """The same trickle passes when the declared size buys enough time: base + size / min_rate."""
     blob = os.urandom(12)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import ipaddress
 import json
@@ -29,7 +30,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpcore
 import httpx
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
@@ -178,6 +181,72 @@ class Deadline:
             raise self.error(done)
 
 
+#: the monotonic time the current thread's transfer must end by (set while a request is sent and its headers read)
+_TRANSFER_END: contextvars.ContextVar[float | None] = contextvars.ContextVar("cvmfs_snap_transfer_end", default=None)
+
+
+def _capped(timeout: float | None) -> float | None:
+    """``timeout`` of one socket operation, cut to what is left of the transfer's deadline."""
+    end = _TRANSFER_END.get()
+    if end is None:
+        return timeout
+    left = end - time.monotonic()
+    if left <= 0:
+        raise httpcore.ReadTimeout("the transfer's overall deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket stream whose every read/write/handshake waits at most until the transfer's deadline, so a server
+    trickling its status line and headers a byte at a time is cut off too (httpx only bounds each operation)."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _capped(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _capped(timeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, _capped(timeout)))
+
+    def get_extra_info(self, info: str) -> object:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's own sync backend, with :class:`_DeadlineStream` around its sockets."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_tcp(host, port, _capped(timeout), local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_unix_socket(path, _capped(timeout), socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _deadline_transport(ssl_context: ssl.SSLContext | None) -> httpx.HTTPTransport:
+    """httpx's transport on a connection pool with :class:`_DeadlineBackend` (httpcore's network-backend extension
+    point, which httpx does not expose: the pool is swapped in after construction, with httpx's default limits)."""
+    t = httpx.HTTPTransport(verify=ssl_context if ssl_context is not None else False)
+    t._pool = httpcore.ConnectionPool(ssl_context=ssl_context, max_connections=100, max_keepalive_connections=20,
+                                      keepalive_expiry=5.0, network_backend=_DeadlineBackend())
+    return t
+
+
 class _LazyTransport(httpx.BaseTransport):
     """Creates its real transport (and so its SSL context) on first use."""
 
@@ -310,8 +379,8 @@ class Transport:
         self.max_redirects = max_redirects
         if transport is None and not any(os.environ.get(k) for k in _PROXY_ENV):
             # no proxy from the environment: our own transports, so that TLS is set up only when first needed
-            transport = _SchemeTransport(httpx.HTTPTransport(verify=False),
-                                         _LazyTransport(lambda: httpx.HTTPTransport(verify=_ssl_context(ca_bundle))))
+            transport = _SchemeTransport(_deadline_transport(None),
+                                         _LazyTransport(lambda: _deadline_transport(_ssl_context(ca_bundle))))
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
@@ -341,7 +410,11 @@ class Transport:
                 deadline.check()
                 timeout = max(0.001, min(self.timeout, deadline.remaining()))
             req = self._http.build_request(method, url, headers=headers, timeout=timeout)
-            resp = self._http.send(req, stream=True, auth=auth)
+            token = _TRANSFER_END.set(None if deadline is None else time.monotonic() + deadline.remaining())
+            try:
+                resp = self._http.send(req, stream=True, auth=auth)
+            finally:
+                _TRANSFER_END.reset(token)
             if resp.status_code in REDIRECTS and "location" in resp.headers:
                 target = resp.url.join(resp.headers["location"])
                 resp.close()

@@ -39,6 +39,8 @@ class Reply:
     content_length: int | None = None
     #: send the body one byte every ``trickle`` seconds (a slow or hostile server), None = all at once
     trickle: float | None = None
+    #: with ``trickle``: the status line and headers too, not only the body
+    trickle_head: bool = False
 
 
 Handler = Callable[[Request], Reply]
@@ -117,6 +119,9 @@ def serve(handler: Handler) -> Iterator[LoopbackServer]:
             if length:
                 self.rfile.read(length)
             rep = handler(req)
+            if rep.trickle is not None and rep.trickle_head:
+                self._trickle(rep)
+                return
             self.send_response(rep.status)
             for k, v in rep.headers.items():
                 self.send_header(k, v)
@@ -139,6 +144,19 @@ def serve(handler: Handler) -> Iterator[LoopbackServer]:
             elif self.command != "HEAD":
                 self.wfile.write(rep.body)
             self.wfile.flush()
+
+        def _trickle(self, rep: Reply) -> None:
+            head = f"HTTP/1.1 {rep.status} Whatever\r\n" + "".join(f"{k}: {v}\r\n" for k, v in rep.headers.items())
+            data = (head + f"Content-Length: {len(rep.body)}\r\n\r\n").encode("latin-1") + rep.body
+            assert rep.trickle is not None
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(rep.trickle)
+            except OSError:
+                pass
+            self.close_connection = True
 
         do_GET = do_HEAD = do_POST = do_PUT = _do
 
