@@ -137,6 +137,15 @@ def test_plain_http_token_realm_elsewhere_is_refused(script) -> None:  # type: i
     assert realm.raw == b""
 
 
+def test_huge_401_body_is_not_read_for_a_retry(script) -> None:  # type: ignore[no-untyped-def]
+    """A 401 declaring a huge body: no retry with credentials (httpx would read that body into memory first)."""
+    srv = script(lambda r: Reply(401, {"WWW-Authenticate": 'Basic realm="x"'}, b"z" * (4 << 20)))
+    creds = CredentialStore({srv.host: Credentials(USER, PASSWORD)})
+    with _client(credentials=creds) as c, pytest.raises(AuthError, match="HTTP 401"):
+        c.get_manifest(ImageReference.parse(f"{srv.host}/priv/img:v1"))
+    assert len(srv.requests) == 1
+
+
 # ---------------------------------------------------------------- item 13: overall deadlines
 
 def _trickle(body: bytes, ctype: str = "application/octet-stream") -> Callable[[Request], Reply]:

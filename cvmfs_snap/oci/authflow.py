@@ -23,7 +23,15 @@ import httpx
 from cvmfs_snap.errors import AuthError
 from cvmfs_snap.oci.auth import Challenge, Credentials, CredentialStore, TokenCache, parse_www_authenticate
 from cvmfs_snap.oci.reference import ImageReference
-from cvmfs_snap.oci.transport import Deadline, Retryable, Transport, drain, origin, parse_retry_after
+from cvmfs_snap.oci.transport import (
+    ERROR_BODY_LIMIT,
+    Deadline,
+    Retryable,
+    Transport,
+    drain,
+    origin,
+    parse_retry_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,9 @@ class RepositoryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
+        cl = response.headers.get("content-length", "")
+        if cl.isdigit() and int(cl) > ERROR_BODY_LIMIT:
+            return  # httpx would read this body into memory before the retry: no retry, the caller drains a bit
         new = self._shared.on_unauthorized(self._ref, response, sent)
         if new is None:
             return

@@ -9,7 +9,9 @@
   ``Authorization`` is added only by the auth flow given, which adds it only for its own origin (so it never
   follows a redirect to blob storage).
 * **deadlines** (:class:`Deadline`): every manifest, token and blob transfer has an overall deadline, in addition to
-  httpx's per-operation timeouts, so a server trickling one byte per second cannot hold a worker forever.
+  httpx's per-operation timeouts, so a server trickling one byte per second cannot hold a worker forever: bodies
+  are checked chunk by chunk, and every socket operation while a request is sent and its response head read
+  (connect, TLS handshake, status line, headers) waits at most until the deadline (:class:`_DeadlineBackend`).
 * **retries** (:class:`RetryPolicy`): exponential backoff with jitter, capped; ``Retry-After`` honoured (one parser,
   :func:`parse_retry_after`).
 * **lazy TLS**: the CA bundle is loaded when the first HTTPS request is made, not when the client is created (a
