@@ -7,6 +7,10 @@ for one repository: it adds ``Authorization`` only to requests for the registry'
 storage a redirect leads to), up front when the host asked for auth before, and answers a 401 once with fresh
 credentials (a new token, or Basic). Credentials travel only where the transport policy allows: HTTPS, or plain
 HTTP to loopback and configured-insecure hosts; a token realm in plain HTTP elsewhere is refused.
+
+The flow fetches tokens synchronously (through the client's own :class:`~cvmfs_snap.oci.transport.Transport`), so it
+runs on httpx's sync client only; async callers (the FUSE process) go through :mod:`cvmfs_snap.oci.handoff`, which
+runs the same client, flow and token cache in worker threads.
 """
 
 from __future__ import annotations
