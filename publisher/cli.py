@@ -197,16 +197,15 @@ def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: Ric
 
 
 def recipe_into_config(recipe: Any, config: PublisherConfig, args: argparse.Namespace | None = None) -> None:
-    """A recipe's ``cvmfs_repo``, ``platforms`` and ``http://`` registries complete the settings (flags win)."""
+    """A recipe's ``cvmfs_repo`` and ``platforms`` complete the settings (flags win). Its ``http://`` lines do not
+    make a registry insecure (a recipe may come from users): plain HTTP only to loopback registries and those the
+    configuration or ``--insecure-registry`` names; other ``http://`` lines fail, saying so."""
     if recipe.cvmfs_repo and not config.repo:
         config.repo = recipe.cvmfs_repo
     elif recipe.cvmfs_repo and config.repo and recipe.cvmfs_repo != config.repo:
         log.warning("recipe names repository %s; publishing into %s as configured", recipe.cvmfs_repo, config.repo)
     if recipe.platforms and not (args is not None and getattr(args, "platform", None)):
         config.platforms = list(recipe.platforms)
-    for host in recipe.insecure_registries:
-        if host not in config.insecure_registries:
-            config.insecure_registries.append(host)
     config.validate("recipe")
 
 
@@ -218,9 +217,7 @@ def cmd_convert_single(args: argparse.Namespace, config: PublisherConfig, progre
     if args.repo_positional and not config.repo:
         config.repo = args.repo_positional
         config.validate("command line")
-    ref = ImageReference.parse(args.image)
-    if ref.insecure and ref.registry not in config.insecure_registries:
-        config.insecure_registries.append(ref.registry)
+    ref = ImageReference.parse(args.image)  # http:// to a host not configured insecure: refused by the client
     with Publisher.from_config(config, progress=progress) as pub:
         result = pub.publish_image(ref)
     return _summary([result], [])

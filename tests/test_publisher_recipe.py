@@ -73,6 +73,21 @@ def test_recipe_platforms_and_http_registries() -> None:
     assert r.insecure_registries == ["127.0.0.1:5000"]
 
 
+def test_recipe_http_lines_do_not_make_registries_insecure() -> None:
+    """A recipe (perhaps user-contributed) writing http:// must not turn on plain HTTP, and so credentials in clear,
+    for a registry the site never configured insecure (issue 7 item 1); the client then refuses such a line."""
+    from cvmfs_snap.oci import ImageReference, RegistryClient
+    from publisher.cli import recipe_into_config
+    from publisher.config import PublisherConfig
+
+    r = Recipe.parse("version: 1\ninput: ['http://reg.example.org:5000/a/b:1']\n")
+    config = PublisherConfig(root="/x")
+    recipe_into_config(r, config)
+    assert config.insecure_registries == []
+    with RegistryClient() as c, pytest.raises(InvalidInputError, match="not configured as an insecure registry"):
+        c.base_url(ImageReference.parse("http://reg.example.org:5000/a/b:1"))
+
+
 def test_tag_globs_expand_against_registry(registry: Registry) -> None:
     img = im.image([base_layer("glob")])
     for tag in ("v1.0", "v1.1", "v2.0", "latest"):
