@@ -126,7 +126,7 @@ class TransportPolicy:
     def scheme(self, ref: ImageReference) -> str:
         """``http`` or ``https`` for ``ref``'s registry; InvalidInputError for an ``http://`` reference to a host
         that is neither loopback nor configured insecure (before any request is made)."""
-        plain = self.plain_allowed(ref.registry) or self.plain_allowed(ref.api_host)
+        plain = self.plain_allowed(ref.api_host)  # the host spoken to (Docker Hub's aliases: registry-1.docker.io)
         if ref.insecure and not plain:
             raise InvalidInputError(
                 f"image reference http://{ref} asks for plain HTTP to {ref.registry}, which is not configured as "
