@@ -121,6 +121,10 @@ class PublisherConfig:
     #: per-request registry timeout (seconds) and retries
     registry_timeout: float = 60.0
     registry_retries: int = 4
+    #: overall deadline (seconds) of one manifest, token or tag-list transfer, retries included; a blob gets this
+    #: plus its declared size at ``registry_min_rate`` bytes per second (a trickling registry is cut off)
+    registry_deadline: float = 300.0
+    registry_min_rate: float = 256 * 1024
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -212,6 +216,10 @@ class PublisherConfig:
                 raise InvalidInputError(f"{source}: {name} must be a list of strings")
         if self.grace_period_days < 0:
             raise InvalidInputError(f"{source}: grace_period_days must not be negative")
+        for name in ("registry_deadline", "registry_min_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidInputError(f"{source}: {name} must be a positive number, got {value!r}")
         self.daemon.validate(source)
 
     # -- derived ---------------------------------------------------------------------------------------------------
@@ -250,4 +258,6 @@ class PublisherConfig:
             insecure_registries=list(self.insecure_registries),
             timeout=self.registry_timeout,
             retries=self.registry_retries,
+            transfer_deadline=float(self.registry_deadline),
+            blob_min_rate=float(self.registry_min_rate),
         )

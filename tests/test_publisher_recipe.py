@@ -78,7 +78,6 @@ def test_recipe_http_lines_do_not_make_registries_insecure() -> None:
     for a registry the site never configured insecure (issue 7 item 1); the client then refuses such a line."""
     from cvmfs_snap.oci import ImageReference, RegistryClient
     from publisher.cli import recipe_into_config
-    from publisher.config import PublisherConfig
 
     r = Recipe.parse("version: 1\ninput: ['http://reg.example.org:5000/a/b:1']\n")
     config = PublisherConfig(root="/x")
@@ -123,6 +122,13 @@ def test_config_file_and_flag_override(tmp_path: Path) -> None:
     assert c.daemon.listen == "127.0.0.1:9999" and c.daemon.publish_on_miss_allow == ["reg:5000/a/*"]
     assert c.repository_root() == Path("/cvmfs/unpacked.cern.ch")
     assert c.effective_state_dir() == Path("/var/spool/cvmfs-snap/unpacked.cern.ch")
+    with c.make_client() as client:  # the registry deadlines reach the client
+        assert client._session.transfer_deadline == 300.0 and client._session.blob_min_rate == 256 * 1024
+    with pytest.raises(InvalidInputError, match="registry_deadline must be a positive number"):
+        PublisherConfig.from_dict({"registry_deadline": 0})
+    fast = PublisherConfig.from_dict({"registry_deadline": 20, "registry_min_rate": 1e6})
+    with fast.make_client() as client:
+        assert client._session.transfer_deadline == 20.0 and client._session.blob_min_rate == 1e6
     gc_args = build_parser().parse_args(["gc", "--root", "/x", "--grace-period", "2", "--dry-run"])
     assert load_config(gc_args).grace_period_days == 2.0 and gc_args.dry_run
 
