@@ -31,11 +31,12 @@ SUBCOMMANDS: dict[str, str] = {
 log = logging.getLogger("cvmfs_snap")
 
 #: modules that libraries import eagerly although ``cvmfs-snap pull`` never uses them: httpcore imports trio and
-#: anyio for its async half (a conditional import, httpcore PR #692), httpx imports its own command line (click,
-#: rich, pygments). Together 0.1-0.4 s of a pull's start-up. A ``None`` entry in ``sys.modules`` makes
-#: ``import X`` raise ImportError, the case both libraries handle (as when the package is not installed). Done only
-#: when the process *is* the pull (``main()`` called without argv), never inside a process that may use them.
-UNUSED_BY_PULL = ("trio", "anyio", "httpx._main")
+#: anyio for its async half (a conditional import, httpcore PR #692) and h2 for HTTP/2 (off), httpx imports its own
+#: command line (click, rich, pygments) and the zstd/brotli content decoders (blobs are fetched as identity).
+#: Together 0.1-0.4 s of a pull's start-up. A ``None`` entry in ``sys.modules`` makes ``import X`` raise
+#: ImportError, the case both libraries handle (as when the package is not installed). Done only when the process
+#: *is* the pull (``main()`` called without argv), never inside a process that may use them.
+UNUSED_BY_PULL = ("trio", "anyio", "httpx._main", "h2", "zstandard", "brotli", "brotlicffi")
 
 
 def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_PULL) -> None:

@@ -2,9 +2,9 @@
 timing goal lives in bench/pull_startup.py).
 
 The pull runs as its own process (the console script calls ``main()`` without argv). It must not import trio or
-anyio (httpcore imports them for its async half), rich (only a terminal progress display needs it; not ``--json``,
-not a non-tty), or httpx's own command line; it must not load a CA bundle for a plain-HTTP (loopback) registry; and
-it ends through the fast exit, with its output flushed.
+anyio (httpcore imports them for its async half), h2, rich (only a terminal progress display needs it; not
+``--json``, not a non-tty), httpx's own command line or its zstd/brotli decoders; it must not load a CA bundle
+for a plain-HTTP (loopback) registry; and it ends through the fast exit, with its output flushed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cvmfs_snap.oci import ImageReference, RegistryClient
 from cvmfs_snap.oci import transport as oci_transport
 from tests.support import images as im
 from tests.support.http_servers import Reply, serve
+from tests.support.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,8 @@ PROBE = textwrap.dedent("""
     real_exit = os._exit
     def probe_exit(rc):
         heavy = sorted(k for k, m in sys.modules.items() if m is not None
-                       and k.split(".")[0] in ("trio", "anyio", "rich", "click", "pygments", "httpcore"))
+                       and k.split(".")[0] in ("trio", "anyio", "rich", "click", "pygments", "httpcore", "h2",
+                                               "zstandard", "brotli"))
         tls = sys.modules["cvmfs_snap.oci.transport"].tls_contexts_made()
         sys.stderr.write("PROBE " + json.dumps({"rc": rc, "modules": heavy, "tls": tls}) + "\\n")
         sys.stderr.flush()
@@ -42,12 +44,13 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _run_pull(*args: str) -> tuple[dict[str, object], str]:
+def _run_pull(*args: str) -> tuple[dict[str, object], str, str]:
+    """Run ``cvmfs-snap pull ARGS`` as its own process: (probe at exit, stderr, stdout)."""
     r = subprocess.run([sys.executable, "-c", PROBE, "pull", *args], capture_output=True, text=True, timeout=120,
                        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL)
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("PROBE ")), None)
     assert line is not None, r.stderr[-3000:]
-    return json.loads(line[len("PROBE "):]), r.stderr
+    return json.loads(line[len("PROBE "):]), r.stderr, r.stdout
 
 
 @pytest.mark.parametrize("json_flag", [True, False])
@@ -55,7 +58,7 @@ def test_pull_process_imports_and_exit(json_flag: bool) -> None:
     """A pull that fails at containerd (no socket) after creating its registry client: httpcore is there (the
     client exists), trio/anyio/rich/click/pygments are not, no TLS context was made, and the error is clear."""
     with serve(lambda r: Reply(404)) as srv:
-        probe, err = _run_pull("--address", "/nonexistent/containerd.sock", *(["--json"] if json_flag else []),
+        probe, err, _ = _run_pull("--address", "/nonexistent/containerd.sock", *(["--json"] if json_flag else []),
                                f"{srv.host}/x/y:v1")
     assert probe["rc"] != 0 and "containerd is not running" in err
     assert probe["modules"] == ["httpcore"] or all(m.startswith("httpcore") for m in probe["modules"]), probe
@@ -72,3 +75,20 @@ def test_plain_http_registry_never_creates_a_tls_context(monkeypatch: pytest.Mon
     with serve(lambda r: Reply(200, {"Content-Type": im.OCI_MANIFEST}, img.manifest)) as srv, \
             RegistryClient(timeout=5, retries=0) as c:
         assert c.get_manifest(ImageReference.parse(f"{srv.host}/a/b:v1")).digest == img.manifest_digest
+
+
+def test_whole_pull_as_its_own_process(registry: Registry) -> None:
+    """The real command, as the console script runs it (skipped imports, fast exit), pulls an image into a real
+    containerd and prints its JSON in full."""
+    from tests.support.pullcheck import containerd_in_tmp
+    from tests.support.runnable import push_runnable, require_busybox
+
+    require_busybox()
+    p = push_runnable(registry.url, registry.host, "startup/whole", extra=1)
+    with containerd_in_tmp() as cd:
+        probe, err, out = _run_pull("--address", cd.address, "--snapshotter", "overlayfs", "--json", p.ref)
+        assert probe["rc"] == 0, err[-2000:]
+        assert json.loads(out)["name"] == p.ref  # the whole JSON made it out before the fast exit
+        assert probe["modules"] and all(m.startswith("httpcore") for m in probe["modules"]), probe
+        r = cd.ctr("images", "ls", "-q", check=False)
+        assert p.ref in r.stdout.split()
