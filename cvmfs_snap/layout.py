@@ -67,7 +67,7 @@ SCHEDULE_KEY = "x-cvmfs-snap"
 #: files CVMFS itself places in a tree that a container must never see
 CVMFS_MARKER_FILES = frozenset({CATALOG_MARKER, ".cvmfsdirtab"})
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would accept a trailing "\n"
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._:@+-]*$")
 
 
@@ -86,7 +86,7 @@ def digest_hex(digest: str) -> str:
         raise InvalidInputError(
             f"unsupported digest algorithm {algo[:20]!r} in {digest[:100]!r}: only sha256 layers can be served"
         )
-    if not _HEX64.match(hexpart):
+    if not _HEX64.fullmatch(hexpart):
         raise InvalidInputError(f"invalid sha256 digest {digest[:100]!r}: expected 64 lower-case hex digits")
     return hexpart
 
@@ -241,7 +241,7 @@ class RepositoryLayout:
                 names = sorted(os.listdir(self.layers_root / b))
             except (NotADirectoryError, FileNotFoundError):
                 continue
-            out.extend(f"sha256:{n}" for n in names if _HEX64.match(n) and n[:2] == b)
+            out.extend(f"sha256:{n}" for n in names if _HEX64.fullmatch(n) and n[:2] == b)
         return out
 
     # -- images ---------------------------------------------------------------------------------------------------

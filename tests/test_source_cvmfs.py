@@ -23,6 +23,7 @@ from cvmfs_snap.snapshotter.sources.base import (
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.overlaydirs import FORMAT_VERSION
 from tests.support.images import BuiltLayer, Entry, layer
+from tests.support.layersource import lookup
 from tests.support.layertrees import write_cvmfs_layer
 
 CHAIN = "sha256:" + "c" * 64
@@ -56,11 +57,11 @@ def test_lookup_published_layer(repo: tuple[Path, BuiltLayer], tmp_path: Path) -
     root, lay = repo
     src: LayerSource = CvmfsSource(root, tmp_path / "state", name="cvmfs-a")
     for key in (LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST):
-        got = src.lookup(labels(lay.digest, key))
+        got = lookup(src, labels(lay.digest, key))
         assert got == RemoteLayer(source="cvmfs-a", digest=lay.digest,
                                   labels={LABEL_SOURCE: "cvmfs-a", LABEL_LAYER_DIGEST: lay.digest})
     both = {**labels(lay.digest), LABEL_LAYER_DIGEST: lay.digest}
-    assert src.lookup(both) is not None
+    assert lookup(src, both) is not None
 
 
 def test_lookup_not_published_or_incomplete(repo: tuple[Path, BuiltLayer], tmp_path: Path,
@@ -68,12 +69,12 @@ def test_lookup_not_published_or_incomplete(repo: tuple[Path, BuiltLayer], tmp_p
     root, lay = repo
     src = CvmfsSource(root, tmp_path / "state")
     other = layer([("x", b"x")])
-    assert src.lookup(labels(other.digest)) is None
+    assert lookup(src, labels(other.digest)) is None
     with pytest.raises(NotFoundError, match=other.digest):
         src.lowerdirs(other.digest)
     # without the chain ID or without a digest there is nothing to serve
-    assert src.lookup({LABEL_CRI_LAYER_DIGEST: lay.digest}) is None
-    assert src.lookup({LABEL_TARGET_REF: CHAIN}) is None
+    assert lookup(src, {LABEL_CRI_LAYER_DIGEST: lay.digest}) is None
+    assert lookup(src, {LABEL_TARGET_REF: CHAIN}) is None
     # layer.json (written last by publishers) but no layerfs: broken, not complete
     partial = layer([("p", b"p")])
     lay_out = RepositoryLayout(root)
@@ -86,8 +87,8 @@ def test_lookup_not_published_or_incomplete(repo: tuple[Path, BuiltLayer], tmp_p
     lay_out.layer_json(broken.digest).write_text("{not json")
     caplog.set_level(logging.WARNING)
     for _ in range(3):
-        assert src.lookup(labels(broken.digest)) is None
-        assert src.lookup(labels(partial.digest)) is None
+        assert lookup(src, labels(broken.digest)) is None
+        assert lookup(src, labels(partial.digest)) is None
     for digest in (broken.digest, partial.digest):
         warnings = [r for r in caplog.records if digest in r.getMessage()]
         assert len(warnings) == 1 and "layer.json exists but is malformed" in warnings[0].getMessage()
@@ -107,7 +108,7 @@ def test_hostile_digest_labels(repo: tuple[Path, BuiltLayer], tmp_path: Path, di
     src = CvmfsSource(root, tmp_path / "state")
     for key in (LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST):
         with pytest.raises(InvalidInputError):
-            src.lookup(labels(digest, key))
+            lookup(src, labels(digest, key))
     with pytest.raises(InvalidInputError):
         src.lowerdirs(digest)
     assert not (tmp_path / "state").exists() or not [p for p in (tmp_path / "state").iterdir()]
@@ -117,7 +118,7 @@ def test_contradictory_digest_labels(repo: tuple[Path, BuiltLayer], tmp_path: Pa
     root, lay = repo
     src = CvmfsSource(root, tmp_path / "state")
     with pytest.raises(InvalidInputError, match="contradictory"):
-        src.lookup({**labels(lay.digest), LABEL_LAYER_DIGEST: "sha256:" + "0" * 64})
+        lookup(src, {**labels(lay.digest), LABEL_LAYER_DIGEST: "sha256:" + "0" * 64})
 
 
 # -- health ---------------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def test_missing_repository_is_unavailable_and_logged_once(tmp_path: Path,
     src = CvmfsSource(tmp_path / "no-such-repo", tmp_path / "state", health_ttl=0)
     caplog.set_level(logging.INFO)
     for _ in range(4):
-        assert src.lookup(labels(lay.digest)) is None
+        assert lookup(src, labels(lay.digest)) is None
     with pytest.raises(UnavailableError, match="not available"):
         src.lowerdirs(lay.digest)
     recs = health_records(caplog)
@@ -145,19 +146,20 @@ def test_repository_vanishes_and_comes_back(repo: tuple[Path, BuiltLayer], tmp_p
     os.setxattr(root, "user.fqrn", b"unpacked.example.org")
     src = CvmfsSource(root, tmp_path / "state", health_ttl=0)
     caplog.set_level(logging.INFO)
-    assert src.lookup(labels(lay.digest)) is not None
-    st = src.health()
+    assert lookup(src, labels(lay.digest)) is not None
+    assert src.health().available
+    st = src.repository_status()
     assert st.available and st.revision == 42 and st.fqrn == "unpacked.example.org"
     first = src.lowerdirs(lay.digest)
 
     os.rename(root, tmp_path / "away")
     for _ in range(3):
-        assert src.lookup(labels(lay.digest)) is None
+        assert lookup(src, labels(lay.digest)) is None
     with pytest.raises(UnavailableError):
         src.lowerdirs(lay.digest)
     os.rename(tmp_path / "away", root)
     for _ in range(3):
-        assert src.lookup(labels(lay.digest)) is not None
+        assert lookup(src, labels(lay.digest)) is not None
     assert src.lowerdirs(lay.digest) == first
 
     msgs = [r.getMessage() for r in health_records(caplog)]
@@ -170,11 +172,11 @@ def test_repository_vanishes_and_comes_back(repo: tuple[Path, BuiltLayer], tmp_p
 def test_health_is_cached(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
     root, lay = repo
     src = CvmfsSource(root, tmp_path / "state", health_ttl=3600)
-    assert src.lookup(labels(lay.digest)) is not None
+    assert lookup(src, labels(lay.digest)) is not None
     os.rename(root, tmp_path / "away")
     # within the TTL the cached "available" stands; the layer lookup itself then finds nothing
     assert src.health().available
-    assert src.lookup(labels(lay.digest)) is None
+    assert lookup(src, labels(lay.digest)) is None
     assert not src.health(force=True).available
 
 
@@ -208,9 +210,10 @@ def test_lowerdirs_built_once_under_concurrency(repo: tuple[Path, BuiltLayer], t
     built = [r for r in caplog.records if "built node-local overlay dirs" in r.getMessage()]
     assert len(built) == 1
     hexd = lay.digest[7:]
-    assert sorted(os.listdir(state)) == [hexd]
+    assert sorted(os.listdir(state)) == [f"v{FORMAT_VERSION}"] and src.held() == [lay.digest]
     mask, layerfs, lower = results[0]
-    assert mask == state / hexd / "upper" and lower == state / hexd / "lower"
+    built_at = state / f"v{FORMAT_VERSION}" / hexd
+    assert mask == built_at / "upper" and lower == built_at / "lower"
     assert layerfs == RepositoryLayout(root.resolve()).layerfs(lay.digest)
     # whiteouts above the layerfs: the .wh.* files, the catalog marker, the deletion; the opaque root below it
     assert sorted(os.listdir(mask)) == [".cvmfscatalog", ".wh..wh..opq", "d"]
@@ -228,14 +231,17 @@ def test_crash_leftovers_are_not_used(repo: tuple[Path, BuiltLayer], tmp_path: P
     root, lay = repo
     state = tmp_path / "state"
     hexd = lay.digest[7:]
-    # a build that died half-way leaves only a temporary dir; a dir without meta.json is not a finished build
+    # a build that died half-way leaves only a temporary dir; a dir without meta.json is not a finished build:
+    # it is not used, and not removed either (only release() removes what may be in use)
     (state / f".tmp-{hexd[:16]}-dead" / "upper").mkdir(parents=True)
     (state / hexd / "upper").mkdir(parents=True)
     src = CvmfsSource(root, state)
     assert not [n for n in os.listdir(state) if n.startswith(".tmp-")]
     dirs = src.lowerdirs(lay.digest)
-    assert len(dirs) == 3 and json.loads((state / hexd / "meta.json").read_text())["version"] == FORMAT_VERSION
-    assert sorted(os.listdir(state)) == [hexd]
+    built_at = state / f"v{FORMAT_VERSION}" / hexd
+    assert len(dirs) == 3 and json.loads((built_at / "meta.json").read_text())["version"] == FORMAT_VERSION
+    assert dirs[0] == built_at / "upper" and (state / hexd / "upper").is_dir()
+    assert sorted(os.listdir(state)) == sorted([hexd, f"v{FORMAT_VERSION}"])
 
 
 def test_corrupt_index_fails_cleanly(tmp_path: Path) -> None:
@@ -254,13 +260,39 @@ def test_corrupt_index_fails_cleanly(tmp_path: Path) -> None:
     assert not (tmp_path / "escape").exists()
 
 
-def test_forget_rebuilds(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+def test_old_format_dirs_in_use_are_never_touched(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    """After an upgrade, the dirs an older version built (lowerdirs of running containers) stay as they are: the
+    new format is built beside them; release() (no snapshot uses the layer) removes every version."""
     root, lay = repo
-    src = CvmfsSource(root, tmp_path / "state")
-    first = src.lowerdirs(lay.digest)
-    src.forget(lay.digest)
-    assert not first[0].exists()
-    assert src.lowerdirs(lay.digest) == first and first[0].exists()
+    state = tmp_path / "state"
+    hexd = lay.digest[7:]
+    old = state / hexd
+    (old / "upper" / "d").mkdir(parents=True)
+    os.mknod(old / "upper" / "d" / "gone", 0o020000, os.makedev(0, 0))
+    (old / "meta.json").write_text(json.dumps({"version": FORMAT_VERSION - 1, "upper": True, "lower": False}))
+    before = os.lstat(old / "upper" / "d" / "gone")
+    src = CvmfsSource(root, state)
+    dirs = src.lowerdirs(lay.digest)
+    assert dirs[0] == state / f"v{FORMAT_VERSION}" / hexd / "upper"
+    after = os.lstat(old / "upper" / "d" / "gone")
+    assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+    assert json.loads((old / "meta.json").read_text())["version"] == FORMAT_VERSION - 1
+    assert src.held() == [lay.digest]
+    # a restart finds the new dirs and still leaves the old ones alone
+    assert CvmfsSource(root, state).lowerdirs(lay.digest) == dirs and old.is_dir()
+    src.release(lay.digest)
+    assert not old.exists() and not dirs[0].exists() and src.held() == []
+    assert src.lowerdirs(lay.digest) == dirs and dirs[0].exists()
+
+
+def test_current_legacy_dirs_are_reused_in_place(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
+    root, lay = repo
+    state = tmp_path / "state"
+    first = CvmfsSource(root, state).lowerdirs(lay.digest)
+    hexd = lay.digest[7:]
+    os.rename(state / f"v{FORMAT_VERSION}" / hexd, state / hexd)  # where releases before 0.x built them
+    dirs = CvmfsSource(root, state).lowerdirs(lay.digest)
+    assert dirs[0] == state / hexd / "upper" and first[0] != dirs[0]
 
 
 def test_layer_removed_from_repository(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
@@ -299,7 +331,7 @@ def test_hung_repository_does_not_block(short_tmp: Path, tmp_path: Path, caplog:
     with hung_mount(short_tmp / "cvmfs") as mnt:
         src = CvmfsSource(mnt, tmp_path / "state", health_ttl=0, fs_timeout=0.3)
         for _ in range(health.MAX_STUCK_CALLS + 4):
-            assert src.lookup(labels(lay.digest)) is None
+            assert lookup(src, labels(lay.digest)) is None
         with pytest.raises(UnavailableError, match="hung"):
             src.lowerdirs(lay.digest)
         stuck = [t for t in threading.enumerate() if t.name.startswith("cvmfs-fs-call")]

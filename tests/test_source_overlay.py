@@ -20,6 +20,7 @@ import pytest
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from tests.support.images import BuiltLayer, Entry, image, layer, push_image
+from tests.support.layersource import lookup
 from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay, write_cvmfs_layer
 
 T1, T2, T3 = 1_600_000_000, 1_650_000_000, 1_690_000_000
@@ -138,7 +139,7 @@ def test_stack_matches_containerd_extraction(tmp_path: Path, record: bool) -> No
         assert view_ours == view_ref
     # the DUCC layers' scanned indexes are cached by digest
     for lay in layers:
-        idx = tmp_path / "state" / lay.digest.split(":")[1] / "index.json"
+        idx = src.dirs.layer_dir(lay.digest.split(":")[1]) / "index.json"
         assert ("scan" if not record else "layer.json") in idx.read_text()
 
 
@@ -224,7 +225,7 @@ def test_stack_matches_real_containerd_overlayfs(tmp_path: Path, short_tmp: Path
     build_repo(root, layers)
     src = CvmfsSource(root, tmp_path / "state")
     top_chain = chain_ids([lay.diff_id for lay in layers])[-1]
-    remote = src.lookup({LABEL_TARGET_REF: top_chain, LABEL_CRI_LAYER_DIGEST: layers[-1].digest})
+    remote = lookup(src, {LABEL_TARGET_REF: top_chain, LABEL_CRI_LAYER_DIGEST: layers[-1].digest})
     assert remote is not None and remote.digest == layers[-1].digest
 
     with start_containerd(short_tmp / "ctd") as ctd:

@@ -12,7 +12,7 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
 
     [cvmfs-snap]
     metrics-address = "127.0.0.1:9102"   # serve Prometheus metrics on http://HOST:PORT/metrics; empty: off
-    sources = ["cvmfs"]                  # layer sources asked in order at Prepare time (known: "cvmfs")
+    sources = ["cvmfs"]                  # layer sources asked in order at Prepare time (sources/registry.py)
     grpc-workers = 16                    # threads serving gRPC calls
     publish-on-miss-url = ""             # publisher daemon's POST /publish-on-miss; empty: never report misses
     publish-on-miss-secret = ""          # sent as "Authorization: Bearer <secret>"; better: the file below
@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidInputError, NotFoundError
+from .sources.registry import check_names
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ DEFAULT_CONFIG = Path("/etc/containerd-cvmfs-grpc/config.toml")
 DEFAULT_ADDRESS = "/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock"
 DEFAULT_ROOT = Path("/var/lib/containerd-cvmfs-grpc")
 DEFAULT_REPOSITORY = "unpacked.cern.ch"
-KNOWN_SOURCES = ("cvmfs",)
 OUR_TABLE = "cvmfs-snap"
 
 
@@ -93,11 +93,7 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
                         raise InvalidInputError(f"{where}: {name} must be HOST:PORT, got {v!r}")
                 elif k == "sources":
                     _typed(where, name, v, list)
-                    for s in v:
-                        if s not in KNOWN_SOURCES:
-                            raise InvalidInputError(
-                                f"{where}: unknown layer source {s!r} in {name}; known: {', '.join(KNOWN_SOURCES)}"
-                            )
+                    check_names(v, f"{where}: {name}")
                     cfg.sources = list(v)
                 elif k == "grpc-workers":
                     cfg.grpc_workers = _typed(where, name, v, int)

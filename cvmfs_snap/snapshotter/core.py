@@ -16,11 +16,21 @@ making the lowerdirs relative to their longest common parent directory. Remote l
 CVMFS paths with no useful common parent, so we give every lowerdir a short name under one directory: 128 layers of
 3 dirs each then take ~2 KiB after compaction.
 
-Remote layers: a Prepare carrying ``containerd.io/snapshot.ref`` (the chain ID containerd unpacks into) asks each
-:class:`~cvmfs_snap.snapshotter.sources.base.LayerSource` in order. When one serves the layer we record a *committed*
-snapshot named after the chain ID, with no directory of its own, and answer AlreadyExists: containerd then skips the
-download and uses our snapshot. Its lowerdirs are asked from the same source at Mounts time. Removing a remote
-snapshot only drops our record and links; CVMFS is never touched.
+Remote layers: a Prepare carrying ``containerd.io/snapshot.ref`` (the chain ID containerd unpacks into) is parsed
+once into a :class:`~cvmfs_snap.snapshotter.sources.base.LayerRequest` and each
+:class:`~cvmfs_snap.snapshotter.sources.base.LayerSource` is asked in order. When one serves the layer we record a
+*committed* snapshot named after the chain ID, with the request and no directory of its own, and answer
+AlreadyExists: containerd then skips the download and uses our snapshot. Its lowerdirs are asked from the same source
+at Mounts time. Removing the last snapshot of a layer releases it in its source (node-local state only; CVMFS is
+never touched); Cleanup releases every layer a source holds that no snapshot uses. Only
+:class:`~cvmfs_snap.snapshotter.sources.base.HostileLabelsError` of a source fails a Prepare: any other failure
+means a normal pull.
+
+Directories and rows (as containerd's overlayfs snapshotter): a new snapshot's directory is made under a temporary
+name, then renamed to ``snapshots/<id>`` inside the transaction that inserts its row, so a crash leaves at most an
+unknown directory (Cleanup removes it), never a row without a directory. Ids skip every id whose directory or link
+exists, and nothing the metadata does not know is deleted while a mount uses it (:mod:`.mountinfo`): after a lost
+``metadata.db`` the running containers keep their files.
 
 Misses: when such a Prepare finds no source serving the layer and every source *answered* (none failed), the layer is
 simply not published; the optional ``on_miss`` callback is then told the Prepare's labels after the local snapshot
@@ -33,7 +43,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
+import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,12 +59,16 @@ from ..errors import (
     InvalidInputError,
     UnavailableError,
 )
+from ..fsutil import remove_tree, walk_fd
 from . import filters as flt
+from .mountinfo import is_pinned, pinned_paths
 from .sources.base import (
     LABEL_LAYER_DIGEST,
     LABEL_REMOTE,
     LABEL_SOURCE,
     LABEL_TARGET_REF,
+    HostileLabelsError,
+    LayerRequest,
     LayerSource,
     RemoteLayer,
 )
@@ -66,6 +82,8 @@ LINKS_DIR = "l"
 SNAPSHOTS_DIR = "snapshots"
 #: outcome name of a Prepare served by a normal local snapshot (for metrics)
 OUTCOME_LOCAL = "local"
+#: prefix of a snapshot directory being prepared (renamed to its id when its row commits)
+TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -133,34 +151,27 @@ def _overlay_index_supported() -> bool:
 
 
 def disk_usage(path: Path) -> Usage:
-    """Blocks and distinct inodes below ``path`` (like containerd's fs.DiskUsage: hard links counted once)."""
+    """Blocks and distinct inodes below ``path`` (like containerd's fs.DiskUsage: hard links counted once).
+
+    Walks with directory fds (:func:`~cvmfs_snap.fsutil.walk_fd`), so any depth works."""
     size = 0
     seen: set[tuple[int, int]] = set()
-    stack = [str(path)]
-    while stack:
-        d = stack.pop()
-        try:
-            st = os.lstat(d)
-        except FileNotFoundError:
-            continue
+
+    def add(st: os.stat_result) -> None:
+        nonlocal size
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             size += st.st_blocks * 512
-        try:
-            entries = list(os.scandir(d))
-        except (NotADirectoryError, FileNotFoundError):
-            continue
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                stack.append(e.path)
-                continue
-            try:
-                est = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if (est.st_dev, est.st_ino) not in seen:
-                seen.add((est.st_dev, est.st_ino))
-                size += est.st_blocks * 512
+
+    try:
+        for _rel, fd, dirs, files in walk_fd(path):
+            add(os.fstat(fd))
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    add(os.lstat(name, dir_fd=fd))
+            del dirs  # every subdirectory is visited (and counted) by the walk itself
+    except FileNotFoundError:
+        pass
     return Usage(size=size, inodes=len(seen))
 
 
@@ -177,6 +188,26 @@ class Snapshotter:
         self.observer = observer
         self.on_miss = on_miss
         self.index_off = _overlay_index_supported()
+        #: per (source, digest): reference counting + release, and Mounts' building of a layer's dirs, exclude
+        #: each other, so a layer is never released while a Mounts hands out its directories
+        self._layer_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._layer_locks_lock = threading.Lock()
+
+    def restore_sources(self) -> None:
+        """Tell each source the requests of the snapshots it serves (at start; a source failing is only logged)."""
+        by_source: dict[str, list[LayerRequest]] = {}
+        for source, digest, request in self.store.remote_layers():
+            by_source.setdefault(source, []).append(LayerRequest.from_json(request, digest, ""))
+        for s in self.sources:
+            try:
+                s.restore(by_source.get(s.name, []))
+            except Exception as exc:  # a source that cannot restore serves nothing new; pulls still work
+                log.warning("layer source %s: restoring %d layers failed: %s", s.name,
+                            len(by_source.get(s.name, [])), exc, exc_info=not isinstance(exc, CvmfsSnapError))
+
+    def _layer_lock(self, source: str, digest: str) -> threading.Lock:
+        with self._layer_locks_lock:
+            return self._layer_locks.setdefault((source, digest), threading.Lock())
 
     def close(self) -> None:
         self.store.close()
@@ -190,6 +221,9 @@ class Snapshotter:
 
     def work_dir(self, rec: SnapshotRecord) -> Path:
         return self.snapshot_dir(rec) / "work"
+
+    def _request(self, rec: SnapshotRecord) -> LayerRequest:
+        return LayerRequest.from_json(rec.request, rec.digest, rec.key)
 
     def _source(self, rec: SnapshotRecord) -> LayerSource:
         for s in self.sources:
@@ -206,12 +240,16 @@ class Snapshotter:
         target = labels.get(LABEL_TARGET_REF, "")
         missed = False
         if target:
-            if self.store.find(target) is not None:
+            request = LayerRequest.from_labels(labels)  # HostileLabelsError: InvalidArgument for containerd
+            existing = self.store.find(target)
+            if existing is not None:
+                self._check_existing(existing)
                 raise AlreadyExistsError(f"target snapshot {target!r} already exists")
-            remote, answered = self._lookup(labels)
+            assert request is not None
+            remote, answered = self._lookup(request)
             missed = answered and bool(self.sources)
             if remote is not None:
-                self._create_remote(target, parent, labels, remote)
+                self._create_remote(target, parent, labels, remote, request)
                 if self.observer:
                     self.observer.prepare_outcome(remote.source)
                 raise AlreadyExistsError(
@@ -231,73 +269,111 @@ class Snapshotter:
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         return self._create(KIND_VIEW, key, parent, validate_labels(labels or {}))
 
-    def _lookup(self, labels: Mapping[str, str]) -> tuple[RemoteLayer | None, bool]:
+    def _check_existing(self, rec: SnapshotRecord) -> None:
+        """containerd Prepares a layer whose snapshot exists: if a source serves it, say when it cannot any more."""
+        if not rec.remote:
+            return
+        try:
+            self._source(rec).check(self._request(rec))
+        except Exception as exc:  # the answer stays AlreadyExists; Mounts gives the actionable error
+            log.warning("snapshot %s (layer %s) exists, but source %s cannot serve it now: %s", rec.key, rec.digest,
+                        rec.source, exc, exc_info=not isinstance(exc, CvmfsSnapError))
+
+    def _lookup(self, request: LayerRequest) -> tuple[RemoteLayer | None, bool]:
         """(the first source's RemoteLayer or None, whether every source asked answered without failing)."""
         answered = True
         for source in self.sources:
             try:
-                remote = source.lookup(labels)
-            except InvalidInputError:
+                remote = source.lookup(request)
+                if remote is not None and remote.source != source.name:
+                    raise InvalidInputError(f"source {source.name} answered for another source {remote.source!r}")
+            except HostileLabelsError:
                 raise
             except Exception as exc:  # a broken source must never break pulls: fall back to a download
                 log.warning("layer source %s failed on %s (%s); falling back to a normal download",
-                            getattr(source, "name", source), labels.get(LABEL_TARGET_REF, "?"), exc,
-                            exc_info=not isinstance(exc, CvmfsSnapError))
+                            source.name, request.target, exc, exc_info=not isinstance(exc, CvmfsSnapError))
                 answered = False
                 continue
             if remote is not None:
                 return remote, answered
         return None, answered
 
-    def _create_remote(self, target: str, parent: str, labels: Mapping[str, str], remote: RemoteLayer) -> None:
+    def _create_remote(self, target: str, parent: str, labels: Mapping[str, str], remote: RemoteLayer,
+                       request: LayerRequest) -> None:
         merged = dict(labels)
         merged[LABEL_REMOTE] = "remote snapshot"
         merged.update(remote.labels)
         merged[LABEL_SOURCE] = remote.source
         merged[LABEL_LAYER_DIGEST] = remote.digest
         self.store.create(target, KIND_COMMITTED, parent, validate_labels(merged), source=remote.source,
-                          digest=remote.digest)
+                          digest=remote.digest, request=request.to_json(), taken=self._id_taken)
         log.info("snapshot %s: layer %s served by %s (parent %r)", target, remote.digest, remote.source,
                  parent or "-")
 
     def _create(self, kind: str, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         if not key:
             raise InvalidInputError("snapshot key must not be empty")
-        rec = self.store.create(key, kind, parent, labels)
+        tmp = self._make_tmp_dir(kind, parent, key)
         try:
-            self._make_dirs(rec)
+            rec = self.store.create(key, kind, parent, labels, taken=self._id_taken,
+                                    place=lambda rid: self._place(tmp, rid, key))
+        except BaseException:
+            remove_tree(tmp)  # ours alone: nothing else knows the temporary name
+            raise
+        try:
             return self._mounts(rec)
         except BaseException:
             self._discard(rec)
             raise
 
-    def _make_dirs(self, rec: SnapshotRecord) -> None:
-        d = self.snapshot_dir(rec)
+    def _id_taken(self, rid: int) -> bool:
+        """An id whose directory or short link exists is never handed out again (lost metadata, crashes)."""
+        return os.path.lexists(self.root / SNAPSHOTS_DIR / str(rid)) or os.path.lexists(
+            self.root / LINKS_DIR / b36(rid))
+
+    def _make_tmp_dir(self, kind: str, parent: str, key: str) -> Path:
+        """A complete snapshot directory under a temporary name (renamed to its id by :meth:`_place`)."""
+        sdir = self.root / SNAPSHOTS_DIR
         try:
-            d.mkdir(mode=0o700)
-            fs = self.fs_dir(rec)
+            d = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=sdir))
+        except OSError as exc:
+            raise UnavailableError(f"cannot create a snapshot directory in {sdir} for {key!r}: {exc}") from exc
+        try:
+            fs = d / "fs"
             fs.mkdir()
             os.chmod(fs, 0o755)
-            if rec.kind == KIND_ACTIVE:
-                self.work_dir(rec).mkdir(mode=0o711)
-            if rec.parent:
+            if kind == KIND_ACTIVE:
+                (d / "work").mkdir(mode=0o711)
+            if parent:
                 # like containerd's overlayfs: the new root is owned like the parent's (user namespaces, chown)
-                parent = self.store.get(rec.parent)
-                if not parent.remote:
-                    st = os.stat(self.fs_dir(parent))
+                p = self.store.find(parent)
+                if p is not None and not p.remote:
+                    st = os.stat(self.fs_dir(p))
                     os.lchown(fs, st.st_uid, st.st_gid)
-        except FileExistsError as exc:
-            raise UnavailableError(
-                f"snapshot directory {d} exists already but is not in the metadata (left by a crash or a restored "
-                "root?): it was removed, retry the operation"
-            ) from exc
         except OSError as exc:
-            raise UnavailableError(f"cannot create snapshot directory {d} for {rec.key!r}: {exc}") from exc
+            remove_tree(d)
+            raise UnavailableError(f"cannot create snapshot directory {d} for {key!r}: {exc}") from exc
+        except BaseException:
+            remove_tree(d)
+            raise
+        return d
+
+    def _place(self, tmp: Path, rid: int, key: str) -> None:
+        """Inside the row's transaction: the prepared directory becomes ``snapshots/<id>`` (never over another)."""
+        final = self.root / SNAPSHOTS_DIR / str(rid)
+        if os.path.lexists(final):  # _id_taken said no, so someone raced us: fail, the transaction rolls back
+            raise UnavailableError(f"snapshot directory {final} appeared while preparing {key!r}; retry")
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            raise UnavailableError(f"cannot move snapshot directory {tmp} to {final} for {key!r}: {exc}") from exc
 
     def _discard(self, rec: SnapshotRecord) -> None:
+        """Undo a create whose mounts failed: the row, then the directory we just made for it."""
         with contextlib.suppress(CvmfsSnapError):
             self.store.remove(rec.key)
-        shutil.rmtree(self.snapshot_dir(rec), ignore_errors=True)
+        with contextlib.suppress(OSError, CvmfsSnapError):
+            remove_tree(self.snapshot_dir(rec))
 
     # -- mounts ---------------------------------------------------------------------------------------------------
     def mounts(self, key: str) -> list[Mount]:
@@ -330,7 +406,9 @@ class Snapshotter:
         """(link name, real dir) of every layer dir of committed snapshot ``rec``, top-most first."""
         if not rec.remote:
             return [(b36(rec.id), self.fs_dir(rec))]
-        dirs = self._source(rec).lowerdirs(rec.digest)
+        source = self._source(rec)
+        with self._layer_lock(rec.source, rec.digest):
+            dirs = source.mount_dirs(self._request(rec))
         if not dirs:
             raise UnavailableError(f"source {rec.source} returned no directories for layer {rec.digest}")
         base = b36(rec.id)
@@ -367,15 +445,32 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         rec = self.store.remove(key)
         self._drop_links(rec.id)
-        if not rec.remote:
-            d = self.snapshot_dir(rec)
+        if rec.remote:
+            self._release_if_unused(rec.source, rec.digest)
+            return
+        d = self.snapshot_dir(rec)
+        try:
+            remove_tree(d)
+        except (OSError, CvmfsSnapError) as exc:
+            log.warning("snapshot %r removed, but its directory %s could not be deleted (%s): Cleanup will "
+                        "retry", key, d, exc)
+
+    def _release_if_unused(self, source_name: str, digest: str) -> bool:
+        """Release a layer in its source when no snapshot uses it any more (the reference count is the store's)."""
+        source = next((s for s in self.sources if s.name == source_name), None)
+        if source is None:
+            return False
+        with self._layer_lock(source_name, digest):
+            if self.store.count_remote(source_name, digest):
+                return False
             try:
-                shutil.rmtree(d)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("snapshot %r removed, but its directory %s could not be deleted (%s): Cleanup will "
-                            "retry", key, d, exc)
+                source.release(digest)
+            except Exception as exc:  # its state stays; the next Cleanup tries again
+                log.warning("layer source %s: releasing layer %s failed: %s", source_name, digest, exc,
+                            exc_info=not isinstance(exc, CvmfsSnapError))
+                return False
+        log.debug("layer source %s: released layer %s (no snapshot uses it)", source_name, digest)
+        return True
 
     def _drop_links(self, sid: int) -> None:
         base = b36(sid)
@@ -434,27 +529,32 @@ class Snapshotter:
         return Usage(rec.size, rec.inodes)
 
     def cleanup(self) -> list[str]:
-        """Delete snapshot dirs and links the metadata does not know (left by failed removes or crashes)."""
-        # list the directories BEFORE reading the ids: a concurrent Prepare inserts its row before it makes its
-        # directory, so every directory listed here that belongs to a live snapshot has its id in `ids`.
+        """Delete snapshot dirs and links the metadata does not know (left by failed removes or crashes), unless a
+        mount uses them, and release the layers sources hold that no snapshot uses."""
+        # list the directories BEFORE reading the ids: a concurrent Prepare renames its directory into place inside
+        # the transaction that inserts its row, so every directory listed here that belongs to a live snapshot has
+        # its id in `ids` (and a temporary directory still being prepared is younger than this listing's ids)
         sdir = self.root / SNAPSHOTS_DIR
         ldir = self.root / LINKS_DIR
         dir_names = _listdir(sdir)
         link_names = _listdir(ldir)
         ids = self.store.ids()
         known = {b36(i) for i in ids}
+        unknown = [n for n in dir_names if not (n.isdigit() and int(n) in ids)]
+        pinned = self._pinned() if unknown else set()
         removed: list[str] = []
-        for name in dir_names:
-            if name.isdigit() and int(name) in ids:
-                continue
+        for name in unknown:
             path = sdir / name
+            if name.startswith(TMP_PREFIX) and _younger_than(path, 60.0):
+                continue  # a Prepare may be filling it right now
+            if pinned is None or is_pinned(path, pinned):
+                log.warning("cleanup: %s is not in the metadata but %s; it is kept", path,
+                            "mountinfo is unreadable" if pinned is None else "a mount uses it")
+                continue
             try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+                remove_tree(path)
                 removed.append(str(path))
-            except OSError as exc:
+            except (OSError, CvmfsSnapError) as exc:
                 log.warning("cleanup: cannot delete %s: %s", path, exc)
         for name in link_names:
             if name.split("-", 1)[0] in known and not name.startswith("."):
@@ -464,9 +564,33 @@ class Snapshotter:
                 removed.append(str(ldir / name))
             except OSError as exc:
                 log.warning("cleanup: cannot delete %s: %s", ldir / name, exc)
+        for source in self.sources:
+            try:
+                held = source.held()
+            except Exception as exc:
+                log.warning("cleanup: layer source %s cannot list its layers: %s", source.name, exc)
+                continue
+            for digest in held:
+                if self._release_if_unused(source.name, digest):
+                    removed.append(f"{source.name}:{digest}")
         if removed:
             log.info("cleanup removed %d unreferenced entries", len(removed))
         return removed
+
+    def _pinned(self) -> set[str] | None:
+        """Paths the current mounts use, with our short links resolved; None if mountinfo cannot be read."""
+        try:
+            return pinned_paths(relative_to=[self.root / LINKS_DIR, self.root], link_dirs=[self.root / LINKS_DIR])
+        except OSError as exc:
+            log.warning("cleanup: cannot read the mount table (%s): unknown directories are kept", exc)
+            return None
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - os.lstat(path).st_mtime < seconds
+    except FileNotFoundError:
+        return False
 
 
 def _listdir(path: Path) -> list[str]:

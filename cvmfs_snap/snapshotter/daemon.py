@@ -11,8 +11,6 @@ leaves running containers alone; all state is in ``<root>/metadata.db``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -34,6 +32,8 @@ from .metrics import Metrics
 from .missreport import MissReporter
 from .service import add_to_server
 from .sources.base import LayerSource
+from .sources.registry import SourceSettings, vouching
+from .sources.registry import build_sources as build_registered
 from .store import DB_NAME, Store
 
 log = logging.getLogger(__name__)
@@ -56,46 +56,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_sources(cfg: Config, root: Path) -> list[LayerSource]:
-    """Instantiate the configured sources in order; a source whose module is not installed is skipped loudly."""
-    out: list[LayerSource] = []
-    for name in cfg.sources:
-        if name == "cvmfs":
-            try:
-                mod = importlib.import_module("cvmfs_snap.snapshotter.sources.cvmfs")
-            except ModuleNotFoundError as exc:
-                if exc.name != "cvmfs_snap.snapshotter.sources.cvmfs":
-                    raise
-                log.warning("the cvmfs layer source is not available in this build: every layer will be downloaded")
-                continue
-            source: LayerSource = mod.CvmfsSource(cfg.mountpoint, root / "cvmfs")
-            log.info("layer source cvmfs: repository at %s", cfg.mountpoint)
-            out.append(source)
-        else:  # config.py refuses unknown names; keep the daemon honest if the two drift apart
-            raise InvalidInputError(f"unknown layer source {name!r}")
-    return out
+    """The configured sources in order (sources/registry.py), each with its state dir ``<root>/<name>``."""
+    return build_registered(cfg.sources, SourceSettings(repository_root=cfg.mountpoint), root)
 
 
 def build_reporter(cfg: Config, sources: list[LayerSource], metrics: Metrics) -> MissReporter | None:
     """The publish-on-miss reporter when ``publish-on-miss-url`` is set and a CVMFS source can vouch for misses.
 
-    A miss means something only while the CVMFS repository answers, so the reporter asks the health of the first
-    source that has one (the CVMFS source's ``health()``); without such a source nothing is reported."""
+    A miss means something only while the CVMFS repository answers, so the reporter asks the health of the
+    sources that vouch for misses (the registry says which: the CVMFS one); without one nothing is reported."""
     if not cfg.publish_on_miss_url:
         return None
-    health = next((getattr(s, "health", None) for s in sources if callable(getattr(s, "health", None))), None)
-    if health is None:
+    judges = vouching(sources)
+    if not judges:
         log.warning("publish-on-miss-url is set but no configured layer source reports CVMFS health (sources: %s): "
                     "misses are not reported", ", ".join(s.name for s in sources) or "none")
         return None
 
     def available() -> bool:
-        return bool(health().available)
+        return all(s.health().available for s in judges)
 
     return MissReporter(cfg.publish_on_miss_url, secret=cfg.publish_on_miss_secret, available=available,
                         registry=metrics.registry)
 
 
 def _prepare_socket(address: str) -> None:
+    """Make way for our socket: a stale one (nobody answers) is removed, a live one refused (and left alone)."""
     path = Path(address)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -130,7 +116,10 @@ class Daemon:
         self.reporter = build_reporter(cfg, self.sources, self.metrics)
         self.core = Snapshotter(self.root, Store(self.root / DB_NAME), self.sources, observer=self.metrics,
                                 on_miss=self.reporter.miss if self.reporter is not None else None)
+        self.core.restore_sources()
         self.server: grpc.Server | None = None
+        #: (st_dev, st_ino) of the socket we bound; only that file is ours to unlink
+        self._socket_id: tuple[int, int] | None = None
         self.metrics_bound: tuple[str, int] | None = None
         self._stopped = threading.Event()
 
@@ -148,6 +137,8 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(self.address, 0o600)
+        st = os.lstat(self.address)
+        self._socket_id = (st.st_dev, st.st_ino)
         self.server = server
         if self.reporter is not None:
             self.reporter.start()
@@ -166,9 +157,22 @@ class Daemon:
             self.reporter.close()
         self.metrics.stop()
         self.core.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.address)
+        self._remove_own_socket()
         log.info("cvmfs-snap snapshotter stopped")
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket only if it is the one we bound: an instance that refused to start (another one serves
+        there) or whose socket was replaced meanwhile must not cut the running one off from containerd."""
+        if self._socket_id is None:
+            return
+        try:
+            st = os.lstat(self.address)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._socket_id and stat.S_ISSOCK(st.st_mode):
+            os.unlink(self.address)
+        else:
+            log.warning("%s is no longer the socket this snapshotter bound: left in place", self.address)
 
 
 def main(args: argparse.Namespace) -> int:

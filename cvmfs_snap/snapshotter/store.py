@@ -8,7 +8,17 @@ in the same transaction, so concurrent RPCs cannot interleave into an inconsiste
 
 A snapshot row keeps containerd's view (key, kind, parent key, labels, created/updated in nanoseconds) plus our own:
 the integer ``id`` that names its directory ``<root>/snapshots/<id>`` (never reused: AUTOINCREMENT), and for remote
-snapshots the source that serves it and the layer digest. ``size``/``inodes`` are the usage computed at commit.
+snapshots the source that serves it, the layer digest and the source's parsed request (JSON, see
+:class:`~cvmfs_snap.snapshotter.sources.base.LayerRequest`). ``size``/``inodes`` are the usage computed at commit.
+
+Ids are chosen in the insert's transaction, above every id ever handed out (``sqlite_sequence``) *and* above every
+id the caller says is taken (its directory or link exists): after a lost or emptied database the old directories of
+running containers are never reused. ``create`` runs the caller's ``place(id)`` inside that transaction, so a
+snapshot's directory is renamed into place before its row commits: a crash leaves at most a directory without a
+row (which Cleanup collects), never a row without a directory.
+
+One corrupt row (labels that are not a JSON object, a non-integer time) is reported once and skipped by ``all``;
+reading it by key fails with :class:`IntegrityError` naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +36,7 @@ from pathlib import Path
 from ..errors import (
     AlreadyExistsError,
     FailedPreconditionError,
+    IntegrityError,
     InvalidInputError,
     NotFoundError,
     UnavailableError,
@@ -38,7 +49,7 @@ KIND_VIEW = "view"
 KIND_COMMITTED = "committed"
 KINDS = (KIND_ACTIVE, KIND_VIEW, KIND_COMMITTED)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "metadata.db"
 
 _SCHEMA = """
@@ -53,12 +64,15 @@ CREATE TABLE IF NOT EXISTS snapshots (
     source   TEXT NOT NULL DEFAULT '',
     digest   TEXT NOT NULL DEFAULT '',
     size     INTEGER NOT NULL DEFAULT 0,
-    inodes   INTEGER NOT NULL DEFAULT 0
+    inodes   INTEGER NOT NULL DEFAULT 0,
+    request  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots (parent);
 """
 
-_COLUMNS = "id, key, kind, parent, labels, created, updated, source, digest, size, inodes"
+_COLUMNS = "id, key, kind, parent, labels, created, updated, source, digest, size, inodes, request"
+#: schema 1 -> 2: the source's parsed request stored with remote snapshots
+_MIGRATIONS = {1: "ALTER TABLE snapshots ADD COLUMN request TEXT NOT NULL DEFAULT ''"}
 
 
 @dataclass
@@ -74,26 +88,31 @@ class SnapshotRecord:
     digest: str = ""  # remote snapshots: compressed layer digest
     size: int = 0
     inodes: int = 0
+    request: str = ""  # remote snapshots: the source's LayerRequest as JSON
 
     @property
     def remote(self) -> bool:
         return bool(self.source)
 
 
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
 def _row(row: tuple[object, ...]) -> SnapshotRecord:
-    rid, key, kind, parent, labels, created, updated, source, digest, size, inodes = row
+    """A record from a database row; ValueError/TypeError when the row is corrupt."""
+    rid, key, kind, parent, labels, created, updated, source, digest, size, inodes, request = row
+    parsed = json.loads(str(labels))
+    if not isinstance(parsed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
+        raise TypeError("labels are not a JSON object of strings")
+    if not isinstance(key, str) or kind not in KINDS:
+        raise TypeError(f"bad key or kind {kind!r}")
     return SnapshotRecord(
-        id=int(rid),  # type: ignore[call-overload]
-        key=str(key),
-        kind=str(kind),
-        parent=str(parent),
-        labels=json.loads(str(labels)),
-        created=int(created),  # type: ignore[call-overload]
-        updated=int(updated),  # type: ignore[call-overload]
-        source=str(source),
-        digest=str(digest),
-        size=int(size),  # type: ignore[call-overload]
-        inodes=int(inodes),  # type: ignore[call-overload]
+        id=_int(rid), key=key, kind=str(kind), parent=str(parent), labels=parsed, created=_int(created),
+        updated=_int(updated), source=str(source), digest=str(digest), size=_int(size), inodes=_int(inodes),
+        request=str(request or ""),
     )
 
 
@@ -108,6 +127,7 @@ class Store:
         self.path = Path(path)
         self.readonly = readonly
         self._lock = threading.RLock()
+        self._warned_rows: set[object] = set()
         try:
             if readonly:
                 if not self.path.exists():
@@ -129,6 +149,9 @@ class Store:
                         f"understands ({SCHEMA_VERSION}): upgrade cvmfs-snap on this node"
                     )
                 self._db.executescript(_SCHEMA)
+                while 0 < version < SCHEMA_VERSION:
+                    self._db.execute(_MIGRATIONS[version])
+                    version += 1
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise UnavailableError(f"cannot open snapshotter metadata {self.path}: {exc}") from exc
@@ -156,15 +179,23 @@ class Store:
             except sqlite3.Error as exc:
                 raise UnavailableError(f"reading snapshotter metadata {self.path} failed: {exc}") from exc
 
-    @staticmethod
-    def _get(db: sqlite3.Connection, key: str) -> SnapshotRecord | None:
+    def _parse(self, row: tuple[object, ...]) -> SnapshotRecord:
+        try:
+            return _row(row)
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(
+                f"snapshot row id {row[0]!r} (key {str(row[1])[:200]!r}) in {self.path} is corrupt ({exc}): remove "
+                "the snapshot (`ctr snapshots rm`) and pull its image again"
+            ) from exc
+
+    def _get(self, db: sqlite3.Connection, key: str) -> SnapshotRecord | None:
         row = db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE key = ?", (key,)).fetchone()
-        return _row(row) if row else None
+        return self._parse(row) if row else None
 
     # -- reads ----------------------------------------------------------------------------------------------------
     def find(self, key: str) -> SnapshotRecord | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM snapshots WHERE key = ?", (key,))
-        return _row(rows[0]) if rows else None
+        return self._parse(rows[0]) if rows else None
 
     def get(self, key: str) -> SnapshotRecord:
         rec = self.find(key)
@@ -173,10 +204,31 @@ class Store:
         return rec
 
     def all(self) -> list[SnapshotRecord]:
-        return [_row(r) for r in self._query(f"SELECT {_COLUMNS} FROM snapshots ORDER BY key")]
+        """Every readable snapshot; a corrupt row is logged (once) and skipped, never fails the listing."""
+        out: list[SnapshotRecord] = []
+        for r in self._query(f"SELECT {_COLUMNS} FROM snapshots ORDER BY key"):
+            try:
+                out.append(self._parse(r))
+            except IntegrityError as exc:
+                with self._lock:
+                    first = r[0] not in self._warned_rows
+                    self._warned_rows.add(r[0])
+                if first:
+                    log.warning("skipping a snapshot in listings: %s", exc)
+        return out
 
     def ids(self) -> set[int]:
         return {int(r[0]) for r in self._query("SELECT id FROM snapshots")}  # type: ignore[call-overload]
+
+    def count_remote(self, source: str, digest: str) -> int:
+        """How many snapshots are served by ``source`` for layer ``digest`` (the layer's reference count)."""
+        rows = self._query("SELECT COUNT(*) FROM snapshots WHERE source = ? AND digest = ?", (source, digest))
+        return int(rows[0][0])  # type: ignore[call-overload]
+
+    def remote_layers(self) -> list[tuple[str, str, str]]:
+        """(source, digest, request JSON) of every remote snapshot, for restoring sources at start."""
+        rows = self._query("SELECT source, digest, request FROM snapshots WHERE source != '' ORDER BY id")
+        return [(str(s), str(d), str(r or "")) for s, d, r in rows]
 
     def chain(self, rec: SnapshotRecord) -> list[SnapshotRecord]:
         """The parents of ``rec``, nearest (top-most) first."""
@@ -198,8 +250,13 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------------------------------
     def create(self, key: str, kind: str, parent: str, labels: Mapping[str, str], *, source: str = "",
-               digest: str = "", created: int | None = None) -> SnapshotRecord:
-        """Insert a snapshot: AlreadyExists if the key is taken, NotFound/InvalidInput for a bad parent."""
+               digest: str = "", request: str = "", created: int | None = None,
+               taken: Callable[[int], bool] | None = None,
+               place: Callable[[int], None] | None = None) -> SnapshotRecord:
+        """Insert a snapshot: AlreadyExists if the key is taken, NotFound/InvalidInput for a bad parent.
+
+        The id is above every id used before and skips ids for which ``taken(id)`` is true; ``place(id)`` runs
+        before the commit (its exception rolls the insert back)."""
         if kind not in KINDS:
             raise InvalidInputError(f"unknown snapshot kind {kind!r}")
         ts = created if created is not None else now_ns()
@@ -214,13 +271,24 @@ class Store:
                     raise InvalidInputError(
                         f"parent {parent!r} of {key!r} is a {p.kind} snapshot, not a committed one: commit it first"
                     )
-            cur = db.execute(
-                "INSERT INTO snapshots (key, kind, parent, labels, created, updated, source, digest) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, kind, parent, json.dumps(dict(labels), sort_keys=True), ts, ts, source, digest),
+            rid = self._next_id(db, taken)
+            db.execute(
+                "INSERT INTO snapshots (id, key, kind, parent, labels, created, updated, source, digest, request) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rid, key, kind, parent, json.dumps(dict(labels), sort_keys=True), ts, ts, source, digest, request),
             )
-            rid = int(cur.lastrowid or 0)
-        return SnapshotRecord(rid, key, kind, parent, dict(labels), ts, ts, source, digest)
+            if place is not None:
+                place(rid)
+        return SnapshotRecord(rid, key, kind, parent, dict(labels), ts, ts, source, digest, request=request)
+
+    @staticmethod
+    def _next_id(db: sqlite3.Connection, taken: Callable[[int], bool] | None) -> int:
+        row = db.execute("SELECT MAX(n) FROM (SELECT MAX(id) AS n FROM snapshots UNION ALL "
+                         "SELECT seq FROM sqlite_sequence WHERE name = 'snapshots')").fetchone()
+        rid = int(row[0] or 0) + 1
+        while taken is not None and taken(rid):
+            rid += 1
+        return rid
 
     def commit(self, key: str, name: str, labels: Mapping[str, str], size: int, inodes: int) -> SnapshotRecord:
         """Turn active snapshot ``key`` into committed ``name`` (same id, so the same directory)."""
@@ -240,12 +308,19 @@ class Store:
                 (name, json.dumps(dict(labels), sort_keys=True), ts, ts, size, inodes, rec.id),
             )
         return SnapshotRecord(rec.id, name, KIND_COMMITTED, rec.parent, dict(labels), ts, ts, rec.source,
-                              rec.digest, size, inodes)
+                              rec.digest, size, inodes, rec.request)
 
     def remove(self, key: str) -> SnapshotRecord:
-        """Delete a snapshot's row; FailedPrecondition if other snapshots have it as parent."""
+        """Delete a snapshot's row; FailedPrecondition if other snapshots have it as parent.
+
+        A corrupt row can still be removed (that is the way out the error messages give): the record returned
+        then carries only its id, key, source and digest."""
         with self._tx() as db:
-            rec = self._get(db, key)
+            try:
+                rec = self._get(db, key)
+            except IntegrityError:
+                row = db.execute("SELECT id, source, digest FROM snapshots WHERE key = ?", (key,)).fetchone()
+                rec = SnapshotRecord(int(row[0]), key, "", "", {}, 0, 0, str(row[1] or ""), str(row[2] or ""))
             if rec is None:
                 raise NotFoundError(f"cannot remove snapshot {key!r}: it does not exist")
             children = db.execute("SELECT key FROM snapshots WHERE parent = ? LIMIT 3", (key,)).fetchall()

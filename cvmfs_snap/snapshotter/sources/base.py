@@ -1,17 +1,41 @@
-"""The seam between the snapshot core and the places remote layers come from.
+"""The seam between the snapshot core and the places remote layers come from (CVMFS now, lazy eStargz next).
 
-The core calls each source's :meth:`LayerSource.lookup` in order at ``Prepare`` time with the labels containerd sent.
-A source that can serve the layer returns a :class:`RemoteLayer`; the core then commits a remote snapshot for it and
-answers ``AlreadyExists`` so containerd never downloads the blob. At ``Mounts`` time the core asks the source that
-owns a remote snapshot for its lower directories with :meth:`LayerSource.lowerdirs`. The core never looks inside.
+Modelled on stargz-snapshotter's ``FileSystem{Mount, Check, Unmount}`` with restore-on-start, and its ``fs/source``
+that turns labels into "where is this blob". The life of a remote layer, as the core drives it:
+
+1. **request**: containerd's Prepare labels are parsed once, by the core, into a typed :class:`LayerRequest` (layer
+   digest, image reference, manifest digest, neighbouring layers, the layer's annotations). Hostile or contradictory
+   labels raise :class:`HostileLabelsError`, the *only* error the core lets through to containerd (InvalidArgument).
+   The request is stored with the snapshot, so every later call gets it again, also after a restart.
+2. **lookup(request)**: can this source serve the layer? A :class:`RemoteLayer`, or None. *Any* other exception of a
+   source (its registry answered 400, its mount is down, a bug) means "pull normally": the core logs it and asks the
+   next source, then falls back to a local snapshot.
+3. **mount_dirs(request)**: at Mounts, the directories to stack for the layer as overlay lowerdirs, top-most first.
+   Raises (UnavailableError, NotFoundError, ...) when the layer cannot be served now; the core answers that error.
+4. **check(request)**: cheap "can you still serve it?" (containerd Prepares a layer whose snapshot exists already).
+5. **release(digest)**: no snapshot uses the layer any more (the core counts the snapshots of each source and layer:
+   layers are shared between chains). The source may drop its node-local state for it. Called on Remove of the last
+   user and by Cleanup for every layer :meth:`LayerSource.held` names that no snapshot uses.
+6. **restore(requests)**: at start, the requests of every snapshot the source serves (e.g. to re-attach mounts).
+7. **health()**: is the source usable right now (cached, bounded)? Used by status and the publish-on-miss reporter.
+
+Each source gets its own :class:`SourceContext` from the registry (:mod:`.registry`): a node-local state directory
+nobody else writes, and its own :class:`~.health.CallBudget` of stuck calls, so one hung source cannot use up
+another's. Calls must never block for long: a source bounds its own file-system and network calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.layout import digest_hex
+
+from .health import CallBudget
 
 #: containerd's label with the chain ID a Prepare is unpacking into (the target snapshot name)
 LABEL_TARGET_REF = "containerd.io/snapshot.ref"
@@ -22,9 +46,88 @@ LABEL_CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 #: the label containerd's remote snapshotters put on snapshots they serve remotely
 LABEL_REMOTE = "containerd.io/snapshot/remote"
+#: prefix of the layer annotations containerd's snapshotter-annotation handlers pass as labels (e.g. the eStargz TOC
+#: digest, ``containerd.io/snapshot/remote/stargz.toc.digest``)
+LABEL_REMOTE_PREFIX = LABEL_REMOTE + "/"
 #: our own labels on remote snapshots
 LABEL_SOURCE = "cvmfs-snap.io/source"
 LABEL_LAYER_DIGEST = "cvmfs-snap.io/layer-digest"
+
+#: version of the stored request's JSON form
+REQUEST_VERSION = 1
+
+
+class HostileLabelsError(InvalidInputError):
+    """Labels that no honest containerd sends (a digest with ``../``, contradictory digests): the Prepare fails."""
+
+
+def _digest(labels: Mapping[str, str], key: str) -> str:
+    value = labels.get(key, "")
+    if value == "" and key not in labels:
+        return ""
+    try:
+        digest_hex(value)
+    except InvalidInputError as exc:
+        raise HostileLabelsError(f"label {key}: {exc}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class LayerRequest:
+    """What a Prepare's labels say about the layer it unpacks, parsed and checked once."""
+
+    target: str  # the chain ID (containerd.io/snapshot.ref)
+    digest: str  # compressed layer digest ("" when the labels do not name one)
+    image_ref: str = ""
+    manifest_digest: str = ""
+    #: the image's other layers as CRI lists them (neighbours, for prefetching sources)
+    image_layers: tuple[str, ...] = ()
+    #: the layer's annotations passed as ``containerd.io/snapshot/remote/...`` labels (prefix removed)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_labels(cls, labels: Mapping[str, str]) -> LayerRequest | None:
+        """The request of a Prepare that unpacks into a target (None without ``snapshot.ref``).
+
+        Raises HostileLabelsError for a malformed or contradictory digest label."""
+        target = labels.get(LABEL_TARGET_REF, "")
+        cri = _digest(labels, LABEL_CRI_LAYER_DIGEST)
+        ours = _digest(labels, LABEL_LAYER_DIGEST)
+        if cri and ours and cri != ours:
+            raise HostileLabelsError(
+                f"contradictory layer digest labels: {LABEL_CRI_LAYER_DIGEST}={cri} but {LABEL_LAYER_DIGEST}={ours}"
+            )
+        if not target:
+            return None
+        manifest = labels.get(LABEL_CRI_MANIFEST_DIGEST, "")
+        try:
+            digest_hex(manifest)
+        except InvalidInputError:
+            manifest = ""  # informational only: never a reason to fail a Prepare
+        layers = tuple(x.strip() for x in labels.get(LABEL_CRI_IMAGE_LAYERS, "").split(",") if x.strip())
+        annotations = {k[len(LABEL_REMOTE_PREFIX):]: v for k, v in labels.items()
+                       if k.startswith(LABEL_REMOTE_PREFIX)}
+        return cls(target, cri or ours, labels.get(LABEL_CRI_IMAGE_REF, ""), manifest, layers, annotations)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": REQUEST_VERSION, "target": self.target, "digest": self.digest,
+                           "image_ref": self.image_ref, "manifest_digest": self.manifest_digest,
+                           "image_layers": list(self.image_layers), "annotations": dict(self.annotations)},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, digest: str, target: str) -> LayerRequest:
+        """The stored request; a missing or unreadable one (snapshots of older versions) becomes the bare request
+        of ``digest`` and ``target``, which is all the CVMFS source needs."""
+        try:
+            d = json.loads(text) if text else {}
+            if not isinstance(d, dict) or d.get("version") != REQUEST_VERSION:
+                raise ValueError("unknown form")
+            return cls(str(d["target"]), str(d["digest"]), str(d.get("image_ref", "")),
+                       str(d.get("manifest_digest", "")), tuple(str(x) for x in d.get("image_layers", [])),
+                       {str(k): str(v) for k, v in dict(d.get("annotations", {})).items()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls(target, digest)
 
 
 @dataclass(frozen=True)
@@ -36,17 +139,40 @@ class RemoteLayer:
     labels: Mapping[str, str] = field(default_factory=dict)  # extra labels to store on the snapshot
 
 
+@dataclass(frozen=True)
+class SourceHealth:
+    """One observation of a source: usable now, and if not why (for logs and errors)."""
+
+    available: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What the registry gives each source: its own node-local state dir and its own stuck-call budget."""
+
+    name: str
+    state_dir: Path
+    budget: CallBudget
+
+
 class LayerSource(Protocol):
+    """See the module doc for when the core calls what."""
+
     name: str
 
-    def lookup(self, labels: Mapping[str, str]) -> RemoteLayer | None:
-        """Return a RemoteLayer if this source serves the layer the labels describe, else None.
+    def lookup(self, request: LayerRequest) -> RemoteLayer | None: ...
 
-        Must not raise for "not here" or "source unavailable" (return None and log); raises InvalidInputError for
-        hostile labels (a digest with ``../``, an unknown algorithm)."""
+    def mount_dirs(self, request: LayerRequest) -> list[Path]: ...
+
+    def check(self, request: LayerRequest) -> None: ...
+
+    def release(self, digest: str) -> None: ...
+
+    def held(self) -> list[str]:
+        """Digests of the layers the source keeps node-local state for (Cleanup releases the unused ones)."""
         ...
 
-    def lowerdirs(self, digest: str) -> list[Path]:
-        """The directories to stack for this layer as overlay lowerdirs, top-most first (built on first use,
-        cached). Raises NotFoundError/UnavailableError if the layer can no longer be served."""
-        ...
+    def restore(self, requests: Sequence[LayerRequest]) -> None: ...
+
+    def health(self) -> SourceHealth: ...

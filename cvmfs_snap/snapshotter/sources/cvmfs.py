@@ -1,9 +1,15 @@
 """The CVMFS layer source: serve a layer straight from the repository when it is published there.
 
-``lookup`` answers at ``Prepare`` time whether the layer named by containerd's labels is complete in the repository
-(then the snapshot core commits a remote snapshot and containerd never downloads the blob). ``lowerdirs`` answers at
+``lookup`` answers at ``Prepare`` time whether the layer a request names is complete in the repository (then the
+snapshot core commits a remote snapshot and containerd never downloads the blob). ``mount_dirs`` answers at
 ``Mounts`` time with the directories to stack for the layer: the CVMFS ``layerfs`` between two node-local
-directories that translate the tree's plain ``.wh.*`` files into overlay whiteouts (see :mod:`.overlaydirs`).
+directories that translate the tree's plain ``.wh.*`` files into overlay whiteouts (see :mod:`.overlaydirs`);
+``release`` drops those node-local directories when no snapshot uses the layer any more.
+
+A client mounted with ``CVMFS_CLAIM_OWNERSHIP=yes`` (the CVMFS default) shows every file as owned by the ``cvmfs``
+user, so containers would see wrong owners. The first lookups sample the owners of the layer asked for (its root and
+first entries): when every one is the ``cvmfs`` user's uid and gid, the client claims ownership, one error says so,
+and the source serves nothing (layers are pulled normally) until a later sample (every minute) finds real owners.
 
 Every file-system call on the repository goes through a worker thread with a timeout (:mod:`.health`): a hung or
 broken CVMFS client must turn into "pull normally" at ``Prepare`` and a clear ``UnavailableError`` at ``Mounts``,
@@ -15,22 +21,63 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pwd
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
 from cvmfs_snap.layer import scan_tree_whiteouts
 from cvmfs_snap.layout import RepositoryLayout, digest_hex
 
-from .base import LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST, LABEL_SOURCE, LABEL_TARGET_REF, RemoteLayer
-from .health import HealthStatus, RepositoryHealth, call_with_timeout
+from .base import LABEL_LAYER_DIGEST, LABEL_SOURCE, LayerRequest, RemoteLayer, SourceHealth
+from .health import CallBudget, HealthStatus, RepositoryHealth, call_with_timeout
 from .overlaydirs import LayerIndex, OverlayDirCache, OverlayDirs, root_markers
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: errors that mean the whole CVMFS mount is broken (not just one path in it)
 _MOUNT_BROKEN_ERRNOS = frozenset({errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED})
+#: the user a CVMFS client runs as, whose uid/gid a claiming client shows on every entry
+CVMFS_USER = "cvmfs"
+#: entries of a layer sampled for the ownership check, and how long a verdict is trusted
+OWNER_SAMPLE = 16
+OWNER_TTL = 60.0
+
+
+def cvmfs_user_ids(user: str = CVMFS_USER) -> tuple[int, int] | None:
+    """(uid, gid) of the node's CVMFS client user, None if it has none (then the ownership check is off)."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid
+
+
+def sample_owners(layerfs: Path, limit: int = OWNER_SAMPLE) -> list[tuple[int, int]]:
+    """(uid, gid) of a layer's root and of its first entries, one level down too (a handful of lstat calls)."""
+    owners: list[tuple[int, int]] = []
+    todo = [layerfs]
+    while todo and len(owners) < limit:
+        d = todo.pop(0)
+        st = os.lstat(d)
+        owners.append((st.st_uid, st.st_gid))
+        if d != layerfs:
+            continue
+        with os.scandir(d) as it:
+            for e in it:
+                if len(owners) + len(todo) >= limit:
+                    break
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+                else:
+                    est = e.stat(follow_symlinks=False)
+                    owners.append((est.st_uid, est.st_gid))
+    return owners
 
 
 class CvmfsSource:
@@ -39,39 +86,46 @@ class CvmfsSource:
     ``state_dir`` is node-local (not on CVMFS): the per-layer whiteout directories and cached indexes live there.
     ``fs_timeout`` bounds each quick file-system call on the repository (stat, layer.json), ``build_timeout`` the
     first-use build of a layer's directories (a DUCC layer without layer.json is scanned once, which can take a while
-    on a cold cache); ``health_ttl`` is how long a health probe is trusted.
+    on a cold cache); ``health_ttl`` is how long a health probe is trusted; ``budget`` bounds the calls that may hang
+    at once (the registry gives each source its own). ``claim_owner`` is the (uid, gid) a claiming client shows
+    (default: the node's ``cvmfs`` user; None turns the ownership check off).
     """
 
     def __init__(self, repository_root: Path, state_dir: Path, *, name: str = "cvmfs", health_ttl: float = 5.0,
-                 fs_timeout: float = 10.0, build_timeout: float = 300.0) -> None:
+                 fs_timeout: float = 10.0, build_timeout: float = 300.0, budget: CallBudget | None = None,
+                 claim_owner: tuple[int, int] | str | None = CVMFS_USER) -> None:
         self.name = name
         self.root = Path(repository_root)
         self.layout = RepositoryLayout(self.root)
         self.fs_timeout = fs_timeout
         self.build_timeout = build_timeout
-        self.health_monitor = RepositoryHealth(self.root, ttl=health_ttl, timeout=fs_timeout, name=name)
+        self.budget = budget if budget is not None else CallBudget(name)
+        self.health_monitor = RepositoryHealth(self.root, ttl=health_ttl, timeout=fs_timeout, name=name,
+                                               budget=self.budget)
+        self.claim_owner = cvmfs_user_ids(claim_owner) if isinstance(claim_owner, str) else claim_owner
+        self._claiming: tuple[bool, float] | None = None  # (verdict, when) of the last ownership sample
         self.dirs = OverlayDirCache(Path(os.path.realpath(state_dir)))
         self.dirs.cleanup_temporaries()
         self._warned: set[str] = set()
         self._warned_lock = threading.Lock()
 
     # -- LayerSource ----------------------------------------------------------------------------------------------
-    def lookup(self, labels: Mapping[str, str]) -> RemoteLayer | None:
-        """A RemoteLayer if the layer the labels name is complete in the repository, else None (pull normally).
+    def lookup(self, request: LayerRequest) -> RemoteLayer | None:
+        """A RemoteLayer if the layer the request names is complete in the repository, else None (pull normally).
 
-        Raises InvalidInputError only for hostile or contradictory digest labels; CVMFS trouble is logged (once
-        per outage) and answered with None.
-        """
-        digest = self._digest_from_labels(labels)
-        if digest is None or not labels.get(LABEL_TARGET_REF):
+        CVMFS trouble is logged (once per outage) and answered with None."""
+        digest = request.digest
+        if not digest or not request.target:
             return None
         status = self.health_monitor.status()
         if not status.available:
             log.debug("layer %s: not served from %s, the repository is unavailable", digest, self.root)
             return None
         try:
-            complete = call_with_timeout(lambda: self._is_complete(digest), self.fs_timeout,
-                                         f"looking up layer {digest} in {self.root}")
+            complete = self._call(lambda: self._is_complete(digest), self.fs_timeout,
+                                  f"looking up layer {digest} in {self.root}")
+            if complete and self._claims_ownership(digest):
+                return None
         except UnavailableError as exc:
             self.health_monitor.mark_unavailable(str(exc))
             return None
@@ -85,6 +139,34 @@ class CvmfsSource:
         return RemoteLayer(source=self.name, digest=digest,
                            labels={LABEL_SOURCE: self.name, LABEL_LAYER_DIGEST: digest})
 
+    def mount_dirs(self, request: LayerRequest) -> list[Path]:
+        return self.lowerdirs(request.digest)
+
+    def check(self, request: LayerRequest) -> None:
+        """Raise UnavailableError/NotFoundError if the layer cannot be served now (cheap: health + completeness)."""
+        what = f"checking layer {request.digest} in {self.root}"
+        self.health_monitor.require(what)
+        if not self._call(lambda: self._is_complete(request.digest), self.fs_timeout, what):
+            raise NotFoundError(f"layer {request.digest} is no longer published in the CVMFS repository {self.root}")
+
+    def release(self, digest: str) -> None:
+        """Drop the node-local directories of a layer (every format version). The core calls it only when no
+        snapshot uses the layer; they are rebuilt on next use."""
+        self.dirs.remove(digest_hex(digest))
+
+    def held(self) -> list[str]:
+        return ["sha256:" + h for h in self.dirs.held()]
+
+    def restore(self, requests: Sequence[LayerRequest]) -> None:
+        """Nothing to re-attach: the repository is mounted by the CVMFS client, our dirs are on disk."""
+        log.debug("layer source %s: %d remote layers in the metadata", self.name, len(requests))
+
+    def health(self, *, force: bool = False) -> SourceHealth:
+        st = self.health_monitor.status(force=force)
+        if st.available and self._claiming is not None and self._claiming[0]:
+            return SourceHealth(False, "the CVMFS client claims ownership of every file (CVMFS_CLAIM_OWNERSHIP)")
+        return SourceHealth(st.available, st.reason)
+
     def lowerdirs(self, digest: str) -> list[Path]:
         """The overlay lowerdirs for the layer, top-most first: [mask, layerfs, lower] without the empty ones.
 
@@ -95,7 +177,7 @@ class CvmfsSource:
         what = f"mounting layer {digest} from {self.root}"
         self.health_monitor.require(what)
         try:
-            layerfs = call_with_timeout(lambda: self._layerfs_if_complete(digest), self.fs_timeout, what)
+            layerfs = self._call(lambda: self._layerfs_if_complete(digest), self.fs_timeout, what)
         except UnavailableError as exc:
             self.health_monitor.mark_unavailable(str(exc))
             raise
@@ -111,35 +193,42 @@ class CvmfsSource:
                 f"{self.layout.layerfs(digest)}); remove the image from containerd and pull it again"
             )
         try:
-            dirs = call_with_timeout(lambda: self._overlay_dirs(digest, hexd, layerfs), self.build_timeout,
-                                     f"building the whiteout directories of layer {digest}")
+            dirs = self._call(lambda: self._overlay_dirs(digest, hexd, layerfs), self.build_timeout,
+                              f"building the whiteout directories of layer {digest}")
         except OSError as exc:
             raise self._fs_error(digest, exc) from exc
         return [p for p in (dirs.upper, layerfs, dirs.lower) if p is not None]
 
     # -- extras ---------------------------------------------------------------------------------------------------
-    def health(self, *, force: bool = False) -> HealthStatus:
+    def repository_status(self, *, force: bool = False) -> HealthStatus:
         """The repository's health (cached for ``health_ttl`` s): availability, CVMFS revision and name."""
         return self.health_monitor.status(force=force)
 
-    def forget(self, digest: str) -> None:
-        """Drop the node-local directories of a layer (when no snapshot uses it); they are rebuilt on next use."""
-        self.dirs.remove(digest_hex(digest))
-
     # -- internals ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _digest_from_labels(labels: Mapping[str, str]) -> str | None:
-        cri = labels.get(LABEL_CRI_LAYER_DIGEST)
-        ours = labels.get(LABEL_LAYER_DIGEST)
-        if cri is not None:
-            digest_hex(cri)
-        if ours is not None:
-            digest_hex(ours)
-        if cri is not None and ours is not None and cri != ours:
-            raise InvalidInputError(
-                f"contradictory layer digest labels: {LABEL_CRI_LAYER_DIGEST}={cri} but {LABEL_LAYER_DIGEST}={ours}"
-            )
-        return cri if cri is not None else ours
+    def _call(self, fn: Callable[[], T], timeout: float, what: str) -> T:
+        return call_with_timeout(fn, timeout, what, self.budget)
+
+    def _claims_ownership(self, digest: str) -> bool:
+        """True (and one ERROR line on the change) when the client shows every sampled owner as the cvmfs user."""
+        if self.claim_owner is None:
+            return False
+        prev = self._claiming
+        if prev is not None and time.monotonic() - prev[1] < OWNER_TTL:
+            return prev[0]
+        layerfs = self.layout.layerfs(digest)
+        owners = self._call(lambda: sample_owners(layerfs), self.fs_timeout, f"reading owners in {layerfs}")
+        claiming = bool(owners) and all(o == self.claim_owner for o in owners)
+        self._claiming = (claiming, time.monotonic())
+        if claiming and (prev is None or not prev[0]):
+            log.error("layer source %s: the CVMFS client of %s shows every file as owned by the cvmfs user "
+                      "(uid %d, gid %d), as with CVMFS_CLAIM_OWNERSHIP=yes: containers would see wrong owners, so "
+                      "layers are pulled normally. Set CVMFS_CLAIM_OWNERSHIP=no for this repository (e.g. in "
+                      "/etc/cvmfs/config.d/<repository>.local) and remount it (`cvmfs_config reload`).",
+                      self.name, self.root, *self.claim_owner)
+        elif not claiming and prev is not None and prev[0]:
+            log.warning("layer source %s: the CVMFS client of %s shows real owners again; layers are served from "
+                        "CVMFS again", self.name, self.root)
+        return claiming
 
     def _is_complete(self, digest: str) -> bool:
         if self.layout.is_layer_complete(digest):

@@ -33,45 +33,58 @@ T = TypeVar("T")
 XATTR_REVISION = "user.revision"
 XATTR_FQRN = "user.fqrn"
 
-#: how many file-system calls may be stuck in worker threads at once before we stop starting new ones: a hung FUSE
-#: mount must not make us leak one thread per Prepare
+#: default number of calls one source may have in worker threads at once before it stops starting new ones: a hung
+#: FUSE mount must not make us leak one thread per Prepare
 MAX_STUCK_CALLS = 8
 
-_stuck_lock = threading.Lock()
-_stuck_calls = 0
+
+class CallBudget:
+    """How many bounded calls of *one* source may be running (or stuck) at once; each source has its own, so a
+    hung CVMFS mount cannot starve another source's calls."""
+
+    def __init__(self, name: str, limit: int = MAX_STUCK_CALLS) -> None:
+        self.name = name
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.running = 0
+
+    def acquire(self, what: str) -> None:
+        with self._lock:
+            if self.running >= self.limit:
+                raise UnavailableError(
+                    f"{what}: {self.running} earlier calls of layer source {self.name} are still hanging; its "
+                    "file system looks hung (for CVMFS check the cvmfs2 process and its proxies, e.g. "
+                    "`cvmfs_config probe`)"
+                )
+            self.running += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.running -= 1
 
 
-def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
+def call_with_timeout(fn: Callable[[], T], timeout: float, what: str, budget: CallBudget) -> T:
     """Run ``fn`` in a daemon thread and wait at most ``timeout`` seconds for it.
 
     Daemon threads (not a ThreadPoolExecutor, whose workers are joined at exit) so that a ``stat`` stuck in a hung
     FUSE mount can never keep the snapshotter from exiting. Raises :class:`UnavailableError` on timeout or when too
-    many earlier calls are still stuck; exceptions of ``fn`` are re-raised in the caller.
+    many earlier calls on ``budget`` are still stuck; exceptions of ``fn`` are re-raised in the caller.
     """
-    global _stuck_calls
-    with _stuck_lock:
-        if _stuck_calls >= MAX_STUCK_CALLS:
-            raise UnavailableError(
-                f"{what}: {_stuck_calls} earlier file-system calls are still hanging; the CVMFS mount looks hung "
-                "(check the cvmfs2 process and its proxies, e.g. `cvmfs_config probe`)"
-            )
-        _stuck_calls += 1
+    budget.acquire(what)
     done = threading.Event()
     result: list[T] = []
     error: list[BaseException] = []
 
     def run() -> None:
-        global _stuck_calls
         try:
             result.append(fn())
         except BaseException as exc:  # handed to the caller
             error.append(exc)
         finally:
-            with _stuck_lock:
-                _stuck_calls -= 1
+            budget.release()
             done.set()
 
-    threading.Thread(target=run, name=f"cvmfs-fs-call: {what[:40]}", daemon=True).start()
+    threading.Thread(target=run, name=f"{budget.name}-fs-call: {what[:40]}", daemon=True).start()
     if not done.wait(timeout):
         raise UnavailableError(
             f"{what}: no answer within {timeout:g} s; the CVMFS mount looks hung "
@@ -121,8 +134,10 @@ def _probe(root: Path) -> tuple[int | None, str | None]:
 class RepositoryHealth:
     """Cached, timeout-bounded availability of one repository root; thread-safe."""
 
-    def __init__(self, root: Path, *, ttl: float = 5.0, timeout: float = 5.0, name: str = "cvmfs") -> None:
+    def __init__(self, root: Path, *, ttl: float = 5.0, timeout: float = 5.0, name: str = "cvmfs",
+                 budget: CallBudget | None = None) -> None:
         self.root = root
+        self.budget = budget if budget is not None else CallBudget(name)
         self.ttl = ttl
         self.timeout = timeout
         self.name = name
@@ -168,7 +183,7 @@ class RepositoryHealth:
     def _probe_now(self) -> HealthStatus:
         try:
             revision, fqrn = call_with_timeout(lambda: _probe(self.root), self.timeout,
-                                               f"probing CVMFS repository {self.root}")
+                                               f"probing CVMFS repository {self.root}", self.budget)
         except UnavailableError as exc:
             return HealthStatus(False, str(exc), None, None, time.monotonic())
         except OSError as exc:

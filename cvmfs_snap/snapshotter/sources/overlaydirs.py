@@ -31,16 +31,20 @@ stops the merge of the dir with layers below, a non-directory stops everything b
 Directories that would be empty are omitted, so a layer costs 1 to 3 overlay lowerdirs, usually 2 (overlay
 allows 500: a 128-layer image fits). Everything is built once per layer digest into a temporary directory and
 renamed into place, so a crash mid-build never leaves a half-built directory that a later mount would use.
+
+Directories that were handed out are never changed, renamed or removed while a snapshot uses their layer: running
+containers have them as lowerdirs. A new format version is built *beside* the old one (``v<N>/<digest hex>``; the
+unversioned ``<digest hex>`` of earlier releases is reused when its ``meta.json`` has the current version), and every
+version of a layer is removed only by :meth:`OverlayDirCache.remove`, which the snapshot core calls when no snapshot
+uses the layer (on Remove of its last snapshot, and in Cleanup).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
-import shutil
 import stat
 import tempfile
 import threading
@@ -48,8 +52,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_snap.errors import IntegrityError, UnavailableError
-from cvmfs_snap.layout import CVMFS_MARKER_FILES
+from cvmfs_snap.errors import CvmfsSnapError, IntegrityError, UnavailableError
+from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
+from cvmfs_snap.layout import CVMFS_MARKER_FILES, digest_hex
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,8 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 
-#: version of the node-local directory format; a directory of another version is rebuilt (2: AUFS metadata hidden,
-#: so indexes scanned by version 1, which did not list it, are not reused either)
+#: version of the node-local directory format; a layer whose directory has another version gets a new one beside it
+#: (2: AUFS metadata hidden, so indexes scanned by version 1, which did not list it, are not reused either)
 FORMAT_VERSION = 2
 UPPER = "upper"
 LOWER = "lower"
@@ -325,19 +330,19 @@ def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str
             b.finish()
             result.append(b.root)
         else:
-            shutil.rmtree(b.root)
+            remove_tree(b.root)
             result.append(None)
     return OverlayDirs(result[0], result[1])
 
 
 class OverlayDirCache:
-    """Node-local overlay directories per layer digest under ``state_dir/<digest hex>/``, built once.
+    """Node-local overlay directories per layer digest under ``state_dir/v<version>/<digest hex>/``, built once.
 
     A finished layer directory holds ``meta.json`` (format version, what was built), ``index.json`` (the whiteout
     index, the expensive part for scanned DUCC layers) and the ``upper``/``lower`` dirs that are not empty. It is
     built in ``state_dir/.tmp-*`` and renamed into place, so its existence means it is complete. Threads asking for
     the same digest wait for one build (a lock per digest); another process racing us loses the rename and uses the
-    winner's directory.
+    winner's directory. Nothing here removes a finished directory except :meth:`remove` (see the module doc).
     """
 
     def __init__(self, state_dir: Path) -> None:
@@ -350,14 +355,18 @@ class OverlayDirCache:
             return self._locks.setdefault(hexd, threading.Lock())
 
     def layer_dir(self, hexd: str) -> Path:
+        """Where this format version builds a layer's directories."""
+        return self.state_dir / f"v{FORMAT_VERSION}" / hexd
+
+    def legacy_dir(self, hexd: str) -> Path:
+        """Where releases before versioned directories built them (reused if their format is the current one)."""
         return self.state_dir / hexd
 
-    def cached(self, hexd: str) -> OverlayDirs | None:
-        """The finished directories of a layer, or None if not built (or built by another format version)."""
-        d = self.layer_dir(hexd)
+    @staticmethod
+    def _finished(d: Path) -> OverlayDirs | None:
         try:
             meta = json.loads((d / META_JSON).read_bytes())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except ValueError:
             meta = {}
@@ -365,12 +374,18 @@ class OverlayDirCache:
             return None
         return OverlayDirs(d / UPPER if meta.get("upper") else None, d / LOWER if meta.get("lower") else None)
 
+    def cached(self, hexd: str) -> OverlayDirs | None:
+        """The finished directories of a layer in the current format, or None if not built yet."""
+        return self._finished(self.layer_dir(hexd)) or self._finished(self.legacy_dir(hexd))
+
     def cached_index(self, hexd: str) -> LayerIndex | None:
-        p = self.layer_dir(hexd) / INDEX_JSON
-        try:
-            return LayerIndex.from_json(p.read_bytes(), str(p))
-        except (FileNotFoundError, IntegrityError):
-            return None
+        for d in (self.layer_dir(hexd), self.legacy_dir(hexd)):
+            p = d / INDEX_JSON
+            try:
+                return LayerIndex.from_json(p.read_bytes(), str(p))
+            except (FileNotFoundError, NotADirectoryError, IntegrityError):
+                continue
+        return None
 
     def get(self, digest: str, hexd: str, layerfs: Path, make_index: IndexFactory) -> OverlayDirs:
         """The layer's directories, building them (with the index ``make_index()`` returns) on first use."""
@@ -403,23 +418,24 @@ class OverlayDirCache:
                     "upper": dirs.upper is not None, "lower": dirs.lower is not None, "index": index.origin}
             (tmp / META_JSON).write_text(json.dumps(meta, indent=1) + "\n")
             os.chmod(tmp, 0o700)
-            if final.exists():  # left by another format version: move it away first
-                stale = Path(tempfile.mkdtemp(prefix=f".old-{hexd[:16]}-", dir=self.state_dir))
-                os.rename(final, stale / "d")
-                shutil.rmtree(stale, ignore_errors=True)
+            final.parent.mkdir(mode=0o700, exist_ok=True)
             try:
-                os.rename(tmp, final)
+                os.rename(tmp, final)  # fails if anything is at `final`: never replace what may be in use
             except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                     raise
-                log.debug("layer %s: another process built %s first", digest, final)
-                shutil.rmtree(tmp, ignore_errors=True)
-                other = self.cached(hexd)
+                other = self._finished(final)
                 if other is None:
-                    raise
+                    raise UnavailableError(
+                        f"layer {digest}: {final} exists but is not a finished build of this version; it is left "
+                        "alone (it may be in use): the snapshotter's Cleanup collects it when no snapshot uses the "
+                        "layer, or remove it by hand when no container runs"
+                    ) from exc
+                log.debug("layer %s: another process built %s first", digest, final)
+                remove_tree_quietly(tmp)
                 return other
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree_quietly(tmp)
             raise
         log.info("layer %s: built node-local overlay dirs in %s (mask: %s, lower: %s, index from %s: %d whiteouts, "
                  "%d opaque dirs, %d hidden entries)", digest, final, dirs.upper is not None,
@@ -427,18 +443,47 @@ class OverlayDirCache:
                  len(index.hidden))
         return OverlayDirs(final / UPPER if dirs.upper else None, final / LOWER if dirs.lower else None)
 
+    def held(self) -> list[str]:
+        """Digest hexes that have directories here, in any version (what :meth:`remove` can collect)."""
+        found: set[str] = set()
+        for e in _scandir(self.state_dir):
+            if _is_hex(e.name):
+                found.add(e.name)
+            elif e.name.startswith("v") and e.name[1:].isdigit() and e.is_dir(follow_symlinks=False):
+                found.update(x.name for x in _scandir(Path(e.path)) if _is_hex(x.name))
+        return sorted(found)
+
     def remove(self, hexd: str) -> None:
-        """Forget a layer's directories (e.g. when no snapshot uses it any more); mounts using them keep working."""
+        """Remove every version of a layer's directories. Only for layers no snapshot uses (the core's refcount):
+        a running container with them as lowerdirs would lose its deletions."""
         with self._lock(hexd):
-            d = self.layer_dir(hexd)
-            if d.exists():
+            versions = [Path(e.path) / hexd for e in _scandir(self.state_dir)
+                        if e.name.startswith("v") and e.name[1:].isdigit()]
+            for d in [self.legacy_dir(hexd), *versions]:
+                if not os.path.lexists(d):
+                    continue
                 stale = Path(tempfile.mkdtemp(prefix=f".old-{hexd[:16]}-", dir=self.state_dir))
                 os.rename(d, stale / "d")
-                shutil.rmtree(stale, ignore_errors=True)
+                if not remove_tree_quietly(stale):
+                    log.warning("cannot delete %s; it is retried at the next start", stale)
 
     def cleanup_temporaries(self) -> None:
-        """Remove half-built directories a crash left behind (call once at start, before any build)."""
-        with contextlib.suppress(FileNotFoundError):
-            for e in os.scandir(self.state_dir):
-                if e.name.startswith((".tmp-", ".old-")) and e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path, ignore_errors=True)
+        """Remove half-built and released directories a crash left behind (call once at start, before any build)."""
+        for e in _scandir(self.state_dir):
+            if e.name.startswith((".tmp-", ".old-")) and e.is_dir(follow_symlinks=False):
+                remove_tree_quietly(e.path)
+
+
+def _scandir(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_hex(name: str) -> bool:
+    try:
+        return digest_hex("sha256:" + name) == name
+    except CvmfsSnapError:
+        return False
