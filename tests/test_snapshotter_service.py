@@ -140,6 +140,54 @@ def test_remote_prepare_and_metrics(served: tuple[Daemon, pb_grpc.SnapshotsStub,
     assert 'cvmfs_snap_snapshotter_rpc_seconds_count{rpc="View"} 1.0' in text
 
 
+def test_trailing_newline_and_source_errors(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    """A digest label with a trailing newline is hostile (full-match validation), on either label; a source's own
+    InvalidInputError (say its registry answered 400) is not: that layer is pulled normally."""
+    d, stub, src = served
+    for key in (LABEL_CRI_LAYER_DIGEST, "cvmfs-snap.io/layer-digest"):
+        labels = {LABEL_TARGET_REF: CHAIN1, key: D1 + "\n"}
+        assert code_of(lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="nl", labels=labels))) == (
+            grpc.StatusCode.INVALID_ARGUMENT)
+    assert [i for resp in stub.List(pb.ListSnapshotsRequest()) for i in resp.info] == []
+    src.fail_with = InvalidInputError("registry answered 400 Bad Request")
+    r = stub.Prepare(pb.PrepareSnapshotRequest(key="local", labels={LABEL_TARGET_REF: CHAIN1,
+                                                                     LABEL_CRI_LAYER_DIGEST: D1}))
+    assert r.mounts[0].type == "bind"
+    assert d.core.store.get("local").source == ""
+
+
+def test_list_skips_a_corrupt_row(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
+    d, stub, _ = served
+    for k in ("a", "b"):
+        stub.Prepare(pb.PrepareSnapshotRequest(key=k))
+    with d.core.store._lock:
+        d.core.store._db.execute("UPDATE snapshots SET labels = '[1, 2]' WHERE key = 'a'")
+    assert [i.name for resp in stub.List(pb.ListSnapshotsRequest()) for i in resp.info] == ["b"]
+    stub.Remove(pb.RemoveSnapshotRequest(key="a"))
+
+
+def test_second_instance_refuses_and_leaves_the_socket(
+        served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource], short_tmp: Path) -> None:
+    d, stub, _ = served
+    before = os.stat(d.address)
+    other = Daemon(Config(grpc_workers=1), d.address, short_tmp / "root2", sources=[])
+    with pytest.raises(UnavailableError, match="already serving"):
+        other.start()
+    other.stop()  # what main() does on the way out
+    after = os.stat(d.address)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    stub.Prepare(pb.PrepareSnapshotRequest(key="still-answering"))
+    # and the same with the real command: exit status != 0, the running instance keeps its socket
+    (short_tmp / "c.toml").write_text("[cvmfs-snap]\nsources = []\n")
+    r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--root", str(short_tmp / "root3"),
+                        "--address", d.address, "--config", str(short_tmp / "c.toml")],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode != 0 and "already serving" in r.stderr, r.stderr
+    assert os.path.exists(d.address)
+    stub.Stat(pb.StatSnapshotRequest(key="still-answering"))
+
+
 def test_list_is_batched(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
     _, stub, _ = served
     n = service.LIST_BATCH + 5

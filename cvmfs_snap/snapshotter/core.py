@@ -541,7 +541,8 @@ class Snapshotter:
         ids = self.store.ids()
         known = {b36(i) for i in ids}
         unknown = [n for n in dir_names if not (n.isdigit() and int(n) in ids)]
-        pinned = self._pinned() if unknown else set()
+        unknown_links = [n for n in link_names if n.startswith(".") or n.split("-", 1)[0] not in known]
+        pinned = self._pinned() if unknown or unknown_links else set()
         removed: list[str] = []
         for name in unknown:
             path = sdir / name
@@ -556,9 +557,9 @@ class Snapshotter:
                 removed.append(str(path))
             except (OSError, CvmfsSnapError) as exc:
                 log.warning("cleanup: cannot delete %s: %s", path, exc)
-        for name in link_names:
-            if name.split("-", 1)[0] in known and not name.startswith("."):
-                continue
+        for name in unknown_links:
+            if pinned is None or is_pinned(ldir / name, pinned):
+                continue  # a mount names its lowerdir through this link: keep it, so we still see who uses what
             try:
                 os.unlink(ldir / name)
                 removed.append(str(ldir / name))
