@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import tarfile
 import threading
 from pathlib import Path
 
@@ -365,3 +367,49 @@ def test_index_entries_outside_real_dirs_are_ignored(tmp_path: Path, caplog: pyt
                for r in caplog.records)
     with mounted_overlay(dirs, tmp_path / "m") as m:
         assert os.readlink(m / "linkdir") == "real" and (m / "real/x").read_bytes() == b"x"
+
+
+# -- a client claiming ownership (CVMFS_CLAIM_OWNERSHIP=yes) --------------------------------------------------
+
+
+def chown_tree(top: Path, uid: int, gid: int) -> None:
+    from cvmfs_snap.fsutil import walk
+
+    for d, _dirs, files in walk(top):
+        os.lchown(d, uid, gid)
+        for f in files:
+            os.lchown(os.path.join(d, f), uid, gid)
+
+
+def test_claiming_client_is_refused_with_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's tar (and layer.json's digest of it) says root owns d/ and d/f; a claiming client shows the
+    cvmfs user everywhere. That source serves nothing (normal pulls) and says why, once."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    lay = one_layer()
+    with tarfile.open(fileobj=io.BytesIO(lay.tar)) as tf:
+        assert {(m.uid, m.gid) for m in tf.getmembers()} == {(0, 0)}  # what the image records
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay)
+    cvmfs_user = (4242, 4343)
+    # a healthy client shows the recorded owners: served
+    assert lookup(CvmfsSource(root, tmp_path / "s0", claim_owner=cvmfs_user), labels(lay.digest)) is not None
+    chown_tree(RepositoryLayout(root).layerfs(lay.digest), *cvmfs_user)
+    src = CvmfsSource(root, tmp_path / "state", claim_owner=cvmfs_user)
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        assert lookup(src, labels(lay.digest)) is None
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "CVMFS_CLAIM_OWNERSHIP=no" in errors[0].getMessage()
+    assert "uid 4242, gid 4343" in errors[0].getMessage()
+    health = src.health()
+    assert not health.available and "claims ownership" in health.reason
+    # the check is off without a cvmfs user on the node
+    assert lookup(CvmfsSource(root, tmp_path / "s1", claim_owner=None), labels(lay.digest)) is not None
+    # remounted without claiming: served again after the verdict's TTL
+    monkeypatch.setattr("cvmfs_snap.snapshotter.sources.cvmfs.OWNER_TTL", 0.0)
+    chown_tree(RepositoryLayout(root).layerfs(lay.digest), 0, 0)
+    assert lookup(src, labels(lay.digest)) is not None
+    assert src.health().available
+    assert any("real owners again" in r.getMessage() for r in caplog.records)
