@@ -146,7 +146,7 @@ def test_trailing_newline_and_source_errors(served: tuple[Daemon, pb_grpc.Snapsh
     d, stub, src = served
     for key in (LABEL_CRI_LAYER_DIGEST, "cvmfs-snap.io/layer-digest"):
         labels = {LABEL_TARGET_REF: CHAIN1, key: D1 + "\n"}
-        assert code_of(lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="nl", labels=labels))) == (
+        assert code_of(lambda labels=labels: stub.Prepare(pb.PrepareSnapshotRequest(key="nl", labels=labels))) == (
             grpc.StatusCode.INVALID_ARGUMENT)
     assert [i for resp in stub.List(pb.ListSnapshotsRequest()) for i in resp.info] == []
     src.fail_with = InvalidInputError("registry answered 400 Bad Request")

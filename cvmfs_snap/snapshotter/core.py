@@ -4,12 +4,14 @@ Why a separate core: the semantics (kinds, parents, commit, remove rules, label 
 and its conformance suite check, and they are easiest to test without gRPC. The servicer (``service.py``) only
 converts messages; this module raises :mod:`cvmfs_snap.errors` kinds that it maps to gRPC codes.
 
-Layout under the snapshotter root (like containerd's overlayfs snapshotter, plus podman-style short links)::
+Layout under the snapshotter root (like containerd's overlayfs snapshotter, plus podman-style short links; the
+directories are :mod:`.snapdirs`' job)::
 
     <root>/metadata.db             the store (store.py)
     <root>/snapshots/<id>/fs       a local snapshot's files (upperdir of active snapshots), mode 0755
     <root>/snapshots/<id>/work     overlay workdir of an active snapshot
     <root>/l/<b36 id>[-<n>]        short symlinks to every lowerdir we hand out (local fs dirs and remote dirs)
+    <root>/<source name>/          each layer source's own node-local state
 
 Why the ``l/`` links: containerd's ``mount.All`` fits a long ``lowerdir=`` into the one page the kernel accepts by
 making the lowerdirs relative to their longest common parent directory. Remote layers live under ~100-character
@@ -43,10 +45,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +58,9 @@ from ..errors import (
     InvalidInputError,
     UnavailableError,
 )
-from ..fsutil import remove_tree, walk_fd
+from ..fsutil import remove_tree
 from . import filters as flt
-from .mountinfo import is_pinned, pinned_paths
+from .snapdirs import LINKS_DIR, SNAPSHOTS_DIR, SnapshotDirs, Usage, b36, disk_usage
 from .sources.base import (
     LABEL_LAYER_DIGEST,
     LABEL_REMOTE,
@@ -76,14 +75,12 @@ from .store import DB_NAME, KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, SnapshotReco
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LINKS_DIR", "SNAPSHOTS_DIR", "Info", "Mount", "Snapshotter", "Usage", "b36", "disk_usage"]
+
 #: containerd's limit on one label (key + value), labels.Validate
 MAX_LABEL_SIZE = 4096
-LINKS_DIR = "l"
-SNAPSHOTS_DIR = "snapshots"
 #: outcome name of a Prepare served by a normal local snapshot (for metrics)
 OUTCOME_LOCAL = "local"
-#: prefix of a snapshot directory being prepared (renamed to its id when its row commits)
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -107,12 +104,6 @@ class Info:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Usage:
-    size: int
-    inodes: int
-
-
 class PrepareObserver(Protocol):
     """Told the outcome of every Prepare (a source name, or "local"): the daemon's metrics implement it."""
 
@@ -121,17 +112,6 @@ class PrepareObserver(Protocol):
 
 #: told the labels of a Prepare whose layer no source serves although every source answered (see the module doc)
 MissCallback = Callable[[Mapping[str, str]], None]
-
-
-def b36(n: int) -> str:
-    """Short lower-case base-36 text of a non-negative integer (snapshot ids in link names)."""
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
 
 
 def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -150,39 +130,13 @@ def _overlay_index_supported() -> bool:
     return os.path.exists("/sys/module/overlay/parameters/index")
 
 
-def disk_usage(path: Path) -> Usage:
-    """Blocks and distinct inodes below ``path`` (like containerd's fs.DiskUsage: hard links counted once).
-
-    Walks with directory fds (:func:`~cvmfs_snap.fsutil.walk_fd`), so any depth works."""
-    size = 0
-    seen: set[tuple[int, int]] = set()
-
-    def add(st: os.stat_result) -> None:
-        nonlocal size
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            size += st.st_blocks * 512
-
-    try:
-        for _rel, fd, dirs, files in walk_fd(path):
-            add(os.fstat(fd))
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):
-                    add(os.lstat(name, dir_fd=fd))
-            del dirs  # every subdirectory is visited (and counted) by the walk itself
-    except FileNotFoundError:
-        pass
-    return Usage(size=size, inodes=len(seen))
-
-
 class Snapshotter:
     """containerd's Snapshotter interface over a :class:`Store` and ``root``."""
 
     def __init__(self, root: Path, store: Store | None = None, sources: Sequence[LayerSource] = (),
                  observer: PrepareObserver | None = None, on_miss: MissCallback | None = None) -> None:
         self.root = Path(root)
-        (self.root / SNAPSHOTS_DIR).mkdir(parents=True, exist_ok=True)
-        (self.root / LINKS_DIR).mkdir(parents=True, exist_ok=True)
+        self.dirs = SnapshotDirs(self.root)
         self.store = store if store is not None else Store(self.root / DB_NAME)
         self.sources = list(sources)
         self.observer = observer
@@ -214,7 +168,7 @@ class Snapshotter:
 
     # -- paths ----------------------------------------------------------------------------------------------------
     def snapshot_dir(self, rec: SnapshotRecord) -> Path:
-        return self.root / SNAPSHOTS_DIR / str(rec.id)
+        return self.dirs.snapshot_dir(rec.id)
 
     def fs_dir(self, rec: SnapshotRecord) -> Path:
         return self.snapshot_dir(rec) / "fs"
@@ -306,17 +260,19 @@ class Snapshotter:
         merged[LABEL_SOURCE] = remote.source
         merged[LABEL_LAYER_DIGEST] = remote.digest
         self.store.create(target, KIND_COMMITTED, parent, validate_labels(merged), source=remote.source,
-                          digest=remote.digest, request=request.to_json(), taken=self._id_taken)
+                          digest=remote.digest, request=request.to_json(), taken=self.dirs.taken)
         log.info("snapshot %s: layer %s served by %s (parent %r)", target, remote.digest, remote.source,
                  parent or "-")
 
     def _create(self, kind: str, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         if not key:
             raise InvalidInputError("snapshot key must not be empty")
-        tmp = self._make_tmp_dir(kind, parent, key)
+        p = self.store.find(parent) if parent else None
+        tmp = self.dirs.make_tmp(key, work=kind == KIND_ACTIVE,
+                                 owner_like=self.fs_dir(p) if p is not None and not p.remote else None)
         try:
-            rec = self.store.create(key, kind, parent, labels, taken=self._id_taken,
-                                    place=lambda rid: self._place(tmp, rid, key))
+            rec = self.store.create(key, kind, parent, labels, taken=self.dirs.taken,
+                                    place=lambda rid: self.dirs.place(tmp, rid, key))
         except BaseException:
             remove_tree(tmp)  # ours alone: nothing else knows the temporary name
             raise
@@ -325,48 +281,6 @@ class Snapshotter:
         except BaseException:
             self._discard(rec)
             raise
-
-    def _id_taken(self, rid: int) -> bool:
-        """An id whose directory or short link exists is never handed out again (lost metadata, crashes)."""
-        return os.path.lexists(self.root / SNAPSHOTS_DIR / str(rid)) or os.path.lexists(
-            self.root / LINKS_DIR / b36(rid))
-
-    def _make_tmp_dir(self, kind: str, parent: str, key: str) -> Path:
-        """A complete snapshot directory under a temporary name (renamed to its id by :meth:`_place`)."""
-        sdir = self.root / SNAPSHOTS_DIR
-        try:
-            d = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=sdir))
-        except OSError as exc:
-            raise UnavailableError(f"cannot create a snapshot directory in {sdir} for {key!r}: {exc}") from exc
-        try:
-            fs = d / "fs"
-            fs.mkdir()
-            os.chmod(fs, 0o755)
-            if kind == KIND_ACTIVE:
-                (d / "work").mkdir(mode=0o711)
-            if parent:
-                # like containerd's overlayfs: the new root is owned like the parent's (user namespaces, chown)
-                p = self.store.find(parent)
-                if p is not None and not p.remote:
-                    st = os.stat(self.fs_dir(p))
-                    os.lchown(fs, st.st_uid, st.st_gid)
-        except OSError as exc:
-            remove_tree(d)
-            raise UnavailableError(f"cannot create snapshot directory {d} for {key!r}: {exc}") from exc
-        except BaseException:
-            remove_tree(d)
-            raise
-        return d
-
-    def _place(self, tmp: Path, rid: int, key: str) -> None:
-        """Inside the row's transaction: the prepared directory becomes ``snapshots/<id>`` (never over another)."""
-        final = self.root / SNAPSHOTS_DIR / str(rid)
-        if os.path.lexists(final):  # _id_taken said no, so someone raced us: fail, the transaction rolls back
-            raise UnavailableError(f"snapshot directory {final} appeared while preparing {key!r}; retry")
-        try:
-            os.rename(tmp, final)
-        except OSError as exc:
-            raise UnavailableError(f"cannot move snapshot directory {tmp} to {final} for {key!r}: {exc}") from exc
 
     def _discard(self, rec: SnapshotRecord) -> None:
         """Undo a create whose mounts failed: the row, then the directory we just made for it."""
@@ -383,24 +297,6 @@ class Snapshotter:
                 f"snapshot {key!r} is committed: only active snapshots and views have mounts (make a view of it)"
             )
         return self._mounts(rec)
-
-    def _link(self, name: str, target: Path) -> str:
-        """Make ``<root>/l/<name>`` point at ``target`` (atomically replaced if it pointed elsewhere)."""
-        link = self.root / LINKS_DIR / name
-        t = str(target)
-        try:
-            if os.readlink(link) == t:
-                return str(link)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # not a link: someone put something else there
-            raise UnavailableError(
-                f"{link} is not a symlink ({exc}): remove it so the snapshotter can recreate it"
-            ) from exc
-        tmp = link.with_name(f".{name}.{uuid.uuid4().hex[:8]}")
-        os.symlink(t, tmp)
-        os.replace(tmp, link)
-        return str(link)
 
     def _lowerdirs(self, rec: SnapshotRecord) -> list[tuple[str, Path]]:
         """(link name, real dir) of every layer dir of committed snapshot ``rec``, top-most first."""
@@ -429,7 +325,7 @@ class Snapshotter:
         if rec.kind == KIND_ACTIVE:
             options.append(f"workdir={self.work_dir(rec)}")
             options.append(f"upperdir={self.fs_dir(rec)}")
-        lower = [self._link(name, target) for name, target in layers]
+        lower = [self.dirs.link(name, target) for name, target in layers]
         options.append("lowerdir=" + ":".join(lower))
         return [Mount("overlay", "overlay", tuple(options))]
 
@@ -444,16 +340,11 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         rec = self.store.remove(key)
-        self._drop_links(rec.id)
+        self.dirs.drop_links(rec.id)
         if rec.remote:
             self._release_if_unused(rec.source, rec.digest)
-            return
-        d = self.snapshot_dir(rec)
-        try:
-            remove_tree(d)
-        except (OSError, CvmfsSnapError) as exc:
-            log.warning("snapshot %r removed, but its directory %s could not be deleted (%s): Cleanup will "
-                        "retry", key, d, exc)
+        else:
+            self.dirs.remove(rec.id, key)
 
     def _release_if_unused(self, source_name: str, digest: str) -> bool:
         """Release a layer in its source when no snapshot uses it any more (the reference count is the store's)."""
@@ -471,13 +362,6 @@ class Snapshotter:
                 return False
         log.debug("layer source %s: released layer %s (no snapshot uses it)", source_name, digest)
         return True
-
-    def _drop_links(self, sid: int) -> None:
-        base = b36(sid)
-        links = self.root / LINKS_DIR
-        for name in [base, *(n for n in _listdir(links) if n.startswith(base + "-"))]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(links / name)
 
     # -- info -----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -531,40 +415,11 @@ class Snapshotter:
     def cleanup(self) -> list[str]:
         """Delete snapshot dirs and links the metadata does not know (left by failed removes or crashes), unless a
         mount uses them, and release the layers sources hold that no snapshot uses."""
-        # list the directories BEFORE reading the ids: a concurrent Prepare renames its directory into place inside
-        # the transaction that inserts its row, so every directory listed here that belongs to a live snapshot has
-        # its id in `ids` (and a temporary directory still being prepared is younger than this listing's ids)
-        sdir = self.root / SNAPSHOTS_DIR
-        ldir = self.root / LINKS_DIR
-        dir_names = _listdir(sdir)
-        link_names = _listdir(ldir)
-        ids = self.store.ids()
-        known = {b36(i) for i in ids}
-        unknown = [n for n in dir_names if not (n.isdigit() and int(n) in ids)]
-        unknown_links = [n for n in link_names if n.startswith(".") or n.split("-", 1)[0] not in known]
-        pinned = self._pinned() if unknown or unknown_links else set()
-        removed: list[str] = []
-        for name in unknown:
-            path = sdir / name
-            if name.startswith(TMP_PREFIX) and _younger_than(path, 60.0):
-                continue  # a Prepare may be filling it right now
-            if pinned is None or is_pinned(path, pinned):
-                log.warning("cleanup: %s is not in the metadata but %s; it is kept", path,
-                            "mountinfo is unreadable" if pinned is None else "a mount uses it")
-                continue
-            try:
-                remove_tree(path)
-                removed.append(str(path))
-            except (OSError, CvmfsSnapError) as exc:
-                log.warning("cleanup: cannot delete %s: %s", path, exc)
-        for name in unknown_links:
-            if pinned is None or is_pinned(ldir / name, pinned):
-                continue  # a mount names its lowerdir through this link: keep it, so we still see who uses what
-            try:
-                os.unlink(ldir / name)
-                removed.append(str(ldir / name))
-            except OSError as exc:
-                log.warning("cleanup: cannot delete %s: %s", ldir / name, exc)
+        # list the directories BEFORE reading the ids: a Prepare renames its directory into place inside the
+        # transaction that inserts its row, and the store's lock makes ids() wait for that transaction, so every
+        # directory listed here that belongs to a live snapshot has its id in `ids`
+        dir_names, link_names = self.dirs.list_names()
+        removed = self.dirs.collect(dir_names, link_names, self.store.ids())
         for source in self.sources:
             try:
                 held = source.held()
@@ -577,27 +432,3 @@ class Snapshotter:
         if removed:
             log.info("cleanup removed %d unreferenced entries", len(removed))
         return removed
-
-    def _pinned(self) -> set[str] | None:
-        """Paths the current mounts use, with our short links resolved; None if mountinfo cannot be read."""
-        try:
-            return pinned_paths(relative_to=[self.root / LINKS_DIR, self.root], link_dirs=[self.root / LINKS_DIR])
-        except OSError as exc:
-            log.warning("cleanup: cannot read the mount table (%s): unknown directories are kept", exc)
-            return None
-
-
-def _younger_than(path: Path, seconds: float) -> bool:
-    try:
-        return time.time() - os.lstat(path).st_mtime < seconds
-    except FileNotFoundError:
-        return False
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
-
-
