@@ -400,8 +400,9 @@ def test_build_reporter_wires_health_and_metrics() -> None:
     url = "http://127.0.0.1:1/publish-on-miss"
     assert build_reporter(Config(), [HealthySource()], metrics) is None  # off by default
     cfg = Config(publish_on_miss_url=url)
-    assert build_reporter(cfg, [FakeSource()], metrics) is None  # nothing can vouch for CVMFS health
-    src = HealthySource()
+    # only sources the registry says vouch for "not published" (cvmfs) count, whatever health() others have
+    assert build_reporter(cfg, [FakeSource(), HealthySource()], metrics) is None
+    src = HealthySource(name="cvmfs")
     rep = build_reporter(cfg, [FakeSource(), src], metrics)
     assert rep is not None and rep.available is not None
     assert rep.available() is True
