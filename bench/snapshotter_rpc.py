@@ -14,7 +14,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +24,43 @@ from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from cvmfs_snap.snapshotter.config import Config
 from cvmfs_snap.snapshotter.daemon import Daemon
-from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF, RemoteLayer
+from cvmfs_snap.snapshotter.sources.base import (
+    LABEL_CRI_LAYER_DIGEST,
+    LABEL_TARGET_REF,
+    LayerRequest,
+    RemoteLayer,
+    SourceHealth,
+)
 
 
 class DirSource:
+    """A LayerSource serving 3 plain directories per layer (no CVMFS): the RPC path's own cost."""
+
     name = "bench"
 
     def __init__(self, base: Path) -> None:
         self.base = base
 
-    def lookup(self, labels: Mapping[str, str]) -> RemoteLayer | None:
-        d = labels.get(LABEL_CRI_LAYER_DIGEST)
-        return RemoteLayer(self.name, d) if d else None
+    def lookup(self, request: LayerRequest) -> RemoteLayer | None:
+        return RemoteLayer(self.name, request.digest) if request.digest else None
 
-    def lowerdirs(self, digest: str) -> list[Path]:
-        return [self.base / digest[7:] / f"p{i}" for i in range(3)]
+    def mount_dirs(self, request: LayerRequest) -> list[Path]:
+        return [self.base / request.digest[7:] / f"p{i}" for i in range(3)]
+
+    def check(self, request: LayerRequest) -> None:
+        pass
+
+    def release(self, digest: str) -> None:
+        pass
+
+    def held(self) -> list[str]:
+        return []
+
+    def restore(self, requests: Sequence[LayerRequest]) -> None:
+        pass
+
+    def health(self) -> SourceHealth:
+        return SourceHealth(True)
 
 
 def timed(fn: Callable[[Any], object], request: Any, expect: grpc.StatusCode | None = None) -> float:
