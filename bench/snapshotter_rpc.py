@@ -10,7 +10,6 @@ Prepare+Commit of a chain of local layers, Prepare of remote layers (AlreadyExis
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ import grpc
 
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.snapshotter.config import Config
 from cvmfs_snap.snapshotter.daemon import Daemon
 from cvmfs_snap.snapshotter.sources.base import (
@@ -115,7 +115,7 @@ def main() -> None:
             total = sum(len(r.info) for r in stub.List(pb.ListSnapshotsRequest()))
     finally:
         d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree_quietly(tmp)
     print(f"{'call':<36} {'n':>5} {'median ms':>10} {'p90 ms':>8}")
     for k, v in results.items():
         v = sorted(v)

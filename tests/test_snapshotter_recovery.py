@@ -220,3 +220,33 @@ def test_5000_level_tree_in_an_upper_dir_commits_removes_and_cleans_up(tmp_path:
     assert sorted(os.listdir(sn.root / "snapshots")) == []
     assert [rel for rel, _fd, _d, _f in walk_fd(sn.root / "snapshots")] == [""]
     sn.close()
+
+
+# -- schema upgrade -------------------------------------------------------------------------------------------
+
+
+def test_metadata_of_the_previous_schema_is_read_and_upgraded(tmp_path: Path) -> None:
+    from cvmfs_snap.snapshotter.store import Store
+
+    root = tmp_path / "root"
+    root.mkdir()
+    with sqlite3.connect(root / DB_NAME) as c:  # what releases with schema 1 wrote
+        c.executescript("""
+            CREATE TABLE snapshots (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL CHECK (kind IN ('active', 'view', 'committed')), parent TEXT NOT NULL DEFAULT '',
+                labels TEXT NOT NULL DEFAULT '{}', created INTEGER NOT NULL, updated INTEGER NOT NULL,
+                source TEXT NOT NULL DEFAULT '', digest TEXT NOT NULL DEFAULT '', size INTEGER NOT NULL DEFAULT 0,
+                inodes INTEGER NOT NULL DEFAULT 0);
+            INSERT INTO snapshots (key, kind, labels, created, updated, source, digest)
+                VALUES ('chain', 'committed', '{}', 1, 1, 'cvmfs', 'sha256:%s');
+            PRAGMA user_version=1;
+        """ % ("1" * 64))
+    c.close()
+    ro = Store(root / DB_NAME, readonly=True)  # `cvmfs-snap status` before the daemon was upgraded
+    assert [(r.key, r.request) for r in ro.all()] == [("chain", "")]
+    ro.close()
+    sn = Snapshotter(root)
+    rec = sn.store.get("chain")
+    assert (rec.source, rec.request) == ("cvmfs", "")
+    assert sn.store.remote_layers() == [("cvmfs", "sha256:" + "1" * 64, "")]
+    sn.close()

@@ -128,6 +128,7 @@ class Store:
         self.readonly = readonly
         self._lock = threading.RLock()
         self._warned_rows: set[object] = set()
+        self._columns = _COLUMNS
         try:
             if readonly:
                 if not self.path.exists():
@@ -136,6 +137,8 @@ class Store:
                     )
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
                                            check_same_thread=False, timeout=10)
+                if int(self._db.execute("PRAGMA user_version").fetchone()[0]) < 2:  # a daemon not upgraded yet
+                    self._columns = _COLUMNS.replace(", request", ", '' AS request")
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
@@ -189,12 +192,12 @@ class Store:
             ) from exc
 
     def _get(self, db: sqlite3.Connection, key: str) -> SnapshotRecord | None:
-        row = db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE key = ?", (key,)).fetchone()
+        row = db.execute(f"SELECT {self._columns} FROM snapshots WHERE key = ?", (key,)).fetchone()
         return self._parse(row) if row else None
 
     # -- reads ----------------------------------------------------------------------------------------------------
     def find(self, key: str) -> SnapshotRecord | None:
-        rows = self._query(f"SELECT {_COLUMNS} FROM snapshots WHERE key = ?", (key,))
+        rows = self._query(f"SELECT {self._columns} FROM snapshots WHERE key = ?", (key,))
         return self._parse(rows[0]) if rows else None
 
     def get(self, key: str) -> SnapshotRecord:
@@ -206,7 +209,7 @@ class Store:
     def all(self) -> list[SnapshotRecord]:
         """Every readable snapshot; a corrupt row is logged (once) and skipped, never fails the listing."""
         out: list[SnapshotRecord] = []
-        for r in self._query(f"SELECT {_COLUMNS} FROM snapshots ORDER BY key"):
+        for r in self._query(f"SELECT {self._columns} FROM snapshots ORDER BY key"):
             try:
                 out.append(self._parse(r))
             except IntegrityError as exc:

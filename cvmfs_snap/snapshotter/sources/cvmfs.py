@@ -143,11 +143,12 @@ class CvmfsSource:
         return self.lowerdirs(request.digest)
 
     def check(self, request: LayerRequest) -> None:
-        """Raise UnavailableError/NotFoundError if the layer cannot be served now (cheap: health + completeness)."""
-        what = f"checking layer {request.digest} in {self.root}"
-        self.health_monitor.require(what)
-        if not self._call(lambda: self._is_complete(request.digest), self.fs_timeout, what):
-            raise NotFoundError(f"layer {request.digest} is no longer published in the CVMFS repository {self.root}")
+        """Raise UnavailableError if the repository is known to be unavailable (the cached health only: containerd
+        asks this for every layer of an image it has already, and that must stay fast during an outage)."""
+        st = self.health_monitor.status()
+        if not st.available:
+            raise UnavailableError(f"layer {request.digest}: the CVMFS repository at {self.root} is not available "
+                                   f"({st.reason})")
 
     def release(self, digest: str) -> None:
         """Drop the node-local directories of a layer (every format version). The core calls it only when no
