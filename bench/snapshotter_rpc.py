@@ -56,6 +56,9 @@ class DirSource:
     def held(self) -> list[str]:
         return []
 
+    def state_paths(self, digest: str) -> list[Path]:
+        return []
+
     def restore(self, requests: Sequence[LayerRequest]) -> None:
         pass
 

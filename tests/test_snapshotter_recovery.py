@@ -250,3 +250,45 @@ def test_metadata_of_the_previous_schema_is_read_and_upgraded(tmp_path: Path) ->
     assert (rec.source, rec.request) == ("cvmfs", "")
     assert sn.store.remote_layers() == [("cvmfs", "sha256:" + "1" * 64, "")]
     sn.close()
+
+
+@needs_root
+def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: Path) -> None:
+    from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
+    from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
+    from tests.support.images import Entry, layer
+    from tests.support.layertrees import write_cvmfs_layer
+
+    lay = layer(["d/", ("d/f", b"f"), Entry("d/.wh.gone")])
+    repo = tmp_path / "repo"
+    write_cvmfs_layer(repo, lay)
+    root = tmp_path / "root"
+    chain1, chain2 = "sha256:" + "c" * 64, "sha256:" + "d" * 64
+
+    def snapshotter() -> tuple[Snapshotter, CvmfsSource]:
+        src = CvmfsSource(repo, root / "cvmfs", claim_owner=None)
+        return Snapshotter(root, sources=[src]), src
+
+    sn, src = snapshotter()
+    with pytest.raises(Exception, match="already exists"):
+        sn.prepare("x", "", {LABEL_TARGET_REF: chain1, LABEL_CRI_LAYER_DIGEST: lay.digest})
+    [m] = sn.prepare("ctr", chain1)
+    with mounted(m, tmp_path / "rootfs") as rootfs:
+        assert sorted(os.listdir(rootfs / "d")) == ["f"]  # the mask hides d/.wh.gone
+        sn.close()
+        lose_metadata(root, "emptied")
+        sn, src = snapshotter()
+        sn.cleanup()
+        assert src.held() == [lay.digest]
+        # the same layer pulled again, then removed: its dirs are still the running container's lowerdirs
+        with pytest.raises(Exception, match="already exists"):
+            sn.prepare("y", "", {LABEL_TARGET_REF: chain2, LABEL_CRI_LAYER_DIGEST: lay.digest})
+        sn.view("v", chain2)
+        sn.remove("v")
+        sn.remove(chain2)
+        sn.cleanup()
+        assert src.held() == [lay.digest]
+        assert sorted(os.listdir(rootfs / "d")) == ["f"]
+    sn.cleanup()
+    assert src.held() == []
+    sn.close()

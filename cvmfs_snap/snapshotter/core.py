@@ -60,6 +60,7 @@ from ..errors import (
 )
 from ..fsutil import remove_tree
 from . import filters as flt
+from .mountinfo import is_pinned
 from .snapdirs import LINKS_DIR, SNAPSHOTS_DIR, SnapshotDirs, Usage, b36, disk_usage
 from .sources.base import (
     LABEL_LAYER_DIGEST,
@@ -347,7 +348,9 @@ class Snapshotter:
             self.dirs.remove(rec.id, key)
 
     def _release_if_unused(self, source_name: str, digest: str) -> bool:
-        """Release a layer in its source when no snapshot uses it any more (the reference count is the store's)."""
+        """Release a layer in its source when no snapshot uses it any more (the reference count is the store's) and
+        no mount uses its node-local state (after a lost metadata.db, running containers the store does not know
+        may still have it as lowerdirs)."""
         source = next((s for s in self.sources if s.name == source_name), None)
         if source is None:
             return False
@@ -355,6 +358,14 @@ class Snapshotter:
             if self.store.count_remote(source_name, digest):
                 return False
             try:
+                paths = source.state_paths(digest)
+                if paths:
+                    pinned = self.dirs.pinned()
+                    if pinned is None or any(is_pinned(p, pinned) for p in paths):
+                        log.warning("layer source %s: layer %s is used by no snapshot but %s; its node-local state "
+                                    "is kept", source_name, digest,
+                                    "mountinfo is unreadable" if pinned is None else "a mount still uses it")
+                        return False
                 source.release(digest)
             except Exception as exc:  # its state stays; the next Cleanup tries again
                 log.warning("layer source %s: releasing layer %s failed: %s", source_name, digest, exc,

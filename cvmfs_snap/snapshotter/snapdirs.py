@@ -190,7 +190,7 @@ class SnapshotDirs:
         known = {b36(i) for i in ids}
         unknown = [n for n in dir_names if not (n.isdigit() and int(n) in ids)]
         unknown_links = [n for n in link_names if n.startswith(".") or n.split("-", 1)[0] not in known]
-        pinned = self._pinned() if unknown or unknown_links else set()
+        pinned = self.pinned() if unknown or unknown_links else set()
         removed: list[str] = []
         for name in unknown:
             path = self.snapshots / name
@@ -215,7 +215,7 @@ class SnapshotDirs:
                 log.warning("cleanup: cannot delete %s: %s", self.links / name, exc)
         return removed
 
-    def _pinned(self) -> set[str] | None:
+    def pinned(self) -> set[str] | None:
         """Paths the current mounts use, with our short links resolved; None if mountinfo cannot be read."""
         try:
             return pinned_paths(relative_to=[self.links, self.root], link_dirs=[self.links])

@@ -57,6 +57,9 @@ class FakeSource:
     def held(self) -> list[str]:
         return sorted(self.state)
 
+    def state_paths(self, digest: str) -> list[Path]:
+        return list(self.layers.get(digest, [])) if digest in self.state else []
+
     def restore(self, requests: Sequence[LayerRequest]) -> None:
         self.restored.extend(requests)
         self.state.update(r.digest for r in requests)

@@ -14,8 +14,9 @@ that turns labels into "where is this blob". The life of a remote layer, as the 
    Raises (UnavailableError, NotFoundError, ...) when the layer cannot be served now; the core answers that error.
 4. **check(request)**: cheap "can you still serve it?" (containerd Prepares a layer whose snapshot exists already).
 5. **release(digest)**: no snapshot uses the layer any more (the core counts the snapshots of each source and layer:
-   layers are shared between chains). The source may drop its node-local state for it. Called on Remove of the last
-   user and by Cleanup for every layer :meth:`LayerSource.held` names that no snapshot uses.
+   layers are shared between chains) and no mount uses its :meth:`LayerSource.state_paths`. The source may drop its
+   node-local state for it. Called on Remove of the last user and by Cleanup for every layer
+   :meth:`LayerSource.held` names that no snapshot uses.
 6. **restore(requests)**: at start, the requests of every snapshot the source serves (e.g. to re-attach mounts).
 7. **health()**: is the source usable right now (cached, bounded)? Used by status and the publish-on-miss reporter.
 
@@ -171,6 +172,11 @@ class LayerSource(Protocol):
 
     def held(self) -> list[str]:
         """Digests of the layers the source keeps node-local state for (Cleanup releases the unused ones)."""
+        ...
+
+    def state_paths(self, digest: str) -> list[Path]:
+        """The node-local paths of a layer's state that mounts may use: the core never releases a layer while a
+        mount in /proc/self/mountinfo uses one of them."""
         ...
 
     def restore(self, requests: Sequence[LayerRequest]) -> None: ...

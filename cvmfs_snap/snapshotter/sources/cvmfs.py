@@ -158,6 +158,9 @@ class CvmfsSource:
     def held(self) -> list[str]:
         return ["sha256:" + h for h in self.dirs.held()]
 
+    def state_paths(self, digest: str) -> list[Path]:
+        return self.dirs.paths(digest_hex(digest))
+
     def restore(self, requests: Sequence[LayerRequest]) -> None:
         """Nothing to re-attach: the repository is mounted by the CVMFS client, our dirs are on disk."""
         log.debug("layer source %s: %d remote layers in the metadata", self.name, len(requests))

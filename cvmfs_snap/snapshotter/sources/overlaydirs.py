@@ -453,15 +453,17 @@ class OverlayDirCache:
                 found.update(x.name for x in _scandir(Path(e.path)) if _is_hex(x.name))
         return sorted(found)
 
+    def paths(self, hexd: str) -> list[Path]:
+        """Every existing version of a layer's directories."""
+        versions = [Path(e.path) / hexd for e in _scandir(self.state_dir)
+                    if e.name.startswith("v") and e.name[1:].isdigit()]
+        return [d for d in [self.legacy_dir(hexd), *versions] if os.path.lexists(d)]
+
     def remove(self, hexd: str) -> None:
         """Remove every version of a layer's directories. Only for layers no snapshot uses (the core's refcount):
         a running container with them as lowerdirs would lose its deletions."""
         with self._lock(hexd):
-            versions = [Path(e.path) / hexd for e in _scandir(self.state_dir)
-                        if e.name.startswith("v") and e.name[1:].isdigit()]
-            for d in [self.legacy_dir(hexd), *versions]:
-                if not os.path.lexists(d):
-                    continue
+            for d in self.paths(hexd):
                 stale = Path(tempfile.mkdtemp(prefix=f".old-{hexd[:16]}-", dir=self.state_dir))
                 os.rename(d, stale / "d")
                 if not remove_tree_quietly(stale):
