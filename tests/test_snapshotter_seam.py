@@ -161,3 +161,16 @@ def test_cvmfs_dirs_stay_while_any_snapshot_uses_the_layer(tmp_path: Path) -> No
     assert src.held() == []
     assert m.type == "overlay"
     sn.close()
+
+
+def test_source_options_set_each_sources_time_budget(tmp_path: Path) -> None:
+    cfg = parse_config({"absolute-mountpoint": str(tmp_path / "repo"), "cvmfs-snap": {"source-options": {
+        "cvmfs": {"timeout": 0.5, "build-timeout": 20, "max-hanging-calls": 2}}}})
+    [src] = build_sources(cfg, tmp_path / "root")
+    assert isinstance(src, CvmfsSource)
+    assert (src.fs_timeout, src.build_timeout, src.budget.limit) == (0.5, 20.0, 2)
+    assert src.health_monitor.ttl == 5.0  # the default where the file says nothing
+    for bad, msg in (({"cvmfs": {"timeout": 0}}, "positive"), ({"cvmfs": {"tmeout": 1}}, "unknown option"),
+                     ({"lazy": {}}, "unknown layer source"), ({"cvmfs": {"timeout": "10"}}, "positive")):
+        with pytest.raises(InvalidInputError, match=msg):
+            parse_config({"cvmfs-snap": {"source-options": bad}})

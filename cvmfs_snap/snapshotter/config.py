@@ -13,6 +13,11 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
     [cvmfs-snap]
     metrics-address = "127.0.0.1:9102"   # serve Prometheus metrics on http://HOST:PORT/metrics; empty: off
     sources = ["cvmfs"]                  # layer sources asked in order at Prepare time (sources/registry.py)
+    [cvmfs-snap.source-options.cvmfs]    # per source: its time budget (seconds) and how many calls may hang
+    timeout = 10.0                       #   one file-system call on the repository
+    build-timeout = 300.0                #   first build of a layer's node-local dirs
+    health-ttl = 5.0                     #   how long a health probe is trusted
+    max-hanging-calls = 8                #   calls stuck at once before the source refuses new ones
     grpc-workers = 16                    # threads serving gRPC calls
     publish-on-miss-url = ""             # publisher daemon's POST /publish-on-miss; empty: never report misses
     publish-on-miss-secret = ""          # sent as "Authorization: Bearer <secret>"; better: the file below
@@ -34,7 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidInputError, NotFoundError
-from .sources.registry import check_names
+from .sources.registry import check_names, check_options
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ class Config:
     #: kept out of repr() so that logging a Config never shows it
     publish_on_miss_secret: str = field(default="", repr=False)
     publish_on_miss_secret_file: str = ""
+    #: per layer source: its options (timeouts, stuck-call budget), defaults filled in by the source registry
+    source_options: dict[str, dict[str, float]] = field(default_factory=dict)
     path: Path | None = None  # the file it came from, if any
 
     @property
@@ -104,6 +111,11 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
                     _check_url(where, name, cfg.publish_on_miss_url)
                 elif k == "publish-on-miss-secret":
                     cfg.publish_on_miss_secret = _typed(where, name, v, str).strip()
+                elif k == "source-options":
+                    _typed(where, name, v, dict)
+                    for src, table in v.items():
+                        _typed(where, f"{name}.{src}", table, dict)
+                        cfg.source_options[src] = check_options(src, table, f"{where}: {name}.{src}")
                 elif k == "publish-on-miss-secret-file":
                     cfg.publish_on_miss_secret_file = _typed(where, name, v, str).strip()
                 else:

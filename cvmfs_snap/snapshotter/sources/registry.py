@@ -8,17 +8,23 @@ nor the daemon changes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_snap.errors import InvalidInputError
 
 from .base import LayerSource, SourceContext
 from .cvmfs import CvmfsSource
-from .health import CallBudget
+from .health import MAX_STUCK_CALLS, CallBudget
 
 log = logging.getLogger(__name__)
+
+
+#: a source's options (``[cvmfs-snap.source-options.<name>]`` in the config file), checked against its defaults
+Options = Mapping[str, float]
+#: every source has a stuck-call budget: how many of its calls may hang at once before it refuses new ones
+MAX_HANGING = "max-hanging-calls"
 
 
 @dataclass(frozen=True)
@@ -26,26 +32,51 @@ class SourceSettings:
     """The node settings sources may use (filled from the snapshotter's config by the daemon)."""
 
     repository_root: Path  # the CVMFS repository's mount point
+    #: per source name: its options, already checked by :func:`check_options`
+    options: Mapping[str, Options] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SourceKind:
     name: str
-    build: Callable[[SourceSettings, SourceContext], LayerSource]
+    build: Callable[[SourceSettings, SourceContext, Options], LayerSource]
+    #: option name -> default (seconds, counts); the config may set these and nothing else
+    defaults: Options = field(default_factory=dict)
     #: misses are reported to the publisher only while every such source is healthy (it vouches for "not published")
     vouches_for_misses: bool = False
     description: str = ""
 
 
-def _cvmfs(settings: SourceSettings, ctx: SourceContext) -> LayerSource:
-    return CvmfsSource(settings.repository_root, ctx.state_dir, name=ctx.name, budget=ctx.budget)
+def _cvmfs(settings: SourceSettings, ctx: SourceContext, opts: Options) -> LayerSource:
+    return CvmfsSource(settings.repository_root, ctx.state_dir, name=ctx.name, budget=ctx.budget,
+                       fs_timeout=opts["timeout"], build_timeout=opts["build-timeout"],
+                       health_ttl=opts["health-ttl"])
 
 
 SOURCES: dict[str, SourceKind] = {
-    "cvmfs": SourceKind("cvmfs", _cvmfs, vouches_for_misses=True,
-                        description="layers published in the CVMFS repository"),
+    "cvmfs": SourceKind(
+        "cvmfs", _cvmfs,
+        defaults={"timeout": 10.0, "build-timeout": 300.0, "health-ttl": 5.0, MAX_HANGING: float(MAX_STUCK_CALLS)},
+        vouches_for_misses=True, description="layers published in the CVMFS repository"),
 }
 KNOWN_SOURCES = tuple(SOURCES)
+
+
+def check_options(name: str, table: Mapping[str, object], where: str) -> dict[str, float]:
+    """A source's options from the config (unknown source or key, a non-number or one <= 0: InvalidInputError),
+    completed with its defaults."""
+    if name not in SOURCES:
+        raise InvalidInputError(f"{where}: unknown layer source {name!r}; known: {', '.join(KNOWN_SOURCES)}")
+    kind = SOURCES[name]
+    out = dict(kind.defaults)
+    for k, v in table.items():
+        if k not in kind.defaults:
+            raise InvalidInputError(f"{where}.{k}: unknown option of layer source {name!r}; known: "
+                                    f"{', '.join(sorted(kind.defaults))}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise InvalidInputError(f"{where}.{k} must be a positive number, got {v!r}")
+        out[k] = float(v)
+    return out
 
 
 def check_names(names: Sequence[str], where: str) -> None:
@@ -64,8 +95,9 @@ def build_sources(names: Sequence[str], settings: SourceSettings, root: Path) ->
     check_names(names, "layer sources")
     out: list[LayerSource] = []
     for n in names:
-        ctx = SourceContext(n, Path(root) / n, CallBudget(n))
-        out.append(SOURCES[n].build(settings, ctx))
+        opts = settings.options.get(n) or check_options(n, {}, n)
+        ctx = SourceContext(n, Path(root) / n, CallBudget(n, int(opts[MAX_HANGING])))
+        out.append(SOURCES[n].build(settings, ctx, opts))
         log.info("layer source %s: %s (state in %s)", n, SOURCES[n].description, ctx.state_dir)
     return out
 
