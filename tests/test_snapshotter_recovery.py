@@ -292,3 +292,16 @@ def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: P
     sn.cleanup()
     assert src.held() == []
     sn.close()
+
+
+def test_cleanup_names_rows_whose_directory_is_gone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cvmfs_snap.fsutil import remove_tree
+
+    sn = Snapshotter(tmp_path / "root")
+    sn.prepare("a", "")
+    remove_tree(sn.snapshot_dir(sn.store.get("a")))  # what the row-first Prepare of older releases could leave
+    caplog.set_level(logging.WARNING)
+    sn.cleanup()
+    assert any("'a' has no directory" in r.getMessage() for r in caplog.records)
+    sn.remove("a")
+    sn.close()

@@ -431,6 +431,11 @@ class Snapshotter:
         # directory listed here that belongs to a live snapshot has its id in `ids`
         dir_names, link_names = self.dirs.list_names()
         removed = self.dirs.collect(dir_names, link_names, self.store.ids())
+        for rec in self.store.all():  # the other way round: rows whose directory is gone (older releases' crashes)
+            if not rec.remote and not os.path.isdir(self.fs_dir(rec)):
+                log.warning("cleanup: snapshot %r has no directory %s (lost in a crash of an older release, or "
+                            "deleted by hand): remove it (`ctr snapshots rm`) and pull its image again", rec.key,
+                            self.fs_dir(rec))
         for source in self.sources:
             try:
                 held = source.held()
