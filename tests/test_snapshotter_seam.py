@@ -174,3 +174,20 @@ def test_source_options_set_each_sources_time_budget(tmp_path: Path) -> None:
                      ({"lazy": {}}, "unknown layer source"), ({"cvmfs": {"timeout": "10"}}, "positive")):
         with pytest.raises(InvalidInputError, match=msg):
             parse_config({"cvmfs-snap": {"source-options": bad}})
+
+
+def test_daemon_restores_sources_at_start(short_tmp: Path) -> None:
+    from cvmfs_snap.snapshotter.config import Config
+    from cvmfs_snap.snapshotter.daemon import Daemon
+
+    d = short_tmp / "l1"
+    d.mkdir()
+    first = FakeSource(layers={D1: [d]})
+    dm = Daemon(Config(grpc_workers=1), str(short_tmp / "s.sock"), short_tmp / "root", sources=[first])
+    assert first.restored == []
+    remote(dm.core, chain(1), D1, **{LABEL_CRI_IMAGE_REF: "reg.example/app:1"})
+    dm.stop()
+    again = FakeSource(layers={D1: [d]})
+    dm = Daemon(Config(grpc_workers=1), str(short_tmp / "s.sock"), short_tmp / "root", sources=[again])
+    assert [(r.target, r.digest, r.image_ref) for r in again.restored] == [(chain(1), D1, "reg.example/app:1")]
+    dm.stop()
