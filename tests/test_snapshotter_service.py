@@ -171,7 +171,7 @@ def test_second_instance_refuses_and_leaves_the_socket(
     d, stub, _ = served
     before = os.stat(d.address)
     other = Daemon(Config(grpc_workers=1), d.address, short_tmp / "root2", sources=[])
-    with pytest.raises(UnavailableError, match="already serving"):
+    with pytest.raises(UnavailableError, match=r"socket .* in use by another cvmfs-snap snapshotter"):
         other.start()
     other.stop()  # what main() does on the way out
     after = os.stat(d.address)
@@ -183,7 +183,15 @@ def test_second_instance_refuses_and_leaves_the_socket(
                         "--address", d.address, "--config", str(short_tmp / "c.toml")],
                        capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert r.returncode != 0 and "already serving" in r.stderr, r.stderr
+    assert r.returncode != 0 and "in use by another cvmfs-snap snapshotter" in r.stderr, r.stderr
+    assert os.path.exists(d.address)
+    stub.Stat(pb.StatSnapshotRequest(key="still-answering"))
+    # an instance of an older release (no lock file) still meets the live-socket check
+    os.close(d._locks.pop())
+    old = Daemon(Config(grpc_workers=1), d.address, short_tmp / "root4", sources=[])
+    with pytest.raises(UnavailableError, match="already serving"):
+        old.start()
+    old.stop()
     assert os.path.exists(d.address)
     stub.Stat(pb.StatSnapshotRequest(key="still-answering"))
 
@@ -273,7 +281,14 @@ def test_daemon_restart_keeps_state_and_stops_on_sigterm(short_tmp: Path) -> Non
         second = subprocess.run(
             [sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--root", str(short_tmp / "root2"),
              "--address", str(sock), "--config", str(cfg)], capture_output=True, text=True, timeout=60)
-        assert second.returncode != 0 and "already serving" in second.stderr
+        assert second.returncode != 0 and "in use by another cvmfs-snap snapshotter" in second.stderr
+        # and a second daemon on the same root (another socket) refuses before touching anything there
+        third = subprocess.run(
+            [sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--root", str(short_tmp / "root"),
+             "--address", str(short_tmp / "other.sock"), "--config", str(cfg)], capture_output=True, text=True,
+            timeout=60)
+        assert third.returncode != 0 and "snapshotter root" in third.stderr and "in use" in third.stderr
+        assert not (short_tmp / "other.sock").exists()
 
         status = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "status", "--root", str(short_tmp / "root"),
                                  "--json"], capture_output=True, text=True, check=True, timeout=60)

@@ -11,6 +11,7 @@ leaves running containers alone; all state is in ``<root>/metadata.db``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
@@ -81,6 +82,23 @@ def build_reporter(cfg: Config, sources: list[LayerSource], metrics: Metrics) ->
                         registry=metrics.registry)
 
 
+#: lock file in the root: one snapshotter per root, whatever its socket
+ROOT_LOCK = "lock"
+
+
+def _exclusive(path: Path, what: str) -> int:
+    """Hold an exclusive flock on ``path`` for the life of the process (the kernel drops it when we die)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UnavailableError(f"{what} is in use by another cvmfs-snap snapshotter (it holds {path}): stop it "
+                               "first, or give this one its own --root and --address") from None
+    return fd
+
+
 def _prepare_socket(address: str) -> None:
     """Make way for our socket: a stale one (nobody answers) is removed, a live one refused (and left alone)."""
     path = Path(address)
@@ -113,6 +131,8 @@ class Daemon:
         self.metrics = Metrics()
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        # before anything touches the root (sources clean their temporaries at start, Cleanup collects unknown dirs)
+        self._locks = [_exclusive(self.root / ROOT_LOCK, f"snapshotter root {self.root}")]
         self.sources = sources if sources is not None else build_sources(cfg, self.root)
         self.reporter = build_reporter(cfg, self.sources, self.metrics)
         self.core = Snapshotter(self.root, Store(self.root / DB_NAME), self.sources, observer=self.metrics,
@@ -125,6 +145,7 @@ class Daemon:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        self._locks.append(_exclusive(Path(self.address + ".lock"), f"socket {self.address}"))
         _prepare_socket(self.address)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.cfg.grpc_workers,
                                                         thread_name_prefix="snapshots"),
@@ -159,6 +180,9 @@ class Daemon:
         self.metrics.stop()
         self.core.close()
         self._remove_own_socket()
+        for fd in self._locks:  # lock files stay: unlinking them would let two instances lock different files
+            os.close(fd)
+        self._locks = []
         log.info("cvmfs-snap snapshotter stopped")
 
     def _remove_own_socket(self) -> None:
