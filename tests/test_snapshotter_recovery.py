@@ -226,7 +226,9 @@ def test_5000_level_tree_in_an_upper_dir_commits_removes_and_cleans_up(tmp_path:
 
 
 def test_metadata_of_the_previous_schema_is_read_and_upgraded(tmp_path: Path) -> None:
+    from cvmfs_snap.snapshotter.sources.base import LayerRequest
     from cvmfs_snap.snapshotter.store import Store
+    from tests.support.layersource import FakeSource
 
     root = tmp_path / "root"
     root.mkdir()
@@ -248,7 +250,10 @@ def test_metadata_of_the_previous_schema_is_read_and_upgraded(tmp_path: Path) ->
     sn = Snapshotter(root)
     rec = sn.store.get("chain")
     assert (rec.source, rec.request) == ("cvmfs", "")
-    assert sn.store.remote_layers() == [("cvmfs", "sha256:" + "1" * 64, "")]
+    assert sn.store.remote_layers() == [("cvmfs", "chain", "sha256:" + "1" * 64, "")]
+    sn.sources = [src := FakeSource(name="cvmfs")]
+    sn.restore_sources()  # a snapshot stored before requests were: the bare request of its digest and name
+    assert src.restored == [LayerRequest("chain", "sha256:" + "1" * 64)]
     sn.close()
 
 

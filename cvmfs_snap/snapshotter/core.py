@@ -151,8 +151,8 @@ class Snapshotter:
     def restore_sources(self) -> None:
         """Tell each source the requests of the snapshots it serves (at start; a source failing is only logged)."""
         by_source: dict[str, list[LayerRequest]] = {}
-        for source, digest, request in self.store.remote_layers():
-            by_source.setdefault(source, []).append(LayerRequest.from_json(request, digest, ""))
+        for source, key, digest, request in self.store.remote_layers():
+            by_source.setdefault(source, []).append(LayerRequest.from_json(request, digest, key))
         for s in self.sources:
             try:
                 s.restore(by_source.get(s.name, []))

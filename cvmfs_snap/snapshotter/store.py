@@ -228,10 +228,10 @@ class Store:
         rows = self._query("SELECT COUNT(*) FROM snapshots WHERE source = ? AND digest = ?", (source, digest))
         return int(rows[0][0])  # type: ignore[call-overload]
 
-    def remote_layers(self) -> list[tuple[str, str, str]]:
-        """(source, digest, request JSON) of every remote snapshot, for restoring sources at start."""
-        rows = self._query("SELECT source, digest, request FROM snapshots WHERE source != '' ORDER BY id")
-        return [(str(s), str(d), str(r or "")) for s, d, r in rows]
+    def remote_layers(self) -> list[tuple[str, str, str, str]]:
+        """(source, key, digest, request JSON) of every remote snapshot, for restoring sources at start."""
+        rows = self._query("SELECT source, key, digest, request FROM snapshots WHERE source != '' ORDER BY id")
+        return [(str(s), str(k), str(d), str(r or "")) for s, k, d, r in rows]
 
     def chain(self, rec: SnapshotRecord) -> list[SnapshotRecord]:
         """The parents of ``rec``, nearest (top-most) first."""
