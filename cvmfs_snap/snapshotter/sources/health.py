@@ -4,7 +4,9 @@ A CVMFS repository is a FUSE mount behind autofs: the first ``stat`` of ``/cvmfs
 ``cvmfs2`` process leaves ``ENOTCONN``, a repository that cannot be reached gives ``EIO``/``ENOENT``, and a client
 stuck on a dead proxy can make ``stat`` hang for minutes. The snapshotter calls us inside containerd's ``Prepare``,
 so every file-system call on the repository runs in a worker thread with a timeout (:func:`call_with_timeout`), and the
-answer is cached for a few seconds so a burst of ``Prepare`` calls costs one probe.
+answer is cached for a few seconds so a burst of ``Prepare`` calls costs one probe. How many such calls may hang at
+once is a :class:`CallBudget` of each source (the registry gives every source its own), so one hung mount cannot make
+another source refuse work.
 
 The transitions (first success, available -> unavailable, unavailable -> available) are logged once each, so an
 outage gives one line to act on instead of one per layer.
