@@ -310,3 +310,45 @@ def test_cleanup_names_rows_whose_directory_is_gone(tmp_path: Path, caplog: pyte
     assert any("'a' has no directory" in r.getMessage() for r in caplog.records)
     sn.remove("a")
     sn.close()
+
+
+def test_cleanup_racing_prepares_never_takes_a_live_directory(tmp_path: Path) -> None:
+    import threading
+
+    sn = Snapshotter(tmp_path / "root")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def prepares(n: int) -> None:
+        try:
+            for i in range(60):
+                sn.prepare(f"t{n}-{i}", "")
+                if i % 3 == 0:
+                    sn.remove(f"t{n}-{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def cleanups() -> None:
+        while not stop.is_set():
+            try:
+                sn.cleanup()
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    workers = [threading.Thread(target=prepares, args=(n,)) for n in range(4)]
+    cleaner = threading.Thread(target=cleanups)
+    cleaner.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    cleaner.join()
+    assert not errors
+    infos = sn.walk()
+    assert len(infos) == 4 * 40
+    for info in infos:
+        assert sn.fs_dir(sn.store.get(info.name)).is_dir(), info.name
+    assert sorted(os.listdir(sn.root / "snapshots")) == sorted(str(sn.store.get(i.name).id) for i in infos)
+    sn.close()
