@@ -157,7 +157,11 @@ class Store:
                     version += 1
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
-            raise UnavailableError(f"cannot open snapshotter metadata {self.path}: {exc}") from exc
+            raise UnavailableError(
+                f"cannot open snapshotter metadata {self.path}: {exc}. If it is damaged, move it (and its -wal/-shm "
+                "files) away: the snapshotter then starts empty, keeps the directories running containers use, "
+                "and containerd pulls images again"
+            ) from exc
 
     def close(self) -> None:
         with self._lock:
