@@ -311,7 +311,6 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
     from publisher.config import DaemonConfig, PublisherConfig
     from publisher.daemon import Daemon
     from publisher.pipeline import Publisher
-    from publisher.recipe import Recipe
     from tests.support.http_servers import Reply, Request, serve
 
     release, stalled = threading.Event(), threading.Event()
@@ -329,8 +328,7 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
         config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
         pub = Publisher.from_config(config)
         settings = DaemonConfig(listen="127.0.0.1:0", debounce=0, shutdown_timeout=0.5)
-        d = Daemon(recipe, config, settings, pub, pub.client, pub.backend, load_recipe=Recipe.load,
-                   expand=lambda r, c: list(r.expand(c)), state_dir=tmp_path / "state")
+        d = Daemon(recipe, settings, pub, state_dir=tmp_path / "state")
         try:
             _host, port = d.start()
             assert port > 0

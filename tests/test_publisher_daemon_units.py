@@ -9,7 +9,7 @@ import pytest
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.oci.reference import ImageReference
-from publisher.daemon import QueueItem, WorkQueue, allowed_by, recipe_patterns
+from publisher.policy import allowed_by, recipe_patterns
 from publisher.recipe import Recipe
 from publisher.webhooks import (
     PushEvent,
@@ -19,6 +19,7 @@ from publisher.webhooks import (
     parse_webhook,
     split_resource_url,
 )
+from publisher.workqueue import QueueItem, WorkQueue
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 D1 = "sha256:" + "1" * 64

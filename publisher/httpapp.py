@@ -1,0 +1,307 @@
+"""The daemon's HTTP endpoint: a small ASGI application served by hypercorn.
+
+Why hypercorn: it is asyncio, so a connection that is idle, or that sends its headers a byte at a time, costs a
+file descriptor and a coroutine but never a thread; its keep-alive timer runs from the moment a connection is
+accepted until a request's headers are complete, so idle and half-sent connections are closed after
+``daemon.keep_alive_timeout`` seconds (slowloris), and it limits header size (16 KiB) and keep-alive requests. What
+this module adds:
+
+* the shared secret is checked on the headers, **before** any body byte is read (401, connection closed);
+* the body is bounded (``Content-Length`` over 1 MiB is refused with 413 before reading; chunked bodies are cut
+  there too) and must arrive within ``daemon.request_timeout`` seconds (else 408);
+* handlers run on a bounded pool of ``daemon.http_workers`` threads; more than ``4 x http_workers`` requests
+  waiting for one are answered 503 with ``Retry-After`` instead of piling up;
+* running out of file descriptors (too many connections) is one log line, and accepting resumes by itself.
+
+Routes and answers are in docs/publisher-daemon.md; what a request *means* is :mod:`publisher.intake`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cvmfs_snap.errors import InvalidInputError
+from publisher import metrics
+from publisher.config import DaemonConfig
+from publisher.intake import MISSES_RECEIVED, WEBHOOKS_RECEIVED, Answer, Intake
+from publisher.webhooks import MAX_BODY, check_authorization
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: POST paths of webhooks and the payload kind each expects
+WEBHOOK_PATHS = {"/webhooks/registry": "registry", "/webhooks/harbor": "harbor", "/webhooks": "auto"}
+MISS_PATH = "/publish-on-miss"
+GET_PATHS = ("/metrics", "/healthz", "/status")
+#: requests allowed to wait for a handler thread, per thread
+QUEUE_PER_WORKER = 4
+#: pending connections the kernel keeps for us while all are busy or file descriptors are short
+BACKLOG = 1024
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port); port 0 picks a free one."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidInputError(f"daemon listen address {listen!r} must be host:port, e.g. 127.0.0.1:8080")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+class _Refused(Exception):
+    """A request answered early (bad framing, too large, too slow); the connection is closed after it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Endpoint:
+    """The ASGI application: routes, authentication, body limits; the meaning of requests is :class:`Intake`'s."""
+
+    def __init__(self, intake: Intake, settings: DaemonConfig, *, health: Callable[[], dict[str, object]],
+                 status: Callable[[], dict[str, object]]) -> None:
+        self.intake = intake
+        self.settings = settings
+        self._health = health
+        self._status = status
+        self._pool = ThreadPoolExecutor(max_workers=settings.http_workers, thread_name_prefix="http")
+        self._waiting = 0  # requests waiting for or running on a pool thread (touched only on the event loop)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        # websockets are not served: returning without accepting closes them
+
+    async def _http(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        method, path = scope["method"], scope["path"]
+        peer = scope["client"]
+        client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            headers[name.lower()] = value
+        try:
+            if method in ("GET", "HEAD"):
+                await self._get(path, send)
+            elif method == "POST":
+                await self._post(path, headers, client, receive, send)
+            else:
+                await _respond(send, 405, {"error": f"method {method} not allowed"},
+                               headers=[(b"allow", b"GET, HEAD, POST")])
+        except _Refused as exc:
+            await _respond(send, exc.code, {"error": str(exc)}, close=True)
+
+    async def _get(self, path: str, send: ASGISendCallable) -> None:
+        if path == "/metrics":
+            body = await self._run(lambda: generate_latest(metrics.REGISTRY))
+            await _respond_raw(send, 200, body, CONTENT_TYPE_LATEST.encode())
+        elif path == "/healthz":
+            await _respond(send, 200, await self._run(self._health))
+        elif path == "/status":
+            await _respond(send, 200, await self._run(self._status))
+        else:
+            await _respond(send, 404, {"error": f"no such endpoint {path}"})
+
+    async def _post(self, path: str, headers: dict[bytes, bytes], client: str, receive: ASGIReceiveCallable,
+                    send: ASGISendCallable) -> None:
+        kind = WEBHOOK_PATHS.get(path)
+        if kind is None and path != MISS_PATH:
+            await _respond(send, 404, {"error": f"no such endpoint {path}"}, close=True)
+            return
+        # one shared secret guards every POST endpoint: registry webhooks and node reports alike; it is checked on
+        # the headers, before a byte of the body is read
+        auth = headers.get(b"authorization")
+        if not check_authorization(auth.decode("latin-1") if auth is not None else None,
+                                   self.settings.webhook_secret):
+            if kind is not None:
+                WEBHOOKS_RECEIVED.labels(kind, "unauthorized").inc()
+            else:
+                MISSES_RECEIVED.labels("unauthorized").inc()
+            log.warning("POST %s from %s refused: missing or wrong Authorization", path, client)
+            await _respond(send, 401, {"error": "missing or wrong Authorization header"}, close=True,
+                           headers=[(b"www-authenticate", b'Bearer realm="cvmfs-snap-publisher"')])
+            return
+        body = await self._body(headers, receive)
+        if body is None:
+            return  # the client went away
+        try:
+            if kind is not None:
+                result = await self._run(lambda: self.intake.handle_webhook(kind, body))
+                answer: Answer = (200, dict(result))
+            else:
+                answer = await self._run(lambda: self.intake.handle_miss(body))
+        except InvalidInputError as exc:
+            log.warning("malformed POST %s from %s: %s", path, client, exc)
+            await _respond(send, 400, {"error": str(exc)})
+            return
+        code, payload = answer
+        extra = [(b"retry-after", str(payload["retry_after"]).encode())] if code == 429 else []
+        await _respond(send, code, payload, headers=extra)
+
+    async def _body(self, headers: dict[bytes, bytes], receive: ASGIReceiveCallable) -> bytes | None:
+        """The request body, bounded in size and time; None when the client disconnected."""
+        length = headers.get(b"content-length")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        if length is None and not chunked:
+            raise _Refused(411, "Content-Length required")
+        if length is not None:
+            if not length.strip().isdigit():
+                raise _Refused(400, "Content-Length is not a number")
+            if int(length) > MAX_BODY:
+                raise _Refused(413, f"body larger than {MAX_BODY} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    if message["type"] != "http.request":
+                        continue
+                    data = message.get("body", b"")
+                    size += len(data)
+                    if size > MAX_BODY:
+                        raise _Refused(413, f"body larger than {MAX_BODY} bytes")
+                    chunks.append(data)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise _Refused(408, f"request body not received within {self.settings.request_timeout:g}s") from None
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on a handler thread; 503 when too many requests wait for one already."""
+        if self._waiting >= self.settings.http_workers * QUEUE_PER_WORKER:
+            raise _Busy()
+        self._waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        finally:
+            self._waiting -= 1
+
+
+class _Busy(_Refused):
+    def __init__(self) -> None:
+        super().__init__(503, "the publisher is busy; retry in a second")
+
+
+async def _respond(send: ASGISendCallable, code: int, payload: object, *, close: bool = False,
+                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = (json.dumps(payload, indent=1) + "\n").encode()
+    await _respond_raw(send, code, body, b"application/json", close=close, headers=headers)
+
+
+async def _respond_raw(send: ASGISendCallable, code: int, body: bytes, content_type: bytes, *, close: bool = False,
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    all_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    if close:
+        all_headers.append((b"connection", b"close"))
+    if code == 503:
+        all_headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": code, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class HttpServer:
+    """Serves an :class:`Endpoint` with hypercorn on its own thread and event loop."""
+
+    def __init__(self, endpoint: Endpoint, settings: DaemonConfig) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._last_fd_warning = 0.0
+
+    def start(self) -> tuple[str, int]:
+        """Bind and listen (OSError when the address cannot be had), then serve; returns the bound address."""
+        host, port = parse_listen(self.settings.listen)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)  # connections queue in the kernel from now on, before the loop runs
+            bound_host, bound_port = sock.getsockname()[:2]
+        except OSError:
+            sock.close()
+            raise
+        config = HypercornConfig()
+        config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
+        config.backlog = BACKLOG
+        # the idle timer runs from accept until a request's headers are complete, and again between requests:
+        # it closes idle keep-alive connections and half-sent requests alike
+        config.keep_alive_timeout = self.settings.keep_alive_timeout
+        config.keep_alive_max_requests = 100
+        config.graceful_timeout = 2.0
+        config.h11_max_incomplete_size = 16 * 1024
+        config.include_server_header = False
+        config.accesslog = None  # an access log would show request headers, Authorization included
+        config.errorlog = logging.getLogger("publisher.httpapp.server")
+        self._thread = threading.Thread(target=self._serve, args=(config,), name="http", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        return str(bound_host), int(bound_port)
+
+    def _serve(self, config: HypercornConfig) -> None:
+        try:
+            asyncio.run(self._main(config))
+        except Exception:
+            log.exception("the HTTP endpoint stopped")
+        finally:
+            self._ready.set()
+
+    async def _main(self, config: HypercornConfig) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        self._loop = loop
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await serve(self.endpoint, config, shutdown_trigger=self._stop.wait, mode="asgi")
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        message = str(context.get("message", ""))
+        if message.startswith("socket.accept() out of system resource"):
+            # asyncio stops accepting for a second and retries; idle connections are closed by the keep-alive timer
+            now = time.monotonic()
+            if now - self._last_fd_warning > 10:
+                self._last_fd_warning = now
+                log.warning("HTTP endpoint out of file descriptors (%s): too many open connections; new ones wait "
+                            "in the kernel's queue until idle ones time out", context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop listening, close connections (in-flight requests get ``graceful_timeout``), free the threads."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.endpoint.close()
