@@ -1,0 +1,105 @@
+"""The daemon's HTTP endpoint under a connection flood: idle and half-sent connections, a low file descriptor
+limit (``prlimit``), and a real registry's webhook that must still get through."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import images as im
+from tests.support.registry import free_port, start_registry
+from tests.test_publisher_daemon import SECRET, start_daemon, stop_daemon, wait_for
+
+IDLE = 800
+HALF_SENT = 100
+FD_LIMIT = 256
+
+pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+
+
+def _open_flood(port: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    """HALF_SENT connections that stop in the middle of their headers, then IDLE that never send a byte; each one
+    established (retried while the daemon's listen queue is full) within a time budget."""
+    idle: list[socket.socket] = []
+    half: list[socket.socket] = []
+    deadline = time.monotonic() + 30
+    while len(idle) < IDLE and time.monotonic() < deadline:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(0.2)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        if len(half) < HALF_SENT:
+            s.sendall(b"POST /webhooks/registry HTTP/1.1\r\nHost: x\r\nAuthorization: Bear")
+            half.append(s)
+        else:
+            idle.append(s)
+        s.setblocking(False)
+    return idle, half
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    try:
+        data = s.recv(65536)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # reset
+    return data == b"" or data.startswith(b"HTTP/1.1 4")
+
+
+def test_a_webhook_gets_through_idle_and_half_sent_connections_under_a_low_fd_limit(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = IDLE + HALF_SENT + 200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"the test process needs {need} file descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    port = free_port()
+    notifications = {"endpoints": [{
+        "name": "cvmfs-snap", "url": f"http://127.0.0.1:{port}/webhooks/registry",
+        "headers": {"Authorization": [f"Bearer {SECRET}"]},
+        "timeout": "2s", "threshold": 1, "backoff": "1s",
+        "ignoredmediatypes": ["application/octet-stream"],
+    }]}
+    idle: list[socket.socket] = []
+    half: list[socket.socket] = []
+    with start_registry(tmp_path / "reg", extra_config={"notifications": notifications}) as reg:
+        d = start_daemon(
+            tmp_path, [f"{reg.host}/flood/app:*"],
+            {"listen": f"127.0.0.1:{port}", "poll_interval": 3600, "debounce": 0.2, "keep_alive_timeout": 2,
+             "request_timeout": 2},
+            env={"CVMFS_SNAP_WEBHOOK_SECRET": SECRET}, prefix=("prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", "--"),
+        )
+        try:
+            idle, half = _open_flood(port)
+            # the flood holds as many descriptors as the daemon may have before the registry pushes
+            fds = Path(f"/proc/{d.proc.pid}/fd")  # prlimit execs the daemon: same pid
+            wait_for("the flood to use up the daemon's file descriptors",
+                     lambda: len(list(fds.iterdir())) >= FD_LIMIT - 8, d)
+            # a real registry pushes while the flood holds more connections than the daemon has descriptors
+            img = im.image([im.layer([("etc/flood", b"got through\n")])])
+            digest = im.push_image(reg.url, "flood/app", "v1", img)
+            rec = d.wait_published(reg.host, "flood/app", "v1", digest)
+            assert rec.layers == [lay.digest for lay in img.layers]
+            log = d.log.read_text()
+            assert "out of file descriptors" in log  # the flood did exhaust the limit
+            assert "Traceback" not in log, log[-4000:]
+            # idle and half-sent connections are closed by the daemon, not kept forever
+            wait_for("the half-sent requests to be closed", lambda: all(_closed_by_server(s) for s in half), d)
+            closed_idle = sum(_closed_by_server(s) for s in idle)
+            assert closed_idle > FD_LIMIT, f"only {closed_idle} of {IDLE} idle connections were closed"
+            assert httpx.get(f"{d.url}/healthz", timeout=10).status_code == 200
+        finally:
+            for s in idle + half:
+                s.close()
+            rc = stop_daemon(d)
+    assert rc == 0, d.log.read_text()[-4000:]
