@@ -11,6 +11,7 @@ this module adds:
   there too) and must arrive within ``daemon.request_timeout`` seconds (else 408);
 * handlers run on a bounded pool of ``daemon.http_workers`` threads; more than ``4 x http_workers`` requests
   waiting for one are answered 503 with ``Retry-After`` instead of piling up;
+* an answer the client does not read within ``daemon.request_timeout`` closes the connection;
 * running out of file descriptors (too many connections) is one log line, and accepting resumes by itself.
 
 Routes and answers are in docs/publisher-daemon.md; what a request *means* is :mod:`publisher.intake`.
@@ -31,7 +32,7 @@ from typing import TypeVar
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, HTTPScope, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cvmfs_snap.errors import InvalidInputError
@@ -52,6 +53,8 @@ GET_PATHS = ("/metrics", "/healthz", "/status")
 QUEUE_PER_WORKER = 4
 #: pending connections the kernel keeps for us while all are busy or file descriptors are short
 BACKLOG = 1024
+#: kernel send buffer per connection (bytes; Linux doubles it)
+SEND_BUFFER = 256 * 1024
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -61,6 +64,10 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise InvalidInputError(f"daemon listen address {listen!r} must be host:port, e.g. 127.0.0.1:8080")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
+
+
+class _SendTimeout(Exception):
+    """The client did not take an answer within ``request_timeout``."""
 
 
 class _Refused(Exception):
@@ -96,8 +103,26 @@ class Endpoint:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         elif scope["type"] == "http":
-            await self._http(scope, receive, send)
+            try:
+                await self._http(scope, receive, self._timed(send))
+            except _SendTimeout:
+                # the client does not read its answer: returning unfinished makes hypercorn close the connection
+                log.debug("HTTP client %s did not read its answer within %gs; connection closed",
+                          scope["client"], self.settings.request_timeout)
         # websockets are not served: returning without accepting closes them
+
+    def _timed(self, send: ASGISendCallable) -> ASGISendCallable:
+        """``send`` with a deadline: a client that stops reading must not keep a connection open forever."""
+        timeout = self.settings.request_timeout
+
+        async def timed_send(message: ASGISendEvent) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _SendTimeout() from None
+
+        return timed_send
 
     async def _http(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         method, path = scope["method"], scope["path"]
@@ -246,6 +271,8 @@ class HttpServer:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # accepted connections inherit it: kernel memory per connection stays bounded (answers are small)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             sock.bind((host, port))
             sock.listen(BACKLOG)  # connections queue in the kernel from now on, before the loop runs
             bound_host, bound_port = sock.getsockname()[:2]

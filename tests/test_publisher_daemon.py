@@ -308,6 +308,29 @@ def test_body_size_and_time_are_bounded(env: Env) -> None:
     assert httpx.get(f"{env.daemon.url}/healthz").status_code == 200
 
 
+def test_a_client_that_does_not_read_its_answers_is_disconnected(env: Env) -> None:
+    """Pipelined requests whose answers are never read: the daemon gives up on the connection after
+    ``request_timeout`` (2 s here) instead of waiting forever (hypercorn alone would answer all 100 a connection
+    may carry, once the client reads again)."""
+    host, port = env.daemon.url.removeprefix("http://").rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(30)
+        s.connect((host, int(port)))
+        # each answer repeats the 15 KB path: 100 of them are more than the socket buffers hold
+        s.sendall((b"GET /" + b"x" * 15000 + b" HTTP/1.1\r\nHost: x\r\n\r\n") * 100)
+        time.sleep(6)  # not reading: the daemon's writes block, then time out
+        got = b""
+        try:
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        except ConnectionResetError:
+            pass  # closed with requests unread: a reset
+    answers = got.count(b"HTTP/1.1 404")
+    assert answers < 100, answers
+    assert httpx.get(f"{env.daemon.url}/healthz").status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/webhooks/registry", "/webhooks/harbor", "/webhooks", "/publish-on-miss"])
 def test_deeply_nested_json_is_a_400(env: Env, path: str) -> None:
     auth = {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"}
