@@ -35,7 +35,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, HTTPScope, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 from publisher import metrics
 from publisher.config import DaemonConfig
 from publisher.intake import MISSES_RECEIVED, WEBHOOKS_RECEIVED, Answer, Intake
@@ -89,6 +89,11 @@ class Endpoint:
         self._status = status
         self._pool = ThreadPoolExecutor(max_workers=settings.http_workers, thread_name_prefix="http")
         self._waiting = 0  # requests waiting for or running on a pool thread (touched only on the event loop)
+
+    @property
+    def pending(self) -> int:
+        """Requests running on or waiting for a handler thread."""
+        return self._waiting
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -184,6 +189,10 @@ class Endpoint:
         except InvalidInputError as exc:
             log.warning("malformed POST %s from %s: %s", path, client, exc)
             await _respond(send, 400, {"error": str(exc)})
+            return
+        except CvmfsSnapError as exc:  # e.g. the repository cannot be read to check a layer
+            log.error("POST %s from %s not handled: %s", path, client, exc)
+            await _respond(send, 503, {"error": str(exc)})
             return
         code, payload = answer
         extra = [(b"retry-after", str(payload["retry_after"]).encode())] if code == 429 else []

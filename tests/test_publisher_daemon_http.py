@@ -1,17 +1,23 @@
-"""The daemon's HTTP endpoint under a connection flood: idle and half-sent connections, a low file descriptor
-limit (``prlimit``), and a real registry's webhook that must still get through."""
+"""The daemon's HTTP endpoint under load: a flood of idle and half-sent connections under a low file descriptor
+limit (``prlimit``) while a real registry's webhook must still get through, and more requests than handler threads."""
 
 from __future__ import annotations
 
 import resource
 import shutil
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from publisher.config import DaemonConfig, PublisherConfig
+from publisher.httpapp import QUEUE_PER_WORKER, Endpoint, HttpServer
+from publisher.intake import Intake
+from publisher.workqueue import WorkQueue
 from tests.support import images as im
 from tests.support.registry import free_port, start_registry
 from tests.test_publisher_daemon import SECRET, start_daemon, stop_daemon, wait_for
@@ -103,3 +109,37 @@ def test_a_webhook_gets_through_idle_and_half_sent_connections_under_a_low_fd_li
                 s.close()
             rc = stop_daemon(d)
     assert rc == 0, d.log.read_text()[-4000:]
+
+
+def test_requests_beyond_the_handler_threads_queue_get_503(tmp_path: Path) -> None:
+    """With every handler thread busy and the wait list full, a request is answered 503 at once, not piled up."""
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def slow_health() -> dict[str, object]:
+        entered.release()
+        release.wait(30)
+        return {"status": "ok"}
+
+    settings = DaemonConfig(listen="127.0.0.1:0", http_workers=1)
+    backend = PublisherConfig(backend="local", root=str(tmp_path / "repo")).make_backend()
+    endpoint = Endpoint(Intake(settings, WorkQueue(), backend), settings, health=slow_health,
+                        status=lambda: {"images": []})
+    server = HttpServer(endpoint, settings)
+    _host, port = server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with ThreadPoolExecutor(QUEUE_PER_WORKER) as pool:
+            waiting = [pool.submit(httpx.get, f"{url}/healthz", timeout=30) for _ in range(QUEUE_PER_WORKER)]
+            assert entered.acquire(timeout=30)  # one runs, the others wait for the one thread
+            wait_for("the wait list to fill", lambda: endpoint.pending >= QUEUE_PER_WORKER)
+            # the next request is refused at once instead of waiting
+            r = httpx.get(f"{url}/status", timeout=10)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+            release.set()
+            assert [f.result().status_code for f in waiting] == [200] * QUEUE_PER_WORKER
+        assert httpx.get(f"{url}/status", timeout=10).status_code == 200
+    finally:
+        release.set()
+        server.stop()
+        backend.close()
