@@ -139,7 +139,8 @@ class Daemon:
         if recipe is None:
             return 0
         try:
-            refs = list(recipe.expand(self.publisher.client))
+            # one spelling per image, for the queue and for the schedule alike (gc compares .metadata names)
+            refs = [canonical_ref(ref) for ref in recipe.expand(self.publisher.client)]
         except CvmfsSnapError as exc:
             log.error("recipe %s could not be expanded: %s", self.recipe_path, exc)
             return 0
@@ -148,7 +149,7 @@ class Daemon:
             self._record(ImageStatus(str(err.input), "recipe", False, str(err.message), time.time()))
         n = 0
         for ref in refs:
-            if self.queue.request(canonical_ref(ref), "poll") == "queued":
+            if self.queue.request(ref, "poll") == "queued":
                 n += 1
         log.info("full pass over %s: %d image(s), %d newly queued", self.recipe_path, len(refs), n)
         self.schedule_unwanted(recipe, refs)

@@ -471,3 +471,39 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
         assert d.queue.wait_idle(30)
         assert d.status()["images"][0]["ok"] is False
         pub.close()
+
+
+def test_a_recipe_spelling_the_host_in_capitals_schedules_nothing(tmp_path: Path, registry: Registry) -> None:
+    """The full pass queues and schedules in the one spelling the image is published under: a recipe writing
+    ``LocalHost:port`` publishes ``localhost:port`` and does not schedule that image as dropped."""
+    from publisher.config import DaemonConfig, PublisherConfig
+    from publisher.daemon import Daemon
+    from publisher.gc import REASON_DROPPED
+    from publisher.pipeline import Publisher, read_remove_schedule
+
+    port = registry.host.rsplit(":", 1)[1]
+    img = im.image([im.layer([("etc/caps", b"caps\n")])])
+    digest = im.push_image(registry.url, "caps/app", "v1", img)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"version": 1, "input": [f"LocalHost:{port}/caps/app:v1"]}))
+    config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
+    pub = Publisher.from_config(config)
+    try:
+        d = Daemon(recipe, DaemonConfig(listen="127.0.0.1:0"), pub, state_dir=tmp_path / "state")
+        assert d.reload_recipe()
+        assert d.full_pass() == 1
+        assert d.queue.snapshot()["waiting"] == [f"localhost:{port}/caps/app:v1"]
+        item = d.queue.get()
+        assert item is not None
+        assert pub.publish_image(item.ref).ok
+        d.queue.done(item.key)
+        layout = RepositoryLayout(tmp_path / "repo")
+        rec = ImageRecord.from_json((layout.image_metadata_dir(f"localhost:{port}", "caps/app", "v1")
+                                     / "image.json").read_bytes())
+        assert rec.manifest_digest == digest
+        d.full_pass()  # the image is in the recipe: nothing to schedule
+        dropped = [e for e in read_remove_schedule(tmp_path / "repo")
+                   if e.get("x-cvmfs-snap", {}).get("reason") == REASON_DROPPED]
+        assert dropped == []
+    finally:
+        pub.close()
