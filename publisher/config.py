@@ -69,6 +69,8 @@ class DaemonConfig:
     shutdown_timeout: float = 30.0
     #: threads answering HTTP requests (connections themselves cost no thread)
     http_workers: int = 4
+    #: open HTTP connections at most (lowered to keep 64 file descriptors free under ``ulimit -n``)
+    max_connections: int = 1000
     #: seconds a connection may stay idle, or take to send a request's headers, before it is closed
     keep_alive_timeout: float = 5.0
     #: seconds a request's body may take to arrive once its headers are in (else 408)
@@ -84,7 +86,7 @@ class DaemonConfig:
                 raise InvalidInputError(f"{source}: daemon.{name} must be a number >= 0, got {value!r}")
         if self.poll_interval <= 0:
             raise InvalidInputError(f"{source}: daemon.poll_interval must be > 0, got {self.poll_interval!r}")
-        for name in ("workers", "http_workers"):
+        for name in ("workers", "http_workers", "max_connections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{source}: daemon.{name} must be a positive integer, got {value!r}")

@@ -46,7 +46,8 @@ from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError, UnavailableErro
 from cvmfs_snap.oci.reference import ImageReference
 from publisher import gc, metrics
 from publisher.config import DaemonConfig, PublisherConfig
-from publisher.httpapp import Endpoint, HttpServer
+from publisher.httpapp import Endpoint
+from publisher.httpserver import HttpServer
 from publisher.intake import Intake
 from publisher.pipeline import Publisher
 from publisher.policy import canonical_ref, recipe_into_config, recipe_patterns

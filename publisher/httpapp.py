@@ -1,18 +1,13 @@
-"""The daemon's HTTP endpoint: a small ASGI application served by hypercorn.
+"""The daemon's HTTP endpoint as an ASGI application (served by :mod:`publisher.httpserver`).
 
-Why hypercorn: it is asyncio, so a connection that is idle, or that sends its headers a byte at a time, costs a
-file descriptor and a coroutine but never a thread; its keep-alive timer runs from the moment a connection is
-accepted until a request's headers are complete, so idle and half-sent connections are closed after
-``daemon.keep_alive_timeout`` seconds (slowloris), and it limits header size (16 KiB) and keep-alive requests. What
-this module adds:
+What it guards, on top of what the server does (connection timeouts and limits):
 
 * the shared secret is checked on the headers, **before** any body byte is read (401, connection closed);
 * the body is bounded (``Content-Length`` over 1 MiB is refused with 413 before reading; chunked bodies are cut
   there too) and must arrive within ``daemon.request_timeout`` seconds (else 408);
 * handlers run on a bounded pool of ``daemon.http_workers`` threads; more than ``4 x http_workers`` requests
   waiting for one are answered 503 with ``Retry-After`` instead of piling up;
-* an answer the client does not read within ``daemon.request_timeout`` closes the connection;
-* running out of file descriptors (too many connections) is one log line, and accepting resumes by itself.
+* an answer the client does not read within ``daemon.request_timeout`` closes the connection.
 
 Routes and answers are in docs/publisher-daemon.md; what a request *means* is :mod:`publisher.intake`.
 """
@@ -20,18 +15,12 @@ Routes and answers are in docs/publisher-daemon.md; what a request *means* is :m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import socket
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, HTTPScope, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -48,22 +37,8 @@ T = TypeVar("T")
 #: POST paths of webhooks and the payload kind each expects
 WEBHOOK_PATHS = {"/webhooks/registry": "registry", "/webhooks/harbor": "harbor", "/webhooks": "auto"}
 MISS_PATH = "/publish-on-miss"
-GET_PATHS = ("/metrics", "/healthz", "/status")
 #: requests allowed to wait for a handler thread, per thread
 QUEUE_PER_WORKER = 4
-#: pending connections the kernel keeps for us while all are busy or file descriptors are short
-BACKLOG = 1024
-#: kernel send buffer per connection (bytes; Linux doubles it)
-SEND_BUFFER = 256 * 1024
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) -> (host, port); port 0 picks a free one."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise InvalidInputError(f"daemon listen address {listen!r} must be host:port, e.g. 127.0.0.1:8080")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
 
 
 class _SendTimeout(Exception):
@@ -260,84 +235,3 @@ async def _respond_raw(send: ASGISendCallable, code: int, body: bytes, content_t
         all_headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": code, "headers": all_headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-class HttpServer:
-    """Serves an :class:`Endpoint` with hypercorn on its own thread and event loop."""
-
-    def __init__(self, endpoint: Endpoint, settings: DaemonConfig) -> None:
-        self.endpoint = endpoint
-        self.settings = settings
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._last_fd_warning = 0.0
-
-    def start(self) -> tuple[str, int]:
-        """Bind and listen (OSError when the address cannot be had), then serve; returns the bound address."""
-        host, port = parse_listen(self.settings.listen)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # accepted connections inherit it: kernel memory per connection stays bounded (answers are small)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-            sock.bind((host, port))
-            sock.listen(BACKLOG)  # connections queue in the kernel from now on, before the loop runs
-            bound_host, bound_port = sock.getsockname()[:2]
-        except OSError:
-            sock.close()
-            raise
-        config = HypercornConfig()
-        config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
-        config.backlog = BACKLOG
-        # the idle timer runs from accept until a request's headers are complete, and again between requests:
-        # it closes idle keep-alive connections and half-sent requests alike
-        config.keep_alive_timeout = self.settings.keep_alive_timeout
-        config.keep_alive_max_requests = 100
-        config.graceful_timeout = 2.0
-        config.h11_max_incomplete_size = 16 * 1024
-        config.include_server_header = False
-        config.accesslog = None  # an access log would show request headers, Authorization included
-        config.errorlog = logging.getLogger("publisher.httpapp.server")
-        self._thread = threading.Thread(target=self._serve, args=(config,), name="http", daemon=True)
-        self._thread.start()
-        self._ready.wait(30)
-        return str(bound_host), int(bound_port)
-
-    def _serve(self, config: HypercornConfig) -> None:
-        try:
-            asyncio.run(self._main(config))
-        except Exception:
-            log.exception("the HTTP endpoint stopped")
-        finally:
-            self._ready.set()
-
-    async def _main(self, config: HypercornConfig) -> None:
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(self._loop_exception)
-        self._loop = loop
-        self._stop = asyncio.Event()
-        self._ready.set()
-        await serve(self.endpoint, config, shutdown_trigger=self._stop.wait, mode="asgi")
-
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        message = str(context.get("message", ""))
-        if message.startswith("socket.accept() out of system resource"):
-            # asyncio stops accepting for a second and retries; idle connections are closed by the keep-alive timer
-            now = time.monotonic()
-            if now - self._last_fd_warning > 10:
-                self._last_fd_warning = now
-                log.warning("HTTP endpoint out of file descriptors (%s): too many open connections; new ones wait "
-                            "in the kernel's queue until idle ones time out", context.get("exception"))
-            return
-        loop.default_exception_handler(context)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop listening, close connections (in-flight requests get ``graceful_timeout``), free the threads."""
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has ended already
-                self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.endpoint.close()

@@ -1,0 +1,177 @@
+"""The daemon's HTTP server: hypercorn on its own thread and event loop, serving :class:`publisher.httpapp.Endpoint`.
+
+Why hypercorn: it is asyncio, so a connection that is idle, or that sends its headers a byte at a time, costs a
+file descriptor and a coroutine but never a thread; its keep-alive timer runs from the moment a connection is
+accepted until a request's headers are complete, and again between requests, so idle and half-sent connections
+("slowloris") are closed after ``daemon.keep_alive_timeout`` seconds; it limits header size and requests per
+connection. What this module adds:
+
+* at most ``daemon.max_connections`` open connections, and never so many that the daemon runs out of file
+  descriptors for its own work (publishing opens files and registry connections): ``RLIMIT_NOFILE`` minus
+  :data:`FD_RESERVE`. Beyond that, new connections wait in the kernel's listen queue (:data:`BACKLOG`) until idle
+  ones time out; asyncio retries accepting every second;
+* a bounded kernel send buffer per connection;
+* reaching the limit is one log line every 10 s, not a traceback per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import resource
+import socket
+import threading
+import time
+
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.utils import wrap_app
+
+from cvmfs_snap.errors import InvalidInputError
+from publisher.config import DaemonConfig
+from publisher.httpapp import Endpoint
+
+log = logging.getLogger(__name__)
+
+#: pending connections the kernel keeps for us while we are at the connection limit
+BACKLOG = 1024
+#: kernel send buffer per connection (bytes; Linux doubles it); answers are small
+SEND_BUFFER = 256 * 1024
+#: file descriptors kept free of HTTP connections for publishing, logs, the recipe watcher
+FD_RESERVE = 64
+#: the connection limit never goes below this, however low ``RLIMIT_NOFILE`` is
+MIN_CONNECTIONS = 16
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port); port 0 picks a free one."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidInputError(f"daemon listen address {listen!r} must be host:port, e.g. 127.0.0.1:8080")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def connection_limit(configured: int) -> int:
+    """``configured``, lowered so that :data:`FD_RESERVE` descriptors stay free under ``RLIMIT_NOFILE``."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(MIN_CONNECTIONS, min(configured, soft - FD_RESERVE))
+
+
+class _Connection(socket.socket):
+    """An accepted connection that tells its listener when it is closed."""
+
+    listener: CappedListener | None = None
+
+    def close(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.open_connections -= 1
+        super().close()
+
+
+class CappedListener(socket.socket):
+    """A listening socket whose ``accept`` reports EMFILE while ``limit`` of its connections are open.
+
+    asyncio treats that as it treats a real descriptor shortage: it stops accepting for a second, then retries;
+    the connections meanwhile wait in the kernel's queue. Used only on the event loop's thread."""
+
+    limit = MIN_CONNECTIONS
+    open_connections = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.open_connections >= self.limit:
+            raise OSError(errno.EMFILE, f"{self.open_connections} HTTP connections open, the limit")
+        conn, addr = super().accept()
+        wrapped = _Connection(conn.family, conn.type, conn.proto, fileno=conn.detach())
+        wrapped.listener = self
+        self.open_connections += 1
+        return wrapped, addr
+
+
+class HttpServer:
+    """Serves an :class:`Endpoint` with hypercorn on its own thread and event loop."""
+
+    def __init__(self, endpoint: Endpoint, settings: DaemonConfig) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.max_connections = connection_limit(settings.max_connections)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._last_limit_warning = 0.0
+
+    def start(self) -> tuple[str, int]:
+        """Bind and listen (OSError when the address cannot be had), then serve; returns the bound address."""
+        host, port = parse_listen(self.settings.listen)
+        sock = CappedListener(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.limit = self.max_connections
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # accepted connections inherit it: kernel memory per connection stays bounded
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)  # connections queue in the kernel from now on, before the loop runs
+            sock.setblocking(False)
+            bound_host, bound_port = sock.getsockname()[:2]
+        except OSError:
+            sock.close()
+            raise
+        config = HypercornConfig()
+        config.backlog = BACKLOG
+        config.keep_alive_timeout = self.settings.keep_alive_timeout
+        config.keep_alive_max_requests = 100
+        config.graceful_timeout = 2.0
+        config.h11_max_incomplete_size = 16 * 1024
+        config.include_server_header = False
+        config.accesslog = None  # an access log would show request headers, Authorization included
+        config.errorlog = logging.getLogger("publisher.httpserver.hypercorn")
+        self._thread = threading.Thread(target=self._serve, args=(config, sock), name="http", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        log.debug("HTTP endpoint: at most %d connections", self.max_connections)
+        return str(bound_host), int(bound_port)
+
+    def _serve(self, config: HypercornConfig, sock: socket.socket) -> None:
+        try:
+            asyncio.run(self._main(config, sock))
+        except Exception:
+            log.exception("the HTTP endpoint stopped")
+        finally:
+            self._ready.set()
+
+    async def _main(self, config: HypercornConfig, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        self._loop = loop
+        self._stop = asyncio.Event()
+        self._ready.set()
+        app = wrap_app(self.endpoint, config.wsgi_max_body_size, "asgi")
+        await worker_serve(app, config, sockets=Sockets([], [sock], []), shutdown_trigger=self._stop.wait)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        message = str(context.get("message", ""))
+        if message.startswith("socket.accept() out of system resource"):
+            # asyncio stops accepting for a second and retries; idle connections are closed by the keep-alive timer
+            now = time.monotonic()
+            if now - self._last_limit_warning > 10:
+                self._last_limit_warning = now
+                log.warning("HTTP endpoint at its connection limit (%s); new connections wait in the kernel's "
+                            "queue until idle ones time out", context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop listening, close connections (in-flight requests get ``graceful_timeout``), free the threads."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.endpoint.close()
