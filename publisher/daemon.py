@@ -11,6 +11,11 @@ Work arrives from four places and goes through **one** queue into the pipeline (
 * publish-on-miss reports from nodes (``POST /publish-on-miss``), limited by an allow-list of
   ``registry/repository`` globs, deduplicated and rate-limited.
 
+This module wires the parts and runs the recipe side; the others have one job each: :mod:`publisher.workqueue`
+(the queue), :mod:`publisher.policy` (what the recipe and the allow-list admit, one spelling per registry),
+:mod:`publisher.intake` (what webhooks and publish-on-miss reports queue), :mod:`publisher.httpapp` (the endpoint)
+and :mod:`publisher.httpserver` (serving it).
+
 After each full pass, images the recipe no longer names are scheduled for removal (and images it names again are
 unscheduled) in the remove schedule that ``gc`` works through; nothing is scheduled when the recipe or any of its
 lines failed. The daemon never removes anything: that stays an explicit ``gc`` (see ``publisher.gc``).
