@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, HTTPScope, Scope
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 from publisher import metrics
@@ -40,6 +40,12 @@ MISS_PATH = "/publish-on-miss"
 #: requests allowed to wait for a handler thread, per thread
 QUEUE_PER_WORKER = 4
 
+HTTP_REFUSED = Counter(
+    "cvmfs_snap_publisher_http_refused_total",
+    "HTTP requests answered early: busy (503), body too slow (408), too large (413), no length (411)", ["reason"],
+    registry=metrics.REGISTRY,
+)
+
 
 class _SendTimeout(Exception):
     """The client did not take an answer within ``request_timeout``."""
@@ -51,6 +57,10 @@ class _Refused(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+    @property
+    def reason(self) -> str:
+        return {503: "busy", 408: "slow-body", 413: "too-large", 411: "no-length"}.get(self.code, "bad-request")
 
 
 class Endpoint:
@@ -120,6 +130,7 @@ class Endpoint:
                 await _respond(send, 405, {"error": f"method {method} not allowed"},
                                headers=[(b"allow", b"GET, HEAD, POST")])
         except _Refused as exc:
+            HTTP_REFUSED.labels(exc.reason).inc()
             await _respond(send, exc.code, {"error": str(exc)}, close=True)
 
     async def _get(self, path: str, send: ASGISendCallable) -> None:

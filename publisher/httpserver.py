@@ -29,8 +29,10 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
+from prometheus_client import Counter
 
 from cvmfs_snap.errors import InvalidInputError
+from publisher import metrics
 from publisher.config import DaemonConfig
 from publisher.httpapp import Endpoint
 
@@ -44,6 +46,12 @@ SEND_BUFFER = 256 * 1024
 FD_RESERVE = 64
 #: the connection limit never goes below this, however low ``RLIMIT_NOFILE`` is
 MIN_CONNECTIONS = 16
+
+HTTP_AT_LIMIT = Counter(
+    "cvmfs_snap_publisher_http_connection_limit_total",
+    "Times the HTTP endpoint stopped accepting for a second: at its connection limit or out of file descriptors",
+    registry=metrics.REGISTRY,
+)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -159,6 +167,7 @@ class HttpServer:
         message = str(context.get("message", ""))
         if message.startswith("socket.accept() out of system resource"):
             # asyncio stops accepting for a second and retries; idle connections are closed by the keep-alive timer
+            HTTP_AT_LIMIT.inc()
             now = time.monotonic()
             if now - self._last_limit_warning > 10:
                 self._last_limit_warning = now

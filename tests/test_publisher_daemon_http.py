@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from publisher import metrics
 from publisher.config import DaemonConfig, PublisherConfig
 from publisher.httpapp import QUEUE_PER_WORKER, Endpoint
 from publisher.httpserver import FD_RESERVE, HttpServer
@@ -106,6 +107,9 @@ def test_a_webhook_gets_through_idle_and_half_sent_connections_under_a_low_fd_li
             wait_for("the half-sent requests to be closed", lambda: all(_closed_by_server(s) for s in half), d)
             wait_for("the idle connections to be closed", lambda: all(_closed_by_server(s) for s in idle), d)
             assert httpx.get(f"{d.url}/healthz", timeout=10).status_code == 200
+            text = httpx.get(f"{d.url}/metrics", timeout=10).text
+            assert any(ln.startswith("cvmfs_snap_publisher_http_connection_limit_total ") and float(ln.split()[1]) >= 1
+                       for ln in text.splitlines()), text
         finally:
             for s in idle + half:
                 s.close()
@@ -138,6 +142,8 @@ def test_requests_beyond_the_handler_threads_queue_get_503(tmp_path: Path) -> No
             # the next request is refused at once instead of waiting
             r = httpx.get(f"{url}/status", timeout=10)
             assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+            refused = metrics.REGISTRY.get_sample_value("cvmfs_snap_publisher_http_refused_total", {"reason": "busy"})
+            assert refused is not None and refused >= 1
             release.set()
             assert [f.result().status_code for f in waiting] == [200] * QUEUE_PER_WORKER
         assert httpx.get(f"{url}/status", timeout=10).status_code == 200
