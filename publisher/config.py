@@ -75,11 +75,13 @@ class DaemonConfig:
     keep_alive_timeout: float = 5.0
     #: seconds a request's body may take to arrive once its headers are in (else 408)
     request_timeout: float = 10.0
+    #: seconds an HTTP connection may stay open at most, whatever it does (requests take well under a second)
+    connection_lifetime: float = 60.0
 
     def validate(self, source: str = "configuration") -> None:
         """Types and ranges, checked when the file is read (the daemon's own checks come too late for cron)."""
         numbers = ("poll_interval", "debounce", "miss_cooldown", "miss_rate_per_minute", "shutdown_timeout",
-                   "keep_alive_timeout", "request_timeout")
+                   "keep_alive_timeout", "request_timeout", "connection_lifetime")
         for name in numbers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -90,7 +92,7 @@ class DaemonConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{source}: daemon.{name} must be a positive integer, got {value!r}")
-        for name in ("keep_alive_timeout", "request_timeout"):
+        for name in ("keep_alive_timeout", "request_timeout", "connection_lifetime"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"{source}: daemon.{name} must be > 0, got {getattr(self, name)!r}")
         if not isinstance(self.listen, str) or ":" not in self.listen:

@@ -10,6 +10,8 @@ connection. What this module adds:
   descriptors for its own work (publishing opens files and registry connections): ``RLIMIT_NOFILE`` minus
   :data:`FD_RESERVE`. Beyond that, new connections wait in the kernel's listen queue (:data:`BACKLOG`) until idle
   ones time out; asyncio retries accepting every second;
+* no connection stays open longer than ``daemon.connection_lifetime`` seconds, whatever it does (hypercorn's
+  keep-alive timer never runs for an HTTP/2 connection that opened no stream);
 * a bounded kernel send buffer per connection;
 * reaching the limit is one log line every 10 s, not a traceback per connection.
 """
@@ -47,6 +49,11 @@ FD_RESERVE = 64
 #: the connection limit never goes below this, however low ``RLIMIT_NOFILE`` is
 MIN_CONNECTIONS = 16
 
+HTTP_EXPIRED = Counter(
+    "cvmfs_snap_publisher_http_connections_expired_total",
+    "HTTP connections shut down for being open longer than daemon.connection_lifetime",
+    registry=metrics.REGISTRY,
+)
 HTTP_AT_LIMIT = Counter(
     "cvmfs_snap_publisher_http_connection_limit_total",
     "Times the HTTP endpoint stopped accepting for a second: at its connection limit or out of file descriptors",
@@ -75,11 +82,13 @@ class _Connection(socket.socket):
     """An accepted connection that tells its listener when it is closed."""
 
     listener: CappedListener | None = None
+    accepted_at = 0.0
+    expired = False
 
     def close(self) -> None:
         listener, self.listener = self.listener, None
         if listener is not None:
-            listener.open_connections -= 1
+            listener.connections.discard(self)
         super().close()
 
 
@@ -90,16 +99,32 @@ class CappedListener(socket.socket):
     the connections meanwhile wait in the kernel's queue. Used only on the event loop's thread."""
 
     limit = MIN_CONNECTIONS
-    open_connections = 0
+
+    def __init__(self, family: int, sock_type: int) -> None:
+        super().__init__(family, sock_type)
+        self.connections: set[_Connection] = set()
 
     def accept(self) -> tuple[socket.socket, object]:
-        if self.open_connections >= self.limit:
-            raise OSError(errno.EMFILE, f"{self.open_connections} HTTP connections open, the limit")
+        if len(self.connections) >= self.limit:
+            raise OSError(errno.EMFILE, f"{len(self.connections)} HTTP connections open, the limit")
         conn, addr = super().accept()
         wrapped = _Connection(conn.family, conn.type, conn.proto, fileno=conn.detach())
         wrapped.listener = self
-        self.open_connections += 1
+        wrapped.accepted_at = time.monotonic()
+        self.connections.add(wrapped)
         return wrapped, addr
+
+    def expire(self, lifetime: float) -> int:
+        """Shut down connections open longer than ``lifetime`` seconds (the server then closes them)."""
+        cutoff = time.monotonic() - lifetime
+        n = 0
+        for conn in list(self.connections):
+            if conn.accepted_at < cutoff and not conn.expired:
+                conn.expired = True
+                n += 1
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        return n
 
 
 class HttpServer:
@@ -146,7 +171,7 @@ class HttpServer:
         log.debug("HTTP endpoint: at most %d connections", self.max_connections)
         return str(bound_host), int(bound_port)
 
-    def _serve(self, config: HypercornConfig, sock: socket.socket) -> None:
+    def _serve(self, config: HypercornConfig, sock: CappedListener) -> None:
         try:
             asyncio.run(self._main(config, sock))
         except Exception:
@@ -154,14 +179,29 @@ class HttpServer:
         finally:
             self._ready.set()
 
-    async def _main(self, config: HypercornConfig, sock: socket.socket) -> None:
+    async def _main(self, config: HypercornConfig, sock: CappedListener) -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         self._loop = loop
         self._stop = asyncio.Event()
         self._ready.set()
         app = wrap_app(self.endpoint, config.wsgi_max_body_size, "asgi")
-        await worker_serve(app, config, sockets=Sockets([], [sock], []), shutdown_trigger=self._stop.wait)
+        reaper = asyncio.create_task(self._expire(sock))
+        try:
+            await worker_serve(app, config, sockets=Sockets([], [sock], []), shutdown_trigger=self._stop.wait)
+        finally:
+            reaper.cancel()
+
+    async def _expire(self, sock: CappedListener) -> None:
+        """Whatever a connection does (an HTTP/2 connection with no stream is never idle to hypercorn), it is shut
+        down once it has been open for ``connection_lifetime`` seconds."""
+        lifetime = self.settings.connection_lifetime
+        while True:
+            await asyncio.sleep(min(1.0, lifetime / 4))
+            n = sock.expire(lifetime)
+            if n:
+                HTTP_EXPIRED.inc(n)
+                log.debug("shut down %d HTTP connection(s) open for more than %gs", n, lifetime)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         message = str(context.get("message", ""))

@@ -234,6 +234,7 @@ def test_webhook_names_with_a_trailing_newline_are_invalid(field: str) -> None:
 
 
 @pytest.mark.parametrize("key, value", [("http_workers", 0), ("max_connections", True), ("keep_alive_timeout", 0),
+                                        ("connection_lifetime", 0),
                                         ("request_timeout", -1), ("request_timeout", "10")])
 def test_http_limits_are_range_checked(key: str, value: object) -> None:
     from publisher.config import DaemonConfig
