@@ -10,8 +10,9 @@ connection. What this module adds:
   descriptors for its own work (publishing opens files and registry connections): ``RLIMIT_NOFILE`` minus
   :data:`FD_RESERVE`. Beyond that, new connections wait in the kernel's listen queue (:data:`BACKLOG`) until idle
   ones time out; asyncio retries accepting every second;
-* no connection stays open longer than ``daemon.connection_lifetime`` seconds, whatever it does (hypercorn's
-  keep-alive timer never runs for an HTTP/2 connection that opened no stream);
+* HTTP/2 with prior knowledge is refused (hypercorn's keep-alive timer never runs for an HTTP/2 connection that
+  opens no stream), and no connection stays open longer than ``daemon.connection_lifetime`` seconds, whatever it
+  does;
 * a bounded kernel send buffer per connection;
 * reaching the limit is one log line every 10 s, not a traceback per connection.
 """
@@ -78,12 +79,27 @@ def connection_limit(configured: int) -> int:
     return max(MIN_CONNECTIONS, min(configured, soft - FD_RESERVE))
 
 
+#: how an HTTP/2 connection with prior knowledge starts; webhooks and nodes speak HTTP/1.1
+H2_PREFACE = b"PRI * HTTP/2.0\r\n"
+
+
 class _Connection(socket.socket):
-    """An accepted connection that tells its listener when it is closed."""
+    """An accepted connection that tells its listener when it is closed, and ends itself if it starts as HTTP/2
+    with prior knowledge (hypercorn would keep such a connection forever when it opens no stream)."""
 
     listener: CappedListener | None = None
     accepted_at = 0.0
     expired = False
+    _head = b""
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        if len(self._head) < len(H2_PREFACE) and data:
+            self._head += data[: len(H2_PREFACE) - len(self._head)]
+            if self._head == H2_PREFACE:
+                log.debug("HTTP/2 with prior knowledge refused: the endpoint speaks HTTP/1.1")
+                return b""  # end of stream: the server closes the connection
+        return data
 
     def close(self) -> None:
         listener, self.listener = self.listener, None
@@ -193,8 +209,7 @@ class HttpServer:
             reaper.cancel()
 
     async def _expire(self, sock: CappedListener) -> None:
-        """Whatever a connection does (an HTTP/2 connection with no stream is never idle to hypercorn), it is shut
-        down once it has been open for ``connection_lifetime`` seconds."""
+        """Whatever a connection does, it is shut down once it has been open for ``connection_lifetime`` seconds."""
         lifetime = self.settings.connection_lifetime
         while True:
             await asyncio.sleep(min(1.0, lifetime / 4))

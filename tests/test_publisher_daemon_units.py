@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import pytest
@@ -242,3 +243,28 @@ def test_http_limits_are_range_checked(key: str, value: object) -> None:
     settings = DaemonConfig(**{key: value})  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match=f"daemon.{key}"):
         settings.validate("test")
+
+
+def test_connections_are_shut_down_after_their_lifetime() -> None:
+    from publisher.httpserver import CappedListener
+
+    listener = CappedListener(socket.AF_INET, socket.SOCK_STREAM)
+    listener.limit = 2
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    clients = [socket.create_connection(listener.getsockname()[:2], timeout=10) for _ in range(3)]
+    try:
+        conns = [listener.accept()[0] for _ in range(2)]
+        with pytest.raises(OSError, match="HTTP connections open, the limit"):
+            listener.accept()  # the third waits in the kernel's queue
+        assert listener.expire(3600) == 0
+        assert listener.expire(0) == 2
+        assert [c.recv(10) for c in clients[:2]] == [b"", b""]  # the clients see the end of the stream
+        for c in conns:
+            c.close()
+        third, _addr = listener.accept()  # closing made room
+        third.close()
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()
