@@ -98,6 +98,8 @@ class _Connection(socket.socket):
             self._head += data[: len(H2_PREFACE) - len(self._head)]
             if self._head == H2_PREFACE:
                 log.debug("HTTP/2 with prior knowledge refused: the endpoint speaks HTTP/1.1")
+                with contextlib.suppress(OSError):
+                    self.shutdown(socket.SHUT_RDWR)
                 return b""  # end of stream: the server closes the connection
         return data
 
