@@ -426,7 +426,7 @@ class Publisher:
         with self.client.open_blob(ref, desc.digest, desc.size) as raw:
             src: Any = raw if self.progress is None else _CountingReader(raw, desc.digest, self.progress)
             with open_layer(src, desc.media_type, name=f"layer {desc.digest} of {ref}",
-                            max_size=self.limits.max_expanded_size) as tar:
+                            limits=self.limits) as tar:
                 yield tar
             while src.read(1 << 20):  # to EOF: the blob stream checks the compressed digest there
                 pass

@@ -20,6 +20,7 @@ import zstandard
 
 from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
 from cvmfs_snap.layer.digesting import HashingReader, Readable
+from cvmfs_snap.layer.limits import RATIO_GRACE, Limits
 
 log = logging.getLogger(__name__)
 
@@ -367,10 +368,10 @@ class LayerStream:
     sha256 of the blob as it came in (the manifest's layer digest).
     """
 
-    def __init__(self, raw: Readable, media_type: str, name: str = "layer", max_size: int | None = None) -> None:
+    def __init__(self, raw: Readable, media_type: str, name: str = "layer", limits: Limits | None = None) -> None:
         self.name = name
-        #: bytes of uncompressed tar at most (``Limits.max_expanded_size``); more raises UnsafeLayerError at once
-        self.max_size = max_size
+        #: ``max_expanded_size`` and ``max_expansion_ratio`` are checked on every read (UnsafeLayerError at once)
+        self.limits = limits
         self.media_type = media_type
         self.compression = codec_for_media_type(media_type, name)
         self._raw = HashingReader(raw)
@@ -403,18 +404,29 @@ class LayerStream:
                     return b"".join(parts)
                 parts.append(data)
         data = self._out.read(n)
-        if self.max_size is not None and self._out.size > self.max_size:
-            raise UnsafeLayerError(
-                f"{self.name}: layer expands to more than {self.max_size} bytes of uncompressed tar "
-                f"(Limits.max_expanded_size; the blob has {self._raw.size} compressed bytes so far); refusing the "
-                "layer. A site that really publishes such layers can raise limits.max_expanded_size in the publisher "
-                "configuration"
-            )
+        if self.limits is not None:
+            self._check_expansion(self.limits)
         return data
+
+    def _check_expansion(self, lim: Limits) -> None:
+        size, packed = self._out.size, max(1, self._raw.size)
+        if lim.max_expanded_size is not None and size > lim.max_expanded_size:
+            raise UnsafeLayerError(
+                f"{self.name}: layer expands to more than {lim.max_expanded_size} bytes of uncompressed tar "
+                f"(Limits.max_expanded_size) from {packed} compressed bytes so far; refusing the layer. A site that "
+                "really publishes such layers can raise limits.max_expanded_size in the publisher configuration"
+            )
+        ratio = lim.max_expansion_ratio
+        if ratio is not None and size > RATIO_GRACE and size > ratio * packed:
+            raise UnsafeLayerError(
+                f"{self.name}: layer expands {size // packed}-fold ({size} bytes of uncompressed tar from {packed} "
+                f"compressed bytes so far), more than Limits.max_expansion_ratio ({ratio}); a decompression bomb? "
+                "Refusing the layer (a site can raise limits.max_expansion_ratio in the publisher configuration)"
+            )
 
     def drain(self) -> int:
         """Read and discard the rest (so that the digests cover the whole blob)."""
-        if self.max_size is None:
+        if self.limits is None:
             return self._out.drain()
         n = 0
         while True:
@@ -468,10 +480,10 @@ class LayerStream:
         self.close()
 
 
-def open_layer(raw: Readable, media_type: str, *, name: str = "layer", max_size: int | None = None) -> LayerStream:
+def open_layer(raw: Readable, media_type: str, *, name: str = "layer", limits: Limits | None = None) -> LayerStream:
     """Decode a layer blob by its media type, confirmed by magic bytes; use as ``with open_layer(...) as tar:``.
 
-    ``name`` (e.g. the layer digest) goes into every error message; ``max_size`` bounds the uncompressed bytes
-    (``Limits.max_expanded_size``). The raw stream is not closed.
+    ``name`` (e.g. the layer digest) goes into every error message; ``limits`` bound the uncompressed bytes
+    (``max_expanded_size``, ``max_expansion_ratio``). The raw stream is not closed.
     """
-    return LayerStream(raw, media_type, name, max_size)
+    return LayerStream(raw, media_type, name, limits)

@@ -16,6 +16,8 @@ from typing import Any
 from cvmfs_snap.errors import InvalidInputError
 
 GiB = 1 << 30
+#: expanded bytes below which ``max_expansion_ratio`` is not applied (small layers of zeros are harmless)
+RATIO_GRACE = GiB
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class Limits:
     max_total_size: int | None = None
     #: bytes of one layer's uncompressed tar (the expanded size: what decompression produces; None: unbounded)
     max_expanded_size: int | None = 256 * GiB
+    #: uncompressed bytes per compressed byte once a layer has expanded past 1 GiB (None: unbounded). Real layers
+    #: stay below 20; gzip cannot exceed about 1,030; a zstd blob of zeros reaches 30,000 (655 KB -> 20 GiB)
+    max_expansion_ratio: int | None = 10_000
     #: layers in one image manifest
     max_layers_per_image: int = 1000
     #: entries (platforms, attestations) in one multi-arch index
@@ -65,7 +70,7 @@ class Limits:
                 if not isinstance(value, bool):
                     raise InvalidInputError(f"{source}: limits.allow_devices must be true or false, got {value!r}")
                 continue
-            optional = key in ("max_total_size", "max_expanded_size")
+            optional = key in ("max_total_size", "max_expanded_size", "max_expansion_ratio")
             if value is None and optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
