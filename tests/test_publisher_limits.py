@@ -158,6 +158,26 @@ def test_configured_limits_refuse_device_nodes(registry: Registry, tmp_path: Pat
     assert not RepositoryLayout(tmp_path / "repo").layer_dir(lay.digest).exists()
 
 
+@pytest.mark.parametrize("backend", ["cvmfs-ingest", "cvmfs-transaction"])
+def test_cvmfs_backends_use_the_configured_limits(registry: Registry, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    from tests.support.publisher_env import make_fake_cvmfs
+
+    fake = make_fake_cvmfs(tmp_path)
+    fake.apply_env(monkeypatch)
+    lay = im.layer([E("dev", type="dir"), E("dev/sda", type="block", devmajor=8, devminor=0, mode=0o666)])
+    im.push_image(registry.url, f"limits/nodev-{backend}", "v1", im.image([lay]))
+    state = tmp_path / "publisher-state"
+    cfg = PublisherConfig(backend=backend, root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
+                          state_dir=str(state), limits=Limits(allow_devices=False))
+    with Publisher.from_config(cfg) as pub:
+        res = pub.publish_image(registry.ref(f"limits/nodev-{backend}", "v1"))
+    assert not res.ok and "allow_devices" in res.error
+    assert not any(c[0] == "ingest" for c in fake.commands())
+    assert not RepositoryLayout(fake.root).layerfs(lay.digest).exists()
+    assert stat.S_IMODE(os.stat(state / "staging").st_mode) == 0o700
+
+
 @pytest.mark.parametrize(("text", "needle"), [
     ("limits: 3\n", "must be a mapping"),
     ("limits:\n  max_depht: 3\n", "unknown limit"),
