@@ -14,13 +14,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import zstandard
 
 from cvmfs_snap.fsutil import make_deep_tree, remove_tree
 from cvmfs_snap.layer.limits import Limits
@@ -30,6 +28,7 @@ from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.config import PublisherConfig
 from publisher.pipeline import Publisher
 from tests.support import images as im
+from tests.support.bombs import SPARSE_SIZE, sparse_layer, zstd_bomb
 from tests.support.publisher_env import base_layer
 from tests.support.registry import Registry
 
@@ -310,29 +309,14 @@ def test_gc_collects_a_5000_level_layer_and_flat(registry: Registry, client: Reg
 
 
 # -- item 16: cheap inputs --------------------------------------------------------------------------------------------
-HUGE = 100 << 30
-
-
-def _sparse_layer(tmp: Path) -> im.BuiltLayer:
-    """A layer whose tar holds a 100 GiB sparse file with 101 bytes of data, made by GNU tar (PAX sparse 1.0)."""
-    src = tmp / "sparse-src"
-    (src / "data").mkdir(parents=True)
-    with open(src / "data/huge.img", "wb") as f:
-        f.truncate(HUGE)
-        f.seek(HUGE // 2)
-        f.write(b"x" * 101)
-    tar = subprocess.run(["tar", "--create", "--file=-", "--format=pax", "--sparse", "--sparse-version=1.0",
-                          "--numeric-owner", f"--directory={src}", "data"], capture_output=True, check=True).stdout
-    remove_tree(src)
-    blob = im.compress(tar, "gzip")
-    assert len(blob) < 4096
-    return im.BuiltLayer(tar=tar, blob=blob, media_type=im.OCI_LAYER_GZIP)
+HUGE = SPARSE_SIZE
 
 
 def test_sparse_file_stays_sparse_end_to_end(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
     from publisher.layertree import open_layer_tree
 
-    lay = _sparse_layer(tmp_path)
+    lay = sparse_layer(tmp_path)
+    assert len(lay.blob) < 4096
     img = im.image([lay])
     im.push_image(registry.url, "limits/sparse", "v1", img)
     root = tmp_path / "repo"
@@ -353,22 +337,9 @@ def test_sparse_file_stays_sparse_end_to_end(registry: Registry, client: Registr
             assert total < 1 << 20, "the layer tree is archived without seeking holes"
 
 
-def _zstd_bomb(expanded: int) -> im.BuiltLayer:
-    """A zstd layer whose tar is one file of ``expanded`` zero bytes, in 128 MiB frames compressed once."""
-    chunk = 128 << 20
-    assert expanded % chunk == 0
-    info = tarfile.TarInfo("zeros")
-    info.size = expanded
-    header = info.tobuf(format=tarfile.PAX_FORMAT)
-    c = zstandard.ZstdCompressor(level=3)
-    zeros = c.compress(bytes(chunk))
-    blob = c.compress(header) + zeros * (expanded // chunk) + c.compress(bytes(1024))
-    return im.BuiltLayer(tar=b"(not kept)", blob=blob, media_type=im.OCI_LAYER_ZSTD)
-
-
 def test_zstd_bomb_is_refused_by_the_expansion_limits(registry: Registry, client: RegistryClient,
                                                       tmp_path: Path) -> None:
-    bomb = _zstd_bomb(20 << 30)
+    bomb = zstd_bomb(20 << 30)
     assert len(bomb.blob) < 1 << 20  # about 655 KB
     img = im.image([bomb])
     im.push_image(registry.url, "limits/bomb", "v1", img)
