@@ -140,6 +140,14 @@ def test_devices_and_setuid_root_are_not_usable_by_other_users(registry: Registr
     via_layer = _exec_as_nobody(lfs / "bin/id")
     assert via_layer.returncode != 0 and "Permission denied" in via_layer.stderr, via_layer
 
+    # a repository left open by an older version is tightened when the publisher starts
+    os.chmod(layout.layers_root, 0o755)
+    os.chmod(root / STAGING_DIR, 0o755)
+    LocalBackend(root).recover()
+    assert stat.S_IMODE(os.stat(layout.layers_root).st_mode) == 0o700
+    LocalBackend(root).staging.new()
+    assert stat.S_IMODE(os.stat(root / STAGING_DIR).st_mode) == 0o700
+
 
 def test_configured_limits_refuse_device_nodes(registry: Registry, tmp_path: Path) -> None:
     """A site refuses device nodes in its publisher configuration; the setting reaches the unpacker."""

@@ -291,3 +291,30 @@ def test_bad_tag_in_tag_list_fails_only_itself(registry: Registry, tmp_path: Pat
     for registry_host, repo, tag in ((proxy.host, "cli/tagged", "v1"), (proxy.host, "cli/tagged", "v2"),
                                      (registry.host, "cli/healthy", "v1")):
         assert (layout.image_metadata_dir(registry_host, repo, tag) / "image.json").is_file()
+
+
+def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: Registry, tmp_path: Path) -> None:
+    """Issue 7.15, daemon side: the full pass records the bad tag as a failed recipe entry and queues the rest."""
+    from publisher.config import DaemonConfig
+    from publisher.daemon import Daemon
+    from publisher.pipeline import Publisher
+
+    img = im.image([base_layer("daemon-badtag")])
+    im.push_image(registry.url, "cli/dtagged", "v1", img)
+    im.push_image(registry.url, "cli/dhealthy", "v1", img)
+    with _tag_list_proxy(registry, ["bad tag"]) as proxy:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("version: 1\ninput:\n"
+                          f"  - 'http://{proxy.host}/cli/dtagged:*'\n"
+                          f"  - 'http://{registry.host}/cli/dhealthy:v1'\n")
+        config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"),
+                                 insecure_registries=[proxy.host, registry.host])
+        with Publisher.from_config(config) as pub:
+            d = Daemon(recipe, config, DaemonConfig(listen="127.0.0.1:0"), pub, pub.client, pub.backend,
+                       load_recipe=Recipe.load, expand=lambda r, c: list(r.expand(c)), state_dir=tmp_path / "state")
+            assert d.reload_recipe()
+            assert d.full_pass() == 2
+            assert sorted(d.queue.snapshot()["waiting"]) == sorted(
+                [f"{proxy.host}/cli/dtagged:v1", f"{registry.host}/cli/dhealthy:v1"])
+            failed = [s for s in d.history.values() if not s.ok]
+            assert len(failed) == 1 and "'bad tag'" in failed[0].message

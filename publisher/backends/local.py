@@ -9,6 +9,7 @@ owner process is gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -331,14 +332,21 @@ class LocalBackend(Backend):
     def recover(self) -> None:
         with self.lock():
             self.staging.clean_abandoned()
+            self._private_layers()
+
+    def _private_layers(self) -> None:
+        """``.layers`` is 0700: layer trees keep the image's device nodes and set-id files (what containers must
+        see, as in containerd's snapshots), so only root (the node's snapshotter) may reach them. Repositories
+        made by older versions are tightened here."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(self.layout.layers_root.stat().st_mode) != 0o700:
+                os.chmod(self.layout.layers_root, 0o700)
 
     def _ensure_catalogs(self, *dirs: Path) -> None:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
-            if d == self.layout.layers_root and stat.S_IMODE(d.stat().st_mode) != 0o700:
-                # layer trees keep the image's device nodes and set-id files (what containers must see, as in
-                # containerd's snapshots): only root (the node's snapshotter) may reach them
-                os.chmod(d, 0o700)
+            if d == self.layout.layers_root:
+                self._private_layers()
             marker = d / CATALOG_MARKER
             if not marker.exists():
                 marker.touch()
