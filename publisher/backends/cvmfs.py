@@ -67,7 +67,7 @@ from .base import (
     symlink_atomic,
     write_atomic,
 )
-from .local import Staging, build_flat_dir, unpack_layer_dir
+from .local import Staging, build_flat_dir, disk_error, unpack_layer_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,18 @@ class DirectTxn(Txn):
     root: Path
 
     def write_file(self, relpath: str, data: bytes) -> None:
-        write_atomic(self.root / check_relpath(relpath), data)
+        path = self.root / check_relpath(relpath)
+        try:
+            write_atomic(path, data)
+        except OSError as exc:  # disk full in the transaction's scratch area says so, naming the file
+            raise disk_error(exc, path) from exc
 
     def symlink(self, relpath: str, target: str) -> None:
-        symlink_atomic(self.root / check_relpath(relpath), target)
+        path = self.root / check_relpath(relpath)
+        try:
+            symlink_atomic(path, target)
+        except OSError as exc:
+            raise disk_error(exc, path) from exc
 
     def remove(self, relpath: str) -> None:
         p = self.root / check_relpath(relpath)
