@@ -135,14 +135,14 @@ class DirectTxn(Txn):
         try:
             write_atomic(path, data)
         except OSError as exc:  # disk full in the transaction's scratch area says so, naming the file
-            raise disk_error(exc, path) from exc
+            raise disk_error(exc, path, "writing") from exc
 
     def symlink(self, relpath: str, target: str) -> None:
         path = self.root / check_relpath(relpath)
         try:
             symlink_atomic(path, target)
         except OSError as exc:
-            raise disk_error(exc, path) from exc
+            raise disk_error(exc, path, "writing") from exc
 
     def remove(self, relpath: str) -> None:
         p = self.root / check_relpath(relpath)

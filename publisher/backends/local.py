@@ -61,18 +61,19 @@ STAGING_DIR = ".cvmfs-snap-staging"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_error(exc: OSError, path: str | os.PathLike[str] | None, what: str = "writing") -> CvmfsSnapError:
-    """A clear error for an OS error while writing ``path`` (``exc.filename`` when the caller does not know it):
-    disk full says so and names the path; others name the path and the system's reason."""
+def disk_error(exc: OSError, path: str | os.PathLike[str] | None, what: str = "") -> CvmfsSnapError:
+    """A clear error for an OS error on ``path`` (``exc.filename`` when the caller does not know it) while
+    ``what`` ("writing", "removing"; "" when unknown): disk full says so and names the path; others name the path
+    and the system's reason."""
     where = os.fspath(path) if path is not None else (exc.filename or "the repository")
+    reason = exc.strerror or os.strerror(exc.errno or 0)
     if exc.errno in DISK_FULL:
         return FailedPreconditionError(
-            f"disk full: no space left on the device {what} {where} ({exc.strerror or os.strerror(exc.errno or 0)});"
-            f" free space (or raise the quota) on the filesystem of {where}, then publish again; nothing half-done "
-            "was made visible"
+            f"disk full: no space left on the device {what or 'at'} {where} ({reason}); free space (or raise the "
+            f"quota) on the filesystem of {where}, then publish again; nothing half-done was made visible"
         )
     return FailedPreconditionError(
-        f"{what} {where} failed: {exc.strerror or exc}; check permissions and free space on that filesystem"
+        f"{what + ' ' if what else ''}{where}: {reason}; check permissions and free space on that filesystem"
     )
 
 
