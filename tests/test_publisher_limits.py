@@ -437,3 +437,17 @@ def test_layer_stream_limits_unit() -> None:
         s.drain()
     with open_layer(io.BytesIO(blob), im.OCI_LAYER_GZIP, limits=Limits()) as s:
         assert s.drain() == len(tar)
+
+
+def test_a_layer_deleting_a_5000_level_directory_of_a_lower_one(tmp_path: Path) -> None:
+    """Merged mode (flat trees): a whiteout or a replacing entry removes a 5,000-level tree without recursion."""
+    from cvmfs_snap.layer import apply_layer
+
+    wide = Limits(max_depth=DEPTH + 10, max_path_len=4 * DEPTH)
+    target = tmp_path / "flat"
+    target.mkdir()
+    for name in ("a", "b"):
+        apply_layer(io.BytesIO(im.make_tar([(f"{name}/" + "/".join(["d"] * DEPTH) + "/leaf", b"x")])), target,
+                    mode="merged", limits=wide)
+    apply_layer(io.BytesIO(im.make_tar([E(".wh.a"), ("b", b"now a file\n")])), target, mode="merged", limits=wide)
+    assert sorted(os.listdir(target)) == ["b"] and (target / "b").read_bytes() == b"now a file\n"
