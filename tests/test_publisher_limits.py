@@ -14,7 +14,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,17 +40,6 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 def client() -> Iterator[RegistryClient]:
     with RegistryClient(timeout=30, retries=1) as c:
         yield c
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every local user can traverse (pytest's tmp_path is 0700, which would hide everything)."""
-    d = Path(tempfile.mkdtemp(prefix="cvmfs-snap-open-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        remove_tree(d)
 
 
 def _publish(root: Path, client: RegistryClient, ref: str, limits: Limits | None = None, **kw: object) -> object:
@@ -98,7 +86,9 @@ for p in sys.argv[1:]:
 
 # -- item 2: device nodes and set-id files -------------------------------------------------------------------------
 def test_devices_and_setuid_root_are_not_usable_by_other_users(registry: Registry, client: RegistryClient,
-                                                               open_dir: Path) -> None:
+                                                               short_tmp: Path) -> None:
+    os.chmod(short_tmp, 0o755)  # every user may traverse it (tmp_path is 0700, which would hide everything)
+    open_dir = short_tmp
     id_binary = Path(shutil.which("id") or "/usr/bin/id").read_bytes()
     lay = im.layer([
         E("dev", type="dir"), E("dev/disk", type="block", devmajor=7, devminor=0, mode=0o666),
