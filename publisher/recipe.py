@@ -15,7 +15,8 @@ optional key, ``platforms: [linux/amd64, ...]``, to restrict which platforms of 
 ``user`` and ``output_format`` (DUCC's thin-image push) are read and ignored, with a log line saying so.
 
 A broken input line does not spoil the recipe: it is recorded in :attr:`Recipe.errors` (and reported as a failed
-image by the CLI/daemon) while the other lines proceed. Only a file that is not a recipe at all raises.
+image by the CLI/daemon) while the other lines proceed; a registry tag list holding an invalid tag fails that tag
+alone (:meth:`Recipe.expand_lines` gives per-line results). Only a file that is not a recipe at all raises.
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ Atomic visibility by staging and rename: a layer (``layerfs`` + ``.metadata``) a
 ``<root>/.cvmfs-snap-staging/<pid>-<random>/`` on the same filesystem and renamed into place in one ``rename(2)``;
 metadata files are written to a temporary name and renamed; symlinks are replaced by renaming a new link over the
 old one. A process killed at any moment leaves at most a staging directory, which ``recover`` removes once its
-owner process is gone.
+owner process is gone (however deep: ``cvmfs_snap.fsutil``).
+
+Who can reach what (docs/publisher.md, "Special files"): staging and ``.layers`` are 0700, because layer trees keep
+the image's device nodes and set-id files for containers, as containerd's snapshots do; flat trees, which every
+user may run, carry no device node, setuid/setgid bit or file capability (:func:`defuse_flat`).
 """
 
 from __future__ import annotations
