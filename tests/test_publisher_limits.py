@@ -441,3 +441,32 @@ def test_a_layer_deleting_a_5000_level_directory_of_a_lower_one(tmp_path: Path) 
                     mode="merged", limits=wide)
     apply_layer(io.BytesIO(im.make_tar([E(".wh.a"), ("b", b"now a file\n")])), target, mode="merged", limits=wide)
     assert sorted(os.listdir(target)) == ["b"] and (target / "b").read_bytes() == b"now a file\n"
+
+
+def test_defuse_flat_clears_every_kind_of_privilege(tmp_path: Path) -> None:
+    """Flat trees: devices out, setuid/setgid and file capabilities off, everything else (FIFOs, dir setgid) kept."""
+    import struct
+
+    from publisher.backends.local import CAPABILITY_XATTR, defuse_flat
+
+    flat = tmp_path / "flat"
+    (flat / "bin").mkdir(parents=True)
+    (flat / "shared").mkdir(mode=0o2775)
+    os.chmod(flat / "shared", 0o2775)
+    caps = flat / "bin/ping"
+    caps.write_bytes(b"\x7fELF")
+    os.chmod(caps, 0o755)
+    os.setxattr(caps, CAPABILITY_XATTR, struct.pack("<IIIII", 0x02000001, 1 << 7, 0, 0, 0))  # cap_setuid+ep
+    suid = flat / "bin/su"
+    suid.write_bytes(b"\x7fELF")
+    os.chmod(suid, 0o6755)
+    os.utime(suid, ns=(1_000_000_000, 1_600_000_000_000_000_000))
+    os.mknod(flat / "sda", stat.S_IFBLK | 0o666, os.makedev(8, 0))
+    os.mknod(flat / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mkfifo(flat / "fifo", 0o644)
+    assert defuse_flat(flat) == (2, 2)
+    assert sorted(os.listdir(flat)) == ["bin", "fifo", "shared"]
+    assert CAPABILITY_XATTR not in os.listxattr(caps) and stat.S_IMODE(caps.stat().st_mode) == 0o755
+    assert stat.S_IMODE(suid.stat().st_mode) == 0o755 and suid.stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert stat.S_IMODE((flat / "shared").stat().st_mode) == 0o2775
+    assert defuse_flat(flat) == (0, 0)
