@@ -892,6 +892,11 @@ def run_gc(args: argparse.Namespace, config: Any) -> int:
     except CvmfsSnapError as exc:
         log.error("gc failed: %s", exc)
         return exc.exit_code
+    except OSError as exc:  # e.g. a tree the backend may not remove: a clear failure, not a traceback
+        log.debug("gc failed", exc_info=exc)
+        log.error("gc failed: %s: %s; check that path (permissions, immutable files, free space), then run gc again",
+                  exc.filename or "the repository", exc.strerror or exc)
+        return 1
     print(format_report(plan, dry_run=dry_run), flush=True)
     if plan.schedule_update is not None and plan.schedule_update.not_scheduled:
         for problem in (wishlist.problems if wishlist is not None else []):

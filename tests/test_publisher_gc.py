@@ -292,3 +292,4 @@ def test_gc_removes_through_cvmfs_server(tmp_path: Path, registry: Registry, bac
     assert not layout.layer_dir(gone.digest).exists()
     assert not layout.flat_dir(drop.config_digest).exists()
     assert layout.is_layer_complete(base.digest) and layout.flat_dir(keep.config_digest).is_dir()
+
