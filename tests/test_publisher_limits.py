@@ -7,6 +7,7 @@ files stay sparse, bombs and huge manifests are refused early, and disk-full say
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,8 +22,9 @@ import pytest
 
 from cvmfs_snap.fsutil import make_deep_tree, remove_tree
 from cvmfs_snap.layer.limits import Limits
-from cvmfs_snap.layout import RepositoryLayout
+from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
+from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.config import PublisherConfig
 from publisher.pipeline import Publisher
@@ -383,9 +385,9 @@ def test_too_many_layers_or_platforms_are_refused(registry: Registry, client: Re
 class _FillAfterLayers(LocalBackend):
     """The real local backend, on a tiny tmpfs that is filled up right after the layers are published."""
 
-    def publish_layer(self, info, tar_stream):  # type: ignore[no-untyped-def]
+    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
         rec = super().publish_layer(info, tar_stream)
-        with open(self.root / "filler", "wb") as f, __import__("contextlib").suppress(OSError):
+        with open(self.root / "filler", "wb") as f, contextlib.suppress(OSError):
             while True:
                 f.write(bytes(1 << 16))
                 f.flush()
