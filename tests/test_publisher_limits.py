@@ -472,3 +472,27 @@ def test_defuse_flat_clears_every_kind_of_privilege(tmp_path: Path) -> None:
     assert stat.S_IMODE(suid.stat().st_mode) == 0o755 and suid.stat().st_mtime_ns == 1_600_000_000_000_000_000
     assert stat.S_IMODE((flat / "shared").stat().st_mode) == 0o2775
     assert defuse_flat(flat) == (0, 0)
+
+
+def test_whiteout_scan_of_a_5000_level_tree(tmp_path: Path) -> None:
+    """The scan that indexes DUCC-made layers (adoption here, masks on nodes) is fd-relative: no depth or PATH_MAX
+    limit, AUFS metadata hidden and not looked into."""
+    from cvmfs_snap.layer import scan_tree_whiteouts
+
+    make_deep_tree(tmp_path / "lfs", DEPTH)
+    fd = os.open(tmp_path / "lfs", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(DEPTH):
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        for name in (".wh.gone", ".wh..wh..opq"):
+            os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    (tmp_path / "lfs/.wh..wh.plnk/x").mkdir(parents=True)
+    (tmp_path / "lfs/.wh..wh.plnk/x/.wh.not-a-whiteout").touch()
+    idx = scan_tree_whiteouts(tmp_path / "lfs")
+    deep = "/".join(["d"] * DEPTH)
+    assert idx.whiteouts == [f"{deep}/gone"] and idx.opaque_dirs == [deep] and idx.hidden == [".wh..wh.plnk"]
+    remove_tree(tmp_path / "lfs")
