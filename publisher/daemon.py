@@ -338,7 +338,7 @@ class Daemon:
         could not be re-read or any line failed: a typo or a registry outage must never schedule images."""
         from publisher import gc
 
-        problems = [f"recipe line {e.message}" for e in recipe.errors]
+        problems = [f"recipe line {e.message}" for e in recipe.errors if e.whole_line]  # an invalid tag blocks nothing
         if self.recipe_error:
             problems.insert(0, f"recipe {self.recipe_path} not reloaded: {self.recipe_error}")
         keep = gc.publish_on_miss_keep(self.settings.publish_on_miss_allow)

@@ -853,7 +853,8 @@ def load_wishlist(recipe_path: str, config: PublisherConfig, args: argparse.Name
         refs = recipe.expand(client)
     finally:
         client.close()
-    problems = [f"recipe line {e.message}" for e in recipe.errors]
+    # an invalid tag in a registry's tag list names no publishable image: it does not make the wishlist incomplete
+    problems = [f"recipe line {e.message}" for e in recipe.errors if e.whole_line]
     return Wishlist.from_refs(refs, problems, keep)
 
 

@@ -54,10 +54,19 @@ class RecipeLine:
 
 @dataclass
 class RecipeError:
-    """A recipe line that failed (bad syntax, tag list unreadable, no tag matching its glob)."""
+    """A recipe line that failed (bad syntax, tag list unreadable, no tag matching its glob), or one ``tag`` of a
+    registry's tag list that is not a valid tag (the line's other tags expanded)."""
 
     input: str
     message: str
+    #: the invalid tag when only that tag failed ("" when the whole line did)
+    tag: str = ""
+
+    @property
+    def whole_line(self) -> bool:
+        """The line did not expand (its images are unknown); False for a single invalid tag, which cannot name a
+        published image, so it does not make the expansion incomplete for garbage collection."""
+        return not self.tag
 
 
 @dataclass
@@ -200,16 +209,16 @@ class Recipe:
             except CvmfsSnapError as exc:
                 self._fail(line, res, f"{line.text}: registry {line.ref.registry} lists tag {t!r} of "
                                       f"{line.ref.name}, which is not a valid tag ({exc}); skipped, the line's "
-                                      "other tags are published")
+                                      "other tags are published", tag=t)
         if not matched:
             self._fail(line, res, f"{line.text}: no tag of {line.ref.name} matches {line.tag_glob!r}")
         elif refs:
             log.info("recipe %s: %s expands to %d tag(s)", self.path, line.text, len(refs))
         return refs
 
-    def _fail(self, line: RecipeLine, res: LineResult, message: str) -> None:
+    def _fail(self, line: RecipeLine, res: LineResult, message: str, tag: str = "") -> None:
         log.error("recipe %s: %s", self.path, message)
-        err = RecipeError(line.text, message)
+        err = RecipeError(line.text, message, tag)
         self.errors.append(err)
         res.errors.append(err)
 

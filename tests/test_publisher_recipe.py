@@ -293,8 +293,10 @@ def test_bad_tag_in_tag_list_fails_only_itself(registry: Registry, tmp_path: Pat
         assert (layout.image_metadata_dir(registry_host, repo, tag) / "image.json").is_file()
 
 
-def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: Registry, tmp_path: Path) -> None:
-    """Issue 7.15, daemon side: the full pass records the bad tag as a failed recipe entry and queues the rest."""
+def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: Registry, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 7.15, daemon side: the full pass records the bad tag as a failed recipe entry, queues the rest, and
+    (an invalid tag naming no publishable image) still keeps the remove schedule up to date."""
     from publisher.config import DaemonConfig
     from publisher.daemon import Daemon
     from publisher.pipeline import Publisher
@@ -318,3 +320,20 @@ def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: R
                 [f"{proxy.host}/cli/dtagged:v1", f"{registry.host}/cli/dhealthy:v1"])
             failed = [s for s in d.history.values() if not s.ok]
             assert len(failed) == 1 and "'bad tag'" in failed[0].message
+            assert "no image was scheduled for removal" not in caplog.text
+
+
+def test_gc_wishlist_is_complete_despite_a_bad_tag(registry: Registry, tmp_path: Path) -> None:
+    """An invalid tag in a tag list cannot name a published image, so gc --recipe still schedules dropped images;
+    a line that does not expand at all still stops scheduling."""
+    from publisher.gc import load_wishlist
+
+    im.push_image(registry.url, "cli/wtagged", "v1", im.image([base_layer("wishlist")]))
+    with _tag_list_proxy(registry, ["bad tag"]) as proxy:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"version: 1\ninput: ['http://{proxy.host}/cli/wtagged:*']\n")
+        wl = load_wishlist(str(recipe), PublisherConfig(root=str(tmp_path / "repo")))
+        assert wl.problems == [] and wl.names == {f"{proxy.host}/cli/wtagged:v1"}
+        recipe.write_text(f"version: 1\ninput: ['http://{proxy.host}/cli/no-such-repo:*']\n")
+        wl = load_wishlist(str(recipe), PublisherConfig(root=str(tmp_path / "repo")))
+        assert len(wl.problems) == 1 and "cannot list tags" in wl.problems[0]
