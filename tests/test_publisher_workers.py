@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.errors import CvmfsSnapError, IntegrityError, UnavailableError
+from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, IntegrityError, UnavailableError
 from cvmfs_snap.layer import apply_layer, digesting, open_layer
 from cvmfs_snap.layout import LayerRecord
 from cvmfs_snap.oci import RegistryClient
@@ -137,6 +137,23 @@ def _where_am_i(info: LayerInfo, tar: TarStream, target: Path, note: str = "") -
         target.with_suffix(".note").write_text(note)
     return LayerRecord(digest=info.digest, diff_id=str(getattr(tar, "diff_id", "")), media_type=info.media_type,
                        compressed_size=0, uncompressed_size=0, entries=0)
+
+
+@offloadable
+def _dies(info: LayerInfo, tar: TarStream, target: Path) -> LayerRecord:
+    """A step whose worker process dies half-way (as under the OOM killer)."""
+    tar.read(1000)
+    os._exit(9)
+
+
+def test_a_worker_that_dies_fails_its_layer_only(workers: LayerWorkers, tmp_path: Path) -> None:
+    lay = _sample()
+    with pytest.raises(FailedPreconditionError, match="worker process unpacking it died"):
+        _dies(_info(lay), workers.layer(io.BytesIO(lay.blob), lay.media_type, "layer"), tmp_path / "x")
+    rec = unpack_layer_dir(_info(lay), workers.layer(io.BytesIO(lay.blob), lay.media_type, "layer"),
+                           tmp_path / "next")  # a new pool takes over
+    assert rec.diff_id == lay.diff_id
+    assert workers.usable
 
 
 def test_offloaded_step_runs_in_a_worker_process(workers: LayerWorkers, tmp_path: Path) -> None:
