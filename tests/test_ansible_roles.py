@@ -28,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from cvmfs_snap import fsutil
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from cvmfs_snap.devenv.procs import stop_process, unmount_below
 from cvmfs_snap.devenv.registry import free_port
@@ -119,10 +120,11 @@ state = "{d}/state"
 def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
     """Every entry under ``root`` with its type, mode, size, mtime and content hash (bytecode caches left out)."""
     out: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
+    for dirpath, dirs, files in fsutil.walk(root):
         for name in [*dirs, *files]:
             p = Path(dirpath) / name
+            if "__pycache__" in p.parts:
+                continue
             st = p.lstat()
             digest = ""
             if p.is_file() and not p.is_symlink():
@@ -207,7 +209,7 @@ def site(registry: Registry) -> Iterator[Site]:
         yield Site(tmp, prefix, inventory, fake, registry, image_ref, img, port, ctd, runs, before, after)
     finally:
         unmount_below(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.remove_tree_quietly(tmp)
 
 
 # -- the three runs ------------------------------------------------------------------------------------------------

@@ -7,7 +7,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+try:  # the cvmfs-snap virtualenv has both
+    import grpc
+
+    from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+except ImportError:
+    IMPORT_ERROR = True
+else:
+    IMPORT_ERROR = False
 
 DOCUMENTATION = r"""
 ---
@@ -47,9 +56,6 @@ def check(module: AnsibleModule) -> dict[str, Any]:
     if module.params["require_mount"] and not os.path.ismount(mountpoint):
         module.fail_json(msg=f"{mountpoint} is not a mount point: the CVMFS repository is not mounted (check "
                              "cvmfs_config probe and /etc/cvmfs/default.local)")
-    import grpc
-    from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
-
     address: str = module.params["address"]
     channel = grpc.insecure_channel(f"unix:{address}")
     try:
@@ -78,6 +84,9 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
+    if IMPORT_ERROR:
+        module.fail_json(msg=missing_required_lib("cvmfs-snap (grpc and its stubs): run this module with the "
+                                                  "cvmfs-snap virtualenv's python"))
     module.exit_json(**check(module))
 
 
