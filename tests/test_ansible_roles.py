@@ -244,6 +244,19 @@ def test_first_run_installs_the_wheel_and_writes_every_file(site: Site) -> None:
     assert settings["grace_period_days"] == 7
 
 
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian package systemd)")
+def test_rendered_units_pass_systemd_analyze_verify(site: Site) -> None:
+    units = sorted(str(p) for p in (site.etc / "systemd" / "system").iterdir())
+    assert len(units) == 4
+    r = subprocess.run([str(SYSTEMD_ANALYZE), "verify", *units], capture_output=True, text=True, timeout=120)
+    # it exits 0 on unknown keys and unparsable values, but says so: any line about our units is a failure
+    problems = [line for line in (r.stdout + r.stderr).splitlines() if "cvmfs-snap" in line]
+    assert r.returncode == 0 and problems == [], r.stdout + r.stderr
+
+
 def test_second_run_changes_nothing(site: Site) -> None:
     run = site.runs["second"]
     assert run.rc == 0, run.output[-4000:]
