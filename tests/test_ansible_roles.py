@@ -262,6 +262,23 @@ def test_second_run_changes_nothing(site: Site) -> None:
     assert run.rc == 0, run.output[-4000:]
     assert run.changed() == []
     assert run.recap()["changed"] == 0
+    assert run.handlers() == [], "nothing changed, so nothing is restarted"
+
+
+def test_handlers_restart_only_what_changed(site: Site) -> None:
+    """The first run notifies every restart; the check run (publisher and snapshotter settings changed) only those
+    two, not containerd and no systemd reload. (Without systemd the handlers are notified and then skipped.)"""
+    assert set(site.runs["first"].handlers()) == {
+        "cvmfs_snap_publisher : Reload systemd for the cvmfs-snap publisher",
+        "cvmfs_snap_publisher : Restart the cvmfs-snap publisher",
+        "cvmfs_snap_snapshotter : Reload systemd for the cvmfs-snap snapshotter",
+        "cvmfs_snap_snapshotter : Restart the cvmfs-snap snapshotter",
+        "cvmfs_snap_snapshotter : Restart containerd for the cvmfs-snap snapshotter",
+    }
+    assert sorted(site.runs["check"].handlers()) == [
+        "cvmfs_snap_publisher : Restart the cvmfs-snap publisher",
+        "cvmfs_snap_snapshotter : Restart the cvmfs-snap snapshotter",
+    ]
 
 
 def test_check_mode_reports_exactly_the_change_and_writes_nothing(site: Site) -> None:
@@ -301,6 +318,26 @@ def test_containerd_config_is_merged_not_overwritten(site: Site) -> None:
     del after["proxy_plugins"]
     del cri["containerd"]["snapshotter"], cri["containerd"]["disable_snapshot_annotations"]
     assert after == before
+
+
+def test_check_mode_on_a_new_host_writes_nothing(site: Site, tmp_path: Path) -> None:
+    """--check --diff before anything is installed: every file is reported, nothing is created."""
+    prefix = tmp_path / "new"
+    variables = yaml.safe_load(site.inventory.read_text())["all"]["vars"]
+    fresh = {k: (v.replace(str(site.prefix), str(prefix)) if isinstance(v, str) else v) for k, v in variables.items()}
+    inventory = localhost_inventory(tmp_path / "inventory.yml", ["publishers", "nodes"], fresh)
+    run = run_playbook("site.yml", inventory, "--check", "--diff")
+    assert run.rc == 0, run.output[-4000:]
+    changed = set(run.changed())
+    assert {"cvmfs_snap_install : Copy the wheel to the target",
+            "cvmfs_snap_publisher : Write the publisher settings",
+            "cvmfs_snap_publisher : Write the daemon's systemd unit",
+            "cvmfs_snap_snapshotter : Write the snapshotter configuration",
+            "cvmfs_snap_snapshotter : Merge the proxy plugin and CRI settings into containerd's config"} <= changed
+    merge = next(r for r in run.results if r["task"].startswith("Merge the proxy plugin"))
+    assert "cvmfs-snapshotter" in json.dumps(merge["diff"])
+    assert not prefix.exists()
+    assert SECRET not in run.output
 
 
 # -- the programs, started from the rendered units -------------------------------------------------------------------

@@ -43,6 +43,10 @@ class PlaybookRun:
         """``role : task`` of every task that changed something."""
         return [f"{r['role']} : {r['task']}" for r in self.results if r["changed"]]
 
+    def handlers(self) -> list[str]:
+        """``role : handler`` of every handler that was notified (it runs, or is skipped without systemd)."""
+        return [f"{r['role']} : {r['task']}" for r in self.results if r.get("handler")]
+
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.results if r["status"] in ("failed", "unreachable")]
 

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from ansible.playbook.handler import Handler
 from ansible.plugins.callback import CallbackBase
 
 DOCUMENTATION = r"""
@@ -36,6 +37,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
             "task": task.name,
             "role": role,
             "action": task.action,
+            "handler": isinstance(task, Handler),
             "host": result._host.get_name(),
             "status": "changed" if status == "ok" and changed else status,
             "changed": changed,
