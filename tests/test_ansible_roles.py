@@ -320,6 +320,28 @@ def test_containerd_config_is_merged_not_overwritten(site: Site) -> None:
     assert after == before
 
 
+@pytest.mark.parametrize(("tag", "change", "task", "message", "path"), [
+    ("publisher", {"cvmfs_snap_publisher_workers": 0}, "Write the publisher settings",
+     "daemon.workers must be a positive integer", "cvmfs-snap/publisher.yaml"),
+    ("nodes", {"cvmfs_snap_snapshotter_publish_on_miss_url": "http://user:pw@stratum0.example.org/publish-on-miss"},
+     "Write the snapshotter configuration", "must not contain credentials", "containerd-cvmfs-grpc/config.toml"),
+    ("publisher", {"cvmfs_snap_publisher_backend": "ftp"}, "ansible.builtin.validate_argument_spec",
+     "cvmfs_snap_publisher_backend must be one of", "cvmfs-snap/publisher.yaml"),
+])
+def test_unusable_settings_are_refused_and_nothing_is_replaced(site: Site, tag: str, change: dict[str, Any],
+                                                               task: str, message: str, path: str) -> None:
+    """The programs' own loaders check each settings file before it replaces the old one (argument_specs check
+    types and choices even before that); the message is the one the daemon would give."""
+    before = tree_state(site.prefix)
+    run = run_playbook("site.yml", site.inventory, "--tags", tag, "-e", json.dumps(change))
+    assert run.rc != 0
+    (failure,) = run.failed()
+    assert task in (failure["task"], failure["action"]), failure
+    assert message in json.dumps(failure), failure
+    assert tree_state(site.prefix) == before
+    assert "pw@" not in (site.etc / path).read_text()
+
+
 def test_check_mode_on_a_new_host_writes_nothing(site: Site, tmp_path: Path) -> None:
     """--check --diff before anything is installed: every file is reported, nothing is created."""
     prefix = tmp_path / "new"

@@ -43,6 +43,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
             "changed": changed,
             "diff": res.get("diff"),
             "msg": res.get("msg"),
+            "stderr": res.get("stderr"),
         }
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry, default=str) + "\n")
