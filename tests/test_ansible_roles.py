@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +319,36 @@ def test_containerd_config_is_merged_not_overwritten(site: Site) -> None:
     del after["proxy_plugins"]
     del cri["containerd"]["snapshotter"], cri["containerd"]["disable_snapshot_annotations"]
     assert after == before
+
+
+def test_check_mode_shows_an_upgrade_restart_and_a_switch_to_cron(site: Site, tmp_path: Path) -> None:
+    """A new wheel (same version, other content) would be reinstalled and restart both programs (not containerd);
+    GC moved from the systemd timer to cron would write the cron file and remove the GC units. Nothing written."""
+    variables = yaml.safe_load(site.inventory.read_text())["all"]["vars"]
+    upgraded = tmp_path / Path(variables["cvmfs_snap_install_wheel"]).name
+    shutil.copyfile(variables["cvmfs_snap_install_wheel"], upgraded)
+    with zipfile.ZipFile(upgraded, "a") as z:
+        z.writestr("cvmfs_snap/_rebuilt.txt", "another build of the same version\n")
+    before = tree_state(site.prefix)
+    run = run_playbook("site.yml", site.inventory, "--check", "--diff", "-e", json.dumps({
+        "cvmfs_snap_install_wheel": str(upgraded), "cvmfs_snap_publisher_gc_scheduler": "cron"}))
+    assert run.rc == 0, run.output[-4000:]
+    changed = set(run.changed())
+    assert {
+        "cvmfs_snap_install : Copy the wheel to the target",
+        "cvmfs_snap_install : Reinstall cvmfs-snap from the wheel file",
+        "cvmfs_snap_publisher : Restart the publisher for the new cvmfs-snap package",
+        "cvmfs_snap_snapshotter : Restart the snapshotter for the new cvmfs-snap package",
+        "cvmfs_snap_publisher : Write the garbage collection cron file",
+        "cvmfs_snap_publisher : Remove the garbage collection units when systemd does not run GC",
+    } <= changed, changed
+    assert not any("containerd" in c or "configuration" in c or "settings" in c for c in changed), changed
+    cron = next(r for r in run.results if r["task"] == "Write the garbage collection cron file")
+    assert f"15 3 * * * root {site.venv}/bin/cvmfs-snap-publisher gc --config" in json.dumps(cron["diff"])
+    assert "Restart containerd for the cvmfs-snap snapshotter" not in " ".join(run.handlers())
+    assert {"cvmfs_snap_publisher : Restart the cvmfs-snap publisher",
+            "cvmfs_snap_snapshotter : Restart the cvmfs-snap snapshotter"} <= set(run.handlers())
+    assert tree_state(site.prefix) == before
 
 
 @pytest.mark.parametrize(("tag", "change", "task", "message", "path"), [
