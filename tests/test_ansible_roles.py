@@ -562,3 +562,36 @@ def test_gc_unit_runs_with_the_rendered_settings(site: Site, services: Services)
     r = subprocess.run([*unit.exec_start, "--dry-run"], env=unit.env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "gc:" in r.stdout + r.stderr
+
+
+def test_rolling_update_stops_at_the_first_unhealthy_batch(site: Site, services: Services, tmp_path: Path) -> None:
+    """site.yml's node play in batches of one host with no failure allowed: the healthy first node is updated and
+    checked, the second fails its health check (its socket does not answer), the third is never touched."""
+    variables = yaml.safe_load(site.inventory.read_text())["all"]["vars"]
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+             "cvmfs_snap_snapshotter_health_check": "always"}
+    node = {k: v for k, v in variables.items() if k.startswith(("cvmfs_snap_install_", "cvmfs_snap_snapshotter_"))}
+
+    def elsewhere(prefix: Path) -> dict[str, Any]:
+        moved = {k: (v.replace(str(site.prefix), str(prefix)) if isinstance(v, str) and k.startswith(
+            "cvmfs_snap_snapshotter_") else v) for k, v in node.items()}
+        return {**moved, **local}
+
+    bad = {**elsewhere(tmp_path / "b"), "cvmfs_snap_snapshotter_address": str(tmp_path / "b" / "nobody.sock"),
+           "cvmfs_snap_snapshotter_check_timeout": 2}
+    hosts = {"node-good": {**node, **local}, "node-bad": bad, "node-third": elsewhere(tmp_path / "c")}
+    inventory = tmp_path / "rolling.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"publishers": {"hosts": {}},
+                                                              "nodes": {"hosts": hosts}}}}, sort_keys=False))
+    run = run_playbook("site.yml", inventory, "-e", json.dumps({
+        "cvmfs_snap_rollout_batch": 1, "cvmfs_snap_rollout_max_fail_percentage": 0}))
+    assert run.rc != 0
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for r in run.results:
+        by_host.setdefault(r["host"], []).append(r)
+    assert list(by_host) == ["node-good", "node-bad"], list(by_host)
+    checks = {h: [r["status"] for r in rs if r["task"] == "Check that the snapshotter answers and the repository "
+                  "is mounted"] for h, rs in by_host.items()}
+    assert checks == {"node-good": ["ok"], "node-bad": ["failed"]}
+    assert [r for r in by_host["node-good"] if r["changed"]] == []
+    assert not (tmp_path / "c").exists()
