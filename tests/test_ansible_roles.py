@@ -198,6 +198,7 @@ def site(registry: Registry) -> Iterator[Site]:
             "cvmfs_snap_snapshotter_publish_on_miss_url": f"http://127.0.0.1:{port}/publish-on-miss",
             "cvmfs_snap_snapshotter_publish_on_miss_secret": SECRET,
             "cvmfs_snap_snapshotter_check_mounted": False,
+            "cvmfs_snap_snapshotter_source_options": {"cvmfs": {"timeout": 5.0, "max-hanging-calls": 4}},
         }
         inventory = localhost_inventory(tmp / "inventory.yml", ["publishers", "nodes"], variables)
         runs = {"first": run_playbook("site.yml", inventory)}
