@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.ansible import ANSIBLE_DIR, ansible_env
+from tests.support.playbooks import ANSIBLE_DIR, ansible_env
 
 LIBRARY = ANSIBLE_DIR / "roles" / "cvmfs_snap_snapshotter" / "library"
 SOCK = "/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.ansible import ANSIBLE_DIR, ANSIBLE_LINT, ANSIBLE_PLAYBOOK, ansible_env
+from tests.support.playbooks import ANSIBLE_DIR, ANSIBLE_LINT, ANSIBLE_PLAYBOOK, ansible_env
 
 ROLES = sorted(p.name for p in (ANSIBLE_DIR / "roles").iterdir() if p.is_dir())
 PLAYBOOKS = ["site.yml", "verify.yml"]

@@ -34,9 +34,9 @@ from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2, s
 from cvmfs_snap.devenv.procs import stop_process, unmount_below
 from cvmfs_snap.devenv.registry import free_port
 from tests.support import images as im
-from tests.support.ansible import PlaybookRun, localhost_inventory, read_unit, run_playbook
 from tests.support.containerd import CONTAINERD_BIN, Containerd
 from tests.support.paths import REPO_ROOT
+from tests.support.playbooks import PlaybookRun, localhost_inventory, read_unit, run_playbook
 from tests.support.publisher_env import FakeCvmfs, base_layer, make_fake_cvmfs
 from tests.support.registry import Registry
 
@@ -244,6 +244,9 @@ def test_first_run_installs_the_wheel_and_writes_every_file(site: Site) -> None:
     assert "webhook_secret" not in settings.get("daemon", {})
     assert settings["backend"] == "cvmfs-ingest" and settings["repo"] == site.fake.repo
     assert settings["grace_period_days"] == 7
+    snap = tomllib.loads((site.etc / "containerd-cvmfs-grpc" / "config.toml").read_text())
+    assert snap["repository"] == site.fake.repo
+    assert snap["cvmfs-snap"]["source-options"] == {"cvmfs": {"timeout": 5.0, "max-hanging-calls": 4}}
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
