@@ -60,3 +60,28 @@ def test_every_variable_has_a_default_and_an_argument_spec(role: str) -> None:
         if line and not line.startswith((" ", "#", "-")) and line.split(":")[0] in defaults:
             above = lines[i - 1]
             assert above.startswith("#") or lines[i - 2].startswith("#"), f"{line}: no comment above it"
+
+
+def _host_vars(host: str, tmp: Path) -> dict[str, Any]:
+    r = subprocess.run(["ansible-inventory", "-i", "inventories/example/hosts.yml", "--host", host], cwd=ANSIBLE_DIR,
+                       env=ansible_env(tmp / "record.jsonl"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = yaml.safe_load(r.stdout)
+    return result
+
+
+def test_example_inventory_gives_each_site_its_settings(tmp_path: Path) -> None:
+    """The README's claims about the example inventory: site groups win over publishers/nodes, host_vars over
+    both."""
+    desy = _host_vars("stratum0.desy.example.org", tmp_path)
+    assert desy["cvmfs_snap_publisher_backend"] == "cvmfs-transaction"
+    assert desy["cvmfs_snap_publisher_lease_path"] == "images"
+    assert desy["cvmfs_snap_publisher_repo"] == "unpacked.desy.example.org"
+    cern = _host_vars("cvmfs-stratum0.cern.example.org", tmp_path)
+    assert cern["cvmfs_snap_publisher_backend"] == "cvmfs-ingest"
+    assert cern["cvmfs_snap_publisher_listen"] == "0.0.0.0:8080"
+    assert _host_vars("wn002.cern.example.org", tmp_path)["cvmfs_snap_snapshotter_kubernetes"] is True
+    wn001 = _host_vars("wn001.cern.example.org", tmp_path)
+    assert wn001["cvmfs_snap_snapshotter_kubernetes"] is False
+    assert wn001["cvmfs_snap_snapshotter_repository"] == "unpacked.cern.ch"
+    assert "registry.cern.ch/atlas/*" in wn001["cvmfs_snap_publisher_publish_on_miss_allow"]

@@ -355,6 +355,17 @@ def test_check_mode_shows_an_upgrade_restart_and_a_switch_to_cron(site: Site, tm
     assert tree_state(site.prefix) == before
 
 
+def test_install_from_the_package_index_sees_the_installed_package(site: Site) -> None:
+    """Switched to the package index (no wheel), the installed cvmfs-snap satisfies the requirement: nothing
+    would change and nothing restarts (check mode: the index is not reached)."""
+    run = run_playbook("site.yml", site.inventory, "--check", "-e", json.dumps({
+        "cvmfs_snap_install_wheel": "", "cvmfs_snap_install_package": "cvmfs-snap==0.1.0"}))
+    assert run.rc == 0, run.output[-4000:]
+    statuses = {r["status"] for r in run.results if r["task"] == "Install cvmfs-snap from the package index"}
+    assert statuses == {"ok"}
+    assert run.changed() == [] and run.handlers() == []
+
+
 @pytest.mark.parametrize(("tag", "change", "task", "message", "path"), [
     ("publisher", {"cvmfs_snap_publisher_workers": 0}, "Write the publisher settings",
      "daemon.workers must be a positive integer", "cvmfs-snap/publisher.yaml"),
