@@ -35,8 +35,8 @@ def _load() -> ModuleType:
 merge_module = _load()
 
 
-def merge(data: dict[str, Any], cri: bool = True) -> dict[str, Any]:
-    result: dict[str, Any] = merge_module.merge(data, "cvmfs-snapshotter", SOCK, cri, "config.toml")
+def merge(data: dict[str, Any], cri: bool = True, mirrors: dict[str, Any] | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = merge_module.merge(data, "cvmfs-snapshotter", SOCK, cri, "config.toml", mirrors)
     return result
 
 
@@ -83,6 +83,26 @@ def test_merge_is_idempotent() -> None:
 def test_without_kubernetes_cri_is_not_touched() -> None:
     merged = merge(SITE, cri=False)
     assert merged["plugins"] == SITE["plugins"]
+
+
+def test_registry_mirrors_are_set_and_other_hosts_kept() -> None:
+    merged = merge(SITE, mirrors={"registry.cern.ch": ["https://m1.example.org", "https://m2.example.org"]})
+    mirrors = merged["plugins"][CRI]["registry"]["mirrors"]
+    assert mirrors == {"docker.io": {"endpoint": ["https://mirror.example.org"]},
+                       "registry.cern.ch": {"endpoint": ["https://m1.example.org", "https://m2.example.org"]}}
+    replaced = merge(SITE, mirrors={"docker.io": ["https://new.example.org"]})
+    assert replaced["plugins"][CRI]["registry"]["mirrors"] == {"docker.io": {"endpoint": ["https://new.example.org"]}}
+
+
+@pytest.mark.parametrize(("config", "mirrors", "message"), [
+    ({"version": 2}, {"docker.io": []}, "give a non-empty list of endpoint URLs"),
+    ({"version": 2}, {"docker.io": "https://m.example.org"}, "give a non-empty list of endpoint URLs"),
+    ({"version": 2, "plugins": {CRI: {"registry": {"config_path": "/etc/containerd/certs.d"}}}},
+     {"docker.io": ["https://m.example.org"]}, "refuses mirrors beside it"),
+])
+def test_unusable_mirrors_are_refused(config: dict[str, Any], mirrors: dict[str, Any], message: str) -> None:
+    with pytest.raises(merge_module.MergeError, match=re.escape(message)):
+        merge(config, mirrors=mirrors)
 
 
 @pytest.mark.parametrize(("config", "message"), [

@@ -199,6 +199,7 @@ def site(registry: Registry) -> Iterator[Site]:
             "cvmfs_snap_snapshotter_publish_on_miss_secret": SECRET,
             "cvmfs_snap_snapshotter_check_mounted": False,
             "cvmfs_snap_snapshotter_source_options": {"cvmfs": {"timeout": 5.0, "max-hanging-calls": 4}},
+            "cvmfs_snap_snapshotter_registry_mirrors": {"quay.io": ["https://quay-mirror.site.example.org"]},
         }
         inventory = localhost_inventory(tmp / "inventory.yml", ["publishers", "nodes"], variables)
         runs = {"first": run_playbook("site.yml", inventory)}
@@ -319,6 +320,7 @@ def test_containerd_config_is_merged_not_overwritten(site: Site) -> None:
     cri = after["plugins"]["io.containerd.grpc.v1.cri"]
     assert cri["containerd"] == {"default_runtime_name": "runc", "snapshotter": PLUGIN,
                                  "disable_snapshot_annotations": False}
+    assert cri["registry"]["mirrors"].pop("quay.io") == {"endpoint": ["https://quay-mirror.site.example.org"]}
     # everything else exactly as the site had it
     del after["proxy_plugins"]
     del cri["containerd"]["snapshotter"], cri["containerd"]["disable_snapshot_annotations"]

@@ -43,6 +43,12 @@ options:
     description: Also set CRI's snapshotter and disable_snapshot_annotations = false (Kubernetes nodes).
     type: bool
     default: false
+  registry_mirrors:
+    description:
+      - CRI registry mirrors to set, host to endpoint list
+        (C(plugins."io.containerd.grpc.v1.cri".registry.mirrors."HOST".endpoint)); other hosts' mirrors are kept.
+    type: dict
+    default: {}
   backup:
     description: Keep a timestamped copy of the file before changing it.
     type: bool
@@ -63,7 +69,8 @@ def _table(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     return value
 
 
-def merge(existing: dict[str, Any], plugin_name: str, address: str, cri: bool, path: str) -> dict[str, Any]:
+def merge(existing: dict[str, Any], plugin_name: str, address: str, cri: bool, path: str,
+          mirrors: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """``existing`` with our settings in it (a new dict; ``existing`` is left alone)."""
     if not existing:
         data: dict[str, Any] = {"version": 2}
@@ -87,6 +94,18 @@ def merge(existing: dict[str, Any], plugin_name: str, address: str, cri: bool, p
         containerd = _table(cri_table, "containerd", f'plugins."{CRI_PLUGIN}".containerd')
         containerd["snapshotter"] = plugin_name
         containerd["disable_snapshot_annotations"] = False
+    for host, endpoints in sorted((mirrors or {}).items()):
+        if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) for e in endpoints):
+            raise MergeError(f"registry mirror {host!r}: give a non-empty list of endpoint URLs")
+        where = f'plugins."{CRI_PLUGIN}".registry.mirrors."{host}"'
+        cri_table = _table(_table(data, "plugins", "plugins"), CRI_PLUGIN, f'plugins."{CRI_PLUGIN}"')
+        registry = _table(cri_table, "registry", f'plugins."{CRI_PLUGIN}".registry')
+        if registry.get("config_path"):
+            raise MergeError(f'{path} sets plugins."{CRI_PLUGIN}".registry.config_path, and containerd refuses '
+                             f"mirrors beside it: put the mirror of {host} in a hosts.toml under that directory "
+                             "instead, and leave cvmfs_snap_snapshotter_registry_mirrors empty")
+        mirror = _table(_table(registry, "mirrors", f'plugins."{CRI_PLUGIN}".registry.mirrors'), host, where)
+        mirror["endpoint"] = list(endpoints)
     return data
 
 
@@ -121,7 +140,8 @@ def run(module: AnsibleModule) -> dict[str, Any]:
     except Exception as exc:  # tomllib.TOMLDecodeError or tomli's
         module.fail_json(msg=f"containerd config {path} is not valid TOML ({exc}); fix it, then run again")
     try:
-        data = merge(existing, module.params["plugin_name"], module.params["address"], module.params["cri"], path)
+        data = merge(existing, module.params["plugin_name"], module.params["address"], module.params["cri"], path,
+                     module.params["registry_mirrors"])
     except MergeError as exc:
         module.fail_json(msg=str(exc))
     result: dict[str, Any] = {"changed": data != existing, "path": path}
@@ -161,6 +181,7 @@ def main() -> None:
             "plugin_name": {"type": "str", "required": True},
             "address": {"type": "str", "required": True},
             "cri": {"type": "bool", "default": False},
+            "registry_mirrors": {"type": "dict", "default": {}},
             "backup": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
