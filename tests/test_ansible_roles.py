@@ -185,6 +185,7 @@ def site(registry: Registry) -> Iterator[Site]:
             "cvmfs_snap_publisher_recipe_images": [f"http://{image_ref}"],
             "cvmfs_snap_publisher_webhook_secret": SECRET,
             "cvmfs_snap_publisher_environment": {k: v for k, v in fake.env().items() if v},
+            "cvmfs_snap_publisher_settings_extra": {"daemon": {"miss_cooldown": 61}},
             # snapshotter: the fake repository stands in for /cvmfs/<repo>
             "cvmfs_snap_snapshotter_manage_service": False,
             "cvmfs_snap_snapshotter_config_dir": f"{prefix}/etc/containerd-cvmfs-grpc",
@@ -245,6 +246,7 @@ def test_first_run_installs_the_wheel_and_writes_every_file(site: Site) -> None:
     assert "webhook_secret" not in settings.get("daemon", {})
     assert settings["backend"] == "cvmfs-ingest" and settings["repo"] == site.fake.repo
     assert settings["grace_period_days"] == 7
+    assert settings["daemon"]["miss_cooldown"] == 61 and settings["daemon"]["workers"] == 2  # merged, not replaced
     snap = tomllib.loads((site.etc / "containerd-cvmfs-grpc" / "config.toml").read_text())
     assert snap["repository"] == site.fake.repo
     assert snap["cvmfs-snap"]["source-options"] == {"cvmfs": {"timeout": 5.0, "max-hanging-calls": 4}}
