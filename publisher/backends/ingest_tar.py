@@ -158,6 +158,7 @@ def prepare_layer(info: LayerInfo, tar: TarStream, stage: Path, limits: Limits |
     ``<xx>/<d>/layerfs/`` (``rebased.tar``) and ``item.json`` (record, origin, implied directories), written last.
     Nothing reaches ``cvmfs_server`` before this returned."""
     hexd = digest_hex(info.digest)
+    stage.mkdir(parents=True, exist_ok=True)
     spooled = spool_and_validate(info, tar, stage / "layer.tar", limits)
     with open(spooled.spool, "rb") as src, open(stage / REBASED_TAR, "wb") as out:
         rebase(src, out, f"{hexd[:2]}/{hexd}/{LAYERFS}/")
