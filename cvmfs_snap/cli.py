@@ -6,6 +6,7 @@ Subcommands live in their own modules; each exposes ``add_arguments(parser)`` an
 - ``status``: list snapshots and where each layer comes from (``cvmfs_snap.snapshotter.status``)
 - ``pull``: pull an image through containerd with our snapshotter (``cvmfs_snap.containerd.pull``)
 - ``demo``: the end-to-end main job on an embedded default (``cvmfs_snap.demo``)
+- ``convert``: copy an image registry to registry with eStargz layers (``cvmfs_snap.convert.command``)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "list snapshots and where each layer comes from",
     "pull": "pull an image through containerd, serving published layers from CVMFS",
     "demo": "run the whole data path end to end on a local embedded default",
+    "convert": "copy an image registry to registry, with its layers as eStargz",
 }
 
 log = logging.getLogger("cvmfs_snap")
@@ -63,6 +65,10 @@ def subcommand(name: str) -> ModuleType:
         from cvmfs_snap import demo
 
         return demo
+    if name == "convert":
+        from cvmfs_snap.convert import command
+
+        return command
     raise KeyError(name)
 
 
