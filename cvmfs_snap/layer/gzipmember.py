@@ -111,3 +111,23 @@ def decode_member(
         raise InvalidInputError(f"{name}: gzip member at blob offset {at} is truncated (ends after {len(data) - start} "
                                 "bytes)")
     return out, len(data) - len(d.unused_data)
+
+
+def decode_member_prefix(data: bytes, length: int, *, offset: int = 0, name: str = "layer") -> bytes:
+    """The first ``length`` uncompressed bytes of the gzip member at ``data[0]`` (blob offset ``offset``).
+
+    The member may hold more (an eStargz chunk's member goes on with the next tar headers); exactly ``length``
+    bytes are produced, or InvalidInputError if the member ends (or ``data`` stops) before that.
+    """
+    if data[:2] != GZIP_MAGIC:
+        raise InvalidInputError(f"{name}: no gzip member at blob offset {offset} (found {data[:4].hex() or 'nothing'})")
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, length)
+    except zlib.error as e:
+        raise InvalidInputError(f"{name}: corrupt gzip member at blob offset {offset}: {e}") from None
+    if len(out) < length:
+        raise InvalidInputError(
+            f"{name}: gzip member at blob offset {offset} holds {len(out)} bytes, fewer than the {length} expected"
+        )
+    return out
