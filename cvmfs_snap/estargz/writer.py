@@ -84,6 +84,7 @@ class BuildResult:
     #: sha256 and size of the blob written
     digest: str
     size: int
+    #: TOC entries other than chunk continuations (the landmark included)
     entries: int
     missing_prioritized: list[str]
 
@@ -105,6 +106,9 @@ def _sparse_header(e: TarEntry) -> bytes:
     ti.uid, ti.gid = e.uid, e.gid
     ti.mtime = e.mtime_ns // 1_000_000_000
     ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in e.xattrs.items()}
+    secs, ns = divmod(e.mtime_ns, 1_000_000_000)
+    if ns:
+        ti.pax_headers["mtime"] = f"{secs}.{ns:09d}"
     return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
@@ -433,6 +437,6 @@ def build(
         uncompressed_size=em.usize,
         digest="sha256:" + em.blob_hash.hexdigest(),
         size=em.offset,
-        entries=len(toc),
+        entries=sum(1 for t in toc if t.type != "chunk"),
         missing_prioritized=missing,
     )
