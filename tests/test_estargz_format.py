@@ -153,4 +153,5 @@ def test_compression_level_changes_size_not_content() -> None:
     assert len(best) < len(fast)
     # offsets in the TOC differ (so do the TOC digest and diffID); the files do not
     assert r1.toc_digest != r9.toc_digest
-    assert _files(gzip.decompress(fast)) == _files(gzip.decompress(best))
+    a, b = _files(gzip.decompress(fast)), _files(gzip.decompress(best))
+    assert a.pop(TOC_TAR_NAME) != b.pop(TOC_TAR_NAME) and a == b
