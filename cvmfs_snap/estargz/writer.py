@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 import tarfile
 import tempfile
 import zlib
@@ -26,8 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import zstandard
+
 from cvmfs_snap.errors import InvalidInputError
-from cvmfs_snap.estargz.footer import gzip_footer
+from cvmfs_snap.estargz.footer import SKIPPABLE_MAGIC, gzip_footer, zstd_footer
 from cvmfs_snap.estargz.toc import (
     LANDMARK_CONTENTS,
     NO_PREFETCH_LANDMARK,
@@ -64,12 +67,19 @@ class BuildOptions:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     #: directory for the spool file that prioritising needs (default: the system temp dir)
     spool_dir: str | None = None
+    #: "gzip" (eStargz) or "zstd" (zstd:chunked members with the eStargz TOC, as Go's ``zstdchunked``)
+    compression: str = "gzip"
 
     def check(self) -> None:
         if self.chunk_size < 1 or self.chunk_size > 1 << 30:
             raise InvalidInputError(f"chunk size must be between 1 byte and 1 GiB, got {self.chunk_size}")
-        if not 0 <= self.compression_level <= 9:
-            raise InvalidInputError(f"gzip compression level must be 0..9, got {self.compression_level}")
+        if self.compression not in ("gzip", "zstd"):
+            raise InvalidInputError(f"compression must be gzip or zstd, got {self.compression!r}")
+        low, top = (0, 9) if self.compression == "gzip" else (1, 22)
+        if not low <= self.compression_level <= top:
+            raise InvalidInputError(
+                f"{self.compression} compression level must be {low}..{top}, got {self.compression_level}"
+            )
         if self.workers < 1:
             raise InvalidInputError(f"workers must be at least 1, got {self.workers}")
 
@@ -153,9 +163,12 @@ def _toc_tar(data: bytes) -> bytes:
     return ti.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % BLOCK) + bytes(2 * BLOCK)
 
 
-def _compress(unit: bytes, level: int, digests: list[tuple[int, int]]) -> tuple[bytes, list[str]]:
-    c = zlib.compressobj(level, zlib.DEFLATED, 31)
-    out = c.compress(unit) + c.flush()
+def _compress(unit: bytes, level: int, digests: list[tuple[int, int]], codec: str) -> tuple[bytes, list[str]]:
+    if codec == "zstd":
+        out = zstandard.ZstdCompressor(level=level).compress(unit)
+    else:
+        c = zlib.compressobj(level, zlib.DEFLATED, 31)
+        out = c.compress(unit) + c.flush()
     mv = memoryview(unit)
     return out, ["sha256:" + hashlib.sha256(mv[a:b]).hexdigest() for a, b in digests]
 
@@ -199,10 +212,11 @@ class _Emitter:
         self.diff_hash.update(data)
         self.usize += len(data)
         if self._pool is None:
-            self._inflight.append((unit, _compress(data, self.opts.compression_level, unit.chunks)))
+            self._inflight.append((unit, _compress(data, self.opts.compression_level, unit.chunks,
+                                                   self.opts.compression)))
         else:
             self._inflight.append((unit, self._pool.submit(_compress, data, self.opts.compression_level,
-                                                           unit.chunks)))
+                                                           unit.chunks, self.opts.compression)))
         while len(self._inflight) > (self._max if self._pool else 0):
             self._land()
 
@@ -317,6 +331,8 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
             cur = TocEntry(ent.name, "chunk")
         unit.add(bytes(-te.size % BLOCK))
         ent.digest = "sha256:" + fh.hexdigest()
+    if opts.compression == "zstd":
+        unit.add(bytes(2 * BLOCK))  # zstd:chunked keeps the TOC out of the tar: end the archive here
     em.submit(unit)
     em.drain()
     return toc
@@ -423,12 +439,18 @@ def build(
         if missing:
             log.warning("%s: prioritised files not in the layer: %s", name, ", ".join(missing[:20]))
         body = toc_json(toc)
-        toc_tar = _toc_tar(body)
-        c = zlib.compressobj(opts.compression_level, zlib.DEFLATED, 31)
-        toc_member = c.compress(toc_tar) + c.flush()
-        toc_offset = em.offset
-        em.write_raw(toc_member, toc_tar)
-        em.write_raw(gzip_footer(toc_offset))
+        if opts.compression == "zstd":
+            frame = zstandard.ZstdCompressor(level=opts.compression_level).compress(body)
+            toc_offset = em.offset + 8
+            em.write_raw(SKIPPABLE_MAGIC + struct.pack("<I", len(frame)) + frame)
+            em.write_raw(zstd_footer(toc_offset, len(frame), len(body)))
+        else:
+            toc_tar = _toc_tar(body)
+            c = zlib.compressobj(opts.compression_level, zlib.DEFLATED, 31)
+            toc_member = c.compress(toc_tar) + c.flush()
+            toc_offset = em.offset
+            em.write_raw(toc_member, toc_tar)
+            em.write_raw(gzip_footer(toc_offset))
     finally:
         em.close()
     return BuildResult(
