@@ -48,7 +48,7 @@ def test_we_read_what_go_builds(case: str, tmp_path: Path) -> None:
 
 def test_we_read_go_prioritised_and_parallel_builds(tmp_path: Path) -> None:
     tar = CORPUS["big"]
-    blob, info = _go_build(tmp_path, tar, "--prioritized-files", "small,after", "--parts", "0",
+    blob, _ = _go_build(tmp_path, tar, "--prioritized-files", "small,after", "--parts", "0",
                            "--chunk-size", "300000")
     es = open_bytes(blob)
     assert es.toc.has_prefetch_landmark and es.prefetch == ["small", "after"]
