@@ -6,6 +6,7 @@ Subcommands live in their own modules; each exposes ``add_arguments(parser)`` an
 - ``status``: list snapshots and where each layer comes from (``cvmfs_snap.snapshotter.status``)
 - ``pull``: pull an image through containerd with our snapshotter (``cvmfs_snap.containerd.pull``)
 - ``demo``: the end-to-end main job on an embedded default (``cvmfs_snap.demo``)
+- ``convert``: copy an image registry to registry with eStargz layers (``cvmfs_snap.convert.command``)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("cvmfs_snap.snapshotter.status", "list snapshots and where each layer comes from"),
     "pull": ("cvmfs_snap.containerd.pull", "pull an image through containerd, serving published layers from CVMFS"),
     "demo": ("cvmfs_snap.demo", "run the whole data path end to end on a local embedded default"),
+    "convert": ("cvmfs_snap.convert.command", "copy an image registry to registry, with its layers as eStargz"),
 }
 
 log = logging.getLogger("cvmfs_snap")

@@ -416,14 +416,14 @@ class RegistryClient:
     # ------------------------------------------------------------------ low level: one request, redirects
 
     def _send_following(self, method: str, url: httpx.URL, headers: dict[str, str], auth_value: str | None,
-                        auth_origin: tuple[str, str, int | None]) -> httpx.Response:
+                        auth_origin: tuple[str, str, int | None], content: bytes | None = None) -> httpx.Response:
         """Send with redirects followed by hand; Authorization goes only to ``auth_origin``. Response is open."""
         first_secure = url.scheme == "https"
         for _hop in range(self.max_redirects + 1):
             h = dict(headers)
             if auth_value and _origin(url) == auth_origin:
                 h["Authorization"] = auth_value
-            req = self._http.build_request(method, url, headers=h)
+            req = self._http.build_request(method, url, headers=h, content=content)
             resp = self._http.send(req, stream=True)
             if resp.status_code in _REDIRECTS and "location" in resp.headers:
                 target = resp.url.join(resp.headers["location"])
@@ -581,26 +581,27 @@ class RegistryClient:
     # ------------------------------------------------------------------ request with auth + retries
 
     def _request(self, ref: ImageReference, method: str, url: str | httpx.URL, what: str,
-                 headers: dict[str, str] | None = None, ok: Sequence[int] = (200,)) -> httpx.Response:
+                 headers: dict[str, str] | None = None, ok: Sequence[int] = (200,), *,
+                 content: bytes | None = None, scope: str | None = None) -> httpx.Response:
         """One logical request: auth, redirects, retries, error mapping. Returns an *open* (streaming) response
         whose status is in ``ok``; the caller closes it."""
         target = httpx.URL(url)
         auth_origin = _origin(httpx.URL(self._base_url(ref)))
-        scope = self._scope(ref)
+        scope = scope or self._scope(ref)
         hdrs = dict(headers or {})
         last = ""
         for attempt in range(self.retries + 1):
             retry_after: float | None = None
             try:
                 sent = self._auth_value(ref, scope)
-                resp = self._send_following(method, target, hdrs, sent, auth_origin)
+                resp = self._send_following(method, target, hdrs, sent, auth_origin, content)
                 body: bytes | None = None
                 if resp.status_code == 401:
                     body = _drain(resp)
                     new = self._on_unauthorized(ref, scope, resp, sent)
                     if new is not None:
                         sent = new
-                        resp = self._send_following(method, target, hdrs, sent, auth_origin)
+                        resp = self._send_following(method, target, hdrs, sent, auth_origin, content)
                         body = None
                 if resp.status_code in ok:
                     return resp
