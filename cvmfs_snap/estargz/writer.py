@@ -2,9 +2,10 @@
 
 The uncompressed stream is cut into *units*, each compressed as its own gzip member: a unit starts at every chunk
 of a regular file (so a chunk can be fetched and decoded alone, at its TOC ``offset``) and goes on with the tar
-padding and the headers that follow, up to the next chunk. Units are compressed on a bounded pool of threads (zlib
-releases the GIL) and written in order; since each unit is compressed on its own, the output is byte-identical
-whatever the number of workers. Memory stays bounded: a few units (about ``chunk_size`` each) are in flight.
+padding and the headers that follow, up to the next chunk. Units are compressed with zlib-ng (zlib's format, 1.3-2.5x
+faster at the same level and no larger at level 9) on a bounded pool of threads (it releases the GIL) and written in
+order; since each unit is compressed on its own, the output is byte-identical whatever the number of workers. Memory
+stays bounded: a few units (about ``chunk_size`` each) are in flight.
 
 Tar headers are copied as they are stored; only sparse members are rewritten as regular files (the TOC describes
 file bytes, which a sparse member does not hold). Prioritised files (and their parent directories and hardlink
@@ -20,7 +21,6 @@ import os
 import struct
 import tarfile
 import tempfile
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import zstandard
+from zlib_ng import zlib_ng
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.estargz.footer import SKIPPABLE_MAGIC, gzip_footer, zstd_footer
@@ -167,7 +168,7 @@ def _compress(unit: bytes, level: int, digests: list[tuple[int, int]], codec: st
     if codec == "zstd":
         out = zstandard.ZstdCompressor(level=level).compress(unit)
     else:
-        c = zlib.compressobj(level, zlib.DEFLATED, 31)
+        c = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)
         out = c.compress(unit) + c.flush()
     mv = memoryview(unit)
     return out, ["sha256:" + hashlib.sha256(mv[a:b]).hexdigest() for a, b in digests]
@@ -446,7 +447,7 @@ def build(
             em.write_raw(zstd_footer(toc_offset, len(frame), len(body)))
         else:
             toc_tar = _toc_tar(body)
-            c = zlib.compressobj(opts.compression_level, zlib.DEFLATED, 31)
+            c = zlib_ng.compressobj(opts.compression_level, zlib_ng.DEFLATED, 31)
             toc_member = c.compress(toc_tar) + c.flush()
             toc_offset = em.offset
             em.write_raw(toc_member, toc_tar)

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Benchmark: ``cvmfs-snap convert`` (1 and 2 workers; the Go tools' level 9 and our default level) vs
+``ctr-remote image convert --estargz`` and ``ctr-remote image optimize --no-optimize`` (stargz-snapshotter 0.12.0
+built from Debian's Go packages, ../shared/tools/stargz-peer) on the same generated image: wall time, MB/s of
+uncompressed image data, output size, peak RSS.
+
+The image is generated here (nothing is downloaded): files of word-like text (compresses ~3x), random bytes and
+repetitive records, sizes drawn from an exponential distribution, gzip level 1, pushed to a private loopback registry.
+``ctr-remote`` converts from containerd's content store, so the image is pulled into a private containerd first
+(not timed) and its push to the registry is timed separately; ours goes registry to registry in one command.
+Each command runs as a child; its ``ru_maxrss`` comes from ``wait4`` (for ctr-remote that is the client only: the
+containerd daemon's peak is reported too). ``--rss-gib 4`` additionally converts one 4 GiB layer with ours alone.
+
+    python bench/convert.py                        # ~1 GiB image in 4 layers
+    python bench/convert.py --size-mib 256 --rss-gib 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from publish import _GzipSink, _HashingWriter, run_child  # type: ignore[import-not-found]  # noqa: E402
+
+from cvmfs_snap.devenv.containerd import start_containerd  # noqa: E402
+from cvmfs_snap.devenv.images import OCI_CONFIG, OCI_MANIFEST, Pusher  # noqa: E402
+from cvmfs_snap.devenv.procs import unmount_below  # noqa: E402
+from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
+from cvmfs_snap.layer.compression import MEDIA_TYPES  # noqa: E402
+
+OCI_GZIP = next(mt for mt, c in MEDIA_TYPES.items() if c == "gzip" and ".oci." in mt and "nondistributable" not in mt)
+PEER = [os.environ.get("STARGZ_PEER_BIN", ""), "/work/shared/tools/stargz-peer/bin", "/tmp/stargz-peer-bin"]
+
+
+class _Content:
+    def __init__(self, seed: int) -> None:
+        self.rnd = random.Random(seed)
+        self.words = [bytes(self.rnd.choice(b"abcdefghijklmnopqrstuvwxyz_./") for _ in range(self.rnd.randint(2, 11)))
+                      for _ in range(8000)]
+
+    def file(self, i: int, n: int) -> bytes:
+        kind = i % 4
+        if kind == 2:
+            return self.rnd.randbytes(n)
+        if kind == 3:
+            rec = b"%08d;cvmfs-snap;record;" % i
+            return (rec * (n // len(rec) + 1))[:n]
+        out = bytearray()
+        while len(out) < n:
+            out += b" ".join(self.rnd.choices(self.words, k=400)) + b"\n"
+        return bytes(out[:n])
+
+
+def make_layer(path: Path, index: int, size: int) -> dict[str, object]:
+    content = _Content(index)
+    with open(path, "wb") as f:
+        hw = _HashingWriter(f)
+        sink = _GzipSink(hw)
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
+            written, n = 0, 0
+            while written < size:
+                chunk = min(int(content.rnd.expovariate(1 / 300_000)) + 1, size - written, 64 << 20)
+                ti = tarfile.TarInfo(f"layer{index}/d{n % 97:02d}/f{n:06d}")
+                ti.size, ti.mode, ti.mtime = chunk, 0o644, 1_700_000_000
+
+
+                tf.addfile(ti, io.BytesIO(content.file(n, chunk)))
+                written += chunk
+                n += 1
+        sink.finish()
+    return {"mediaType": OCI_GZIP, "digest": "sha256:" + hw.h.hexdigest(), "size": hw.n,
+            "diff_id": "sha256:" + sink.diff.hexdigest(), "uncompressed": sink.size}
+
+
+def push_image(url: str, repo: str, work: Path, layer_sizes: list[int]) -> int:
+    layers = [make_layer(work / f"layer{i}.tar.gz", i, s) for i, s in enumerate(layer_sizes)]
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [lay["diff_id"] for lay in layers]}}).encode()
+    cfg_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": len(config)},
+        "layers": [{k: lay[k] for k in ("mediaType", "digest", "size")} for lay in layers],
+    }).encode()
+    pusher = Pusher(url)
+    pusher.client.timeout = httpx.Timeout(900)
+    try:
+        for i, lay in enumerate(layers):
+            pusher.upload(repo, str(lay["digest"]), work / f"layer{i}.tar.gz")
+            (work / f"layer{i}.tar.gz").unlink()
+        pusher.upload(repo, cfg_digest, config)
+        pusher.manifest(repo, "v1", manifest, OCI_MANIFEST)
+    finally:
+        pusher.close()
+    return sum(int(str(lay["size"])) for lay in layers)
+
+
+def image_size(url: str, repo: str, tag: str) -> int:
+    r = httpx.get(f"{url}/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}, timeout=60)
+    r.raise_for_status()
+    return sum(int(lay["size"]) for lay in r.json()["layers"])
+
+
+def peer_bin() -> str | None:
+    for d in PEER:
+        if d and os.access(os.path.join(d, "ctr-remote"), os.X_OK):
+            return os.path.join(d, "ctr-remote")
+    return None
+
+
+def vm_hwm_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024, help="uncompressed image size (default 1024)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rss-gib", type=float, default=0, help="also convert one layer of this many GiB (ours only)")
+    ap.add_argument("--keep", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-convert-", dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
+    try:
+        with start_registry(work / "registry") as reg:
+            t0 = time.monotonic()
+            per = (args.size_mib << 20) // args.layers
+            gz = push_image(reg.url, "bench/src", work, [per] * args.layers)
+            usize = args.size_mib << 20
+            print(f"image: {args.size_mib} MiB uncompressed in {args.layers} layers, {gz / 2**20:.0f} MiB gzip; "
+                  f"generated and pushed in {time.monotonic() - t0:.0f}s; load average {os.getloadavg()[0]:.1f}")
+            src = reg.ref("bench/src", "v1")
+
+            def row(what: str, secs: float, rss: int, ok: bool, tag: str, extra: str = "") -> None:
+                size = image_size(reg.url, "bench/" + tag.split(":")[0], tag.split(":")[1]) if ok else 0
+                rows.append({"what": what, "seconds": round(secs, 1), "MB/s": round(usize / secs / 1e6, 1),
+                             "output MiB": round(size / 2**20, 1), "peak RSS MiB": rss, "ok": ok, "note": extra})
+                print(rows[-1], flush=True)
+
+            for level in (9, 6):
+                for workers in (1, 2):
+                    tag = f"ours-l{level}-w{workers}:v1"
+                    secs, rss, rc = run_child([sys.executable, "-m", "cvmfs_snap.cli", "convert", src,
+                                               reg.ref("bench/" + tag.split(":")[0], "v1"), "--progress", "plain",
+                                               "--log-level", "warning", "--workers", str(workers),
+                                               "--compression-level", str(level)])
+                    row(f"cvmfs-snap convert, level {level}, {workers} worker(s)", secs, rss, rc == 0, tag)
+
+            cr = peer_bin()
+            if cr is None:
+                print("ctr-remote not built: run ../shared/tools/stargz-peer/build.sh; skipping the Go peer")
+            else:
+                d = Path(tempfile.mkdtemp(prefix="bc-", dir="/tmp"))
+                try:
+                    with start_containerd(d / "c", proxy_plugins={}, cri_snapshotter=None,
+                                          insecure_registries=[reg.host]) as cd:
+                        base = [cr, "-a", cd.address]
+                        run_child([*base, "image", "pull", "--plain-http", src])
+                        for level in (9, 6):
+                            for cmd, label in ((["image", "convert", "--estargz", "--oci"], "convert --estargz"),
+                                               (["image", "optimize", "--no-optimize", "--oci"],
+                                                "optimize --no-optimize")):
+                                tag = f"go-{label.split()[0]}-l{level}:v1"
+                                dst = reg.ref("bench/" + tag.split(":")[0], "v1")
+                                lvl = (["--estargz-compression-level", str(level)] if "convert" in label else [])
+                                if "optimize" in label and level != 9:
+                                    continue  # optimize has no level option: always 9
+                                secs, rss, rc = run_child([*base, *cmd, *lvl, src, dst])
+                                psecs, _, prc = run_child([*base, "image", "push", "--plain-http", dst])
+                                row(f"ctr-remote {label}, level {level} (+ push {psecs:.1f}s)", secs + psecs, rss,
+                                    rc == 0 and prc == 0, tag, f"convert alone {secs:.1f}s")
+                        rows.append({"what": "containerd daemon peak (VmHWM) during ctr-remote",
+                                     "peak RSS MiB": vm_hwm_mib(cd.proc.pid)})
+                finally:
+                    unmount_below(d)
+                    shutil.rmtree(d, ignore_errors=True)
+
+            if args.rss_gib:
+                n = int(args.rss_gib * (1 << 30))
+                push_image(reg.url, "bench/huge", work, [n])
+                secs, rss, rc = run_child([sys.executable, "-m", "cvmfs_snap.cli", "convert",
+                                           reg.ref("bench/huge", "v1"), reg.ref("bench/huge-esgz", "v1"),
+                                           "--progress", "plain", "--log-level", "warning"])
+                rows.append({"what": f"cvmfs-snap convert, one {args.rss_gib:g} GiB layer, default options",
+                             "seconds": round(secs, 1), "MB/s": round(n / secs / 1e6, 1), "peak RSS MiB": rss,
+                             "ok": rc == 0})
+                print(rows[-1], flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print("| what | s | MB/s | output MiB | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['what']} | {r.get('seconds', '')} | {r.get('MB/s', '')} | {r.get('output MiB', '')} | "
+              f"{r.get('peak RSS MiB', '')} |")
+    return 0 if all(r.get("ok", True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
