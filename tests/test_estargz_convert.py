@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.cli import main as cli_main
-from cvmfs_snap.errors import IntegrityError
+from cvmfs_snap.errors import AuthError, IntegrityError
 from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargz
 from cvmfs_snap.oci import ImageReference, Manifest, RegistryClient
 from cvmfs_snap.oci.push import Pusher as OciPusher
@@ -185,3 +185,35 @@ def test_a_lying_source_publishes_nothing(registry: Registry, capsys: pytest.Cap
     assert rc == IntegrityError.exit_code
     with _client(registry) as c, pytest.raises(Exception, match="not found"):
         c.get_manifest(ImageReference.parse(registry.ref("conv/liar-esgz", "v1")))
+
+
+def test_convert_with_token_auth_never_leaks_the_password(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import base64
+    import logging
+
+    from tests.support.registry import start_registry
+    from tests.support.token_issuer import start_token_issuer
+
+    secret = "c0nvert-Very-Secret-pw"
+    root = tmp_path / "reg"
+    img = image([layer([("etc/motd", b"hello\n")]), layer([("big", b"b" * 300_000)])])
+    with start_registry(root) as plain:
+        _push(plain, "private/app", "v1", img)
+    cfg = tmp_path / "config.json"
+    with start_token_issuer(tmp_path / "issuer", users={"bob": secret}, allow_anonymous=False) as issuer, \
+            start_registry(root, issuer.registry_auth_config()) as reg:
+        cfg.write_text(json.dumps({"auths": {f"http://{reg.host}": {
+            "auth": base64.b64encode(f"bob:{secret}".encode()).decode()}}}))
+        caplog.set_level(logging.DEBUG)
+        out = _convert(capsys, reg.ref("private/app", "v1"), reg.ref("private/app-esgz", "v1"),
+                       "--docker-config", str(cfg))
+        assert len(out["layers"]) == 2
+        assert ("bob", "repository:private/app-esgz:pull,push") in issuer.requests
+        assert ("bob", "repository:private/app:pull") in issuer.requests
+        # anonymous: refused with a clear error, nothing pushed
+        (tmp_path / "none.json").write_text("{}")
+        rc = cli_main(["convert", "--progress", "plain", "--docker-config", str(tmp_path / "none.json"),
+                       reg.ref("private/app", "v1"), reg.ref("private/app-anon", "v1")])
+        assert rc == AuthError.exit_code and "no credentials are configured" in caplog.text
+    assert secret not in caplog.text and secret not in capsys.readouterr().err
