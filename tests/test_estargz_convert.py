@@ -215,5 +215,5 @@ def test_convert_with_token_auth_never_leaks_the_password(tmp_path: Path, capsys
         (tmp_path / "none.json").write_text("{}")
         rc = cli_main(["convert", "--progress", "plain", "--docker-config", str(tmp_path / "none.json"),
                        reg.ref("private/app", "v1"), reg.ref("private/app-anon", "v1")])
-        assert rc == AuthError.exit_code and "no credentials are configured" in caplog.text
+        assert rc == AuthError.exit_code and "needs credentials" in caplog.text
     assert secret not in caplog.text and secret not in capsys.readouterr().err
