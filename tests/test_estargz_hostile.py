@@ -216,3 +216,26 @@ def test_legacy_footer_is_read() -> None:
     blob = BLOB[:-51] + legacy
     es2 = open_bytes(blob, toc_digest=RES.toc_digest)
     assert es2.footer.kind == "legacy" and es2.verify_all(lambda o, n: blob[o : o + n]) == 7801
+
+
+def test_hostile_layer_tars_are_refused_by_the_writer_like_the_tar_reader() -> None:
+    from pathlib import Path
+
+    from cvmfs_snap.errors import CvmfsSnapError
+    from cvmfs_snap.estargz import BuildOptions, build
+    from cvmfs_snap.layer import iter_layer, open_layer
+    from tests.support.hostile import build_corpus
+
+    refused = 0
+    for case in build_corpus(Path("/nonexistent")):
+        try:
+            with open_layer(io.BytesIO(case.blob), case.media_type) as s:
+                for e in iter_layer(s, case.limits, check_structure=False):
+                    while e.read():
+                        pass
+        except CvmfsSnapError as want:
+            refused += 1
+            with pytest.raises(type(want)) as got, open_layer(io.BytesIO(case.blob), case.media_type) as s:
+                build(s, io.BytesIO(), BuildOptions(workers=2), limits=case.limits)
+            assert case.names in str(got.value), case.id
+    assert refused >= 10
