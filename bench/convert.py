@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from publish import _GzipSink, _HashingWriter, run_child  # type: ignore[import-not-found]  # noqa: E402
+from publish import _GzipSink, _HashingWriter  # type: ignore[import-not-found]  # noqa: E402
 
 from cvmfs_snap.devenv.containerd import start_containerd  # noqa: E402
 from cvmfs_snap.devenv.images import OCI_CONFIG, OCI_MANIFEST, Pusher  # noqa: E402
@@ -86,6 +86,38 @@ def make_layer(path: Path, index: int, size: int) -> dict[str, object]:
         sink.finish()
     return {"mediaType": OCI_GZIP, "digest": "sha256:" + hw.h.hexdigest(), "size": hw.n,
             "diff_id": "sha256:" + sink.diff.hexdigest(), "uncompressed": sink.size}
+
+
+#: fork+exec the command, report its peak RSS and CPU seconds (user+sys) from wait4: on a shared machine the CPU
+#: time says more about the work done than the wall time does
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, ru = os.wait4(pid, 0)
+print(ru.ru_maxrss, ru.ru_utime + ru.ru_stime, os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_child(cmd: list[str]) -> tuple[float, int, int, float]:
+    """(wall seconds, peak RSS MiB, exit status, CPU seconds) of one child."""
+    import subprocess
+
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], cwd=ROOT, capture_output=True, check=False)
+    secs = time.monotonic() - t0
+    try:
+        rss_s, cpu_s, rc_s = proc.stdout.split()
+        rss, cpu, rc = int(rss_s) // 1024, float(cpu_s), int(rc_s)
+    except ValueError:
+        rss, cpu, rc = 0, 0.0, proc.returncode or 1
+    if rc != 0:
+        print(f"command failed ({rc}): {' '.join(cmd)}\n{proc.stderr.decode(errors='replace')[-2000:]}",
+              file=sys.stderr)
+    return secs, rss, rc, cpu
 
 
 def push_image(url: str, repo: str, work: Path, layer_sizes: list[int]) -> int:
@@ -151,20 +183,21 @@ def main() -> int:
                   f"generated and pushed in {time.monotonic() - t0:.0f}s; load average {os.getloadavg()[0]:.1f}")
             src = reg.ref("bench/src", "v1")
 
-            def row(what: str, secs: float, rss: int, ok: bool, tag: str, extra: str = "") -> None:
+            def row(what: str, secs: float, rss: int, ok: bool, tag: str, cpu: float, extra: str = "") -> None:
                 size = image_size(reg.url, "bench/" + tag.split(":")[0], tag.split(":")[1]) if ok else 0
                 rows.append({"what": what, "seconds": round(secs, 1), "MB/s": round(usize / secs / 1e6, 1),
-                             "output MiB": round(size / 2**20, 1), "peak RSS MiB": rss, "ok": ok, "note": extra})
+                             "cpu s": round(cpu, 1), "output MiB": round(size / 2**20, 1), "peak RSS MiB": rss,
+                             "ok": ok, "note": extra, "load": round(os.getloadavg()[0], 1)})
                 print(rows[-1], flush=True)
 
             for level in (9, 6):
                 for workers in (1, 2):
                     tag = f"ours-l{level}-w{workers}:v1"
-                    secs, rss, rc = run_child([sys.executable, "-m", "cvmfs_snap.cli", "convert", src,
+                    secs, rss, rc, cpu = run_child([sys.executable, "-m", "cvmfs_snap.cli", "convert", src,
                                                reg.ref("bench/" + tag.split(":")[0], "v1"), "--progress", "plain",
                                                "--log-level", "warning", "--workers", str(workers),
                                                "--compression-level", str(level)])
-                    row(f"cvmfs-snap convert, level {level}, {workers} worker(s)", secs, rss, rc == 0, tag)
+                    row(f"cvmfs-snap convert, level {level}, {workers} worker(s)", secs, rss, rc == 0, tag, cpu)
 
             cr = peer_bin()
             if cr is None:
@@ -185,10 +218,10 @@ def main() -> int:
                                 lvl = (["--estargz-compression-level", str(level)] if "convert" in label else [])
                                 if "optimize" in label and level != 9:
                                     continue  # optimize has no level option: always 9
-                                secs, rss, rc = run_child([*base, *cmd, *lvl, src, dst])
-                                psecs, _, prc = run_child([*base, "image", "push", "--plain-http", dst])
+                                secs, rss, rc, cpu = run_child([*base, *cmd, *lvl, src, dst])
+                                psecs, _, prc, pcpu = run_child([*base, "image", "push", "--plain-http", dst])
                                 row(f"ctr-remote {label}, level {level} (+ push {psecs:.1f}s)", secs + psecs, rss,
-                                    rc == 0 and prc == 0, tag, f"convert alone {secs:.1f}s")
+                                    rc == 0 and prc == 0, tag, cpu + pcpu, f"convert alone {secs:.1f}s")
                         rows.append({"what": "containerd daemon peak (VmHWM) during ctr-remote",
                                      "peak RSS MiB": vm_hwm_mib(cd.proc.pid)})
                 finally:
@@ -198,22 +231,22 @@ def main() -> int:
             if args.rss_gib:
                 n = int(args.rss_gib * (1 << 30))
                 push_image(reg.url, "bench/huge", work, [n])
-                secs, rss, rc = run_child([sys.executable, "-m", "cvmfs_snap.cli", "convert",
-                                           reg.ref("bench/huge", "v1"), reg.ref("bench/huge-esgz", "v1"),
-                                           "--progress", "plain", "--log-level", "warning"])
+                secs, rss, rc, cpu = run_child([sys.executable, "-m", "cvmfs_snap.cli", "convert",
+                                                reg.ref("bench/huge", "v1"), reg.ref("bench/huge-esgz", "v1"),
+                                                "--progress", "plain", "--log-level", "warning"])
                 rows.append({"what": f"cvmfs-snap convert, one {args.rss_gib:g} GiB layer, default options",
-                             "seconds": round(secs, 1), "MB/s": round(n / secs / 1e6, 1), "peak RSS MiB": rss,
-                             "ok": rc == 0})
+                             "seconds": round(secs, 1), "MB/s": round(n / secs / 1e6, 1), "cpu s": round(cpu, 1),
+                             "peak RSS MiB": rss, "ok": rc == 0})
                 print(rows[-1], flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print("| what | s | MB/s | output MiB | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| what | wall s | MB/s | CPU s | output MiB | peak RSS MiB | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['what']} | {r.get('seconds', '')} | {r.get('MB/s', '')} | {r.get('output MiB', '')} | "
-              f"{r.get('peak RSS MiB', '')} |")
+        print(f"| {r['what']} | {r.get('seconds', '')} | {r.get('MB/s', '')} | {r.get('cpu s', '')} | "
+              f"{r.get('output MiB', '')} | {r.get('peak RSS MiB', '')} | {r.get('load', '')} |")
     return 0 if all(r.get("ok", True) for r in rows) else 1
 
 

@@ -98,9 +98,19 @@ def format_modtime(mtime_ns: int) -> str:
 
 
 def toc_json(entries: list[TocEntry]) -> bytes:
-    """Serialised TOC (tab-indented like Go's ``json.MarshalIndent``); its sha256 is the TOC digest."""
-    doc = {"version": 1, "entries": [e.to_json() for e in entries]}
-    return json.dumps(doc, indent="\t", ensure_ascii=False).encode("utf-8", "surrogateescape")
+    """Serialised TOC (tab-indented like Go's ``json.MarshalIndent``); its sha256 is the TOC digest.
+
+    Entry by entry, so a layer with a million files never holds a million dicts at once.
+    """
+    if not entries:
+        return b'{\n\t"version": 1,\n\t"entries": []\n}'
+    parts = [b'{\n\t"version": 1,\n\t"entries": [\n']
+    last = len(entries) - 1
+    for i, e in enumerate(entries):
+        text = json.dumps(e.to_json(), indent="\t", ensure_ascii=False).replace("\n", "\n\t\t")
+        parts.append(b"\t\t" + text.encode("utf-8", "surrogateescape") + (b",\n" if i < last else b"\n"))
+    parts.append(b"\t]\n}")
+    return b"".join(parts)
 
 
 @dataclass
