@@ -4,8 +4,10 @@
 built from Debian's Go packages, ../shared/tools/stargz-peer) on the same generated image: wall time, MB/s of
 uncompressed image data, output size, peak RSS.
 
-The image is generated here (nothing is downloaded): files of word-like text (compresses ~3x), random bytes and
-repetitive records, sizes drawn from an exponential distribution, gzip level 1, pushed to a private loopback registry.
+The image is built here (nothing is downloaded) and pushed to a private loopback registry with gzip level 1. By default
+its layers hold this machine's own ``/usr`` files (binaries, libraries, Python sources, docs: what container images are
+made of), in sorted order; ``--content synthetic`` generates files of word-like text, random bytes and repetitive
+records instead (a text that Go's deflate happens to pack ~3 % tighter than zlib/zlib-ng).
 ``ctr-remote`` converts from containerd's content store, so the image is pulled into a private containerd first
 (not timed) and its push to the registry is timed separately; ours goes registry to registry in one command.
 Each command runs as a child; its ``ru_maxrss`` comes from ``wait4`` (for ctr-remote that is the client only: the
@@ -24,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -42,6 +45,7 @@ from cvmfs_snap.devenv.containerd import start_containerd  # noqa: E402
 from cvmfs_snap.devenv.images import OCI_CONFIG, OCI_MANIFEST, Pusher  # noqa: E402
 from cvmfs_snap.devenv.procs import unmount_below  # noqa: E402
 from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
+from cvmfs_snap.fsutil import walk  # noqa: E402
 from cvmfs_snap.layer.compression import MEDIA_TYPES  # noqa: E402
 
 OCI_GZIP = next(mt for mt, c in MEDIA_TYPES.items() if c == "gzip" and ".oci." in mt and "nondistributable" not in mt)
@@ -67,19 +71,42 @@ class _Content:
         return bytes(out[:n])
 
 
-def make_layer(path: Path, index: int, size: int) -> dict[str, object]:
+def system_files(top: str = "/usr") -> list[tuple[str, int]]:
+    """Regular files and symlinks under ``top`` in sorted order, with their sizes."""
+    out: list[tuple[str, int]] = []
+    for dirpath, dirs, files in walk(top):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                out.append((p, st.st_size if stat.S_ISREG(st.st_mode) else 0))
+    return out
+
+
+def make_layer(path: Path, index: int, size: int, files: list[tuple[str, int]] | None = None) -> dict[str, object]:
     content = _Content(index)
     with open(path, "wb") as f:
         hw = _HashingWriter(f)
         sink = _GzipSink(hw)
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
             written, n = 0, 0
+            if files is not None:  # system content: files is a stack, the next one on top
+                while written < size and files:
+                    p, fsize = files.pop()
+                    try:
+                        tf.add(p, arcname=p.lstrip("/"), recursive=False)
+                    except OSError:
+                        continue
+                    written += fsize
+                written = size
             while written < size:
                 chunk = min(int(content.rnd.expovariate(1 / 300_000)) + 1, size - written, 64 << 20)
                 ti = tarfile.TarInfo(f"layer{index}/d{n % 97:02d}/f{n:06d}")
                 ti.size, ti.mode, ti.mtime = chunk, 0o644, 1_700_000_000
-
-
                 tf.addfile(ti, io.BytesIO(content.file(n, chunk)))
                 written += chunk
                 n += 1
@@ -120,8 +147,10 @@ def run_child(cmd: list[str]) -> tuple[float, int, int, float]:
     return secs, rss, rc, cpu
 
 
-def push_image(url: str, repo: str, work: Path, layer_sizes: list[int]) -> int:
-    layers = [make_layer(work / f"layer{i}.tar.gz", i, s) for i, s in enumerate(layer_sizes)]
+def push_image(url: str, repo: str, work: Path, layer_sizes: list[int], system: bool = False) -> tuple[int, int]:
+    """Build and push the image; (compressed, uncompressed) bytes of its layers."""
+    pool = list(reversed(system_files())) if system else None
+    layers = [make_layer(work / f"layer{i}.tar.gz", i, s, pool) for i, s in enumerate(layer_sizes)]
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
                          "rootfs": {"type": "layers", "diff_ids": [lay["diff_id"] for lay in layers]}}).encode()
     cfg_digest = "sha256:" + hashlib.sha256(config).hexdigest()
@@ -140,7 +169,7 @@ def push_image(url: str, repo: str, work: Path, layer_sizes: list[int]) -> int:
         pusher.manifest(repo, "v1", manifest, OCI_MANIFEST)
     finally:
         pusher.close()
-    return sum(int(str(lay["size"])) for lay in layers)
+    return sum(int(str(lay["size"])) for lay in layers), sum(int(str(lay["uncompressed"])) for lay in layers)
 
 
 def image_size(url: str, repo: str, tag: str) -> int:
@@ -168,6 +197,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="uncompressed image size (default 1024)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rss-gib", type=float, default=0, help="also convert one layer of this many GiB (ours only)")
+    ap.add_argument("--content", choices=("system", "synthetic"), default="system",
+                    help="layer contents: this machine's /usr files (default) or generated data")
     ap.add_argument("--keep", type=Path, default=None)
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-convert-", dir="/tmp"))
@@ -177,9 +208,9 @@ def main() -> int:
         with start_registry(work / "registry") as reg:
             t0 = time.monotonic()
             per = (args.size_mib << 20) // args.layers
-            gz = push_image(reg.url, "bench/src", work, [per] * args.layers)
-            usize = args.size_mib << 20
-            print(f"image: {args.size_mib} MiB uncompressed in {args.layers} layers, {gz / 2**20:.0f} MiB gzip; "
+            gz, usize = push_image(reg.url, "bench/src", work, [per] * args.layers, system=args.content == "system")
+            print(f"image: {usize / 2**20:.0f} MiB uncompressed ({args.content}) in {args.layers} layers, "
+                  f"{gz / 2**20:.0f} MiB gzip; "
                   f"generated and pushed in {time.monotonic() - t0:.0f}s; load average {os.getloadavg()[0]:.1f}")
             src = reg.ref("bench/src", "v1")
 
@@ -230,7 +261,7 @@ def main() -> int:
 
             if args.rss_gib:
                 n = int(args.rss_gib * (1 << 30))
-                push_image(reg.url, "bench/huge", work, [n])
+                _, n = push_image(reg.url, "bench/huge", work, [n], system=args.content == "system")
                 secs, rss, rc, cpu = run_child([sys.executable, "-m", "cvmfs_snap.cli", "convert",
                                                 reg.ref("bench/huge", "v1"), reg.ref("bench/huge-esgz", "v1"),
                                                 "--progress", "plain", "--log-level", "warning"])
