@@ -246,9 +246,7 @@ def main() -> int:
                                                 "optimize --no-optimize")):
                                 tag = f"go-{label.split()[0]}-l{level}:v1"
                                 dst = reg.ref("bench/" + tag.split(":")[0], "v1")
-                                lvl = (["--estargz-compression-level", str(level)] if "convert" in label else [])
-                                if "optimize" in label and level != 9:
-                                    continue  # optimize has no level option: always 9
+                                lvl = ["--estargz-compression-level", str(level)]
                                 secs, rss, rc, cpu = run_child([*base, *cmd, *lvl, src, dst])
                                 psecs, _, prc, pcpu = run_child([*base, "image", "push", "--plain-http", dst])
                                 row(f"ctr-remote {label}, level {level} (+ push {psecs:.1f}s)", secs + psecs, rss,
