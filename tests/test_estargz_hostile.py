@@ -239,3 +239,24 @@ def test_hostile_layer_tars_are_refused_by_the_writer_like_the_tar_reader() -> N
                 build(s, io.BytesIO(), BuildOptions(workers=2), limits=case.limits)
             assert case.names in str(got.value), case.id
     assert refused >= 10
+
+
+def test_chunks_sharing_a_member_by_inner_offset() -> None:
+    # newer Go writers pack small files into one member and address them with innerOffset
+    tar = make_tar([("a", b"a" * 100), ("b", b"b" * 50)])[:-1024]  # without the end-of-archive blocks
+    member = gzip.compress(tar, mtime=0)
+
+    def ent(name: str, data: bytes, inner: int) -> dict[str, Any]:
+        d = "sha256:" + hashlib.sha256(data).hexdigest()
+        return {"name": name, "type": "reg", "size": len(data), "offset": 0, "innerOffset": inner,
+                "digest": d, "chunkDigest": d}
+
+    body = json.dumps({"version": 1, "entries": [ent("a", b"a" * 100, 512), ent("b", b"b" * 50, 1536)]}).encode()
+    blob = member + _toc_member(body) + gzip_footer(len(member))
+    es = open_bytes(blob)
+    read = lambda o, n: blob[o : o + n]  # noqa: E731
+    assert es.read_file(read, "a") == b"a" * 100 and es.read_file(read, "b", 10, 5) == b"b" * 5
+    assert es.chunks_for("b")[0].blob_range == (0, len(member))
+    # the same inner offsets in the wrong order overlap
+    body = json.dumps({"version": 1, "entries": [ent("a", b"a" * 100, 1536), ent("b", b"b" * 50, 512)]}).encode()
+    refuse(member + _toc_member(body) + gzip_footer(len(member)), InvalidInputError, "overlaps or precedes")

@@ -282,7 +282,7 @@ def parse_toc(
                 prefetch.append(path)
             by_name[path] = e
         if e.is_data and e.chunk_size:
-            if e.offset == 0 or e.offset >= toc_offset:
+            if (e.offset == 0 and e.inner_offset == 0) or e.offset >= toc_offset:
                 raise _bad(name, i, f"chunk offset {e.offset} is outside the blob's data (which ends at the TOC, "
                            f"offset {toc_offset})", rawname)
             if e.inner_offset and e.inner_offset >= 1 << 40:
@@ -361,8 +361,11 @@ def _resolve_links(links: list[tuple[int, TocEntry]], by_name: dict[str, TocEntr
 
 
 def _set_next_offsets(entries: list[TocEntry], toc_offset: int) -> None:
-    nxt = toc_offset
+    """Each chunk's compressed range ends where the next member with other chunks starts (chunks sharing a member,
+    with different ``innerOffset``s, share its range too)."""
+    nxt = seen = toc_offset
     for e in reversed(entries):
         if e.is_data and e.chunk_size:
+            if e.offset < seen:
+                nxt, seen = seen, e.offset
             e.next_offset = nxt
-            nxt = e.offset
