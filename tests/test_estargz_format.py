@@ -119,6 +119,8 @@ def test_prioritized_files_come_first_behind_the_landmark(tmp_path: Path) -> Non
     es = open_bytes(blob, toc_digest=res.toc_digest)
     assert es.toc.has_prefetch_landmark and not es.toc.has_no_prefetch_landmark
     assert es.prefetch == ["z", "a", "a/f2"]
+    assert es.toc.children("a") == ["f0", "f1", "f2", "one"] and es.toc.children("z") == []
+    assert es.toc.children("") == [PREFETCH_LANDMARK, "a", "bin", "z"]
     with tarfile.open(fileobj=io.BytesIO(blob)) as out, tarfile.open(fileobj=io.BytesIO(tar)) as src:
         names = out.getnames()
         assert names[:4] == ["z", "a", "a/f2", PREFETCH_LANDMARK]

@@ -129,10 +129,25 @@ class Toc:
     has_prefetch_landmark: bool
     has_no_prefetch_landmark: bool
 
+    _children: dict[str, list[str]] | None = None
+
     def lookup(self, name: str) -> TocEntry | None:
         """The entry at ``name`` (hardlinks resolved to their target), None if absent."""
         target = self.hardlinks.get(name, name)
         return self.by_name.get(target)
+
+    def children(self, name: str) -> list[str]:
+        """Base names in directory ``name`` ("" is the root), sorted; [] for anything else."""
+        if self._children is None:
+            index: dict[str, list[str]] = {}
+            for path in self.by_name:
+                if path:
+                    parent, _, base = path.rpartition("/")
+                    index.setdefault(parent, []).append(base)
+            for names in index.values():
+                names.sort()
+            self._children = index
+        return list(self._children.get(name, []))
 
 
 def _bad(name: str, i: int, what: str, ent: object = None, *, unsafe: bool = False) -> InvalidInputError:
