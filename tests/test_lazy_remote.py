@@ -1,4 +1,4 @@
-"""BlobFetcher against a real docker-registry, directly and through misbehaving proxies (tests/support/range_proxies)."""
+"""BlobFetcher against a real docker-registry, directly and through misbehaving proxies (support/range_proxies)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
+import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.lazyfs.metrics import LazyMetrics

@@ -16,14 +16,17 @@ Built on :func:`tests.support.http_servers.serve` (so every request is recorded 
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
 from cvmfs_snap.devenv.images import Pusher, make_tar
-from tests.support.estargz import to_estargz
+from tests.support.estargz import esgz, to_estargz
 from tests.support.http_servers import LoopbackServer, Reply, Request, serve
 
 _PASS_HEADERS = ("content-type", "content-range", "docker-content-digest", "location", "www-authenticate",
@@ -118,17 +121,27 @@ class PushedLayer:
 
 
 def push_estargz(registry_host: str, repo: str, files: dict[str, bytes], *, chunk_size: int = 64 * 1024,
-                 prioritized: tuple[str, ...] = (), compression_level: int = 6) -> PushedLayer:
-    """Build an eStargz blob of regular ``files`` with our writer and push it to the registry at
-    ``registry_host`` (a real docker-registry); the blob may then be read through a proxy in front of it."""
+                 prioritized: tuple[str, ...] = (), compression_level: int = 6, go: Path | None = None
+                 ) -> PushedLayer:
+    """Build an eStargz blob of regular ``files`` with our writer (or, with ``go`` = a scratch directory, with the
+    Go reference tool ``esgz``) and push it to the registry at ``registry_host`` (a real docker-registry); the
+    blob may then be read through a proxy in front of it."""
     dirs = sorted({"/".join(p.split("/")[:i]) + "/" for p in files for i in range(1, p.count("/") + 1)})
     tar = make_tar([*dirs, *files.items()])
-    blob, res = to_estargz(tar, chunk_size=chunk_size, prioritized=prioritized,
-                           compression_level=compression_level, workers=1)
+    if go is None:
+        blob, res = to_estargz(tar, chunk_size=chunk_size, prioritized=prioritized,
+                               compression_level=compression_level, workers=1)
+        toc_digest = res.toc_digest
+    else:
+        src, out = go / "in.tar", go / "out.esgz"
+        src.write_bytes(tar)
+        extra = ["--prioritized-files", ",".join(prioritized)] if prioritized else []
+        r = subprocess.run([esgz(), "build", str(src), str(out), "--json", "--chunk-size", str(chunk_size), *extra],
+                           capture_output=True, text=True, timeout=120, check=True)
+        blob, toc_digest = out.read_bytes(), json.loads(r.stdout)["tocDigest"]
     p = Pusher(f"http://{registry_host}")
     try:
         digest = p.blob(repo, blob)
     finally:
         p.close()
-    assert digest == res.digest
-    return PushedLayer(f"{registry_host}/{repo}:lazy", digest, len(blob), res.toc_digest, blob, dict(files))
+    return PushedLayer(f"{registry_host}/{repo}:lazy", digest, len(blob), toc_digest, blob, dict(files))
