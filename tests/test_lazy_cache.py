@@ -183,3 +183,20 @@ def test_cache_files_do_not_stay_in_the_page_cache(tmp_path: Path) -> None:
     assert _resident(path) > 0
     assert c.get(k) == d  # ... the cache's own read drops them again
     assert _resident(path) == 0
+
+
+def test_memory_tier_is_bounded_and_forgets_dropped_chunks(tmp_path: Path) -> None:
+    c = new(tmp_path, memory_bytes=2500)
+    k1, d1 = chunk(1)
+    k2, d2 = chunk(2)
+    k3, d3 = chunk(3)
+    c.put(k1, d1, A)
+    for k, d in ((k1, d1), (k2, d2), (k3, d3)):
+        c.put_hot(k, d)
+    assert c.get_hot(k1) is None and c.get_hot(k3) == d3  # 3000 bytes > 2500: the oldest went
+    assert c.get_hot(k1, B) is None
+    c.put_hot(k1, d1)
+    assert c.get_hot(k1, B) == d1 and k1 in c.layer_keys(B)  # B references it now
+    c.release_layer(A)
+    c.release_layer(B)
+    assert c.get_hot(k1) is None  # released chunks leave memory too

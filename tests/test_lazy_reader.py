@@ -57,8 +57,8 @@ async def open_reader(client: RegistryClient, host: str, layer: PushedLayer, cac
                                    metrics=LazyMetrics())
 
 
-def new_cache(tmp: Path, max_bytes: int = 1 << 30) -> ChunkCache:
-    return ChunkCache(tmp / "cache", max_bytes, metrics=LazyMetrics())
+def new_cache(tmp: Path, max_bytes: int = 1 << 30, **kw: Any) -> ChunkCache:
+    return ChunkCache(tmp / "cache", max_bytes, metrics=LazyMetrics(), **kw)
 
 
 def test_reads_return_the_files_bytes_and_fetch_only_what_they_need(
@@ -136,7 +136,7 @@ def test_corrupted_bytes_are_fetched_again_or_give_an_error_never_wrong_data(
 
 def test_a_chunk_damaged_on_disk_is_discarded_and_fetched_again(
         client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
-    cache = new_cache(tmp_path)
+    cache = new_cache(tmp_path, memory_bytes=0)  # no memory tier: the second read goes to the disk
     blob = layer.files["data/blob2"]
 
     async def main() -> None:

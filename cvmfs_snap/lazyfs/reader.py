@@ -127,31 +127,44 @@ class LayerReader:
             parts.append(data[lo:hi])
         return b"".join(parts)
 
-    async def _load(self, refs: list[ChunkRef]) -> dict[str, bytes]:
-        """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached)."""
+    async def _load(self, refs: list[ChunkRef], hot: bool = True) -> dict[str, bytes]:
+        """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached). ``hot``:
+        keep them in the cache's memory tier too (reads; not the background pass, which would flush it)."""
         want = {_key(r): r for r in refs}
         layer = self.digest
+
+        got: dict[str, bytes] = {}
+        for k in want:
+            data = self.cache.get_hot(k, layer)
+            if data is not None:
+                got[k] = data
+        if len(got) == len(want):
+            return got
 
         def from_cache() -> dict[str, bytes]:
             out: dict[str, bytes] = {}
             for k in want:
+                if k in got:
+                    continue
                 data = self.cache.get(k, layer)
                 if data is None:
                     continue
                 if _sha(data) == k:
                     out[k] = data
+                    if hot:
+                        self.cache.put_hot(k, data)
                 else:
                     log.warning("chunk cache: chunk %s of layer %s is damaged on disk; fetching it again", k, layer)
                     self.cache.discard(k)
             return out
 
-        got = await trio.to_thread.run_sync(from_cache)
+        got.update(await trio.to_thread.run_sync(from_cache))
         missing = [r for k, r in want.items() if k not in got]
         if missing:
-            got.update(await self._fetch(missing))
+            got.update(await self._fetch(missing, hot))
         return got
 
-    async def _fetch(self, refs: list[ChunkRef]) -> dict[str, bytes]:
+    async def _fetch(self, refs: list[ChunkRef], hot: bool) -> dict[str, bytes]:
         datas = await self.fetcher.fetch([r.blob_range for r in refs])
         out: dict[str, bytes] = {}
         bad: list[ChunkRef] = []
@@ -168,6 +181,8 @@ class LayerReader:
                 k = _key(r)
                 out[k] = plain
                 self.cache.put(k, plain, self.digest)
+                if hot:
+                    self.cache.put_hot(k, plain)
 
         await trio.to_thread.run_sync(decode, list(zip(refs, datas, strict=True)), False)
         if bad:
@@ -198,7 +213,7 @@ class LayerReader:
         """Fetch the landmark set, stopping at ``bound_bytes`` of compressed data."""
         todo = [r for r in self.prefetch_set(bound_bytes) if not self.cache.contains(_key(r))]
         for batch in _batches(todo):
-            await self._load(batch)
+            await self._load(batch, hot=False)
         self._update_gauge()
 
     def start_background(self, nursery: trio.Nursery) -> None:
@@ -219,7 +234,7 @@ class LayerReader:
                     return
                 batch = [r for r in batch if not self.cache.contains(_key(r))]
                 if batch:
-                    await self._load(batch)
+                    await self._load(batch, hot=False)
                 self._update_gauge()
                 await trio.sleep(0)
         except (UnavailableError, IntegrityError) as e:
