@@ -288,3 +288,26 @@ def test_blob_built_by_go_estargz_reads_the_same(client: RegistryClient, registr
             assert await r.read(name, 7, 70_001) == data[7:70_008]
 
     trio.run(main)
+
+
+def test_readahead_follows_sequential_reads_and_stays_within_a_file_read_alone(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    blob = layer.files["data/blob6"]
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        r.readahead_bytes = 1 << 20
+        chunks = r.stargz.chunks_for("data/blob6")
+        for off in range(0, 2 * CHUNK, 16 * 1024):  # sequential reads of the file's first two chunks
+            assert await r.read("data/blob6", off, 16 * 1024) == blob[off:off + 16 * 1024]
+        await trio.sleep(0.5)  # readahead runs in its own tasks
+        cached = [r.cache.contains(c.entry.chunk_digest) for c in chunks]
+        assert all(cached), cached  # the rest of the file came ahead of the reads
+        # ... but nothing of the files stored after it: this file was read alone
+        nxt = r.stargz.chunks_for("data/blob7", 0, 1)[0]
+        assert not r.cache.contains(nxt.entry.chunk_digest)
+        requests = r.fetcher.requests
+        assert await r.read("data/blob6", len(blob) - 100, 100) == blob[-100:]
+        assert r.fetcher.requests == requests
+
+    trio.run(main)
