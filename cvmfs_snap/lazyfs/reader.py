@@ -14,8 +14,8 @@
   it) start fetching the chunks ahead of them in a task of their own, with a window that doubles up to
   ``readahead_bytes``, so fetching overlaps decoding and the next reads find their chunks ready; a read that
   jumps elsewhere resets the window, and reads ahead go past the end of a file only once reads have moved on to
-  the next file in blob order, so a container reading a few files fetches about what it reads. Chunks being loaded by one task are waited
-  for by the others (never fetched or decoded twice).
+  the next file in blob order, so a container reading a few files fetches about what it reads. Chunks being
+  loaded by one task are waited for by the others (never fetched or decoded twice).
 - ``prefetch(bound_bytes)`` fetches the landmark set (entries before ``.prefetch.landmark``) up to ``bound_bytes``
   of compressed data, so the container starts without waiting for more.
 - ``start_background(nursery)`` fetches every other chunk, one batch at a time (so it holds at most one of the
@@ -246,7 +246,7 @@ class LayerReader:
             self._ra_scopes.add(scope)
             try:
                 await self._load(refs)
-            except Exception as e:  # noqa: BLE001 -- readahead is an optimisation; the read itself reports errors
+            except Exception as e:  # readahead is an optimisation: the read itself reports errors
                 log.debug("readahead of layer %s: %s (the read itself will retry)", self.digest, e)
             finally:
                 self._ra_scopes.discard(scope)
