@@ -9,7 +9,10 @@ blob GETs as :class:`Behaviour` says:
 - ``multi``: what a multi-range request gets: ``"pass"`` (served), ``"400"`` (refused), ``"whole"`` (200 with the
   whole blob, as some CDNs do);
 - ``corrupt``: this many ranged blob answers get a flipped byte in the middle of their body (-1: all of them);
-- ``drop``: this many ranged blob answers are cut after half their body and the connection is closed (-1: all).
+- ``drop``: this many ranged blob answers are cut after half their body and the connection is closed (-1: all);
+- ``redirect``: blob GETs are answered with a 307 to ``/storage/<digest>?sig=N`` on the proxy (as registries
+  backed by S3 or a CDN do), which serves the blob; with ``storage_uses`` a signed URL answers 403 after that
+  many uses (an expired signature), so the client must ask the registry again.
 
 Built on :func:`tests.support.http_servers.serve` (so every request is recorded in ``proxy.server.requests``).
 """
@@ -39,6 +42,8 @@ class Behaviour:
     multi: str = "pass"
     corrupt: int = 0
     drop: int = 0
+    redirect: bool = False
+    storage_uses: int = 0
 
 
 @dataclass
@@ -47,6 +52,9 @@ class RangeProxy:
     behaviour: Behaviour
     #: blob GETs seen: (Range header or "", status answered, body bytes sent)
     blob_gets: list[tuple[str, int, int]] = field(default_factory=list)
+    #: with ``redirect``: GETs of the registry's blob URL (the 307s) and of the storage URL
+    registry_gets: int = 0
+    storage_gets: int = 0
 
     @property
     def host(self) -> str:
@@ -70,10 +78,28 @@ def range_proxy(upstream: str, behaviour: Behaviour | None = None) -> Iterator[R
     beh = behaviour or Behaviour()
     client = httpx.Client(base_url=upstream, timeout=60)
     holder: list[RangeProxy] = []
+    signed: dict[str, tuple[str, int]] = {}  # sig -> (registry blob path, uses)
 
     def handle(req: Request) -> Reply:
         headers = {k: v for k, v in req.headers.items() if k in ("accept", "authorization", "range")}
         is_blob = "/blobs/sha256:" in req.path and req.method == "GET"
+        proxy = holder[0]
+        if beh.redirect and is_blob:
+            proxy.registry_gets += 1
+            sig = str(len(signed))
+            signed[sig] = (req.path, 0)
+            return Reply(307, {"Location": f"/storage/{req.path.rsplit('/', 1)[1]}?sig={sig}"})
+        if req.path.startswith("/storage/"):
+            proxy.storage_gets += 1
+            sig = req.path.rsplit("sig=", 1)[-1]
+            path, uses = signed.get(sig, ("", 0))
+            if not path or (beh.storage_uses and uses >= beh.storage_uses):
+                proxy.blob_gets.append((headers.get("range", ""), 403, 0))
+                return Reply(403, {"Content-Type": "application/xml"}, b"<Error>Request has expired</Error>")
+            signed[sig] = (path, uses + 1)
+            headers.pop("authorization", None)
+            req = Request(req.method, path, req.headers)
+            is_blob = True
         rng = headers.get("range", "")
         if is_blob and rng and "," in rng and beh.multi != "pass":
             if beh.multi == "400":
