@@ -23,7 +23,7 @@ Layout under ``directory`` (one lazyfs process owns it)::
 The cache does not verify content: the reader checks every chunk it gets against its digest (and
 :meth:`discard` s a bad one), so a chunk damaged on disk costs a re-fetch, never wrong bytes.
 
-- **Hot chunks** (``memory_bytes``, default 32 MiB for all layers together): the last chunks the reader verified
+- **Hot chunks** (``memory_bytes``, default 16 MiB for all layers together): the last chunks the reader verified
   are also kept in memory (:meth:`get_hot` / :meth:`put_hot`), so the 32 FUSE reads of 128 KiB that a 4 MiB chunk
   takes cost one disk read and one hash, not 32.
 
@@ -47,7 +47,7 @@ from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 4 * 1024 ** 3
-DEFAULT_MEMORY_BYTES = 32 * 1024 * 1024
+DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
