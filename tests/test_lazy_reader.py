@@ -18,7 +18,7 @@ from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import ImageReference
-from tests.support.range_proxies import PushedLayer, push_estargz, range_proxy
+from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
 from tests.support.registry import Registry
 
 CHUNK = 64 * 1024
@@ -348,5 +348,21 @@ def test_zstd_chunked_blob_reads_the_same(client: RegistryClient, registry: Regi
         for name, data in files.items():
             assert await r.read(name, 0, len(data)) == data
             assert await r.read(name, CHUNK - 3, 10) == data[CHUNK - 3:CHUNK + 7]
+
+    trio.run(main)
+
+
+def test_layer_on_a_registry_ignoring_range_is_read_from_one_spooled_download(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    async def main() -> None:
+        with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+            r = await open_reader(client, proxy.host, layer, new_cache(tmp_path), spool_dir=tmp_path / "spool")
+            for name, data in layer.files.items():
+                assert await r.read(name, 0, len(data)) == data
+            whole = [g for g in proxy.blob_gets if g[1] == 200]
+            # one probe (closed unread) + one download for the footer, the TOC and every chunk
+            assert len(whole) == 2 and r.fetcher.bytes_fetched == layer.size
+            r.close()
+            assert list((tmp_path / "spool").iterdir()) == []
 
     trio.run(main)

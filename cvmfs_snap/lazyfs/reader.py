@@ -27,15 +27,17 @@ Blocking work (cache file I/O, gzip decoding, hashing) runs in worker threads, n
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import struct
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
 
 import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
-from cvmfs_snap.estargz import ChunkRef, EStargz, parse_footer
+from cvmfs_snap.estargz import ChunkRef, EStargz, TocEntry, parse_footer
 from cvmfs_snap.lazyfs.cache import ChunkCache, cache_key
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.lazyfs.remote import BlobFetcher
@@ -56,19 +58,8 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _all_chunks(stargz: EStargz) -> list[ChunkRef]:
-    """Every distinct chunk of the layer (by content digest), in blob order."""
-    seen: set[str] = set()
-    out: list[ChunkRef] = []
-    for chunks in stargz.toc.chunks.values():
-        for c in chunks:
-            ref = ChunkRef(c, c.chunk_offset, c.chunk_size, c.offset, c.next_offset)
-            k = _key(ref)
-            if k not in seen:
-                seen.add(k)
-                out.append(ref)
-    out.sort(key=lambda r: r.blob_offset)
-    return out
+def _ref(c: TocEntry) -> ChunkRef:
+    return ChunkRef(c, c.chunk_offset, c.chunk_size, c.offset, c.next_offset)
 
 
 def _batches(refs: Iterable[ChunkRef], limit: int = BATCH_BYTES) -> list[list[ChunkRef]]:
@@ -97,19 +88,17 @@ class LayerReader:
         self.stargz = stargz
         self.digest = digest
         self.metrics = metrics or DEFAULT_METRICS
-        self._chunks = _all_chunks(stargz)
-        self._total = sum(r.blob_end - r.blob_offset for r in self._chunks) or 1
         self._waiting = 0
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
         #: chunk key -> set when the task loading it is done (single-flight across reads, readahead, background)
         self._pending: dict[str, trio.Event] = {}
-        #: every chunk (duplicates included) in blob order, and the position of each (for readahead)
-        self._seq = sorted((ChunkRef(c, c.chunk_offset, c.chunk_size, c.offset, c.next_offset)
-                            for cs in stargz.toc.chunks.values() for c in cs),
-                           key=lambda r: (r.blob_offset, r.entry.inner_offset))
-        self._pos = {(r.blob_offset, r.entry.inner_offset): i for i, r in enumerate(self._seq)}
+        #: every chunk (duplicates included) in blob order, and their blob offsets (for readahead); TocEntry
+        #: objects of the TOC itself and an array of ints: a layer with 100,000 chunks adds about 1.6 MB
+        self._seq: list[TocEntry] = sorted((c for cs in stargz.toc.chunks.values() for c in cs),
+                                           key=lambda c: (c.offset, c.inner_offset))
+        self._offsets = array("q", (c.offset for c in self._seq))
         self.readahead_bytes = max(0, readahead_bytes)
         self._ra_window = 0
         self._last_pos = -2
@@ -205,8 +194,8 @@ class LayerReader:
         """Start fetching ahead when this read continues the previous one in blob order (see module docstring)."""
         if not self.readahead_bytes or self._closed:
             return
-        first = self._pos[(refs[0].blob_offset, refs[0].entry.inner_offset)]
-        last = self._pos[(refs[-1].blob_offset, refs[-1].entry.inner_offset)]
+        first = bisect.bisect_left(self._offsets, refs[0].blob_offset)
+        last = bisect.bisect_right(self._offsets, refs[-1].blob_offset) - 1
         prev_pos, prev_name = self._last_pos, self._last_name
         self._last_pos, self._last_name = last, refs[-1].entry.name
         if first not in (prev_pos, prev_pos + 1):
@@ -223,7 +212,7 @@ class LayerReader:
         total = 0
         i = max(last, self._ra_until) + 1
         while i < len(self._seq) and total < self._ra_window:
-            r = self._seq[i]
+            r = _ref(self._seq[i])
             if r.entry.name != name and not self._ra_cross:
                 break  # ahead within this file only, until reads move on to the next file in blob order
             total += r.blob_end - r.blob_offset
@@ -310,7 +299,7 @@ class LayerReader:
         nursery.start_soon(self._background)
 
     async def _background(self) -> None:
-        todo = [r for r in self._chunks if not self.cache.contains(_key(r))]
+        todo = [r for r in self._distinct() if not self.cache.contains(_key(r))]
         try:
             for batch in _batches(todo):
                 while self._waiting and not self._closed:
@@ -335,14 +324,29 @@ class LayerReader:
         self.metrics.background_fraction.labels(layer=self.digest).set(self.fetched_fraction())
 
     # ------------------------------------------------------------------ state
+    def _distinct(self) -> Iterator[ChunkRef]:
+        """Every distinct chunk (by content digest), in blob order."""
+        seen: set[str] = set()
+        for c in self._seq:
+            r = _ref(c)
+            k = _key(r)
+            if k not in seen:
+                seen.add(k)
+                yield r
+
     def fetched_fraction(self) -> float:
         """The part of the layer's chunk data (compressed bytes) present in the cache, 0.0 to 1.0."""
-        have = sum(r.blob_end - r.blob_offset for r in self._chunks if self.cache.contains(_key(r)))
-        return min(1.0, have / self._total) if self._chunks else 1.0
+        have = total = 0
+        for r in self._distinct():
+            n = r.blob_end - r.blob_offset
+            total += n
+            if self.cache.contains(_key(r)):
+                have += n
+        return min(1.0, have / total) if total else 1.0
 
     def is_complete(self) -> bool:
         """Every chunk of the layer is in the cache."""
-        return all(self.cache.contains(_key(r)) for r in self._chunks)
+        return all(self.cache.contains(_key(r)) for r in self._distinct())
 
     @property
     def bytes_fetched(self) -> int:
