@@ -14,7 +14,7 @@ import trio  # type: ignore[import-untyped]
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
-from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
+from cvmfs_snap.lazyfs.reader import LayerReader, ReadActivity, open_layer_reader
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import ImageReference
@@ -51,10 +51,11 @@ def make_fetcher(client: RegistryClient, host: str, layer: PushedLayer, cls: typ
 
 
 async def open_reader(client: RegistryClient, host: str, layer: PushedLayer, cache: ChunkCache,
-                      cls: type[BlobFetcher] = BlobFetcher, **kw: Any) -> LayerReader:
+                      cls: type[BlobFetcher] = BlobFetcher, activity: ReadActivity | None = None,
+                      **kw: Any) -> LayerReader:
     f = make_fetcher(client, host, layer, cls, **kw)
     return await open_layer_reader(f, cache, digest=layer.digest, size=layer.size, toc_digest=layer.toc_digest,
-                                   metrics=LazyMetrics())
+                                   metrics=LazyMetrics(), activity=activity)
 
 
 def new_cache(tmp: Path, max_bytes: int = 1 << 30, **kw: Any) -> ChunkCache:
@@ -217,7 +218,7 @@ def test_background_fetch_completes_and_pauses_while_reads_wait(
                 got.append(await r.read("data/blob7", 0, 100))
             n.start_soon(read)
             await trio.sleep(0.05)
-            assert r._waiting == 1
+            assert r.activity.waiting == 1
             start = f.requests
             r.start_background(n)
             await trio.sleep(0.5)
@@ -364,5 +365,36 @@ def test_layer_on_a_registry_ignoring_range_is_read_from_one_spooled_download(
             assert len(whole) == 2 and r.fetcher.bytes_fetched == layer.size
             r.close()
             assert list((tmp_path / "spool").iterdir()) == []
+
+    trio.run(main)
+
+
+def test_background_of_one_layer_pauses_while_a_read_of_another_waits(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    other = push_estargz(registry.host, "lazy/other", {"o/x": os.urandom(400_000)}, chunk_size=CHUNK)
+    cache = new_cache(tmp_path)
+    shared = ReadActivity()
+
+    async def main() -> None:
+        a = await open_reader(client, registry.host, layer, cache, GatedFetcher, activity=shared)
+        b = await open_reader(client, registry.host, other, cache, activity=shared)
+        fa = a.fetcher
+        assert isinstance(fa, GatedFetcher)
+        fa.gate = trio.Event()
+        fa.hold = a.stargz.chunks_for("data/blob7", 0, 1)[0].blob_range
+        async with trio.open_nursery() as n:
+            async def read() -> None:
+                await a.read("data/blob7", 0, 100)
+            n.start_soon(read)
+            await trio.sleep(0.05)
+            start = b.fetcher.requests
+            b.start_background(n)
+            await trio.sleep(0.5)
+            assert b.fetcher.requests == start  # layer b waits for layer a's read
+            fa.gate.set()
+            with trio.fail_after(60):
+                while b.background_state == "running":
+                    await trio.sleep(0.05)
+        assert b.is_complete()
 
     trio.run(main)

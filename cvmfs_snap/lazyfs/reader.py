@@ -19,8 +19,8 @@
 - ``prefetch(bound_bytes)`` fetches the landmark set (entries before ``.prefetch.landmark``) up to ``bound_bytes``
   of compressed data, so the container starts without waiting for more.
 - ``start_background(nursery)`` fetches every other chunk, one batch at a time (so it holds at most one of the
-  fetcher's threads), pausing while real reads are waiting; one pass, so a cache smaller than the layer is not
-  thrashed.
+  fetcher's threads), pausing while real reads are waiting (reads of every layer sharing its
+  :class:`ReadActivity`); one pass, so a cache smaller than the layer is not thrashed.
 
 Blocking work (cache file I/O, gzip decoding, hashing) runs in worker threads, never in the event loop.
 """
@@ -62,6 +62,26 @@ def _ref(c: TocEntry) -> ChunkRef:
     return ChunkRef(c, c.chunk_offset, c.chunk_size, c.offset, c.next_offset)
 
 
+class ReadActivity:
+    """Reads waiting for data, counted over every layer that shares this object: background fetches pause while
+    any read waits (pass one to all readers of a process; each reader makes its own otherwise)."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.idle = trio.Event()
+        self.idle.set()
+
+    def begin(self) -> None:
+        self.waiting += 1
+        if self.waiting == 1:
+            self.idle = trio.Event()
+
+    def end(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.idle.set()
+
+
 def _batches(refs: Iterable[ChunkRef], limit: int = BATCH_BYTES) -> list[list[ChunkRef]]:
     out: list[list[ChunkRef]] = []
     cur: list[ChunkRef] = []
@@ -82,15 +102,14 @@ class LayerReader:
     """Verified reads of one layer (see module docstring)."""
 
     def __init__(self, fetcher: BlobFetcher, cache: ChunkCache, stargz: EStargz, *, digest: str,
-                 metrics: LazyMetrics | None = None, readahead_bytes: int = DEFAULT_READAHEAD) -> None:
+                 metrics: LazyMetrics | None = None, readahead_bytes: int = DEFAULT_READAHEAD,
+                 activity: ReadActivity | None = None) -> None:
         self.fetcher = fetcher
         self.cache = cache
         self.stargz = stargz
         self.digest = digest
         self.metrics = metrics or DEFAULT_METRICS
-        self._waiting = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self.activity = activity or ReadActivity()
         self._closed = False
         #: chunk key -> set when the task loading it is done (single-flight across reads, readahead, background)
         self._pending: dict[str, trio.Event] = {}
@@ -121,15 +140,11 @@ class LayerReader:
         if not refs:
             return b""
         self._readahead(refs)
-        self._waiting += 1
-        if self._waiting == 1:
-            self._idle = trio.Event()
+        self.activity.begin()
         try:
             got = await self._load(refs)
         finally:
-            self._waiting -= 1
-            if self._waiting == 0:
-                self._idle.set()
+            self.activity.end()
         end = offset + size
         parts: list[bytes] = []
         for r in refs:
@@ -302,8 +317,9 @@ class LayerReader:
         todo = [r for r in self._distinct() if not self.cache.contains(_key(r))]
         try:
             for batch in _batches(todo):
-                while self._waiting and not self._closed:
-                    await self._idle.wait()
+                while self.activity.waiting and not self._closed:
+                    with trio.move_on_after(0.5):  # wake up now and then to notice close()
+                        await self.activity.idle.wait()
                 if self._closed:
                     self.background_state = "off"
                     return
@@ -358,7 +374,6 @@ class LayerReader:
         self._closed = True
         for scope in list(self._ra_scopes):
             scope.cancel()
-        self._idle.set()
         self.fetcher.close()
         self.metrics.forget_layer(self.digest)
 
@@ -368,7 +383,8 @@ _TOC_HEADER = struct.Struct(">Q")
 
 
 async def open_layer_reader(fetcher: BlobFetcher, cache: ChunkCache, *, digest: str, size: int, toc_digest: str,
-                            metrics: LazyMetrics | None = None) -> LayerReader:
+                            metrics: LazyMetrics | None = None, activity: ReadActivity | None = None,
+                            readahead_bytes: int = DEFAULT_READAHEAD) -> LayerReader:
     """Open layer ``digest`` (``size`` bytes): footer and TOC from the cache (stored under the TOC digest) or from
     the registry (two range reads), the TOC checked against ``toc_digest`` (the layer's
     ``containerd.io/snapshot/stargz/toc.digest`` annotation). IntegrityError when it does not match."""
@@ -404,4 +420,5 @@ async def open_layer_reader(fetcher: BlobFetcher, cache: ChunkCache, *, digest: 
         es = await trio.to_thread.run_sync(parse, tail, toc)
         record = _TOC_HEADER.pack(len(tail)) + tail + toc
         await trio.to_thread.run_sync(cache.put, tkey, record, digest)
-    return LayerReader(fetcher, cache, es, digest=digest, metrics=metrics)
+    return LayerReader(fetcher, cache, es, digest=digest, metrics=metrics, activity=activity,
+                       readahead_bytes=readahead_bytes)

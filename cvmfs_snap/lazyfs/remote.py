@@ -16,7 +16,8 @@
   retries) are retried ``retries`` times with exponential back-off; then :class:`UnavailableError`.
 
 Network calls run in worker threads through :class:`cvmfs_snap.oci.handoff.RangeHandoff`, so a slow range never
-stalls the event loop; the client's blob-URL cache makes a redirected blob cost one round trip per range.
+stalls the event loop (pass one ``handoff`` to the fetchers of all layers to bound the threads of the process; each
+fetcher makes its own otherwise); the client's blob-URL cache makes a redirected blob cost one round trip per range.
 """
 
 from __future__ import annotations
