@@ -80,6 +80,7 @@ def test_identical_concurrent_fetches_are_collapsed(client: RegistryClient, laye
             async with trio.open_nursery() as n:
                 for _ in range(6):
                     n.start_soon(one, [(1000, 20_000)])
+                await trio.sleep(0)  # (trio runs new tasks in any order) one of them has started its fetch
                 n.start_soon(one, [(2000, 100)])  # inside the same span: waits for it too
 
         run(main)
