@@ -71,6 +71,7 @@ def test_bound_holds_with_lru_eviction(tmp_path: Path) -> None:
     k5, d5 = chunk(5)
     c.put(k5, d5, A)
     assert c.stats.bytes <= 5000 and c.stats.evictions == 1
+    assert c.metrics.registry.get_sample_value("cvmfs_snap_lazy_cache_evictions_total") == 1
     assert c.contains(keys[0]) and not c.contains(keys[1]) and c.contains(k5)
     for i in range(6, 40):  # much more than the bound
         c.put(*chunk(i), A)

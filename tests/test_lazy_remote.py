@@ -106,6 +106,9 @@ def test_registry_ignoring_range_downloads_the_blob_once_to_a_spool_file(
         assert len(whole) == 2 and f.requests == 1
         assert f.bytes_fetched == layer.size
         spool = tmp_path / (layer.digest.split(":")[1] + ".blob")
+        no_spool = fetcher(client, proxy.host, layer)
+        with pytest.raises(UnavailableError, match="ignores HTTP Range requests and no spool directory"):
+            run(lambda: no_spool.fetch([(0, 10)]))
         assert spool.read_bytes() == layer.blob
         f.close()
         assert not spool.exists()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,12 +200,15 @@ class BlobFetcher:
             try:
                 return await self._once(spans)
             except RangeIgnoredError:
+                if self.spool_dir is None:
+                    raise UnavailableError(f"registry {self.ref.api_host} ignores HTTP Range requests and no spool "
+                                           f"directory is configured for layer {self.digest}") from None
                 self._spooled = True
                 continue  # not a failure: the next attempt reads the spool file
             except (UnavailableError, IntegrityError) as e:
                 last = e
             if attempt < self.retries:
-                delay = self.backoff * (2 ** attempt)
+                delay = self.backoff * (2 ** attempt) * (0.5 + random.random() / 2)  # jitter: no herds
                 log.warning("fetching %d range(s) of %s failed (%s); retry %d/%d in %.1fs", len(spans),
                             self.digest, last, attempt + 1, self.retries, delay)
                 await trio.sleep(delay)
@@ -231,9 +235,7 @@ class BlobFetcher:
     # ------------------------------------------------------------------ whole-blob fallback
     def _spool_path(self) -> Path:
         base = self.spool_dir
-        if base is None:
-            raise UnavailableError(f"registry {self.ref.api_host} ignores HTTP Range requests and no spool "
-                                   f"directory is configured for layer {self.digest}")
+        assert base is not None  # checked when the registry was found to ignore Range
         base.mkdir(parents=True, exist_ok=True)
         return base / (self.digest.split(":", 1)[1] + ".blob")
 
