@@ -398,3 +398,15 @@ def test_background_of_one_layer_pauses_while_a_read_of_another_waits(
         assert b.is_complete()
 
     trio.run(main)
+
+
+def test_prefetch_from_a_failing_registry_raises_unavailable(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    async def main() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, layer, new_cache(tmp_path), retries=0)
+            proxy.behaviour.drop = -1
+            with pytest.raises(UnavailableError):  # the error itself, not wrapped in an exception group
+                await r.prefetch(64 * 1024 * 1024)
+
+    trio.run(main)

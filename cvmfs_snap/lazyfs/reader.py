@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: compressed bytes one background (or prefetch) batch fetches at most
 BATCH_BYTES = 4 * 1024 * 1024
+#: prefetch batches in flight at once
+PREFETCH_PARALLEL = 2
 #: sequential reads fetch ahead up to this many compressed bytes (the window starts at 1/8 of it)
 DEFAULT_READAHEAD = 8 * 1024 * 1024
 
@@ -302,9 +304,24 @@ class LayerReader:
     async def prefetch(self, bound_bytes: int) -> None:
         """Fetch the landmark set, stopping at ``bound_bytes`` of compressed data."""
         todo = [r for r in self.prefetch_set(bound_bytes) if not self.cache.contains(_key(r))]
-        for batch in _batches(todo):
-            await self._load(batch, hot=False)
+        limit = trio.CapacityLimiter(PREFETCH_PARALLEL)
+        errors: list[Exception] = []
+
+        async def one(batch: list[ChunkRef]) -> None:
+            async with limit:
+                if errors:
+                    return
+                try:
+                    await self._load(batch, hot=False)
+                except (UnavailableError, IntegrityError) as e:  # raised below as is, not in an exception group
+                    errors.append(e)
+
+        async with trio.open_nursery() as n:  # two batches at a time: one downloads while the other decodes
+            for batch in _batches(todo):
+                n.start_soon(one, batch)
         self._update_gauge()
+        if errors:
+            raise errors[0]
 
     def start_background(self, nursery: trio.Nursery) -> None:
         """Fetch everything not yet cached in ``nursery``, at low priority (see module docstring)."""
