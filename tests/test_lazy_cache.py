@@ -131,7 +131,7 @@ while True:
 
 def test_killed_writer_leaves_no_damaged_or_duplicated_chunk(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.Popen([sys.executable, "-c", CRASHER, str(cache_dir), A, B], stdout=subprocess.PIPE, env=env)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
