@@ -410,3 +410,21 @@ def test_prefetch_from_a_failing_registry_raises_unavailable(
                 await r.prefetch(64 * 1024 * 1024)
 
     trio.run(main)
+
+
+def test_spooled_blob_goes_once_the_layer_is_cached_and_comes_back_if_needed(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    cache = new_cache(tmp_path, memory_bytes=0)
+
+    async def main() -> None:
+        with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+            r = await open_reader(client, proxy.host, layer, cache, spool_dir=tmp_path / "spool")
+            async with trio.open_nursery() as n:
+                r.start_background(n)
+            assert r.background_state == "done" and r.is_complete()
+            assert list((tmp_path / "spool").iterdir()) == []  # complete: the spool file is gone
+            cache.release_layer(layer.digest)  # e.g. evicted: the next read downloads the blob again
+            assert await r.read("bin/tool", 0, 10) == layer.files["bin/tool"][:10]
+            assert len(list((tmp_path / "spool").iterdir())) == 1
+
+    trio.run(main)

@@ -351,6 +351,8 @@ class LayerReader:
                         self.digest, e)
             return
         self.background_state = "done"
+        if self.is_complete():
+            self.fetcher.close()  # a spooled whole blob is not needed any more
         await trio.to_thread.run_sync(self.cache.settle)  # the last chunks' pages: writes may stop here for long
         log.info("background fetch of layer %s done: %.0f%% cached", self.digest, 100 * self.fetched_fraction())
 

@@ -11,7 +11,8 @@
   multi-range); ``force_single_range`` sends one request per span, concurrently, for registries that answer a
   multi-range request with the whole blob. Where the registry ignores ``Range`` altogether (GitLab's registry, some
   proxies) the blob is downloaded **once**, streamed to a spool file (``spool_dir``, never held in memory),
-  digest-verified, and every later range is a local ``pread``.
+  digest-verified, and every later range is a local ``pread``. The spool file is not part of the chunk cache's
+  bound: it goes with :meth:`close` (the reader calls it on close, and once the layer is completely cached).
 - **Retries**: transient failures (connection dropped mid-body, truncated bodies, 5xx after the client's own
   retries) are retried ``retries`` times with exponential back-off; then :class:`UnavailableError`.
 
@@ -153,9 +154,10 @@ class BlobFetcher:
         return out
 
     def close(self) -> None:
-        """Remove the whole-blob spool file, if one was made."""
-        if self._spool is not None:
-            for p in (self._spool, self._spool.with_suffix(".part")):
+        """Remove the whole-blob spool file, if one was made (a later fetch downloads the blob again)."""
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            for p in (spool, spool.with_suffix(".part")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
 
