@@ -428,3 +428,21 @@ def test_spooled_blob_goes_once_the_layer_is_cached_and_comes_back_if_needed(
             assert len(list((tmp_path / "spool").iterdir())) == 1
 
     trio.run(main)
+
+
+def test_readahead_stays_within_its_window_of_the_reads(registry: Registry, client: RegistryClient,
+                                                        tmp_path: Path) -> None:
+    big = os.urandom(40 * CHUNK)
+    layer = push_estargz(registry.host, "lazy/bigfile", {"big": big}, chunk_size=CHUNK)
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        r.readahead_bytes = 4 * CHUNK
+        for off in range(0, CHUNK, 4096):  # 16 sequential reads inside the first chunk
+            assert await r.read("big", off, 4096) == big[off:off + 4096]
+        await trio.sleep(0.5)
+        chunks = r.stargz.chunks_for("big")
+        cached = sum(r.cache.contains(c.entry.chunk_digest) for c in chunks)
+        assert 2 <= cached <= 1 + 5, cached  # the chunk read and at most a window (+1 partial chunk) ahead
+
+    trio.run(main)

@@ -227,17 +227,17 @@ class LayerReader:
         name = refs[-1].entry.name
         todo: list[ChunkRef] = []
         total = 0
-        i = max(last, self._ra_until) + 1
+        i = last + 1  # the window counts from this read on: readahead never runs further ahead than it
         while i < len(self._seq) and total < self._ra_window:
             r = _ref(self._seq[i])
             if r.entry.name != name and not self._ra_cross:
                 break  # ahead within this file only, until reads move on to the next file in blob order
             total += r.blob_end - r.blob_offset
             k = _key(r)
-            if k not in self._pending and not self.cache.contains(k):
+            if i > self._ra_until and k not in self._pending and not self.cache.contains(k):
                 todo.append(r)
             i += 1
-        self._ra_until = i - 1
+        self._ra_until = max(self._ra_until, i - 1)
         if todo:
             trio.lowlevel.spawn_system_task(self._readahead_task, todo)
 
