@@ -14,7 +14,9 @@
   digest-verified, and every later range is a local ``pread``. The spool file is not part of the chunk cache's
   bound: it goes with :meth:`close` (the reader calls it on close, and once the layer is completely cached).
 - **Retries**: transient failures (connection dropped mid-body, truncated bodies, 5xx after the client's own
-  retries) are retried ``retries`` times with exponential back-off; then :class:`UnavailableError`.
+  retries) are retried ``retries`` times with exponential back-off; then :class:`UnavailableError`. A refused
+  authorisation or a blob gone from the registry is not retried, and is an UnavailableError too (with the
+  client's message, which names the host and what to fix, never a credential).
 
 Network calls run in worker threads through :class:`cvmfs_snap.oci.handoff.RangeHandoff`, so a slow range never
 stalls the event loop (pass one ``handoff`` to the fetchers of all layers to bound the threads of the process; each
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import trio  # type: ignore[import-untyped]
 
-from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
+from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError, UnavailableError
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.handoff import RangeHandoff
@@ -207,6 +209,8 @@ class BlobFetcher:
                                            f"directory is configured for layer {self.digest}") from None
                 self._spooled = True
                 continue  # not a failure: the next attempt reads the spool file
+            except (AuthError, NotFoundError) as e:  # not transient: no retry; for a read both mean EIO
+                raise UnavailableError(f"layer {self.digest}: {e}") from None
             except (UnavailableError, IntegrityError) as e:
                 last = e
             if attempt < self.retries:
