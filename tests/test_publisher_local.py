@@ -225,7 +225,8 @@ def test_idempotent_and_moved_tag(registry: Registry, client: RegistryClient, tm
     assert (link / "opt/app/new.txt").read_text() == "two\n"
     schedule = read_remove_schedule(root)
     assert len(schedule) == 1
-    assert schedule[0]["config"]["digest"] == v1.config_digest
+    cfg = schedule[0].raw["config"]
+    assert isinstance(cfg, dict) and cfg["digest"] == v1.config_digest
     assert schedule[0].manifest_digest == d1
     assert (root / REMOVE_SCHEDULE).is_file()
     # the old flat tree is still there (GC removes it after the grace period), the new one is linked
