@@ -49,7 +49,7 @@ from cvmfs_snap.layout import (
 from cvmfs_snap.oci import Descriptor, ImageReference, Index, Manifest, Platform, RegistryClient
 
 from . import metrics
-from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, layers_json, merge_origin, new_record
+from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, Txn, layers_json, merge_origin, new_record
 from .backends.local import disk_error
 from .crashpoints import crash_point
 from .inventory import image_names
@@ -626,7 +626,7 @@ class Publisher:
 
             txn.write_file(rel(meta_dir / IMAGE_JSON), record(default).to_json().encode())
 
-    def _adopt_layer(self, txn: Any, desc: Descriptor, claimed_diff_id: str) -> None:
+    def _adopt_layer(self, txn: Txn, desc: Descriptor, claimed_diff_id: str) -> None:
         """Write our ``layer.json`` for a complete layer that has none: published by DUCC, or by a run killed
         between ``cvmfs_server ingest`` and the metadata publish. Built from the tree (whiteouts as plain files);
         ``uncompressed_size`` is then the sum of file sizes, not the tar size.
@@ -676,7 +676,7 @@ class Publisher:
         return (diff_id if isinstance(diff_id, str) and _is_sha256(diff_id) else "",
                 size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0)
 
-    def _schedule_removal(self, txn: Any, ref: ImageReference, meta_dir: Path, old: ImageRecord,
+    def _schedule_removal(self, txn: Txn, ref: ImageReference, meta_dir: Path, old: ImageRecord,
                           keep_configs: set[str]) -> None:
         """Append the replaced manifest(s) to DUCC's remove schedule (GC deletes them after the grace period)."""
         old_dirs = [meta_dir]
