@@ -382,8 +382,8 @@ def test_flat_never_built_from_a_layer_that_lost_its_whiteouts(
         assert pub.publish_image(fresh_registry.ref("cvmfs/lost", "v1")).ok
     layout = RepositoryLayout(fake.root)
     rel = str(layout.layerfs(top.digest).relative_to(fake.root))
-    backend = PublisherConfig(backend="cvmfs-ingest", root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
-                              state_dir=str(fake.state.parent / "publisher-state")).make_backend()
+    backend = make_backend(PublisherConfig(backend="cvmfs-ingest", root=str(fake.root), repo=fake.repo,
+                                           cvmfs_server=fake.exe, state_dir=str(fake.state.parent / "publisher-state")))
     backend._delete_paths([f"{rel}/etc/.wh.motd", f"{rel}/opt/app/.wh..wh..opq"])  # what the old backend left
     assert backend.layer_tree(top.digest) is None and backend.layer_tree(base.digest) is not None
     with make_publisher(fake, client, "cvmfs-ingest") as pub:
@@ -406,9 +406,9 @@ def test_killed_publisher_leaves_the_repository_locked_until_its_cvmfs_server_en
 
     state = fake.state.parent / "publisher-state"
     script = (
-        "from publisher.config import PublisherConfig\n"
-        f"b = PublisherConfig(backend='cvmfs-transaction', root={str(fake.root)!r}, repo={fake.repo!r}, "
-        f"cvmfs_server={fake.exe!r}, state_dir={str(state)!r}).make_backend()\n"
+        "from publisher.config import PublisherConfig\nfrom publisher.factory import make_backend\n"
+        f"b = make_backend(PublisherConfig(backend='cvmfs-transaction', root={str(fake.root)!r}, repo={fake.repo!r}, "
+        f"cvmfs_server={fake.exe!r}, state_dir={str(state)!r}))\n"
         "with b.transaction() as txn:\n    txn.write_file('published-by-orphan', b'x')\n"
     )
     env = {**os.environ, **fake.env(fail="hang-publish@1"), "FAKE_CVMFS_HANG_SECONDS": "4"}
@@ -421,8 +421,8 @@ def test_killed_publisher_leaves_the_repository_locked_until_its_cvmfs_server_en
     proc.wait()
     orphan = _hung_pids(fake, "publish")[0]
     assert not _gone(orphan)
-    backend = PublisherConfig(backend="cvmfs-transaction", root=str(fake.root), repo=fake.repo,
-                              cvmfs_server=fake.exe, state_dir=str(state)).make_backend()
+    backend = make_backend(PublisherConfig(backend="cvmfs-transaction", root=str(fake.root), repo=fake.repo,
+                                           cvmfs_server=fake.exe, state_dir=str(state)))
     backend.recover()
     assert _gone(orphan)  # recovery waited for the orphaned publish
     assert (fake.root / "published-by-orphan").read_bytes() == b"x"  # which completed, and was not aborted
