@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "list snapshots and where each layer comes from",
     "pull": "pull an image through containerd, serving published layers from CVMFS",
     "demo": "run the whole data path end to end on a local embedded default",
+    "convert": "copy an image registry to registry, with its layers as eStargz",
 }
 
 log = logging.getLogger("cvmfs_snap")
@@ -63,6 +64,10 @@ def subcommand(name: str) -> ModuleType:
         from cvmfs_snap import demo
 
         return demo
+    if name == "convert":
+        from cvmfs_snap.convert import command
+
+        return command
     raise KeyError(name)
 
 

@@ -12,7 +12,6 @@ sits in memory. Truncated and corrupt streams raise :class:`InvalidInputError`.
 from __future__ import annotations
 
 import logging
-import zlib
 from types import TracebackType
 from typing import IO, cast
 
@@ -20,10 +19,10 @@ import zstandard
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer.digesting import HashingReader, Readable
+from cvmfs_snap.layer.gzipmember import GZIP_MAGIC, GzipStreamDecoder
 
 log = logging.getLogger(__name__)
 
-GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 #: media type -> codec ("gzip", "zstd", "none"); includes Docker's and OCI's non-distributable ("foreign") variants
@@ -98,70 +97,6 @@ class _Prefixed:
                 data, self._head = self._head[:n], self._head[n:]
             return data
         return self._raw.read(n)
-
-
-class _GzipDecoder:
-    """Multi-member gzip (as eStargz writes it), with bounded output per read and truncation detection."""
-
-    def __init__(self, raw: Readable, name: str) -> None:
-        self._raw = raw
-        self._name = name
-        self._d = zlib.decompressobj(wbits=31)
-        self._pending = b""  # compressed input not yet fed
-        self._member_started = False
-        self._members = 0
-        self._offset = 0  # compressed bytes fed so far
-        self._done = False
-
-    def _new_member(self) -> None:
-        self._d = zlib.decompressobj(wbits=31)
-        self._member_started = False
-
-    def read(self, n: int = -1, /) -> bytes:
-        if n is None or n < 0:
-            n = _CHUNK
-        if n == 0:
-            return b""
-        while not self._done:
-            if self._d.unconsumed_tail:
-                src = self._d.unconsumed_tail
-            elif self._pending:
-                src, self._pending = self._pending, b""
-            else:
-                src = self._raw.read(_CHUNK)
-                if not src:
-                    if self._member_started:
-                        raise InvalidInputError(
-                            f"{self._name}: gzip stream is truncated (ends inside member {self._members + 1} "
-                            f"after {self._offset} compressed bytes); the download was cut short or the blob is "
-                            "corrupt: fetch it again"
-                        )
-                    if self._members == 0:
-                        raise InvalidInputError(f"{self._name}: gzip stream is empty")
-                    self._done = True
-                    break
-                self._offset += len(src)
-            if not self._member_started and not self._d.unconsumed_tail:
-                if src[:1] != b"\x1f" or (len(src) > 1 and src[1:2] != b"\x8b"):
-                    raise InvalidInputError(
-                        f"{self._name}: unexpected data after the end of the gzip stream (compressed offset "
-                        f"{self._offset - len(src)}): the blob is not valid gzip; fetch it again or re-push it"
-                    )
-                self._member_started = True
-            try:
-                out = self._d.decompress(src, n)
-            except zlib.error as e:
-                raise InvalidInputError(
-                    f"{self._name}: corrupt gzip data near compressed offset {self._offset}: {e}; the blob is "
-                    "damaged: fetch it again or re-push the image"
-                ) from None
-            if self._d.eof:
-                self._members += 1
-                self._pending = self._d.unused_data
-                self._new_member()
-            if out:
-                return out
-        return b""
 
 
 class _ZstdFrameChecker:
@@ -356,7 +291,7 @@ class LayerStream:
         src = _Prefixed(head, self._raw)
         self._decoder: Readable
         if self.compression == "gzip":
-            self._decoder = _GzipDecoder(src, name)
+            self._decoder = GzipStreamDecoder(src, name)
         elif self.compression == "zstd":
             self._decoder = _ZstdDecoder(src, name)
         else:

@@ -14,6 +14,7 @@ Malformed input raises :class:`InvalidInputError`; input that is well-formed but
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import urllib.parse
 from collections.abc import Iterator
@@ -22,8 +23,11 @@ from dataclasses import dataclass, field
 from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
 from cvmfs_snap.layer.digesting import HashingReader, Readable
 from cvmfs_snap.layer.limits import Limits
+from cvmfs_snap.layer.paths import FORBIDDEN_XATTR_PREFIXES, check_xattr, normalize_path, show
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FORBIDDEN_XATTR_PREFIXES", "TarEntry", "TarReader", "decode_entry", "iter_layer", "normalize_path", "show"]
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -39,16 +43,6 @@ _KINDS = {
     b"5": "dir",
     b"6": "fifo",
 }
-
-#: xattr namespaces that would change how overlayfs interprets the tree (opaque dirs, redirects, metacopy)
-FORBIDDEN_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-
-
-def show(name: str, limit: int = 160) -> str:
-    """A member name as it appears in messages: quoted, escapes visible, long names shortened."""
-    r = repr(name)
-    return r if len(r) <= limit else r[: limit - 5] + "...'"
-
 
 @dataclass
 class TarEntry:
@@ -74,6 +68,11 @@ class TarEntry:
     offset: int = 0
     #: for sparse members: (offset, length) of each data segment; ``read`` returns the segments back to back
     sparse: list[tuple[int, int]] | None = None
+    #: with ``TarReader(keep_raw=True)``: the member's header blocks exactly as stored (PAX and GNU long-name
+    #: headers included), from ``offset`` up to where its data starts
+    header_raw: bytes = b""
+    #: tar offset of the member's first header block (its PAX or GNU long-name header, if it has one)
+    header_offset: int = 0
     _reader: TarReader | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -160,7 +159,9 @@ class TarReader:
     is read too, so that ``diff_id`` covers the whole stream.
     """
 
-    def __init__(self, stream: Readable, limits: Limits | None = None, name: str = "layer") -> None:
+    def __init__(
+        self, stream: Readable, limits: Limits | None = None, name: str = "layer", *, keep_raw: bool = False
+    ) -> None:
         # a LayerStream hashes the uncompressed tar already: do not pay for sha256 twice
         self._upstream_digest = hasattr(stream, "diff_id")
         self._stream = stream
@@ -173,6 +174,8 @@ class TarReader:
         self._current: TarEntry | None = None
         self.entries = 0
         self.finished = False
+        self._keep_raw = keep_raw
+        self._raw: list[bytes] | None = None  # header bytes of the member being parsed (keep_raw)
 
     # -- raw input --------------------------------------------------------------------------------------------
     def _where(self, offset: int, entry: str | None = None) -> str:
@@ -195,13 +198,18 @@ class TarReader:
             parts.append(data)
             got += len(data)
             self._pos += len(data)
-        return b"".join(parts)
+        out = b"".join(parts)
+        if self._raw is not None:
+            self._raw.append(out)
+        return out
 
     def _skip(self, n: int, what: str) -> None:
         while n > 0:
             data = self._in.read(min(n, 1 << 20))
             if not data:
                 raise self._truncated(what)
+            if self._raw is not None:
+                self._raw.append(data)
             n -= len(data)
             self._pos += len(data)
 
@@ -212,7 +220,11 @@ class TarReader:
             return None
         self._pos += len(first)
         if len(first) < BLOCK:
+            raw, self._raw = self._raw, None
             first += self._read_exact(BLOCK - len(first), "inside a tar header")
+            self._raw = raw
+        if self._raw is not None:
+            self._raw.append(first)
         return first
 
     # -- member data ------------------------------------------------------------------------------------------
@@ -238,7 +250,11 @@ class TarReader:
     def __iter__(self) -> Iterator[TarEntry]:
         while True:
             self._finish_current()
+            self._raw = [] if self._keep_raw else None
             entry = self._next()
+            if entry is not None and self._raw is not None:
+                entry.header_raw = b"".join(self._raw)
+            self._raw = None
             if entry is None:
                 break
             self._current = entry
@@ -264,6 +280,7 @@ class TarReader:
         longname: bytes | None = None
         longlink: bytes | None = None
         pax_total = 0
+        first_off = self._pos
         while True:
             off = self._pos
             block = self._read_block()
@@ -324,7 +341,9 @@ class TarReader:
                 else:
                     longlink = value
                 continue
-            return self._entry(block, off, size, pax, longname, longlink)
+            entry = self._entry(block, off, size, pax, longname, longlink)
+            entry.header_offset = first_off
+            return entry
 
     def _entry(
         self, block: bytes, off: int, size: int, pax: dict[str, bytes], longname: bytes | None,
@@ -519,46 +538,9 @@ def _xattrs(pax: dict[str, bytes], lim: Limits, where: str) -> dict[str, bytes]:
                 continue  # the SCHILY record, when both are present, is the one Go and GNU tar read
         else:
             continue
-        if not name or "\0" in name or len(name.encode("utf-8", "surrogateescape")) > 255:
-            raise UnsafeLayerError(f"{where}: invalid extended attribute name {show(name, 80)}; refusing the layer")
-        if name.startswith(FORBIDDEN_XATTR_PREFIXES):
-            raise UnsafeLayerError(
-                f"{where}: extended attribute {name!r} would change overlayfs semantics of the unpacked tree; "
-                "refusing the layer"
-            )
-        if len(value) > lim.max_xattr_size:
-            raise UnsafeLayerError(
-                f"{where}: extended attribute {name!r} of {len(value)} bytes exceeds Limits.max_xattr_size "
-                f"({lim.max_xattr_size}); refusing the layer"
-            )
+        check_xattr(name, value, lim, where)
         out[name] = value
     return out
-
-
-def normalize_path(raw: str, limits: Limits, where: str) -> str:
-    """A member path relative to the layer root: leading ``/`` and ``.`` components dropped, ``..`` refused.
-
-    containerd joins absolute member names under the root (``/etc/x`` is ``etc/x``); we do the same. Any ``..``
-    component is refused, even one that would stay inside the root, since no legitimate layer writer emits one.
-    """
-    if "\0" in raw:
-        raise UnsafeLayerError(f"{where}: NUL byte in path; refusing the layer")
-    parts = [p for p in raw.split("/") if p and p != "."]
-    for p in parts:
-        if p == "..":
-            raise UnsafeLayerError(f"{where}: path has a '..' component (path traversal); refusing the layer")
-        if len(p.encode("utf-8", "surrogateescape")) > limits.max_name_len:
-            raise UnsafeLayerError(
-                f"{where}: path component of {len(p.encode('utf-8', 'surrogateescape'))} bytes exceeds "
-                f"Limits.max_name_len ({limits.max_name_len}); refusing the layer"
-            )
-    path = "/".join(parts)
-    if len(path.encode("utf-8", "surrogateescape")) > limits.max_path_len:
-        raise UnsafeLayerError(
-            f"{where}: path of {len(path.encode('utf-8', 'surrogateescape'))} bytes exceeds Limits.max_path_len "
-            f"({limits.max_path_len}); refusing the layer"
-        )
-    return path
 
 
 def iter_layer(
@@ -580,3 +562,19 @@ def iter_layer(
     for entry in reader:
         checker.check(entry)
         yield entry
+
+
+def decode_entry(data: bytes, limits: Limits | None = None, name: str = "layer", *, offset: int = 0) -> TarEntry:
+    """The first member described by ``data`` (its header blocks, PAX/GNU extensions included; data may follow).
+
+    For readers that hold one entry's bytes rather than a stream, such as an eStargz chunk decoded from a gzip
+    member: the same checks as :class:`TarReader`. ``offset`` is where ``data`` starts in the uncompressed tar (for
+    messages and ``TarEntry.offset``). The entry's data is not read; ``header_raw`` holds its header bytes.
+    """
+    reader = TarReader(io.BytesIO(data), limits, name, keep_raw=True)
+    reader._pos = offset
+    for entry in reader:
+        entry._reader = None
+        return entry
+    # the end-of-archive block stops the iteration
+    raise InvalidInputError(f"{name}: no tar entry at tar offset {offset} (end-of-archive or empty data)")

@@ -199,9 +199,11 @@ class RegistryClient:
         """``length`` bytes of a blob from ``offset`` (fewer only if the blob ends first)."""
         return self._ranges.read_range(ref, digest, offset, length)
 
-    def read_ranges(self, ref: ImageReference, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Several (offset, length) ranges of one blob, in the order asked (see :mod:`cvmfs_snap.oci.ranges`)."""
-        return self._ranges.read_ranges(ref, digest, ranges)
+    def read_ranges(self, ref: ImageReference, digest: str, ranges: Sequence[tuple[int, int]], *,
+                    whole_blob: bool = True) -> list[bytes]:
+        """Several (offset, length) ranges of one blob, in the order asked (see :mod:`cvmfs_snap.oci.ranges`;
+        ``whole_blob=False``: RangeIgnoredError where the registry ignores Range, instead of downloading)."""
+        return self._ranges.read_ranges(ref, digest, ranges, whole_blob=whole_blob)
 
     # ------------------------------------------------------------------ tags
 

@@ -32,10 +32,12 @@ class RangeHandoff:
         self.client = client
         self.limiter = trio.CapacityLimiter(max_threads)
 
-    async def read_ranges(self, ref: ImageReference, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def read_ranges(self, ref: ImageReference, digest: str, ranges: Sequence[tuple[int, int]], *,
+                          whole_blob: bool = True) -> list[bytes]:
         """:meth:`RegistryClient.read_ranges` in a worker thread; errors are raised here as they are there."""
         return await trio.to_thread.run_sync(
-            functools.partial(self.client.read_ranges, ref, digest, list(ranges)), limiter=self.limiter)
+            functools.partial(self.client.read_ranges, ref, digest, list(ranges), whole_blob=whole_blob),
+            limiter=self.limiter)
 
     async def read_range(self, ref: ImageReference, digest: str, offset: int, length: int) -> bytes:
         return (await self.read_ranges(ref, digest, [(offset, length)]))[0]

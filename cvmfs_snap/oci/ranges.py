@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from cvmfs_snap.errors import IntegrityError, InvalidInputError
+from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.oci.blobs import Blobs, BlobStream
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
 from cvmfs_snap.oci.transport import ERROR_BODY_LIMIT, Deadline, drain, read_limited
@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 DEFAULT_RANGE_FALLBACK_LIMIT = 16 * 1024 * 1024
 #: at most this many ranges in one multi-range request (keeps the Range header reasonable)
 MAX_RANGES_PER_REQUEST = 32
+
+
+class RangeIgnoredError(UnavailableError):
+    """The registry ignores ``Range`` (answers 200 with the whole blob) and the caller asked for no whole-blob
+    fallback here (``read_ranges(..., whole_blob=False)``): it downloads the blob its own way (the lazy filesystem
+    streams it to disk once instead of holding it in memory)."""
 
 
 @dataclass
@@ -150,9 +156,11 @@ class RangeReader:
         """``length`` bytes of a blob from ``offset`` (fewer only if the blob ends first)."""
         return self.read_ranges(ref, digest, [(offset, length)])[0]
 
-    def read_ranges(self, ref: ImageReference, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    def read_ranges(self, ref: ImageReference, digest: str, ranges: Sequence[tuple[int, int]], *,
+                    whole_blob: bool = True) -> list[bytes]:
         """Several (offset, length) ranges of one blob, in the order asked; multi-range requests where the
-        registry supports them, single ranges otherwise, whole-blob download as the last resort."""
+        registry supports them, single ranges otherwise, whole-blob download as the last resort (with
+        ``whole_blob=False``: :class:`RangeIgnoredError` instead, the response closed unread)."""
         validate_digest(digest)
         for off, length in ranges:
             if not isinstance(off, int) or not isinstance(length, int) or off < 0 or length < 0:
@@ -162,6 +170,8 @@ class RangeReader:
         if spans:
             rs = self.range_support(ref)
             if rs.single is False:
+                if not whole_blob:
+                    raise self._ignored(ref, digest)
                 got = self._whole_blob_spans(ref, digest, spans, None)
             else:
                 todo = list(spans)
@@ -172,7 +182,7 @@ class RangeReader:
                             break
                 for span in todo:
                     if span not in got:
-                        got.update(self._single_range(ref, digest, span, todo))
+                        got.update(self._single_range(ref, digest, span, todo, whole_blob))
         out: list[bytes] = []
         for off, length in ranges:
             if length == 0:
@@ -186,8 +196,12 @@ class RangeReader:
     def _range_what(self, ref: ImageReference, digest: str) -> str:
         return f"blob {digest} of {ref.name}"
 
+    def _ignored(self, ref: ImageReference, digest: str) -> RangeIgnoredError:
+        return RangeIgnoredError(f"registry {ref.api_host} ignores HTTP Range requests for "
+                                 f"{self._range_what(ref, digest)}")
+
     def _single_range(self, ref: ImageReference, digest: str, span: tuple[int, int],
-                      all_spans: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+                      all_spans: list[tuple[int, int]], whole_blob: bool = True) -> dict[tuple[int, int], bytes]:
         what = self._range_what(ref, digest)
         start, end = span
         dl = self._deadline(ref, f"bytes {start}-{end - 1} of {what}", end - start)
@@ -199,6 +213,9 @@ class RangeReader:
             raise InvalidInputError(f"range {start}-{end - 1} is beyond the end of {what} ({cr or 'size unknown'})")
         if resp.status_code == 200:
             self._set_ranges(ref.api_host, single=False, multi=False)
+            if not whole_blob:
+                resp.close()
+                raise self._ignored(ref, digest)
             return self._whole_blob_spans(ref, digest, all_spans, resp)
         self._set_ranges(ref.api_host, single=True)
         ctype = resp.headers.get("content-type", "")

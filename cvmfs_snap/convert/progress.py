@@ -1,0 +1,98 @@
+"""How ``cvmfs-snap convert`` reports: bars on a terminal (rich), plain log lines otherwise (CI, cron, journald)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import TextIO
+
+from rich.progress import TaskID
+
+from cvmfs_snap.convert.image import ConvertResult, LayerResult
+
+log = logging.getLogger(__name__)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class LogProgress:
+    """A line per image and per layer, and one every 10 % of a large layer."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, int, int]] = {}  # key -> (done, total, next report)
+
+    def image(self, ref: str, platform: str, layers: int) -> None:
+        log.info("converting %s (%s): %d layers", ref, platform, layers)
+
+    def layer_start(self, key: str, what: str, total: int) -> None:
+        log.info("layer %s %s: %s", key, what, human(total))
+        self._seen[key] = (0, total, total // 10)
+
+    def layer_bytes(self, key: str, n: int) -> None:
+        done, total, nxt = self._seen.get(key, (0, 0, 0))
+        done += n
+        if total >= 64 << 20 and done >= nxt > 0:
+            log.info("layer %s: %d%% read", key, 100 * done // total)
+            nxt += total // 10
+        self._seen[key] = (done, total, nxt)
+
+    def layer_done(self, key: str, result: LayerResult) -> None:
+        log.info("layer %s %s: %s -> %s %s in %.1fs", key, "kept" if result.kept else "converted",
+                 result.source[:19], result.digest[:19], human(result.size), result.seconds)
+
+
+class RichProgress:
+    """One bar per layer, by compressed source bytes read."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        self.console = Console(file=stream or sys.stderr)
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), console=self.console)
+        self._tasks: dict[str, TaskID] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def image(self, ref: str, platform: str, layers: int) -> None:
+        self.console.print(f"[bold]{ref}[/] ({platform}): {layers} layers")
+
+    def layer_start(self, key: str, what: str, total: int) -> None:
+        with self._lock:
+            self._tasks[key] = self._progress.add_task(f"layer {key} {what}", total=total)
+
+    def layer_bytes(self, key: str, n: int) -> None:
+        task = self._tasks.get(key)
+        if task is not None:
+            self._progress.advance(task, n)
+
+    def layer_done(self, key: str, result: LayerResult) -> None:
+        task = self._tasks.get(key)
+        if task is not None:
+            self._progress.update(task, completed=result.size if result.kept else None,
+                                  description=f"layer {key} {'kept' if result.kept else 'converted'} "
+                                              f"{result.digest[7:19]}")
+
+
+def summary(result: ConvertResult) -> str:
+    lines = [f"{result.destination}: {result.media_type} {result.digest}"]
+    for lay in result.layers:
+        lines.append(f"  {'kept     ' if lay.kept else 'converted'} {lay.source} -> {lay.digest} "
+                     f"size={human(lay.size)} uncompressed={human(lay.uncompressed_size)} {lay.seconds:.1f}s")
+    kept = sum(1 for lay in result.layers if lay.kept)
+    lines.append(f"done in {result.seconds:.1f}s: {len(result.layers)} layers, {kept} kept as they were")
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""The node-local chunk cache of lazy layers: bounded, LRU, shared by all layers, crash-safe.
+
+Layout under ``directory`` (one lazyfs process owns it)::
+
+    chunks/<2 hex>/<64 hex>   one decoded chunk, named by its sha256 (its eStargz ``chunkDigest``)
+    layers/<64 hex>.refs      the chunk keys a layer uses, one a line (append-only)
+    tmp/                      chunks being written (emptied at start)
+
+- **Content-addressed**: a chunk is stored once whatever the number of layers (or files) holding it, so nothing
+  is ever duplicated, also not by a crash: a chunk file appears only by ``rename`` of a complete temporary file.
+- **Size bound** (``max_bytes``, default 4 GiB): past it, least recently used chunks are evicted. A chunk larger
+  than the bound is not stored at all.
+- **References**: ``put(key, data, layer)`` and ``get(key, layer)`` record that ``layer`` uses ``key`` (the refs
+  line is written *before* the chunk file, so a crash leaves at worst a line without a chunk, never a chunk no
+  layer owns). ``release_layer`` deletes the chunks only that layer used.
+- **Restart**: the index (sizes, LRU order, references) is rebuilt from the directory; LRU order is then the
+  chunk files' modification order. Leftover temporary files and chunks no layer references are removed: no hand
+  cleaning after a crash.
+- **Page cache**: the kernel already caches the FUSE files' pages; the cache files' own pages are dropped after
+  every read and write (``posix_fadvise(POSIX_FADV_DONTNEED)``, after ``fdatasync`` on writes, which is also what
+  makes a chunk durable before its rename), so the cache does not double the page cache.
+
+The cache does not verify content: the reader checks every chunk it gets against its digest (and
+:meth:`discard` s a bad one), so a chunk damaged on disk costs a re-fetch, never wrong bytes. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 4 * 1024 ** 3
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def cache_key(digest: str) -> str:
+    """``sha256:<hex>`` or ``<hex>`` -> ``<hex>``; InvalidInputError for anything else."""
+    hexpart = digest[len("sha256:"):] if digest.startswith("sha256:") else digest
+    if not _HEX.fullmatch(hexpart):
+        raise InvalidInputError(f"not a sha256 digest usable as a cache key: {digest[:80]!r}")
+    return hexpart
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+    entries: int
+
+
+class ChunkCache:
+    """See module docstring."""
+
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_CACHE_BYTES, *,
+                 metrics: LazyMetrics | None = None, sync: bool = True) -> None:
+        if max_bytes <= 0:
+            raise InvalidInputError(f"chunk cache size must be positive, got {max_bytes}")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.metrics = metrics or DEFAULT_METRICS
+        self.sync = sync
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
+        self._refs: dict[str, set[str]] = {}  # key -> layers
+        self._bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._tmp_seq = 0
+        for sub in ("chunks", "layers", "tmp"):
+            (self.directory / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._load()
+
+    # ------------------------------------------------------------------ start-up
+    def _load(self) -> None:
+        tmp = self.directory / "tmp"
+        for e in os.scandir(tmp):
+            os.unlink(e.path)
+        for e in os.scandir(self.directory / "layers"):
+            name = e.name
+            if not name.endswith(".refs") or not _HEX.fullmatch(name[:-5]):
+                continue
+            layer = name[:-5]
+            with open(e.path, "rb") as f:
+                for line in f:
+                    key = line.strip().decode("ascii", "replace")
+                    if _HEX.fullmatch(key):  # a crash may have cut the last line
+                        self._refs.setdefault(key, set()).add(layer)
+        found: list[tuple[float, str, int]] = []
+        for d in os.scandir(self.directory / "chunks"):
+            if not d.is_dir(follow_symlinks=False):
+                continue
+            for e in os.scandir(d.path):
+                key = e.name
+                st = e.stat(follow_symlinks=False)
+                if not _HEX.fullmatch(key) or key[:2] != d.name or key not in self._refs:
+                    os.unlink(e.path)  # not ours, or no layer owns it (it was being released)
+                    continue
+                found.append((st.st_mtime, key, st.st_size))
+        for _, key, size in sorted(found):
+            self._lru[key] = size
+            self._bytes += size
+        for key in [k for k in self._refs if k not in self._lru]:
+            del self._refs[key]
+        with self._lock:
+            self._evict_locked()
+        self.metrics.cache_bytes.set(self._bytes)
+        if found:
+            log.info("chunk cache %s: %d chunks, %d bytes (bound %d)", self.directory, len(self._lru), self._bytes,
+                     self.max_bytes)
+
+    # ------------------------------------------------------------------ paths
+    def _path(self, key: str) -> Path:
+        return self.directory / "chunks" / key[:2] / key
+
+    def _refs_path(self, layer: str) -> Path:
+        return self.directory / "layers" / f"{layer}.refs"
+
+    def _add_ref_locked(self, key: str, layer: str) -> None:
+        layers = self._refs.setdefault(key, set())
+        if layer in layers:
+            return
+        with open(self._refs_path(layer), "ab") as f:
+            f.write(key.encode() + b"\n")
+        layers.add(layer)
+
+    # ------------------------------------------------------------------ API
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return cache_key(key) in self._lru
+
+    def get(self, key: str, layer: str | None = None) -> bytes | None:
+        """The chunk's bytes, or None (a miss). With ``layer``, that layer now references the chunk too."""
+        key = cache_key(key)
+        lay = cache_key(layer) if layer is not None else None
+        with self._lock:
+            if key not in self._lru:
+                self.misses += 1
+                self.metrics.cache_misses.inc()
+                return None
+            self._lru.move_to_end(key)
+            if lay is not None:
+                self._add_ref_locked(key, lay)
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # evicted or released meanwhile
+            with self._lock:
+                self.misses += 1
+            self.metrics.cache_misses.inc()
+            return None
+        try:
+            data = _read_all(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.hits += 1
+        self.metrics.cache_hits.inc()
+        return data
+
+    def put(self, key: str, data: bytes, layer: str) -> None:
+        """Store a chunk (already verified by the caller) for ``layer``; evicts LRU chunks past the bound."""
+        key = cache_key(key)
+        lay = cache_key(layer)
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            self._add_ref_locked(key, lay)
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return
+            self._tmp_seq += 1
+            tmp = self.directory / "tmp" / f"{key}.{os.getpid()}.{self._tmp_seq}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.sync:
+                os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        path = self._path(key)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        with self._lock:
+            if key in self._lru or key not in self._refs:  # raced with another put, or released meanwhile
+                os.unlink(tmp)
+                return
+            os.replace(tmp, path)
+            self._lru[key] = len(data)
+            self._bytes += len(data)
+            self._evict_locked()
+            self.metrics.cache_bytes.set(self._bytes)
+
+    def discard(self, key: str) -> None:
+        """Forget a chunk (its bytes did not verify)."""
+        key = cache_key(key)
+        with self._lock:
+            self._drop_locked(key)
+            self.metrics.cache_bytes.set(self._bytes)
+
+    def release_layer(self, layer: str) -> None:
+        """``layer`` is gone: delete the chunks no other layer references, and its reference list."""
+        lay = cache_key(layer)
+        path = self._refs_path(lay)
+        with self._lock:
+            freed = 0
+            for key in [k for k, layers in self._refs.items() if lay in layers]:
+                layers = self._refs[key]
+                layers.discard(lay)
+                if not layers:
+                    del self._refs[key]
+                    freed += self._lru.get(key, 0)
+                    self._drop_locked(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.metrics.cache_bytes.set(self._bytes)
+        log.debug("chunk cache: released layer %s, freed %d bytes", lay, freed)
+
+    def layer_keys(self, layer: str) -> set[str]:
+        """The cached chunks ``layer`` references."""
+        lay = cache_key(layer)
+        with self._lock:
+            return {k for k, layers in self._refs.items() if lay in layers and k in self._lru}
+
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self.hits, self.misses, self.evictions, self._bytes, len(self._lru))
+
+    # ------------------------------------------------------------------ internals
+    def _drop_locked(self, key: str) -> None:
+        size = self._lru.pop(key, None)
+        if size is None:
+            return
+        self._bytes -= size
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    def _evict_locked(self) -> None:
+        while self._bytes > self.max_bytes and self._lru:
+            key = next(iter(self._lru))
+            self._drop_locked(key)
+            self.evictions += 1
+            self.metrics.cache_evictions.inc()
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        b = os.pread(fd, size - got, got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)

@@ -1,0 +1,300 @@
+"""Verified file reads of one lazy eStargz layer (trio): cache -> fetch -> decode + verify -> cache.
+
+:class:`LayerReader` is what the FUSE layer (``lazyfs/fs.py``) calls for file contents (model: stargz-snapshotter's
+``fs/reader``):
+
+- ``read(path, offset, size)`` maps the byte range to the file's chunks (``EStargz.chunks_for``); chunks in the
+  :class:`~cvmfs_snap.lazyfs.cache.ChunkCache` are checked against their digest (a damaged one is discarded and
+  fetched again), the missing ones are fetched together (one :meth:`BlobFetcher.fetch`, so neighbours merge),
+  decoded and verified by ``EStargz.decode_chunk`` and stored. A chunk whose bytes do not verify is fetched once
+  more; if it fails again the read raises :class:`IntegrityError` (EIO to the caller): **never wrong bytes**.
+  A registry that stays unreachable gives :class:`UnavailableError` (EIO as well). Not a regular file:
+  :class:`InvalidInputError`.
+- ``prefetch(bound_bytes)`` fetches the landmark set (entries before ``.prefetch.landmark``) up to ``bound_bytes``
+  of compressed data, so the container starts without waiting for more.
+- ``start_background(nursery)`` fetches every other chunk, one batch at a time (so it holds at most one of the
+  fetcher's threads), pausing while real reads are waiting; one pass, so a cache smaller than the layer is not
+  thrashed.
+
+Blocking work (cache file I/O, gzip decoding, hashing) runs in worker threads, never in the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Iterable
+
+import trio  # type: ignore[import-untyped]
+
+from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
+from cvmfs_snap.estargz import ChunkRef, EStargz, parse_footer
+from cvmfs_snap.lazyfs.cache import ChunkCache, cache_key
+from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
+from cvmfs_snap.lazyfs.remote import BlobFetcher
+
+log = logging.getLogger(__name__)
+
+#: compressed bytes one background (or prefetch) batch fetches at most
+BATCH_BYTES = 4 * 1024 * 1024
+
+
+def _key(ref: ChunkRef) -> str:
+    return cache_key(ref.entry.chunk_digest)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _all_chunks(stargz: EStargz) -> list[ChunkRef]:
+    """Every distinct chunk of the layer (by content digest), in blob order."""
+    seen: set[str] = set()
+    out: list[ChunkRef] = []
+    for chunks in stargz.toc.chunks.values():
+        for c in chunks:
+            ref = ChunkRef(c, c.chunk_offset, c.chunk_size, c.offset, c.next_offset)
+            k = _key(ref)
+            if k not in seen:
+                seen.add(k)
+                out.append(ref)
+    out.sort(key=lambda r: r.blob_offset)
+    return out
+
+
+def _batches(refs: Iterable[ChunkRef], limit: int = BATCH_BYTES) -> list[list[ChunkRef]]:
+    out: list[list[ChunkRef]] = []
+    cur: list[ChunkRef] = []
+    size = 0
+    for r in refs:
+        n = r.blob_end - r.blob_offset
+        if cur and size + n > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(r)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+class LayerReader:
+    """Verified reads of one layer (see module docstring)."""
+
+    def __init__(self, fetcher: BlobFetcher, cache: ChunkCache, stargz: EStargz, *, digest: str,
+                 metrics: LazyMetrics | None = None) -> None:
+        self.fetcher = fetcher
+        self.cache = cache
+        self.stargz = stargz
+        self.digest = digest
+        self.metrics = metrics or DEFAULT_METRICS
+        self._chunks = _all_chunks(stargz)
+        self._total = sum(r.blob_end - r.blob_offset for r in self._chunks) or 1
+        self._waiting = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._closed = False
+        #: background pass state: "idle", "running", "done", "failed", "off"
+        self.background_state = "idle"
+
+    def __repr__(self) -> str:
+        return f"LayerReader({self.digest!r})"
+
+    # ------------------------------------------------------------------ reads
+    async def read(self, path: str, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of regular file ``path`` (fewer at its end), verified."""
+        if offset < 0 or size < 0:
+            raise InvalidInputError(f"invalid read of {size} bytes at {offset} in {path!r}")
+        refs = self.stargz.chunks_for(path, offset, size)
+        if not refs:
+            return b""
+        self._waiting += 1
+        if self._waiting == 1:
+            self._idle = trio.Event()
+        try:
+            got = await self._load(refs)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._idle.set()
+        end = offset + size
+        parts: list[bytes] = []
+        for r in refs:
+            data = got[_key(r)]
+            lo = max(offset - r.file_offset, 0)
+            hi = min(end - r.file_offset, r.size)
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    async def _load(self, refs: list[ChunkRef]) -> dict[str, bytes]:
+        """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached)."""
+        want = {_key(r): r for r in refs}
+        layer = self.digest
+
+        def from_cache() -> dict[str, bytes]:
+            out: dict[str, bytes] = {}
+            for k in want:
+                data = self.cache.get(k, layer)
+                if data is None:
+                    continue
+                if _sha(data) == k:
+                    out[k] = data
+                else:
+                    log.warning("chunk cache: chunk %s of layer %s is damaged on disk; fetching it again", k, layer)
+                    self.cache.discard(k)
+            return out
+
+        got = await trio.to_thread.run_sync(from_cache)
+        missing = [r for k, r in want.items() if k not in got]
+        if missing:
+            got.update(await self._fetch(missing))
+        return got
+
+    async def _fetch(self, refs: list[ChunkRef]) -> dict[str, bytes]:
+        datas = await self.fetcher.fetch([r.blob_range for r in refs])
+        out: dict[str, bytes] = {}
+        bad: list[ChunkRef] = []
+
+        def decode(pairs: list[tuple[ChunkRef, bytes]], last: bool) -> None:
+            for r, data in pairs:
+                try:
+                    plain = self.stargz.decode_chunk(r, data)
+                except IntegrityError:
+                    if last:
+                        raise
+                    bad.append(r)
+                    continue
+                k = _key(r)
+                out[k] = plain
+                self.cache.put(k, plain, self.digest)
+
+        await trio.to_thread.run_sync(decode, list(zip(refs, datas, strict=True)), False)
+        if bad:
+            log.warning("layer %s: %d chunk(s) did not verify; fetching them once more", self.digest, len(bad))
+            again = await self.fetcher.fetch([r.blob_range for r in bad])
+            await trio.to_thread.run_sync(decode, list(zip(bad, again, strict=True)), True)
+        return out
+
+    # ------------------------------------------------------------------ prefetch, background
+    def prefetch_set(self, bound_bytes: int) -> list[ChunkRef]:
+        """The chunks of the landmark set, in layer order, up to ``bound_bytes`` of compressed data."""
+        out: list[ChunkRef] = []
+        total = 0
+        seen: set[str] = set()
+        for name in self.stargz.prefetch:
+            for c in self.stargz.toc.chunks.get(name, []):
+                ref = ChunkRef(c, c.chunk_offset, c.chunk_size, c.offset, c.next_offset)
+                n = ref.blob_end - ref.blob_offset
+                if total + n > bound_bytes:
+                    return out
+                if _key(ref) not in seen:
+                    seen.add(_key(ref))
+                    out.append(ref)
+                    total += n
+        return out
+
+    async def prefetch(self, bound_bytes: int) -> None:
+        """Fetch the landmark set, stopping at ``bound_bytes`` of compressed data."""
+        todo = [r for r in self.prefetch_set(bound_bytes) if not self.cache.contains(_key(r))]
+        for batch in _batches(todo):
+            await self._load(batch)
+        self._update_gauge()
+
+    def start_background(self, nursery: trio.Nursery) -> None:
+        """Fetch everything not yet cached in ``nursery``, at low priority (see module docstring)."""
+        if self.background_state == "running":
+            return
+        self.background_state = "running"
+        nursery.start_soon(self._background)
+
+    async def _background(self) -> None:
+        todo = [r for r in self._chunks if not self.cache.contains(_key(r))]
+        try:
+            for batch in _batches(todo):
+                while self._waiting and not self._closed:
+                    await self._idle.wait()
+                if self._closed:
+                    self.background_state = "off"
+                    return
+                batch = [r for r in batch if not self.cache.contains(_key(r))]
+                if batch:
+                    await self._load(batch)
+                self._update_gauge()
+                await trio.sleep(0)
+        except (UnavailableError, IntegrityError) as e:
+            self.background_state = "failed"
+            log.warning("background fetch of layer %s stopped: %s (reads still fetch what they need)",
+                        self.digest, e)
+            return
+        self.background_state = "done"
+        log.info("background fetch of layer %s done: %.0f%% cached", self.digest, 100 * self.fetched_fraction())
+
+    def _update_gauge(self) -> None:
+        self.metrics.background_fraction.labels(layer=self.digest).set(self.fetched_fraction())
+
+    # ------------------------------------------------------------------ state
+    def fetched_fraction(self) -> float:
+        """The part of the layer's chunk data (compressed bytes) present in the cache, 0.0 to 1.0."""
+        have = sum(r.blob_end - r.blob_offset for r in self._chunks if self.cache.contains(_key(r)))
+        return min(1.0, have / self._total) if self._chunks else 1.0
+
+    def is_complete(self) -> bool:
+        """Every chunk of the layer is in the cache."""
+        return all(self.cache.contains(_key(r)) for r in self._chunks)
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.fetcher.bytes_fetched
+
+    def close(self) -> None:
+        """Stop the background pass and drop the fetcher's spool file. Cached chunks stay (``cache.release_layer``
+        frees them when the layer is released, not merely unmounted)."""
+        self._closed = True
+        self._idle.set()
+        self.fetcher.close()
+        self.metrics.forget_layer(self.digest)
+
+
+# ---------------------------------------------------------------------- opening
+_TOC_HEADER = struct.Struct(">Q")
+
+
+async def open_layer_reader(fetcher: BlobFetcher, cache: ChunkCache, *, digest: str, size: int, toc_digest: str,
+                            metrics: LazyMetrics | None = None) -> LayerReader:
+    """Open layer ``digest`` (``size`` bytes): footer and TOC from the cache (stored under the TOC digest) or from
+    the registry (two range reads), the TOC checked against ``toc_digest`` (the layer's
+    ``containerd.io/snapshot/stargz/toc.digest`` annotation). IntegrityError when it does not match."""
+    if size != fetcher.size or digest != fetcher.digest:
+        raise InvalidInputError(f"layer {digest} ({size} bytes) opened with a fetcher for {fetcher.digest} "
+                                f"({fetcher.size} bytes)")
+    tkey = cache_key(toc_digest)
+
+    def parse(tail: bytes, toc: bytes) -> EStargz:
+        footer = parse_footer(tail, size, digest)
+        return EStargz.from_parts(digest, size, footer, toc, toc_digest=toc_digest)
+
+    def cached() -> EStargz | None:
+        blob = cache.get(tkey, digest)
+        if blob is None or len(blob) < _TOC_HEADER.size:
+            return None
+        (n,) = _TOC_HEADER.unpack_from(blob)
+        try:
+            return parse(blob[8:8 + n], blob[8 + n:])
+        except (InvalidInputError, IntegrityError) as e:
+            log.warning("cached TOC of layer %s is damaged (%s); fetching it again", digest, e)
+            cache.discard(tkey)
+            return None
+
+    es = await trio.to_thread.run_sync(cached)
+    if es is None:
+        off, n = EStargz.footer_range(size)
+        (tail,) = await fetcher.fetch([(off, n)])
+        footer = await trio.to_thread.run_sync(parse_footer, tail, size, digest)
+        if footer.toc_size > size - footer.toc_offset:
+            raise InvalidInputError(f"{digest}: footer points outside the blob")
+        (toc,) = await fetcher.fetch([(footer.toc_offset, footer.toc_size)])
+        es = await trio.to_thread.run_sync(parse, tail, toc)
+        record = _TOC_HEADER.pack(len(tail)) + tail + toc
+        await trio.to_thread.run_sync(cache.put, tkey, record, digest)
+    return LayerReader(fetcher, cache, es, digest=digest, metrics=metrics)

@@ -1,0 +1,134 @@
+"""Misbehaving HTTP proxies in front of a real docker-registry, for lazy range reads (issue 9).
+
+docker-registry itself serves ``Range`` and ``multipart/byteranges`` correctly; real registries and the caches in
+front of them do not always. :func:`range_proxy` forwards every request to the registry and bends the answers to
+blob GETs as :class:`Behaviour` says:
+
+- ``ignore_range``: the ``Range`` header is dropped, so the registry answers 200 with the whole blob (GitLab's
+  registry, some caches);
+- ``multi``: what a multi-range request gets: ``"pass"`` (served), ``"400"`` (refused), ``"whole"`` (200 with the
+  whole blob, as some CDNs do);
+- ``corrupt``: this many ranged blob answers get a flipped byte in the middle of their body (-1: all of them);
+- ``drop``: this many ranged blob answers are cut after half their body and the connection is closed (-1: all).
+
+Built on :func:`tests.support.http_servers.serve` (so every request is recorded in ``proxy.server.requests``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+
+from cvmfs_snap.devenv.images import Pusher, make_tar
+from tests.support.estargz import to_estargz
+from tests.support.http_servers import LoopbackServer, Reply, Request, serve
+
+_PASS_HEADERS = ("content-type", "content-range", "docker-content-digest", "location", "www-authenticate",
+                 "docker-distribution-api-version")
+
+
+@dataclass
+class Behaviour:
+    ignore_range: bool = False
+    multi: str = "pass"
+    corrupt: int = 0
+    drop: int = 0
+
+
+@dataclass
+class RangeProxy:
+    server: LoopbackServer
+    behaviour: Behaviour
+    #: blob GETs seen: (Range header or "", status answered, body bytes sent)
+    blob_gets: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def host(self) -> str:
+        return self.server.host
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(n for _, _, n in self.blob_gets)
+
+
+def _take(n: int) -> tuple[bool, int]:
+    """(apply now?, remaining count) for a countdown where -1 means always."""
+    if n == 0:
+        return False, 0
+    return True, (n if n < 0 else n - 1)
+
+
+@contextmanager
+def range_proxy(upstream: str, behaviour: Behaviour | None = None) -> Iterator[RangeProxy]:
+    """A proxy on 127.0.0.1 in front of ``upstream`` (``http://127.0.0.1:PORT``)."""
+    beh = behaviour or Behaviour()
+    client = httpx.Client(base_url=upstream, timeout=60)
+    holder: list[RangeProxy] = []
+
+    def handle(req: Request) -> Reply:
+        headers = {k: v for k, v in req.headers.items() if k in ("accept", "authorization", "range")}
+        is_blob = "/blobs/sha256:" in req.path and req.method == "GET"
+        rng = headers.get("range", "")
+        if is_blob and rng and "," in rng and beh.multi != "pass":
+            if beh.multi == "400":
+                holder[0].blob_gets.append((rng, 400, 0))
+                return Reply(400, {"Content-Type": "text/plain"}, b"multiple ranges not supported")
+            headers.pop("range")
+        if is_blob and beh.ignore_range:
+            headers.pop("range", None)
+        resp = client.request(req.method, req.path, headers=headers)
+        body = resp.content
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() in _PASS_HEADERS}
+        rep = Reply(resp.status_code, out_headers, body)
+        if is_blob and resp.status_code == 206 and body:
+            now, beh.corrupt = _take(beh.corrupt)
+            if now:
+                mid = len(body) // 2
+                rep.body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1:]
+            now, beh.drop = _take(beh.drop)
+            if now:
+                rep.content_length = len(body)
+                rep.body = body[:len(body) // 2]
+        if is_blob:
+            holder[0].blob_gets.append((headers.get("range", ""), rep.status, len(rep.body)))
+        return rep
+
+    try:
+        with serve(handle) as server:
+            proxy = RangeProxy(server, beh)
+            holder.append(proxy)
+            yield proxy
+    finally:
+        client.close()
+
+
+@dataclass(frozen=True)
+class PushedLayer:
+    """An eStargz layer blob pushed to a registry, with what the tests need to check reads of it."""
+
+    ref: str  # host/repo:tag (the tag need not exist: blobs are fetched by digest)
+    digest: str
+    size: int
+    toc_digest: str
+    blob: bytes
+    files: dict[str, bytes]
+
+
+def push_estargz(registry_host: str, repo: str, files: dict[str, bytes], *, chunk_size: int = 64 * 1024,
+                 prioritized: tuple[str, ...] = (), compression_level: int = 6) -> PushedLayer:
+    """Build an eStargz blob of regular ``files`` with our writer and push it to the registry at
+    ``registry_host`` (a real docker-registry); the blob may then be read through a proxy in front of it."""
+    dirs = sorted({"/".join(p.split("/")[:i]) + "/" for p in files for i in range(1, p.count("/") + 1)})
+    tar = make_tar([*dirs, *files.items()])
+    blob, res = to_estargz(tar, chunk_size=chunk_size, prioritized=prioritized,
+                           compression_level=compression_level, workers=1)
+    p = Pusher(f"http://{registry_host}")
+    try:
+        digest = p.blob(repo, blob)
+    finally:
+        p.close()
+    assert digest == res.digest
+    return PushedLayer(f"{registry_host}/{repo}:lazy", digest, len(blob), res.toc_digest, blob, dict(files))

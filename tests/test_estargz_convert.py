@@ -1,0 +1,219 @@
+"""``cvmfs-snap convert`` registry to registry: every platform kept, annotations right, layers verify with our reader
+and Go's, eStargz layers kept as they are, and the converted image runs under containerd's overlayfs snapshotter."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cvmfs_snap.cli import main as cli_main
+from cvmfs_snap.errors import AuthError, IntegrityError
+from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargz
+from cvmfs_snap.oci import ImageReference, Manifest, RegistryClient
+from cvmfs_snap.oci.push import Pusher as OciPusher
+from tests.support.containerd import Containerd
+from tests.support.estargz import esgz
+from tests.support.images import BuiltImage, Entry, Pusher, image, layer
+from tests.support.pullcheck import containerd_in_tmp
+from tests.support.registry import Registry
+from tests.support.runnable import busybox_layer, goref_bin, require_busybox
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    with containerd_in_tmp() as cd:
+        yield cd
+
+
+def _client(reg: Registry) -> RegistryClient:
+    return RegistryClient(insecure_registries=[reg.host])
+
+
+def _convert(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    capsys.readouterr()
+    rc = cli_main(["convert", "--json", "--progress", "plain", *args])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def _push(reg: Registry, repo: str, tag: str, img: BuiltImage) -> None:
+    p = Pusher(reg.url)
+    try:
+        p.image(repo, tag, img)
+    finally:
+        p.close()
+
+
+def _check_estargz_image(reg: Registry, ref: str, tmp: Path) -> Manifest:
+    """Every layer: annotations present and right, TOC and chunks verify, config diffIDs are the gunzipped sha256."""
+    r = ImageReference.parse(ref)
+    with _client(reg) as c:
+        m, _ = c.resolve(r)
+        cfg = json.loads(c.get_blob(r, m.config.digest))
+        for i, d in enumerate(m.layers):
+            assert d.media_type.endswith("gzip")
+            blob = c.get_blob(r, d.digest, max_size=1 << 30)
+            es = EStargz.open(lambda o, n, b=blob: b[o : o + n], len(blob),
+                              toc_digest=d.annotations[TOC_DIGEST_ANNOTATION])
+            es.verify_all(lambda o, n, b=blob: b[o : o + n])
+            plain = gzip.decompress(blob)
+            assert int(d.annotations[UNCOMPRESSED_SIZE_ANNOTATION]) == len(plain)
+            assert cfg["rootfs"]["diff_ids"][i] == "sha256:" + hashlib.sha256(plain).hexdigest()
+            if goref_bin("esgz"):
+                p = tmp / f"layer{i}.esgz"
+                p.write_bytes(blob)
+                v = subprocess.run([esgz(), "verify", str(p), es.toc_digest, "--diff-id",
+                                    cfg["rootfs"]["diff_ids"][i]], capture_output=True, text=True)
+                assert v.returncode == 0, v.stdout + v.stderr
+    return m
+
+
+def test_convert_and_run_under_containerd(registry: Registry, containerd: Containerd, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    require_busybox()
+    big = bytes(range(256)) * 4000
+    img = image([busybox_layer("gzip"),
+                 layer(["data/", ("data/file1", b"content 1\n"), ("data/big", big)], "zstd"),
+                 layer([Entry("data/.wh.file1")], "plain")], cmd=("/bin/sh",))
+    _push(registry, "conv/run", "v1", img)
+    src, dst = registry.ref("conv/run", "v1"), registry.ref("conv/run-esgz", "v1")
+    out = _convert(capsys, src, dst, "--workers", "2", "--chunk-size", "65536")
+    assert [lay["kept"] for lay in out["layers"]] == [False] * 3
+    m = _check_estargz_image(registry, dst, tmp_path)
+    assert out["digest"] == m.digest
+    # a valid tar.gz for containerd: pull with its own client, unpack with overlayfs, run
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", dst)
+    r = containerd.ctr("run", "--rm", "--snapshotter", "overlayfs", dst, "conv-run-1", "/bin/sh", "-c",
+                       "ls /data; wc -c < /data/big; test -e /data/file1 || echo deleted", check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["big", str(len(big)), "deleted"]
+
+
+def test_every_platform_is_kept_and_estargz_layers_are_kept(registry: Registry, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    shared = layer(["etc/", ("etc/os-release", b"ID=test\n")])
+    amd = image([shared, layer([("amd", b"x86" * 1000)])], architecture="amd64")
+    arm = image([shared, layer([("arm", b"arm" * 1000)])], architecture="arm64", variant="v8")
+    p = Pusher(registry.url)
+    try:
+        p.multiarch("conv/multi", "v1", [(amd, {"os": "linux", "architecture": "amd64"}),
+                                         (arm, {"os": "linux", "architecture": "arm64", "variant": "v8"})])
+    finally:
+        p.close()
+    src, dst = registry.ref("conv/multi", "v1"), registry.ref("conv/multi-esgz", "v1")
+    out = _convert(capsys, src, dst)
+    assert len(out["layers"]) == 4 and not any(lay["kept"] for lay in out["layers"])
+    assert out["layers"][0]["digest"] == out["layers"][2]["digest"]  # the shared layer is converted once
+    with _client(registry) as c:
+        idx = json.loads(c.get_manifest(ImageReference.parse(dst)).raw)
+    assert [m["platform"]["architecture"] for m in idx["manifests"]] == ["amd64", "arm64"]
+    for arch, variant in (("amd64", ""), ("arm64", "v8")):
+        from cvmfs_snap.oci import Platform
+
+        with _client(registry) as c:
+            m, _ = c.resolve(ImageReference.parse(dst), Platform("linux", arch, variant))
+        assert all(TOC_DIGEST_ANNOTATION in d.annotations for d in m.layers)
+    # converting the result again keeps every layer byte for byte (and so every manifest)
+    again = _convert(capsys, dst, registry.ref("conv/multi-again", "v1"))
+    assert all(lay["kept"] for lay in again["layers"])
+    assert again["digest"] == out["digest"]
+    # one platform only: a single manifest
+    one = _convert(capsys, src, registry.ref("conv/multi-arm", "v1"), "--platform", "linux/arm64/v8")
+    assert one["mediaType"].endswith("manifest.v1+json") and len(one["layers"]) == 2
+    _check_estargz_image(registry, registry.ref("conv/multi-arm", "v1"), tmp_path)
+
+
+def test_estargz_base_layer_without_uncompressed_size_is_kept_and_annotated(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = layer([("base", b"b" * 5000)])
+    img = image([base, layer([("top", b"t")])])
+    _push(registry, "conv/base", "v1", img)
+    out1 = _convert(capsys, registry.ref("conv/base", "v1"), registry.ref("conv/base-esgz", "v1"))
+    # strip the uncompressed-size annotation, as some tools write it: it is computed again, the layer kept
+    ref = ImageReference.parse(registry.ref("conv/base-esgz", "v1"))
+    with _client(registry) as c:
+        m, _ = c.resolve(ref)
+        doc = json.loads(m.raw)
+        for d in doc["layers"]:
+            del d["annotations"][UNCOMPRESSED_SIZE_ANNOTATION]
+        OciPusher(c).push_manifest(ref, json.dumps(doc).encode(), m.media_type, reference="stripped")
+    out2 = _convert(capsys, registry.ref("conv/base-esgz", "stripped"), registry.ref("conv/other-repo", "v1"))
+    assert [lay["kept"] for lay in out2["layers"]] == [True, True]
+    assert [lay["digest"] for lay in out2["layers"]] == [lay["digest"] for lay in out1["layers"]]
+    assert [lay["uncompressedSize"] for lay in out2["layers"]] == [lay["uncompressedSize"] for lay in out1["layers"]]
+    _check_estargz_image(registry, registry.ref("conv/other-repo", "v1"), tmp_path)
+
+
+def test_prioritize_file(registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = image([layer(["app/", ("app/a", b"a" * 100), ("app/main", b"m" * 100), ("z", b"z")])])
+    _push(registry, "conv/prio", "v1", img)
+    prio = tmp_path / "prio.txt"
+    prio.write_text("# start-up files\n/app/main\nz\n")
+    _convert(capsys, registry.ref("conv/prio", "v1"), registry.ref("conv/prio-esgz", "v1"), "--prioritize",
+             str(prio))
+    m = _check_estargz_image(registry, registry.ref("conv/prio-esgz", "v1"), tmp_path)
+    with _client(registry) as c:
+        r = ImageReference.parse(registry.ref("conv/prio-esgz", "v1"))
+        blob = c.get_blob(r, m.layers[0].digest)
+    es = EStargz.open(lambda o, n: blob[o : o + n], len(blob))
+    assert es.prefetch == ["app", "app/main", "z"]
+
+
+def test_a_lying_source_publishes_nothing(registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
+    good = layer([("f", b"x" * 100)])
+    img = image([good])
+    cfg = json.loads(img.config)
+    cfg["rootfs"]["diff_ids"] = ["sha256:" + "3" * 64]
+    bad = image([good])
+    bad.config = json.dumps(cfg).encode()
+    bad.manifest = json.dumps({**json.loads(bad.manifest), "config": {
+        "mediaType": "application/vnd.oci.image.config.v1+json",
+        "digest": "sha256:" + hashlib.sha256(bad.config).hexdigest(), "size": len(bad.config)}}).encode()
+    _push(registry, "conv/liar", "v1", bad)
+    rc = cli_main(["convert", "--progress", "plain", registry.ref("conv/liar", "v1"),
+                   registry.ref("conv/liar-esgz", "v1")])
+    assert rc == IntegrityError.exit_code
+    with _client(registry) as c, pytest.raises(Exception, match="not found"):
+        c.get_manifest(ImageReference.parse(registry.ref("conv/liar-esgz", "v1")))
+
+
+def test_convert_with_token_auth_never_leaks_the_password(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import base64
+    import logging
+
+    from tests.support.registry import start_registry
+    from tests.support.token_issuer import start_token_issuer
+
+    secret = "c0nvert-Very-Secret-pw"
+    root = tmp_path / "reg"
+    img = image([layer([("etc/motd", b"hello\n")]), layer([("big", b"b" * 300_000)])])
+    with start_registry(root) as plain:
+        _push(plain, "private/app", "v1", img)
+    cfg = tmp_path / "config.json"
+    with start_token_issuer(tmp_path / "issuer", users={"bob": secret}, allow_anonymous=False) as issuer, \
+            start_registry(root, issuer.registry_auth_config()) as reg:
+        cfg.write_text(json.dumps({"auths": {f"http://{reg.host}": {
+            "auth": base64.b64encode(f"bob:{secret}".encode()).decode()}}}))
+        caplog.set_level(logging.DEBUG)
+        out = _convert(capsys, reg.ref("private/app", "v1"), reg.ref("private/app-esgz", "v1"),
+                       "--docker-config", str(cfg))
+        assert len(out["layers"]) == 2
+        assert ("bob", "repository:private/app-esgz:pull,push") in issuer.requests
+        assert ("bob", "repository:private/app:pull") in issuer.requests
+        # anonymous: refused with a clear error, nothing pushed
+        (tmp_path / "none.json").write_text("{}")
+        rc = cli_main(["convert", "--progress", "plain", "--docker-config", str(tmp_path / "none.json"),
+                       reg.ref("private/app", "v1"), reg.ref("private/app-anon", "v1")])
+        assert rc == AuthError.exit_code and "needs credentials" in caplog.text
+    assert secret not in caplog.text and secret not in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""eStargz round trips: every corpus layer converts, reads back verified, unpacks as the original, and the output
+does not depend on the number of workers."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from cvmfs_snap.estargz import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+    BuildOptions,
+    build,
+    open_bytes,
+)
+from cvmfs_snap.fsutil import remove_tree
+from cvmfs_snap.layer import apply_layer, iter_layer, open_layer
+from tests.support.estargz import corpus, sparse_tar, to_estargz
+from tests.support.images import OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, compress, make_tar
+from tests.support.trees import describe, diff
+
+CHUNK = 1 << 20
+CORPUS = corpus()
+ADDED = {TOC_TAR_NAME, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK}
+
+
+def _files(tar: bytes) -> dict[str, bytes]:
+    """Regular file contents by normalised path (later entries win), read by our own tar reader."""
+    out: dict[str, bytes] = {}
+    for e in iter_layer(io.BytesIO(tar), check_structure=False):
+        if e.kind == "file":
+            data = bytearray()
+            while chunk := e.read():
+                data += chunk
+            out[e.path] = bytes(data)
+            # a sparse member reads back its stored segments: expand them
+            if e.sparse is not None:
+                full = bytearray(e.size)
+                pos = 0
+                for off, n in e.sparse:
+                    full[off : off + n] = data[pos : pos + n]
+                    pos += n
+                out[e.path] = bytes(full)
+    return out
+
+
+def _check_round_trip(tar: bytes, tmp: Path, **kw: object) -> bytes:
+    blob, res = to_estargz(tar, chunk_size=CHUNK, **kw)
+    # a plain tar.gz to everyone else: sha256 of the gunzipped stream is the diffID, sizes agree
+    plain = gzip.decompress(blob)
+    assert "sha256:" + hashlib.sha256(plain).hexdigest() == res.diff_id
+    assert len(plain) == res.uncompressed_size
+    assert "sha256:" + hashlib.sha256(blob).hexdigest() == res.digest and len(blob) == res.size
+    # the reader opens it with the TOC digest as annotation and every chunk verifies
+    es = open_bytes(blob, toc_digest=res.toc_digest)
+    es.verify_all(lambda o, n: blob[o : o + n])
+    want = _files(tar)
+    for path, data in want.items():
+        ent = es.toc.lookup(path)
+        assert ent is not None and ent.size == len(data), path
+        assert es.read_file(lambda o, n: blob[o : o + n], path) == data, path
+        if len(data) > CHUNK:
+            assert len(es.toc.chunks[path]) == -(-len(data) // CHUNK), path
+    # unpacked as a normal layer it is the original plus the TOC and landmark files
+    a, b = tmp / "orig", tmp / "esgz"
+    for d in (a, b):
+        if d.exists():
+            remove_tree(d)
+        d.mkdir()
+    apply_layer(io.BytesIO(tar), a)
+    with open_layer(io.BytesIO(blob), OCI_LAYER_GZIP) as stream:
+        apply_layer(stream, b)
+    got = {k: v for k, v in describe(b).items() if k not in ADDED}
+    assert not diff(describe(a), got)
+    assert (b / TOC_TAR_NAME).read_bytes() == es.toc_json
+    return blob
+
+
+@pytest.mark.parametrize("case", sorted(CORPUS))
+def test_round_trip(case: str, tmp_path: Path) -> None:
+    _check_round_trip(CORPUS[case], tmp_path)
+
+
+@pytest.mark.parametrize("fmt", [["--format=gnu"], ["--format=posix", "--sparse-version=1.0"],
+                                 ["--format=posix", "--sparse-version=0.0"]])
+def test_sparse_files_become_regular_files(fmt: list[str], tmp_path: Path) -> None:
+    blob = _check_round_trip(sparse_tar(tmp_path, fmt), tmp_path)
+    es = open_bytes(blob)
+    assert es.toc.lookup("sparse") is not None and es.toc.lookup("sparse").size == (5 << 20) + 4  # type: ignore
+
+
+@pytest.mark.parametrize("codec,media", [("gzip", OCI_LAYER_GZIP), ("zstd", OCI_LAYER_ZSTD), ("plain", OCI_LAYER_TAR)])
+def test_any_input_compression(codec: str, media: str) -> None:
+    tar = CORPUS["big"]
+    with open_layer(io.BytesIO(compress(tar, codec)), media) as stream:
+        out = io.BytesIO()
+        res = build(stream, out, BuildOptions(chunk_size=CHUNK))
+    assert out.getvalue() == to_estargz(tar, chunk_size=CHUNK)[0]
+    assert res.entries == 5  # 4 files + the landmark
+
+
+def test_output_identical_whatever_the_worker_count() -> None:
+    tar = make_tar([(f"f{i}", bytes([i]) * (i * 37_000)) for i in range(40)])
+    blobs = {w: to_estargz(tar, chunk_size=100_000, workers=w)[0] for w in (1, 2, 3, 8)}
+    assert len(set(blobs.values())) == 1
+
+
+def test_prioritized_files_come_first_behind_the_landmark(tmp_path: Path) -> None:
+    tar = make_tar(["a/", ("a/one", b"1"), "bin/", ("bin/tool", b"T"), ("z", b"zz"),
+                    *[(f"a/f{i}", b"x") for i in range(3)]])
+    blob, res = to_estargz(tar, prioritized=["z", "/a/f2", "missing/file"])
+    assert res.missing_prioritized == ["missing/file"]
+    es = open_bytes(blob, toc_digest=res.toc_digest)
+    assert es.toc.has_prefetch_landmark and not es.toc.has_no_prefetch_landmark
+    assert es.prefetch == ["z", "a", "a/f2"]
+    assert es.toc.children("a") == ["f0", "f1", "f2", "one"] and es.toc.children("z") == []
+    assert es.toc.children("") == [PREFETCH_LANDMARK, "a", "bin", "z"]
+    with tarfile.open(fileobj=io.BytesIO(blob)) as out, tarfile.open(fileobj=io.BytesIO(tar)) as src:
+        names = out.getnames()
+        assert names[:4] == ["z", "a", "a/f2", PREFETCH_LANDMARK]
+        assert sorted(names) == sorted([*src.getnames(), PREFETCH_LANDMARK, TOC_TAR_NAME])
+    _check_round_trip(tar, tmp_path, prioritized=["z"])
+
+
+def test_no_prioritized_files_gives_the_no_prefetch_landmark() -> None:
+    blob, _ = to_estargz(CORPUS["big"])
+    es = open_bytes(blob)
+    assert es.toc.has_no_prefetch_landmark and not es.toc.has_prefetch_landmark and es.prefetch == []
+    assert es.toc.entries[0].name == NO_PREFETCH_LANDMARK
+
+
+def test_chunks_for_a_range_name_only_the_chunks_needed() -> None:
+    blob, _ = to_estargz(CORPUS["big"], chunk_size=CHUNK)
+    es = open_bytes(blob)
+    refs = es.chunks_for("big", CHUNK - 10, 20)
+    assert [r.file_offset for r in refs] == [0, CHUNK]
+    for r in refs:
+        off, n = r.blob_range
+        assert 0 < off < es.footer.toc_offset and off + n <= es.footer.toc_offset
+        assert len(es.decode_chunk(r, blob[off : off + n])) == r.size
+    assert es.chunks_for("big", 2 * CHUNK + 5, 1)[0].file_offset == 2 * CHUNK
+    assert es.chunks_for("big", 10**9, 1) == []
+
+
+def test_compression_level_changes_size_not_content() -> None:
+    tar = make_tar([("t", b"the quick brown fox " * 50_000)])
+    fast, r1 = to_estargz(tar, compression_level=1)
+    best, r9 = to_estargz(tar, compression_level=9)
+    assert len(best) < len(fast)
+    # offsets in the TOC differ (so do the TOC digest and diffID); the files do not
+    assert r1.toc_digest != r9.toc_digest
+    a, b = _files(gzip.decompress(fast)), _files(gzip.decompress(best))
+    assert a.pop(TOC_TAR_NAME) != b.pop(TOC_TAR_NAME) and a == b

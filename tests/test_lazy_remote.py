@@ -1,0 +1,157 @@
+"""BlobFetcher against a real docker-registry, directly and through misbehaving proxies (tests/support/range_proxies)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cvmfs_snap.errors import InvalidInputError, UnavailableError
+from cvmfs_snap.lazyfs.metrics import LazyMetrics
+from cvmfs_snap.lazyfs.remote import BlobFetcher, merge_spans
+from cvmfs_snap.oci.client import RegistryClient
+from cvmfs_snap.oci.reference import ImageReference
+from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
+from tests.support.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def layer(registry: Registry) -> PushedLayer:
+    files = {f"d/f{i}": os.urandom(20_000) + bytes([i]) * 30_000 for i in range(12)}
+    return push_estargz(registry.host, "lazy/remote", files, chunk_size=16 * 1024)
+
+
+@pytest.fixture
+def client() -> Iterator[RegistryClient]:
+    with RegistryClient(timeout=10, retries=1, backoff_base=0.01) as c:
+        yield c
+
+
+def fetcher(client: RegistryClient, host: str, layer: PushedLayer, **kw: Any) -> BlobFetcher:
+    ref = ImageReference.parse(f"{host}/{layer.ref.split('/', 1)[1]}")
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("metrics", LazyMetrics())
+    return BlobFetcher(client, ref, layer.digest, layer.size, **kw)
+
+
+def run(fn: Callable[[], Any]) -> Any:
+    return trio.run(fn)
+
+
+RANGES = [(100, 50), (300, 10), (20_000, 5000), (60_000, 100), (60_150, 10)]
+
+
+def test_merge_spans_joins_near_ranges_up_to_the_gap_and_the_span_limit() -> None:
+    assert merge_spans([(0, 10), (15, 5), (100, 1)], gap=5) == [(0, 20), (100, 101)]
+    assert merge_spans([(0, 10), (16, 5)], gap=5) == [(0, 10), (16, 21)]
+    assert merge_spans([(50, 10), (0, 100)], gap=0) == [(0, 100)]  # overlap always merges
+    assert merge_spans([(0, 10), (12, 10)], gap=5, max_span=15) == [(0, 10), (12, 22)]
+    assert merge_spans([(0, 0), (5, 0)], gap=100) == []
+
+
+def test_fetch_returns_the_blob_bytes_and_merges_near_ranges(client: RegistryClient, layer: PushedLayer,
+                                                              registry: Registry) -> None:
+    with range_proxy(registry.url) as proxy:
+        f = fetcher(client, proxy.host, layer)
+        got = run(lambda: f.fetch(RANGES))
+        assert got == [layer.blob[o:o + n] for o, n in RANGES]
+        # 100..310 merge (gap < 64 KiB), and so do the rest: one span, one request
+        assert len(proxy.blob_gets) == 1 and "," not in proxy.blob_gets[0][0]
+        g = fetcher(client, proxy.host, layer, merge_gap=0)
+        assert run(lambda: g.fetch(RANGES)) == got
+        assert len(proxy.blob_gets) == 2 and proxy.blob_gets[1][0].count(",") == 4  # one multi-range request
+        with pytest.raises(InvalidInputError):
+            run(lambda: f.fetch([(layer.size - 1, 2)]))
+
+
+def test_identical_concurrent_fetches_are_collapsed(client: RegistryClient, layer: PushedLayer,
+                                                   registry: Registry) -> None:
+    with range_proxy(registry.url) as proxy:
+        f = fetcher(client, proxy.host, layer)
+        results: list[list[bytes]] = []
+
+        async def main() -> None:
+            async def one(r: list[tuple[int, int]]) -> None:
+                results.append(await f.fetch(r))
+            async with trio.open_nursery() as n:
+                for _ in range(6):
+                    n.start_soon(one, [(1000, 20_000)])
+                n.start_soon(one, [(2000, 100)])  # inside the same span: waits for it too
+
+        run(main)
+        assert len(proxy.blob_gets) == 1, proxy.blob_gets
+        assert f.requests == 1
+        assert sorted(map(len, (r[0] for r in results))) == [100] + [20_000] * 6
+        assert all(r[0] in (layer.blob[1000:21_000], layer.blob[2000:2100]) for r in results)
+
+
+def test_registry_ignoring_range_downloads_the_blob_once_to_a_spool_file(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+        f = fetcher(client, proxy.host, layer, spool_dir=tmp_path)
+
+        async def main() -> list[list[bytes]]:
+            return [await f.fetch(RANGES), await f.fetch([(5, 5)]), await f.fetch([(layer.size - 10, 10)])]
+
+        got = run(main)
+        assert got[0] == [layer.blob[o:o + n] for o, n in RANGES]
+        assert got[1] == [layer.blob[5:10]] and got[2] == [layer.blob[-10:]]
+        whole = [g for g in proxy.blob_gets if g[1] == 200]
+        # the probe that found Range ignored was closed unread; then exactly one download, spooled (not in memory)
+        assert len(whole) == 2 and f.requests == 1
+        assert f.bytes_fetched == layer.size
+        spool = tmp_path / (layer.digest.split(":")[1] + ".blob")
+        assert spool.read_bytes() == layer.blob
+        f.close()
+        assert not spool.exists()
+
+
+def test_registry_refusing_multi_range_gets_single_ranges(client: RegistryClient, layer: PushedLayer,
+                                                          registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(multi="400")) as proxy:
+        f = fetcher(client, proxy.host, layer, merge_gap=0)
+        assert run(lambda: f.fetch(RANGES)) == [layer.blob[o:o + n] for o, n in RANGES]
+        statuses = [s for _, s, _ in proxy.blob_gets]
+        assert statuses[0] == 400 and statuses[1:] == [206] * 5
+
+
+def test_force_single_range_for_registries_answering_multi_range_with_the_whole_blob(
+        client: RegistryClient, layer: PushedLayer, registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(multi="whole")) as proxy:
+        f = fetcher(client, proxy.host, layer, merge_gap=0, force_single_range=True)
+        assert run(lambda: f.fetch(RANGES)) == [layer.blob[o:o + n] for o, n in RANGES]
+        assert all("," not in rng and status == 206 for rng, status, _ in proxy.blob_gets)
+        assert len(proxy.blob_gets) == 5
+        assert proxy.bytes_sent == sum(e - s for s, e in merge_spans(RANGES, 0))
+
+
+def test_connection_dropped_mid_body_is_retried(client: RegistryClient, layer: PushedLayer,
+                                               registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(drop=1)) as proxy:
+        f = fetcher(client, proxy.host, layer)
+        assert run(lambda: f.fetch([(0, 30_000)])) == [layer.blob[:30_000]]
+        assert len(proxy.blob_gets) >= 2 and proxy.blob_gets[0][2] == 15_000
+
+
+def test_a_registry_that_keeps_failing_gives_unavailable(client: RegistryClient, layer: PushedLayer,
+                                                       registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(drop=-1)) as proxy:
+        f = fetcher(client, proxy.host, layer, retries=2)
+        with pytest.raises(UnavailableError, match="after 3 attempts"):
+            run(lambda: f.fetch([(0, 30_000)]))
+        assert f.bytes_fetched == 0
+
+
+def test_fetched_bytes_metric_counts_per_layer(client: RegistryClient, layer: PushedLayer,
+                                               registry: Registry) -> None:
+    m = LazyMetrics()
+    f = fetcher(client, registry.host, layer, metrics=m)
+    run(lambda: f.fetch([(0, 1000)]))
+    assert m.registry.get_sample_value("cvmfs_snap_lazy_fetched_bytes_total", {"layer": layer.digest}) == 1000
+    assert m.registry.get_sample_value("cvmfs_snap_lazy_fetch_seconds_count") == 1
+
+
