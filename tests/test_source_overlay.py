@@ -7,7 +7,9 @@ in one test, with real containerd's overlayfs snapshotter after a real pull).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import os
 import re
 import shlex
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.estargz import BuildOptions, build
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from tests.support.images import BuiltLayer, Entry, image, layer, push_image
@@ -248,3 +251,39 @@ def test_stack_matches_real_containerd_overlayfs(tmp_path: Path, short_tmp: Path
                 assert dump_tree(mine) == view_ctd
         finally:
             subprocess.run(["umount", str(tmp_path / "m_ctd")], check=True)
+
+
+def estargz_layer(entries: list[object], prioritized: Sequence[str] = ()) -> BuiltLayer:
+    """A layer as an eStargz blob built by our writer (its tar then holds stargz.index.json and a landmark)."""
+    plain = layer(entries)  # type: ignore[arg-type]
+    out = io.BytesIO()
+    build(io.BytesIO(plain.tar), out, BuildOptions(prioritized=prioritized, workers=1))
+    blob = out.getvalue()
+    return BuiltLayer(tar=gzip.decompress(blob), blob=blob, media_type=plain.media_type)
+
+
+@pytest.mark.parametrize("prioritized", [(), ("etc/app.conf",)])
+def test_estargz_entries_are_hidden_like_on_the_lazy_path(tmp_path: Path, prioritized: Sequence[str]) -> None:
+    """A layer published from an eStargz blob keeps stargz.index.json and the landmark in its layerfs; the mask
+    hides them, so the container sees the tree the lazy path shows (the layer's own files only)."""
+    lay = estargz_layer(["etc/", ("etc/app.conf", b"x=1"), ("bin-data", b"d" * 5000)], prioritized)
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay)
+    src = CvmfsSource(root, tmp_path / "state")
+    dirs = src.lowerdirs(lay.digest)
+    layerfs = dirs[1]
+    assert "stargz.index.json" in os.listdir(layerfs)
+    landmark = ".prefetch.landmark" if prioritized else ".no.prefetch.landmark"
+    assert landmark in os.listdir(layerfs)
+    with mounted_overlay(dirs, tmp_path / "m") as m:
+        assert sorted(os.listdir(m)) == ["bin-data", "etc"]
+        assert (m / "etc" / "app.conf").read_bytes() == b"x=1"
+
+
+def test_plain_layer_with_a_stargz_named_file_keeps_it(tmp_path: Path) -> None:
+    lay = layer([("stargz.index.json", b"{}"), ("a", b"a")])
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay)
+    src = CvmfsSource(root, tmp_path / "state")
+    with mounted_overlay(src.lowerdirs(lay.digest), tmp_path / "m") as m:
+        assert sorted(os.listdir(m)) == ["a", "stargz.index.json"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
 from cvmfs_snap.layout import digest_hex
 
 from .health import CallBudget
@@ -53,8 +54,8 @@ LABEL_REMOTE = "containerd.io/snapshot/remote"
 LABEL_SNAPSHOT_PREFIX = "containerd.io/snapshot/"
 #: the CRI labels' own prefix (never copied into :attr:`LayerRequest.annotations`)
 LABEL_CRI_PREFIX = LABEL_SNAPSHOT_PREFIX + "cri."
-#: the eStargz TOC digest, as the layer annotation arrives in a Prepare's labels (stargz-snapshotter's name)
-LABEL_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+#: the eStargz TOC digest: the layer annotation (stargz-snapshotter's name) arrives as a Prepare label of that name
+LABEL_TOC_DIGEST = TOC_DIGEST_ANNOTATION
 #: our own labels on remote snapshots
 LABEL_SOURCE = "cvmfs-snap.io/source"
 LABEL_LAYER_DIGEST = "cvmfs-snap.io/layer-digest"
