@@ -7,9 +7,7 @@ in one test, with real containerd's overlayfs snapshotter after a real pull).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
 import re
 import shlex
@@ -19,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.estargz import BuildOptions, build
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
-from tests.support.images import BuiltLayer, Entry, image, layer, push_image
+from tests.support.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
 from tests.support.layersource import lookup
 from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay, write_cvmfs_layer
 
@@ -251,15 +248,6 @@ def test_stack_matches_real_containerd_overlayfs(tmp_path: Path, short_tmp: Path
                 assert dump_tree(mine) == view_ctd
         finally:
             subprocess.run(["umount", str(tmp_path / "m_ctd")], check=True)
-
-
-def estargz_layer(entries: list[object], prioritized: Sequence[str] = ()) -> BuiltLayer:
-    """A layer as an eStargz blob built by our writer (its tar then holds stargz.index.json and a landmark)."""
-    plain = layer(entries)  # type: ignore[arg-type]
-    out = io.BytesIO()
-    build(io.BytesIO(plain.tar), out, BuildOptions(prioritized=prioritized, workers=1))
-    blob = out.getvalue()
-    return BuiltLayer(tar=gzip.decompress(blob), blob=blob, media_type=plain.media_type)
 
 
 @pytest.mark.parametrize("prioritized", [(), ("etc/app.conf",)])
