@@ -20,7 +20,8 @@ raises :class:`~.base.HostileLabelsError`.
 
 Node-local state under ``<root>/lazy/`` (this source's state dir): ``layers/<digest hex>.json`` -- what is needed to
 attach the layer again (digest, size, TOC digest, image reference; never credentials) -- and the process's own files
-(``mnt/``, ``control.sock``, ``state.json``, ``cache/``, ``unpacked/``, ``lazyfs.log``).
+(``mnt/``, ``control.sock``, ``state.json``, ``cache/``, ``unpacked/``), its output ``lazyfs.log`` and the pid of the
+last process this source started, ``lazyfs.pid``.
 
 Registry credentials come from the node's docker ``config.json`` (``docker-config``) and the kubelet's; they are sent
 to the process over its 0600 socket with each attach and are never logged, stored or put into errors.
@@ -60,8 +61,8 @@ log = logging.getLogger(__name__)
 GIB = 1 << 30
 MIB = 1 << 20
 #: names under the lazy root (lazy-design.md "Paths")
-MNT, SOCKET, STATE, CACHE, UNPACKED, LAYERS, LOG = ("mnt", "control.sock", "state.json", "cache", "unpacked",
-                                                   "layers", "lazyfs.log")
+MNT, SOCKET, STATE, CACHE, UNPACKED, LAYERS, LOG, PID = ("mnt", "control.sock", "state.json", "cache", "unpacked",
+                                                        "layers", "lazyfs.log", "lazyfs.pid")
 #: one JSON line each way; answers longer than this are refused (a list of thousands of layers fits)
 MAX_ANSWER = 16 << 20
 
@@ -183,6 +184,7 @@ class LazyProcess:
                 self.started = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=logf,
                                                 stderr=subprocess.STDOUT, start_new_session=True,
                                                 close_fds=True)
+            (self.root / PID).write_text(f"{self.started.pid}\n")  # for admins and tests: it outlives us
             deadline = time.monotonic() + self.settings.start_timeout
             while time.monotonic() < deadline:
                 if self.alive():
