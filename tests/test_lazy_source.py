@@ -36,7 +36,7 @@ from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
 from tests.support.images import BuiltImage, Pusher, estargz_layer, image, push_image
 from tests.support.layersource import lookup
-from tests.support.registry import Registry, start_registry
+from tests.support.registry import Registry, log_mark, start_registry
 
 CHAIN = "sha256:" + "c" * 64
 PASSWORD = "lazy-s3cret-pw"
@@ -284,3 +284,28 @@ def test_config_keys() -> None:
                      ({"cache-size": 0}, "more than 0")):
         with pytest.raises(InvalidInputError, match=msg):
             parse_config({"cvmfs-snap": {"lazy": bad}}, "cfg.toml")
+
+
+def test_one_manifest_read_per_image(registry: Registry, tmp_path: Path, short_tmp: Path) -> None:
+    layers = [estargz_layer([(f"f{i}", f"layer {i}".encode())]) for i in range(3)]
+    img = image(layers)
+    push_image(registry.url, "lazysrc/three", "1", img)
+    ref = registry.ref("lazysrc/three", "1")
+    src = make_source(short_tmp / "lazy", tmp_path)
+    sn = Snapshotter(tmp_path / "root", sources=[src])
+    mark = log_mark(registry.log)
+    try:
+        for i, lay in enumerate(layers):
+            lab = {LABEL_TARGET_REF: f"sha256:{i + 1:064x}", LABEL_CRI_LAYER_DIGEST: lay.digest,
+                   LABEL_CRI_IMAGE_REF: ref, LABEL_CRI_MANIFEST_DIGEST: img.manifest_digest,
+                   LABEL_TOC_DIGEST: lay.annotations[LABEL_TOC_DIGEST]}
+            with pytest.raises(AlreadyExistsError):
+                sn.prepare(f"extract-{i}", "", lab)
+        with open(registry.log, "rb") as f:
+            f.seek(mark)
+            text = f.read().decode(errors="replace")
+        assert text.count(f"GET /v2/lazysrc/three/manifests/{img.manifest_digest}") == 1
+        assert sorted(src.held()) == sorted(lay.digest for lay in layers)
+    finally:
+        sn.close()
+        stop(src)

@@ -25,7 +25,6 @@ Credentials never appear in this module's logs or errors: :class:`~cvmfs_snap.oc
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import ssl
@@ -42,6 +41,7 @@ from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.oci.auth import Credentials, CredentialStore
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES, DOCKER_HUB_API_HOST, ImageReference
+from cvmfs_snap.oci.transport import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,6 @@ class RegistryHost:
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
-
-
-def _is_loopback(host: str) -> bool:
-    name = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
-        else host
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def host_dirs(hosts_dir: Path, registry: str) -> list[Path]:
@@ -195,7 +184,7 @@ def _cert_files(d: Path) -> tuple[tuple[Path, ...], tuple[tuple[Path, Path | Non
 def _default_host(registry: str) -> RegistryHost:
     if registry in DOCKER_HUB_ALIASES:
         return RegistryHost(DOCKER_HUB_API_HOST)
-    if _is_loopback(registry):
+    if is_loopback(registry):
         return RegistryHost(registry, "http")
     return RegistryHost(registry)
 

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from cvmfs_snap.errors import (
     UnavailableError,
 )
 from cvmfs_snap.layout import digest_hex
-from cvmfs_snap.oci import ImageReference, Manifest
+from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.oci.hosts import DEFAULT_HOSTS_DIR, credentials_for, endpoints, load_credentials
 
 from .base import LABEL_LAYER_DIGEST, LABEL_SOURCE, LABEL_TOC_DIGEST, LayerRequest, RemoteLayer, SourceHealth
@@ -65,6 +66,8 @@ MNT, SOCKET, STATE, CACHE, UNPACKED, LAYERS, LOG, PID = ("mnt", "control.sock", 
                                                         "layers", "lazyfs.log", "lazyfs.pid")
 #: one JSON line each way; answers longer than this are refused (a list of thousands of layers fits)
 MAX_ANSWER = 16 << 20
+#: image manifests remembered (their layers' sizes and TOC annotations)
+MANIFEST_CACHE = 64
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,10 @@ class LazySource:
         self.process = LazyProcess(self.root, self.settings, command)
         self.layers_dir = self.root / LAYERS
         self._health: tuple[SourceHealth, float] | None = None
+        #: manifest digest -> {layer digest: (size, TOC annotation)}: manifests by digest never change, and an
+        #: image's layers are Prepared one after the other (one manifest read per image, not per layer)
+        self._manifests: OrderedDict[str, dict[str, tuple[int, str]]] = OrderedDict()
+        self._manifests_lock = threading.Lock()
 
     # -- LayerSource ----------------------------------------------------------------------------------------------
     def lookup(self, request: LayerRequest) -> RemoteLayer | None:
@@ -295,6 +302,11 @@ class LazySource:
     def _layer_size(self, ref: ImageReference, request: LayerRequest) -> int:
         """The layer's size from its image manifest (fetched by digest, so verified), from the first endpoint of
         ``hosts-dir`` that answers."""
+        if request.manifest_digest:
+            with self._manifests_lock:
+                known = self._manifests.get(request.manifest_digest)
+            if known is not None and request.digest in known:
+                return self._checked(known[request.digest], request)
         hosts_dir = Path(self.settings.hosts_dir) if self.settings.hosts_dir else None
         target = ref.with_digest(request.manifest_digest) if request.manifest_digest else ref
         errors: list[str] = []
@@ -307,18 +319,24 @@ class LazySource:
             except CvmfsSnapError as exc:
                 errors.append(f"{ep.ref.registry}: {exc}")
                 continue
-            return self._size_in(manifest, request)
+            layers = {d.digest: (int(d.size), d.annotations.get(LABEL_TOC_DIGEST, "")) for d in manifest.layers}
+            if request.manifest_digest:
+                with self._manifests_lock:
+                    self._manifests[request.manifest_digest] = layers
+                    while len(self._manifests) > MANIFEST_CACHE:
+                        self._manifests.popitem(last=False)
+            if request.digest not in layers:
+                raise NotFoundError(f"layer {request.digest} is not in manifest {manifest.digest} of {target}")
+            return self._checked(layers[request.digest], request)
         raise UnavailableError(f"cannot read the manifest of {target}: " + "; ".join(errors))
 
     @staticmethod
-    def _size_in(manifest: Manifest, request: LayerRequest) -> int:
-        for d in manifest.layers:
-            if d.digest == request.digest:
-                if d.annotations.get(LABEL_TOC_DIGEST, request.toc_digest) != request.toc_digest:
-                    raise InvalidInputError(f"layer {request.digest}: the TOC digest label differs from the "
-                                            "manifest's annotation; pulling normally")
-                return int(d.size)
-        raise NotFoundError(f"layer {request.digest} is not in manifest {manifest.digest}")
+    def _checked(known: tuple[int, str], request: LayerRequest) -> int:
+        size, toc = known
+        if toc and toc != request.toc_digest:
+            raise InvalidInputError(f"layer {request.digest}: the TOC digest label differs from the manifest's "
+                                    "annotation; pulling normally")
+        return size
 
     def _credentials(self) -> Any:
         return load_credentials(Path(self.settings.docker_config) if self.settings.docker_config else None)
