@@ -40,7 +40,7 @@ from tests.support.e2e import (
 )
 from tests.support.images import LAYER_MEDIA, BuiltImage, BuiltLayer, Entry, Pusher, estargz_layer, image, make_tar
 from tests.support.registry import Registry, blob_gets
-from tests.support.runnable import goref_bin, require_busybox
+from tests.support.runnable import busybox_layer, goref_bin, require_busybox
 from tests.support.snapshotter_daemon import SnapshotterProcess, start_daemon, stop_daemon, wait_ready
 
 LAZYFS = Path(cvmfs_snap.__file__).parent / "lazyfs" / "process.py"
@@ -271,3 +271,20 @@ def test_image_converted_by_go_estargz(registry: Registry, short_tmp: Path) -> N
         r = n.containerd.ctr("run", "--rm", "--snapshotter", PLUGIN, pushed.ref, "go-small", "/bin/cat",
                              "/data/go.txt", check=False)
         assert r.returncode == 0 and r.stdout == "converted by Go\n", r.stderr
+
+
+def test_cvmfs_snap_pull_plain_layer_then_lazy_layer(registry: Registry, short_tmp: Path) -> None:
+    """A plain gzip layer is downloaded; the eStargz layer after it is not downloaded ahead (the pull's read-ahead
+    skips layers a lazy snapshotter may serve) but served lazily."""
+    require_busybox()
+    data = data_64mib()
+    pushed = push(registry, "lazye2e/mixed", [busybox_layer(), data])
+    with lazy_node(short_tmp) as n:
+        mark = log_mark(registry.log)
+        _, out = cvmfs_snap_pull(n.containerd, pushed.ref)
+        assert [lay["outcome"] for lay in out["layers"]] == ["pulled", "remote"], out
+        fetched = sum(g.size for g in blob_gets(registry.log, mark) if g.digest == data.digest)
+        assert fetched < 0.02 * len(data.blob), fetched
+        r = n.containerd.ctr("run", "--rm", "--snapshotter", PLUGIN, pushed.ref, "mixed-small", "/bin/cat",
+                             "/data/small.txt", check=False)
+        assert r.returncode == 0 and r.stdout == "hello from a lazy layer\n", r.stderr

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 from cvmfs_snap.containerd.client import Descriptor
+from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
 
 #: on every snapshot the unpacker prepares: the chain ID it will be committed as
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
@@ -21,6 +22,8 @@ CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
+#: the eStargz TOC digest annotation of a layer (inherited as a Prepare label): a lazy snapshotter may serve it
+TOC_DIGEST = TOC_DIGEST_ANNOTATION
 #: content GC references
 GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"
 GC_REF_CONTENT_MANIFEST = "containerd.io/gc.ref.content.m."
