@@ -159,3 +159,20 @@ def test_credentials_docker_then_kubelet(tmp_path: Path) -> None:
     assert list(creds) == ["m.site.org"] and "s3cret" not in repr(creds)
     with pytest.raises(InvalidInputError, match="does not exist"):
         load_credentials(tmp_path / "missing.json", kubelet_config=None)
+
+
+def test_credentials_wire_form_round_trip(tmp_path: Path, registry: Registry) -> None:
+    from cvmfs_snap.oci.auth import Credentials
+    from cvmfs_snap.oci.hosts import credentials_from_wire, credentials_to_wire, first_client
+    wire = credentials_to_wire({"m.site.org": Credentials("u", "s3cret-w")})
+    assert wire == {"m.site.org": {"username": "u", "secret": "s3cret-w"}}
+    store = credentials_from_wire(wire)
+    assert store.get("m.site.org") == Credentials("u", "s3cret-w")
+    assert credentials_to_wire({}) is None and credentials_from_wire(None).hosts() == []
+    with pytest.raises(InvalidInputError) as ei:
+        credentials_from_wire({"h": {"username": "u", "secret": 5}})
+    assert "5" not in str(ei.value).replace("{username, secret}", "")
+    _write(tmp_path / "registry.invalid", f'[host."http://{registry.host}"]\n')
+    client, ref = first_client(ImageReference.parse("registry.invalid/a/b:1"), tmp_path, store)
+    with client:
+        assert ref.registry == registry.host and client.base_url(ref) == f"http://{registry.host}"

@@ -292,3 +292,33 @@ def credentials_for(store: CredentialStore, eps: Sequence[Endpoint]) -> dict[str
         if cred is not None:
             out[ep.ref.registry] = cred
     return out
+
+
+def credentials_to_wire(creds: Mapping[str, Credentials]) -> dict[str, dict[str, str]] | None:
+    """The control protocol's ``credentials`` field (lazy-design.md): ``{host: {"username", "secret"}}`` or None.
+    Only for the 0600 control socket: never log, store or echo it."""
+    return {h: {"username": c.username, "secret": c.password} for h, c in creds.items()} or None
+
+
+def credentials_from_wire(value: object) -> CredentialStore:
+    """The inverse of :func:`credentials_to_wire` (None or {} = anonymous); InvalidInputError without the secret
+    for anything malformed."""
+    if value is None:
+        return CredentialStore()
+    if not isinstance(value, dict):
+        raise InvalidInputError("credentials must be an object of host -> {username, secret}")
+    out: dict[str, Credentials] = {}
+    for host, entry in value.items():
+        if not (isinstance(host, str) and isinstance(entry, dict) and isinstance(entry.get("username"), str)
+                and isinstance(entry.get("secret"), str)):
+            raise InvalidInputError(f"credentials for {str(host)[:100]!r} must be {{username, secret}} strings")
+        out[host] = Credentials(entry["username"], entry["secret"])
+    return CredentialStore(out)
+
+
+def first_client(ref: ImageReference, hosts_dir: Path | None, credentials: CredentialStore | None = None,
+                 **kwargs: Any) -> tuple[RegistryClient, ImageReference]:
+    """A RegistryClient and the reference to use with it for reading ``ref``'s blobs: the first pull host of
+    :func:`endpoints` (a mirror when one is configured). ``kwargs`` go to RegistryClient (timeouts, retries)."""
+    ep = endpoints(ref, hosts_dir, "pull")[0]
+    return ep.client(credentials, **kwargs), ep.ref

@@ -52,7 +52,13 @@ from cvmfs_snap.errors import (
 )
 from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.oci import ImageReference
-from cvmfs_snap.oci.hosts import DEFAULT_HOSTS_DIR, credentials_for, endpoints, load_credentials
+from cvmfs_snap.oci.hosts import (
+    DEFAULT_HOSTS_DIR,
+    credentials_for,
+    credentials_to_wire,
+    endpoints,
+    load_credentials,
+)
 
 from .base import LABEL_LAYER_DIGEST, LABEL_SOURCE, LABEL_TOC_DIGEST, LayerRequest, RemoteLayer, SourceHealth
 from .health import CallBudget, call_with_timeout
@@ -367,7 +373,7 @@ class LazySource:
         creds = credentials_for(self._credentials(), endpoints(ref, Path(hosts_dir) if hosts_dir else None))
         req = {"op": "attach", "id": layer_id(digest), "digest": digest, "size": int(record["size"]),
                "toc_digest": str(record["toc_digest"]), "image_ref": str(ref), "hosts_dir": hosts_dir,
-               "credentials": {h: {"username": c.username, "secret": c.password} for h, c in creds.items()} or None}
+               "credentials": credentials_to_wire(creds)}
 
         def run() -> dict[str, Any]:
             self.process.ensure()
