@@ -271,7 +271,7 @@ class LazySource:
     def restore(self, requests: Sequence[LayerRequest]) -> None:
         """At start: the process runs (started if needed; it re-attaches its layers itself) and every layer a
         snapshot uses is attached."""
-        if not requests and not self.held():
+        if not requests:  # records no snapshot uses: Cleanup releases them, no process needed for that
             return
         self._call(self.process.ensure, "starting the lazyfs process")
         for r in requests:
