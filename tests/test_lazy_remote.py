@@ -1,4 +1,4 @@
-"""BlobFetcher against a real docker-registry, directly and through misbehaving proxies (tests/support/range_proxies)."""
+"""BlobFetcher against a real docker-registry, directly and through misbehaving proxies (support/range_proxies)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
+import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
@@ -155,3 +155,19 @@ def test_fetched_bytes_metric_counts_per_layer(client: RegistryClient, layer: Pu
     assert m.registry.get_sample_value("cvmfs_snap_lazy_fetch_seconds_count") == 1
 
 
+
+
+def test_redirected_blob_url_is_reused_and_refreshed_when_it_expires(
+        client: RegistryClient, layer: PushedLayer, registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(redirect=True, storage_uses=3)) as proxy:
+        f = fetcher(client, proxy.host, layer)
+
+        async def main() -> list[bytes]:
+            return [(await f.fetch([(i * 10_000, 100)]))[0] for i in range(5)]
+
+        got = run(main)
+        assert got == [layer.blob[i * 10_000:i * 10_000 + 100] for i in range(5)]
+        # 5 chunks: the registry was asked twice (first use, then after the signed URL expired), storage 6 times
+        # (3 uses, one 403, then 2 with the new URL): one round trip per chunk, not two
+        assert proxy.registry_gets == 2, proxy.blob_gets
+        assert proxy.storage_gets == 6

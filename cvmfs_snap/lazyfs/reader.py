@@ -10,6 +10,12 @@
   more; if it fails again the read raises :class:`IntegrityError` (EIO to the caller): **never wrong bytes**.
   A registry that stays unreachable gives :class:`UnavailableError` (EIO as well). Not a regular file:
   :class:`InvalidInputError`.
+- **Readahead**: reads that go through the layer in blob order (the rest of a file, then the file stored after
+  it) start fetching the chunks ahead of them in a task of their own, with a window that doubles up to
+  ``readahead_bytes``, so fetching overlaps decoding and the next reads find their chunks ready; a read that
+  jumps elsewhere resets the window, and reads ahead go past the end of a file only once reads have moved on to
+  the next file in blob order, so a container reading a few files fetches about what it reads. Chunks being
+  loaded by one task are waited for by the others (never fetched or decoded twice).
 - ``prefetch(bound_bytes)`` fetches the landmark set (entries before ``.prefetch.landmark``) up to ``bound_bytes``
   of compressed data, so the container starts without waiting for more.
 - ``start_background(nursery)`` fetches every other chunk, one batch at a time (so it holds at most one of the
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: compressed bytes one background (or prefetch) batch fetches at most
 BATCH_BYTES = 4 * 1024 * 1024
+#: sequential reads fetch ahead up to this many compressed bytes (the window starts at 1/8 of it)
+DEFAULT_READAHEAD = 8 * 1024 * 1024
 
 
 def _key(ref: ChunkRef) -> str:
@@ -83,7 +91,7 @@ class LayerReader:
     """Verified reads of one layer (see module docstring)."""
 
     def __init__(self, fetcher: BlobFetcher, cache: ChunkCache, stargz: EStargz, *, digest: str,
-                 metrics: LazyMetrics | None = None) -> None:
+                 metrics: LazyMetrics | None = None, readahead_bytes: int = DEFAULT_READAHEAD) -> None:
         self.fetcher = fetcher
         self.cache = cache
         self.stargz = stargz
@@ -95,6 +103,20 @@ class LayerReader:
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
+        #: chunk key -> set when the task loading it is done (single-flight across reads, readahead, background)
+        self._pending: dict[str, trio.Event] = {}
+        #: every chunk (duplicates included) in blob order, and the position of each (for readahead)
+        self._seq = sorted((ChunkRef(c, c.chunk_offset, c.chunk_size, c.offset, c.next_offset)
+                            for cs in stargz.toc.chunks.values() for c in cs),
+                           key=lambda r: (r.blob_offset, r.entry.inner_offset))
+        self._pos = {(r.blob_offset, r.entry.inner_offset): i for i, r in enumerate(self._seq)}
+        self.readahead_bytes = max(0, readahead_bytes)
+        self._ra_window = 0
+        self._last_pos = -2
+        self._last_name = ""
+        self._ra_cross = False
+        self._ra_until = -1  # highest position readahead has been started for
+        self._ra_scopes: set[trio.CancelScope] = set()
         #: background pass state: "idle", "running", "done", "failed", "off"
         self.background_state = "idle"
 
@@ -109,6 +131,7 @@ class LayerReader:
         refs = self.stargz.chunks_for(path, offset, size)
         if not refs:
             return b""
+        self._readahead(refs)
         self._waiting += 1
         if self._waiting == 1:
             self._idle = trio.Event()
@@ -127,31 +150,108 @@ class LayerReader:
             parts.append(data[lo:hi])
         return b"".join(parts)
 
-    async def _load(self, refs: list[ChunkRef]) -> dict[str, bytes]:
-        """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached)."""
+    async def _load(self, refs: list[ChunkRef], hot: bool = True) -> dict[str, bytes]:
+        """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached). ``hot``:
+        keep them in the cache's memory tier too (reads; not the background pass, which would flush it)."""
         want = {_key(r): r for r in refs}
         layer = self.digest
+
+        got: dict[str, bytes] = {}
+        for k in want:
+            data = self.cache.get_hot(k, layer)
+            if data is not None:
+                got[k] = data
+        if len(got) == len(want):
+            return got
 
         def from_cache() -> dict[str, bytes]:
             out: dict[str, bytes] = {}
             for k in want:
+                if k in got:
+                    continue
                 data = self.cache.get(k, layer)
                 if data is None:
                     continue
                 if _sha(data) == k:
                     out[k] = data
+                    if hot:
+                        self.cache.put_hot(k, data)
                 else:
                     log.warning("chunk cache: chunk %s of layer %s is damaged on disk; fetching it again", k, layer)
                     self.cache.discard(k)
             return out
 
-        got = await trio.to_thread.run_sync(from_cache)
-        missing = [r for k, r in want.items() if k not in got]
-        if missing:
-            got.update(await self._fetch(missing))
+        got.update(await trio.to_thread.run_sync(from_cache))
+        mine: list[ChunkRef] = []
+        theirs: list[tuple[ChunkRef, trio.Event]] = []
+        for k, r in want.items():
+            if k in got:
+                continue
+            ev = self._pending.get(k)
+            if ev is None:
+                mine.append(r)
+            else:
+                theirs.append((r, ev))
+        if mine:
+            for r in mine:
+                self._pending[_key(r)] = trio.Event()
+            try:
+                got.update(await self._fetch(mine, hot))
+            finally:
+                for r in mine:
+                    self._pending.pop(_key(r)).set()
+        for r, ev in theirs:
+            await ev.wait()
+            got.update(await self._load([r], hot))  # now in the cache, or (that task failed) ours to fetch
         return got
 
-    async def _fetch(self, refs: list[ChunkRef]) -> dict[str, bytes]:
+    # ------------------------------------------------------------------ readahead
+    def _readahead(self, refs: list[ChunkRef]) -> None:
+        """Start fetching ahead when this read continues the previous one in blob order (see module docstring)."""
+        if not self.readahead_bytes or self._closed:
+            return
+        first = self._pos[(refs[0].blob_offset, refs[0].entry.inner_offset)]
+        last = self._pos[(refs[-1].blob_offset, refs[-1].entry.inner_offset)]
+        prev_pos, prev_name = self._last_pos, self._last_name
+        self._last_pos, self._last_name = last, refs[-1].entry.name
+        if first not in (prev_pos, prev_pos + 1):
+            self._ra_window = 0
+            self._ra_cross = False
+            self._ra_until = last
+            return
+        if refs[0].entry.name != prev_name and refs[0].file_offset == 0:
+            self._ra_cross = True  # went on to the file stored next: reading the layer in order
+        grow = self._ra_window * 2 if self._ra_window else self.readahead_bytes // 8
+        self._ra_window = min(self.readahead_bytes, max(grow, 1))
+        name = refs[-1].entry.name
+        todo: list[ChunkRef] = []
+        total = 0
+        i = max(last, self._ra_until) + 1
+        while i < len(self._seq) and total < self._ra_window:
+            r = self._seq[i]
+            if r.entry.name != name and not self._ra_cross:
+                break  # ahead within this file only, until reads move on to the next file in blob order
+            total += r.blob_end - r.blob_offset
+            k = _key(r)
+            if k not in self._pending and not self.cache.contains(k):
+                todo.append(r)
+            i += 1
+        self._ra_until = i - 1
+        if todo:
+            trio.lowlevel.spawn_system_task(self._readahead_task, todo)
+
+    async def _readahead_task(self, refs: list[ChunkRef]) -> None:
+        # a system task: nothing may escape it (that would end the process's trio run), and close() cancels it
+        with trio.CancelScope() as scope:
+            self._ra_scopes.add(scope)
+            try:
+                await self._load(refs)
+            except Exception as e:  # readahead is an optimisation: the read itself reports errors
+                log.debug("readahead of layer %s: %s (the read itself will retry)", self.digest, e)
+            finally:
+                self._ra_scopes.discard(scope)
+
+    async def _fetch(self, refs: list[ChunkRef], hot: bool) -> dict[str, bytes]:
         datas = await self.fetcher.fetch([r.blob_range for r in refs])
         out: dict[str, bytes] = {}
         bad: list[ChunkRef] = []
@@ -167,7 +267,13 @@ class LayerReader:
                     continue
                 k = _key(r)
                 out[k] = plain
-                self.cache.put(k, plain, self.digest)
+                try:
+                    self.cache.put(k, plain, self.digest)
+                except OSError as e:  # disk full, cache dir gone: serve the read anyway
+                    log.warning("chunk cache %s: cannot store a chunk of layer %s: %s", self.cache.directory,
+                                self.digest, e)
+                if hot:
+                    self.cache.put_hot(k, plain)
 
         await trio.to_thread.run_sync(decode, list(zip(refs, datas, strict=True)), False)
         if bad:
@@ -198,7 +304,7 @@ class LayerReader:
         """Fetch the landmark set, stopping at ``bound_bytes`` of compressed data."""
         todo = [r for r in self.prefetch_set(bound_bytes) if not self.cache.contains(_key(r))]
         for batch in _batches(todo):
-            await self._load(batch)
+            await self._load(batch, hot=False)
         self._update_gauge()
 
     def start_background(self, nursery: trio.Nursery) -> None:
@@ -219,7 +325,7 @@ class LayerReader:
                     return
                 batch = [r for r in batch if not self.cache.contains(_key(r))]
                 if batch:
-                    await self._load(batch)
+                    await self._load(batch, hot=False)
                 self._update_gauge()
                 await trio.sleep(0)
         except (UnavailableError, IntegrityError) as e:
@@ -251,6 +357,8 @@ class LayerReader:
         """Stop the background pass and drop the fetcher's spool file. Cached chunks stay (``cache.release_layer``
         frees them when the layer is released, not merely unmounted)."""
         self._closed = True
+        for scope in list(self._ra_scopes):
+            scope.cancel()
         self._idle.set()
         self.fetcher.close()
         self.metrics.forget_layer(self.digest)

@@ -9,21 +9,27 @@ blob GETs as :class:`Behaviour` says:
 - ``multi``: what a multi-range request gets: ``"pass"`` (served), ``"400"`` (refused), ``"whole"`` (200 with the
   whole blob, as some CDNs do);
 - ``corrupt``: this many ranged blob answers get a flipped byte in the middle of their body (-1: all of them);
-- ``drop``: this many ranged blob answers are cut after half their body and the connection is closed (-1: all).
+- ``drop``: this many ranged blob answers are cut after half their body and the connection is closed (-1: all);
+- ``redirect``: blob GETs are answered with a 307 to ``/storage/<digest>?sig=N`` on the proxy (as registries
+  backed by S3 or a CDN do), which serves the blob; with ``storage_uses`` a signed URL answers 403 after that
+  many uses (an expired signature), so the client must ask the registry again.
 
 Built on :func:`tests.support.http_servers.serve` (so every request is recorded in ``proxy.server.requests``).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
 from cvmfs_snap.devenv.images import Pusher, make_tar
-from tests.support.estargz import to_estargz
+from tests.support.estargz import esgz, to_estargz
 from tests.support.http_servers import LoopbackServer, Reply, Request, serve
 
 _PASS_HEADERS = ("content-type", "content-range", "docker-content-digest", "location", "www-authenticate",
@@ -36,6 +42,8 @@ class Behaviour:
     multi: str = "pass"
     corrupt: int = 0
     drop: int = 0
+    redirect: bool = False
+    storage_uses: int = 0
 
 
 @dataclass
@@ -44,6 +52,9 @@ class RangeProxy:
     behaviour: Behaviour
     #: blob GETs seen: (Range header or "", status answered, body bytes sent)
     blob_gets: list[tuple[str, int, int]] = field(default_factory=list)
+    #: with ``redirect``: GETs of the registry's blob URL (the 307s) and of the storage URL
+    registry_gets: int = 0
+    storage_gets: int = 0
 
     @property
     def host(self) -> str:
@@ -67,10 +78,28 @@ def range_proxy(upstream: str, behaviour: Behaviour | None = None) -> Iterator[R
     beh = behaviour or Behaviour()
     client = httpx.Client(base_url=upstream, timeout=60)
     holder: list[RangeProxy] = []
+    signed: dict[str, tuple[str, int]] = {}  # sig -> (registry blob path, uses)
 
     def handle(req: Request) -> Reply:
         headers = {k: v for k, v in req.headers.items() if k in ("accept", "authorization", "range")}
         is_blob = "/blobs/sha256:" in req.path and req.method == "GET"
+        proxy = holder[0]
+        if beh.redirect and is_blob:
+            proxy.registry_gets += 1
+            sig = str(len(signed))
+            signed[sig] = (req.path, 0)
+            return Reply(307, {"Location": f"/storage/{req.path.rsplit('/', 1)[1]}?sig={sig}"})
+        if req.path.startswith("/storage/"):
+            proxy.storage_gets += 1
+            sig = req.path.rsplit("sig=", 1)[-1]
+            path, uses = signed.get(sig, ("", 0))
+            if not path or (beh.storage_uses and uses >= beh.storage_uses):
+                proxy.blob_gets.append((headers.get("range", ""), 403, 0))
+                return Reply(403, {"Content-Type": "application/xml"}, b"<Error>Request has expired</Error>")
+            signed[sig] = (path, uses + 1)
+            headers.pop("authorization", None)
+            req = Request(req.method, path, req.headers)
+            is_blob = True
         rng = headers.get("range", "")
         if is_blob and rng and "," in rng and beh.multi != "pass":
             if beh.multi == "400":
@@ -118,17 +147,27 @@ class PushedLayer:
 
 
 def push_estargz(registry_host: str, repo: str, files: dict[str, bytes], *, chunk_size: int = 64 * 1024,
-                 prioritized: tuple[str, ...] = (), compression_level: int = 6) -> PushedLayer:
-    """Build an eStargz blob of regular ``files`` with our writer and push it to the registry at
-    ``registry_host`` (a real docker-registry); the blob may then be read through a proxy in front of it."""
+                 prioritized: tuple[str, ...] = (), compression_level: int = 6, go: Path | None = None
+                 ) -> PushedLayer:
+    """Build an eStargz blob of regular ``files`` with our writer (or, with ``go`` = a scratch directory, with the
+    Go reference tool ``esgz``) and push it to the registry at ``registry_host`` (a real docker-registry); the
+    blob may then be read through a proxy in front of it."""
     dirs = sorted({"/".join(p.split("/")[:i]) + "/" for p in files for i in range(1, p.count("/") + 1)})
     tar = make_tar([*dirs, *files.items()])
-    blob, res = to_estargz(tar, chunk_size=chunk_size, prioritized=prioritized,
-                           compression_level=compression_level, workers=1)
+    if go is None:
+        blob, res = to_estargz(tar, chunk_size=chunk_size, prioritized=prioritized,
+                               compression_level=compression_level, workers=1)
+        toc_digest = res.toc_digest
+    else:
+        src, out = go / "in.tar", go / "out.esgz"
+        src.write_bytes(tar)
+        extra = ["--prioritized-files", ",".join(prioritized)] if prioritized else []
+        r = subprocess.run([esgz(), "build", str(src), str(out), "--json", "--chunk-size", str(chunk_size), *extra],
+                           capture_output=True, text=True, timeout=120, check=True)
+        blob, toc_digest = out.read_bytes(), json.loads(r.stdout)["tocDigest"]
     p = Pusher(f"http://{registry_host}")
     try:
         digest = p.blob(repo, blob)
     finally:
         p.close()
-    assert digest == res.digest
-    return PushedLayer(f"{registry_host}/{repo}:lazy", digest, len(blob), res.toc_digest, blob, dict(files))
+    return PushedLayer(f"{registry_host}/{repo}:lazy", digest, len(blob), toc_digest, blob, dict(files))

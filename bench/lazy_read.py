@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Benchmark: lazy eStargz reads (``cvmfs_snap.lazyfs`` LayerReader + ChunkCache + BlobFetcher) from a loopback
+docker-registry, against a plain HTTP download of the same blob.
+
+The layer is generated here (nothing is downloaded): files of word-like text and random bytes (about 2:1
+compressible overall), converted with our eStargz writer (default 4 MiB chunks) and pushed. Measured, each from a
+cold chunk cache:
+
+- plain HTTP download of the blob (httpx, streamed, bytes discarded), and download + gunzip of the whole stream;
+- cold sequential read of every file in 128 KiB reads (what FUSE sends), with and without fdatasync of cache files;
+- warm read of the same from the disk cache by a new reader (a restarted lazyfs process; memory tier cold);
+- bytes fetched per byte read: one small file, 10 % of the files, all of them.
+
+    python bench/lazy_read.py                 # 64 MiB of file data
+    python bench/lazy_read.py --size-mib 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import trio  # type: ignore[import-untyped]
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cvmfs_snap.devenv.images import Pusher, make_tar  # noqa: E402
+from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
+from cvmfs_snap.estargz import BuildOptions, build  # noqa: E402
+from cvmfs_snap.fsutil import remove_tree_quietly  # noqa: E402
+from cvmfs_snap.lazyfs.cache import ChunkCache  # noqa: E402
+from cvmfs_snap.lazyfs.metrics import LazyMetrics  # noqa: E402
+from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader  # noqa: E402
+from cvmfs_snap.lazyfs.remote import BlobFetcher  # noqa: E402
+from cvmfs_snap.oci.client import RegistryClient  # noqa: E402
+from cvmfs_snap.oci.reference import ImageReference  # noqa: E402
+
+READ = 128 * 1024
+
+
+def gen_files(total: int, seed: int = 7) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 10))) for _ in range(5000)]
+    files: dict[str, bytes] = {"etc/small.conf": b"small = true\n"}
+    size = 0
+    i = 0
+    while size < total:
+        n = min(rnd.choice((4_000, 60_000, 700_000, 3_000_000, 9_000_000)), total - size)
+        data = rnd.randbytes(n) if i % 3 == 0 else b" ".join(rnd.choice(words) for _ in range(n // 6 + 1))[:n]
+        files[f"data/d{i % 17}/f{i}"] = data
+        size += n
+        i += 1
+    return files
+
+
+def build_layer(files: dict[str, bytes]) -> tuple[bytes, str]:
+    dirs = sorted({"/".join(p.split("/")[:k]) + "/" for p in files for k in range(1, p.count("/") + 1)})
+    out = io.BytesIO()
+    res = build(io.BytesIO(make_tar([*dirs, *files.items()])), out, BuildOptions())
+    return out.getvalue(), res.toc_digest
+
+
+async def read_all(r: LayerReader, names: list[str], files: dict[str, bytes]) -> int:
+    n = 0
+    for name in names:
+        size = len(files[name])
+        for off in range(0, size, READ):
+            n += len(await r.read(name, off, READ))
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=64)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-lazy-"))
+    try:
+        files = gen_files(args.size_mib * 1024 * 1024)
+        blob, toc_digest = build_layer(files)
+        data_bytes = sum(map(len, files.values()))
+        print(f"layer: {len(files)} files, {data_bytes / 2**20:.1f} MiB of file data, blob {len(blob) / 2**20:.1f} MiB")
+        with start_registry(tmp / "registry") as reg:
+            p = Pusher(reg.url)
+            digest = p.blob("bench/lazy", blob)
+            p.close()
+            url = f"{reg.url}/v2/bench/lazy/blobs/{digest}"
+            # plain download (best of 3), and download + gunzip
+            best = best_gz = 1e9
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with httpx.stream("GET", url) as resp:
+                    for _chunk in resp.iter_bytes(1 << 20):
+                        pass
+                best = min(best, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                d = zlib.decompressobj(31)
+                with httpx.stream("GET", url) as resp:
+                    for c in resp.iter_bytes(1 << 20):
+                        d.decompress(c)
+                        while d.unused_data:  # next gzip member
+                            rest = d.unused_data
+                            d = zlib.decompressobj(31)
+                            d.decompress(rest)
+                best_gz = min(best_gz, time.perf_counter() - t0)
+            print(f"plain HTTP download:          {best:6.2f} s  {len(blob) / best / 2**20:7.1f} MiB/s of blob")
+            print(f"plain download + gunzip:      {best_gz:6.2f} s  {data_bytes / best_gz / 2**20:7.1f} MiB/s of data")
+
+            ref = ImageReference.parse(f"{reg.host}/bench/lazy:x")
+            # sequential = in the order the layer stores the files (as the tar lists them)
+            names = [n for n in files if files[n]]
+            with RegistryClient() as client:
+                async def cold(cache_dir: Path, sync: bool) -> tuple[float, int, int]:
+                    cache = ChunkCache(cache_dir, 4 << 30, metrics=LazyMetrics(), sync=sync)
+                    f = BlobFetcher(client, ref, digest, len(blob), metrics=LazyMetrics(), spool_dir=cache_dir)
+                    t0 = time.perf_counter()
+                    r = await open_layer_reader(f, cache, digest=digest, size=len(blob), toc_digest=toc_digest,
+                                                metrics=LazyMetrics())
+                    n = await read_all(r, names, files)
+                    return time.perf_counter() - t0, n, f.bytes_fetched
+
+                for sync in (True, False):
+                    d = tmp / f"cache-{sync}"
+                    t, n, fetched = trio.run(cold, d, sync)
+                    assert n == data_bytes
+                    print(f"cold lazy read ({'fdatasync' if sync else 'no sync  '}): {t:6.2f} s  "
+                          f"{n / t / 2**20:7.1f} MiB/s of data  = {best / t:.2f}x plain download, "
+                          f"{best_gz / t:.2f}x download+gunzip; fetched {fetched / len(blob):.3f} of the blob")
+
+                async def warm() -> float:
+                    cache = ChunkCache(tmp / "cache-True", 4 << 30, metrics=LazyMetrics())
+                    f = BlobFetcher(client, ref, digest, len(blob), metrics=LazyMetrics())
+                    t0 = time.perf_counter()
+                    r = await open_layer_reader(f, cache, digest=digest, size=len(blob), toc_digest=toc_digest,
+                                                metrics=LazyMetrics())
+                    await read_all(r, names, files)
+                    assert f.bytes_fetched == 0
+                    return time.perf_counter() - t0
+
+                t = trio.run(warm)
+                print(f"warm read from the disk cache: {t:6.2f} s  {data_bytes / t / 2**20:7.1f} MiB/s of data")
+
+                async def partial(which: list[str]) -> tuple[int, int]:
+                    d = tmp / f"cache-p{len(which)}"
+                    cache = ChunkCache(d, 4 << 30, metrics=LazyMetrics())
+                    f = BlobFetcher(client, ref, digest, len(blob), metrics=LazyMetrics())
+                    r = await open_layer_reader(f, cache, digest=digest, size=len(blob), toc_digest=toc_digest,
+                                                metrics=LazyMetrics())
+                    toc = f.bytes_fetched
+                    n = await read_all(r, which, files)
+                    r.close()
+                    remove_tree_quietly(d)
+                    return n, f.bytes_fetched - toc
+
+                print("bytes fetched per byte read (chunk data; the footer + TOC come on top, once):")
+                rnd = random.Random(1)
+                for label, which in (("one small file", ["etc/small.conf"]),
+                                     ("10% of the files", rnd.sample(names, max(1, len(names) // 10))),
+                                     ("all files", names)):
+                    n, fetched = trio.run(partial, which)
+                    print(f"  {label:18s}: read {n:>10d} B, fetched {fetched:>10d} B = {fetched / max(n, 1):7.2f} "
+                          f"per byte read, {100 * fetched / len(blob):6.2f} % of the blob")
+        return 0
+    finally:
+        remove_tree_quietly(tmp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""ChunkCache: bound and LRU, restart and crash recovery, per-layer release, page-cache hygiene."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.lazyfs.cache import ChunkCache
+from cvmfs_snap.lazyfs.metrics import LazyMetrics
+
+A = "a" * 64
+B = "b" * 64
+
+
+def chunk(i: int, n: int = 1000) -> tuple[str, bytes]:
+    data = i.to_bytes(4, "big") * (n // 4)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def files(cache_dir: Path) -> list[Path]:
+    return sorted(p for d in (cache_dir / "chunks").iterdir() for p in d.iterdir())
+
+
+def new(tmp: Path, max_bytes: int = 10_000, **kw: object) -> ChunkCache:
+    return ChunkCache(tmp / "cache", max_bytes, metrics=LazyMetrics(), **kw)  # type: ignore[arg-type]
+
+
+def test_put_get_and_stats(tmp_path: Path) -> None:
+    c = new(tmp_path)
+    k, d = chunk(1)
+    assert c.get(k) is None
+    c.put(k, d, A)
+    assert c.get("sha256:" + k) == d and c.contains(k)
+    s = c.stats
+    assert (s.hits, s.misses, s.evictions, s.bytes, s.entries) == (1, 1, 0, len(d), 1)
+    assert c.metrics.registry.get_sample_value("cvmfs_snap_lazy_cache_hits_total") == 1
+    assert c.metrics.registry.get_sample_value("cvmfs_snap_lazy_cache_bytes") == len(d)
+    c.put(k, d, B)  # stored once, referenced by both layers
+    assert len(files(c.directory)) == 1 and c.stats.bytes == len(d)
+
+
+def test_bad_keys_are_refused_before_touching_the_disk(tmp_path: Path) -> None:
+    c = new(tmp_path)
+    for bad in ("../../etc/passwd", "sha256:" + "A" * 64, "sha512:" + "a" * 64, "a" * 63, ""):
+        with pytest.raises(InvalidInputError):
+            c.put(bad, b"x", A)
+        with pytest.raises(InvalidInputError):
+            c.get(bad)
+    with pytest.raises(InvalidInputError):
+        c.put(chunk(1)[0], b"x", "../layer")
+    with pytest.raises(InvalidInputError):
+        ChunkCache(tmp_path / "c2", 0)
+
+
+def test_bound_holds_with_lru_eviction(tmp_path: Path) -> None:
+    c = new(tmp_path, max_bytes=5000)
+    keys = []
+    for i in range(5):
+        k, d = chunk(i)
+        c.put(k, d, A)
+        keys.append(k)
+    assert c.get(keys[0]) is not None  # now the most recently used
+    k5, d5 = chunk(5)
+    c.put(k5, d5, A)
+    assert c.stats.bytes <= 5000 and c.stats.evictions == 1
+    assert c.contains(keys[0]) and not c.contains(keys[1]) and c.contains(k5)
+    for i in range(6, 40):  # much more than the bound
+        c.put(*chunk(i), A)
+        assert c.stats.bytes <= 5000
+        assert sum(p.stat().st_size for p in files(c.directory)) == c.stats.bytes
+    big_k, big = chunk(99, 6000)
+    c.put(big_k, big, A)  # larger than the whole cache: not stored, nothing evicted for it
+    assert not c.contains(big_k) and c.stats.entries == 5
+
+
+def test_index_survives_a_restart(tmp_path: Path) -> None:
+    c = new(tmp_path)
+    stored = dict(chunk(i) for i in range(5))
+    for k, d in stored.items():
+        c.put(k, d, A)
+    c.put(next(iter(stored)), stored[next(iter(stored))], B)
+    c2 = new(tmp_path)
+    assert c2.stats.bytes == c.stats.bytes and c2.stats.entries == 5
+    assert all(c2.get(k) == d for k, d in stored.items())
+    assert c2.layer_keys(A) == set(stored) and c2.layer_keys(B) == {next(iter(stored))}
+    # a smaller bound at restart evicts the oldest first
+    c3 = new(tmp_path, max_bytes=2000)
+    assert c3.stats.bytes <= 2000 and c3.stats.evictions == 3
+
+
+def test_leftovers_of_a_crash_are_cleaned_at_start(tmp_path: Path) -> None:
+    c = new(tmp_path)
+    k, d = chunk(1)
+    c.put(k, d, A)
+    (c.directory / "tmp" / f"{chunk(2)[0]}.123.1").write_bytes(b"half a chunk")
+    orphan = chunk(3)[0]  # a chunk no layer references (e.g. a crash in the middle of a release)
+    (c.directory / "chunks" / orphan[:2]).mkdir(exist_ok=True)
+    (c.directory / "chunks" / orphan[:2] / orphan).write_bytes(b"orphan")
+    with open(c.directory / "layers" / f"{A}.refs", "ab") as f:
+        f.write(b"cut-off-li")  # the last line a crash cut short
+    c2 = new(tmp_path)
+    assert list((c2.directory / "tmp").iterdir()) == []
+    assert [p.name for p in files(c2.directory)] == [k]
+    assert c2.stats.entries == 1 and c2.get(k) == d
+
+
+CRASHER = """
+import hashlib, os, sys
+from pathlib import Path
+from cvmfs_snap.lazyfs.cache import ChunkCache
+c = ChunkCache(Path(sys.argv[1]), 50_000_000)
+i = 0
+while True:
+    data = os.urandom(100_000) + i.to_bytes(8, "big")
+    c.put(hashlib.sha256(data).hexdigest(), data, sys.argv[2])
+    c.put(hashlib.sha256(data).hexdigest(), data, sys.argv[3])
+    i += 1
+    if i == 20:
+        print("ready", flush=True)
+"""
+
+
+def test_killed_writer_leaves_no_damaged_or_duplicated_chunk(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    p = subprocess.Popen([sys.executable, "-c", CRASHER, str(cache_dir), A, B], stdout=subprocess.PIPE, env=env)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    time.sleep(0.3)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    c = ChunkCache(cache_dir, 50_000_000, metrics=LazyMetrics())
+    on_disk = files(cache_dir)
+    assert len(on_disk) == c.stats.entries >= 20
+    for f in on_disk:  # every chunk file is whole: its name is its content's digest
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name
+    assert list((cache_dir / "tmp").iterdir()) == []
+    assert c.layer_keys(A) == {f.name for f in on_disk}
+    c.release_layer(A)
+    c.release_layer(B)
+    assert files(cache_dir) == [] and c.stats.bytes == 0
+
+
+def test_release_frees_only_what_no_other_layer_uses(tmp_path: Path) -> None:
+    c = new(tmp_path)
+    shared, only_a, only_b = chunk(1), chunk(2), chunk(3)
+    c.put(*shared, A)
+    c.put(*only_a, A)
+    c.put(*only_b, B)
+    assert c.get(shared[0], B) == shared[1]  # B reads the chunk A fetched: B references it now
+    c.release_layer(A)
+    assert not c.contains(only_a[0]) and c.contains(shared[0]) and c.contains(only_b[0])
+    assert not (c.directory / "layers" / f"{A}.refs").exists()
+    assert sorted(p.name for p in files(c.directory)) == sorted([shared[0], only_b[0]])
+    c2 = new(tmp_path)  # and it stays released after a restart
+    assert c2.stats.entries == 2 and c2.layer_keys(A) == set()
+    c2.release_layer(B)
+    assert files(c2.directory) == [] and c2.stats.bytes == 0
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def test_cache_files_do_not_stay_in_the_page_cache(tmp_path: Path) -> None:
+    c = new(tmp_path, max_bytes=100_000_000)
+    k, d = chunk(7, 4 * 1024 * 1024)
+    c.put(k, d, A)
+    path = files(c.directory)[0]
+    assert _resident(path) == 0
+    with open(path, "rb") as f:  # a plain read brings the pages in ...
+        f.read()
+    assert _resident(path) > 0
+    assert c.get(k) == d  # ... the cache's own read drops them again
+    assert _resident(path) == 0
+
+
+def test_memory_tier_is_bounded_and_forgets_dropped_chunks(tmp_path: Path) -> None:
+    c = new(tmp_path, memory_bytes=2500)
+    k1, d1 = chunk(1)
+    k2, d2 = chunk(2)
+    k3, d3 = chunk(3)
+    c.put(k1, d1, A)
+    for k, d in ((k1, d1), (k2, d2), (k3, d3)):
+        c.put_hot(k, d)
+    assert c.get_hot(k1) is None and c.get_hot(k3) == d3  # 3000 bytes > 2500: the oldest went
+    assert c.get_hot(k1, B) is None
+    c.put_hot(k1, d1)
+    assert c.get_hot(k1, B) == d1 and k1 in c.layer_keys(B)  # B references it now
+    c.release_layer(A)
+    c.release_layer(B)
+    assert c.get_hot(k1) is None  # released chunks leave memory too

@@ -1,0 +1,313 @@
+"""LayerReader: verified reads through a real docker-registry (and misbehaving proxies), the chunk cache,
+prefetch of the landmark set and the background fetch; blobs built by our writer and by Go's estargz."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio  # type: ignore[import-untyped]
+
+from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
+from cvmfs_snap.lazyfs.cache import ChunkCache
+from cvmfs_snap.lazyfs.metrics import LazyMetrics
+from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
+from cvmfs_snap.lazyfs.remote import BlobFetcher
+from cvmfs_snap.oci.client import RegistryClient
+from cvmfs_snap.oci.reference import ImageReference
+from tests.support.range_proxies import PushedLayer, push_estargz, range_proxy
+from tests.support.registry import Registry
+
+CHUNK = 64 * 1024
+
+
+def content() -> dict[str, bytes]:
+    files = {f"data/blob{i}": os.urandom(300_000) for i in range(8)}  # ~2.4 MB of incompressible data
+    files["etc/small.conf"] = b"answer = 42\n"
+    files["bin/tool"] = os.urandom(100_000) + b"\0" * 100_000
+    files["empty"] = b""
+    return files
+
+
+@pytest.fixture(scope="module")
+def layer(registry: Registry) -> PushedLayer:
+    return push_estargz(registry.host, "lazy/reader", content(), chunk_size=CHUNK,
+                        prioritized=("etc/small.conf", "bin/tool"))
+
+
+@pytest.fixture
+def client() -> Iterator[RegistryClient]:
+    with RegistryClient(timeout=10, retries=1, backoff_base=0.01) as c:
+        yield c
+
+
+def make_fetcher(client: RegistryClient, host: str, layer: PushedLayer, cls: type[BlobFetcher] = BlobFetcher,
+                 **kw: Any) -> BlobFetcher:
+    ref = ImageReference.parse(f"{host}/{layer.ref.split('/', 1)[1]}")
+    return cls(client, ref, layer.digest, layer.size, backoff=0.01, metrics=LazyMetrics(), **kw)
+
+
+async def open_reader(client: RegistryClient, host: str, layer: PushedLayer, cache: ChunkCache,
+                      cls: type[BlobFetcher] = BlobFetcher, **kw: Any) -> LayerReader:
+    f = make_fetcher(client, host, layer, cls, **kw)
+    return await open_layer_reader(f, cache, digest=layer.digest, size=layer.size, toc_digest=layer.toc_digest,
+                                   metrics=LazyMetrics())
+
+
+def new_cache(tmp: Path, max_bytes: int = 1 << 30, **kw: Any) -> ChunkCache:
+    return ChunkCache(tmp / "cache", max_bytes, metrics=LazyMetrics(), **kw)
+
+
+def test_reads_return_the_files_bytes_and_fetch_only_what_they_need(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+
+    async def main() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, layer, cache)
+            assert len(proxy.blob_gets) == 2  # footer, TOC
+            toc_bytes = proxy.bytes_sent
+            assert await r.read("etc/small.conf", 0, 4096) == b"answer = 42\n"
+            assert proxy.bytes_sent - toc_bytes < 0.02 * layer.size
+            blob = layer.files["data/blob3"]
+            for off, n in [(0, 10), (CHUNK - 5, 10), (3 * CHUNK, 2 * CHUNK + 7), (len(blob) - 3, 100),
+                           (len(blob), 10), (0, len(blob))]:
+                assert await r.read("/data/blob3", off, n) == blob[off:off + n]
+            assert await r.read("empty", 0, 100) == b""
+            with pytest.raises(InvalidInputError):
+                await r.read("data", 0, 10)  # a directory
+            with pytest.raises(InvalidInputError):
+                await r.read("no/such", 0, 10)
+            assert 0 < r.fetched_fraction() < 0.3 and not r.is_complete()
+
+    trio.run(main)
+
+
+def test_a_restarted_reader_serves_from_the_cache_without_the_registry(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    async def first() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        assert await r.read("bin/tool", 0, 200_000) == layer.files["bin/tool"]
+
+    async def second() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, layer, new_cache(tmp_path))  # a new process, same cache
+            assert await r.read("bin/tool", 1000, 150_000) == layer.files["bin/tool"][1000:151_000]
+            assert proxy.blob_gets == []  # TOC and chunks both came from the cache
+
+    trio.run(first)
+    trio.run(second)
+
+
+def test_wrong_toc_digest_is_refused(client: RegistryClient, layer: PushedLayer, registry: Registry,
+                                     tmp_path: Path) -> None:
+    async def main() -> None:
+        f = make_fetcher(client, registry.host, layer)
+        with pytest.raises(IntegrityError, match="TOC digest"):
+            await open_layer_reader(f, new_cache(tmp_path), digest=layer.digest, size=layer.size,
+                                    toc_digest="sha256:" + "0" * 64)
+
+    trio.run(main)
+
+
+def test_corrupted_bytes_are_fetched_again_or_give_an_error_never_wrong_data(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+    blob = layer.files["data/blob1"]
+
+    async def main() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, layer, cache)
+            proxy.behaviour.corrupt = 1  # one bad answer: the chunk is fetched again
+            assert await r.read("data/blob1", 0, 1000) == blob[:1000]
+            proxy.behaviour.corrupt = -1  # always bad: EIO (IntegrityError), nothing cached
+            with pytest.raises(IntegrityError, match="data/blob1"):
+                await r.read("data/blob1", 3 * CHUNK, 1000)
+            chunk = r.stargz.chunks_for("data/blob1", 3 * CHUNK, 1)[0]
+            assert not cache.contains(chunk.entry.chunk_digest)
+            proxy.behaviour.corrupt = 0
+            assert await r.read("data/blob1", 3 * CHUNK, 1000) == blob[3 * CHUNK:3 * CHUNK + 1000]
+
+    trio.run(main)
+
+
+def test_a_chunk_damaged_on_disk_is_discarded_and_fetched_again(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    cache = new_cache(tmp_path, memory_bytes=0)  # no memory tier: the second read goes to the disk
+    blob = layer.files["data/blob2"]
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, cache)
+        assert await r.read("data/blob2", 0, 100) == blob[:100]
+        key = r.stargz.chunks_for("data/blob2", 0, 1)[0].entry.chunk_digest.split(":")[1]
+        path = cache.directory / "chunks" / key[:2] / key
+        damaged = bytearray(path.read_bytes())
+        damaged[10] ^= 1
+        path.write_bytes(bytes(damaged))
+        before = r.bytes_fetched
+        assert await r.read("data/blob2", 0, 100) == blob[:100]
+        assert r.bytes_fetched > before
+        assert path.read_bytes() == blob[:CHUNK]
+
+    trio.run(main)
+
+
+def test_unreachable_registry_gives_unavailable(client: RegistryClient, layer: PushedLayer, registry: Registry,
+                                                tmp_path: Path) -> None:
+    async def main() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, layer, new_cache(tmp_path), retries=1)
+            proxy.behaviour.drop = -1
+            with pytest.raises(UnavailableError):
+                await r.read("data/blob4", 0, 10)
+
+    trio.run(main)
+
+
+def test_prefetch_fetches_the_landmark_set_within_its_bound(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path / "a"))
+        assert r.stargz.prefetch[:2] == ["etc/small.conf", "bin/tool"] or "bin/tool" in r.stargz.prefetch
+        await r.prefetch(64 * 1024 * 1024)
+        with range_proxy(registry.url) as proxy:
+            r.fetcher = make_fetcher(client, proxy.host, layer)
+            assert await r.read("bin/tool", 0, 200_000) == layer.files["bin/tool"]
+            assert await r.read("etc/small.conf", 0, 100) == b"answer = 42\n"
+            assert proxy.blob_gets == []  # all prefetched
+            assert await r.read("data/blob0", 0, 10) == layer.files["data/blob0"][:10]
+            assert len(proxy.blob_gets) == 1  # not in the landmark set
+        small = await open_reader(client, registry.host, layer, new_cache(tmp_path / "b"))
+        before = small.bytes_fetched
+        await small.prefetch(1000)  # bound: only what fits (the small file), not the tool's chunks
+        assert small.bytes_fetched - before < 1000
+        assert small.fetched_fraction() < 0.01
+
+    trio.run(main)
+
+
+class GatedFetcher(BlobFetcher):
+    """The real fetcher, with a gate in front of ranges the test names (to hold a real read while it waits)."""
+
+    gate: trio.Event
+    hold: tuple[int, int] | None = None
+
+    async def fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if self.hold is not None and self.hold in ranges:
+            await self.gate.wait()
+        return await super().fetch(ranges)
+
+
+def test_background_fetch_completes_and_pauses_while_reads_wait(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, cache, GatedFetcher)
+        f = r.fetcher
+        assert isinstance(f, GatedFetcher)
+        f.gate = trio.Event()
+        f.hold = r.stargz.chunks_for("data/blob7", 0, 1)[0].blob_range
+        got: list[bytes] = []
+        async with trio.open_nursery() as n:
+            async def read() -> None:
+                got.append(await r.read("data/blob7", 0, 100))
+            n.start_soon(read)
+            await trio.sleep(0.05)
+            assert r._waiting == 1
+            start = f.requests
+            r.start_background(n)
+            await trio.sleep(0.5)
+            assert f.requests == start and r.background_state == "running"  # paused: a read is waiting
+            f.gate.set()
+            with trio.fail_after(60):
+                while r.background_state == "running":
+                    await trio.sleep(0.05)
+        assert got == [layer.files["data/blob7"][:100]]
+        assert r.background_state == "done" and r.is_complete() and r.fetched_fraction() == 1.0
+        assert r.metrics.registry.get_sample_value("cvmfs_snap_lazy_background_fraction",
+                                                   {"layer": layer.digest}) == 1.0
+        with range_proxy(registry.url) as proxy:
+            r.fetcher = make_fetcher(client, proxy.host, layer)
+            for name, data in layer.files.items():
+                assert await r.read(name, 0, len(data) + 1) == data
+            assert proxy.blob_gets == []
+        # the whole blob was fetched about once: background batches do not refetch what reads got
+        assert f.bytes_fetched < 1.2 * layer.size
+
+    trio.run(main)
+
+
+def test_cache_bound_holds_while_reading_more_than_it(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    bound = 500_000
+    cache = new_cache(tmp_path, max_bytes=bound)
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, cache)
+        for name, data in layer.files.items():
+            assert await r.read(name, 0, len(data)) == data
+            assert cache.stats.bytes <= bound
+        assert cache.stats.evictions > 0
+        du = sum(p.stat().st_size for d in (cache.directory / "chunks").iterdir() for p in d.iterdir())
+        assert du <= bound
+
+    trio.run(main)
+
+
+def test_release_frees_the_layers_chunks(client: RegistryClient, layer: PushedLayer, registry: Registry,
+                                         tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, cache)
+        await r.read("data/blob5", 0, 300_000)
+        assert cache.stats.entries > 1
+        r.close()
+        cache.release_layer(layer.digest)
+        assert cache.stats.entries == 0 and cache.stats.bytes == 0
+
+    trio.run(main)
+
+
+def test_blob_built_by_go_estargz_reads_the_same(client: RegistryClient, registry: Registry,
+                                                 tmp_path: Path) -> None:
+    files = {"a/one": os.urandom(200_000), "a/two": b"two\n" * 1000, "three": b"3"}
+    (tmp_path / "go").mkdir()
+    layer = push_estargz(registry.host, "lazy/go", files, chunk_size=CHUNK, prioritized=("three",),
+                         go=tmp_path / "go")
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        await r.prefetch(1 << 20)
+        for name, data in files.items():
+            assert await r.read(name, 0, len(data)) == data
+            assert await r.read(name, 7, 70_001) == data[7:70_008]
+
+    trio.run(main)
+
+
+def test_readahead_follows_sequential_reads_and_stays_within_a_file_read_alone(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    blob = layer.files["data/blob6"]
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        r.readahead_bytes = 1 << 20
+        chunks = r.stargz.chunks_for("data/blob6")
+        for off in range(0, 2 * CHUNK, 16 * 1024):  # sequential reads of the file's first two chunks
+            assert await r.read("data/blob6", off, 16 * 1024) == blob[off:off + 16 * 1024]
+        await trio.sleep(0.5)  # readahead runs in its own tasks
+        cached = [r.cache.contains(c.entry.chunk_digest) for c in chunks]
+        assert all(cached), cached  # the rest of the file came ahead of the reads
+        # ... but nothing of the files stored after it: this file was read alone
+        nxt = r.stargz.chunks_for("data/blob7", 0, 1)[0]
+        assert not r.cache.contains(nxt.entry.chunk_digest)
+        requests = r.fetcher.requests
+        assert await r.read("data/blob6", len(blob) - 100, 100) == blob[-100:]
+        assert r.fetcher.requests == requests
+
+    trio.run(main)
