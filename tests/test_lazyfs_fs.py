@@ -26,7 +26,7 @@ ESTARGZ_OWN = {"stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark
 
 def comparable(tree: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
     """Whiteouts' mtimes are "now" in containerd's unpack (mknod); eStargz's own entries are hidden on purpose."""
-    out = {}
+    out: dict[str, tuple[object, ...]] = {}
     for path, (mode, uid, gid, extra, mtime, xattrs) in tree.items():
         if path in ESTARGZ_OWN:
             continue

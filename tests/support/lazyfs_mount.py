@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pyfuse3
-import trio
+import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.estargz import EStargz, open_bytes
 from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
