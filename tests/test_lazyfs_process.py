@@ -4,6 +4,7 @@ ENOTCONN; a new process re-attaches from state.json) and SIGTERM (clean unmount)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -112,7 +113,7 @@ def test_attach_read_detach_and_small_reads_fetch_little(tmp_path: Path, layer: 
     assert proxy.bytes_sent < 0.1 * layer.size  # footer + TOC + the prefetched tool + one chunk
     assert (path / "data/blob7").read_bytes() == layer.files["data/blob7"]
     assert sorted(os.listdir(path)) == ["bin", "data", "etc"]
-    (lst,) = p.call({"op": "list"})["layers"]  # type: ignore[misc]
+    lst = p.call({"op": "list"})["layers"][0]  # type: ignore[index]
     assert lst["digest"] == layer.digest and 0 < lst["fetched_fraction"] < 1 and not lst["complete"]
     assert p.call({"op": "check", "id": layer.digest[7:]})["path"] == str(path)
     with pytest.raises(control.ControlError) as e:
@@ -167,19 +168,17 @@ def test_sigkill_then_restart_reattaches_from_state(tmp_path: Path, layer: Pushe
     p = Proc(root, "--no-background-fetch")
     procs.append(p)
     path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
-    f = open(path / "data/blob1", "rb")  # a "running container" holding a file open
-    try:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open(path / "data/blob1", "rb"))  # a "running container" holding a file open
         assert f.read(10) == layer.files["data/blob1"][:10]
         p.stop(signal.SIGKILL)
         with pytest.raises(OSError) as e:
             f.seek(300_000)
             f.read(100)
         assert e.value.errno in (errno.ENOTCONN, errno.EIO)
-    finally:
-        try:
+        stack.pop_all()
+        with contextlib.suppress(OSError):
             f.close()
-        except OSError:
-            pass
     with pytest.raises(OSError) as e:
         os.listdir(path)
     assert e.value.errno == errno.ENOTCONN
