@@ -156,8 +156,9 @@ class LazyfsProcess:
         lid = str(req.get("id", ""))
         layer = self.layers.get(lid)
         if op == "check":
-            if layer is None:
-                async with self._lock(lid):  # an attach in progress (restore) is waited for
+            pending = self._locks.get(lid)
+            if layer is None and pending is not None:
+                async with pending:  # an attach in progress (restore) is waited for
                     layer = self.layers.get(lid)
             if layer is None:
                 raise NotFoundError(f"layer {lid[:80]} is not attached")
