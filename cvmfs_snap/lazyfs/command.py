@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one range per request (registries that answer multi-range with the whole blob)")
     p.add_argument("--no-unpacked-copy", action="store_true",
                    help="never make node-local unpacked copies of completely fetched layers")
+    p.add_argument("--metrics-address", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -72,6 +74,6 @@ def main(args: argparse.Namespace) -> int:
     opts = Options(root=args.root.absolute(), cache_dir=args.cache_dir, cache_size=args.cache_size,
                    prefetch_bound=args.prefetch_bound, timeout=args.timeout,
                    background=not args.no_background_fetch, force_single_range=args.force_single_range,
-                   unpack=not args.no_unpacked_copy)
+                   unpack=not args.no_unpacked_copy, metrics_address=args.metrics_address)
     limit_malloc_arenas()
     return run(opts)
