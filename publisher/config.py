@@ -14,6 +14,9 @@ Example ``/etc/cvmfs-snap/publisher.yaml``::
     platforms: [linux/amd64, linux/arm64]
     grace_period_days: 7
     state_dir: /var/spool/cvmfs-snap/unpacked.cern.ch
+    limits:                      # defaults in cvmfs_snap/layer/limits.py and docs/publisher.md
+      max_expanded_size: 107374182400
+      allow_devices: false
     daemon:
       listen: 127.0.0.1:8080
       poll_interval: 300
@@ -37,6 +40,7 @@ from typing import Any
 import yaml
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.layer.limits import Limits
 
 BACKENDS = ("local", "cvmfs-ingest", "cvmfs-transaction")
 
@@ -120,6 +124,10 @@ class PublisherConfig:
     cvmfs_server: str = "cvmfs_server"
     #: a sub-path for ``cvmfs_server transaction <repo>/<lease_path>`` (gateway lease; cvmfs-transaction backend)
     lease_path: str | None = None
+    #: seconds one ``cvmfs_server`` call may take (plus 1 s per ``cvmfs_server_min_rate_mib`` MiB fed to an
+    #: ingest) before it is killed and its transaction aborted
+    cvmfs_server_timeout: float = 3600.0
+    cvmfs_server_min_rate_mib: float = 2.0
     #: how many layers are downloaded/unpacked at the same time
     concurrency: int = 2
     #: do not build the flattened root filesystem (``.flat``) nor the public symlinks
@@ -141,6 +149,8 @@ class PublisherConfig:
     #: plus its declared size at ``registry_min_rate`` bytes per second (a trickling registry is cut off)
     registry_deadline: float = 300.0
     registry_min_rate: float = 256 * 1024
+    #: what one image and each of its layers may ask (``cvmfs_snap.layer.Limits``; ``limits:`` in the file)
+    limits: Limits = field(default_factory=Limits)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -155,6 +165,7 @@ class PublisherConfig:
                 f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
             )
         values = dict(data)
+        values["limits"] = Limits.from_dict(values.pop("limits", None), source)
         daemon_data = values.pop("daemon", None) or {}
         if not isinstance(daemon_data, dict):
             raise InvalidInputError(f"{source}: 'daemon' must be a mapping")
@@ -236,6 +247,10 @@ class PublisherConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise InvalidInputError(f"{source}: {name} must be a positive number, got {value!r}")
+        for name in ("cvmfs_server_timeout", "cvmfs_server_min_rate_mib"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidInputError(f"{source}: {name} must be a positive number of seconds/MiB, got {value!r}")
         self.daemon.validate(source)
 
     # -- derived ---------------------------------------------------------------------------------------------------
