@@ -2,7 +2,10 @@
 
 Modules: ``recipe`` (DUCC recipe v1), ``config`` (settings), ``backends`` (how the tree gets written), ``pipeline``
 (what gets written, in which order, concurrently), ``cli`` (the ``cvmfs-snap-publisher`` command), ``metrics``;
-``daemon``, ``webhooks`` and ``gc`` build on those.
+``gc`` builds on those, and the daemon (``loop``) on all of them: ``daemon`` (recipe watching, passes, workers),
+``workqueue``, ``policy`` (what the recipe and the allow-list admit, in one spelling), ``intake`` (what a webhook or
+publish-on-miss report queues), ``webhooks`` (payload parsing), ``httpapp`` (the ASGI endpoint) and ``httpserver``
+(hypercorn, connection limits).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from cvmfs_snap import __version__
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 
 from .config import BACKENDS, PublisherConfig
+from .policy import recipe_into_config
 
 log = logging.getLogger("publisher")
 
@@ -196,19 +197,6 @@ def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: Ric
     return _summary(results, recipe.errors)
 
 
-def recipe_into_config(recipe: Any, config: PublisherConfig, args: argparse.Namespace | None = None) -> None:
-    """A recipe's ``cvmfs_repo`` and ``platforms`` complete the settings (flags win). Its ``http://`` lines do not
-    make a registry insecure (a recipe may come from users): plain HTTP only to loopback registries and those the
-    configuration or ``--insecure-registry`` names; other ``http://`` lines fail, saying so."""
-    if recipe.cvmfs_repo and not config.repo:
-        config.repo = recipe.cvmfs_repo
-    elif recipe.cvmfs_repo and config.repo and recipe.cvmfs_repo != config.repo:
-        log.warning("recipe names repository %s; publishing into %s as configured", recipe.cvmfs_repo, config.repo)
-    if recipe.platforms and not (args is not None and getattr(args, "platform", None)):
-        config.platforms = list(recipe.platforms)
-    config.validate("recipe")
-
-
 def cmd_convert_single(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
     from cvmfs_snap.oci import ImageReference
 
@@ -257,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         if args.command == "loop":
-            daemon = importlib.import_module("publisher.daemon")
-            return int(daemon.run_daemon(args, config) or 0)
+            from .daemon import run_daemon  # lazily: convert need not load the HTTP server
+
+            return run_daemon(args, config)
         if args.command == "gc":
             gc = importlib.import_module("publisher.gc")
             return int(gc.run_gc(args, config) or 0)

@@ -67,18 +67,34 @@ class DaemonConfig:
     miss_rate_per_minute: float = 30.0
     #: seconds in-flight images may take to finish after SIGTERM/SIGINT before they are abandoned
     shutdown_timeout: float = 30.0
+    #: threads answering HTTP requests (connections themselves cost no thread)
+    http_workers: int = 4
+    #: open HTTP connections at most (lowered to keep 64 file descriptors free under ``ulimit -n``)
+    max_connections: int = 1000
+    #: seconds a connection may stay idle, or take to send a request's headers, before it is closed
+    keep_alive_timeout: float = 5.0
+    #: seconds a request's body may take to arrive once its headers are in (else 408)
+    request_timeout: float = 10.0
+    #: seconds an HTTP connection may stay open at most, whatever it does (requests take well under a second)
+    connection_lifetime: float = 60.0
 
     def validate(self, source: str = "configuration") -> None:
         """Types and ranges, checked when the file is read (the daemon's own checks come too late for cron)."""
-        numbers = ("poll_interval", "debounce", "miss_cooldown", "miss_rate_per_minute", "shutdown_timeout")
+        numbers = ("poll_interval", "debounce", "miss_cooldown", "miss_rate_per_minute", "shutdown_timeout",
+                   "keep_alive_timeout", "request_timeout", "connection_lifetime")
         for name in numbers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise InvalidInputError(f"{source}: daemon.{name} must be a number >= 0, got {value!r}")
         if self.poll_interval <= 0:
             raise InvalidInputError(f"{source}: daemon.poll_interval must be > 0, got {self.poll_interval!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise InvalidInputError(f"{source}: daemon.workers must be a positive integer, got {self.workers!r}")
+        for name in ("workers", "http_workers", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{source}: daemon.{name} must be a positive integer, got {value!r}")
+        for name in ("keep_alive_timeout", "request_timeout", "connection_lifetime"):
+            if getattr(self, name) <= 0:
+                raise InvalidInputError(f"{source}: daemon.{name} must be > 0, got {getattr(self, name)!r}")
         if not isinstance(self.listen, str) or ":" not in self.listen:
             raise InvalidInputError(f"{source}: daemon.listen must be host:port, got {self.listen!r}")
         if self.webhook_secret is not None and (not isinstance(self.webhook_secret, str) or not self.webhook_secret):

@@ -71,6 +71,7 @@ from cvmfs_snap.layout import (
     RepositoryLayout,
     digest_hex,
 )
+from publisher.policy import allowed_by, recipe_into_config
 
 if TYPE_CHECKING:
     from publisher.config import PublisherConfig
@@ -822,7 +823,6 @@ def load_wishlist(recipe_path: str, config: PublisherConfig, args: argparse.Name
     """Read and expand a recipe (tag lists read from the registries) into a :class:`Wishlist`.
 
     Never raises for a bad recipe or an unreachable registry: those become ``problems``, which stop scheduling."""
-    from publisher.cli import recipe_into_config
     from publisher.recipe import Recipe
 
     keep = publish_on_miss_keep(config.daemon.publish_on_miss_allow)
@@ -847,7 +847,6 @@ def publish_on_miss_keep(allow: Iterable[str] | None) -> Callable[[str, str], bo
     if not globs:
         return None
     from cvmfs_snap.oci import ImageReference
-    from publisher.daemon import allowed_by
 
     return lambda registry, repository: allowed_by(globs, ImageReference(registry, repository, "latest"))
 

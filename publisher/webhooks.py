@@ -40,9 +40,10 @@ _MANIFEST_TYPES = frozenset({
     "application/vnd.oci.image.index.v1+json",
 })
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
-_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# used with fullmatch: ``$`` would accept a trailing newline
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 #: the largest webhook body we read (registries batch events, but never megabytes of them)
 MAX_BODY = 1 << 20
@@ -97,22 +98,25 @@ def check_authorization(header: str | None, secret: str | None) -> bool:
     return ok
 
 
-def _load(body: bytes) -> Any:
+def load_json(body: bytes, what: str = "webhook body") -> Any:
+    """Parse a request body; too large, not JSON or nested too deeply for the parser is InvalidInputError."""
     if len(body) > MAX_BODY:
-        raise InvalidInputError(f"webhook body of {len(body)} bytes is larger than the {MAX_BODY} bytes accepted")
+        raise InvalidInputError(f"{what} of {len(body)} bytes is larger than the {MAX_BODY} bytes accepted")
     try:
         return json.loads(body)
+    except RecursionError as exc:
+        raise InvalidInputError(f"{what} nests JSON arrays/objects too deeply to be a real payload") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"webhook body is not valid JSON: {exc}") from exc
+        raise InvalidInputError(f"{what} is not valid JSON: {exc}") from exc
 
 
 def _valid(registry: str, repository: str, tag: str) -> bool:
-    return bool(_HOST_RE.match(registry) and _REPO_RE.match(repository) and _TAG_RE.match(tag))
+    return bool(_HOST_RE.fullmatch(registry) and _REPO_RE.fullmatch(repository) and _TAG_RE.fullmatch(tag))
 
 
 def parse_distribution_events(body: bytes) -> list[PushEvent]:
     """Tag pushes from a distribution ``notifications`` envelope; other events are skipped."""
-    return _distribution_events(_load(body))
+    return _distribution_events(load_json(body))
 
 
 def _distribution_events(data: Any) -> list[PushEvent]:
@@ -172,7 +176,7 @@ def split_resource_url(resource_url: str) -> tuple[str, str, str]:
 
 def parse_harbor(body: bytes) -> list[PushEvent]:
     """Tag pushes from a Harbor ``PUSH_ARTIFACT`` webhook; other Harbor event types give an empty list."""
-    return _harbor_events(_load(body))
+    return _harbor_events(load_json(body))
 
 
 def _harbor_events(data: Any) -> list[PushEvent]:
@@ -203,7 +207,7 @@ def _harbor_events(data: Any) -> list[PushEvent]:
 
 def parse_webhook(body: bytes) -> list[PushEvent]:
     """Either payload family, told apart by shape (``events`` list vs Harbor ``type``)."""
-    data = _load(body)
+    data = load_json(body)
     if isinstance(data, dict) and "events" in data:
         return _distribution_events(data)
     if isinstance(data, dict) and "type" in data:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,7 +72,8 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, recipe_lines: list[str], daemon_cfg: dict[str, object],
-                 env: dict[str, str] | None = None) -> Daemon:
+                 env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> Daemon:
+    """``cvmfs-snap-publisher loop`` as a subprocess (``prefix``: e.g. a ``prlimit`` command line to run it under)."""
     root = tmp / "repo"
     (tmp / "recipes").mkdir()
     recipe = tmp / "recipes" / "recipe.yaml"
@@ -82,7 +84,8 @@ def start_daemon(tmp: Path, recipe_lines: list[str], daemon_cfg: dict[str, objec
     log = tmp / "recipes" / "daemon.log"  # beside the recipe: its own writes must not look like recipe edits
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "publisher.cli", "loop", str(recipe), "--config", str(cfg), "--log-level", "debug"],
+            [*prefix, sys.executable, "-m", "publisher.cli", "loop", str(recipe), "--config", str(cfg),
+             "--log-level", "debug"],
             stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
         )
     url = f"http://{daemon_cfg['listen']}"
@@ -126,8 +129,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         recipe = [f"{loud.host}/hook/app:*", f"{quiet.host}/harbor/img:v2"]
         d = start_daemon(
             tmp, recipe,
-            {"listen": f"127.0.0.1:{port}", "poll_interval": 3600, "debounce": 0.2,
-             "publish_on_miss_allow": [f"{quiet.host}/miss/*"]},
+            {"listen": f"127.0.0.1:{port}", "poll_interval": 3600, "debounce": 0.2, "request_timeout": 2,
+             "connection_lifetime": 8,
+             "publish_on_miss_allow": [f"{quiet.host}/miss/*", f"LOCALHOST:{quiet.host.rsplit(':', 1)[1]}/case/*"]},
             env={"CVMFS_SNAP_WEBHOOK_SECRET": SECRET},
         )
         try:
@@ -252,6 +256,143 @@ def test_metrics_and_status(env: Env) -> None:
     assert any(s["image"] == key and s["ok"] for s in status["images"])
 
 
+def raw_request(url: str, head: bytes, body: bytes = b"", timeout: float = 15.0) -> tuple[bytes, bool]:
+    """Send ``head`` (and ``body``) on a plain socket, read until the server closes or ``timeout``; returns what
+    came back and whether the server closed the connection."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head + body)
+        got = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return got, True
+                got += chunk
+        except TimeoutError:
+            return got, False
+        except ConnectionResetError:
+            return got, True
+
+
+def test_the_secret_is_checked_before_the_body_is_read(env: Env) -> None:
+    # the headers promise a body that never comes: the answer must not wait for it
+    head = b"POST /webhooks/registry HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    got, closed = raw_request(env.daemon.url, head)
+    assert got.startswith(b"HTTP/1.1 401"), got
+    assert closed  # and the connection is not kept for the unread body
+    wrong = head.replace(b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer wrong\r\n")
+    got, closed = raw_request(env.daemon.url, wrong)
+    assert got.startswith(b"HTTP/1.1 401") and closed, got
+    miss = head.replace(b"/webhooks/registry", b"/publish-on-miss")
+    assert raw_request(env.daemon.url, miss)[0].startswith(b"HTTP/1.1 401")
+
+
+def test_body_size_and_time_are_bounded(env: Env) -> None:
+    auth = f"Authorization: Bearer {SECRET}\r\n".encode()
+    # too large: refused on the header, before the body is sent
+    head = b"POST /webhooks/registry HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 2000000000\r\n\r\n"
+    got, closed = raw_request(env.daemon.url, head)
+    assert got.startswith(b"HTTP/1.1 413") and closed, got
+    # a chunked body is cut at the same limit
+    chunk = b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\n"
+    head = b"POST /webhooks/registry HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n"
+    got, closed = raw_request(env.daemon.url, head, chunk * 2 + b"0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 413"), got
+    # a body that does not arrive within daemon.request_timeout (2 s here): 408, connection closed
+    head = b"POST /publish-on-miss HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 100\r\n\r\n"
+    got, closed = raw_request(env.daemon.url, head, b'{"image": ')
+    assert got.startswith(b"HTTP/1.1 408") and closed, got
+    # no length at all
+    head = b"POST /publish-on-miss HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+    assert raw_request(env.daemon.url, head)[0].startswith(b"HTTP/1.1 411")
+    assert httpx.get(f"{env.daemon.url}/healthz").status_code == 200
+
+
+def test_http2_with_prior_knowledge_is_refused(env: Env) -> None:
+    """An HTTP/2 connection that opens no stream is never idle to hypercorn: such connections are ended at once
+    (webhooks and nodes speak HTTP/1.1)."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + SETTINGS
+    got, closed = raw_request(env.daemon.url, preface, timeout=30)
+    assert closed and got == b"", got  # not even hypercorn's own SETTINGS frame
+    got, closed = raw_request(env.daemon.url, preface[:5], preface[5:], timeout=30)  # in two pieces
+    assert closed and got == b"", got
+
+
+def test_a_client_that_does_not_read_its_answers_is_disconnected(env: Env) -> None:
+    """Pipelined requests whose answers are never read: the daemon gives up on the connection after
+    ``request_timeout`` (2 s here) instead of waiting forever (hypercorn alone would answer all 100 a connection
+    may carry, once the client reads again)."""
+    host, port = env.daemon.url.removeprefix("http://").rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(30)
+        s.connect((host, int(port)))
+        # each answer repeats the 15 KB path: 100 of them are more than the socket buffers hold
+        s.sendall((b"GET /" + b"x" * 15000 + b" HTTP/1.1\r\nHost: x\r\n\r\n") * 100)
+        time.sleep(6)  # not reading: the daemon's writes block, then time out
+        got = b""
+        try:
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        except ConnectionResetError:
+            pass  # closed with requests unread: a reset
+    answers = got.count(b"HTTP/1.1 404")
+    assert answers < 100, answers
+    assert httpx.get(f"{env.daemon.url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/webhooks/registry", "/webhooks/harbor", "/webhooks", "/publish-on-miss"])
+def test_deeply_nested_json_is_a_400(env: Env, path: str) -> None:
+    auth = {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"}
+    for body in (b"[" * 200_000, b'{"events": ' * 50_000, b'{"image": ' + b"[" * 300_000 + b"]" * 300_000 + b"}"):
+        r = httpx.post(f"{env.daemon.url}{path}", content=body, headers=auth)
+        assert r.status_code == 400, r.text
+        assert "nests JSON" in r.json()["error"] or "must be" in r.json()["error"]
+    assert httpx.get(f"{env.daemon.url}/healthz").status_code == 200
+
+
+def test_registry_host_names_are_one_registry_whatever_their_case(env: Env) -> None:
+    """``LOCALHOST:port`` and ``LocalHost:port`` are one registry: one queue entry, one metadata tree, lower case,
+    through publish-on-miss and through webhooks."""
+    port = env.quiet.host.rsplit(":", 1)[1]
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    img = im.image([im.layer([("etc/case", b"one registry\n")])])
+    digest = im.push_image(env.quiet.url, "case/miss", "v1", img)
+    # publish-on-miss: the allow-list says LOCALHOST, the nodes say LocalHost and localhost
+    url = f"{env.daemon.url}/publish-on-miss"
+    r = httpx.post(url, json={"image": f"LocalHost:{port}/case/miss:v1"}, headers=auth)
+    assert r.status_code == 202 and r.json() == {"status": "queued", "image": f"localhost:{port}/case/miss:v1"}
+    r = httpx.post(url, json={"image": f"LOCALHOST:{port}/case/miss:v1"}, headers=auth)
+    assert r.status_code in (202, 429) and r.json().get("status") != "queued", r.text
+    env.daemon.wait_published(f"localhost:{port}", "case/miss", "v1", digest)
+    r = httpx.post(url, json={"image": f"localhost:{port}/case/miss:v1"}, headers=auth)
+    assert r.status_code == 429  # the same image, tried just now
+
+    # webhooks: the recipe spells the registry one way, the pushes two others
+    recipe = yaml.safe_load(env.daemon.recipe.read_text())["input"]
+    env.daemon.write_recipe([*recipe, f"LocalHost:{port}/case/hook:v*"])
+    img2 = im.image([im.layer([("etc/case", b"pushed\n")])])
+    digest2 = im.push_image(env.quiet.url, "case/hook", "v1", img2)
+    want = [f"localhost:{port}/case/hook:v1"]
+
+    def queued(host: str) -> object:
+        body = harbor_payload(f"{host}:{port}/case/hook:v1", "v1")
+        return httpx.post(f"{env.daemon.url}/webhooks/harbor", json=body, headers=auth).json()["queued"]
+
+    assert wait_for("the recipe with the new line to be loaded", lambda: queued("LOCALHOST"), env.daemon) == want
+    assert queued("LocalHost") == want
+    env.daemon.wait_published(f"localhost:{port}", "case/hook", "v1", digest2)
+    names = {p.name for p in (env.daemon.root / ".metadata").iterdir()}
+    assert f"localhost:{port}" in names
+    assert not {n for n in names if n.lower() == f"localhost:{port}" and n != f"localhost:{port}"}, names
+    status = httpx.get(f"{env.daemon.url}/status").json()
+    # (a recipe line's own failure is reported as the line is written; published images are in one spelling)
+    assert not [s for s in status["images"]
+                if "case/" in s["image"] and "localhost" not in s["image"] and s["source"] != "recipe"], status
+    env.daemon.write_recipe(recipe)
+
+
 def test_bad_image_fails_alone_and_sigterm_finishes_in_flight_work(tmp_path: Path, registry: Registry) -> None:
     """An image that does not exist fails with a message in /status; SIGTERM while an image is being published
     lets that publish finish, then the daemon exits with status 0."""
@@ -311,7 +452,6 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
     from publisher.config import DaemonConfig, PublisherConfig
     from publisher.daemon import Daemon
     from publisher.pipeline import Publisher
-    from publisher.recipe import Recipe
     from tests.support.http_servers import Reply, Request, serve
 
     release, stalled = threading.Event(), threading.Event()
@@ -329,8 +469,7 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
         config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
         pub = Publisher.from_config(config)
         settings = DaemonConfig(listen="127.0.0.1:0", debounce=0, shutdown_timeout=0.5)
-        d = Daemon(recipe, config, settings, pub, pub.client, pub.backend, load_recipe=Recipe.load,
-                   expand=lambda r, c: list(r.expand(c)), state_dir=tmp_path / "state")
+        d = Daemon(recipe, settings, pub, state_dir=tmp_path / "state")
         try:
             _host, port = d.start()
             assert port > 0
@@ -344,4 +483,40 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
             release.set()
         assert d.queue.wait_idle(30)
         assert d.status()["images"][0]["ok"] is False
+        pub.close()
+
+
+def test_a_recipe_spelling_the_host_in_capitals_schedules_nothing(tmp_path: Path, registry: Registry) -> None:
+    """The full pass queues and schedules in the one spelling the image is published under: a recipe writing
+    ``LocalHost:port`` publishes ``localhost:port`` and does not schedule that image as dropped."""
+    from publisher.config import DaemonConfig, PublisherConfig
+    from publisher.daemon import Daemon
+    from publisher.gc import REASON_DROPPED
+    from publisher.pipeline import Publisher, read_remove_schedule
+
+    port = registry.host.rsplit(":", 1)[1]
+    img = im.image([im.layer([("etc/caps", b"caps\n")])])
+    digest = im.push_image(registry.url, "caps/app", "v1", img)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"version": 1, "input": [f"LocalHost:{port}/caps/app:v1"]}))
+    config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
+    pub = Publisher.from_config(config)
+    try:
+        d = Daemon(recipe, DaemonConfig(listen="127.0.0.1:0"), pub, state_dir=tmp_path / "state")
+        assert d.reload_recipe()
+        assert d.full_pass() == 1
+        assert d.queue.snapshot()["waiting"] == [f"localhost:{port}/caps/app:v1"]
+        item = d.queue.get()
+        assert item is not None
+        assert pub.publish_image(item.ref).ok
+        d.queue.done(item.key)
+        layout = RepositoryLayout(tmp_path / "repo")
+        rec = ImageRecord.from_json((layout.image_metadata_dir(f"localhost:{port}", "caps/app", "v1")
+                                     / "image.json").read_bytes())
+        assert rec.manifest_digest == digest
+        d.full_pass()  # the image is in the recipe: nothing to schedule
+        dropped = [e for e in read_remove_schedule(tmp_path / "repo")
+                   if e.get("x-cvmfs-snap", {}).get("reason") == REASON_DROPPED]
+        assert dropped == []
+    finally:
         pub.close()

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.oci.reference import ImageReference
-from publisher.daemon import QueueItem, WorkQueue, allowed_by, recipe_patterns
+from publisher.policy import allowed_by, canonical_ref, recipe_patterns
 from publisher.recipe import Recipe
 from publisher.webhooks import (
     PushEvent,
     check_authorization,
+    load_json,
     parse_distribution_events,
     parse_harbor,
     parse_webhook,
     split_resource_url,
 )
+from publisher.workqueue import QueueItem, WorkQueue
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 D1 = "sha256:" + "1" * 64
@@ -174,3 +177,94 @@ def test_publish_on_miss_allow_list() -> None:
     assert not allowed_by(allow, ImageReference.parse("registry.cern.ch/cms/cmssw:1"))
     assert not allowed_by(allow, ImageReference.parse("evil.example/atlas/athena:22"))
     assert not allowed_by([], ImageReference.parse("registry.cern.ch/atlas/athena:22"))
+
+
+def test_debounce_keeps_the_latest_due_time() -> None:
+    """Each push of a burst moves the publish back: the burst is published once, after it has been quiet."""
+    q = WorkQueue()
+    key = "r.example/a:1"
+    assert q.put(QueueItem(key, ImageReference.parse(key), "webhook", 100.0)) == "queued"
+    assert q.put(QueueItem(key, ImageReference.parse(key), "webhook", 105.0)) == "already-queued"
+    assert q.due(key) == 105.0
+    # an earlier request (a poll) does not cut the quiet period short either
+    assert q.put(QueueItem(key, ImageReference.parse(key), "poll", 0.0)) == "already-queued"
+    assert q.due(key) == 105.0
+    # requests while the image is being published: one more run, due at the latest of them
+    q2 = WorkQueue()
+    q2.put(QueueItem(key, ImageReference.parse(key), "poll", 0.0))
+    item = q2.get()
+    assert item is not None
+    assert q2.put(QueueItem(key, ImageReference.parse(key), "webhook", 50.0)) == "after-current-run"
+    assert q2.put(QueueItem(key, ImageReference.parse(key), "webhook", 60.0)) == "after-current-run"
+    q2.done(key)
+    assert q2.due(key) == 60.0
+
+
+def test_registry_names_are_compared_and_queued_in_one_spelling() -> None:
+    for spelling in ("LOCALHOST:5000", "LocalHost:5000", "localhost:5000"):
+        ref = ImageReference.parse(f"{spelling}/team/app:v1")
+        assert allowed_by(["LOCALHOST:5000/team/*"], ref)
+        assert allowed_by(["localhost:5000/team/*"], ref)
+        assert str(canonical_ref(ref)) == "localhost:5000/team/app:v1"
+    ref = ImageReference.parse("http://Registry.Hub.Docker.com/library/debian:12")
+    canon = canonical_ref(ref)
+    # case folded, but the Docker Hub alias the recipe wrote (DUCC paths) and the http:// marker stay
+    assert str(canon) == "registry.hub.docker.com/library/debian:12" and canon.insecure
+    recipe = Recipe.parse("version: 1\ninput:\n  - 'LocalHost:5000/team/app:v*'\n")
+    (pat,) = recipe_patterns(recipe)
+    assert pat.matches("LOCALHOST:5000", "team/app", "v2")
+    assert str(pat.ref_for("v2")) == "localhost:5000/team/app:v2"
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a": ' * 100_000, b"[" * 5000 + b"]" * 5000])
+def test_deeply_nested_json_is_invalid_input(body: bytes) -> None:
+    with pytest.raises(InvalidInputError, match="nests JSON"):
+        load_json(body)
+    with pytest.raises(InvalidInputError):
+        parse_webhook(body)
+
+
+@pytest.mark.parametrize("field", ["tag", "repository"])
+def test_webhook_names_with_a_trailing_newline_are_invalid(field: str) -> None:
+    ev = push("team/app", "v1")
+    target = ev["target"]
+    assert isinstance(target, dict)
+    target[field] = str(target[field]) + "\n"
+    with pytest.raises(InvalidInputError, match="invalid image"):
+        parse_distribution_events(envelope(ev))
+
+
+@pytest.mark.parametrize("key, value", [("http_workers", 0), ("max_connections", True), ("keep_alive_timeout", 0),
+                                        ("connection_lifetime", 0),
+                                        ("request_timeout", -1), ("request_timeout", "10")])
+def test_http_limits_are_range_checked(key: str, value: object) -> None:
+    from publisher.config import DaemonConfig
+
+    settings = DaemonConfig(**{key: value})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=f"daemon.{key}"):
+        settings.validate("test")
+
+
+def test_connections_are_shut_down_after_their_lifetime() -> None:
+    from publisher.httpserver import CappedListener
+
+    listener = CappedListener(socket.AF_INET, socket.SOCK_STREAM)
+    listener.limit = 2
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    clients = [socket.create_connection(listener.getsockname()[:2], timeout=10) for _ in range(3)]
+    try:
+        conns = [listener.accept()[0] for _ in range(2)]
+        with pytest.raises(OSError, match="HTTP connections open, the limit"):
+            listener.accept()  # the third waits in the kernel's queue
+        assert listener.expire(3600) == 0
+        assert listener.expire(0) == 2
+        assert [c.recv(10) for c in clients[:2]] == [b"", b""]  # the clients see the end of the stream
+        for c in conns:
+            c.close()
+        third, _addr = listener.accept()  # closing made room
+        third.close()
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()

@@ -278,7 +278,6 @@ def test_dropped_multiarch_image_loses_its_multiarch_links(tmp_path: Path, regis
 def test_daemon_full_pass_schedules_and_unschedules(tmp_path: Path, registry: Registry) -> None:
     """The daemon schedules after each full pass (never removes); a failing line stops scheduling."""
     from publisher.daemon import Daemon
-    from publisher.recipe import Recipe
 
     repo = make_repo(tmp_path, registry)
     for name in ("d-keep", "d-drop", "d-miss"):
@@ -292,8 +291,7 @@ def test_daemon_full_pass_schedules_and_unschedules(tmp_path: Path, registry: Re
     settings = DaemonConfig(listen="127.0.0.1:0", publish_on_miss_allow=[f"{registry.host}/gcr/d-miss"])
     pub = Publisher.from_config(config)
     try:
-        d = Daemon(recipe, config, settings, pub, pub.client, pub.backend, load_recipe=Recipe.load,
-                   expand=lambda r, c: list(r.expand(c)), state_dir=repo.state)
+        d = Daemon(recipe, settings, pub, state_dir=repo.state)
         assert d.reload_recipe()
         d.full_pass()
         assert dropped_names(repo) == []
