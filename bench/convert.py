@@ -199,6 +199,7 @@ def main() -> int:
     ap.add_argument("--rss-gib", type=float, default=0, help="also convert one layer of this many GiB (ours only)")
     ap.add_argument("--content", choices=("system", "synthetic"), default="system",
                     help="layer contents: this machine's /usr files (default) or generated data")
+    ap.add_argument("--no-peer", action="store_true", help="measure cvmfs-snap convert only")
     ap.add_argument("--keep", type=Path, default=None)
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-convert-", dir="/tmp"))
@@ -230,9 +231,10 @@ def main() -> int:
                                                "--compression-level", str(level)])
                     row(f"cvmfs-snap convert, level {level}, {workers} worker(s)", secs, rss, rc == 0, tag, cpu)
 
-            cr = peer_bin()
+            cr = None if args.no_peer else peer_bin()
             if cr is None:
-                print("ctr-remote not built: run ../shared/tools/stargz-peer/build.sh; skipping the Go peer")
+                if not args.no_peer:
+                    print("ctr-remote not built: run ../shared/tools/stargz-peer/build.sh; skipping the Go peer")
             else:
                 d = Path(tempfile.mkdtemp(prefix="bc-", dir="/tmp"))
                 try:

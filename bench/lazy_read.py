@@ -130,7 +130,7 @@ def main() -> int:
                     d = tmp / f"cache-{sync}"
                     t, n, fetched = trio.run(cold, d, sync)
                     assert n == data_bytes
-                    print(f"cold lazy read ({'fdatasync' if sync else 'no sync  '}): {t:6.2f} s  "
+                    print(f"cold lazy read ({'fdatasync' if sync else 'default  '}): {t:6.2f} s  "
                           f"{n / t / 2**20:7.1f} MiB/s of data  = {best / t:.2f}x plain download, "
                           f"{best_gz / t:.2f}x download+gunzip; fetched {fetched / len(blob):.3f} of the blob")
 
@@ -157,8 +157,10 @@ def main() -> int:
                     n = await read_all(r, which, files)
                     r.close()
                     remove_tree_quietly(d)
+                    toc_bytes.append(toc)
                     return n, f.bytes_fetched - toc
 
+                toc_bytes: list[int] = []
                 print("bytes fetched per byte read (chunk data; the footer + TOC come on top, once):")
                 rnd = random.Random(1)
                 for label, which in (("one small file", ["etc/small.conf"]),
@@ -167,6 +169,7 @@ def main() -> int:
                     n, fetched = trio.run(partial, which)
                     print(f"  {label:18s}: read {n:>10d} B, fetched {fetched:>10d} B = {fetched / max(n, 1):7.2f} "
                           f"per byte read, {100 * fetched / len(blob):6.2f} % of the blob")
+                print(f"  footer + TOC: {toc_bytes[0]} B ({100 * toc_bytes[0] / len(blob):.3f} % of the blob)")
         return 0
     finally:
         remove_tree_quietly(tmp)

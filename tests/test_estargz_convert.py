@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.cli import main as cli_main
-from cvmfs_snap.errors import AuthError, IntegrityError
+from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError
 from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargz
 from cvmfs_snap.oci import ImageReference, Manifest, RegistryClient
 from cvmfs_snap.oci.push import Pusher as OciPusher
@@ -217,3 +217,21 @@ def test_convert_with_token_auth_never_leaks_the_password(tmp_path: Path, capsys
                        reg.ref("private/app", "v1"), reg.ref("private/app-anon", "v1")])
         assert rc == AuthError.exit_code and "needs credentials" in caplog.text
     assert secret not in caplog.text and secret not in capsys.readouterr().err
+
+
+def test_chunked_upload_streams_in_pieces_and_the_registry_checks_the_digest(registry: Registry) -> None:
+    ref = ImageReference.parse(registry.ref("conv/upload", "v1"))
+    data = bytes(range(256)) * 40  # 10240 bytes: 10 PATCHes of 1000 and the rest in the PUT
+    with _client(registry) as c:
+        p = OciPusher(c)
+        up = p.start_upload(ref, chunk_size=1000)
+        for i in range(0, len(data), 333):
+            up.write(data[i : i + 333])
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        up.commit(digest)
+        assert c.get_blob(ref, digest) == data and p.blob_exists(ref, digest)
+        bad = p.start_upload(ref, chunk_size=1000)
+        bad.write(data[:3000])
+        with pytest.raises(InvalidInputError, match=r"rejected the request .*HTTP 400"):
+            bad.commit("sha256:" + "4" * 64)
+        assert not p.blob_exists(ref, "sha256:" + "4" * 64)

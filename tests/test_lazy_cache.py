@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError
-from cvmfs_snap.lazyfs.cache import ChunkCache
+from cvmfs_snap.lazyfs.cache import SETTLE_SECONDS, ChunkCache
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
 
 A = "a" * 64
@@ -115,7 +115,7 @@ def test_leftovers_of_a_crash_are_cleaned_at_start(tmp_path: Path) -> None:
 CRASHER = """
 import hashlib, os, sys
 from pathlib import Path
-from cvmfs_snap.lazyfs.cache import ChunkCache
+from cvmfs_snap.lazyfs.cache import SETTLE_SECONDS, ChunkCache
 c = ChunkCache(Path(sys.argv[1]), 50_000_000)
 i = 0
 while True:
@@ -177,12 +177,24 @@ def test_cache_files_do_not_stay_in_the_page_cache(tmp_path: Path) -> None:
     k, d = chunk(7, 4 * 1024 * 1024)
     c.put(k, d, A)
     path = files(c.directory)[0]
+    time.sleep(SETTLE_SECONDS + 0.2)
+    c.put(*chunk(8), A)  # later writes drop the pages of earlier ones, once written back
     assert _resident(path) == 0
     with open(path, "rb") as f:  # a plain read brings the pages in ...
         f.read()
     assert _resident(path) > 0
     assert c.get(k) == d  # ... the cache's own read drops them again
     assert _resident(path) == 0
+    k9, d9 = chunk(9, 1024 * 1024)
+    c.put(k9, d9, A)
+    c.settle()  # at shutdown: everything written is dropped
+    assert all(_resident(p) == 0 for p in files(c.directory))
+
+
+def test_synchronous_writes_drop_pages_at_once(tmp_path: Path) -> None:
+    c = new(tmp_path, max_bytes=100_000_000, sync=True)
+    c.put(*chunk(7, 4 * 1024 * 1024), A)
+    assert _resident(files(c.directory)[0]) == 0
 
 
 def test_memory_tier_is_bounded_and_forgets_dropped_chunks(tmp_path: Path) -> None:

@@ -311,3 +311,42 @@ def test_readahead_follows_sequential_reads_and_stays_within_a_file_read_alone(
         assert r.fetcher.requests == requests
 
     trio.run(main)
+
+
+def test_concurrent_reads_of_a_cold_chunk_fetch_and_decode_it_once(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+    blob = layer.files["data/blob0"]
+
+    async def main() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, layer, cache)
+            r.readahead_bytes = 0
+            before = len(proxy.blob_gets)
+            got: list[bytes] = []
+
+            async def one(off: int) -> None:
+                got.append(await r.read("data/blob0", off, 1000))
+            async with trio.open_nursery() as n:
+                for i in range(8):
+                    n.start_soon(one, i * 4096)
+            assert sorted(got) == sorted(blob[i * 4096:i * 4096 + 1000] for i in range(8))
+            assert len(proxy.blob_gets) - before == 1
+            # the TOC lookup and the first read's chunk lookup missed; the other reads waited for that one
+            assert cache.stats.misses == 2 and cache.stats.hits == 7 and r.fetcher.requests == 3
+
+    trio.run(main)
+
+
+def test_zstd_chunked_blob_reads_the_same(client: RegistryClient, registry: Registry, tmp_path: Path) -> None:
+    files = {"z/one": os.urandom(150_000) + b"z" * 100_000, "z/two": b"two\n" * 5000}
+    layer = push_estargz(registry.host, "lazy/zstd", files, chunk_size=CHUNK, compression="zstd")
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        assert r.stargz.footer.compression == "zstd"
+        for name, data in files.items():
+            assert await r.read(name, 0, len(data)) == data
+            assert await r.read(name, CHUNK - 3, 10) == data[CHUNK - 3:CHUNK + 7]
+
+    trio.run(main)

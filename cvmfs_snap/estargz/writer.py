@@ -203,7 +203,7 @@ class _Emitter:
         self.usize = 0
         self._pool = ThreadPoolExecutor(opts.workers, "estargz") if opts.workers > 1 else None
         self._inflight: deque[tuple[_Unit, Future[tuple[bytes, list[str]]] | tuple[bytes, list[str]]]] = deque()
-        self._max = 2 * opts.workers + 1
+        self._max = opts.workers + 1  # units queued or being compressed: enough to keep every worker busy
 
     def submit(self, unit: _Unit) -> None:
         if not unit.size:

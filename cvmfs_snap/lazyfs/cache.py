@@ -17,13 +17,15 @@ Layout under ``directory`` (one lazyfs process owns it)::
   chunk files' modification order. Leftover temporary files and chunks no layer references are removed: no hand
   cleaning after a crash.
 - **Page cache**: the kernel already caches the FUSE files' pages; the cache files' own pages are dropped after
-  every read and write (``posix_fadvise(POSIX_FADV_DONTNEED)``, after ``fdatasync`` on writes, which is also what
-  makes a chunk durable before its rename), so the cache does not double the page cache.
+  every read (``posix_fadvise(POSIX_FADV_DONTNEED)``). A written chunk's pages are still dirty when it is renamed
+  into place (DONTNEED only starts their writeback), so they are dropped a second time about a second later, once
+  clean; ``sync=True`` instead ``fdatasync`` s each chunk before dropping its pages (slower, and not needed for
+  safety: a chunk torn by a power cut fails its digest check and is fetched again).
 
 The cache does not verify content: the reader checks every chunk it gets against its digest (and
 :meth:`discard` s a bad one), so a chunk damaged on disk costs a re-fetch, never wrong bytes.
 
-- **Hot chunks** (``memory_bytes``, default 32 MiB for all layers together): the last chunks the reader verified
+- **Hot chunks** (``memory_bytes``, default 16 MiB for all layers together): the last chunks the reader verified
   are also kept in memory (:meth:`get_hot` / :meth:`put_hot`), so the 32 FUSE reads of 128 KiB that a 4 MiB chunk
   takes cost one disk read and one hash, not 32.
 
@@ -37,7 +39,8 @@ import logging
 import os
 import re
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +50,9 @@ from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 4 * 1024 ** 3
-DEFAULT_MEMORY_BYTES = 32 * 1024 * 1024
+DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
+#: a written chunk's pages are dropped again this long after the write (its writeback is done by then)
+SETTLE_SECONDS = 1.0
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -72,7 +77,7 @@ class ChunkCache:
     """See module docstring."""
 
     def __init__(self, directory: Path, max_bytes: int = DEFAULT_CACHE_BYTES, *,
-                 metrics: LazyMetrics | None = None, sync: bool = True,
+                 metrics: LazyMetrics | None = None, sync: bool = False,
                  memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
         if max_bytes <= 0:
             raise InvalidInputError(f"chunk cache size must be positive, got {max_bytes}")
@@ -80,6 +85,8 @@ class ChunkCache:
         self.max_bytes = max_bytes
         self.metrics = metrics or DEFAULT_METRICS
         self.sync = sync
+        #: (time written, path) of chunks whose pages may still be dirty: dropped again once clean
+        self._settling: deque[tuple[float, Path]] = deque()
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
         self._refs: dict[str, set[str]] = {}  # key -> layers
@@ -197,6 +204,8 @@ class ChunkCache:
             self._lru.move_to_end(key)
             if lay is not None:
                 self._add_ref_locked(key, lay)
+            settled = self._take_settled_locked(time.monotonic() - SETTLE_SECONDS) if self._settling else []
+        _drop_pages(settled)
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # evicted or released meanwhile
@@ -251,6 +260,30 @@ class ChunkCache:
             self._bytes += len(data)
             self._evict_locked()
             self.metrics.cache_bytes.set(self._bytes)
+            now = time.monotonic()
+            if not self.sync:
+                self._settling.append((now, path))
+            settled = self._take_settled_locked(now - SETTLE_SECONDS)
+        _drop_pages(settled)
+
+    def settle(self) -> None:
+        """Drop the pages of every chunk written so far (once their writeback is done; at shutdown, in tests)."""
+        with self._lock:
+            paths = self._take_settled_locked(float("inf"))
+        for p in paths:
+            with contextlib.suppress(OSError):
+                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+    def _take_settled_locked(self, before: float) -> list[Path]:
+        out: list[Path] = []
+        while self._settling and self._settling[0][0] <= before:
+            out.append(self._settling.popleft()[1])
+        return out
 
     def discard(self, key: str) -> None:
         """Forget a chunk (its bytes did not verify)."""
@@ -304,6 +337,16 @@ class ChunkCache:
             self._drop_locked(key)
             self.evictions += 1
             self.metrics.cache_evictions.inc()
+
+
+def _drop_pages(paths: list[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):  # evicted or released meanwhile
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _read_all(fd: int) -> bytes:

@@ -152,51 +152,29 @@ class LayerReader:
 
     async def _load(self, refs: list[ChunkRef], hot: bool = True) -> dict[str, bytes]:
         """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached). ``hot``:
-        keep them in the cache's memory tier too (reads; not the background pass, which would flush it)."""
-        want = {_key(r): r for r in refs}
+        keep them in the cache's memory tier too (reads; not the background pass, which would flush it).
+        A chunk another task is loading is waited for, not looked up or fetched again."""
         layer = self.digest
-
         got: dict[str, bytes] = {}
-        for k in want:
+        mine: list[ChunkRef] = []
+        theirs: list[tuple[ChunkRef, trio.Event]] = []
+        for k, r in {_key(r): r for r in refs}.items():
             data = self.cache.get_hot(k, layer)
             if data is not None:
                 got[k] = data
-        if len(got) == len(want):
-            return got
-
-        def from_cache() -> dict[str, bytes]:
-            out: dict[str, bytes] = {}
-            for k in want:
-                if k in got:
-                    continue
-                data = self.cache.get(k, layer)
-                if data is None:
-                    continue
-                if _sha(data) == k:
-                    out[k] = data
-                    if hot:
-                        self.cache.put_hot(k, data)
-                else:
-                    log.warning("chunk cache: chunk %s of layer %s is damaged on disk; fetching it again", k, layer)
-                    self.cache.discard(k)
-            return out
-
-        got.update(await trio.to_thread.run_sync(from_cache))
-        mine: list[ChunkRef] = []
-        theirs: list[tuple[ChunkRef, trio.Event]] = []
-        for k, r in want.items():
-            if k in got:
-                continue
-            ev = self._pending.get(k)
-            if ev is None:
-                mine.append(r)
+            elif k in self._pending:
+                theirs.append((r, self._pending[k]))
             else:
-                theirs.append((r, ev))
+                mine.append(r)
         if mine:
             for r in mine:
                 self._pending[_key(r)] = trio.Event()
             try:
-                got.update(await self._fetch(mine, hot))
+                found = await trio.to_thread.run_sync(self._from_disk, [_key(r) for r in mine], hot)
+                got.update(found)
+                missing = [r for r in mine if _key(r) not in found]
+                if missing:
+                    got.update(await self._fetch(missing, hot))
             finally:
                 for r in mine:
                     self._pending.pop(_key(r)).set()
@@ -204,6 +182,23 @@ class LayerReader:
             await ev.wait()
             got.update(await self._load([r], hot))  # now in the cache, or (that task failed) ours to fetch
         return got
+
+    def _from_disk(self, keys: list[str], hot: bool) -> dict[str, bytes]:
+        """Chunks of the disk cache that verify (a damaged one is discarded). In a worker thread."""
+        out: dict[str, bytes] = {}
+        for k in keys:
+            data = self.cache.get(k, self.digest)
+            if data is None:
+                continue
+            if _sha(data) == k:
+                out[k] = data
+                if hot:
+                    self.cache.put_hot(k, data)
+            else:
+                log.warning("chunk cache: chunk %s of layer %s is damaged on disk; fetching it again", k,
+                            self.digest)
+                self.cache.discard(k)
+        return out
 
     # ------------------------------------------------------------------ readahead
     def _readahead(self, refs: list[ChunkRef]) -> None:

@@ -20,7 +20,7 @@ from cvmfs_snap.oci.reference import ImageReference, validate_digest
 log = logging.getLogger(__name__)
 
 #: bytes sent per PATCH of a streamed upload
-UPLOAD_CHUNK = 16 << 20
+UPLOAD_CHUNK = 8 << 20
 
 
 def _push_scope(ref: ImageReference) -> str:
@@ -43,7 +43,9 @@ class BlobUpload:
         self._buf += data
         self.size += len(data)
         while len(self._buf) >= self._chunk:
-            self._patch(bytes(self._buf[: self._chunk]))
+            with memoryview(self._buf) as mv:
+                piece = bytes(mv[: self._chunk])
+            self._patch(piece)
             del self._buf[: self._chunk]
         return len(data)
 

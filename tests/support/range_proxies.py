@@ -147,8 +147,8 @@ class PushedLayer:
 
 
 def push_estargz(registry_host: str, repo: str, files: dict[str, bytes], *, chunk_size: int = 64 * 1024,
-                 prioritized: tuple[str, ...] = (), compression_level: int = 6, go: Path | None = None
-                 ) -> PushedLayer:
+                 prioritized: tuple[str, ...] = (), compression_level: int = 6, go: Path | None = None,
+                 compression: str = "gzip") -> PushedLayer:
     """Build an eStargz blob of regular ``files`` with our writer (or, with ``go`` = a scratch directory, with the
     Go reference tool ``esgz``) and push it to the registry at ``registry_host`` (a real docker-registry); the
     blob may then be read through a proxy in front of it."""
@@ -156,7 +156,7 @@ def push_estargz(registry_host: str, repo: str, files: dict[str, bytes], *, chun
     tar = make_tar([*dirs, *files.items()])
     if go is None:
         blob, res = to_estargz(tar, chunk_size=chunk_size, prioritized=prioritized,
-                               compression_level=compression_level, workers=1)
+                               compression_level=compression_level, workers=1, compression=compression)
         toc_digest = res.toc_digest
     else:
         src, out = go / "in.tar", go / "out.esgz"
