@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -45,12 +44,12 @@ from typing import Any
 
 from cvmfs_snap.errors import (
     CvmfsSnapError,
-    IntegrityError,
     InvalidInputError,
     NotFoundError,
     UnavailableError,
 )
 from cvmfs_snap.layout import digest_hex
+from cvmfs_snap.lazyfs import control
 from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.oci.hosts import (
     DEFAULT_HOSTS_DIR,
@@ -70,8 +69,6 @@ MIB = 1 << 20
 #: names under the lazy root (lazy-design.md "Paths")
 MNT, SOCKET, STATE, CACHE, UNPACKED, LAYERS, LOG, PID = ("mnt", "control.sock", "state.json", "cache", "unpacked",
                                                         "layers", "lazyfs.log", "lazyfs.pid")
-#: one JSON line each way; answers longer than this are refused (a list of thousands of layers fits)
-MAX_ANSWER = 16 << 20
 #: image manifests remembered (their layers' sizes and TOC annotations)
 MANIFEST_CACHE = 64
 
@@ -99,52 +96,6 @@ def layer_id(digest: str) -> str:
     return digest_hex(digest)
 
 
-class ControlError(CvmfsSnapError):
-    """The lazyfs process answered ``ok: false`` (``kind`` is the protocol's error kind)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def control_call(sock: Path, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-    """One request line -> one answer line on the lazyfs control socket (lazy-design.md "Control protocol").
-
-    UnavailableError when nobody answers; ControlError for ``ok: false``. The request may hold credentials: they
-    never reach a log line or an error message."""
-    op = str(request.get("op", "?"))
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(json.dumps(request).encode() + b"\n")
-            buf = bytearray()
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_ANSWER:
-                    raise UnavailableError(f"lazyfs control {op}: answer longer than {MAX_ANSWER} bytes")
-    except OSError as exc:
-        raise UnavailableError(f"lazyfs process at {sock} does not answer ({op}: {exc.strerror or exc})") from None
-    try:
-        answer = json.loads(buf)
-    except ValueError:
-        raise UnavailableError(f"lazyfs control {op}: the process at {sock} sent no valid JSON answer") from None
-    if not isinstance(answer, dict):
-        raise UnavailableError(f"lazyfs control {op}: answer is not a JSON object")
-    if not answer.get("ok"):
-        raise ControlError(str(answer.get("kind", "unavailable")), str(answer.get("error", f"{op} failed")))
-    return answer
-
-
-def _as_error(exc: ControlError, what: str) -> CvmfsSnapError:
-    kinds: dict[str, type[CvmfsSnapError]] = {"integrity": IntegrityError, "invalid": InvalidInputError,
-                                              "notfound": NotFoundError}
-    return kinds.get(exc.kind, UnavailableError)(f"{what}: {exc}")
-
-
 class LazyProcess:
     """The node's ``cvmfs-snap lazyfs`` process as the snapshotter sees it: its paths, its control socket, and
     starting it when nobody answers there."""
@@ -170,12 +121,12 @@ class LazyProcess:
         return cmd
 
     def call(self, request: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        return control_call(self.socket, request, timeout or self.settings.timeout)
+        return control.call(self.socket, request, timeout or self.settings.timeout)
 
     def alive(self) -> bool:
         try:
             self.call({"op": "health"}, timeout=min(5.0, self.settings.timeout))
-        except (UnavailableError, ControlError):
+        except (UnavailableError, control.ControlError):
             return False
         return True
 
@@ -248,9 +199,9 @@ class LazySource:
         lid = layer_id(digest)
         try:
             self._call(lambda: self.process.call({"op": "detach", "id": lid}), f"detaching layer {digest}")
-        except ControlError as exc:
+        except control.ControlError as exc:
             if exc.kind != "notfound":
-                raise _as_error(exc, f"detaching lazy layer {digest}") from None
+                raise control.as_error(exc, f"detaching lazy layer {digest}") from None
         except UnavailableError:
             if self._record(digest) is not None and self.process.socket.exists():
                 raise
@@ -381,8 +332,8 @@ class LazySource:
 
         try:
             answer = self._call(run, f"attaching lazy layer {digest}")
-        except ControlError as exc:
-            raise _as_error(exc, f"attaching lazy layer {digest} of {ref}") from None
+        except control.ControlError as exc:
+            raise control.as_error(exc, f"attaching lazy layer {digest} of {ref}") from None
         return Path(str(answer["path"]))
 
     def _path(self, digest: str, *, reattach: bool) -> Path:
@@ -390,9 +341,9 @@ class LazySource:
         try:
             answer = self._call(lambda: self.process.call({"op": "check", "id": lid}), f"checking layer {digest}")
             return Path(str(answer.get("path") or self.process.mount / lid))
-        except ControlError as exc:
+        except control.ControlError as exc:
             if exc.kind != "notfound" or not reattach:
-                raise _as_error(exc, f"lazy layer {digest}") from None
+                raise control.as_error(exc, f"lazy layer {digest}") from None
         except UnavailableError:
             if not reattach:
                 raise
