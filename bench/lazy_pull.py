@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.pull import PLUGIN, blob_stats, ctr, run, run_out
 from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.containerd import start_containerd
-from cvmfs_snap.devenv.procs import stop_process, unmount_below
+from cvmfs_snap.devenv.procs import stop_lazyfs, stop_process
 from cvmfs_snap.devenv.registry import blob_gets, start_registry
 from cvmfs_snap.snapshotter.sources.lazy import LazyProcess, LazySettings
 
@@ -127,19 +127,6 @@ def pid_rss(pid: int | None) -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def stop_lazyfs(lazy: Path) -> None:
-    pid = lazyfs_pid(lazy)
-    if pid is not None:
-        try:
-            os.kill(pid, 15)
-            for _ in range(200):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-        except ProcessLookupError:
-            pass
-    unmount_below(lazy)
 
 
 def native_once(work: Path, reg_log: Path, ref: str, big: str) -> dict[str, float]:

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import pytest
 import cvmfs_snap
 from cvmfs_snap.containerd.labels import chain_ids
 from cvmfs_snap.devenv.images import busybox_entries
+from cvmfs_snap.devenv.procs import stop_lazyfs
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.e2e import (
     PLUGIN,
@@ -117,23 +117,6 @@ def lazy_config(tmp: Path, extra: str = "") -> Path:
     cfg.write_text(f'repository = "{REPO_NAME}"\nabsolute-mountpoint = "{repo}"\n[cvmfs-snap.lazy]\n'
                    f'hosts-dir = "{tmp / "certs.d"}"\nprefetch = false\nbackground-fetch = false\n{extra}')
     return cfg
-
-
-def stop_lazyfs(lazy_root: Path) -> None:
-    """SIGTERM the lazyfs process the snapshotter started (its pid file), wait, unmount what it left."""
-    pid_file = lazy_root / "lazyfs.pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text())
-        try:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(200):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-        except ProcessLookupError:
-            pass
-    mnt = lazy_root / "mnt"
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
 
 
 @contextmanager
