@@ -35,6 +35,7 @@ from tests.support.e2e import (
     diff_listings,
     log_mark,
     mounted_view,
+    publish,
     snapshotter_status,
     tree_listing,
 )
@@ -271,3 +272,26 @@ def test_cvmfs_snap_pull_plain_layer_then_lazy_layer(registry: Registry, short_t
         r = n.containerd.ctr("run", "--rm", "--snapshotter", PLUGIN, pushed.ref, "mixed-small", "/bin/cat",
                              "/data/small.txt", check=False)
         assert r.returncode == 0 and r.stdout == "hello from a lazy layer\n", r.stderr
+
+
+def test_layer_moving_from_lazy_to_cvmfs_looks_the_same(lazy_image: LazyImage, registry: Registry,
+                                                        short_tmp: Path) -> None:
+    """One image, one tree, whatever the path: the view served lazily equals the view served from CVMFS after the
+    publisher published the same (eStargz) image -- eStargz's own entries hidden on both paths."""
+    img = lazy_image.img
+    top = chain_ids([lay.diff_id for lay in img.layers])[-1]
+    with lazy_node(short_tmp / "a") as n:
+        _, out = cvmfs_snap_pull(n.containerd, lazy_image.ref)
+        assert [lay["outcome"] for lay in out["layers"]] == ["remote"] * 4
+        assert {s["source"] for s in snapshotter_status(n.snapshotter.root)["snapshots"]} == {"lazy"}
+        with mounted_view(n.containerd, PLUGIN, top, "lazy-view") as v:
+            lazy_view = tree_listing(v)
+    publish(short_tmp / "b" / "cvmfs", lazy_image.ref, insecure_host=registry.host)
+    with lazy_node(short_tmp / "b") as n:
+        _, out = cvmfs_snap_pull(n.containerd, lazy_image.ref)
+        assert [lay["outcome"] for lay in out["layers"]] == ["remote"] * 4
+        assert {s["source"] for s in snapshotter_status(n.snapshotter.root)["snapshots"]} == {"cvmfs"}
+        with mounted_view(n.containerd, PLUGIN, top, "cvmfs-view") as v:
+            cvmfs_view = tree_listing(v)
+    assert not ESTARGZ_OWN & set(cvmfs_view)
+    assert diff_listings(lazy_view, cvmfs_view, "lazy", "cvmfs") == []
