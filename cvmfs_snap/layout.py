@@ -167,6 +167,8 @@ class ImageRecord:
     def from_json(cls, text: str | bytes) -> ImageRecord:
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             known = set(cls.__dataclass_fields__)
             return cls(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError) as exc:

@@ -14,6 +14,9 @@ Example ``/etc/cvmfs-snap/publisher.yaml``::
     platforms: [linux/amd64, linux/arm64]
     grace_period_days: 7
     state_dir: /var/spool/cvmfs-snap/unpacked.cern.ch
+    limits:                      # defaults in cvmfs_snap/layer/limits.py and docs/publisher.md
+      max_expanded_size: 107374182400
+      allow_devices: false
     daemon:
       listen: 127.0.0.1:8080
       poll_interval: 300
@@ -37,6 +40,7 @@ from typing import Any
 import yaml
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.layer.limits import Limits
 
 BACKENDS = ("local", "cvmfs-ingest", "cvmfs-transaction")
 
@@ -141,6 +145,8 @@ class PublisherConfig:
     #: plus its declared size at ``registry_min_rate`` bytes per second (a trickling registry is cut off)
     registry_deadline: float = 300.0
     registry_min_rate: float = 256 * 1024
+    #: what one image and each of its layers may ask (``cvmfs_snap.layer.Limits``; ``limits:`` in the file)
+    limits: Limits = field(default_factory=Limits)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -155,6 +161,7 @@ class PublisherConfig:
                 f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
             )
         values = dict(data)
+        values["limits"] = Limits.from_dict(values.pop("limits", None), source)
         daemon_data = values.pop("daemon", None) or {}
         if not isinstance(daemon_data, dict):
             raise InvalidInputError(f"{source}: 'daemon' must be a mapping")

@@ -165,7 +165,7 @@ class Daemon:
         """After a full pass: images the recipe no longer names go to the remove schedule (``gc`` removes them
         after the grace period), images it names again leave it. Skipped, with a log line, when the recipe file
         could not be re-read or any line failed: a typo or a registry outage must never schedule images."""
-        problems = [f"recipe line {e.message}" for e in recipe.errors]
+        problems = [f"recipe line {e.message}" for e in recipe.errors if e.whole_line]  # an invalid tag blocks nothing
         if self.recipe_error:
             problems.insert(0, f"recipe {self.recipe_path} not reloaded: {self.recipe_error}")
         keep = gc.publish_on_miss_keep(self.settings.publish_on_miss_allow)

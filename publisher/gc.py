@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError, UnavailableError
+from cvmfs_snap.fsutil import walk, walk_fd
 from cvmfs_snap.layout import (
     FLAT_DIR,
     IMAGE_JSON,
@@ -147,13 +148,18 @@ def collect_references(layout: RepositoryLayout, skip: set[Path] | None = None) 
     keep their flat and layers alive."""
     refs = References()
     top = layout.root / METADATA_DIR
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+    for dirpath, dirnames, filenames in _walk(top):
         d = Path(dirpath)
         if skip and d in skip:
             dirnames[:] = []
             continue
         if MANIFEST_JSON in filenames:
             data = _read_metadata_json(d / MANIFEST_JSON)
+            if not isinstance(data, dict):
+                raise InvalidInputError(
+                    f"image metadata {d / MANIFEST_JSON} is not a JSON object (a manifest); garbage collection "
+                    "stopped so that no layer in use is removed: fix or delete that file, then run gc again"
+                )
             refs.metadata_files += 1
             if isinstance(data, dict):
                 for lay in data.get("layers") or []:
@@ -278,7 +284,7 @@ def iter_published_images(layout: RepositoryLayout) -> list[PublishedImage]:
     image.json, at least two levels down); multi-arch platform directories belong to their image."""
     top = layout.metadata_root
     out: list[PublishedImage] = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+    for dirpath, dirnames, filenames in _walk(top):
         d = Path(dirpath)
         rel = d.relative_to(top)
         dirnames.sort()
@@ -488,6 +494,17 @@ def _plan_dropped(layout: RepositoryLayout, entries: list[dict[str, Any]], plan:
     return keep, skip, links
 
 
+def _walk(top: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``fsutil.walk`` (no recursion limit, symlinks never followed); nothing for a missing top or a non-directory,
+    as ``os.walk``."""
+    try:
+        st = top.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        yield from walk(top)
+
+
 def tree_size(path: Path) -> int:
     """Bytes of the regular files below ``path`` (symlinks not followed; hard links counted once)."""
     total = 0
@@ -498,10 +515,10 @@ def tree_size(path: Path) -> int:
         return 0
     if not stat.S_ISDIR(st.st_mode):
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
-    for dirpath, _dirs, files in os.walk(path, followlinks=False):
+    for _rel, dfd, _dirs, files in walk_fd(path):
         for name in files:
             try:
-                fst = os.lstat(os.path.join(dirpath, name))
+                fst = os.lstat(name, dir_fd=dfd)
             except FileNotFoundError:
                 continue
             if stat.S_ISREG(fst.st_mode) and (fst.st_dev, fst.st_ino) not in seen:
@@ -557,7 +574,7 @@ def _iter_links(root: Path) -> Iterator[Path]:
         if start.is_symlink():
             yield start
             continue
-        for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
+        for dirpath, dirnames, filenames in _walk(start):
             for name in dirnames + filenames:
                 p = Path(dirpath) / name
                 if p.is_symlink():
@@ -836,7 +853,8 @@ def load_wishlist(recipe_path: str, config: PublisherConfig, args: argparse.Name
         refs = recipe.expand(client)
     finally:
         client.close()
-    problems = [f"recipe line {e.message}" for e in recipe.errors]
+    # an invalid tag in a registry's tag list names no publishable image: it does not make the wishlist incomplete
+    problems = [f"recipe line {e.message}" for e in recipe.errors if e.whole_line]
     return Wishlist.from_refs(refs, problems, keep)
 
 
@@ -874,6 +892,11 @@ def run_gc(args: argparse.Namespace, config: Any) -> int:
     except CvmfsSnapError as exc:
         log.error("gc failed: %s", exc)
         return exc.exit_code
+    except OSError as exc:  # e.g. a tree the backend may not remove: a clear failure, not a traceback
+        log.debug("gc failed", exc_info=exc)
+        log.error("gc failed: %s: %s; check that path (permissions, immutable files, free space), then run gc again",
+                  exc.filename or "the repository", exc.strerror or exc)
+        return 1
     print(format_report(plan, dry_run=dry_run), flush=True)
     if plan.schedule_update is not None and plan.schedule_update.not_scheduled:
         for problem in (wishlist.problems if wishlist is not None else []):

@@ -5,7 +5,8 @@ doubles registry traffic (20 GB images, rate-limited registries), and spooling e
 is built costs a compressed image of disk per image in flight. Every layer the flat needs is already complete in
 the repository when the flat is built (new ones were just published, the others were skipped *because* they are
 there), and its ``layerfs`` keeps ``.wh.*`` whiteouts as plain files -- exactly the tar form. So the tree is
-archived again (GNU ``tar``, streaming through a pipe: no memory or disk growth) and fed to the same hardened
+archived again (GNU ``tar``, streaming through a pipe: no memory or disk growth; holes of sparse files skipped with
+``SEEK_HOLE``, so they stay holes) and fed to the same hardened
 merged-mode applier as a registry tar, which applies the whiteouts and opaque markers; nothing is re-implemented.
 
 What is left out on the way: the ``.cvmfscatalog`` marker at the layer root (a CVMFS artefact, not image content),
@@ -40,9 +41,14 @@ _EMPTY_TAR = bytes(1024)
 
 def tar_command(layerfs: Path, names: list[str], *, user_xattrs: bool) -> list[str]:
     """The ``tar`` invocation archiving ``names`` (top-level entries of ``layerfs``) with numeric owners, modes,
-    nanosecond mtimes, hard links and xattrs, in a stable (sorted) order."""
+    nanosecond mtimes, hard links and xattrs, in a stable (sorted) order.
+
+    Holes stay holes: ``--sparse`` finds them with ``SEEK_DATA``/``SEEK_HOLE`` and writes PAX sparse 1.0 members,
+    which the applier writes back with ``lseek``; a 100 GiB sparse file thus costs its data, not 100 GiB of zeros
+    through the pipe."""
     cmd = [
         TAR, "--create", "--file=-", f"--directory={layerfs}", "--format=pax", "--numeric-owner", "--sort=name",
+        "--sparse", "--sparse-version=1.0", "--hole-detection=seek",
         "--xattrs", "--xattrs-include=*", "--xattrs-exclude=security.selinux",
     ]
     if not user_xattrs:

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
+from cvmfs_snap.fsutil import walk_fd
+from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import (
     CONFIG_JSON,
     CVMFS_MARKER_FILES,
@@ -40,11 +42,13 @@ from cvmfs_snap.layout import (
     SCHEDULE_KEY,
     ImageRecord,
     RepositoryLayout,
+    digest_hex,
 )
 from cvmfs_snap.oci import Descriptor, ImageReference, Index, Manifest, Platform, RegistryClient
 
 from . import metrics
 from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, layers_json, merge_origin, new_record
+from .backends.local import disk_error
 from .crashpoints import crash_point
 from .gc import REASON_DROPPED, gc_lock
 
@@ -147,8 +151,12 @@ class Publisher:
         platforms: Sequence[str] | None = None,
         progress: ProgressSink | None = None,
         state_dir: str | os.PathLike[str] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.backend = backend
+        #: bounds for every layer (passed to the backend, which unpacks) and every manifest and index
+        self.limits: Limits = limits if limits is not None else backend.limits
+        backend.limits = self.limits
         self.client = client
         self.layout: RepositoryLayout = backend.layout
         self.concurrency = max(1, concurrency)
@@ -180,6 +188,7 @@ class Publisher:
         pub = cls(
             backend, config.make_client(), concurrency=config.concurrency, skip_flat=config.skip_flat,
             platforms=config.platforms, progress=progress, state_dir=config.effective_state_dir(),
+            limits=config.limits,
         )
         pub._owns_client = True
         return pub
@@ -218,6 +227,10 @@ class Publisher:
                 result = self._publish(ref)
         except CvmfsSnapError as exc:
             result = ImageResult(ref=name, ok=False, error=str(exc))
+            metrics.FAILURES.labels("image", type(exc).__name__).inc()
+        except OSError as exc:  # disk full, permissions: say so, naming the path
+            log.debug("OS error publishing %s", name, exc_info=exc)
+            result = ImageResult(ref=name, ok=False, error=str(disk_error(exc, None)))
             metrics.FAILURES.labels("image", type(exc).__name__).inc()
         except Exception as exc:  # a bug or an OS error: still a clear result, with the traceback in the log
             log.exception("unexpected error publishing %s", name)
@@ -299,6 +312,9 @@ class Publisher:
             except CvmfsSnapError as exc:
                 errors.append(f"layer {digest}: {exc}")
                 continue
+            except OSError as exc:
+                errors.append(f"layer {digest}: {disk_error(exc, None)}")
+                continue
             except Exception as exc:
                 log.error("unexpected error publishing layer %s", digest, exc_info=exc)
                 errors.append(f"layer {digest}: unexpected error: {exc!r}")
@@ -325,6 +341,13 @@ class Publisher:
     def _platforms(self, ref: ImageReference, obj: Manifest | Index) -> list[_Platform]:
         if isinstance(obj, Manifest):
             return [self._load_platform(ref, obj, "", None)]
+        limit = self.limits.max_platforms_per_index
+        if len(obj.manifests) > limit:
+            raise InvalidInputError(
+                f"{ref}: index {obj.digest} lists {len(obj.manifests)} manifests, more than "
+                f"limits.max_platforms_per_index ({limit}); not published (raise the limit in the publisher "
+                "configuration if this index is genuine)"
+            )
         out: list[_Platform] = []
         skipped: list[str] = []
         keys: set[str] = set()
@@ -355,6 +378,12 @@ class Publisher:
         return out
 
     def _load_platform(self, ref: ImageReference, m: Manifest, key: str, p: Platform | None) -> _Platform:
+        limit = self.limits.max_layers_per_image
+        if len(m.layers) > limit:
+            raise InvalidInputError(
+                f"{ref}: manifest {m.digest} lists {len(m.layers)} layers, more than limits.max_layers_per_image "
+                f"({limit}); not published (raise the limit in the publisher configuration if the image is genuine)"
+            )
         cfg_digest = m.config.digest
         config = self.client.get_blob(ref, cfg_digest, size=m.config.size)
         try:
@@ -362,6 +391,12 @@ class Publisher:
             diff_ids = list(cfg["rootfs"]["diff_ids"])
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInputError(f"{ref}: image config {cfg_digest} has no rootfs.diff_ids: {exc}") from exc
+        for d in diff_ids:
+            if not isinstance(d, str) or not _is_sha256(d):
+                raise InvalidInputError(
+                    f"{ref}: image config {cfg_digest} lists diffID {d!r}, which is not a sha256 digest; the image "
+                    "is broken or hostile: rebuild it"
+                )
         if len(diff_ids) != len(m.layers):
             raise InvalidInputError(
                 f"{ref}: manifest {m.digest} lists {len(m.layers)} layers but its config {cfg_digest} "
@@ -390,7 +425,8 @@ class Publisher:
 
         with self.client.open_blob(ref, desc.digest, desc.size) as raw:
             src: Any = raw if self.progress is None else _CountingReader(raw, desc.digest, self.progress)
-            with open_layer(src, desc.media_type, name=f"layer {desc.digest} of {ref}") as tar:
+            with open_layer(src, desc.media_type, name=f"layer {desc.digest} of {ref}",
+                            limits=self.limits) as tar:
                 yield tar
             while src.read(1 << 20):  # to EOF: the blob stream checks the compressed digest there
                 pass
@@ -592,30 +628,55 @@ class Publisher:
 
             txn.write_file(rel(meta_dir / IMAGE_JSON), record(default).to_json().encode())
 
-    def _adopt_layer(self, txn: Any, desc: Descriptor, diff_id: str) -> None:
+    def _adopt_layer(self, txn: Any, desc: Descriptor, claimed_diff_id: str) -> None:
         """Write our ``layer.json`` for a complete layer that has none: published by DUCC, or by a run killed
         between ``cvmfs_server ingest`` and the metadata publish. Built from the tree (whiteouts as plain files);
-        ``uncompressed_size`` is then the sum of file sizes, not the tar size."""
+        ``uncompressed_size`` is then the sum of file sizes, not the tar size.
+
+        The image naming the layer is not its author: its claimed diffID, media type and size were never checked
+        against this tree, so none of them is recorded. Only what the repository itself says is: the digest (the
+        layer's path), the tree, and what its own ``layers.json`` (written by whoever published the layer) holds,
+        when well-formed; otherwise diff_id and media_type stay empty and compressed_size 0 (unknown)."""
         from cvmfs_snap.layer import scan_tree_whiteouts
 
         layerfs = self.layout.layerfs(desc.digest)
         idx = scan_tree_whiteouts(layerfs)
         entries = size = 0
-        for dirpath, dirs, files in os.walk(layerfs):
+        for _rel, dfd, dirs, files in walk_fd(layerfs):
             for name in dirs + files:
                 if name in CVMFS_MARKER_FILES:
                     continue
                 entries += 1
-                st = os.lstat(os.path.join(dirpath, name))
+                st = os.lstat(name, dir_fd=dfd)
                 if stat.S_ISREG(st.st_mode):
                     size += st.st_size
-        info = LayerInfo(desc.digest, desc.media_type, desc.size, expected_diff_id=diff_id)
+        diff_id, compressed_size = self._recorded_layer_facts(desc.digest)
+        if diff_id and diff_id != claimed_diff_id:
+            log.warning("layer %s: the image's config claims diffID %s, but the layer's own layers.json records %s; "
+                        "keeping the recorded one", desc.digest, claimed_diff_id, diff_id)
+        info = LayerInfo(desc.digest, "", compressed_size)
         rec = new_record(info, diff_id, size, entries, idx.whiteouts, idx.opaque_dirs, idx.hidden)
         root = self.layout.root
         if not self.layout.layers_json(desc.digest).exists():
             txn.write_file(str(self.layout.layers_json(desc.digest).relative_to(root)), layers_json(rec))
         txn.write_file(str(self.layout.layer_json(desc.digest).relative_to(root)), rec.to_json().encode())
-        log.info("layer %s had no layer.json (DUCC-made or interrupted); wrote one from its tree", desc.digest)
+        log.info("layer %s had no layer.json (DUCC-made or interrupted); wrote one from its tree%s", desc.digest,
+                 "" if diff_id else " (diffID unknown: not taken from the image naming it)")
+
+    def _recorded_layer_facts(self, digest: str) -> tuple[str, int]:
+        """(diffID, compressed size) from the layer's own ``layers.json`` when it is DUCC's well-formed record of
+        this very layer, else ("", 0)."""
+        try:
+            data = json.loads(self.layout.layers_json(digest).read_bytes())
+        except (OSError, ValueError):
+            return "", 0
+        entry = data[0] if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) else None
+        if entry is None or entry.get("compressed-diff-digest") != digest:
+            return "", 0
+        diff_id = entry.get("diff-digest")
+        size = entry.get("compressed-size")
+        return (diff_id if isinstance(diff_id, str) and _is_sha256(diff_id) else "",
+                size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0)
 
     def _schedule_removal(self, txn: Any, ref: ImageReference, meta_dir: Path, old: ImageRecord,
                           keep_configs: set[str]) -> None:
@@ -660,6 +721,14 @@ class Publisher:
         if added:
             log.info("%s: tag moved; %d old manifest(s) scheduled for garbage collection", ref, added)
             txn.write_file(REMOVE_SCHEDULE, (json.dumps(schedule, indent=1) + "\n").encode())
+
+
+def _is_sha256(digest: str) -> bool:
+    try:
+        digest_hex(digest)
+    except CvmfsSnapError:
+        return False
+    return True
 
 
 class _ImageFailed(CvmfsSnapError):

@@ -15,7 +15,8 @@ optional key, ``platforms: [linux/amd64, ...]``, to restrict which platforms of 
 ``user`` and ``output_format`` (DUCC's thin-image push) are read and ignored, with a log line saying so.
 
 A broken input line does not spoil the recipe: it is recorded in :attr:`Recipe.errors` (and reported as a failed
-image by the CLI/daemon) while the other lines proceed. Only a file that is not a recipe at all raises.
+image by the CLI/daemon) while the other lines proceed; a registry tag list holding an invalid tag fails that tag
+alone (:meth:`Recipe.expand_lines` gives per-line results). Only a file that is not a recipe at all raises.
 """
 
 from __future__ import annotations
@@ -53,10 +54,32 @@ class RecipeLine:
 
 @dataclass
 class RecipeError:
-    """A recipe line that failed (bad syntax, tag list unreadable, no tag matching its glob)."""
+    """A recipe line that failed (bad syntax, tag list unreadable, no tag matching its glob), or one ``tag`` of a
+    registry's tag list that is not a valid tag (the line's other tags expanded)."""
 
     input: str
     message: str
+    #: the invalid tag when only that tag failed ("" when the whole line did)
+    tag: str = ""
+
+    @property
+    def whole_line(self) -> bool:
+        """The line did not expand (its images are unknown); False for a single invalid tag, which cannot name a
+        published image, so it does not make the expansion incomplete for garbage collection."""
+        return not self.tag
+
+
+@dataclass
+class LineResult:
+    """What one usable recipe line expanded to: its references and its own failures (both may be non-empty)."""
+
+    line: RecipeLine
+    refs: list[ImageReference] = field(default_factory=list)
+    errors: list[RecipeError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
 
 
 @dataclass
@@ -134,42 +157,70 @@ class Recipe:
         return sorted({ln.ref.registry for ln in self.lines if ln.ref is not None and ln.ref.insecure})
 
     # -- expansion -------------------------------------------------------------------------------------------------
-    def expand(self, client: RegistryClient) -> list[ImageReference]:
-        """The concrete references: plain lines as they are, tag globs matched against the registry's tags.
+    def expand_lines(self, client: RegistryClient) -> list[LineResult]:
+        """Each usable line with the references it stands for and what failed in it, in recipe order.
 
-        Lines that fail here (tag list unreadable, nothing matches) are added to :attr:`errors`, which then holds
-        the syntax errors plus this expansion's failures (a daemon expanding again and again does not pile up).
+        A line fails alone: an unreadable tag list or a glob matching nothing fails the whole line (``refs`` is
+        empty), one tag of the registry's list that is not a valid tag fails only that tag (the line's other tags
+        are kept and the bad tag is listed in ``errors``). Lines with syntax errors are not included (they are in
+        :attr:`errors` since parsing). A reference listed by an earlier line is not repeated. Never raises for
+        what a registry sends: a daemon's full pass must still queue the healthy lines.
         """
         self.errors = [RecipeError(ln.text, ln.error) for ln in self.lines if ln.error]
-        out: list[ImageReference] = []
+        out: list[LineResult] = []
         seen: set[str] = set()
         for line in self.lines:
             if line.ref is None:
                 continue
-            refs: list[ImageReference]
-            if line.tag_glob is None:
-                refs = [line.ref]
-            else:
-                try:
-                    tags = client.list_tags(line.ref)
-                except CvmfsSnapError as exc:
-                    self._fail(line, f"{line.text}: cannot list tags to expand {line.tag_glob!r}: {exc}")
-                    continue
-                matched = sorted(t for t in tags if fnmatch.fnmatchcase(t, line.tag_glob))
-                if not matched:
-                    self._fail(line, f"{line.text}: no tag of {line.ref.name} matches {line.tag_glob!r}")
-                    continue
-                log.info("recipe %s: %s expands to %d tag(s)", self.path, line.text, len(matched))
-                refs = [line.ref_with_tag(t) for t in matched]
+            res = LineResult(line)
+            out.append(res)
+            refs = [line.ref] if line.tag_glob is None else self._expand_glob(client, line, res)
             for r in refs:
                 if str(r) not in seen:
                     seen.add(str(r))
-                    out.append(r)
+                    res.refs.append(r)
         return out
 
-    def _fail(self, line: RecipeLine, message: str) -> None:
+    def expand(self, client: RegistryClient) -> list[ImageReference]:
+        """The concrete references: plain lines as they are, tag globs matched against the registry's tags.
+
+        Lines (and single tags) that fail here are added to :attr:`errors`, which then holds the syntax errors plus
+        this expansion's failures (a daemon expanding again and again does not pile up). See :meth:`expand_lines`.
+        """
+        return [r for res in self.expand_lines(client) for r in res.refs]
+
+    def _expand_glob(self, client: RegistryClient, line: RecipeLine, res: LineResult) -> list[ImageReference]:
+        assert line.ref is not None and line.tag_glob is not None
+        try:
+            tags = client.list_tags(line.ref)
+        except CvmfsSnapError as exc:
+            self._fail(line, res, f"{line.text}: cannot list tags to expand {line.tag_glob!r}: {exc}")
+            return []
+        except Exception as exc:  # a bug or an OS error: this line fails, the recipe goes on
+            log.exception("recipe %s: unexpected error listing the tags of %s", self.path, line.ref.name)
+            self._fail(line, res, f"{line.text}: cannot list tags to expand {line.tag_glob!r}: unexpected error: "
+                                  f"{exc!r}")
+            return []
+        matched = sorted({t for t in tags if fnmatch.fnmatchcase(t, line.tag_glob)})
+        refs: list[ImageReference] = []
+        for t in matched:
+            try:
+                refs.append(line.ref_with_tag(t))
+            except CvmfsSnapError as exc:
+                self._fail(line, res, f"{line.text}: registry {line.ref.registry} lists tag {t!r} of "
+                                      f"{line.ref.name}, which is not a valid tag ({exc}); skipped, the line's "
+                                      "other tags are published", tag=t)
+        if not matched:
+            self._fail(line, res, f"{line.text}: no tag of {line.ref.name} matches {line.tag_glob!r}")
+        elif refs:
+            log.info("recipe %s: %s expands to %d tag(s)", self.path, line.text, len(refs))
+        return refs
+
+    def _fail(self, line: RecipeLine, res: LineResult, message: str, tag: str = "") -> None:
         log.error("recipe %s: %s", self.path, message)
-        self.errors.append(RecipeError(line.text, message))
+        err = RecipeError(line.text, message, tag)
+        self.errors.append(err)
+        res.errors.append(err)
 
 
 def parse_line(item: Any) -> RecipeLine:

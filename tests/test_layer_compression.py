@@ -176,3 +176,29 @@ def test_diff_id_through_a_hashing_wrapper(tmp_path: Path) -> None:
     wrapped = HashingReader(io.BytesIO(TAR))
     res = apply_layer(wrapped, tmp_path)
     assert res.diff_id == wrapped.digest == _digest(TAR)
+
+
+@pytest.mark.parametrize("window_log", [28, 30])
+def test_zstd_window_beyond_the_limit_is_named_not_called_damaged(window_log: int) -> None:
+    """Issue 7.17: a valid zstd blob that needs a larger window than accepted is refused as what it is."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log, enable_ldm=True,
+                                                           write_content_size=False)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as w:
+        w.write(TAR)
+    with pytest.raises(InvalidInputError) as ei, \
+            open_layer(io.BytesIO(out.getvalue()), "application/vnd.oci.image.layer.v1.tar+zstd") as s:
+        s.drain()
+    msg = str(ei.value)
+    assert f"window of {1 << (window_log - 20)} MiB" in msg and "128 MiB" in msg and "not damaged" in msg
+    assert "--long" in msg and "corrupt" not in msg
+
+
+def test_zstd_window_at_the_limit_is_accepted() -> None:
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27, write_content_size=False)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as w:
+        w.write(TAR)
+    with open_layer(io.BytesIO(out.getvalue()), "application/vnd.oci.image.layer.v1.tar+zstd") as s:
+        s.drain()
+        assert s.diff_id == _digest(TAR)

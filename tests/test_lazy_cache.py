@@ -71,6 +71,7 @@ def test_bound_holds_with_lru_eviction(tmp_path: Path) -> None:
     k5, d5 = chunk(5)
     c.put(k5, d5, A)
     assert c.stats.bytes <= 5000 and c.stats.evictions == 1
+    assert c.metrics.registry.get_sample_value("cvmfs_snap_lazy_cache_evictions_total") == 1
     assert c.contains(keys[0]) and not c.contains(keys[1]) and c.contains(k5)
     for i in range(6, 40):  # much more than the bound
         c.put(*chunk(i), A)
@@ -130,7 +131,7 @@ while True:
 
 def test_killed_writer_leaves_no_damaged_or_duplicated_chunk(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.Popen([sys.executable, "-c", CRASHER, str(cache_dir), A, B], stdout=subprocess.PIPE, env=env)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"

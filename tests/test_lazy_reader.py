@@ -14,11 +14,11 @@ import trio  # type: ignore[import-untyped]
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
-from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
+from cvmfs_snap.lazyfs.reader import LayerReader, ReadActivity, open_layer_reader
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import ImageReference
-from tests.support.range_proxies import PushedLayer, push_estargz, range_proxy
+from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
 from tests.support.registry import Registry
 
 CHUNK = 64 * 1024
@@ -51,10 +51,11 @@ def make_fetcher(client: RegistryClient, host: str, layer: PushedLayer, cls: typ
 
 
 async def open_reader(client: RegistryClient, host: str, layer: PushedLayer, cache: ChunkCache,
-                      cls: type[BlobFetcher] = BlobFetcher, **kw: Any) -> LayerReader:
+                      cls: type[BlobFetcher] = BlobFetcher, activity: ReadActivity | None = None,
+                      **kw: Any) -> LayerReader:
     f = make_fetcher(client, host, layer, cls, **kw)
     return await open_layer_reader(f, cache, digest=layer.digest, size=layer.size, toc_digest=layer.toc_digest,
-                                   metrics=LazyMetrics())
+                                   metrics=LazyMetrics(), activity=activity)
 
 
 def new_cache(tmp: Path, max_bytes: int = 1 << 30, **kw: Any) -> ChunkCache:
@@ -217,7 +218,7 @@ def test_background_fetch_completes_and_pauses_while_reads_wait(
                 got.append(await r.read("data/blob7", 0, 100))
             n.start_soon(read)
             await trio.sleep(0.05)
-            assert r._waiting == 1
+            assert r.activity.waiting == 1
             start = f.requests
             r.start_background(n)
             await trio.sleep(0.5)
@@ -348,5 +349,100 @@ def test_zstd_chunked_blob_reads_the_same(client: RegistryClient, registry: Regi
         for name, data in files.items():
             assert await r.read(name, 0, len(data)) == data
             assert await r.read(name, CHUNK - 3, 10) == data[CHUNK - 3:CHUNK + 7]
+
+    trio.run(main)
+
+
+def test_layer_on_a_registry_ignoring_range_is_read_from_one_spooled_download(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    async def main() -> None:
+        with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+            r = await open_reader(client, proxy.host, layer, new_cache(tmp_path), spool_dir=tmp_path / "spool")
+            for name, data in layer.files.items():
+                assert await r.read(name, 0, len(data)) == data
+            whole = [g for g in proxy.blob_gets if g[1] == 200]
+            # one probe (closed unread) + one download for the footer, the TOC and every chunk
+            assert len(whole) == 2 and r.fetcher.bytes_fetched == layer.size
+            r.close()
+            assert list((tmp_path / "spool").iterdir()) == []
+
+    trio.run(main)
+
+
+def test_background_of_one_layer_pauses_while_a_read_of_another_waits(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    other = push_estargz(registry.host, "lazy/other", {"o/x": os.urandom(400_000)}, chunk_size=CHUNK)
+    cache = new_cache(tmp_path)
+    shared = ReadActivity()
+
+    async def main() -> None:
+        a = await open_reader(client, registry.host, layer, cache, GatedFetcher, activity=shared)
+        b = await open_reader(client, registry.host, other, cache, activity=shared)
+        fa = a.fetcher
+        assert isinstance(fa, GatedFetcher)
+        fa.gate = trio.Event()
+        fa.hold = a.stargz.chunks_for("data/blob7", 0, 1)[0].blob_range
+        async with trio.open_nursery() as n:
+            async def read() -> None:
+                await a.read("data/blob7", 0, 100)
+            n.start_soon(read)
+            await trio.sleep(0.05)
+            start = b.fetcher.requests
+            b.start_background(n)
+            await trio.sleep(0.5)
+            assert b.fetcher.requests == start  # layer b waits for layer a's read
+            fa.gate.set()
+            with trio.fail_after(60):
+                while b.background_state == "running":
+                    await trio.sleep(0.05)
+        assert b.is_complete()
+
+    trio.run(main)
+
+
+def test_prefetch_from_a_failing_registry_raises_unavailable(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    async def main() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, layer, new_cache(tmp_path), retries=0)
+            proxy.behaviour.drop = -1
+            with pytest.raises(UnavailableError):  # the error itself, not wrapped in an exception group
+                await r.prefetch(64 * 1024 * 1024)
+
+    trio.run(main)
+
+
+def test_spooled_blob_goes_once_the_layer_is_cached_and_comes_back_if_needed(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    cache = new_cache(tmp_path, memory_bytes=0)
+
+    async def main() -> None:
+        with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+            r = await open_reader(client, proxy.host, layer, cache, spool_dir=tmp_path / "spool")
+            async with trio.open_nursery() as n:
+                r.start_background(n)
+            assert r.background_state == "done" and r.is_complete()
+            assert list((tmp_path / "spool").iterdir()) == []  # complete: the spool file is gone
+            cache.release_layer(layer.digest)  # e.g. evicted: the next read downloads the blob again
+            assert await r.read("bin/tool", 0, 10) == layer.files["bin/tool"][:10]
+            assert len(list((tmp_path / "spool").iterdir())) == 1
+
+    trio.run(main)
+
+
+def test_readahead_stays_within_its_window_of_the_reads(registry: Registry, client: RegistryClient,
+                                                        tmp_path: Path) -> None:
+    big = os.urandom(40 * CHUNK)
+    layer = push_estargz(registry.host, "lazy/bigfile", {"big": big}, chunk_size=CHUNK)
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        r.readahead_bytes = 4 * CHUNK
+        for off in range(0, CHUNK, 4096):  # 16 sequential reads inside the first chunk
+            assert await r.read("big", off, 4096) == big[off:off + 4096]
+        await trio.sleep(0.5)
+        chunks = r.stargz.chunks_for("big")
+        cached = sum(r.cache.contains(c.entry.chunk_digest) for c in chunks)
+        assert 2 <= cached <= 1 + 5, cached  # the chunk read and at most a window (+1 partial chunk) ahead
 
     trio.run(main)

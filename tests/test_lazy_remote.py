@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,10 +16,12 @@ import trio  # type: ignore[import-untyped]
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
 from cvmfs_snap.lazyfs.remote import BlobFetcher, merge_spans
+from cvmfs_snap.oci.auth import CredentialStore
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import ImageReference
 from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
-from tests.support.registry import Registry
+from tests.support.registry import Registry, start_registry
+from tests.support.token_issuer import start_token_issuer
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,7 @@ def test_identical_concurrent_fetches_are_collapsed(client: RegistryClient, laye
             async with trio.open_nursery() as n:
                 for _ in range(6):
                     n.start_soon(one, [(1000, 20_000)])
+                await trio.sleep(0)  # (trio runs new tasks in any order) one of them has started its fetch
                 n.start_soon(one, [(2000, 100)])  # inside the same span: waits for it too
 
         run(main)
@@ -105,6 +111,9 @@ def test_registry_ignoring_range_downloads_the_blob_once_to_a_spool_file(
         assert len(whole) == 2 and f.requests == 1
         assert f.bytes_fetched == layer.size
         spool = tmp_path / (layer.digest.split(":")[1] + ".blob")
+        no_spool = fetcher(client, proxy.host, layer)
+        with pytest.raises(UnavailableError, match="ignores HTTP Range requests and no spool directory"):
+            run(lambda: no_spool.fetch([(0, 10)]))
         assert spool.read_bytes() == layer.blob
         f.close()
         assert not spool.exists()
@@ -171,3 +180,30 @@ def test_redirected_blob_url_is_reused_and_refreshed_when_it_expires(
         # (3 uses, one 403, then 2 with the new URL): one round trip per chunk, not two
         assert proxy.registry_gets == 2, proxy.blob_gets
         assert proxy.storage_gets == 6
+
+
+def test_fetch_from_a_token_auth_registry_and_no_secret_in_logs_or_errors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "Lazy-pa55-Secret"
+    root = tmp_path / "reg"
+    with start_registry(root) as anon:
+        layer = push_estargz(anon.host, "private/lazy", {"f": os.urandom(50_000)}, chunk_size=16 * 1024)
+    caplog.set_level(logging.DEBUG)
+    with start_token_issuer(root / "issuer", users={"alice": secret}) as issuer, \
+            start_registry(root, issuer.registry_auth_config()) as reg:
+        cfg = tmp_path / "config.json"
+        auth = base64.b64encode(f"alice:{secret}".encode()).decode()
+        cfg.write_text(json.dumps({"auths": {f"http://{reg.host}": {"auth": auth}}}))
+        with RegistryClient(credentials=CredentialStore.from_docker_config(cfg), timeout=10, retries=1,
+                            backoff_base=0.01) as c:
+            f = fetcher(c, reg.host, layer)
+            assert run(lambda: f.fetch([(0, 100), (30_000, 100)])) == [layer.blob[:100], layer.blob[30_000:30_100]]
+            assert run(lambda: f.fetch([(5000, 10)])) == [layer.blob[5000:5010]]
+            assert issuer.hits == 1
+        with RegistryClient(timeout=10, retries=1, backoff_base=0.01) as anonymous:
+            g = fetcher(anonymous, reg.host, layer)
+            with pytest.raises(UnavailableError, match="credentials") as ei:
+                run(lambda: g.fetch([(0, 100)]))
+            assert g.requests == 0
+    for text in (caplog.text, str(ei.value)):
+        assert secret not in text and auth not in text

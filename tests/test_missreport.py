@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cvmfs_snap.errors import InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError, NotFoundError, UnavailableError
 from cvmfs_snap.snapshotter.config import Config, parse_config
 from cvmfs_snap.snapshotter.core import Snapshotter
 from cvmfs_snap.snapshotter.daemon import build_reporter
@@ -287,7 +287,7 @@ def test_core_reports_only_real_misses_and_prepare_is_unaffected(tmp_path: Path)
         assert m and m[0].type == "bind"
         assert [g[LABEL_CRI_LAYER_DIGEST] for g in got] == [D1]
         # served remotely: AlreadyExists as usual, no miss
-        with pytest.raises(Exception, match="served remotely"):
+        with pytest.raises(AlreadyExistsError, match="served remotely"):
             sn.prepare("k2", "", labels(digest=D2, chain="sha256:" + "b" * 64))
         # a source that fails says nothing about what is published: no miss
         src.fail_with = OSError("boom")

@@ -192,6 +192,25 @@ def test_gc_refuses_to_guess_when_metadata_is_unreadable(tmp_path: Path, registr
     assert repo.layout.is_layer_complete(lay.digest)
 
 
+@pytest.mark.parametrize(("name", "content"), [("image.json", "[]"), ("image.json", "42"), ("manifest.json", "[]")])
+def test_gc_malformed_metadata_gives_the_documented_error(tmp_path: Path, registry: Registry, name: str,
+                                                          content: str) -> None:
+    """Issue 7.17: valid JSON of the wrong shape stops gc with its documented error, never a traceback."""
+    repo = make_repo(tmp_path, registry)
+    lay = im.layer([("etc/y", b"y\n")])
+    im.push_image(registry.url, "gc/shape", "v1", im.image([lay]))
+    repo.publish(registry.ref("gc/shape", "v1"))
+    (repo.meta("gc/shape", "v1") / name).write_text(content)
+    with pytest.raises(InvalidInputError, match=name.replace(".", r"\.") + ".*garbage collection stopped"):
+        plan_gc(repo.layout, 0, now=time.time() + 365 * DAY)
+    r = subprocess.run([sys.executable, "-m", "publisher.cli", "gc", "--root", str(repo.root), "--state-dir",
+                        str(repo.state), "--grace-period", "0"], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "garbage collection stopped" in r.stderr and name in r.stderr
+    assert repo.layout.is_layer_complete(lay.digest)
+
+
 def test_gc_waits_for_publishers(tmp_path: Path) -> None:
     """A publish in progress holds the GC lock shared; GC's exclusive lock then cannot be had."""
     with gc_lock(tmp_path, exclusive=False), gc_lock(tmp_path, exclusive=False, timeout=1), \
@@ -273,3 +292,4 @@ def test_gc_removes_through_cvmfs_server(tmp_path: Path, registry: Registry, bac
     assert not layout.layer_dir(gone.digest).exists()
     assert not layout.flat_dir(drop.config_digest).exists()
     assert layout.is_layer_complete(base.digest) and layout.flat_dir(keep.config_digest).is_dir()
+

@@ -449,7 +449,9 @@ def test_flat_from_layer_trees_equals_flat_from_registry(
     assert sorted(os.listdir(flats[0] / "opt/was-file")) == ["child"]
     assert "usr/bin/alias" not in tree_flat and (flats[0] / "srv/data.bin").read_bytes() == b"replaced"
     assert (flats[0] / "srv/link-to-data").read_bytes() == bytes(range(256)) * 64  # the old inode stays linked
-    assert (flats[0] / "usr/bin/tool").stat().st_mode & 0o7777 == 0o4755
+    assert (flats[0] / "usr/bin/tool").stat().st_mode & 0o7777 == 0o755  # flats carry no set-id (issue 7.2)
+    assert RepositoryLayout(tmp_path / "tree").layerfs(img.layers[0].digest).joinpath(
+        "usr/bin/tool").stat().st_mode & 0o7777 == 0o4755  # the layer tree keeps it, as containerd
     assert not any(".wh." in p or ".cvmfscatalog" in p for p in tree_flat)
     assert tree_flat["usr/bin/tool"][5] == {"user.origin": b"bottom"}
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,7 @@ from publisher.cli import build_parser, load_config
 from publisher.config import PublisherConfig
 from publisher.recipe import Recipe
 from tests.support import images as im
+from tests.support.http_servers import Reply, Request, serve
 from tests.support.publisher_env import base_layer
 from tests.support.registry import Registry
 
@@ -237,3 +240,100 @@ def test_parser_has_ducc_verbs() -> None:
     for verb in ("convert", "loop", "convert-single-image", "gc", "check-image-syntax"):
         ns = parser.parse_args([verb, "x"] if verb not in ("gc",) else [verb])
         assert isinstance(ns, argparse.Namespace) and ns.command == verb
+
+
+def _tag_list_proxy(registry: Registry, extra_tags: list[str]) -> Any:
+    """A loopback registry front that relays everything to ``registry`` but adds ``extra_tags`` to tag lists."""
+    import httpx
+
+    def handler(req: Request) -> Reply:
+        headers = {k: v for k, v in req.headers.items() if k in ("accept", "range")}
+        resp = httpx.request(req.method, registry.url + req.path, headers=headers, timeout=20)
+        body = resp.content
+        if req.path.split("?")[0].endswith("/tags/list") and resp.status_code == 200:
+            data = json.loads(body)
+            data["tags"] = [*extra_tags, *data["tags"]]
+            body = json.dumps(data).encode()
+        keep = ("content-type", "docker-content-digest", "location")
+        return Reply(resp.status_code, {k: v for k, v in resp.headers.items() if k in keep}, body)
+
+    return serve(handler)
+
+
+def test_bad_tag_in_tag_list_fails_only_itself(registry: Registry, tmp_path: Path) -> None:
+    """Issue 7.15: a registry listing an invalid tag fails that tag alone; the line's good tags and the later
+    healthy line are published, and the exit status says something failed."""
+    img = im.image([base_layer("badtag")])
+    for tag in ("v1", "v2"):
+        im.push_image(registry.url, "cli/tagged", tag, img)
+    im.push_image(registry.url, "cli/healthy", "v1", im.image([base_layer("healthy")]))
+    with _tag_list_proxy(registry, ["bad tag", "-dash", "v3!"]) as proxy:
+        r = Recipe.parse("version: 1\ninput:\n"
+                         f"  - 'http://{proxy.host}/cli/tagged:*'\n"
+                         f"  - 'http://{registry.host}/cli/healthy:v1'\n")
+        with RegistryClient(timeout=20, retries=0) as client:
+            lines = r.expand_lines(client)
+        assert [[ref.tag for ref in res.refs] for res in lines] == [["v1", "v2"], ["v1"]]
+        assert not lines[0].ok and lines[1].ok
+        assert len(lines[0].errors) == 3 and all("not a valid tag" in e.message for e in lines[0].errors)
+        assert len(r.errors) == 3
+
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("version: 1\ninput:\n"
+                          f"  - 'http://{proxy.host}/cli/tagged:*'\n"
+                          f"  - 'http://{registry.host}/cli/healthy:v1'\n")
+        root = tmp_path / "repo"
+        res = _cli("convert", str(recipe), "--root", str(root), "--skip-flat")
+    assert res.returncode == 1, res.stderr
+    assert "'bad tag'" in res.stderr and "'-dash'" in res.stderr and "not a valid tag" in res.stderr
+    assert "3 image(s) published, 0 unchanged, 3 failed" in res.stderr
+    layout = RepositoryLayout(root)
+    for registry_host, repo, tag in ((proxy.host, "cli/tagged", "v1"), (proxy.host, "cli/tagged", "v2"),
+                                     (registry.host, "cli/healthy", "v1")):
+        assert (layout.image_metadata_dir(registry_host, repo, tag) / "image.json").is_file()
+
+
+def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: Registry, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 7.15, daemon side: the full pass records the bad tag as a failed recipe entry, queues the rest, and
+    (an invalid tag naming no publishable image) still keeps the remove schedule up to date."""
+    from publisher.config import DaemonConfig
+    from publisher.daemon import Daemon
+    from publisher.pipeline import Publisher
+
+    img = im.image([base_layer("daemon-badtag")])
+    im.push_image(registry.url, "cli/dtagged", "v1", img)
+    im.push_image(registry.url, "cli/dhealthy", "v1", img)
+    with _tag_list_proxy(registry, ["bad tag"]) as proxy:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("version: 1\ninput:\n"
+                          f"  - 'http://{proxy.host}/cli/dtagged:*'\n"
+                          f"  - 'http://{registry.host}/cli/dhealthy:v1'\n")
+        config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"),
+                                 insecure_registries=[proxy.host, registry.host])
+        with Publisher.from_config(config) as pub:
+            d = Daemon(recipe, config, DaemonConfig(listen="127.0.0.1:0"), pub, pub.client, pub.backend,
+                       load_recipe=Recipe.load, expand=lambda r, c: list(r.expand(c)), state_dir=tmp_path / "state")
+            assert d.reload_recipe()
+            assert d.full_pass() == 2
+            assert sorted(d.queue.snapshot()["waiting"]) == sorted(
+                [f"{proxy.host}/cli/dtagged:v1", f"{registry.host}/cli/dhealthy:v1"])
+            failed = [s for s in d.history.values() if not s.ok]
+            assert len(failed) == 1 and "'bad tag'" in failed[0].message
+            assert "no image was scheduled for removal" not in caplog.text
+
+
+def test_gc_wishlist_is_complete_despite_a_bad_tag(registry: Registry, tmp_path: Path) -> None:
+    """An invalid tag in a tag list cannot name a published image, so gc --recipe still schedules dropped images;
+    a line that does not expand at all still stops scheduling."""
+    from publisher.gc import load_wishlist
+
+    im.push_image(registry.url, "cli/wtagged", "v1", im.image([base_layer("wishlist")]))
+    with _tag_list_proxy(registry, ["bad tag"]) as proxy:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"version: 1\ninput: ['http://{proxy.host}/cli/wtagged:*']\n")
+        wl = load_wishlist(str(recipe), PublisherConfig(root=str(tmp_path / "repo")))
+        assert wl.problems == [] and wl.names == {f"{proxy.host}/cli/wtagged:v1"}
+        recipe.write_text(f"version: 1\ninput: ['http://{proxy.host}/cli/no-such-repo:*']\n")
+        wl = load_wishlist(str(recipe), PublisherConfig(root=str(tmp_path / "repo")))
+        assert len(wl.problems) == 1 and "cannot list tags" in wl.problems[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.errors import IntegrityError
+from cvmfs_snap.errors import AlreadyExistsError, IntegrityError
 from cvmfs_snap.fsutil import make_deep_tree, walk_fd
 from cvmfs_snap.snapshotter.core import Mount, Snapshotter
 from cvmfs_snap.snapshotter.mountinfo import is_pinned, pinned_paths
@@ -275,7 +275,7 @@ def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: P
         return Snapshotter(root, sources=[src]), src
 
     sn, src = snapshotter()
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(AlreadyExistsError, match="already exists"):
         sn.prepare("x", "", {LABEL_TARGET_REF: chain1, LABEL_CRI_LAYER_DIGEST: lay.digest})
     [m] = sn.prepare("ctr", chain1)
     with mounted(m, tmp_path / "rootfs") as rootfs:
@@ -286,7 +286,7 @@ def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: P
         sn.cleanup()
         assert src.held() == [lay.digest]
         # the same layer pulled again, then removed: its dirs are still the running container's lowerdirs
-        with pytest.raises(Exception, match="already exists"):
+        with pytest.raises(AlreadyExistsError, match="already exists"):
             sn.prepare("y", "", {LABEL_TARGET_REF: chain2, LABEL_CRI_LAYER_DIGEST: lay.digest})
         sn.view("v", chain2)
         sn.remove("v")

@@ -18,7 +18,7 @@ from google.protobuf import field_mask_pb2
 
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from cvmfs_snap.errors import InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError, NotFoundError, UnavailableError
 from cvmfs_snap.snapshotter import service
 from cvmfs_snap.snapshotter.config import Config, load_config, parse_config
 from cvmfs_snap.snapshotter.daemon import Daemon
@@ -314,7 +314,7 @@ def test_status_table_shows_origin(tmp_path: Path) -> None:
     layer = tmp_path / "layer"
     layer.mkdir()
     sn = Snapshotter(tmp_path / "root", sources=[FakeSource(name="cvmfs", layers={D1: [layer]})])
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(AlreadyExistsError, match="already exists"):
         sn.prepare("e", "", {LABEL_TARGET_REF: CHAIN1, LABEL_CRI_LAYER_DIGEST: D1})
     sn.prepare("ctr", CHAIN1)
     sn.close()

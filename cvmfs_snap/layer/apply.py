@@ -38,13 +38,13 @@ import dataclasses
 import errno
 import logging
 import os
-import shutil
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
 from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, UnsafeLayerError
+from cvmfs_snap.fsutil import remove_tree_at
 from cvmfs_snap.layer.digesting import Readable
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.tarstream import TarEntry, TarReader
@@ -342,7 +342,7 @@ class _Applier:
                 return True
             for key in [k for k in self._dirs if k == path or k.startswith(path + "/")]:
                 os.close(self._dirs.pop(key))
-            shutil.rmtree(base, dir_fd=pfd)
+            remove_tree_at(pfd, base)  # no recursion limit: a layer may delete a 5,000-level tree
         else:
             os.unlink(base, dir_fd=pfd)
         return False

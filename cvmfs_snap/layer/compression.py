@@ -17,9 +17,10 @@ from typing import IO, cast
 
 import zstandard
 
-from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
 from cvmfs_snap.layer.digesting import HashingReader, Readable
 from cvmfs_snap.layer.gzipmember import GZIP_MAGIC, GzipStreamDecoder
+from cvmfs_snap.layer.limits import RATIO_GRACE, Limits
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ MEDIA_TYPES: dict[str, str] = {
 }
 
 _CHUNK = 256 * 1024
+
+#: largest zstd decoding window accepted (libzstd's default limit, ``ZSTD_WINDOWLOG_LIMIT_DEFAULT`` = 27: 128 MiB, what
+#: ``zstd -d`` accepts without ``--long=31`` / ``--memory``). Each layer being decoded holds one window in memory.
+MAX_ZSTD_WINDOW = 1 << 27
 
 
 def codec_for_media_type(media_type: str, name: str = "layer") -> str:
@@ -117,6 +122,8 @@ class _ZstdFrameChecker:
         self._skip = 0
         self._after_skip = self._MAGIC
         self._checksum = False
+        self._single = False
+        self._fcs_len = 0
         self.frames = 0
         self.offset = 0
 
@@ -169,12 +176,14 @@ class _ZstdFrameChecker:
             if fhd & 0x08:
                 raise self._bad("reserved bit set in frame header")
             fcs = {0: 1 if single else 0, 1: 2, 2: 4, 3: 8}[fcs_flag]
+            self._single, self._fcs_len = single, fcs
             rest = (0 if single else 1) + {0: 0, 1: 1, 2: 2, 3: 4}[dict_flag] + fcs
             if rest:
                 self._state, self._need = self._FH_REST, rest
             else:
                 self._state, self._need = self._BLOCK, 3
         elif self._state == self._FH_REST:
+            self._check_window(buf)
             self._state, self._need = self._BLOCK, 3
         elif self._state == self._BLOCK:
             hdr = int.from_bytes(buf, "little")
@@ -194,12 +203,33 @@ class _ZstdFrameChecker:
                 self._state = self._after_skip
                 self._need = 4 if self._state == self._MAGIC else 3
 
+    def _check_window(self, rest: bytes) -> None:
+        """The frame's decoding window (window descriptor, or the content size of a single-segment frame) must fit
+        :data:`MAX_ZSTD_WINDOW`; else say so plainly: such a blob is valid zstd, not damaged."""
+        if self._single:
+            window = int.from_bytes(rest[len(rest) - self._fcs_len:], "little") if self._fcs_len else 0
+        else:
+            exponent, mantissa = rest[0] >> 3, rest[0] & 7
+            base = 1 << (10 + exponent)
+            window = base + (base // 8) * mantissa
+        if window > MAX_ZSTD_WINDOW:
+            raise InvalidInputError(
+                f"{self._name}: zstd frame at compressed offset {self.offset} needs a decoding window of "
+                f"{_mib(window)}, more than the {_mib(MAX_ZSTD_WINDOW)} accepted (libzstd's default limit; "
+                "`zstd -d` refuses it too without --long=31). The blob is not damaged, its compression settings "
+                "are beyond what is decoded here: recompress the layer without --long (or with --long=27 at most)"
+            )
+
     def finish(self) -> None:
         if self._state != self._MAGIC or self._buf or self.frames == 0:
             raise InvalidInputError(
                 f"{self._name}: zstd stream is truncated (ends inside a frame after {self.offset} compressed "
                 "bytes); the download was cut short or the blob is corrupt: fetch it again"
             )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 class _CheckedRaw:
@@ -220,7 +250,7 @@ class _ZstdDecoder:
     def __init__(self, raw: Readable, name: str) -> None:
         self._name = name
         self._checker = _ZstdFrameChecker(name)
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
+        self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
             cast(IO[bytes], _CheckedRaw(raw, self._checker)), read_size=_CHUNK, read_across_frames=True, closefd=False
         )
 
@@ -273,8 +303,10 @@ class LayerStream:
     sha256 of the blob as it came in (the manifest's layer digest).
     """
 
-    def __init__(self, raw: Readable, media_type: str, name: str = "layer") -> None:
+    def __init__(self, raw: Readable, media_type: str, name: str = "layer", limits: Limits | None = None) -> None:
         self.name = name
+        #: ``max_expanded_size`` and ``max_expansion_ratio`` are checked on every read (UnsafeLayerError at once)
+        self.limits = limits
         self.media_type = media_type
         self.compression = codec_for_media_type(media_type, name)
         self._raw = HashingReader(raw)
@@ -302,15 +334,41 @@ class LayerStream:
         if n is None or n < 0:
             parts: list[bytes] = []
             while True:
-                data = self._out.read(_CHUNK)
+                data = self.read(_CHUNK)
                 if not data:
                     return b"".join(parts)
                 parts.append(data)
-        return self._out.read(n)
+        data = self._out.read(n)
+        if self.limits is not None:
+            self._check_expansion(self.limits)
+        return data
+
+    def _check_expansion(self, lim: Limits) -> None:
+        size, packed = self._out.size, max(1, self._raw.size)
+        if lim.max_expanded_size is not None and size > lim.max_expanded_size:
+            raise UnsafeLayerError(
+                f"{self.name}: layer expands to more than {lim.max_expanded_size} bytes of uncompressed tar "
+                f"(Limits.max_expanded_size) from {packed} compressed bytes so far; refusing the layer. A site that "
+                "really publishes such layers can raise limits.max_expanded_size in the publisher configuration"
+            )
+        ratio = lim.max_expansion_ratio
+        if ratio is not None and size > RATIO_GRACE and size > ratio * packed:
+            raise UnsafeLayerError(
+                f"{self.name}: layer expands {size // packed}-fold ({size} bytes of uncompressed tar from {packed} "
+                f"compressed bytes so far), more than Limits.max_expansion_ratio ({ratio}); a decompression bomb? "
+                "Refusing the layer (a site can raise limits.max_expansion_ratio in the publisher configuration)"
+            )
 
     def drain(self) -> int:
         """Read and discard the rest (so that the digests cover the whole blob)."""
-        return self._out.drain()
+        if self.limits is None:
+            return self._out.drain()
+        n = 0
+        while True:
+            data = self.read(_CHUNK)
+            if not data:
+                return n
+            n += len(data)
 
     @property
     def eof(self) -> bool:
@@ -357,9 +415,10 @@ class LayerStream:
         self.close()
 
 
-def open_layer(raw: Readable, media_type: str, *, name: str = "layer") -> LayerStream:
+def open_layer(raw: Readable, media_type: str, *, name: str = "layer", limits: Limits | None = None) -> LayerStream:
     """Decode a layer blob by its media type, confirmed by magic bytes; use as ``with open_layer(...) as tar:``.
 
-    ``name`` (e.g. the layer digest) goes into every error message. The raw stream is not closed.
+    ``name`` (e.g. the layer digest) goes into every error message; ``limits`` bound the uncompressed bytes
+    (``max_expanded_size``, ``max_expansion_ratio``). The raw stream is not closed.
     """
-    return LayerStream(raw, media_type, name)
+    return LayerStream(raw, media_type, name, limits)

@@ -42,6 +42,11 @@ def normalize_path(raw: str, limits: Limits, where: str) -> str:
             f"{where}: path of {len(path.encode('utf-8', 'surrogateescape'))} bytes exceeds Limits.max_path_len "
             f"({limits.max_path_len}); refusing the layer"
         )
+    if len(parts) > limits.max_depth:
+        raise UnsafeLayerError(
+            f"{where}: path is {len(parts)} levels deep, more than Limits.max_depth ({limits.max_depth}); refusing "
+            "the layer (a site can raise limits.max_depth in the publisher configuration)"
+        )
     return path
 
 

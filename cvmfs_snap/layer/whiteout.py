@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.fsutil import walk_fd
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -127,25 +128,21 @@ def scan_tree_whiteouts(layer_dir: str | os.PathLike[str]) -> WhiteoutIndex:
     entries go to ``hidden`` and are not looked into.
     """
     idx = WhiteoutIndex()
-    root = os.fspath(layer_dir)
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(root, rel) if rel else root) as it:
-            for de in it:
-                child = f"{rel}/{de.name}" if rel else de.name
-                if is_aufs_meta(de.name):
-                    idx.hidden.append(child)
-                    continue
-                if de.is_dir(follow_symlinks=False):
-                    stack.append(child)
-                    continue
-                if de.name == OPAQUE_MARKER:
-                    idx.opaque_dirs.append(rel)
-                    continue
-                target = whiteout_target(de.name)
-                if target and target not in (".", ".."):
-                    idx.whiteouts.append(f"{rel}/{target}" if rel else target)
+    for rel, _fd, dirs, files in walk_fd(layer_dir):  # fd-relative: no depth or PATH_MAX limit
+        for name in [d for d in dirs if is_aufs_meta(d)]:
+            idx.hidden.append(f"{rel}/{name}" if rel else name)
+            dirs.remove(name)
+        for name in files:
+            child = f"{rel}/{name}" if rel else name
+            if is_aufs_meta(name):
+                idx.hidden.append(child)
+                continue
+            if name == OPAQUE_MARKER:
+                idx.opaque_dirs.append(rel)
+                continue
+            target = whiteout_target(name)
+            if target and target not in (".", ".."):
+                idx.whiteouts.append(f"{rel}/{target}" if rel else target)
     return idx.normalized()
 
 

@@ -298,8 +298,15 @@ class ChunkCache:
         path = self._refs_path(lay)
         with self._lock:
             freed = 0
-            for key in [k for k, layers in self._refs.items() if lay in layers]:
-                layers = self._refs[key]
+            try:  # every reference is in the layer's list before it is in memory: read only that list
+                with open(path, "rb") as f:
+                    keys = {line.strip().decode("ascii", "replace") for line in f}
+            except FileNotFoundError:
+                keys = set()
+            for key in keys:
+                layers = self._refs.get(key)
+                if layers is None or lay not in layers:
+                    continue
                 layers.discard(lay)
                 if not layers:
                     del self._refs[key]

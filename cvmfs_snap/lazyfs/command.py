@@ -7,10 +7,30 @@ unit of its own with the same flags (docs/lazy.md).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import logging
 from pathlib import Path
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.lazyfs.process import Options, run
+
+log = logging.getLogger(__name__)
+
+#: glibc's mallopt parameter for the number of malloc arenas
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Few malloc arenas: the worker threads that decode chunks would each get one (up to 8 per core) and keep
+    its freed memory, tripling the process's RSS after a burst of reads. Must run before threads start."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(_M_ARENA_MAX, n)
+    except (OSError, AttributeError) as e:  # not glibc
+        log.debug("mallopt: %s", e)
 
 
 def _positive_int(text: str) -> int:
@@ -48,4 +68,5 @@ def main(args: argparse.Namespace) -> int:
                    prefetch_bound=args.prefetch_bound, timeout=args.timeout,
                    background=not args.no_background_fetch, force_single_range=args.force_single_range,
                    unpack=not args.no_unpacked_copy)
+    limit_malloc_arenas()
     return run(opts)

@@ -62,6 +62,8 @@ MNT, SOCKET, STATE, CACHE, UNPACKED, SPOOL = "mnt", "control.sock", "state.json"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 #: seconds between looks at a layer's background fetch (for the unpacked copy)
 POLL = 1.0
+#: layers whose background fetch runs at the same time (each holds a batch of chunks in memory)
+BACKGROUND_LAYERS = 1
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class LazyfsProcess:
         self.layers: dict[str, Layer] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
+        self._background = trio.Semaphore(BACKGROUND_LAYERS)
 
     # ------------------------------------------------------------------ state.json
     def _save(self) -> None:
@@ -229,13 +232,16 @@ class LazyfsProcess:
     async def _follow(self, layer: Layer) -> None:
         """The layer's background fetch, then its unpacked copy once every chunk is cached."""
         with layer.scope:
-            if self.opts.background:
-                assert self.nursery is not None
-                layer.reader.start_background(self.nursery)
             dest = self.opts.root / UNPACKED / layer.id
-            if dest.is_dir():
+            if await trio.to_thread.run_sync(dest.is_dir):  # made before a restart
                 layer.unpacked = True
                 return
+            if self.opts.background:
+                assert self.nursery is not None
+                async with self._background:  # one layer at a time: bounded memory and bandwidth
+                    layer.reader.start_background(self.nursery)
+                    while layer.reader.background_state == "running":
+                        await trio.sleep(POLL)
             if not self.opts.unpack:
                 return
             while not layer.reader.is_complete():

@@ -11,12 +11,16 @@
   multi-range); ``force_single_range`` sends one request per span, concurrently, for registries that answer a
   multi-range request with the whole blob. Where the registry ignores ``Range`` altogether (GitLab's registry, some
   proxies) the blob is downloaded **once**, streamed to a spool file (``spool_dir``, never held in memory),
-  digest-verified, and every later range is a local ``pread``.
+  digest-verified, and every later range is a local ``pread``. The spool file is not part of the chunk cache's
+  bound: it goes with :meth:`close` (the reader calls it on close, and once the layer is completely cached).
 - **Retries**: transient failures (connection dropped mid-body, truncated bodies, 5xx after the client's own
-  retries) are retried ``retries`` times with exponential back-off; then :class:`UnavailableError`.
+  retries) are retried ``retries`` times with exponential back-off; then :class:`UnavailableError`. A refused
+  authorisation or a blob gone from the registry is not retried, and is an UnavailableError too (with the
+  client's message, which names the host and what to fix, never a credential).
 
 Network calls run in worker threads through :class:`cvmfs_snap.oci.handoff.RangeHandoff`, so a slow range never
-stalls the event loop; the client's blob-URL cache makes a redirected blob cost one round trip per range.
+stalls the event loop (pass one ``handoff`` to the fetchers of all layers to bound the threads of the process; each
+fetcher makes its own otherwise); the client's blob-URL cache makes a redirected blob cost one round trip per range.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio  # type: ignore[import-untyped]
 
-from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
+from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError, UnavailableError
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.handoff import RangeHandoff
@@ -151,9 +156,10 @@ class BlobFetcher:
         return out
 
     def close(self) -> None:
-        """Remove the whole-blob spool file, if one was made."""
-        if self._spool is not None:
-            for p in (self._spool, self._spool.with_suffix(".part")):
+        """Remove the whole-blob spool file, if one was made (a later fetch downloads the blob again)."""
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            for p in (spool, spool.with_suffix(".part")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
 
@@ -198,12 +204,17 @@ class BlobFetcher:
             try:
                 return await self._once(spans)
             except RangeIgnoredError:
+                if self.spool_dir is None:
+                    raise UnavailableError(f"registry {self.ref.api_host} ignores HTTP Range requests and no spool "
+                                           f"directory is configured for layer {self.digest}") from None
                 self._spooled = True
                 continue  # not a failure: the next attempt reads the spool file
+            except (AuthError, NotFoundError) as e:  # not transient: no retry; for a read both mean EIO
+                raise UnavailableError(f"layer {self.digest}: {e}") from None
             except (UnavailableError, IntegrityError) as e:
                 last = e
             if attempt < self.retries:
-                delay = self.backoff * (2 ** attempt)
+                delay = self.backoff * (2 ** attempt) * (0.5 + random.random() / 2)  # jitter: no herds
                 log.warning("fetching %d range(s) of %s failed (%s); retry %d/%d in %.1fs", len(spans),
                             self.digest, last, attempt + 1, self.retries, delay)
                 await trio.sleep(delay)
@@ -230,9 +241,7 @@ class BlobFetcher:
     # ------------------------------------------------------------------ whole-blob fallback
     def _spool_path(self) -> Path:
         base = self.spool_dir
-        if base is None:
-            raise UnavailableError(f"registry {self.ref.api_host} ignores HTTP Range requests and no spool "
-                                   f"directory is configured for layer {self.digest}")
+        assert base is not None  # checked when the registry was found to ignore Range
         base.mkdir(parents=True, exist_ok=True)
         return base / (self.digest.split(":", 1)[1] + ".blob")
 

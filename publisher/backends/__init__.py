@@ -23,7 +23,7 @@ def make_backend(config: PublisherConfig) -> Backend:
     if config.backend == "local":
         from .local import LocalBackend
 
-        return LocalBackend(root, config.state_dir)
+        return LocalBackend(root, config.state_dir, limits=config.limits)
     if not config.repo:
         raise InvalidInputError(
             f"the {config.backend} backend needs the repository name: pass --repo NAME (or cvmfs_repo in the recipe)"
@@ -31,5 +31,7 @@ def make_backend(config: PublisherConfig) -> Backend:
     from .cvmfs import CvmfsIngestBackend, CvmfsTransactionBackend
 
     cls = CvmfsIngestBackend if config.backend == "cvmfs-ingest" else CvmfsTransactionBackend
-    return cls(root, config.repo, cvmfs_server=config.cvmfs_server, state_dir=config.effective_state_dir(),
-               lease_path=config.lease_path)
+    backend = cls(root, config.repo, cvmfs_server=config.cvmfs_server, state_dir=config.effective_state_dir(),
+                  lease_path=config.lease_path)
+    backend.limits = config.limits
+    return backend

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Protocol
 
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import IntegrityError, InvalidInputError
+from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 
 from ..crashpoints import crash_point
@@ -97,6 +98,8 @@ class Backend(ABC):
 
     name: ClassVar[str]
     layout: RepositoryLayout
+    #: what one layer may ask of the unpacker (the publisher's configured ``limits``; set by ``make_backend``)
+    limits: Limits = Limits()
 
     def has_layer(self, digest: str) -> bool:
         """True when the layer is complete per the layout contract (our layer.json, or DUCC's layerfs)."""

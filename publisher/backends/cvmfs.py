@@ -30,7 +30,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_snap.errors import CommandError, CvmfsSnapError
+from cvmfs_snap.fsutil import remove_tree
+from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import (
     CATALOG_MARKER,
     FLAT_DIR,
@@ -66,7 +67,7 @@ from .base import (
     symlink_atomic,
     write_atomic,
 )
-from .local import Staging, build_flat_dir, unpack_layer_dir
+from .local import Staging, build_flat_dir, disk_error, unpack_layer_dir
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +131,23 @@ class DirectTxn(Txn):
     root: Path
 
     def write_file(self, relpath: str, data: bytes) -> None:
-        write_atomic(self.root / check_relpath(relpath), data)
+        path = self.root / check_relpath(relpath)
+        try:
+            write_atomic(path, data)
+        except OSError as exc:  # disk full in the transaction's scratch area says so, naming the file
+            raise disk_error(exc, path, "writing") from exc
 
     def symlink(self, relpath: str, target: str) -> None:
-        symlink_atomic(self.root / check_relpath(relpath), target)
+        path = self.root / check_relpath(relpath)
+        try:
+            symlink_atomic(path, target)
+        except OSError as exc:
+            raise disk_error(exc, path, "writing") from exc
 
     def remove(self, relpath: str) -> None:
         p = self.root / check_relpath(relpath)
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+            remove_tree(p)
         elif p.is_symlink() or p.exists():
             p.unlink()
 
@@ -227,7 +236,7 @@ class CvmfsBackend(Backend):
     def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
         with self.staging.dir() as stage:
             flat = stage / "flat"
-            build_flat_dir(flat, layers)
+            build_flat_dir(flat, layers, self.limits)
             rel = str(self.layout.flat_dir(config_digest).relative_to(self.root))
             with self.transaction() as txn:
                 if self.layout.flat_dir(config_digest).is_dir():
@@ -245,7 +254,7 @@ class CvmfsIngestBackend(CvmfsBackend):
     def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
         with self.staging.dir() as stage:
             spool = stage / "layer.tar"
-            rec = spool_and_validate(info, tar_stream, spool)
+            rec = spool_and_validate(info, tar_stream, spool, self.limits)
             layout = self.layout
             layer_rel = self._rel(layout.layer_dir(info.digest))
             layerfs_rel = self._rel(layout.layerfs(info.digest))
@@ -298,7 +307,7 @@ class _Tee:
         return data
 
 
-def spool_and_validate(info: LayerInfo, tar: TarStream, spool: Path) -> LayerRecord:
+def spool_and_validate(info: LayerInfo, tar: TarStream, spool: Path, limits: Limits | None = None) -> LayerRecord:
     """Copy the tar to ``spool`` while checking every entry (hostile tars raise UnsafeLayerError) and collecting
     whiteouts; check the diffID. Nothing reaches ``cvmfs_server`` before this returned."""
     from cvmfs_snap.layer import iter_layer
@@ -310,7 +319,7 @@ def spool_and_validate(info: LayerInfo, tar: TarStream, spool: Path) -> LayerRec
     reader = HashingReader(tar)
     with open(spool, "wb") as f:
         tee = _Tee(reader, f)
-        for entry in iter_layer(tee, name=info.digest):
+        for entry in iter_layer(tee, limits, name=info.digest):
             entries += 1
             meaning = classify(entry.path)  # the same index apply_layer(mode="layer") returns
             if meaning is not None:
@@ -344,7 +353,7 @@ class CvmfsTransactionBackend(CvmfsBackend):
     def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
         with self.staging.dir() as stage:
             layer_dir = stage / "layer"
-            rec = unpack_layer_dir(info, tar_stream, layer_dir)
+            rec = unpack_layer_dir(info, tar_stream, layer_dir, self.limits)
             item = _Staged(info.digest, layer_dir)
             with self._pending_lock:
                 self._pending.append(item)

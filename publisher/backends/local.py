@@ -4,20 +4,29 @@ Atomic visibility by staging and rename: a layer (``layerfs`` + ``.metadata``) a
 ``<root>/.cvmfs-snap-staging/<pid>-<random>/`` on the same filesystem and renamed into place in one ``rename(2)``;
 metadata files are written to a temporary name and renamed; symlinks are replaced by renaming a new link over the
 old one. A process killed at any moment leaves at most a staging directory, which ``recover`` removes once its
-owner process is gone.
+owner process is gone (however deep: ``cvmfs_snap.fsutil``).
+
+Who can reach what (docs/publisher.md, "Special files"): staging and ``.layers`` are 0700, because layer trees keep
+the image's device nodes and set-id files for containers, as containerd's snapshots do; flat trees, which every
+user may run, carry no device node, setuid/setgid bit or file capability (:func:`defuse_flat`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
-import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError
+from cvmfs_snap.fsutil import remove_tree, walk_fd
+from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import (
     CATALOG_MARKER,
     FLAT_DIR,
@@ -52,6 +61,26 @@ log = logging.getLogger(__name__)
 STAGING_DIR = ".cvmfs-snap-staging"
 
 
+#: errno values that mean "the filesystem is full" (blocks, inodes or quota)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_error(exc: OSError, path: str | os.PathLike[str] | None, what: str = "") -> CvmfsSnapError:
+    """A clear error for an OS error on ``path`` (``exc.filename`` when the caller does not know it) while
+    ``what`` ("writing", "removing"; "" when unknown): disk full says so and names the path; others name the path
+    and the system's reason."""
+    where = os.fspath(path) if path is not None else (exc.filename or "the repository")
+    reason = exc.strerror or os.strerror(exc.errno or 0)
+    if exc.errno in DISK_FULL:
+        return FailedPreconditionError(
+            f"disk full: no space left on the device {what or 'at'} {where} ({reason}); free space (or raise the "
+            f"quota) on the filesystem of {where}, then publish again; nothing half-done was made visible"
+        )
+    return FailedPreconditionError(
+        f"{what + ' ' if what else ''}{where}: {reason}; check permissions and free space on that filesystem"
+    )
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -77,9 +106,15 @@ class Staging:
         self.base = base
 
     def new(self) -> Path:
-        self.base.mkdir(parents=True, exist_ok=True)
+        """A new private directory. The staging base is 0700 (made so again if an older version left it open):
+        layers are unpacked here with the image's device nodes and set-id files, which no other local user may
+        reach, as containerd keeps its snapshots under a 0700 root."""
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.base.lstat()
+        if st.st_mode & 0o077:
+            os.chmod(self.base, 0o700)
         d = self.base / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        d.mkdir()
+        d.mkdir(mode=0o700)
         return d
 
     @contextmanager
@@ -88,7 +123,7 @@ class Staging:
         try:
             yield d
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            remove_quietly(d)
 
     def clean_abandoned(self) -> int:
         """Remove directories of processes that no longer run; returns how many."""
@@ -100,14 +135,23 @@ class Staging:
         for name in names:
             pid_s = name.split("-", 1)[0]
             if pid_s.isdigit() and int(pid_s) != os.getpid() and not _pid_alive(int(pid_s)):
-                shutil.rmtree(self.base / name, ignore_errors=True)
+                remove_quietly(self.base / name)
                 n += 1
         if n:
             log.info("removed %d staging directories left by killed runs in %s", n, self.base)
         return n
 
 
-def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path) -> LayerRecord:
+def remove_quietly(path: Path) -> None:
+    """Remove a scratch tree however deep (no recursion limit); a failure is logged, never raised: the next run's
+    ``recover`` tries again."""
+    try:
+        remove_tree(path)
+    except (OSError, CvmfsSnapError) as exc:
+        log.warning("could not remove %s: %s; the next run removes it", path, exc)
+
+
+def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path, limits: Limits | None = None) -> LayerRecord:
     """Build a complete layer directory (``layerfs`` with its catalog marker, ``.metadata``) from a tar.
 
     ``.wh.*`` stay plain files (layer mode), as ``cvmfs_server ingest`` stores them; ``layer.json`` is written last.
@@ -118,7 +162,7 @@ def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path) -> LayerR
     layerfs = layer_dir / LAYERFS
     layerfs.mkdir(parents=True)
     reader = HashingReader(tar)
-    res = apply_layer(reader, layerfs, mode="layer", name=info.digest)
+    res = apply_layer(reader, layerfs, mode="layer", limits=limits, name=info.digest)
     reader.drain()
     check_diff_id(info, reader.digest)
     (layerfs / CATALOG_MARKER).touch()
@@ -129,21 +173,87 @@ def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path) -> LayerR
 
 
 def write_layer_metadata(md: Path, rec: LayerRecord, origin: Sequence[str], existing_origin: bytes | None) -> None:
-    md.mkdir(parents=True, exist_ok=True)
-    write_atomic(md / LAYERS_JSON, layers_json(rec))
-    write_atomic(md / ORIGIN_JSON, merge_origin(existing_origin, origin) or existing_origin or b"")
-    write_atomic(md / LAYER_JSON, rec.to_json().encode())  # last: marks the layer complete
+    path = md
+    try:
+        md.mkdir(parents=True, exist_ok=True)
+        path = md / LAYERS_JSON
+        write_atomic(path, layers_json(rec))
+        path = md / ORIGIN_JSON
+        write_atomic(path, merge_origin(existing_origin, origin) or existing_origin or b"")
+        path = md / LAYER_JSON
+        write_atomic(path, rec.to_json().encode())  # last: marks the layer complete
+    except OSError as exc:
+        raise disk_error(exc, path, "writing the layer metadata") from exc
 
 
-def build_flat_dir(target: Path, layers: Sequence[LayerOpener]) -> None:
-    """Apply the layers bottom-first in merged mode (whiteouts applied) into ``target``."""
+def build_flat_dir(target: Path, layers: Sequence[LayerOpener], limits: Limits | None = None) -> None:
+    """Apply the layers bottom-first in merged mode (whiteouts applied) into ``target``, then make its special
+    files inert (:func:`defuse_flat`): ``target`` must be in a private staging directory until then."""
     from cvmfs_snap.layer import apply_layer
 
     target.mkdir(parents=True, exist_ok=True)
     for i, opener in enumerate(layers):
         with opener() as tar:
-            apply_layer(tar, target, mode="merged", name=f"layer {i} of flat tree {target.name}")
+            apply_layer(tar, target, mode="merged", limits=limits, name=f"layer {i} of flat tree {target.name}")
+    defuse_flat(target)
     (target / CATALOG_MARKER).touch()
+
+
+#: mode bits a flat tree never keeps (setuid, setgid)
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
+#: the file capabilities xattr (``setcap``), privilege like a setuid bit
+CAPABILITY_XATTR = "security.capability"
+
+
+def defuse_flat(target: Path) -> tuple[int, int]:
+    """Make a flat tree carry no privilege: character and block devices are left out, setuid/setgid bits and file
+    capabilities (``security.capability``) are cleared on regular files; returns (devices removed, files changed).
+
+    A flat tree is what users run unprivileged (Apptainer/Singularity), world-readable under the public links, on
+    the stratum-0 as on every node: a block device there would give every local user the host's disk, a setuid-root
+    or ``cap_setuid`` binary root. Those users never get device nodes or privilege from an image anyway (Apptainer
+    binds the host's ``/dev`` and mounts images nosuid, CVMFS clients mount nosuid,nodev, and nosuid also disables
+    file capabilities). Containers started through the snapshotter use the layer trees, which keep all of it, as
+    containerd does. FIFOs and sockets stay; directories keep their setgid bit (it only passes the group on)."""
+    devices = changed = 0
+    for _rel, dfd, _dirs, files in walk_fd(target):
+        for name in files:
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                os.unlink(name, dir_fd=dfd)
+                devices += 1
+            elif stat.S_ISREG(st.st_mode) and _defuse_file(dfd, name, st):
+                changed += 1
+    if devices or changed:
+        log.info("flat tree %s: %d device node(s) left out, setuid/setgid/capabilities cleared on %d file(s) (layer "
+                 "trees keep them)", target.name, devices, changed)
+    return devices, changed
+
+
+def _defuse_file(dfd: int, name: str, st: os.stat_result) -> bool:
+    proc = f"/proc/self/fd/{dfd}/{name}"
+    try:
+        os.getxattr(proc, CAPABILITY_XATTR, follow_symlinks=False)
+        caps = True
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+        caps = False
+    if not caps and not st.st_mode & SETID_BITS:
+        return False
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        if caps:
+            os.removexattr(fd, CAPABILITY_XATTR)
+        if st.st_mode & SETID_BITS:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~SETID_BITS)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)
+    return True
 
 
 @dataclass
@@ -182,18 +292,21 @@ class LocalTxn(Txn):
             for op in self.ops:
                 crash_point("txn-op")
                 path = self.root / op.relpath
-                if op.kind == "write":
-                    write_atomic(path, op.data, tmp_dir=scratch)
-                elif op.kind == "symlink":
-                    symlink_atomic(path, op.target, tmp_dir=scratch)
-                elif op.kind == "mkdir":
-                    path.mkdir(parents=True, exist_ok=True)
-                elif op.kind == "remove":
-                    remove_atomic(path, self.remove_into)
+                try:
+                    if op.kind == "write":
+                        write_atomic(path, op.data, tmp_dir=scratch)
+                    elif op.kind == "symlink":
+                        symlink_atomic(path, op.target, tmp_dir=scratch)
+                    elif op.kind == "mkdir":
+                        path.mkdir(parents=True, exist_ok=True)
+                    elif op.kind == "remove":
+                        remove_atomic(path, self.remove_into)
+                except OSError as exc:
+                    raise disk_error(exc, path, "removing" if op.kind == "remove" else "writing") from exc
             self.ops.clear()
         finally:
             if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+                remove_quietly(scratch)
 
 
 def remove_atomic(path: Path, scratch: Callable[[], Path]) -> None:
@@ -203,7 +316,7 @@ def remove_atomic(path: Path, scratch: Callable[[], Path]) -> None:
     if path.is_dir() and not path.is_symlink():
         trash = scratch()
         os.rename(path, trash / "x")
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_quietly(trash)
     else:
         os.unlink(path)
 
@@ -211,7 +324,9 @@ def remove_atomic(path: Path, scratch: Callable[[], Path]) -> None:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, root: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None, *,
+                 limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.layout = RepositoryLayout(self.root)
@@ -222,10 +337,21 @@ class LocalBackend(Backend):
     def recover(self) -> None:
         with self.lock():
             self.staging.clean_abandoned()
+            self._private_layers()
+
+    def _private_layers(self) -> None:
+        """``.layers`` is 0700: layer trees keep the image's device nodes and set-id files (what containers must
+        see, as in containerd's snapshots), so only root (the node's snapshotter) may reach them. Repositories
+        made by older versions are tightened here."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(self.layout.layers_root.stat().st_mode) != 0o700:
+                os.chmod(self.layout.layers_root, 0o700)
 
     def _ensure_catalogs(self, *dirs: Path) -> None:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
+            if d == self.layout.layers_root:
+                self._private_layers()
             marker = d / CATALOG_MARKER
             if not marker.exists():
                 marker.touch()
@@ -233,7 +359,7 @@ class LocalBackend(Backend):
     def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
         with self.staging.dir() as stage:
             layer_dir = stage / "layer"
-            rec = unpack_layer_dir(info, tar_stream, layer_dir)
+            rec = unpack_layer_dir(info, tar_stream, layer_dir, self.limits)
             crash_point("layer-unpacked")
             final = self.layout.layer_dir(info.digest)
             with self.lock():
@@ -254,7 +380,7 @@ class LocalBackend(Backend):
     def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
         with self.staging.dir() as stage:
             flat = stage / "flat"
-            build_flat_dir(flat, layers)
+            build_flat_dir(flat, layers, self.limits)
             crash_point("flat-built")
             final = self.layout.flat_dir(config_digest)
             with self.lock():
