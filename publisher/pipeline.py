@@ -7,8 +7,10 @@ leave finished layers (which the next run skips) and staging debris (which ``Bac
 image whose metadata points at missing layers.
 
 Concurrency: layers of *all* images being published go through one bounded pool (``concurrency`` workers) and a
-layer wanted by several images at once is processed once (the in-flight table maps digest -> future). Image
-orchestration runs in lightweight threads that mostly wait; flat-tree builds share the same bound.
+layer wanted by several images at once is processed once (the in-flight table maps digest -> future). Each layer
+thread downloads its blob and has it unpacked in one of ``concurrency`` worker processes (``publisher.workers``), so
+that layers use every core. Image orchestration runs in lightweight threads that mostly wait; flat-tree builds share
+the same bound.
 Streaming end to end (registry -> decompressor -> unpacker), so memory does not grow with layer size. Flat trees
 are built from the published layer trees (``publisher.layertree``), so each blob is downloaded once per publish.
 """
@@ -51,6 +53,7 @@ from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, layers_js
 from .backends.local import disk_error
 from .crashpoints import crash_point
 from .gc import REASON_DROPPED, gc_lock
+from .workers import LayerWorkers
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,7 @@ class Publisher:
         progress: ProgressSink | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
+        unpack_in_processes: bool = True,
     ) -> None:
         self.backend = backend
         #: bounds for every layer (passed to the backend, which unpacks) and every manifest and index
@@ -164,6 +168,8 @@ class Publisher:
         self.platforms = list(platforms or [])
         self.progress = progress
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish-layer")
+        #: layers are unpacked in worker processes (started on first use); None: in the layer threads
+        self._workers = LayerWorkers(self.concurrency) if unpack_in_processes else None
         self._heavy = threading.BoundedSemaphore(self.concurrency)
         self._lock = threading.RLock()
         self._inflight: dict[str, Future[str]] = {}
@@ -195,6 +201,8 @@ class Publisher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._workers is not None:
+            self._workers.close()
         self.backend.close()
         if self._owns_client:
             self.client.close()
@@ -295,6 +303,9 @@ class Publisher:
 
         plats = self._platforms(ref, obj)
         result.platforms = [p.key or "default" for p in plats]
+        if self._workers is not None and not all(self.backend.has_layer(d.digest) for p in plats
+                                                 for d in p.manifest.layers):
+            self._workers.start()
 
         # layers of all platforms, deduplicated, through the shared pool
         futures: list[tuple[str, Future[str]]] = []
@@ -420,14 +431,19 @@ class Publisher:
                 del self._inflight[digest]
 
     @contextmanager
-    def _open_layer(self, ref: ImageReference, desc: Descriptor) -> Iterator[TarStream]:
+    def _open_layer(self, ref: ImageReference, desc: Descriptor, offload: bool = False) -> Iterator[TarStream]:
+        """The layer's decoded tar; ``offload``: the undecoded blob for the backend's unpack step to run in a worker
+        process (``publisher.workers``), when the publisher has them."""
         from cvmfs_snap.layer import open_layer
 
         with self.client.open_blob(ref, desc.digest, desc.size) as raw:
             src: Any = raw if self.progress is None else _CountingReader(raw, desc.digest, self.progress)
-            with open_layer(src, desc.media_type, name=f"layer {desc.digest} of {ref}",
-                            limits=self.limits) as tar:
-                yield tar
+            name = f"layer {desc.digest} of {ref}"
+            if offload and self._workers is not None:
+                yield self._workers.layer(src, desc.media_type, name, self.limits)
+            else:
+                with open_layer(src, desc.media_type, name=name, limits=self.limits) as tar:
+                    yield tar
             while src.read(1 << 20):  # to EOF: the blob stream checks the compressed digest there
                 pass
 
@@ -491,7 +507,7 @@ class Publisher:
         ok = False
         try:
             info = LayerInfo(digest, desc.media_type, desc.size, expected_diff_id=diff_id, origin=[cfg])
-            with self._open_layer(ref, desc) as tar:
+            with self._open_layer(ref, desc, offload=True) as tar:
                 rec = self.backend.publish_layer(info, tar)
             ok = True
             metrics.LAYERS_PUBLISHED.labels(self._backend_label).inc()

@@ -312,8 +312,7 @@ def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: R
         config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"),
                                  insecure_registries=[proxy.host, registry.host])
         with Publisher.from_config(config) as pub:
-            d = Daemon(recipe, config, DaemonConfig(listen="127.0.0.1:0"), pub, pub.client, pub.backend,
-                       load_recipe=Recipe.load, expand=lambda r, c: list(r.expand(c)), state_dir=tmp_path / "state")
+            d = Daemon(recipe, DaemonConfig(listen="127.0.0.1:0"), pub, state_dir=tmp_path / "state")
             assert d.reload_recipe()
             assert d.full_pass() == 2
             assert sorted(d.queue.snapshot()["waiting"]) == sorted(

@@ -45,7 +45,7 @@ from typing import Literal
 
 from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, UnsafeLayerError
 from cvmfs_snap.fsutil import remove_tree_at
-from cvmfs_snap.layer.digesting import Readable
+from cvmfs_snap.layer.digesting import HashingReader, Readable
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.tarstream import TarEntry, TarReader
 from cvmfs_snap.layer.whiteout import (
@@ -582,12 +582,15 @@ def apply_layer(
     same_owner: bool = True,
     *,
     name: str | None = None,
+    digest: bool = True,
 ) -> ApplyResult:
     """Unpack an uncompressed layer tar (e.g. from :func:`open_layer`) into the existing directory ``target``.
 
     ``mode`` is ``"layer"`` (keep ``.wh.*`` files, return their index) or ``"merged"`` (apply them to what
     ``target`` holds). ``same_owner`` keeps numeric uid/gid (never looked up by name). ``name`` (e.g. the layer
-    digest; by default the stream's own ``name``) goes into error messages. Hostile layers raise
+    digest; by default the stream's own ``name``) goes into error messages. ``digest=False``: the caller does not
+    need the diffID (a tar made here from a verified tree), so a stream that does not hash itself is not hashed
+    (``ApplyResult.diff_id`` is then None). Hostile layers raise
     :class:`UnsafeLayerError`, malformed ones :class:`InvalidInputError`; a failed apply leaves a partial tree
     inside ``target`` (nothing outside it), which the caller should remove.
     """
@@ -602,7 +605,8 @@ def apply_layer(
     except OSError as e:
         raise FailedPreconditionError(f"{name}: cannot open target directory {tgt}: {e.strerror}") from None
     applier = _Applier(root_fd, tgt, mode, limits, same_owner, name)
-    reader = TarReader(tar_stream, limits, name)
+    # a HashingReader that does not hash has a diff_id of its own (None), so TarReader does not hash either
+    reader = TarReader(tar_stream if digest else HashingReader(tar_stream, hash=False), limits, name)
     current: TarEntry | None = None
     try:
         for current in reader:

@@ -52,6 +52,7 @@ from cvmfs_snap.layout import (
 )
 
 from ..crashpoints import crash_point
+from ..workers import offloadable
 from .base import (
     Backend,
     LayerInfo,
@@ -306,7 +307,13 @@ class _Tee:
             self._sink.write(data)  # type: ignore[attr-defined]
         return data
 
+    @property
+    def diff_id(self) -> str | None:
+        """The source's digest: the tar reader on top need not hash the tar again (cvmfs_snap.layer.digesting)."""
+        return getattr(self._src, "diff_id", None)
 
+
+@offloadable  # runs in a layer worker process when the pipeline has them (publisher.workers)
 def spool_and_validate(info: LayerInfo, tar: TarStream, spool: Path, limits: Limits | None = None) -> LayerRecord:
     """Copy the tar to ``spool`` while checking every entry (hostile tars raise UnsafeLayerError) and collecting
     whiteouts; check the diffID. Nothing reaches ``cvmfs_server`` before this returned."""

@@ -40,6 +40,7 @@ from cvmfs_snap.layout import (
 )
 
 from ..crashpoints import crash_point
+from ..workers import offloadable
 from .base import (
     Backend,
     LayerInfo,
@@ -151,6 +152,7 @@ def remove_quietly(path: Path) -> None:
         log.warning("could not remove %s: %s; the next run removes it", path, exc)
 
 
+@offloadable  # runs in a layer worker process when the pipeline has them (publisher.workers)
 def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path, limits: Limits | None = None) -> LayerRecord:
     """Build a complete layer directory (``layerfs`` with its catalog marker, ``.metadata``) from a tar.
 
@@ -194,7 +196,8 @@ def build_flat_dir(target: Path, layers: Sequence[LayerOpener], limits: Limits |
     target.mkdir(parents=True, exist_ok=True)
     for i, opener in enumerate(layers):
         with opener() as tar:
-            apply_layer(tar, target, mode="merged", limits=limits, name=f"layer {i} of flat tree {target.name}")
+            apply_layer(tar, target, mode="merged", limits=limits, name=f"layer {i} of flat tree {target.name}",
+                        digest=False)
     defuse_flat(target)
     (target / CATALOG_MARKER).touch()
 
