@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cvmfs_snap.devenv.procs import stop_lazyfs
@@ -35,7 +36,7 @@ from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
 from tests.support.images import BuiltImage, Pusher, estargz_layer, image, push_image
 from tests.support.layersource import lookup
-from tests.support.registry import Registry, log_mark, start_registry
+from tests.support.registry import Registry, free_port, log_mark, start_registry
 
 CHAIN = "sha256:" + "c" * 64
 PASSWORD = "lazy-s3cret-pw"
@@ -63,12 +64,13 @@ def attached(src: LazySource) -> dict[str, dict[str, object]]:
     return {str(x["digest"]): x for x in src.layers()}
 
 
-def make_source(root: Path, tmp_path: Path, docker_config: Path | None = None, enabled: bool = True) -> LazySource:
+def make_source(root: Path, tmp_path: Path, docker_config: Path | None = None, enabled: bool = True,
+                metrics_address: str = "") -> LazySource:
     if docker_config is None:
         docker_config = tmp_path / "none.json"
         docker_config.write_text("{}")
     settings = LazySettings(enabled=enabled, hosts_dir=str(tmp_path / "certs.d"), docker_config=str(docker_config),
-                            start_timeout=20.0, timeout=10.0)
+                            start_timeout=20.0, timeout=10.0, metrics_address=metrics_address)
     return LazySource(root, settings)
 
 
@@ -243,7 +245,8 @@ def test_status_shows_percent_fetched(lazy_image: tuple[BuiltImage, str], tmp_pa
     img, ref = lazy_image
     lay = img.layers[0]
     snap_root = short_tmp / "root"
-    src = make_source(snap_root / "lazy", tmp_path)
+    port = free_port()
+    src = make_source(snap_root / "lazy", tmp_path, metrics_address=f"127.0.0.1:{port}")
     sn = Snapshotter(snap_root, sources=[src])
     try:
         with pytest.raises(AlreadyExistsError):
@@ -258,6 +261,11 @@ def test_status_shows_percent_fetched(lazy_image: tuple[BuiltImage, str], tmp_pa
         status.main(argparse.Namespace(root=snap_root, json=False))
         out = capsys.readouterr().out
         assert f"lazy {lay.digest} " in out and "% fetched" in out
+        # the process's own metrics ([cvmfs-snap.lazy] metrics-address): bytes fetched for this layer
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        line = next(x for x in text.splitlines()
+                    if x.startswith("cvmfs_snap_lazy_fetched_bytes_total") and lay.digest in x)
+        assert float(line.split()[-1]) >= s["lazy"]["bytes_fetched"] * 0.5
     finally:
         sn.close()
         stop(src)
@@ -269,17 +277,18 @@ def test_config_keys() -> None:
     cfg = parse_config({"cvmfs-snap": {"lazy": {
         "cache-size": "2GiB", "prefetch-bound": 1048576, "prefetch": False, "background-fetch": False,
         "timeout": 5, "hosts-dir": "/etc/hosts.d", "docker-config": "/root/c.json", "force-single-range": True,
-        "cache-dir": "/var/cache/lazy"}}})
+        "cache-dir": "/var/cache/lazy", "metrics-address": "127.0.0.1:9103"}}})
     assert cfg.sources == ["cvmfs", "lazy"]
     lz = cfg.lazy
     assert (lz.cache_size, lz.prefetch_bound, lz.prefetch, lz.background_fetch, lz.timeout) == (
         2 << 30, 1 << 20, False, False, 5.0)
     assert (lz.hosts_dir, lz.docker_config, lz.force_single_range, lz.cache_dir) == (
         "/etc/hosts.d", "/root/c.json", True, "/var/cache/lazy")
+    assert lz.metrics_address == "127.0.0.1:9103"
     assert parse_config({"cvmfs-snap": {"lazy": {"enabled": False}}}).sources == ["cvmfs"]
     for bad, msg in (({"cache-size": "lots"}, "not a size"), ({"timeout": 0}, "positive"),
                      ({"hosts-dir": "rel/dir"}, "absolute"), ({"prefetch": "yes"}, "must be a bool"),
-                     ({"cache-size": 0}, "more than 0")):
+                     ({"cache-size": 0}, "more than 0"), ({"metrics-address": "9103"}, "HOST:PORT")):
         with pytest.raises(InvalidInputError, match=msg):
             parse_config({"cvmfs-snap": {"lazy": bad}}, "cfg.toml")
 

@@ -12,7 +12,10 @@ import ctypes.util
 import logging
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
 from cvmfs_snap.lazyfs.process import Options, run
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-unpacked-copy", action="store_true",
                    help="never make node-local unpacked copies of completely fetched layers")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--metrics-address", default="",
+                   help="serve the lazy-layer metrics (Prometheus) on http://HOST:PORT/metrics (default: off)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,4 +74,16 @@ def main(args: argparse.Namespace) -> int:
                    background=not args.no_background_fetch, force_single_range=args.force_single_range,
                    unpack=not args.no_unpacked_copy)
     limit_malloc_arenas()
+    if args.metrics_address:
+        serve_metrics(args.metrics_address)
     return run(opts)
+
+
+def serve_metrics(address: str) -> None:
+    """Prometheus metrics of this process's lazy layers (:mod:`cvmfs_snap.lazyfs.metrics`) on ``HOST:PORT``."""
+    host, _, port = address.rpartition(":")
+    try:
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=DEFAULT_METRICS.registry)
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(f"--metrics-address {address!r}: cannot serve metrics there ({exc})") from None
+    log.info("lazy-layer metrics on http://%s/metrics", address)

@@ -87,6 +87,9 @@ class LazySettings:
     hosts_dir: str = str(DEFAULT_HOSTS_DIR)
     docker_config: str = ""  # "" = $DOCKER_CONFIG/config.json or ~/.docker/config.json, if present
     force_single_range: bool = False
+    #: the lazyfs process serves its metrics (bytes fetched per layer, cache, fetch latency, background progress)
+    #: on this HOST:PORT; "" = off
+    metrics_address: str = ""
     #: how long to wait for a freshly started lazyfs process to answer on its socket
     start_timeout: float = 30.0
 
@@ -118,6 +121,8 @@ class LazyProcess:
             cmd.append("--no-background-fetch")
         if s.force_single_range:
             cmd.append("--force-single-range")
+        if s.metrics_address:
+            cmd += ["--metrics-address", s.metrics_address]
         return cmd
 
     def call(self, request: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
