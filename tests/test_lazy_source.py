@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -316,3 +318,28 @@ def test_one_manifest_read_per_image(registry: Registry, tmp_path: Path, short_t
     finally:
         sn.close()
         stop(src)
+
+
+def test_process_that_cannot_start_means_normal_pulls_without_waiting(lazy_image: tuple[BuiltImage, str],
+                                                                      tmp_path: Path, short_tmp: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A node where the lazyfs process cannot start (no /dev/fuse, broken install): the first lazy Prepare becomes a
+    normal pull with one error logged, and the next ones do not start (and wait for) it again."""
+    img, ref = lazy_image
+    root = short_tmp / "lazy"
+    (tmp_path / "none.json").write_text("{}")
+    settings = LazySettings(hosts_dir=str(tmp_path / "certs.d"), docker_config=str(tmp_path / "none.json"),
+                            start_timeout=20.0, timeout=10.0)
+    src = LazySource(root, settings, command=[sys.executable, "-c", "import sys; sys.exit('no /dev/fuse here')"])
+    sn = Snapshotter(tmp_path / "root", sources=[src])
+    try:
+        assert sn.prepare("k1", "", labels_for(img, ref))  # a local snapshot: normal pull
+        first = src.process.started
+        assert first is not None and first.returncode == 1
+        assert "exited with status 1" in caplog.text and "no /dev/fuse here" in (root / "lazyfs.log").read_text()
+        t0 = time.monotonic()
+        assert sn.prepare("k2", "", labels_for(img, ref, chain="sha256:" + "e" * 64))
+        assert time.monotonic() - t0 < 5 and src.process.started is first  # not started again
+        assert "not retried" in caplog.text
+    finally:
+        sn.close()

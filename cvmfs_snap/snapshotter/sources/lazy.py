@@ -69,6 +69,8 @@ MIB = 1 << 20
 #: names under the lazy root (lazy-design.md "Paths")
 MNT, SOCKET, STATE, CACHE, UNPACKED, LAYERS, LOG, PID = ("mnt", "control.sock", "state.json", "cache", "unpacked",
                                                         "layers", "lazyfs.log", "lazyfs.pid")
+#: seconds after a failed start of the lazyfs process during which it is not started again
+START_BACKOFF = 60.0
 #: image manifests remembered (their layers' sizes and TOC annotations)
 MANIFEST_CACHE = 64
 
@@ -111,6 +113,7 @@ class LazyProcess:
         self.command = list(command) if command is not None else self.default_command()
         self._lock = threading.Lock()
         self.started: subprocess.Popen[bytes] | None = None
+        self._failed: tuple[str, float] | None = None  # (why, when) of the last failed start
 
     def default_command(self) -> list[str]:
         s = self.settings
@@ -136,31 +139,46 @@ class LazyProcess:
         return True
 
     def ensure(self) -> None:
-        """Make sure the process answers; start it (once, whoever asks first) when it does not."""
+        """Make sure the process answers; start it (once, whoever asks first) when it does not. After a failed
+        start, for :data:`START_BACKOFF` seconds every call fails at once (layers are pulled normally) instead of
+        each Prepare waiting for another start that would fail the same way (no /dev/fuse, a broken install)."""
         if self.alive():
             return
         with self._lock:
             if self.alive():
                 return
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            log.info("starting the lazyfs process: %s", " ".join(self.command))
-            with open(self.root / LOG, "ab") as logf:
-                # its own session: signals to the snapshotter (Ctrl-C, systemd stop) never reach it
-                self.started = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=logf,
-                                                stderr=subprocess.STDOUT, start_new_session=True,
-                                                close_fds=True)
-            (self.root / PID).write_text(f"{self.started.pid}\n")  # for admins and tests: it outlives us
-            deadline = time.monotonic() + self.settings.start_timeout
-            while time.monotonic() < deadline:
-                if self.alive():
-                    log.info("lazyfs process %d serves %s", self.started.pid, self.mount)
-                    return
-                if self.started.poll() is not None:
-                    raise UnavailableError(f"the lazyfs process exited with status {self.started.returncode} at "
-                                           f"start; see {self.root / LOG}")
-                time.sleep(0.05)
-            raise UnavailableError(f"the lazyfs process did not answer on {self.socket} within "
-                                   f"{self.settings.start_timeout:.0f} s; see {self.root / LOG}")
+            if self._failed is not None and time.monotonic() - self._failed[1] < START_BACKOFF:
+                raise UnavailableError(f"{self._failed[0]} (not retried for {START_BACKOFF:.0f} s)")
+            try:
+                self._start()
+            except UnavailableError as exc:
+                self._failed = (str(exc), time.monotonic())
+                log.error("lazy layers are pulled normally: %s", exc)
+                raise
+            self._failed = None
+
+    def _start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log.info("starting the lazyfs process: %s", " ".join(self.command))
+        with open(self.root / LOG, "ab") as logf:
+            # its own session: signals to the snapshotter (Ctrl-C, systemd stop) never reach it
+            self.started = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=logf,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            close_fds=True)
+        (self.root / PID).write_text(f"{self.started.pid}\n")  # for admins and tests: it outlives us
+        deadline = time.monotonic() + self.settings.start_timeout
+        while time.monotonic() < deadline:
+            if self.alive():
+                log.info("lazyfs process %d serves %s", self.started.pid, self.mount)
+                return
+            if self.started.poll() is not None:
+                raise UnavailableError(f"the lazyfs process exited with status {self.started.returncode} at "
+                                       f"start; see {self.root / LOG}")
+            time.sleep(0.05)
+        self.started.kill()  # ours, by its pid: a process that never answers would only get in the way
+        self.started.wait(10)
+        raise UnavailableError(f"the lazyfs process did not answer on {self.socket} within "
+                               f"{self.settings.start_timeout:.0f} s; see {self.root / LOG}")
 
 
 class LazySource:
