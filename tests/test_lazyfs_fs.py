@@ -137,3 +137,21 @@ def test_detach_and_root_listing(tmp_path: Path) -> None:
         with pytest.raises(OSError) as e:
             (tmp_path / "mnt" / ("d" * 64) / "e1").write_bytes(b"x")
         assert e.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_prefetched_files_are_pushed_into_the_page_cache_at_lookup(tmp_path: Path) -> None:
+    """notify_store: the first read of a prefetched file needs no round trip to the process."""
+    data = os.urandom(300_000)
+    blob, _ = to_estargz(make_tar([("entry", data), ("other", b"o")]))
+    with mounted_lazyfs(tmp_path / "mnt") as m:
+        files = m.add("p" * 64, blob, store=True)
+        p = tmp_path / "mnt" / ("p" * 64) / "entry"
+        os.stat(p)  # the kernel looks it up: the process pushes its data
+        deadline = time.monotonic() + 10
+        while files.reads == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        pushed = files.reads
+        assert pushed >= 1
+        assert p.read_bytes() == data
+        assert files.reads == pushed  # served from the page cache

@@ -14,8 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from cvmfs_snap.devenv.registry import free_port
 from cvmfs_snap.lazyfs import control
 from tests.support.layertrees import dump_tree
 from tests.support.range_proxies import PushedLayer, RangeProxy, push_estargz, range_proxy
@@ -102,7 +104,8 @@ def wait_for(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-de
 def test_attach_read_detach_and_small_reads_fetch_little(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
                                                          procs: list[Proc]) -> None:
     root = tmp_path / "lazy"
-    p = Proc(root, "--no-background-fetch")
+    port = free_port()
+    p = Proc(root, "--no-background-fetch", "--metrics-address", f"127.0.0.1:{port}")
     procs.append(p)
     assert oct(os.stat(root / "control.sock").st_mode & 0o777) == "0o600"
     ans = p.call(attach_req(layer, proxy.host))
@@ -116,6 +119,9 @@ def test_attach_read_detach_and_small_reads_fetch_little(tmp_path: Path, layer: 
     lst = p.call({"op": "list"})["layers"][0]  # type: ignore[index]
     assert lst["digest"] == layer.digest and 0 < lst["fetched_fraction"] < 1 and not lst["complete"]
     assert p.call({"op": "check", "id": layer.digest[7:]})["path"] == str(path)
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert f'cvmfs_snap_lazy_fetched_bytes_total{{layer="{layer.digest}"}}' in metrics
+    assert "cvmfs_snap_lazy_cache_misses_total" in metrics and proxy.host not in metrics
     with pytest.raises(control.ControlError) as e:
         p.call({"op": "check", "id": "0" * 64})
     assert e.value.kind == "notfound"

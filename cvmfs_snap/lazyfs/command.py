@@ -12,26 +12,28 @@ import ctypes.util
 import logging
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from cvmfs_snap.errors import InvalidInputError
-from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
 from cvmfs_snap.lazyfs.process import Options, run
 
 log = logging.getLogger(__name__)
 
-#: glibc's mallopt parameter for the number of malloc arenas
+#: glibc's mallopt parameters
+_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
-def limit_malloc_arenas(n: int = 2) -> None:
-    """Few malloc arenas: the worker threads that decode chunks would each get one (up to 8 per core) and keep
-    its freed memory, tripling the process's RSS after a burst of reads. Must run before threads start."""
+def limit_malloc_arenas(n: int = 2, mmap_threshold: int = 256 << 10) -> None:
+    """Keep the process's RSS down after bursts of reads (glibc): few malloc arenas (the worker threads that decode
+    chunks would each get one, up to 8 per core, and keep its freed memory), and a fixed mmap threshold, so the
+    chunk-sized buffers are mapped and unmapped instead of fragmenting the heap (glibc otherwise raises the
+    threshold up to 32 MiB after the first such buffers are freed). Must run before threads start."""
     name = ctypes.util.find_library("c")
     if not name:
         return
     try:
-        ctypes.CDLL(name).mallopt(_M_ARENA_MAX, n)
+        libc = ctypes.CDLL(name)
+        libc.mallopt(_M_ARENA_MAX, n)
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
     except (OSError, AttributeError) as e:  # not glibc
         log.debug("mallopt: %s", e)
 
@@ -59,9 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one range per request (registries that answer multi-range with the whole blob)")
     p.add_argument("--no-unpacked-copy", action="store_true",
                    help="never make node-local unpacked copies of completely fetched layers")
+    p.add_argument("--metrics-address", default="", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--metrics-address", default="",
-                   help="serve the lazy-layer metrics (Prometheus) on http://HOST:PORT/metrics (default: off)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -72,18 +74,6 @@ def main(args: argparse.Namespace) -> int:
     opts = Options(root=args.root.absolute(), cache_dir=args.cache_dir, cache_size=args.cache_size,
                    prefetch_bound=args.prefetch_bound, timeout=args.timeout,
                    background=not args.no_background_fetch, force_single_range=args.force_single_range,
-                   unpack=not args.no_unpacked_copy)
+                   unpack=not args.no_unpacked_copy, metrics_address=args.metrics_address)
     limit_malloc_arenas()
-    if args.metrics_address:
-        serve_metrics(args.metrics_address)
     return run(opts)
-
-
-def serve_metrics(address: str) -> None:
-    """Prometheus metrics of this process's lazy layers (:mod:`cvmfs_snap.lazyfs.metrics`) on ``HOST:PORT``."""
-    host, _, port = address.rpartition(":")
-    try:
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=DEFAULT_METRICS.registry)
-    except (ValueError, OSError) as exc:
-        raise InvalidInputError(f"--metrics-address {address!r}: cannot serve metrics there ({exc})") from None
-    log.info("lazy-layer metrics on http://%s/metrics", address)

@@ -37,6 +37,7 @@ from typing import Any
 
 import pyfuse3
 import trio  # type: ignore[import-untyped]
+from prometheus_client import start_http_server
 
 from cvmfs_snap.errors import (
     CvmfsSnapError,
@@ -48,6 +49,7 @@ from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.lazyfs import control
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
+from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
 from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.lazyfs.tree import Tree, build_tree
@@ -76,6 +78,8 @@ class Options:
     background: bool = True
     force_single_range: bool = False
     unpack: bool = True
+    #: ``host:port`` to serve Prometheus metrics on (``/metrics``), "" = off
+    metrics_address: str = ""
 
     @property
     def mnt(self) -> Path:
@@ -156,8 +160,9 @@ class LazyfsProcess:
         lid = str(req.get("id", ""))
         layer = self.layers.get(lid)
         if op == "check":
-            if layer is None:
-                async with self._lock(lid):  # an attach in progress (restore) is waited for
+            pending = self._locks.get(lid)
+            if layer is None and pending is not None:
+                async with pending:  # an attach in progress (restore) is waited for
                     layer = self.layers.get(lid)
             if layer is None:
                 raise NotFoundError(f"layer {lid[:80]} is not attached")
@@ -359,8 +364,24 @@ async def _signals(scope: trio.CancelScope) -> None:
             return
 
 
+def serve_metrics(address: str) -> tuple[str, int]:
+    """Serve the lazy metrics (:data:`~cvmfs_snap.lazyfs.metrics.DEFAULT_METRICS`: layer digests as labels, never
+    image references or credentials) on ``host:port``; returns the bound address."""
+    host, _, port = address.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
+                                            registry=DEFAULT_METRICS.registry)
+    except (ValueError, OSError) as e:
+        raise InvalidInputError(f"lazyfs: cannot serve metrics on {address!r}: {e}") from None
+    bound = server.server_address
+    log.info("lazyfs metrics on http://%s:%d/metrics", bound[0], bound[1])
+    return str(bound[0]), int(bound[1])
+
+
 def run(opts: Options) -> int:
     _prepare(opts)
     proc = LazyfsProcess(opts)
+    if opts.metrics_address:
+        serve_metrics(opts.metrics_address)
     trio.run(_serve, proc)
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from cvmfs_snap.estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, Toc, TocEntry
@@ -64,7 +64,7 @@ class Node:
     xattrs: dict[bytes, bytes] | None = None
     #: directories: name -> node index, and the names in readdir order
     entries: dict[bytes, int] | None = None
-    names: list[bytes] = field(default_factory=list)
+    names: tuple[bytes, ...] = ()
 
     @property
     def is_dir(self) -> bool:
@@ -208,5 +208,5 @@ def build_tree(toc: Toc, now_ns: int | None = None) -> Tree:
             n.xattrs = {**(n.xattrs or {}), OPAQUE_XATTR: b"y"}
     for n in nodes:
         if n.entries is not None:
-            n.names = sorted(n.entries)
+            n.names = tuple(sorted(n.entries))
     return Tree(nodes, file_bytes)
