@@ -6,7 +6,7 @@ Subcommands live in their own modules; each exposes ``add_arguments(parser)`` an
 - ``status``: list snapshots and where each layer comes from (``cvmfs_snap.snapshotter.status``)
 - ``pull``: pull an image through containerd with our snapshotter (``cvmfs_snap.containerd.pull``)
 - ``demo``: the end-to-end main job on an embedded default (``cvmfs_snap.demo``)
-- ``convert``: registry-to-registry eStargz conversion (``cvmfs_snap.convert.command``)
+- ``convert``: copy an image registry to registry with eStargz layers (``cvmfs_snap.convert.command``)
 - ``lazyfs``: the lazy layers' FUSE process (``cvmfs_snap.lazyfs.command``)
 """
 

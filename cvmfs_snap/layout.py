@@ -25,11 +25,18 @@ With ``d`` the compressed layer digest hex (no ``sha256:``) and ``cfg`` the imag
       <registry>/<repository>:<tag>           relative symlink -> .flat/<cfg[0:2]>/<cfg>
       .multiarch/<arch>/<registry>/<repository>:<tag>   per-architecture symlinks of a multi-arch image; <arch> as
                                               DUCC spells it: amd64, arm64:v8 (``<arch>[:<variant>]``)
+      .multiarch/<alias> -> <arch>            DUCC's aliases for the ``uname -m`` spellings a node's CVMFS_ARCH holds
+                                              (x86_64 -> amd64, aarch64 -> arm64 or arm64:v8, ...), see
+                                              MULTIARCH_ALIASES
+    With the cvmfs backends the public name of a multi-arch image is a CVMFS variant symlink (DUCC since 2025):
+      <registry>/<repository>:<tag> -> ../../.multiarch/$(CVMFS_ARCH:-amd64)/<registry>/<repository>:<tag>
+    (as many ``../`` as the name has directory levels; the default is the image's default platform). Where
+    variant symlinks do not resolve (the local backend), it points at the default platform's flat instead.
 
 A layer is *complete* when its ``layer.json`` exists and parses, or, for layers DUCC published (no ``layer.json``),
 when its ``layerfs`` directory exists. The publisher must make ``layerfs`` visible only together with ``layer.json``
-(the local backend stages the whole layer directory and renames it into place; the cvmfs backends publish both in one
-transaction or write ``layer.json`` in the publish that follows a successful ingest).
+(the local backend stages the whole layer directory and renames it into place; the cvmfs backends publish
+``layerfs`` and ``.metadata`` of all new layers of an image in one ``cvmfs_server ingest``).
 """
 
 from __future__ import annotations
@@ -66,6 +73,21 @@ SCHEDULE_KEY = "x-cvmfs-snap"
 
 #: files CVMFS itself places in a tree that a container must never see
 CVMFS_MARKER_FILES = frozenset({CATALOG_MARKER, ".cvmfsdirtab"})
+
+#: DUCC's ``.multiarch/<alias>`` links (cvmfs/cvmfs PR #4170): a node's ``$(CVMFS_ARCH)`` is ``uname -m``
+#: (x86_64, aarch64), OCI platforms use Go's names (amd64, arm64); the first candidate present is the target
+MULTIARCH_ALIASES: dict[str, tuple[str, ...]] = {
+    "aarch64": ("arm64", "arm64:v8"),
+    "arm64": ("arm64:v8",),
+    "armhf": ("arm",),
+    "armel": ("arm:v6",),
+    "i386": ("386",),
+    "x86_64": ("amd64",),
+    "x86-64": ("amd64",),
+}
+
+#: the CVMFS variant-symlink expression of a node's architecture, with its default
+_VARIANT_ARCH = re.compile(r"\$\(CVMFS_ARCH(?::-([^)]*))?\)")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would accept a trailing "\n"
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._:@+-]*$")
@@ -116,6 +138,13 @@ class LayerRecord:
     #: AUFS metadata entries (relative) the layerfs keeps as plain files/dirs (``.wh..wh.plnk``, ``.wh..wh.aufs``)
     #: that containers must not see; absent in records written before it existed (= none)
     hidden: list[str] = field(default_factory=list)
+    #: extended attributes of the layer's tar that its ``layerfs`` does not carry (``cvmfs_server ingest`` drops
+    #: them all): relative path -> {xattr name: base64 value}; ``security.selinux`` is never recorded. A node
+    #: restores them for containers (docs/layout.md). Absent in older records (= none recorded)
+    xattrs: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: hard links of the tar that the ``layerfs`` stores as separate copies (ingest): [path, target] pairs, in tar
+    #: order (the content is identical; only the link count and the shared inode are lost)
+    hardlinks: list[list[str]] = field(default_factory=list)
     publisher_version: str = ""
     created: float = 0.0
     version: int = LAYOUT_VERSION
@@ -138,8 +167,10 @@ class LayerRecord:
             known = set(cls.__dataclass_fields__)
             rec = cls(**{k: v for k, v in data.items() if k in known})
             digest_hex(rec.digest)
-            if not all(isinstance(v, list) for v in (rec.whiteouts, rec.opaque_dirs, rec.hidden)):
-                raise TypeError("whiteouts/opaque_dirs/hidden must be lists")
+            if not all(isinstance(v, list) for v in (rec.whiteouts, rec.opaque_dirs, rec.hidden, rec.hardlinks)):
+                raise TypeError("whiteouts/opaque_dirs/hidden/hardlinks must be lists")
+            if not isinstance(rec.xattrs, dict) or not all(isinstance(v, dict) for v in rec.xattrs.values()):
+                raise TypeError("xattrs must map paths to objects")
             return rec
         except InvalidInputError:
             raise
@@ -281,6 +312,46 @@ class RepositoryLayout:
     def flat_link_target(self, link: Path, config_digest: str) -> str:
         """The relative symlink text from ``link`` to the flat tree of ``config_digest``."""
         return os.path.relpath(self.flat_dir(config_digest), link.parent)
+
+    def variant_link_target(self, registry: str, repository: str, tag: str, default_arch: str) -> str:
+        """DUCC's variant symlink text for the public name of a multi-arch image:
+        ``../../.multiarch/$(CVMFS_ARCH:-<default_arch>)/<registry>/<repository>:<tag>``."""
+        name = self.image_name(registry, repository, tag)
+        arch = _check_component(default_arch, "architecture")
+        return "../" * name.count("/") + f"{MULTIARCH_DIR}/$(CVMFS_ARCH:-{arch})/{name}"
+
+    def multiarch_alias_links(self, new_arches: set[str]) -> list[tuple[Path, str]]:
+        """The ``.multiarch/<alias>`` links (path, target) to create or re-point so that every alias whose
+        candidate exists (already, or in ``new_arches``) resolves; aliases that are real directories are left."""
+        base = self.root / MULTIARCH_DIR
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            names = []
+        real = {n for n in names if (base / n).is_dir() and not (base / n).is_symlink()} | set(new_arches)
+        out: list[tuple[Path, str]] = []
+        for alias, candidates in MULTIARCH_ALIASES.items():
+            if alias in real:
+                continue
+            target = next((c for c in candidates if c in real), None)
+            link = base / alias
+            if target is not None and not (link.is_symlink() and os.readlink(link) == target):
+                out.append((link, target))
+        return out
+
+
+def link_resolves(link: Path) -> bool:
+    """True when ``link`` is a symlink to a directory; a CVMFS variant symlink (``$(CVMFS_ARCH:-amd64)``), which
+    only a CVMFS client resolves, is checked with its default value."""
+    if not link.is_symlink():
+        return False
+    if link.is_dir():
+        return True
+    target = os.readlink(link)
+    m = _VARIANT_ARCH.search(target)
+    if m is None or not m.group(1):
+        return False
+    return (link.parent / (target[: m.start()] + m.group(1) + target[m.end():])).is_dir()
 
 
 def read_json(path: Path) -> Any:

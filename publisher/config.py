@@ -124,6 +124,10 @@ class PublisherConfig:
     cvmfs_server: str = "cvmfs_server"
     #: a sub-path for ``cvmfs_server transaction <repo>/<lease_path>`` (gateway lease; cvmfs-transaction backend)
     lease_path: str | None = None
+    #: seconds one ``cvmfs_server`` call may take (plus 1 s per ``cvmfs_server_min_rate_mib`` MiB fed to an
+    #: ingest) before it is killed and its transaction aborted
+    cvmfs_server_timeout: float = 3600.0
+    cvmfs_server_min_rate_mib: float = 2.0
     #: how many layers are downloaded/unpacked at the same time
     concurrency: int = 2
     #: do not build the flattened root filesystem (``.flat``) nor the public symlinks
@@ -243,6 +247,10 @@ class PublisherConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise InvalidInputError(f"{source}: {name} must be a positive number, got {value!r}")
+        for name in ("cvmfs_server_timeout", "cvmfs_server_min_rate_mib"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidInputError(f"{source}: {name} must be a positive number of seconds/MiB, got {value!r}")
         self.daemon.validate(source)
 
     # -- derived ---------------------------------------------------------------------------------------------------

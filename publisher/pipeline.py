@@ -45,6 +45,7 @@ from cvmfs_snap.layout import (
     ImageRecord,
     RepositoryLayout,
     digest_hex,
+    link_resolves,
 )
 from cvmfs_snap.oci import Descriptor, ImageReference, Index, Manifest, Platform, RegistryClient
 
@@ -336,6 +337,7 @@ class Publisher:
                 result.layers_skipped += 1
         if errors:
             raise _ImageFailed("; ".join(errors))
+        self.backend.flush_layers(sorted(seen))  # backends that batch layers publish them now
 
         crash_point("image-layers-done")
         if not self.skip_flat:
@@ -564,8 +566,12 @@ class Publisher:
                 return False
         if not self.skip_flat:
             link = self.layout.public_link(registry, repository, tag)
-            if not link.is_symlink() or not link.is_dir():
+            if not link_resolves(link):
                 return False
+            if rec.index_digest and self.backend.variant_symlinks and rec.platform and os.readlink(link) != (
+                self.layout.variant_link_target(registry, repository, tag, arch_key(Platform.parse(rec.platform)))
+            ):
+                return False  # an older layout (a plain link to the default flat): republish as a variant link
         return True
 
     def _commit_metadata(self, ref: ImageReference, obj: Manifest | Index, plats: list[_Platform],
@@ -640,7 +646,12 @@ class Publisher:
                         link = layout.multiarch_link(p.key, registry, repository, tag)
                         txn.symlink(rel(link), layout.flat_link_target(link, p.config_digest))
                 link = layout.public_link(registry, repository, tag)
-                txn.symlink(rel(link), layout.flat_link_target(link, default.config_digest))
+                if multi and self.backend.variant_symlinks:  # DUCC's: resolved by each node on $(CVMFS_ARCH)
+                    txn.symlink(rel(link), layout.variant_link_target(registry, repository, tag, default.key))
+                    for alias, target in layout.multiarch_alias_links({p.key for p in plats}):
+                        txn.symlink(rel(alias), target)
+                else:
+                    txn.symlink(rel(link), layout.flat_link_target(link, default.config_digest))
 
             txn.write_file(rel(meta_dir / IMAGE_JSON), record(default).to_json().encode())
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.cli import main as cli_main
-from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError
+from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError
 from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargz
 from cvmfs_snap.oci import ImageReference, Manifest, RegistryClient
 from cvmfs_snap.oci.push import Pusher as OciPusher
@@ -59,10 +59,10 @@ def _check_estargz_image(reg: Registry, ref: str, tmp: Path) -> Manifest:
     r = ImageReference.parse(ref)
     with _client(reg) as c:
         m, _ = c.resolve(r)
-        cfg = json.loads(c.get_blob(r, m.config.digest))
+        cfg = json.loads(c.get_blob(r, m.config.digest, m.config.size))
         for i, d in enumerate(m.layers):
             assert d.media_type.endswith("gzip")
-            blob = c.get_blob(r, d.digest, max_size=1 << 30)
+            blob = c.get_blob(r, d.digest, d.size, max_size=1 << 30)
             es = EStargz.open(lambda o, n, b=blob: b[o : o + n], len(blob),
                               toc_digest=d.annotations[TOC_DIGEST_ANNOTATION])
             es.verify_all(lambda o, n, b=blob: b[o : o + n])
@@ -164,7 +164,7 @@ def test_prioritize_file(registry: Registry, tmp_path: Path, capsys: pytest.Capt
     m = _check_estargz_image(registry, registry.ref("conv/prio-esgz", "v1"), tmp_path)
     with _client(registry) as c:
         r = ImageReference.parse(registry.ref("conv/prio-esgz", "v1"))
-        blob = c.get_blob(r, m.layers[0].digest)
+        blob = c.get_blob(r, m.layers[0].digest, m.layers[0].size)
     es = EStargz.open(lambda o, n: blob[o : o + n], len(blob))
     assert es.prefetch == ["app", "app/main", "z"]
 
@@ -183,7 +183,7 @@ def test_a_lying_source_publishes_nothing(registry: Registry, capsys: pytest.Cap
     rc = cli_main(["convert", "--progress", "plain", registry.ref("conv/liar", "v1"),
                    registry.ref("conv/liar-esgz", "v1")])
     assert rc == IntegrityError.exit_code
-    with _client(registry) as c, pytest.raises(Exception, match="not found"):
+    with _client(registry) as c, pytest.raises(NotFoundError, match="not found"):
         c.get_manifest(ImageReference.parse(registry.ref("conv/liar-esgz", "v1")))
 
 
@@ -229,7 +229,7 @@ def test_chunked_upload_streams_in_pieces_and_the_registry_checks_the_digest(reg
             up.write(data[i : i + 333])
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         up.commit(digest)
-        assert c.get_blob(ref, digest) == data and p.blob_exists(ref, digest)
+        assert c.get_blob(ref, digest, len(data)) == data and p.blob_exists(ref, digest)
         bad = p.start_upload(ref, chunk_size=1000)
         bad.write(data[:3000])
         with pytest.raises(InvalidInputError, match=r"rejected the request .*HTTP 400"):

@@ -157,3 +157,20 @@ def test_compression_level_changes_size_not_content() -> None:
     assert r1.toc_digest != r9.toc_digest
     a, b = _files(gzip.decompress(fast)), _files(gzip.decompress(best))
     assert a.pop(TOC_TAR_NAME) != b.pop(TOC_TAR_NAME) and a == b
+
+
+@pytest.mark.parametrize("case", ["big", "hardlinks", "xattrs", "empty"])
+def test_zstd_chunked_round_trip(case: str) -> None:
+    import zstandard
+
+    tar = CORPUS[case]
+    blob, res = to_estargz(tar, compression="zstd", compression_level=3, chunk_size=CHUNK)
+    es = open_bytes(blob, toc_digest=res.toc_digest)
+    assert es.footer.kind == "zstd" and blob[-8:] == b"GnUlInUx"
+    read = lambda o, n: blob[o : o + n]  # noqa: E731
+    es.verify_all(read)
+    for path, data in _files(tar).items():
+        assert es.read_file(read, path) == data
+    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+    assert "sha256:" + hashlib.sha256(plain).hexdigest() == res.diff_id and len(plain) == res.uncompressed_size
+    assert _files(plain).keys() == _files(tar).keys() | {NO_PREFETCH_LANDMARK}

@@ -21,7 +21,7 @@ from cvmfs_snap.layer import apply_layer, iter_layer, scan_tree_whiteouts
 from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from publisher.backends.base import LayerInfo
-from publisher.backends.cvmfs import spool_and_validate
+from publisher.backends.ingest_tar import spool_and_validate
 from publisher.backends.local import LocalBackend
 from tests.support.images import BuiltLayer, Entry, layer
 from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay
@@ -55,7 +55,7 @@ def test_layer_mode_keeps_and_indexes_aufs_metadata(tmp_path: Path) -> None:
     assert scan_tree_whiteouts(tmp_path) == res.whiteouts  # DUCC-style layers: the same index from the tree
     # the ingest path (no unpacking, cvmfs_server stores the tar) records the same index
     rec = spool_and_validate(LayerInfo(aufs.digest, aufs.media_type, len(aufs.blob), aufs.diff_id),
-                             io.BytesIO(aufs.tar), tmp_path / "spool.tar")
+                             io.BytesIO(aufs.tar), tmp_path / "spool.tar").record
     assert (rec.whiteouts, rec.opaque_dirs, rec.hidden) == (["etc/gone"], [], AUFS_META)
     assert next(e.path for e in iter_layer(io.BytesIO(aufs.tar))) == ".wh..wh.aufs"  # checked, passed on
 

@@ -141,7 +141,7 @@ def test_kill_after_delays_then_rerun(
         assert _content(root) == reference_tree
 
 
-@pytest.mark.parametrize("point", ["layer-spooled:1", "ingest-done:1", "txn-before-publish:2"])
+@pytest.mark.parametrize("point", ["layer-spooled:1", "ingest-done:1", "txn-before-publish:2", "txn-applied:2"])
 def test_ingest_backend_kill_then_rerun(
     point: str, tmp_path: Path, registry: Registry, images: list[tuple[str, str, im.BuiltImage]]
 ) -> None:
@@ -155,7 +155,7 @@ def test_ingest_backend_kill_then_rerun(
     assert check_invariants(fake.root, allow_ducc_layers=True) == []
     rerun = _run(cmd, fake.env())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    if point.startswith("txn-before-publish"):
+    if point.startswith("txn-applied"):  # killed inside `cvmfs_server transaction` (changes are buffered before)
         assert ["abort", "-f", fake.repo] in fake.commands()  # the open transaction was aborted first
     _check_complete(fake.root, registry, images)
     assert fake.violations() == ""

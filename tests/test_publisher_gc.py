@@ -256,7 +256,8 @@ def test_gc_removes_multiarch_flats_and_links_of_a_dropped_image(tmp_path: Path,
 @pytest.mark.parametrize("backend", ["cvmfs-ingest", "cvmfs-transaction"])
 def test_gc_removes_through_cvmfs_server(tmp_path: Path, registry: Registry, backend: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the cvmfs backends GC changes the repository only inside `cvmfs_server transaction` ... `publish`."""
+    """With the cvmfs backends GC changes the repository only through `cvmfs_server`: transaction ... publish, and
+    `ingest -d` for layers."""
     from tests.support.publisher_env import make_fake_cvmfs
 
     fake = make_fake_cvmfs(tmp_path)
@@ -287,7 +288,11 @@ def test_gc_removes_through_cvmfs_server(tmp_path: Path, registry: Registry, bac
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "gc: removed 1 layers, 1 flats, 1 links" in r.stdout
-    assert fake.commands()[before:] == [["transaction", fake.repo], ["publish", fake.repo]]
+    # links, metadata and flats in one transaction, then the layer with `ingest -d` (directories ingest made
+    # cannot be changed by a transaction)
+    assert fake.commands()[before:] == [["transaction", fake.repo], ["publish", fake.repo],
+                                        ["ingest", "-d", str(layout.layer_dir(gone.digest).relative_to(fake.root)),
+                                         fake.repo]]
     assert fake.violations() == ""  # nothing changed outside a transaction
     assert not layout.layer_dir(gone.digest).exists()
     assert not layout.flat_dir(drop.config_digest).exists()

@@ -380,7 +380,9 @@ def test_dropped_image_is_removed_through_cvmfs_server(tmp_path: Path, registry:
     r = cli("gc", "--grace-period", "0")
     assert r.returncode == 0, r.stderr
     assert "gc: removed 1 layers, 1 flats, 1 links, 1 images" in r.stdout
-    assert fake.commands()[n:] == [["transaction", fake.repo], ["publish", fake.repo]]
+    drop_layer = RepositoryLayout(fake.root).layer_dir(drop.layers[0].digest).relative_to(fake.root)
+    assert fake.commands()[n:] == [["transaction", fake.repo], ["publish", fake.repo],
+                                   ["ingest", "-d", str(drop_layer), fake.repo]]
     assert fake.violations() == ""
     layout = RepositoryLayout(fake.root)
     assert not layout.image_metadata_dir(registry.host, "gcr/cvmfs-drop", "v1").exists()

@@ -25,7 +25,7 @@ from cvmfs_snap.layer import apply_layer, digesting, open_layer
 from cvmfs_snap.layout import LayerRecord
 from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo, TarStream
-from publisher.backends.cvmfs import spool_and_validate
+from publisher.backends.ingest_tar import QUEUE_ITEM, prepare_layer
 from publisher.backends.local import LocalBackend, build_flat_dir, unpack_layer_dir
 from publisher.pipeline import Publisher
 from publisher.workers import LayerWorkers, offloadable
@@ -90,7 +90,7 @@ class _Counting:
         return self._h.hexdigest()
 
 
-@pytest.mark.parametrize("step", ["unpack_layer_dir", "spool_and_validate"])
+@pytest.mark.parametrize("step", ["unpack_layer_dir", "prepare_layer"])
 @pytest.mark.parametrize("codec", ["gzip", "zstd", "plain"])
 def test_each_layer_byte_is_hashed_once(step: str, codec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                         ) -> None:
@@ -102,8 +102,8 @@ def test_each_layer_byte_is_hashed_once(step: str, codec: str, tmp_path: Path, m
         if step == "unpack_layer_dir":
             rec = unpack_layer_dir(_info(lay), tar, tmp_path / "layer")
         else:
-            rec = spool_and_validate(_info(lay), tar, tmp_path / "layer.tar")
-            assert (tmp_path / "layer.tar").read_bytes() == lay.tar
+            rec = prepare_layer(_info(lay), tar, tmp_path / "stage")  # the cvmfs backends' step
+            assert (tmp_path / "stage" / QUEUE_ITEM).is_file()
     assert rec.diff_id == lay.diff_id
     blob_bytes = len(lay.blob) if codec != "plain" else len(lay.tar)
     assert _Counting.total == blob_bytes + len(lay.tar)
@@ -190,12 +190,12 @@ def _bad_layers() -> list[tuple[str, im.BuiltLayer, str | None]]:
     ]
 
 
-@pytest.mark.parametrize("step", ["unpack_layer_dir", "spool_and_validate"])
+@pytest.mark.parametrize("step", ["unpack_layer_dir", "prepare_layer"])
 @pytest.mark.parametrize(("what", "lay", "diff_id"), _bad_layers(), ids=[b[0] for b in _bad_layers()])
 def test_worker_errors_arrive_as_the_same_kind_and_message(
     workers: LayerWorkers, tmp_path: Path, step: str, what: str, lay: im.BuiltLayer, diff_id: str | None
 ) -> None:
-    fn = unpack_layer_dir if step == "unpack_layer_dir" else spool_and_validate
+    fn = unpack_layer_dir if step == "unpack_layer_dir" else prepare_layer
     info = _info(lay, diff_id)
     with pytest.raises(CvmfsSnapError) as here, \
             open_layer(io.BytesIO(lay.blob), lay.media_type, name=f"layer {lay.digest}") as tar:

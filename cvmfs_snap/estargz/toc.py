@@ -13,7 +13,8 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
@@ -51,7 +52,8 @@ class TocEntry:
     gname: str = ""
     devmajor: int = 0
     devminor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    #: extended attributes; None when there are none (most entries: no empty dict per entry)
+    xattrs: dict[str, bytes] | None = None
     digest: str = ""
     offset: int = 0
     chunk_offset: int = 0
@@ -97,20 +99,23 @@ def format_modtime(mtime_ns: int) -> str:
         return ""
 
 
-def toc_json(entries: list[TocEntry]) -> bytes:
-    """Serialised TOC (tab-indented like Go's ``json.MarshalIndent``); its sha256 is the TOC digest.
-
-    Entry by entry, so a layer with a million files never holds a million dicts at once.
-    """
+def toc_json_parts(entries: list[TocEntry]) -> Iterator[bytes]:
+    """The serialised TOC piece by piece (tab-indented like Go's ``json.MarshalIndent``): a layer with a million
+    files is written without holding its whole TOC text, nor a million dicts, at once."""
     if not entries:
-        return b'{\n\t"version": 1,\n\t"entries": []\n}'
-    parts = [b'{\n\t"version": 1,\n\t"entries": [\n']
+        yield b'{\n\t"version": 1,\n\t"entries": []\n}'
+        return
+    yield b'{\n\t"version": 1,\n\t"entries": [\n'
     last = len(entries) - 1
     for i, e in enumerate(entries):
         text = json.dumps(e.to_json(), indent="\t", ensure_ascii=False).replace("\n", "\n\t\t")
-        parts.append(b"\t\t" + text.encode("utf-8", "surrogateescape") + (b",\n" if i < last else b"\n"))
-    parts.append(b"\t]\n}")
-    return b"".join(parts)
+        yield b"\t\t" + text.encode("utf-8", "surrogateescape") + (b",\n" if i < last else b"\n")
+    yield b"\t]\n}"
+
+
+def toc_json(entries: list[TocEntry]) -> bytes:
+    """Serialised TOC; its sha256 is the TOC digest."""
+    return b"".join(toc_json_parts(entries))
 
 
 @dataclass
@@ -247,6 +252,8 @@ def parse_toc(
             except (binascii.Error, ValueError):
                 raise _bad(name, i, f"xattr {k!r} is not valid base64", rawname) from None
             check_xattr(k, value, lim, where)
+            if e.xattrs is None:
+                e.xattrs = {}
             e.xattrs[k] = value
         if e.type == "chunk":
             if current is None or path != current[0].name:

@@ -39,7 +39,7 @@ from cvmfs_snap.estargz.toc import (
     TOC_TAR_NAME,
     TocEntry,
     format_modtime,
-    toc_json,
+    toc_json_parts,
 )
 from cvmfs_snap.layer.digesting import Readable
 from cvmfs_snap.layer.limits import Limits
@@ -157,11 +157,11 @@ def _landmark(name: str) -> bytes:
     return ti.tobuf(tarfile.USTAR_FORMAT) + LANDMARK_CONTENTS + bytes(BLOCK - len(LANDMARK_CONTENTS))
 
 
-def _toc_tar(data: bytes) -> bytes:
+def _toc_header(size: int) -> bytes:
     ti = tarfile.TarInfo(TOC_TAR_NAME)
-    ti.size = len(data)
+    ti.size = size
     ti.mode = 0o644
-    return ti.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % BLOCK) + bytes(2 * BLOCK)
+    return ti.tobuf(tarfile.USTAR_FORMAT)
 
 
 def _compress(unit: bytes, level: int, digests: list[tuple[int, int]], codec: str) -> tuple[bytes, list[str]]:
@@ -203,7 +203,7 @@ class _Emitter:
         self.usize = 0
         self._pool = ThreadPoolExecutor(opts.workers, "estargz") if opts.workers > 1 else None
         self._inflight: deque[tuple[_Unit, Future[tuple[bytes, list[str]]] | tuple[bytes, list[str]]]] = deque()
-        self._max = opts.workers + 1  # units queued or being compressed: enough to keep every worker busy
+        self._max = 2 * opts.workers + 1  # units queued or being compressed: every worker kept busy
 
     def submit(self, unit: _Unit) -> None:
         if not unit.size:
@@ -227,6 +227,9 @@ class _Emitter:
         for ent, dg in zip(unit.entries, digests, strict=True):
             ent.offset = self.offset
             ent.chunk_digest = dg
+            if ent.type == "reg" and not ent.digest:
+                # a one-chunk file; a longer file's digest is set (over this) when its last chunk was read
+                ent.digest = dg
         self._write(comp)
 
     def _write(self, data: bytes) -> None:
@@ -263,10 +266,22 @@ def _read_exact(read: Callable[[int], bytes], n: int, what: str) -> bytes:
     return b"".join(parts)
 
 
-def _toc_entry(e: TarEntry) -> TocEntry:
+def _modtime(mtime_ns: int, cache: dict[int, str]) -> str:
+    """format_modtime, one string object per distinct second (layers share a few timestamps across many files)."""
+    secs = (mtime_ns + 500_000_000) // 1_000_000_000
+    text = cache.get(secs)
+    if text is None:
+        if len(cache) > 100_000:
+            cache.clear()
+        text = cache[secs] = format_modtime(mtime_ns)
+    return text
+
+
+def _toc_entry(e: TarEntry, modtimes: dict[int, str]) -> TocEntry:
     t = TocEntry(
         name=e.path or ".", type=_TYPES[e.kind], mode=e.mode, uid=e.uid, gid=e.gid,
-        modtime=format_modtime(e.mtime_ns), devmajor=e.devmajor, devminor=e.devminor, xattrs=dict(e.xattrs),
+        modtime=_modtime(e.mtime_ns, modtimes), devmajor=e.devmajor, devminor=e.devminor,
+        xattrs=dict(e.xattrs) if e.xattrs else None,
     )
     if e.kind in ("symlink", "hardlink"):
         t.linkname = e.linkname
@@ -291,6 +306,7 @@ def _landmark_unit(lname: str, unit: _Unit, em: _Emitter, toc: list[TocEntry]) -
 def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOptions, lead: bool,
                  name: str) -> list[TocEntry]:
     toc: list[TocEntry] = []
+    modtimes: dict[int, str] = {}
     unit = _Unit()
     if lead:
         unit = _landmark_unit(NO_PREFETCH_LANDMARK, unit, em, toc)
@@ -302,7 +318,7 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
         if te.path in (TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
             _skip(item)
             continue
-        ent = _toc_entry(te)
+        ent = _toc_entry(te, modtimes)
         toc.append(ent)
         unit.add(item.header)
         if te.kind != "file" or te.size == 0:
@@ -311,7 +327,8 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
                 unit = _Unit()
             continue
         read = _expand_sparse(te, item.read) if te.sparse is not None else item.read
-        fh = hashlib.sha256()
+        whole = te.size <= opts.chunk_size  # one chunk: its digest is the file's (set when the chunk lands)
+        fh = None if whole else hashlib.sha256()
         done = 0
         cur = ent
         while done < te.size:
@@ -319,7 +336,8 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
             em.submit(unit)
             unit = _Unit()
             data = _read_exact(read, n, f"{name}: entry {te.display}")
-            fh.update(data)
+            if fh is not None:
+                fh.update(data)
             if cur is not ent:
                 toc.append(cur)
             cur.chunk_offset = done
@@ -331,7 +349,8 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
             done += n
             cur = TocEntry(ent.name, "chunk")
         unit.add(bytes(-te.size % BLOCK))
-        ent.digest = "sha256:" + fh.hexdigest()
+        if fh is not None:
+            ent.digest = "sha256:" + fh.hexdigest()
     if opts.compression == "zstd":
         unit.add(bytes(2 * BLOCK))  # zstd:chunked keeps the TOC out of the tar: end the archive here
     em.submit(unit)
@@ -439,23 +458,35 @@ def build(
         toc = _write_items(items, em, opts, not opts.prioritized, name)
         if missing:
             log.warning("%s: prioritised files not in the layer: %s", name, ", ".join(missing[:20]))
-        body = toc_json(toc)
+        # the TOC is serialised twice (its size goes first, in the tar header), never held whole
+        body_len = sum(len(part) for part in toc_json_parts(toc))
+        toc_hash = hashlib.sha256()
         if opts.compression == "zstd":
-            frame = zstandard.ZstdCompressor(level=opts.compression_level).compress(body)
+            z = zstandard.ZstdCompressor(level=opts.compression_level).compressobj(size=body_len)
+            pieces = []
+            for part in toc_json_parts(toc):
+                toc_hash.update(part)
+                pieces.append(z.compress(part))
+            pieces.append(z.flush())
+            frame = b"".join(pieces)
             toc_offset = em.offset + 8
             em.write_raw(SKIPPABLE_MAGIC + struct.pack("<I", len(frame)) + frame)
-            em.write_raw(zstd_footer(toc_offset, len(frame), len(body)))
+            em.write_raw(zstd_footer(toc_offset, len(frame), body_len))
         else:
-            toc_tar = _toc_tar(body)
             c = zlib_ng.compressobj(opts.compression_level, zlib_ng.DEFLATED, 31)
-            toc_member = c.compress(toc_tar) + c.flush()
             toc_offset = em.offset
-            em.write_raw(toc_member, toc_tar)
+            header = _toc_header(body_len)
+            em.write_raw(c.compress(header), header)
+            for part in toc_json_parts(toc):
+                toc_hash.update(part)
+                em.write_raw(c.compress(part), part)
+            tail = bytes(-body_len % BLOCK) + bytes(2 * BLOCK)
+            em.write_raw(c.compress(tail) + c.flush(), tail)
             em.write_raw(gzip_footer(toc_offset))
     finally:
         em.close()
     return BuildResult(
-        toc_digest="sha256:" + hashlib.sha256(body).hexdigest(),
+        toc_digest="sha256:" + toc_hash.hexdigest(),
         diff_id="sha256:" + em.diff_hash.hexdigest(),
         uncompressed_size=em.usize,
         digest="sha256:" + em.blob_hash.hexdigest(),

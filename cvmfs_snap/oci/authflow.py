@@ -59,16 +59,18 @@ class _OriginHeader(httpx.Auth):
 class RepositoryAuth(httpx.Auth):
     """The auth flow for one repository of one registry (see module docstring)."""
 
-    def __init__(self, shared: RegistryAuth, ref: ImageReference, registry_origin: tuple[str, str, int]) -> None:
+    def __init__(self, shared: RegistryAuth, ref: ImageReference, registry_origin: tuple[str, str, int],
+                 actions: str = "pull") -> None:
         self._shared = shared
         self._ref = ref
         self._origin = registry_origin
+        self._actions = actions
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if origin(request.url) != self._origin:
             yield request  # blob storage or another host: never our credentials
             return
-        sent = self._shared.upfront(self._ref)
+        sent = self._shared.upfront(self._ref, self._actions)
         if sent:
             request.headers["Authorization"] = sent
         response = yield request
@@ -77,7 +79,7 @@ class RepositoryAuth(httpx.Auth):
         cl = response.headers.get("content-length", "")
         if cl.isdigit() and int(cl) > ERROR_BODY_LIMIT:
             return  # httpx would read this body into memory before the retry: no retry, the caller drains a bit
-        new = self._shared.on_unauthorized(self._ref, response, sent)
+        new = self._shared.on_unauthorized(self._ref, response, sent, self._actions)
         if new is None:
             return
         request.headers["Authorization"] = new
@@ -98,17 +100,18 @@ class RegistryAuth:
         self._challenges: dict[str, Challenge] = {}
         self._fetch_locks: dict[tuple[str, str], threading.Lock] = {}
 
-    def flow(self, ref: ImageReference, base_url: str) -> RepositoryAuth:
-        return RepositoryAuth(self, ref, origin(httpx.URL(base_url)))
+    def flow(self, ref: ImageReference, base_url: str, actions: str = "pull") -> RepositoryAuth:
+        """``actions``: the token scope's actions, ``pull`` or ``pull,push`` (``cvmfs_snap.oci.push``)."""
+        return RepositoryAuth(self, ref, origin(httpx.URL(base_url)), actions)
 
     @staticmethod
-    def scope(ref: ImageReference) -> str:
-        return f"repository:{ref.repository}:pull"
+    def scope(ref: ImageReference, actions: str = "pull") -> str:
+        return f"repository:{ref.repository}:{actions}"
 
     def creds(self, ref: ImageReference) -> Credentials | None:
         return self.credentials.get(ref.registry) or self.credentials.get(ref.api_host)
 
-    def upfront(self, ref: ImageReference) -> str | None:
+    def upfront(self, ref: ImageReference, actions: str = "pull") -> str | None:
         """The Authorization value to send up front, from what this host asked for before."""
         host = ref.api_host
         with self._lock:
@@ -116,7 +119,7 @@ class RegistryAuth:
         if ch is None:
             return None
         if ch.scheme == "bearer":
-            scope = self.scope(ref)
+            scope = self.scope(ref, actions)
             tok = self.tokens.get(host, scope)
             return f"Bearer {tok if tok is not None else self._token(ref, scope, ch, None)}"
         if ch.scheme == "basic":
@@ -124,7 +127,8 @@ class RegistryAuth:
             return cred.basic_header() if cred else None
         return None
 
-    def on_unauthorized(self, ref: ImageReference, resp: httpx.Response, sent: str | None) -> str | None:
+    def on_unauthorized(self, ref: ImageReference, resp: httpx.Response, sent: str | None,
+                        actions: str = "pull") -> str | None:
         """After a 401: remember the challenge and produce new Authorization (None if there is nothing to try)."""
         challenges = parse_www_authenticate(resp.headers.get_list("www-authenticate"))
         host = ref.api_host
@@ -135,7 +139,7 @@ class RegistryAuth:
         with self._lock:
             self._challenges[host] = ch
         if ch.scheme == "bearer":
-            scope = self.scope(ref)
+            scope = self.scope(ref, actions)
             stale = sent[len("Bearer "):] if sent and sent.startswith("Bearer ") else None
             if stale:
                 self.tokens.invalidate(host, scope, stale)

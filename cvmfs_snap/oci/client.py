@@ -119,6 +119,11 @@ class RegistryClient:
     def __repr__(self) -> str:
         return f"RegistryClient(credentials={self.credentials!r}, insecure={sorted(self.insecure_registries)!r})"
 
+    @property
+    def session(self) -> Session:
+        """The one request path (policy, auth, retries, deadlines), also used by ``cvmfs_snap.oci.push``."""
+        return self._session
+
     def base_url(self, ref: ImageReference) -> str:
         """``scheme://api_host`` for ``ref``: plain HTTP only for loopback and configured-insecure registries;
         InvalidInputError for an ``http://`` reference to any other host."""

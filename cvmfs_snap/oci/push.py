@@ -1,9 +1,9 @@
 """Pushing to a registry: blobs (streamed in chunks, or mounted from another repository) and manifests.
 
-Built on :class:`~cvmfs_snap.oci.client.RegistryClient`'s one request path (auth with a ``pull,push`` scope, redirects
-that never carry credentials elsewhere, plain HTTP only to hosts configured insecure, retries). Uploads follow the
-distribution spec's chunked flow (``POST``, ``PATCH``es, ``PUT ?digest=``) so a layer of any size streams through
-bounded memory; its digest is only needed at the end, when the whole blob has been written.
+Built on :class:`~cvmfs_snap.oci.session.Session`, the client's one request path (auth with a ``pull,push`` scope,
+credentials never sent to another origin, plain HTTP only to hosts configured insecure, retries, deadlines).
+Uploads follow the distribution spec's chunked flow (``POST``, ``PATCH``es, ``PUT ?digest=``) so a layer of any size
+streams through bounded memory; its digest is only needed at the end, when the whole blob has been written.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 UPLOAD_CHUNK = 8 << 20
 
 
-def _push_scope(ref: ImageReference) -> str:
-    return f"repository:{ref.repository}:pull,push"
+PUSH = "pull,push"
 
 
 class BlobUpload:
@@ -51,11 +50,12 @@ class BlobUpload:
 
     def _patch(self, data: bytes) -> None:
         start = self.size - len(self._buf)
-        resp = self._p.client._request(
-            self._ref, "PATCH", self._location, f"upload to {self._ref.name}", ok=(202, 204),
+        what = f"upload to {self._ref.name}"
+        resp = self._p.session.request(
+            self._ref, "PATCH", self._location, what, ok=(202, 204),
             headers={"Content-Type": "application/octet-stream", "Content-Range": f"{start}-{start + len(data) - 1}",
                      "Content-Length": str(len(data))},
-            content=data, scope=_push_scope(self._ref),
+            deadline=self._p.session.deadline(self._ref, what, len(data)), content=data, actions=PUSH,
         )
         resp.close()
         self._location = self._p._next_location(resp, self._location)
@@ -67,10 +67,11 @@ class BlobUpload:
         self._buf.clear()
         url = httpx.URL(self._location)
         url = url.copy_merge_params({"digest": digest})
-        resp = self._p.client._request(
-            self._ref, "PUT", url, f"blob {digest} of {self._ref.name}", ok=(201, 204),
+        what = f"blob {digest} of {self._ref.name}"
+        resp = self._p.session.request(
+            self._ref, "PUT", url, what, ok=(201, 204),
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
-            content=data, scope=_push_scope(self._ref),
+            deadline=self._p.session.deadline(self._ref, what, len(data)), content=data, actions=PUSH,
         )
         resp.close()
         self._done = True
@@ -81,8 +82,8 @@ class BlobUpload:
             return
         self._done = True
         try:
-            self._p.client._request(self._ref, "DELETE", self._location, f"upload to {self._ref.name}",
-                                    ok=(200, 202, 204, 404), scope=_push_scope(self._ref)).close()
+            self._p.session.request(self._ref, "DELETE", self._location, f"upload to {self._ref.name}",
+                                    ok=(200, 202, 204, 404), actions=PUSH).close()
         except Exception as e:  # best effort: the registry expires abandoned uploads itself
             log.debug("cancelling an upload to %s failed: %s", self._ref.name, e)
 
@@ -92,6 +93,7 @@ class Pusher:
 
     def __init__(self, client: RegistryClient) -> None:
         self.client = client
+        self.session = client.session
 
     @staticmethod
     def _next_location(resp: httpx.Response, current: str) -> str:
@@ -103,15 +105,15 @@ class Pusher:
     def blob_exists(self, ref: ImageReference, digest: str) -> bool:
         validate_digest(digest)
         try:
-            self.client._request(ref, "HEAD", self.client._url(ref, f"blobs/{digest}"), f"blob {digest}",
-                                 scope=_push_scope(ref)).close()
+            self.session.request(ref, "HEAD", self.session.url(ref, f"blobs/{digest}"), f"blob {digest}",
+                                 actions=PUSH).close()
         except NotFoundError:
             return False
         return True
 
     def start_upload(self, ref: ImageReference, chunk_size: int = UPLOAD_CHUNK) -> BlobUpload:
-        resp = self.client._request(ref, "POST", self.client._url(ref, "blobs/uploads/"),
-                                    f"new upload to {ref.name}", ok=(202,), scope=_push_scope(ref),
+        resp = self.session.request(ref, "POST", self.session.url(ref, "blobs/uploads/"),
+                                    f"new upload to {ref.name}", ok=(202,), actions=PUSH,
                                     headers={"Content-Length": "0"})
         resp.close()
         if "location" not in resp.headers:
@@ -122,10 +124,10 @@ class Pusher:
         """Cross-repository mount of ``digest`` from ``source`` (same registry); False if the registry did not."""
         if source.api_host != ref.api_host or source.repository == ref.repository:
             return False
-        url = httpx.URL(self.client._url(ref, "blobs/uploads/")).copy_merge_params(
+        url = httpx.URL(self.session.url(ref, "blobs/uploads/")).copy_merge_params(
             {"mount": digest, "from": source.repository})
-        resp = self.client._request(ref, "POST", url, f"mount of {digest} into {ref.name}", ok=(201, 202),
-                                    scope=_push_scope(ref), headers={"Content-Length": "0"})
+        resp = self.session.request(ref, "POST", url, f"mount of {digest} into {ref.name}", ok=(201, 202),
+                                    actions=PUSH, headers={"Content-Length": "0"})
         resp.close()
         if resp.status_code == 201:
             return True
@@ -146,9 +148,9 @@ class Pusher:
         """PUT a manifest or index under ``reference`` (default: ``ref``'s tag or digest); returns its digest."""
         digest = compute_digest(body)
         target = reference or ref.reference
-        resp = self.client._request(ref, "PUT", self.client._url(ref, f"manifests/{target}"),
+        resp = self.session.request(ref, "PUT", self.session.url(ref, f"manifests/{target}"),
                                     f"manifest {target} of {ref.name}", ok=(201, 202, 204),
-                                    headers={"Content-Type": media_type}, content=body, scope=_push_scope(ref))
+                                    headers={"Content-Type": media_type}, content=body, actions=PUSH)
         resp.close()
         got = resp.headers.get("docker-content-digest")
         if got and got != digest:

@@ -63,10 +63,12 @@ class Session:
 
     def request(self, ref: ImageReference, method: str, url: str | httpx.URL, what: str,
                 headers: dict[str, str] | None = None, ok: Sequence[int] = (200,),
-                deadline: Deadline | None = None) -> httpx.Response:
-        """One logical request (see module docstring); the caller closes the returned response."""
+                deadline: Deadline | None = None, *, content: bytes | None = None,
+                actions: str = "pull") -> httpx.Response:
+        """One logical request (see module docstring); the caller closes the returned response. ``content`` is a
+        request body (pushes); ``actions`` the token scope's actions (``pull,push`` for pushes)."""
         target = httpx.URL(url)
-        flow = self.auth.flow(ref, self.base_url(ref))
+        flow = self.auth.flow(ref, self.base_url(ref), actions)
         deadline = deadline or self.deadline(ref, what)
         hdrs = dict(headers or {})
         last = ""
@@ -74,7 +76,7 @@ class Session:
         for attempt in range(retries + 1):
             retry_after: float | None = None
             try:
-                resp = self.transport.send(method, target, hdrs, flow, deadline)
+                resp = self.transport.send(method, target, hdrs, flow, deadline, content)
                 if resp.status_code in ok:
                     return resp
                 status = resp.status_code

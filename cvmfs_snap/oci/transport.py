@@ -397,7 +397,7 @@ class Transport:
         self._http.close()
 
     def send(self, method: str, url: httpx.URL, headers: dict[str, str], auth: httpx.Auth | None = None,
-             deadline: Deadline | None = None) -> httpx.Response:
+             deadline: Deadline | None = None, content: bytes | None = None) -> httpx.Response:
         """Send with redirects followed by hand; returns the final, *open* (streaming) response.
 
         ``url`` must be allowed by the policy (plain HTTP only to allowed hosts); so must every redirect target
@@ -411,7 +411,7 @@ class Transport:
             if deadline is not None:
                 deadline.check()
                 timeout = max(0.001, min(self.timeout, deadline.remaining()))
-            req = self._http.build_request(method, url, headers=headers, timeout=timeout)
+            req = self._http.build_request(method, url, headers=headers, timeout=timeout, content=content)
             token = _TRANSFER_END.set(None if deadline is None else time.monotonic() + deadline.remaining())
             try:
                 resp = self._http.send(req, stream=True, auth=auth)

@@ -32,6 +32,7 @@ def make_backend(config: PublisherConfig) -> Backend:
 
     cls = CvmfsIngestBackend if config.backend == "cvmfs-ingest" else CvmfsTransactionBackend
     backend = cls(root, config.repo, cvmfs_server=config.cvmfs_server, state_dir=config.effective_state_dir(),
-                  lease_path=config.lease_path)
+                  lease_path=config.lease_path, timeout=config.cvmfs_server_timeout,
+                  min_rate=config.cvmfs_server_min_rate_mib * (1 << 20))
     backend.limits = config.limits
     return backend

@@ -4,9 +4,9 @@ The pipeline decides *what* to write and in which order (layers first, image met
 backend decides *how*: a plain directory with renames (``local``), ``cvmfs_server ingest`` (``cvmfs-ingest``) or
 ``cvmfs_server transaction``/``publish`` (``cvmfs-transaction``). Every backend gives the same guarantees:
 
-- ``publish_layer`` makes a layer visible only together with its complete content and its ``layer.json``
-  (or, for ``cvmfs-ingest``, content first in one atomic ingest and ``layer.json`` in the publish that follows,
-  see CVMFS-FACTS); a failure leaves nothing of the layer visible.
+- ``publish_layer`` makes a layer visible only together with its complete content and its ``layer.json``,
+  at once or (cvmfs backends: one ingest for a batch of layers) at the latest when ``flush_layers`` returns;
+  a failure leaves nothing of the layer visible.
 - ``transaction()`` groups metadata changes (files, symlinks, removals): applied on success, discarded when the
   block raises.
 - All ``cvmfs_server`` calls for one repository are serialised with an ``fcntl`` lock on a file in the state
@@ -110,6 +110,9 @@ class Backend(ABC):
 
     #: the repository is read through a CVMFS client mount, which lists magic ``user.*`` xattrs on every file
     reads_through_cvmfs: ClassVar[bool] = False
+    #: the public name of a multi-arch image is a CVMFS variant symlink on ``$(CVMFS_ARCH)`` (DUCC's layout since
+    #: 2025); False where variant symlinks do not resolve (a plain directory): it then points at the default flat
+    variant_symlinks: ClassVar[bool] = False
 
     def layer_tree(self, digest: str) -> Path | None:
         """The published ``layerfs`` of a complete layer when this host can read it, else None.
@@ -129,6 +132,10 @@ class Backend(ABC):
         Raises ``UnsafeLayerError`` for hostile tars, ``IntegrityError`` when the tar's digest is not the
         expected diffID, ``CommandError`` when ``cvmfs_server`` fails; nothing of the layer is visible then.
         """
+
+    def flush_layers(self, digests: Sequence[str] = ()) -> None:  # noqa: B027 - optional hook
+        """Make every layer ``publish_layer`` accepted visible (a backend may batch them), and fail unless all of
+        ``digests`` are complete. The pipeline calls it once an image's layers are done, before its flat trees."""
 
     @abstractmethod
     def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
@@ -251,13 +258,22 @@ class RepoLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._local.depth = 1
+            self._local.fd = fd
             try:
                 yield
             finally:
                 self._local.depth = 0
+                self._local.fd = None
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def held_fd(self) -> int | None:
+        """The descriptor holding the lock in this thread (None when not held). Commands started under the lock
+        inherit it, so a ``cvmfs_server`` left running by a killed publisher keeps the repository locked until it
+        ends: the next run's recovery then never aborts a publish that is still going on."""
+        fd: int | None = getattr(self._local, "fd", None)
+        return fd
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:

@@ -1,27 +1,32 @@
-"""The two backends that drive a real stratum-0 through ``cvmfs_server``.
+"""The two backends that drive a real stratum-0 through ``cvmfs_server`` (facts: /work/shared/CVMFS-FACTS.md).
 
-``cvmfs-ingest``
-    Each layer goes in with ``cvmfs_server ingest --catalog -k -t - -b .layers/<xx>/<d>/layerfs <repo>`` (its own
-    atomic publish; ``-k`` keeps the tar's ownership, ``--catalog`` makes ``layerfs`` a nested catalog).
-    Hostile tars must never reach ``cvmfs_server``, and ingest cannot be stopped half-way without publishing
-    something, so we *spool*: the decompressed tar is validated entry by entry (``cvmfs_snap.layer.iter_layer``)
-    while it is written to a temporary file in the state directory, the whiteout index is computed on the way, the
-    diffID is checked, and only then is the spool streamed into ``ingest``. This costs local disk of one
-    uncompressed layer per worker, never memory. Before the ingest, ``.layers/<xx>/<d>`` is created in a metadata
-    transaction (else its parents would get uid/gid 4294967295, see CVMFS-FACTS); after it, ``layers.json``,
-    ``origin.json`` and ``layer.json`` are published in one more transaction. If the ingest fails, its target is
-    deleted with ``cvmfs_server ingest -d``; if the metadata publish fails, ``abort -f`` and the layer is deleted too.
+Layers, both backends
+    Never through a transaction: a transaction takes every ``.wh.*`` name as a whiteout and deletes instead of
+    storing it, and layers must keep their ``.wh.*`` files (the layout contract; flats are built from them). Each
+    layer's tar is validated and spooled (``publisher.backends.ingest_tar``), its members moved under
+    ``<xx>/<d>/layerfs/`` (``publisher.backends.tar_rebase``: data, sparse maps and owners untouched), and queued.
+    ``flush_layers`` -- called by the pipeline once an image's layers are done, by every ``transaction()`` first,
+    when the queue is full, and by ``close`` -- publishes the whole queue with ONE
+    ``cvmfs_server ingest -k -t - -b .layers <repo>``: per layer root-owned entries for ``<xx>/<d>/``,
+    ``layerfs/`` and the directories the layer implies without listing them (ingest would record them with owner
+    4294967295, which no transaction can change), a ``layerfs/.cvmfscatalog`` (its nested catalog), the members,
+    and ``.metadata/layers.json``, ``origin.json`` and ``layer.json`` (last). Content and metadata of all layers of
+    an image thus appear in one atomic publish. Removals inside layer directories (GC) are
+    ``cvmfs_server ingest -d`` calls, all paths in one publish (one each through a gateway, which refuses several);
+    other writes there (``origin.json`` of a reused layer) go in one ``ingest -b .layers`` too. Per image with N
+    new layers: 1 publish for the layers (was 3 N), plus the flat's and the image metadata's transactions.
 
-``cvmfs-transaction``
-    Layers are unpacked (layer mode) into a local staging directory concurrently, then moved into the repository
-    inside ``cvmfs_server transaction <repo>[/<lease path>]`` … ``publish``: all layers staged at that moment go in
-    one transaction (group commit), so busy periods need few publishes. A sub-path transaction is a gateway lease,
-    letting several publisher nodes work on one repository.
+Transactions, both backends
+    ``transaction()`` buffers changes; on success it publishes the ``.layers/<xx>/<d>/`` part with ``ingest`` (see
+    above), applies the rest inside ``cvmfs_server transaction <repo>[/<lease path>]`` … ``publish`` (``abort -f``
+    when anything fails) and then runs the ``ingest -d`` removals. A block that raises changes nothing. OS errors
+    inside a transaction (``Permission denied`` on a tree an older ingest recorded with owner 4294967295) become a
+    :class:`CommandError` saying how to remove that tree.
 
-Both: metadata changes go through ``transaction``/``publish`` (``abort -f`` when anything fails), every
-``cvmfs_server`` call of a repository is serialised by an ``fcntl`` lock in the state directory, and a marker file
-records an open transaction so that a run killed inside one is aborted by the next run's ``recover``. Exit
-statuses decide success; stderr noise (dash's ``[[: not found``) is only logged.
+``cvmfs-ingest`` and ``cvmfs-transaction`` differ only in the transaction's path: the latter takes a sub-path
+lease (``--lease-path``, a gateway lease). Every ``cvmfs_server`` call of a repository is serialised by an
+``fcntl`` lock in the state directory and has a timeout (``publisher.backends.cvmfs_server``); a marker file records
+an open transaction or ingest, so that a run killed inside one is aborted by the next run's ``recover``.
 """
 
 from __future__ import annotations
@@ -34,25 +39,26 @@ import subprocess
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmfs_snap.errors import CommandError, CvmfsSnapError
-from cvmfs_snap.fsutil import remove_tree
-from cvmfs_snap.layer.limits import Limits
+from cvmfs_snap.errors import CommandError, CvmfsSnapError, InvalidInputError
+from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly, walk
 from cvmfs_snap.layout import (
     CATALOG_MARKER,
     FLAT_DIR,
     LAYER_JSON,
+    LAYERFS,
+    LAYERS_DIR,
     LAYERS_JSON,
     METADATA_DIR,
     ORIGIN_JSON,
     LayerRecord,
     RepositoryLayout,
+    digest_hex,
 )
 
 from ..crashpoints import crash_point
-from ..workers import offloadable
 from .base import (
     Backend,
     LayerInfo,
@@ -60,162 +66,414 @@ from .base import (
     RepoLock,
     TarStream,
     Txn,
-    check_diff_id,
     check_relpath,
     layers_json,
     merge_origin,
-    new_record,
     symlink_atomic,
     write_atomic,
 )
-from .local import Staging, build_flat_dir, disk_error, unpack_layer_dir
+from .cvmfs_server import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT, CvmfsServer, StdinPart
+from .ingest_tar import END_OF_ARCHIVE, QUEUE_ITEM, REBASED_TAR, entries_tar, files_tar, prepare_layer
+from .local import DISK_FULL, Staging, build_flat_dir, disk_error
 
 log = logging.getLogger(__name__)
 
-_STDERR_NOISE = ("[[: not found",)
-
-
-class CvmfsServer:
-    """Runs ``cvmfs_server`` for one repository and turns failures into :class:`CommandError`."""
-
-    def __init__(self, exe: str, repo: str) -> None:
-        self.exe = exe
-        self.repo = repo
-
-    def run(self, *args: str, stdin_path: Path | None = None) -> None:
-        argv = [self.exe, *args]
-        log.debug("running %s", " ".join(argv))
-        try:
-            if stdin_path is not None:
-                with open(stdin_path, "rb") as f:
-                    proc = subprocess.run(argv, stdin=f, capture_output=True, check=False)
-            else:
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-        except FileNotFoundError as exc:
-            raise CommandError(
-                f"cannot run {self.exe!r}: not found; install the CernVM-FS server tools or set cvmfs_server "
-                "(--cvmfs-server) to its path"
-            ) from exc
-        except OSError as exc:
-            raise CommandError(f"cannot run {self.exe!r}: {exc}") from exc
-        err = proc.stderr.decode(errors="replace")
-        noise = [ln for ln in err.splitlines() if ln.strip() and not any(n in ln for n in _STDERR_NOISE)]
-        if proc.returncode != 0:
-            tail = "\n".join(noise[-10:]) or err.strip()[-1000:]
-            raise CommandError(
-                f"`{' '.join(argv)}` failed with exit status {proc.returncode}: {tail or '(no output)'}; "
-                f"check the repository with `cvmfs_server check {self.repo}` and the stratum-0 logs"
-            )
-        if noise:
-            log.debug("%s: %s", " ".join(args[:1]), "; ".join(noise[-5:]))
-
-    def transaction(self, lease_path: str | None = None) -> None:
-        self.run("transaction", f"{self.repo}/{lease_path}" if lease_path else self.repo)
-
-    def publish(self) -> None:
-        self.run("publish", self.repo)
-
-    def abort(self) -> None:
-        self.run("abort", "-f", self.repo)
-
-    def ingest(self, base_dir: str, tar_path: Path) -> None:
-        self.run("ingest", "--catalog", "-k", "-t", "-", "-b", base_dir, self.repo, stdin_path=tar_path)
-
-    def ingest_delete(self, path: str) -> None:
-        self.run("ingest", "-d", path, self.repo)
+__all__ = ["CvmfsBackend", "CvmfsIngestBackend", "CvmfsServer", "CvmfsTransactionBackend", "CvmfsTxn"]
 
 
 @dataclass
-class DirectTxn(Txn):
-    """Changes applied straight into the repository mount, which is writable inside a transaction."""
+class _Queued:
+    """One layer waiting in ``<state>/queue/<d>/``: ``rebased.tar`` (its members under ``<xx>/<d>/layerfs/``) and
+    ``item.json`` (written before the directory is renamed into the queue). On disk, so any process sharing the
+    state directory (or the next run, after a kill) publishes it."""
+
+    digest: str
+    record: LayerRecord
+    origin: list[str]
+    stage: Path
+    implied_dirs: list[str]
+    size: int
+
+    @classmethod
+    def load(cls, stage: Path) -> _Queued:
+        data = json.loads((stage / QUEUE_ITEM).read_bytes())
+        rec = LayerRecord.from_json(json.dumps(data["record"]))
+        if digest_hex(rec.digest) != stage.name:
+            raise InvalidInputError(f"{stage}: holds {rec.digest}")
+        return cls(rec.digest, rec, [str(o) for o in data["origin"]], stage,
+                   [str(d) for d in data["implied_dirs"]], (stage / REBASED_TAR).stat().st_size)
+
+
+def _in_layer_dir(relpath: str) -> bool:
+    """``.layers/<xx>/<d>[/...]``: written by ``ingest`` only (buckets and ``.layers`` itself are not)."""
+    parts = relpath.split("/")
+    return len(parts) >= 3 and parts[0] == LAYERS_DIR
+
+
+@dataclass
+class _Op:
+    kind: str  # write, symlink, remove, mkdir, catalog, install
+    relpath: str
+    data: bytes = b""
+    target: str = ""
+    src: Path | None = None
+
+
+@dataclass
+class CvmfsTxn(Txn):
+    """Buffered changes of one ``transaction()`` block (applied by the backend when the block ends normally)."""
 
     root: Path
+    ops: list[_Op] = field(default_factory=list)
 
     def write_file(self, relpath: str, data: bytes) -> None:
-        path = self.root / check_relpath(relpath)
-        try:
-            write_atomic(path, data)
-        except OSError as exc:  # disk full in the transaction's scratch area says so, naming the file
-            raise disk_error(exc, path, "writing") from exc
+        self.ops.append(_Op("write", check_relpath(relpath), data=bytes(data)))
 
     def symlink(self, relpath: str, target: str) -> None:
-        path = self.root / check_relpath(relpath)
-        try:
-            symlink_atomic(path, target)
-        except OSError as exc:
-            raise disk_error(exc, path, "writing") from exc
+        self.ops.append(_Op("symlink", check_relpath(relpath), target=target))
 
     def remove(self, relpath: str) -> None:
-        p = self.root / check_relpath(relpath)
-        if p.is_dir() and not p.is_symlink():
-            remove_tree(p)
-        elif p.is_symlink() or p.exists():
-            p.unlink()
+        self.ops.append(_Op("remove", check_relpath(relpath)))
 
     def makedirs(self, relpath: str) -> None:
-        (self.root / check_relpath(relpath)).mkdir(parents=True, exist_ok=True)
+        self.ops.append(_Op("mkdir", check_relpath(relpath)))
 
     def ensure_catalog(self, relpath: str) -> None:
-        d = self.root / check_relpath(relpath)
-        d.mkdir(parents=True, exist_ok=True)
-        if not (d / CATALOG_MARKER).exists():
-            (d / CATALOG_MARKER).touch()
+        self.ops.append(_Op("catalog", check_relpath(relpath)))
 
     def install_tree(self, src: Path, relpath: str) -> None:
-        """Move a staged tree into place (rename when on the same filesystem, else ``cp -a``: keeps owners,
-        modes, times, xattrs and hard links)."""
-        dst = self.root / check_relpath(relpath)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
-            self.remove(relpath)
-        try:
-            os.rename(src, dst)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            proc = subprocess.run(["cp", "-a", "--", str(src), str(dst)], capture_output=True, check=False)
-            if proc.returncode != 0:
-                raise CommandError(
-                    f"copying {src} into {dst} failed: {proc.stderr.decode(errors='replace')[-500:]}"
-                ) from None
+        """Move a staged tree into place (replacing what is there)."""
+        self.ops.append(_Op("install", check_relpath(relpath), src=src))
+
+    def read_file(self, relpath: str) -> bytes | None:
+        """What the file holds once this transaction is applied so far (buffered writes first)."""
+        rel = check_relpath(relpath)
+        for op in reversed(self.ops):
+            if op.relpath == rel or rel.startswith(op.relpath + "/"):
+                if op.kind == "write" and op.relpath == rel:
+                    return op.data
+                if op.kind in ("remove", "install"):
+                    return None
+        return super().read_file(rel)
 
 
 class CvmfsBackend(Backend):
-    """What both ``cvmfs_server`` backends share: the lock, transactions, the flat tree, recovery."""
+    """What both ``cvmfs_server`` backends share: layers by ingest, batched metadata, transactions, recovery."""
 
     reads_through_cvmfs = True
+    variant_symlinks = True
 
     def __init__(self, root: str | os.PathLike[str], repo: str, *, cvmfs_server: str = "cvmfs_server",
-                 state_dir: str | os.PathLike[str], lease_path: str | None = None) -> None:
+                 state_dir: str | os.PathLike[str], lease_path: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, min_rate: float = DEFAULT_MIN_RATE,
+                 server_conf: str | os.PathLike[str] | None = None, batch_bytes: int = 4 << 30,
+                 batch_layers: int = 256) -> None:
         self.root = Path(root)
         self.layout = RepositoryLayout(self.root)
         self.repo = repo
-        self.server = CvmfsServer(cvmfs_server, repo)
+        self.server = CvmfsServer(cvmfs_server, repo, timeout=timeout, min_rate=min_rate, server_conf=server_conf)
         self.lease_path = lease_path
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.staging = Staging(self.state_dir / "staging")
         self.lock = RepoLock(self.state_dir / "cvmfs_server.lock")
+        self.server.lock_fd = self.lock.held_fd
         self._marker = self.state_dir / "transaction-open"
+        #: layers validated and spooled, waiting for one batched ingest (``flush_layers``)
+        self._queue = self.state_dir / "queue"
+        self._flushing = threading.local()
+        self.batch_bytes = batch_bytes
+        self.batch_layers = batch_layers
+
+    # -- layers ------------------------------------------------------------------------------------------------------
+    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
+        """Validate and spool the layer, rebased under ``<xx>/<d>/layerfs/``, and queue it; the queue goes into
+        the repository with one ingest at ``flush_layers`` (the pipeline calls it before an image's flats),
+        at the next transaction, when it holds ``batch_bytes``/``batch_layers``, or at ``close``."""
+        hexd = digest_hex(info.digest)
+        stage = self.staging.new()
+        try:
+            try:
+                rec = prepare_layer(info, tar_stream, stage, self.limits)
+            except OSError as exc:
+                raise CommandError(
+                    f"layer {info.digest}: cannot spool the layer in {self.state_dir}: {exc.strerror or exc}; the "
+                    "state directory needs free space for one uncompressed layer per worker and batch"
+                ) from exc
+        except BaseException:
+            remove_tree_quietly(stage)
+            raise
+        self._queue.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(stage, self._queue / hexd)
+        except OSError as exc:
+            remove_tree_quietly(stage)
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return rec  # queued meanwhile by another worker or process
+        crash_point("layer-spooled")
+        queued = self._read_queue()
+        if sum(q.size for q in queued) >= self.batch_bytes or len(queued) >= self.batch_layers:
+            self.flush_layers()
+        return rec
+
+    def has_layer(self, digest: str) -> bool:
+        if (self._queue / digest_hex(digest) / QUEUE_ITEM).is_file():
+            return True  # flush_layers makes it visible (or fails the image) before anything uses it
+        return super().has_layer(digest)
+
+    def _read_queue(self) -> list[_Queued]:
+        out: list[_Queued] = []
+        try:
+            names = sorted(os.listdir(self._queue))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            try:
+                out.append(_Queued.load(self._queue / name))
+            except FileNotFoundError:
+                continue  # flushed meanwhile
+            except (OSError, ValueError, KeyError, TypeError, CvmfsSnapError) as exc:
+                log.warning("dropping unreadable queued layer %s: %s", self._queue / name, exc)
+                remove_tree_quietly(self._queue / name)
+        return out
+
+    def flush_layers(self, digests: Sequence[str] = ()) -> None:
+        """Publish every queued layer, with its metadata, in one ``ingest -b .layers``; then check that all of
+        ``digests`` are complete (a layer queued by another image whose batch failed fails this image too)."""
+        with self.lock():
+            if getattr(self._flushing, "on", False):
+                return  # the bucket transaction inside a flush
+            self._flushing.on = True
+            batch = self._read_queue()
+            try:
+                todo = [q for q in batch if not self.layout.is_layer_complete(q.digest)]
+                if todo:
+                    self._ingest_batch(todo)
+            finally:
+                self._flushing.on = False
+                for q in batch:
+                    remove_tree_quietly(q.stage)
+        missing = [d for d in digests if not self.layout.is_layer_complete(d)]
+        if missing:
+            raise CommandError(
+                f"layer(s) {', '.join(missing)} did not reach {self.repo}: the ingest of their batch failed (see "
+                "the log); the next run publishes them"
+            )
+
+    def _ingest_batch(self, batch: Sequence[_Queued]) -> None:
+        layout = self.layout
+        self._ensure_buckets(batch[0].digest)
+        leftovers = [self._rel(layout.layer_dir(q.digest)) for q in batch
+                     if os.path.lexists(layout.layer_dir(q.digest))]  # incomplete: start clean
+        if leftovers and self.lease_path:  # a gateway refuses deleting and adding in one ingest
+            self._delete_paths(leftovers)
+            leftovers = []
+        parts: list[StdinPart] = []
+        for q in batch:
+            hexd = digest_hex(q.digest)
+            base = f"{hexd[:2]}/{hexd}"
+            parts.append(entries_tar([(f"{base}/{LAYERFS}/{CATALOG_MARKER}", b"")],
+                                     dirs=[base, f"{base}/{LAYERFS}",
+                                           *(f"{base}/{LAYERFS}/{d}" for d in q.implied_dirs)]))
+            parts.append(q.stage / REBASED_TAR)
+            origin = merge_origin(None, q.origin) or b""
+            parts.append(entries_tar([(f"{base}/{METADATA_DIR}/{LAYERS_JSON}", layers_json(q.record)),
+                                      (f"{base}/{METADATA_DIR}/{ORIGIN_JSON}", origin),
+                                      (f"{base}/{METADATA_DIR}/{LAYER_JSON}", q.record.to_json().encode())],
+                                     dirs=[f"{base}/{METADATA_DIR}"]))
+        parts.append(END_OF_ARCHIVE)
+        try:
+            with self._marked():
+                self.server.ingest(self._rel(layout.layers_root), parts, catalog=False, delete=leftovers)
+        except CvmfsSnapError as exc:
+            log.error("publishing %d layer(s) (%s) in one ingest failed: %s", len(batch),
+                      ", ".join(q.digest for q in batch), exc)
+            # the failed ingest aborted its transaction; whatever of the batch is visible anyway goes
+            self._delete_quietly([self._rel(layout.layer_dir(q.digest)) for q in batch
+                                  if os.path.lexists(layout.layer_dir(q.digest))
+                                  and not layout.is_layer_complete(q.digest)])
+            raise CommandError(f"layer(s) {', '.join(q.digest for q in batch)}: {exc}") from exc
+        crash_point("ingest-done")
+        log.info("published %d layer(s) in one ingest of %s", len(batch), self.repo)
+
+    def layer_tree(self, digest: str) -> Path | None:
+        """Not when the flat tree needs what ingest dropped: xattrs of the layer that this repository's publish
+        keeps (``CVMFS_INCLUDE_XATTRS=true``); the flat then gets that layer from the registry."""
+        path = super().layer_tree(digest)
+        if path is None:
+            return None
+        rec = self._record(digest)
+        if rec is None:
+            return path
+        if not _keeps_whiteouts(path, rec):
+            log.warning("layer %s: its layerfs lacks .wh.* files its layer.json lists (published through a "
+                        "transaction by an older cvmfs-snap, which the server turned into deletions); its flat "
+                        "trees take it from the registry", digest)
+            return None
+        # flats never carry file capabilities (privilege); the other xattrs are worth a download where kept
+        kept = {p: names for p, names in rec.xattrs.items() if set(names) - {"security.capability"}}
+        if not kept:
+            return path
+        if self.server.includes_xattrs():
+            return None
+        example = next(iter(kept.items()))
+        log.warning(
+            "layer %s: %d entries have extended attributes (e.g. %s: %s) that neither its layerfs (ingest drops "
+            "them; layer.json records them) nor flat trees keep, because CVMFS_INCLUDE_XATTRS is not true in %s; "
+            "set it there to keep them in flats (file capabilities, user.*)",
+            digest, len(kept), example[0], ", ".join(sorted(example[1])), self.server.server_conf,
+        )
+        return path
+
+    def _record(self, digest: str) -> LayerRecord | None:
+        try:
+            return self.layout.read_layer_record(digest)
+        except InvalidInputError:
+            return None
+
+    def _ensure_buckets(self, digest: str) -> None:
+        """``.layers`` and its 256 buckets ``.layers/<xx>`` (nested catalogs, root-owned; an ingest would record
+        them with owner 4294967295): all missing ones in one transaction, so that it happens once per repository
+        instead of once per new bucket."""
+        root = self.layout.layers_root
+        if (self.layout.layer_bucket(digest) / CATALOG_MARKER).is_file() and (root / CATALOG_MARKER).is_file():
+            return
+        with self.transaction() as txn:
+            txn.ensure_catalog(self._rel(root))
+            for i in range(256):
+                if not (root / f"{i:02x}" / CATALOG_MARKER).is_file():
+                    txn.ensure_catalog(f"{LAYERS_DIR}/{i:02x}")
+
+    # -- files inside layer directories ------------------------------------------------------------------------------
+    def _ingest_files(self, files: dict[str, bytes]) -> None:
+        """Write files inside layer directories with one ``ingest -k -t - -b .layers`` (no catalog)."""
+        base = self.layout.layers_root
+        new_dirs: set[str] = set()
+        for rel in files:
+            parent = os.path.dirname(rel)
+            while parent and _in_layer_dir(parent) and not (self.root / parent).is_dir():
+                new_dirs.add(parent)
+                parent = os.path.dirname(parent)
+        strip = len(LAYERS_DIR) + 1
+        tar = files_tar(
+            sorted(((rel[strip:], data) for rel, data in files.items()), key=_metadata_order),
+            dirs=sorted(d[strip:] for d in new_dirs),
+        )
+        with self._marked():
+            self.server.ingest(self._rel(base), [tar], catalog=False)
+
+    # -- removals inside layer directories --------------------------------------------------------------------------
+    def _delete_paths(self, paths: Sequence[str]) -> None:
+        present = [p for p in dict.fromkeys(paths) if os.path.lexists(self.root / p)]
+        if not present:
+            return
+        with self._marked():
+            if self.lease_path:
+                for p in present:
+                    self.server.ingest_delete([p])
+            else:
+                self.server.ingest_delete(present)
+
+    def _delete_quietly(self, paths: Sequence[str]) -> None:
+        try:
+            self._delete_paths(paths)
+        except CvmfsSnapError as exc:
+            log.error("could not delete %s after a failure: %s; delete it with `cvmfs_server ingest -d %s %s`",
+                      ", ".join(paths), exc, " -d ".join(paths), self.repo)
 
     # -- transactions ------------------------------------------------------------------------------------------------
     @contextmanager
-    def transaction(self) -> Iterator[DirectTxn]:
-        with self.lock():
-            self.server.transaction(self.lease_path)
-            self._marker.write_text(f"{os.getpid()}\n")
-            try:
-                yield DirectTxn(self.root)
-                crash_point("txn-before-publish")
-            except BaseException:
-                self._abort()
-                raise
-            try:
-                self.server.publish()
-            except CvmfsSnapError:
-                self._abort()
-                raise
+    def _marked(self) -> Iterator[None]:
+        """The marker says a transaction (ours or an ingest's) may be open, for ``recover`` after a kill."""
+        self._marker.write_text(f"{os.getpid()}\n")
+        try:
+            yield
+        finally:  # a failed ingest aborted its own transaction (and a timed-out one was aborted for it)
             self._marker.unlink(missing_ok=True)
+
+    @contextmanager
+    def transaction(self) -> Iterator[CvmfsTxn]:
+        with self.lock():
+            self.flush_layers()
+            txn = CvmfsTxn(self.root)
+            yield txn
+            crash_point("txn-before-publish")
+            self._commit(txn)
+
+    def _commit(self, txn: CvmfsTxn) -> None:
+        layer_writes: dict[str, bytes] = {}
+        layer_removes: list[str] = []
+        others: list[_Op] = []
+        for op in txn.ops:
+            if not _in_layer_dir(op.relpath):
+                others.append(op)
+            elif op.kind == "write":
+                layer_writes[op.relpath] = op.data
+                layer_removes = [r for r in layer_removes if r != op.relpath]
+            elif op.kind == "remove":
+                layer_removes.append(op.relpath)
+                layer_writes = {k: v for k, v in layer_writes.items()
+                                if k != op.relpath and not k.startswith(op.relpath + "/")}
+            else:
+                raise InvalidInputError(
+                    f"refusing to {op.kind} {op.relpath} in a transaction: inside layer directories only files "
+                    "are written and trees removed (through cvmfs_server ingest)"
+                )
+        if layer_writes:
+            self._ingest_files(layer_writes)
+        if others:
+            self._apply_in_transaction(others)
+        if layer_removes:
+            self._delete_paths(layer_removes)
+
+    def _apply_in_transaction(self, ops: Sequence[_Op]) -> None:
+        self.server.transaction(self.lease_path)
+        self._marker.write_text(f"{os.getpid()}\n")
+        try:
+            for op in ops:
+                try:
+                    self._apply(op)
+                except OSError as exc:
+                    if exc.errno in DISK_FULL:  # disk full in the transaction's scratch area: say so, name it
+                        raise disk_error(exc, self.root / op.relpath, "writing") from exc
+                    raise CommandError(
+                        f"cannot {op.kind} {op.relpath} in the transaction of {self.repo}: "
+                        f"{exc.strerror or exc}; a directory that an earlier `cvmfs_server ingest -k` recorded "
+                        "with owner 4294967295 (older cvmfs-snap and DUCC layers) cannot be changed by any "
+                        f"transaction: remove that tree with `cvmfs_server ingest -d <path> {self.repo}`"
+                    ) from exc
+            crash_point("txn-applied")
+        except BaseException:
+            self._abort()
+            raise
+        try:
+            self.server.publish()
+        except CvmfsSnapError:
+            self._abort()
+            raise
+        self._marker.unlink(missing_ok=True)
+
+    def _apply(self, op: _Op) -> None:
+        path = self.root / op.relpath
+        if op.kind == "write":
+            write_atomic(path, op.data)
+        elif op.kind == "symlink":
+            symlink_atomic(path, op.target)
+        elif op.kind == "mkdir":
+            path.mkdir(parents=True, exist_ok=True)
+        elif op.kind == "catalog":
+            path.mkdir(parents=True, exist_ok=True)
+            if not (path / CATALOG_MARKER).exists():
+                (path / CATALOG_MARKER).touch()
+        elif op.kind == "remove":
+            if path.is_dir() and not path.is_symlink():
+                remove_tree(path)
+            elif os.path.lexists(path):
+                path.unlink()
+        elif op.kind == "install":
+            assert op.src is not None
+            _install_tree(op.src, path)
 
     def _abort(self) -> None:
         try:
@@ -230,20 +488,58 @@ class CvmfsBackend(Backend):
         with self.lock():
             if self._marker.exists():
                 log.warning("a previous run was killed inside a transaction of %s; aborting it", self.repo)
-                self._abort()
+                try:
+                    self.server.abort()
+                except CvmfsSnapError as exc:
+                    log.info("nothing to abort (%s)", exc)  # its last command ended the transaction itself
+                self._marker.unlink(missing_ok=True)
             self.staging.clean_abandoned()
+            try:
+                self.flush_layers()  # validated layers a killed run left queued
+            except CvmfsSnapError as exc:
+                log.error("%s", exc)
+
+    def close(self) -> None:
+        """Queued layers of images that failed otherwise are still valid layers: publish them."""
+        try:
+            self.flush_layers()
+        except CvmfsSnapError as exc:
+            log.error("%s", exc)
 
     # -- flat tree -----------------------------------------------------------------------------------------------------
     def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
         with self.staging.dir() as stage:
             flat = stage / "flat"
             build_flat_dir(flat, layers, self.limits)
-            rel = str(self.layout.flat_dir(config_digest).relative_to(self.root))
+            self._warn_dropped_xattrs(flat, config_digest)
+            rel = self._rel(self.layout.flat_dir(config_digest))
             with self.transaction() as txn:
                 if self.layout.flat_dir(config_digest).is_dir():
                     return
                 txn.ensure_catalog(FLAT_DIR)
                 txn.install_tree(flat, rel)
+
+    def _warn_dropped_xattrs(self, flat: Path, config_digest: str) -> None:
+        """``publish`` drops xattrs unless ``CVMFS_INCLUDE_XATTRS=true``: say so when the flat has any."""
+        if self.server.includes_xattrs():
+            return
+        count, example = 0, ""
+        for dirpath, dirs, files in walk(flat):
+            for name in dirs + files:
+                p = os.path.join(dirpath, name)
+                try:
+                    names = os.listxattr(p, follow_symlinks=False)
+                except OSError:
+                    continue
+                if names:
+                    count += 1
+                    example = example or f"{os.path.relpath(p, flat)} ({', '.join(sorted(names)[:3])})"
+        if count:
+            log.warning(
+                "flat %s: %d entries carry extended attributes (e.g. %s) that %s drops when publishing, because "
+                "CVMFS_INCLUDE_XATTRS is not true in %s; set it there to keep them (file capabilities, user.*)",
+                config_digest, count, example, self.repo, self.server.server_conf,
+            )
 
     def _rel(self, p: Path) -> str:
         return str(p.relative_to(self.root))
@@ -252,156 +548,49 @@ class CvmfsBackend(Backend):
 class CvmfsIngestBackend(CvmfsBackend):
     name = "cvmfs-ingest"
 
-    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
-        with self.staging.dir() as stage:
-            spool = stage / "layer.tar"
-            rec = spool_and_validate(info, tar_stream, spool, self.limits)
-            layout = self.layout
-            layer_rel = self._rel(layout.layer_dir(info.digest))
-            layerfs_rel = self._rel(layout.layerfs(info.digest))
-            md = layout.layer_metadata_dir(info.digest)
-            crash_point("layer-spooled")
-            with self.lock():
-                if layout.is_layer_complete(info.digest):
-                    return layout.read_layer_record(info.digest) or rec
-                # parents first, in a transaction, so that they are owned by the repository owner
-                with self.transaction() as txn:
-                    txn.ensure_catalog(self._rel(layout.layers_root))
-                    txn.ensure_catalog(self._rel(layout.layer_bucket(info.digest)))
-                    if layout.layerfs(info.digest).exists():  # a failed earlier ingest: start clean
-                        txn.remove(layerfs_rel)
-                    txn.makedirs(layer_rel)
-                try:
-                    self.server.ingest(layerfs_rel, spool)
-                except CvmfsSnapError:
-                    self._delete_quietly(layerfs_rel)
-                    raise
-                crash_point("ingest-done")
-                try:
-                    with self.transaction() as txn:
-                        existing = txn.read_file(self._rel(md / ORIGIN_JSON))
-                        txn.write_file(self._rel(md / LAYERS_JSON), layers_json(rec))
-                        txn.write_file(self._rel(md / ORIGIN_JSON),
-                                       merge_origin(existing, info.origin) or existing or b"")
-                        txn.write_file(self._rel(md / LAYER_JSON), rec.to_json().encode())
-                except CvmfsSnapError:
-                    self._delete_quietly(layerfs_rel)
-                    raise
-            return rec
-
-    def _delete_quietly(self, relpath: str) -> None:
-        try:
-            self.server.ingest_delete(relpath)
-        except CvmfsSnapError as exc:
-            log.error("could not delete %s after a failure: %s; delete it with `cvmfs_server ingest -d %s %s`",
-                      relpath, exc, relpath, self.repo)
-
-
-class _Tee:
-    def __init__(self, src: TarStream, sink: object) -> None:
-        self._src, self._sink = src, sink
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._src.read(n)
-        if data:
-            self._sink.write(data)  # type: ignore[attr-defined]
-        return data
-
-    @property
-    def diff_id(self) -> str | None:
-        """The source's digest: the tar reader on top need not hash the tar again (cvmfs_snap.layer.digesting)."""
-        return getattr(self._src, "diff_id", None)
-
-
-@offloadable  # runs in a layer worker process when the pipeline has them (publisher.workers)
-def spool_and_validate(info: LayerInfo, tar: TarStream, spool: Path, limits: Limits | None = None) -> LayerRecord:
-    """Copy the tar to ``spool`` while checking every entry (hostile tars raise UnsafeLayerError) and collecting
-    whiteouts; check the diffID. Nothing reaches ``cvmfs_server`` before this returned."""
-    from cvmfs_snap.layer import iter_layer
-    from cvmfs_snap.layer.digesting import HashingReader
-    from cvmfs_snap.layer.whiteout import classify
-
-    found: dict[str, list[str]] = {"whiteout": [], "opaque": [], "hidden": []}
-    entries = 0
-    reader = HashingReader(tar)
-    with open(spool, "wb") as f:
-        tee = _Tee(reader, f)
-        for entry in iter_layer(tee, limits, name=info.digest):
-            entries += 1
-            meaning = classify(entry.path)  # the same index apply_layer(mode="layer") returns
-            if meaning is not None:
-                found[meaning[0]].append(meaning[1])
-            while entry.read(1 << 20):
-                pass
-        while tee.read(1 << 20):
-            pass
-    check_diff_id(info, reader.digest)
-    return new_record(info, reader.digest or "", reader.size, entries, found["whiteout"], found["opaque"],
-                      found["hidden"])
-
-
-@dataclass
-class _Staged:
-    digest: str
-    layer_dir: Path
-    done: bool = False
-    error: BaseException | None = None
-
 
 class CvmfsTransactionBackend(CvmfsBackend):
+    """Flats and image metadata in (sub-path lease) transactions; layers still by ``ingest`` (see the module)."""
+
     name = "cvmfs-transaction"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._pending: list[_Staged] = []
-        self._pending_lock = threading.Lock()
-        self._commit_lock = threading.Lock()
 
-    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
-        with self.staging.dir() as stage:
-            layer_dir = stage / "layer"
-            rec = unpack_layer_dir(info, tar_stream, layer_dir, self.limits)
-            item = _Staged(info.digest, layer_dir)
-            with self._pending_lock:
-                self._pending.append(item)
-            self._group_commit(item)
-            return rec
-
-    def _group_commit(self, item: _Staged) -> None:
-        """The first waiter publishes every layer staged so far in one transaction; the others find theirs done."""
-        with self._commit_lock:
-            if not item.done:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                try:
-                    with self.transaction() as txn:
-                        txn.ensure_catalog(self._rel(self.layout.layers_root))
-                        for it in batch:
-                            if self.layout.is_layer_complete(it.digest):
-                                continue
-                            txn.ensure_catalog(self._rel(self.layout.layer_bucket(it.digest)))
-                            old_origin = txn.read_file(self._rel(self.layout.origin_json(it.digest)))
-                            if old_origin:
-                                merged = merge_origin(
-                                    old_origin, _origin_list(it.layer_dir / METADATA_DIR / ORIGIN_JSON)
-                                )
-                                write_atomic(it.layer_dir / METADATA_DIR / ORIGIN_JSON, merged or old_origin)
-                            txn.install_tree(it.layer_dir, self._rel(self.layout.layer_dir(it.digest)))
-                    log.info("published %d layer(s) in one transaction of %s", len(batch), self.repo)
-                except BaseException as exc:
-                    for it in batch:
-                        it.error = exc
-                    raise
-                finally:
-                    for it in batch:
-                        it.done = True
-            elif item.error is not None:
-                raise item.error
+def _keeps_whiteouts(layerfs: Path, rec: LayerRecord) -> bool:
+    """The tree still has the ``.wh.*`` files of every whiteout and opaque directory its record lists."""
+    for p in rec.whiteouts:
+        head, _, name = p.rpartition("/")
+        if not os.path.lexists(layerfs / head / f".wh.{name}"):
+            return False
+    return all(os.path.lexists(layerfs / d / ".wh..wh..opq") for d in rec.opaque_dirs)
 
 
-def _origin_list(path: Path) -> list[str]:
+def _metadata_order(item: tuple[str, bytes]) -> tuple[str, bool, str]:
+    """Grouped by layer directory (``<xx>/<d>``), its layer.json last (its presence marks the layer complete)."""
+    name = item[0]
+    return ("/".join(name.split("/")[:2]), name.rsplit("/", 1)[-1] == LAYER_JSON, name)
+
+
+def _read(path: Path) -> bytes | None:
     try:
-        data = json.loads(path.read_bytes())
-        return [str(x) for x in data.get("origin", [])]
-    except (OSError, ValueError, AttributeError):
-        return []
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _install_tree(src: Path, dst: Path) -> None:
+    """Rename a staged tree into place (``cp -a`` across filesystems: keeps owners, modes, times, xattrs, links)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_dir() and not dst.is_symlink():
+        remove_tree(dst)
+    elif os.path.lexists(dst):
+        dst.unlink()
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        proc = subprocess.run(["cp", "-a", "--", str(src), str(dst)], capture_output=True, check=False)
+        if proc.returncode != 0:
+            raise CommandError(
+                f"copying {src} into {dst} failed: {proc.stderr.decode(errors='replace')[-500:]}"
+            ) from None

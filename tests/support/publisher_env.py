@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvmfs_snap.layout import IMAGE_JSON, ImageRecord, RepositoryLayout
+from cvmfs_snap.layout import IMAGE_JSON, ImageRecord, RepositoryLayout, link_resolves
 from tests.support import images as im
 
 FAKE_CVMFS_SERVER = Path(__file__).with_name("fake_cvmfs_server.py")
@@ -58,8 +58,18 @@ class FakeCvmfs:
     def root(self) -> Path:
         return self.repos / self.repo
 
+    @property
+    def etc(self) -> Path:
+        """Stands in for /etc/cvmfs."""
+        return self.state.parent / "fake-etc"
+
+    @property
+    def server_conf(self) -> Path:
+        return self.etc / "repositories.d" / self.repo / "server.conf"
+
     def env(self, fail: str = "") -> dict[str, str]:
-        return {"FAKE_CVMFS_REPOS": str(self.repos), "FAKE_CVMFS_STATE": str(self.state), "FAKE_CVMFS_FAIL": fail}
+        return {"FAKE_CVMFS_REPOS": str(self.repos), "FAKE_CVMFS_STATE": str(self.state), "FAKE_CVMFS_FAIL": fail,
+                "FAKE_CVMFS_ETC": str(self.etc)}
 
     def apply_env(self, monkeypatch: object, fail: str = "") -> None:
         for k, v in self.env(fail).items():
@@ -73,6 +83,11 @@ class FakeCvmfs:
 
     def commands(self) -> list[list[str]]:
         return [list(e["argv"]) for e in self.log()]
+
+    def unknown_owner(self) -> set[str]:
+        """Paths the stand-in recorded with the unknown owner (4294967295 on the real server)."""
+        p = self.state / f"{self.repo}.unknown-owner"
+        return set(p.read_text().splitlines()) if p.exists() else set()
 
     def violations(self) -> str:
         p = self.state / "violations"
@@ -116,7 +131,7 @@ def check_invariants(root: Path, *, allow_ducc_layers: bool = False) -> list[str
             continue
         for name in dirs + files:
             p = Path(dirpath) / name
-            if p.is_symlink() and not p.exists():
+            if p.is_symlink() and not p.exists() and not link_resolves(p):
                 problems.append(f"{p}: dangling public link -> {os.readlink(p)}")
     return problems
 
