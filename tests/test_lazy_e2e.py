@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import pytest
 import cvmfs_snap
 from cvmfs_snap.containerd.labels import chain_ids
 from cvmfs_snap.devenv.images import busybox_entries
+from cvmfs_snap.devenv.procs import stop_lazyfs
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.e2e import (
     PLUGIN,
@@ -35,6 +35,7 @@ from tests.support.e2e import (
     diff_listings,
     log_mark,
     mounted_view,
+    publish,
     snapshotter_status,
     tree_listing,
 )
@@ -117,23 +118,6 @@ def lazy_config(tmp: Path, extra: str = "") -> Path:
     cfg.write_text(f'repository = "{REPO_NAME}"\nabsolute-mountpoint = "{repo}"\n[cvmfs-snap.lazy]\n'
                    f'hosts-dir = "{tmp / "certs.d"}"\nprefetch = false\nbackground-fetch = false\n{extra}')
     return cfg
-
-
-def stop_lazyfs(lazy_root: Path) -> None:
-    """SIGTERM the lazyfs process the snapshotter started (its pid file), wait, unmount what it left."""
-    pid_file = lazy_root / "lazyfs.pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text())
-        try:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(200):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-        except ProcessLookupError:
-            pass
-    mnt = lazy_root / "mnt"
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
 
 
 @contextmanager
@@ -288,3 +272,26 @@ def test_cvmfs_snap_pull_plain_layer_then_lazy_layer(registry: Registry, short_t
         r = n.containerd.ctr("run", "--rm", "--snapshotter", PLUGIN, pushed.ref, "mixed-small", "/bin/cat",
                              "/data/small.txt", check=False)
         assert r.returncode == 0 and r.stdout == "hello from a lazy layer\n", r.stderr
+
+
+def test_layer_moving_from_lazy_to_cvmfs_looks_the_same(lazy_image: LazyImage, registry: Registry,
+                                                        short_tmp: Path) -> None:
+    """One image, one tree, whatever the path: the view served lazily equals the view served from CVMFS after the
+    publisher published the same (eStargz) image -- eStargz's own entries hidden on both paths."""
+    img = lazy_image.img
+    top = chain_ids([lay.diff_id for lay in img.layers])[-1]
+    with lazy_node(short_tmp / "a") as n:
+        _, out = cvmfs_snap_pull(n.containerd, lazy_image.ref)
+        assert [lay["outcome"] for lay in out["layers"]] == ["remote"] * 4
+        assert {s["source"] for s in snapshotter_status(n.snapshotter.root)["snapshots"]} == {"lazy"}
+        with mounted_view(n.containerd, PLUGIN, top, "lazy-view") as v:
+            lazy_view = tree_listing(v)
+    publish(short_tmp / "b" / "cvmfs", lazy_image.ref, insecure_host=registry.host)
+    with lazy_node(short_tmp / "b") as n:
+        _, out = cvmfs_snap_pull(n.containerd, lazy_image.ref)
+        assert [lay["outcome"] for lay in out["layers"]] == ["remote"] * 4
+        assert {s["source"] for s in snapshotter_status(n.snapshotter.root)["snapshots"]} == {"cvmfs"}
+        with mounted_view(n.containerd, PLUGIN, top, "cvmfs-view") as v:
+            cvmfs_view = tree_listing(v)
+    assert not ESTARGZ_OWN & set(cvmfs_view)
+    assert diff_listings(lazy_view, cvmfs_view, "lazy", "cvmfs") == []

@@ -1,9 +1,8 @@
 """The lazy LayerSource (sources/lazy.py) under the snapshot core: which Prepares it takes, what it asks the lazyfs
 process over the control socket, restart/re-attach, release, credentials, status.
 
-The registry is real (loopback docker-registry with eStargz images built by our writer). The lazyfs process is
-tests/support/lazyfs_standin.py, a process speaking the control protocol, until the real one is on this branch
-(tests/test_lazy_e2e*.py run the real one).
+The registry is real (loopback docker-registry with eStargz images built by our writer) and so is the lazyfs process
+(``cvmfs-snap lazyfs``, started by the source itself, FUSE); containerd is left out here (tests/test_lazy_e2e.py).
 """
 
 from __future__ import annotations
@@ -15,11 +14,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from cvmfs_snap.devenv.procs import stop_lazyfs
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError
 from cvmfs_snap.snapshotter import status
 from cvmfs_snap.snapshotter.config import parse_config
@@ -36,14 +38,10 @@ from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
 from tests.support.images import BuiltImage, Pusher, estargz_layer, image, push_image
 from tests.support.layersource import lookup
-from tests.support.registry import Registry, log_mark, start_registry
+from tests.support.registry import Registry, free_port, log_mark, start_registry
 
 CHAIN = "sha256:" + "c" * 64
 PASSWORD = "lazy-s3cret-pw"
-
-
-def standin(root: Path) -> list[str]:
-    return [sys.executable, "-m", "tests.support.lazyfs_standin", "--root", str(root)]
 
 
 @pytest.fixture
@@ -63,23 +61,24 @@ def labels_for(img: BuiltImage, ref: str, chain: str = CHAIN, toc: bool = True) 
     return out
 
 
-def requests(root: Path) -> list[dict[str, object]]:
-    p = root / "requests.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+def attached(src: LazySource) -> dict[str, dict[str, object]]:
+    """The process's ``list``, by digest."""
+    return {str(x["digest"]): x for x in src.layers()}
 
 
-def make_source(root: Path, tmp_path: Path, docker_config: Path | None = None, enabled: bool = True) -> LazySource:
+def make_source(root: Path, tmp_path: Path, docker_config: Path | None = None, enabled: bool = True,
+                metrics_address: str = "") -> LazySource:
     if docker_config is None:
         docker_config = tmp_path / "none.json"
         docker_config.write_text("{}")
     settings = LazySettings(enabled=enabled, hosts_dir=str(tmp_path / "certs.d"), docker_config=str(docker_config),
-                            start_timeout=20.0, timeout=10.0)
-    return LazySource(root, settings, command=standin(root))
+                            start_timeout=20.0, timeout=10.0, metrics_address=metrics_address)
+    return LazySource(root, settings)
 
 
 def stop(src: LazySource) -> None:
-    if src.process.started is not None and src.process.started.poll() is None:
-        src.process.started.terminate()
+    stop_lazyfs(src.root)
+    if src.process.started is not None:
         src.process.started.wait(10)
 
 
@@ -116,23 +115,24 @@ def test_lazy_layer_is_attached_and_mounted(lazy_image: tuple[BuiltImage, str], 
         with pytest.raises(AlreadyExistsError, match="served remotely by lazy"):
             sn.prepare("extract-1", "", labels_for(img, ref))
         assert src.process.started is not None and src.process.started.poll() is None
-        attach = [r for r in requests(root) if r["op"] == "attach"]
-        assert len(attach) == 1
-        a = attach[0]
-        assert (a["id"], a["digest"], a["size"], a["toc_digest"]) == (
-            lay.digest[7:], lay.digest, len(lay.blob), lay.annotations[LABEL_TOC_DIGEST])
-        assert a["image_ref"] == ref and a["hosts_dir"] == str(tmp_path / "certs.d") and a["credentials"] is None
+        assert (root / "lazyfs.pid").read_text().strip() == str(src.process.started.pid)
+        assert list(attached(src)) == [lay.digest]
         rec = sn.store.find(CHAIN)
         assert rec is not None and rec.source == "lazy" and rec.labels[LABEL_SOURCE] == "lazy"
+        assert rec.labels[LABEL_TOC_DIGEST] == lay.annotations[LABEL_TOC_DIGEST]
         assert [m[LABEL_CRI_LAYER_DIGEST] for m in missed] == [lay.digest]  # reported for publish-on-miss
         [m] = sn.view("v", CHAIN)
-        assert m.type == "bind" and (Path(m.source) / "ATTACHED").read_text() == lay.digest
+        assert m.type == "bind"
+        assert (Path(m.source) / "etc" / "os-release").read_bytes() == b"ID=test\n"  # through the FUSE mount
         assert os.path.realpath(m.source) == str(root / "mnt" / lay.digest[7:])
         assert src.held() == [lay.digest]
+        rec_file = json.loads((root / "layers" / f"{lay.digest[7:]}.json").read_text())
+        assert rec_file == {"digest": lay.digest, "size": len(lay.blob),
+                            "toc_digest": lay.annotations[LABEL_TOC_DIGEST], "image_ref": ref}
         # the last snapshot goes: detached, nothing held
         sn.remove("v")
         sn.remove(CHAIN)
-        assert src.held() == [] and requests(root)[-1]["op"] == "detach"
+        assert src.held() == [] and attached(src) == {}
         assert not (root / "mnt" / lay.digest[7:]).exists()
     finally:
         sn.close()
@@ -154,24 +154,21 @@ def test_dead_process_is_restarted_and_layers_reattached(lazy_image: tuple[Built
         first.kill()
         first.wait(10)
         (root / "state.json").unlink()  # even a process that lost its own state gets the layer again
-        [m] = sn.view("v", CHAIN)
+        [m] = sn.view("v", CHAIN)  # Mounts: the process is started again, the layer attached from our record
         assert src.process.started is not first and src.process.started is not None
-        assert (Path(m.source) / "ATTACHED").read_text() == lay.digest
-        attaches = [r for r in requests(root) if r["op"] == "attach"]
-        assert len(attaches) == 2 and attaches[-1]["digest"] == lay.digest  # re-attached from our record
+        assert (Path(m.source) / "etc" / "os-release").read_bytes() == b"ID=test\n"
+        assert list(attached(src)) == [lay.digest]
     finally:
         sn.close()
-        stop(src)
-    # a new snapshotter (restart): restore finds the process running and the layer attached, starts nothing
+    # a new snapshotter (restart) after the process died too: restore starts it, the layer is served again
+    src.process.started.kill()
+    src.process.started.wait(10)
     src2 = make_source(root, tmp_path)
     sn2 = Snapshotter(tmp_path / "root", sources=[src2])
     try:
-        assert src.process.started is not None
-        src.process.started.kill()
-        src.process.started.wait(10)
         sn2.restore_sources()
         assert src2.process.started is not None and src2.process.started.poll() is None
-        assert (root / "mnt" / lay.digest[7:] / "ATTACHED").exists()
+        assert (root / "mnt" / lay.digest[7:] / "etc" / "os-release").read_bytes() == b"ID=test\n"
     finally:
         sn2.close()
         stop(src2)
@@ -189,7 +186,7 @@ def test_manifest_disagreeing_with_labels_means_a_normal_pull(lazy_image: tuple[
         mounts = sn.prepare("k1", "", bad)  # no exception: a local snapshot
         assert mounts and sn.store.find("k1") is not None and not sn.store.find("k1").remote  # type: ignore[union-attr]
         assert "TOC digest label differs" in caplog.text
-        assert not [r for r in requests(short_tmp / "lazy") if r["op"] == "attach"]
+        assert src.process.started is None  # nothing attached, no process
     finally:
         sn.close()
         stop(src)
@@ -224,10 +221,11 @@ def test_credentials_reach_the_process_but_no_log_or_file(private_registry: Regi
     try:
         with pytest.raises(AlreadyExistsError):
             sn.prepare("extract-1", "", labels_for(img, reg.ref("private/app", "1")))
-        [a] = [r for r in requests(root) if r["op"] == "attach"]
-        assert a["credentials"] == {reg.host: {"username": "alice", "secret": PASSWORD}}
-        assert a["size"] == len(lay.blob)  # the manifest was read with the credentials
+        # the process read the TOC and now the file with the credentials it got over the socket
+        assert (root / "mnt" / lay.digest[7:] / "f").read_bytes() == b"private"
         assert PASSWORD not in caplog.text
+        assert PASSWORD not in (root / "lazyfs.log").read_text()
+        assert PASSWORD not in (root / "state.json").read_text()
         for f in (root / "layers").iterdir():
             assert PASSWORD not in f.read_text()
         assert PASSWORD not in sn.store.find(CHAIN).request  # type: ignore[union-attr]
@@ -249,17 +247,27 @@ def test_status_shows_percent_fetched(lazy_image: tuple[BuiltImage, str], tmp_pa
     img, ref = lazy_image
     lay = img.layers[0]
     snap_root = short_tmp / "root"
-    src = make_source(snap_root / "lazy", tmp_path)
+    port = free_port()
+    src = make_source(snap_root / "lazy", tmp_path, metrics_address=f"127.0.0.1:{port}")
     sn = Snapshotter(snap_root, sources=[src])
     try:
         with pytest.raises(AlreadyExistsError):
             sn.prepare("extract-1", "", labels_for(img, ref))
-        data = status.collect(snap_root)
-        [s] = [x for x in data["snapshots"] if x["source"] == "lazy"]
-        assert s["lazy"] == {"attached": True, "fetched_percent": 25.0,
-                             "bytes_fetched": int(len(lay.blob) * 0.25), "complete": False}
+        [s] = [x for x in status.collect(snap_root)["snapshots"] if x["source"] == "lazy"]
+        before = s["lazy"]
+        assert before["attached"] and not before["complete"] and before["fetched_percent"] < 50
+        data = (snap_root / "lazy" / "mnt" / lay.digest[7:] / "big").read_bytes()  # read the big file
+        assert len(data) == 200_000
+        [s] = [x for x in status.collect(snap_root)["snapshots"] if x["source"] == "lazy"]
+        assert s["lazy"]["fetched_percent"] > 90 and s["lazy"]["bytes_fetched"] > before["bytes_fetched"]
         status.main(argparse.Namespace(root=snap_root, json=False))
-        assert "25.0% fetched" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"lazy {lay.digest} " in out and "% fetched" in out
+        # the process's own metrics ([cvmfs-snap.lazy] metrics-address): bytes fetched for this layer
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        line = next(x for x in text.splitlines()
+                    if x.startswith("cvmfs_snap_lazy_fetched_bytes_total") and lay.digest in x)
+        assert float(line.split()[-1]) >= s["lazy"]["bytes_fetched"] * 0.5
     finally:
         sn.close()
         stop(src)
@@ -271,17 +279,18 @@ def test_config_keys() -> None:
     cfg = parse_config({"cvmfs-snap": {"lazy": {
         "cache-size": "2GiB", "prefetch-bound": 1048576, "prefetch": False, "background-fetch": False,
         "timeout": 5, "hosts-dir": "/etc/hosts.d", "docker-config": "/root/c.json", "force-single-range": True,
-        "cache-dir": "/var/cache/lazy"}}})
+        "cache-dir": "/var/cache/lazy", "metrics-address": "127.0.0.1:9103"}}})
     assert cfg.sources == ["cvmfs", "lazy"]
     lz = cfg.lazy
     assert (lz.cache_size, lz.prefetch_bound, lz.prefetch, lz.background_fetch, lz.timeout) == (
         2 << 30, 1 << 20, False, False, 5.0)
     assert (lz.hosts_dir, lz.docker_config, lz.force_single_range, lz.cache_dir) == (
         "/etc/hosts.d", "/root/c.json", True, "/var/cache/lazy")
+    assert lz.metrics_address == "127.0.0.1:9103"
     assert parse_config({"cvmfs-snap": {"lazy": {"enabled": False}}}).sources == ["cvmfs"]
     for bad, msg in (({"cache-size": "lots"}, "not a size"), ({"timeout": 0}, "positive"),
                      ({"hosts-dir": "rel/dir"}, "absolute"), ({"prefetch": "yes"}, "must be a bool"),
-                     ({"cache-size": 0}, "more than 0")):
+                     ({"cache-size": 0}, "more than 0"), ({"metrics-address": "9103"}, "HOST:PORT")):
         with pytest.raises(InvalidInputError, match=msg):
             parse_config({"cvmfs-snap": {"lazy": bad}}, "cfg.toml")
 
@@ -309,3 +318,28 @@ def test_one_manifest_read_per_image(registry: Registry, tmp_path: Path, short_t
     finally:
         sn.close()
         stop(src)
+
+
+def test_process_that_cannot_start_means_normal_pulls_without_waiting(lazy_image: tuple[BuiltImage, str],
+                                                                      tmp_path: Path, short_tmp: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A node where the lazyfs process cannot start (no /dev/fuse, broken install): the first lazy Prepare becomes a
+    normal pull with one error logged, and the next ones do not start (and wait for) it again."""
+    img, ref = lazy_image
+    root = short_tmp / "lazy"
+    (tmp_path / "none.json").write_text("{}")
+    settings = LazySettings(hosts_dir=str(tmp_path / "certs.d"), docker_config=str(tmp_path / "none.json"),
+                            start_timeout=20.0, timeout=10.0)
+    src = LazySource(root, settings, command=[sys.executable, "-c", "import sys; sys.exit('no /dev/fuse here')"])
+    sn = Snapshotter(tmp_path / "root", sources=[src])
+    try:
+        assert sn.prepare("k1", "", labels_for(img, ref))  # a local snapshot: normal pull
+        first = src.process.started
+        assert first is not None and first.returncode == 1
+        assert "exited with status 1" in caplog.text and "no /dev/fuse here" in (root / "lazyfs.log").read_text()
+        t0 = time.monotonic()
+        assert sn.prepare("k2", "", labels_for(img, ref, chain="sha256:" + "e" * 64))
+        assert time.monotonic() - t0 < 5 and src.process.started is first  # not started again
+        assert "not retried" in caplog.text
+    finally:
+        sn.close()

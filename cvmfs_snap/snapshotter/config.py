@@ -34,6 +34,7 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
     docker-config = ""                   #   registry credentials; empty: ~/.docker/config.json if present
                                          #   (the kubelet's /var/lib/kubelet/config.json is read too)
     force-single-range = false           #   one Range per request (registries that botch multi-range)
+    metrics-address = ""                 #   the lazyfs process's Prometheus metrics on HOST:PORT; empty: off
 
 Unknown keys are logged as warnings and ignored (the official snapshotter ignores them too), so a typo is visible
 in the log but never stops a node. A value of the wrong type is an error naming the file and the key.
@@ -182,14 +183,18 @@ def parse_lazy(table: dict[str, Any], where: str) -> LazySettings:
     bools = {"enabled": "enabled", "prefetch": "prefetch", "background-fetch": "background_fetch",
              "force-single-range": "force_single_range"}
     strings = {"cache-dir": "cache_dir", "hosts-dir": "hosts_dir", "docker-config": "docker_config"}
+    paths = set(strings)
+    strings["metrics-address"] = "metrics_address"
     sizes = {"cache-size": "cache_size", "prefetch-bound": "prefetch_bound"}
     for k, v in table.items():
         if k in bools:
             kw[bools[k]] = _typed(where, k, v, bool)
         elif k in strings:
             kw[strings[k]] = _typed(where, k, v, str).strip()
-            if kw[strings[k]] and not kw[strings[k]].startswith("/"):
+            if k in paths and kw[strings[k]] and not kw[strings[k]].startswith("/"):
                 raise InvalidInputError(f"{where}.{k} must be an absolute path, got {v!r}")
+            if k == "metrics-address" and kw[strings[k]] and ":" not in kw[strings[k]]:
+                raise InvalidInputError(f"{where}.{k} must be HOST:PORT, got {v!r}")
         elif k in sizes:
             kw[sizes[k]] = parse_size(v, f"{where}.{k}")
         elif k == "timeout":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -45,12 +44,12 @@ from typing import Any
 
 from cvmfs_snap.errors import (
     CvmfsSnapError,
-    IntegrityError,
     InvalidInputError,
     NotFoundError,
     UnavailableError,
 )
 from cvmfs_snap.layout import digest_hex
+from cvmfs_snap.lazyfs import control
 from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.oci.hosts import (
     DEFAULT_HOSTS_DIR,
@@ -70,8 +69,8 @@ MIB = 1 << 20
 #: names under the lazy root (lazy-design.md "Paths")
 MNT, SOCKET, STATE, CACHE, UNPACKED, LAYERS, LOG, PID = ("mnt", "control.sock", "state.json", "cache", "unpacked",
                                                         "layers", "lazyfs.log", "lazyfs.pid")
-#: one JSON line each way; answers longer than this are refused (a list of thousands of layers fits)
-MAX_ANSWER = 16 << 20
+#: seconds after a failed start of the lazyfs process during which it is not started again
+START_BACKOFF = 60.0
 #: image manifests remembered (their layers' sizes and TOC annotations)
 MANIFEST_CACHE = 64
 
@@ -90,6 +89,9 @@ class LazySettings:
     hosts_dir: str = str(DEFAULT_HOSTS_DIR)
     docker_config: str = ""  # "" = $DOCKER_CONFIG/config.json or ~/.docker/config.json, if present
     force_single_range: bool = False
+    #: the lazyfs process serves its metrics (bytes fetched per layer, cache, fetch latency, background progress)
+    #: on this HOST:PORT; "" = off
+    metrics_address: str = ""
     #: how long to wait for a freshly started lazyfs process to answer on its socket
     start_timeout: float = 30.0
 
@@ -97,52 +99,6 @@ class LazySettings:
 def layer_id(digest: str) -> str:
     """The layer's directory name under the mount (and its id in the control protocol): the digest's hex."""
     return digest_hex(digest)
-
-
-class ControlError(CvmfsSnapError):
-    """The lazyfs process answered ``ok: false`` (``kind`` is the protocol's error kind)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def control_call(sock: Path, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-    """One request line -> one answer line on the lazyfs control socket (lazy-design.md "Control protocol").
-
-    UnavailableError when nobody answers; ControlError for ``ok: false``. The request may hold credentials: they
-    never reach a log line or an error message."""
-    op = str(request.get("op", "?"))
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(json.dumps(request).encode() + b"\n")
-            buf = bytearray()
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_ANSWER:
-                    raise UnavailableError(f"lazyfs control {op}: answer longer than {MAX_ANSWER} bytes")
-    except OSError as exc:
-        raise UnavailableError(f"lazyfs process at {sock} does not answer ({op}: {exc.strerror or exc})") from None
-    try:
-        answer = json.loads(buf)
-    except ValueError:
-        raise UnavailableError(f"lazyfs control {op}: the process at {sock} sent no valid JSON answer") from None
-    if not isinstance(answer, dict):
-        raise UnavailableError(f"lazyfs control {op}: answer is not a JSON object")
-    if not answer.get("ok"):
-        raise ControlError(str(answer.get("kind", "unavailable")), str(answer.get("error", f"{op} failed")))
-    return answer
-
-
-def _as_error(exc: ControlError, what: str) -> CvmfsSnapError:
-    kinds: dict[str, type[CvmfsSnapError]] = {"integrity": IntegrityError, "invalid": InvalidInputError,
-                                              "notfound": NotFoundError}
-    return kinds.get(exc.kind, UnavailableError)(f"{what}: {exc}")
 
 
 class LazyProcess:
@@ -157,6 +113,7 @@ class LazyProcess:
         self.command = list(command) if command is not None else self.default_command()
         self._lock = threading.Lock()
         self.started: subprocess.Popen[bytes] | None = None
+        self._failed: tuple[str, float] | None = None  # (why, when) of the last failed start
 
     def default_command(self) -> list[str]:
         s = self.settings
@@ -167,44 +124,61 @@ class LazyProcess:
             cmd.append("--no-background-fetch")
         if s.force_single_range:
             cmd.append("--force-single-range")
+        if s.metrics_address:
+            cmd += ["--metrics-address", s.metrics_address]
         return cmd
 
     def call(self, request: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        return control_call(self.socket, request, timeout or self.settings.timeout)
+        return control.call(self.socket, request, timeout or self.settings.timeout)
 
     def alive(self) -> bool:
         try:
             self.call({"op": "health"}, timeout=min(5.0, self.settings.timeout))
-        except (UnavailableError, ControlError):
+        except (UnavailableError, control.ControlError):
             return False
         return True
 
     def ensure(self) -> None:
-        """Make sure the process answers; start it (once, whoever asks first) when it does not."""
+        """Make sure the process answers; start it (once, whoever asks first) when it does not. After a failed
+        start, for :data:`START_BACKOFF` seconds every call fails at once (layers are pulled normally) instead of
+        each Prepare waiting for another start that would fail the same way (no /dev/fuse, a broken install)."""
         if self.alive():
             return
         with self._lock:
             if self.alive():
                 return
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            log.info("starting the lazyfs process: %s", " ".join(self.command))
-            with open(self.root / LOG, "ab") as logf:
-                # its own session: signals to the snapshotter (Ctrl-C, systemd stop) never reach it
-                self.started = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=logf,
-                                                stderr=subprocess.STDOUT, start_new_session=True,
-                                                close_fds=True)
-            (self.root / PID).write_text(f"{self.started.pid}\n")  # for admins and tests: it outlives us
-            deadline = time.monotonic() + self.settings.start_timeout
-            while time.monotonic() < deadline:
-                if self.alive():
-                    log.info("lazyfs process %d serves %s", self.started.pid, self.mount)
-                    return
-                if self.started.poll() is not None:
-                    raise UnavailableError(f"the lazyfs process exited with status {self.started.returncode} at "
-                                           f"start; see {self.root / LOG}")
-                time.sleep(0.05)
-            raise UnavailableError(f"the lazyfs process did not answer on {self.socket} within "
-                                   f"{self.settings.start_timeout:.0f} s; see {self.root / LOG}")
+            if self._failed is not None and time.monotonic() - self._failed[1] < START_BACKOFF:
+                raise UnavailableError(f"{self._failed[0]} (not retried for {START_BACKOFF:.0f} s)")
+            try:
+                self._start()
+            except UnavailableError as exc:
+                self._failed = (str(exc), time.monotonic())
+                log.error("lazy layers are pulled normally: %s", exc)
+                raise
+            self._failed = None
+
+    def _start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log.info("starting the lazyfs process: %s", " ".join(self.command))
+        with open(self.root / LOG, "ab") as logf:
+            # its own session: signals to the snapshotter (Ctrl-C, systemd stop) never reach it
+            self.started = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=logf,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            close_fds=True)
+        (self.root / PID).write_text(f"{self.started.pid}\n")  # for admins and tests: it outlives us
+        deadline = time.monotonic() + self.settings.start_timeout
+        while time.monotonic() < deadline:
+            if self.alive():
+                log.info("lazyfs process %d serves %s", self.started.pid, self.mount)
+                return
+            if self.started.poll() is not None:
+                raise UnavailableError(f"the lazyfs process exited with status {self.started.returncode} at "
+                                       f"start; see {self.root / LOG}")
+            time.sleep(0.05)
+        self.started.kill()  # ours, by its pid: a process that never answers would only get in the way
+        self.started.wait(10)
+        raise UnavailableError(f"the lazyfs process did not answer on {self.socket} within "
+                               f"{self.settings.start_timeout:.0f} s; see {self.root / LOG}")
 
 
 class LazySource:
@@ -248,9 +222,9 @@ class LazySource:
         lid = layer_id(digest)
         try:
             self._call(lambda: self.process.call({"op": "detach", "id": lid}), f"detaching layer {digest}")
-        except ControlError as exc:
+        except control.ControlError as exc:
             if exc.kind != "notfound":
-                raise _as_error(exc, f"detaching lazy layer {digest}") from None
+                raise control.as_error(exc, f"detaching lazy layer {digest}") from None
         except UnavailableError:
             if self._record(digest) is not None and self.process.socket.exists():
                 raise
@@ -381,8 +355,8 @@ class LazySource:
 
         try:
             answer = self._call(run, f"attaching lazy layer {digest}")
-        except ControlError as exc:
-            raise _as_error(exc, f"attaching lazy layer {digest} of {ref}") from None
+        except control.ControlError as exc:
+            raise control.as_error(exc, f"attaching lazy layer {digest} of {ref}") from None
         return Path(str(answer["path"]))
 
     def _path(self, digest: str, *, reattach: bool) -> Path:
@@ -390,9 +364,9 @@ class LazySource:
         try:
             answer = self._call(lambda: self.process.call({"op": "check", "id": lid}), f"checking layer {digest}")
             return Path(str(answer.get("path") or self.process.mount / lid))
-        except ControlError as exc:
+        except control.ControlError as exc:
             if exc.kind != "notfound" or not reattach:
-                raise _as_error(exc, f"lazy layer {digest}") from None
+                raise control.as_error(exc, f"lazy layer {digest}") from None
         except UnavailableError:
             if not reattach:
                 raise
