@@ -160,7 +160,7 @@ def test_prefetched_files_are_pushed_into_the_page_cache_at_lookup(tmp_path: Pat
 @pytest.mark.parametrize("name", ["whiteouts", "hardlinks", "xattrs", "devices", "long-names", "replaced"])
 def test_unpacked_copy_equals_containerd_unpack(tmp_path: Path, name: str) -> None:
     """The node-local copy of a complete layer (unpack.py) is the same tree as containerd's unpack."""
-    import trio
+    import trio  # type: ignore[import-untyped]
 
     from cvmfs_snap.lazyfs.tree import build_tree
     from cvmfs_snap.lazyfs.unpack import unpack_layer
