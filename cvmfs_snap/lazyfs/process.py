@@ -247,12 +247,11 @@ class LazyfsProcess:
                     layer.reader.start_background(self.nursery)
                     while layer.reader.background_state == "running":
                         await trio.sleep(POLL)
-            if not self.opts.unpack:
+            # without a background fetch, reads alone rarely complete a layer: no copy (and no polling)
+            if not (self.opts.unpack and self.opts.background):
                 return
-            while not layer.reader.is_complete():
-                if layer.reader.background_state in ("failed", "off"):
-                    return
-                await trio.sleep(POLL)
+            if not await trio.to_thread.run_sync(layer.reader.is_complete):
+                return  # the background pass ended without every chunk (failed, or the cache is too small)
             try:
                 await unpack_layer(layer.tree, layer.reader, dest)
             except (CvmfsSnapError, OSError) as e:
