@@ -7,6 +7,7 @@ Subcommands live in their own modules; each exposes ``add_arguments(parser)`` an
 - ``pull``: pull an image through containerd with our snapshotter (``cvmfs_snap.containerd.pull``)
 - ``demo``: the end-to-end main job on an embedded default (``cvmfs_snap.demo``)
 - ``convert``: copy an image registry to registry with eStargz layers (``cvmfs_snap.convert.command``)
+- ``lazyfs``: the lazy layers' FUSE process (``cvmfs_snap.lazyfs.command``)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "pull": "pull an image through containerd, serving published layers from CVMFS",
     "demo": "run the whole data path end to end on a local embedded default",
     "convert": "copy an image registry to registry, with its layers as eStargz",
+    "lazyfs": "serve lazy eStargz layers through one FUSE mount (started by the snapshotter)",
 }
 
 log = logging.getLogger("cvmfs_snap")
@@ -69,6 +71,10 @@ def subcommand(name: str) -> ModuleType:
         from cvmfs_snap.convert import command
 
         return command
+    if name == "lazyfs":
+        from cvmfs_snap.lazyfs import command as lazyfs_command
+
+        return lazyfs_command
     raise KeyError(name)
 
 

@@ -308,6 +308,30 @@ def test_core_reports_only_real_misses_and_prepare_is_unaffected(tmp_path: Path)
         sn.close()
 
 
+def test_core_reports_layers_a_later_source_serves_because_the_first_lacks_them(tmp_path: Path) -> None:
+    """A layer served lazily (a later source) because CVMFS (the first) has not got it is a miss too: reported
+    once the remote snapshot exists; one the first source serves is not."""
+    served = tmp_path / "served"
+    served.mkdir()
+    first = FakeSource(name="first", layers={D2: [served]})
+    later = FakeSource(name="later", layers={D1: [served], D2: [served]})
+    got: list[dict[str, str]] = []
+    sn = Snapshotter(tmp_path / "root", sources=[first, later], on_miss=lambda lab: got.append(dict(lab)))
+    try:
+        with pytest.raises(Exception, match="served remotely by later"):
+            sn.prepare("k1", "", labels(digest=D1, chain="sha256:" + "a" * 64))
+        assert [g[LABEL_CRI_LAYER_DIGEST] for g in got] == [D1]
+        assert sn.store.find("sha256:" + "a" * 64) is not None
+        with pytest.raises(Exception, match="served remotely by first"):
+            sn.prepare("k2", "", labels(digest=D2, chain="sha256:" + "b" * 64))
+        first.fail_with = OSError("boom")  # the first failed: says nothing about CVMFS, no report
+        with pytest.raises(Exception, match="served remotely by later"):
+            sn.prepare("k3", "", labels(digest=D1, chain="sha256:" + "c" * 64))
+        assert len(got) == 1
+    finally:
+        sn.close()
+
+
 def test_core_prepare_survives_a_broken_callback_and_a_dead_or_hung_publisher(tmp_path: Path) -> None:
     def broken(_labels: object) -> None:
         raise RuntimeError("bug in the reporter")

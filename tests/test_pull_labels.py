@@ -89,3 +89,9 @@ def test_keys_and_refs_follow_containerd() -> None:
     assert content_ref(Descriptor(OCI_MANIFEST, D[0], 1)) == f"manifest-{D[0]}"
     assert content_ref(Descriptor("application/vnd.oci.image.index.v1+json", D[0], 1)) == f"index-{D[0]}"
     assert content_ref(Descriptor(OCI_CONFIG, D[0], 1)) == f"config-{D[0]}"
+
+
+def test_toc_digest_label_is_the_estargz_annotation() -> None:
+    from cvmfs_snap.containerd.labels import TOC_DIGEST
+    from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION
+    assert TOC_DIGEST == TOC_DIGEST_ANNOTATION

@@ -52,10 +52,15 @@ def test_request_is_parsed_once_and_stored(tmp_path: Path) -> None:
     src = FakeSource(layers={D1: [d]})
     sn = Snapshotter(tmp_path / "root", sources=[src])
     extra = {LABEL_CRI_IMAGE_REF: "reg.example/app:1", LABEL_CRI_MANIFEST_DIGEST: M1,
-             LABEL_CRI_IMAGE_LAYERS: f"{D1}, {D2}", "containerd.io/snapshot/remote/stargz.toc.digest": D2}
+             LABEL_CRI_IMAGE_LAYERS: f"{D1}, {D2}", "containerd.io/snapshot/stargz/toc.digest": D2,
+             "containerd.io/snapshot/remote/other": "x"}
     remote(sn, chain(1), D1, **extra)
     [req] = src.lookups
-    assert req == LayerRequest(chain(1), D1, "reg.example/app:1", M1, (D1, D2), {"stargz.toc.digest": D2})
+    # every containerd.io/snapshot/* layer annotation, by its label name; the CRI labels have their own fields
+    assert req == LayerRequest(chain(1), D1, "reg.example/app:1", M1, (D1, D2),
+                               {"containerd.io/snapshot/stargz/toc.digest": D2,
+                                "containerd.io/snapshot/remote/other": "x"})
+    assert req.toc_digest == D2
     sn.view("v", chain(1))
     assert src.mounted == [req]  # Mounts gets the very request, from the store
     sn.close()
@@ -115,16 +120,17 @@ def test_registry_is_the_one_list_of_sources(tmp_path: Path) -> None:
     assert isinstance(src, CvmfsSource) and src.name == "cvmfs"
     assert src.dirs.state_dir == (tmp_path / "cvmfs").resolve()
     assert src.root == Path("/cvmfs/r.example")
-    with pytest.raises(InvalidInputError, match="unknown layer source 'lazy'"):
-        parse_config({"cvmfs-snap": {"sources": ["lazy"]}})
+    with pytest.raises(InvalidInputError, match="unknown layer source 'nfs'"):
+        parse_config({"cvmfs-snap": {"sources": ["nfs"]}})
     with pytest.raises(InvalidInputError, match="twice"):
         parse_config({"cvmfs-snap": {"sources": ["cvmfs", "cvmfs"]}})
 
 
 def test_budgets_are_per_source(tmp_path: Path) -> None:
     cfg = parse_config({"absolute-mountpoint": str(tmp_path / "repo")})
-    [a] = build_sources(cfg, tmp_path / "r1")
-    [b] = build_sources(cfg, tmp_path / "r2")
+    [a, lazy_a] = build_sources(cfg, tmp_path / "r1")  # the default: cvmfs, then lazy
+    [b, _] = build_sources(cfg, tmp_path / "r2")
+    assert lazy_a.name == "lazy" and lazy_a.budget is not a.budget  # type: ignore[attr-defined]
     assert isinstance(a, CvmfsSource) and isinstance(b, CvmfsSource)
     assert a.budget is not b.budget
     a.budget.running = a.budget.limit  # a's calls all hang
@@ -166,12 +172,12 @@ def test_cvmfs_dirs_stay_while_any_snapshot_uses_the_layer(tmp_path: Path) -> No
 def test_source_options_set_each_sources_time_budget(tmp_path: Path) -> None:
     cfg = parse_config({"absolute-mountpoint": str(tmp_path / "repo"), "cvmfs-snap": {"source-options": {
         "cvmfs": {"timeout": 0.5, "build-timeout": 20, "max-hanging-calls": 2}}}})
-    [src] = build_sources(cfg, tmp_path / "root")
+    [src, _] = build_sources(cfg, tmp_path / "root")
     assert isinstance(src, CvmfsSource)
     assert (src.fs_timeout, src.build_timeout, src.budget.limit) == (0.5, 20.0, 2)
     assert src.health_monitor.ttl == 5.0  # the default where the file says nothing
     for bad, msg in (({"cvmfs": {"timeout": 0}}, "positive"), ({"cvmfs": {"tmeout": 1}}, "unknown option"),
-                     ({"lazy": {}}, "unknown layer source"), ({"cvmfs": {"timeout": "10"}}, "positive")):
+                     ({"nfs": {}}, "unknown layer source"), ({"cvmfs": {"timeout": "10"}}, "positive")):
         with pytest.raises(InvalidInputError, match=msg):
             parse_config({"cvmfs-snap": {"source-options": bad}})
 

@@ -19,7 +19,7 @@ import pytest
 
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
-from tests.support.images import BuiltLayer, Entry, image, layer, push_image
+from tests.support.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
 from tests.support.layersource import lookup
 from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay, write_cvmfs_layer
 
@@ -248,3 +248,30 @@ def test_stack_matches_real_containerd_overlayfs(tmp_path: Path, short_tmp: Path
                 assert dump_tree(mine) == view_ctd
         finally:
             subprocess.run(["umount", str(tmp_path / "m_ctd")], check=True)
+
+
+@pytest.mark.parametrize("prioritized", [(), ("etc/app.conf",)])
+def test_estargz_entries_are_hidden_like_on_the_lazy_path(tmp_path: Path, prioritized: Sequence[str]) -> None:
+    """A layer published from an eStargz blob keeps stargz.index.json and the landmark in its layerfs; the mask
+    hides them, so the container sees the tree the lazy path shows (the layer's own files only)."""
+    lay = estargz_layer(["etc/", ("etc/app.conf", b"x=1"), ("bin-data", b"d" * 5000)], prioritized)
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay)
+    src = CvmfsSource(root, tmp_path / "state")
+    dirs = src.lowerdirs(lay.digest)
+    layerfs = dirs[1]
+    assert "stargz.index.json" in os.listdir(layerfs)
+    landmark = ".prefetch.landmark" if prioritized else ".no.prefetch.landmark"
+    assert landmark in os.listdir(layerfs)
+    with mounted_overlay(dirs, tmp_path / "m") as m:
+        assert sorted(os.listdir(m)) == ["bin-data", "etc"]
+        assert (m / "etc" / "app.conf").read_bytes() == b"x=1"
+
+
+def test_plain_layer_with_a_stargz_named_file_keeps_it(tmp_path: Path) -> None:
+    lay = layer([("stargz.index.json", b"{}"), ("a", b"a")])
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay)
+    src = CvmfsSource(root, tmp_path / "state")
+    with mounted_overlay(src.lowerdirs(lay.digest), tmp_path / "m") as m:
+        assert sorted(os.listdir(m)) == ["a", "stargz.index.json"]

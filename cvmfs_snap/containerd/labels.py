@@ -21,6 +21,10 @@ CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
+#: the eStargz TOC digest annotation of a layer (inherited as a Prepare label): a lazy snapshotter may serve it.
+#: Spelled out, not imported from cvmfs_snap.estargz (whose import costs the pull's start-up zstandard); a test
+#: checks it equals ``cvmfs_snap.estargz.TOC_DIGEST_ANNOTATION``
+TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 #: content GC references
 GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"
 GC_REF_CONTENT_MANIFEST = "containerd.io/gc.ref.content.m."

@@ -306,12 +306,15 @@ class Puller:
     def _start_prefetch(self, image: ResolvedImage, start: int) -> None:
         """Download the blobs of the next layers in the background while this one is applied. Only called once a
         layer turned out not to be served remotely: then the image is most likely not published, and the next
-        layers will be needed too."""
+        layers will be needed too -- except eStargz layers (a TOC digest annotation), which a lazy snapshotter may
+        still serve without their blob: those are downloaded only if their own Prepare asks for it."""
         if self._pool is None:
             return
         for j in range(start, min(start + self.max_downloads - 1, len(image.layers))):
             if j not in self._prefetch:
                 desc = image.layers[j]
+                if self.cri_labels and L.TOC_DIGEST in desc.annotations:
+                    continue
                 self._prefetch[j] = self._pool.submit(
                     self._fetch_layer, image.ref, desc, functools.partial(self.progress.layer_bytes, j))
 

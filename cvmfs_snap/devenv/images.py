@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import zstandard
 
+from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, BuildOptions, build
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -104,6 +106,8 @@ class BuiltLayer:
     tar: bytes
     blob: bytes
     media_type: str
+    #: the descriptor's annotations (eStargz layers: the TOC digest and uncompressed size)
+    annotations: dict[str, str] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -114,12 +118,29 @@ class BuiltLayer:
         return sha256(self.tar)
 
     def descriptor(self) -> dict[str, object]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.blob)}
+        d: dict[str, object] = {"mediaType": self.media_type, "digest": self.digest, "size": len(self.blob)}
+        if self.annotations:
+            d["annotations"] = dict(self.annotations)
+        return d
 
 
 def layer(entries: Iterable[Entry | tuple[str, bytes] | str], codec: str = "gzip") -> BuiltLayer:
     tar = make_tar(entries)
     return BuiltLayer(tar=tar, blob=compress(tar, codec), media_type=LAYER_MEDIA[codec])
+
+
+def estargz_layer(entries: Iterable[Entry | tuple[str, bytes] | str], prioritized: Sequence[str] = (),
+                  chunk_size: int | None = None) -> BuiltLayer:
+    """The layer as an eStargz blob made by our writer, with the TOC digest and uncompressed-size annotations
+    (what ``cvmfs-snap convert`` puts on the descriptor); ``tar`` is the blob's own (uncompressed) tar."""
+    opts = BuildOptions(prioritized=prioritized, workers=1) if chunk_size is None else \
+        BuildOptions(prioritized=prioritized, workers=1, chunk_size=chunk_size)
+    out = io.BytesIO()
+    res = build(io.BytesIO(make_tar(entries)), out, opts)
+    blob = out.getvalue()
+    return BuiltLayer(tar=gzip.decompress(blob), blob=blob, media_type=LAYER_MEDIA["gzip"],
+                      annotations={TOC_DIGEST_ANNOTATION: res.toc_digest,
+                                   UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
 
 
 @dataclass

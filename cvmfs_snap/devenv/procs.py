@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -54,3 +55,26 @@ def unmount_below(path: Path) -> None:
     """Lazily unmount everything mounted at or below ``path`` (best effort)."""
     for mp in mounts_below(path):
         subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+
+
+def stop_pid_file(pid_file: Path, *, timeout: float = 10.0) -> None:
+    """SIGTERM the process whose pid ``pid_file`` holds (e.g. the lazyfs process a snapshotter started in its own
+    session, ``<root>/lazy/lazyfs.pid``), wait up to ``timeout`` s, then SIGKILL it. Missing file or process: no-op."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(int(timeout / 0.05)):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_lazyfs(lazy_root: Path) -> None:
+    """Stop the lazyfs process of a snapshotter's ``<root>/lazy`` and unmount whatever it left below it."""
+    stop_pid_file(lazy_root / "lazyfs.pid")
+    unmount_below(lazy_root)

@@ -3,5 +3,10 @@
 - :mod:`cvmfs_snap.lazyfs.remote`: compressed ranges of one blob (merging, single-flight, retries, fallbacks);
 - :mod:`cvmfs_snap.lazyfs.cache`: the node-local chunk cache (size bound, LRU, crash-safe, per-layer references);
 - :mod:`cvmfs_snap.lazyfs.reader`: verified file reads of one layer, prefetch and background fetch;
-- :mod:`cvmfs_snap.lazyfs.metrics`: their Prometheus metrics.
+- :mod:`cvmfs_snap.lazyfs.metrics`: their Prometheus metrics;
+- :mod:`cvmfs_snap.lazyfs.tree`: a layer's TOC as an immutable inode tree, as overlayfs expects a layer directory;
+- :mod:`cvmfs_snap.lazyfs.fs`: the ONE pyfuse3 mount, a directory per layer;
+- :mod:`cvmfs_snap.lazyfs.unpack`: the node-local unpacked copy of a completely fetched layer;
+- :mod:`cvmfs_snap.lazyfs.control`: the control protocol (server half, blocking client);
+- :mod:`cvmfs_snap.lazyfs.process` and :mod:`~cvmfs_snap.lazyfs.command`: the ``cvmfs-snap lazyfs`` process.
 """

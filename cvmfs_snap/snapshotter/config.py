@@ -12,7 +12,7 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
 
     [cvmfs-snap]
     metrics-address = "127.0.0.1:9102"   # serve Prometheus metrics on http://HOST:PORT/metrics; empty: off
-    sources = ["cvmfs"]                  # layer sources asked in order at Prepare time (sources/registry.py)
+    sources = ["cvmfs", "lazy"]          # layer sources asked in order at Prepare time (sources/registry.py)
     [cvmfs-snap.source-options.cvmfs]    # per source: its time budget (seconds) and how many calls may hang
     timeout = 10.0                       #   one file-system call on the repository
     build-timeout = 300.0                #   first build of a layer's node-local dirs
@@ -22,6 +22,19 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
     publish-on-miss-url = ""             # publisher daemon's POST /publish-on-miss; empty: never report misses
     publish-on-miss-secret = ""          # sent as "Authorization: Bearer <secret>"; better: the file below
     publish-on-miss-secret-file = ""     # file holding that secret (e.g. mode 0600), read at start
+    [cvmfs-snap.lazy]                    # lazy eStargz layers (sources/lazy.py, the lazyfs process)
+    enabled = true                       #   false: the "lazy" source is left out of `sources`
+    cache-dir = ""                       #   chunk cache; empty: <root>/lazy/cache
+    cache-size = "4GiB"                  #   its bound (bytes, or a number with KiB/MiB/GiB/TiB)
+    prefetch = true                      #   fetch the landmark files at attach ...
+    prefetch-bound = "64MiB"             #   ... up to this many bytes before the container may start
+    background-fetch = true              #   then fetch the rest at low priority
+    timeout = 30.0                       #   s: one registry or control-socket call
+    hosts-dir = "/etc/containerd/certs.d"   # containerd's hosts.toml directory (mirrors, plain HTTP, CAs)
+    docker-config = ""                   #   registry credentials; empty: ~/.docker/config.json if present
+                                         #   (the kubelet's /var/lib/kubelet/config.json is read too)
+    force-single-range = false           #   one Range per request (registries that botch multi-range)
+    metrics-address = ""                 #   the lazyfs process's Prometheus metrics on HOST:PORT; empty: off
 
 Unknown keys are logged as warnings and ignored (the official snapshotter ignores them too), so a typo is visible
 in the log but never stops a node. A value of the wrong type is an error naming the file and the key.
@@ -39,7 +52,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidInputError, NotFoundError
-from .sources.registry import check_names, check_options
+from .sources.lazy import LazySettings
+from .sources.registry import DEFAULT_SOURCES, check_names, check_options
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +69,7 @@ class Config:
     repository: str = DEFAULT_REPOSITORY
     absolute_mountpoint: str = ""
     metrics_address: str = ""
-    sources: list[str] = field(default_factory=lambda: ["cvmfs"])
+    sources: list[str] = field(default_factory=lambda: list(DEFAULT_SOURCES))
     grpc_workers: int = 16
     #: where misses are reported (publisher daemon's POST /publish-on-miss); "" = off
     publish_on_miss_url: str = ""
@@ -65,6 +79,8 @@ class Config:
     publish_on_miss_secret_file: str = ""
     #: per layer source: its options (timeouts, stuck-call budget), defaults filled in by the source registry
     source_options: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: ``[cvmfs-snap.lazy]``
+    lazy: LazySettings = field(default_factory=LazySettings)
     path: Path | None = None  # the file it came from, if any
 
     @property
@@ -116,6 +132,8 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
                     for src, table in v.items():
                         _typed(where, f"{name}.{src}", table, dict)
                         cfg.source_options[src] = check_options(src, table, f"{where}: {name}.{src}")
+                elif k == "lazy":
+                    cfg.lazy = parse_lazy(_typed(where, name, v, dict), f"{where}: {name}")
                 elif k == "publish-on-miss-secret-file":
                     cfg.publish_on_miss_secret_file = _typed(where, name, v, str).strip()
                 else:
@@ -125,12 +143,69 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
     if cfg.absolute_mountpoint and not cfg.absolute_mountpoint.startswith("/"):
         raise InvalidInputError(f"{where}: absolute-mountpoint must be an absolute path, got "
                                 f"{cfg.absolute_mountpoint!r}")
+    if not cfg.lazy.enabled and "lazy" in cfg.sources:
+        cfg.sources = [n for n in cfg.sources if n != "lazy"]
     if cfg.publish_on_miss_secret_file:
         if cfg.publish_on_miss_secret:
             raise InvalidInputError(f"{where}: set {OUR_TABLE}.publish-on-miss-secret or "
                                     f"{OUR_TABLE}.publish-on-miss-secret-file, not both")
         cfg.publish_on_miss_secret = _read_secret(where, cfg.publish_on_miss_secret_file)
     return cfg
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tib": 1 << 40, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+
+
+def parse_size(value: object, where: str) -> int:
+    """A byte count: an integer, or a string such as ``"4GiB"``, ``"512 MiB"``, ``"64M"`` (binary for K/M/G/T)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        num = text.rstrip("kmgtib ")
+        unit = text[len(num):].strip()
+        try:
+            n = int(float(num) * _UNITS[unit]) if num else -1
+        except (ValueError, KeyError):
+            raise InvalidInputError(f"{where}: {value!r} is not a size (e.g. 4294967296, \"4GiB\", \"512MiB\")") \
+                from None
+    else:
+        raise InvalidInputError(f"{where} must be a size (a number of bytes or e.g. \"4GiB\"), got {value!r}")
+    if n < 0:
+        raise InvalidInputError(f"{where} must not be negative, got {value!r}")
+    return n
+
+
+def parse_lazy(table: dict[str, Any], where: str) -> LazySettings:
+    """``[cvmfs-snap.lazy]``: unknown keys warned and ignored, wrong types refused (naming file and key)."""
+    kw: dict[str, Any] = {}
+    bools = {"enabled": "enabled", "prefetch": "prefetch", "background-fetch": "background_fetch",
+             "force-single-range": "force_single_range"}
+    strings = {"cache-dir": "cache_dir", "hosts-dir": "hosts_dir", "docker-config": "docker_config"}
+    paths = set(strings)
+    strings["metrics-address"] = "metrics_address"
+    sizes = {"cache-size": "cache_size", "prefetch-bound": "prefetch_bound"}
+    for k, v in table.items():
+        if k in bools:
+            kw[bools[k]] = _typed(where, k, v, bool)
+        elif k in strings:
+            kw[strings[k]] = _typed(where, k, v, str).strip()
+            if k in paths and kw[strings[k]] and not kw[strings[k]].startswith("/"):
+                raise InvalidInputError(f"{where}.{k} must be an absolute path, got {v!r}")
+            if k == "metrics-address" and kw[strings[k]] and ":" not in kw[strings[k]]:
+                raise InvalidInputError(f"{where}.{k} must be HOST:PORT, got {v!r}")
+        elif k in sizes:
+            kw[sizes[k]] = parse_size(v, f"{where}.{k}")
+        elif k == "timeout":
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise InvalidInputError(f"{where}.{k} must be a positive number of seconds, got {v!r}")
+            kw["timeout"] = float(v)
+        else:
+            log.warning("%s: unknown key %r ignored", where, k)
+    if kw.get("cache_size", 1) == 0:
+        raise InvalidInputError(f"{where}.cache-size must be more than 0")
+    return LazySettings(**kw)
 
 
 def _check_url(where: str, name: str, url: str) -> None:

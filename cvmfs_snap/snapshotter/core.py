@@ -36,7 +36,9 @@ exists, and nothing the metadata does not know is deleted while a mount uses it 
 
 Misses: when such a Prepare finds no source serving the layer and every source *answered* (none failed), the layer is
 simply not published; the optional ``on_miss`` callback is then told the Prepare's labels after the local snapshot
-exists (the daemon wires the publish-on-miss reporter there). A source that failed is not a miss: it says nothing
+exists (the daemon wires the publish-on-miss reporter there). The same holds for a layer a later source serves (the
+lazy one) after every earlier source (CVMFS) answered that it does not have it: the callback is told after the
+remote snapshot is recorded, before AlreadyExists is answered. A source that failed is not a miss: it says nothing
 about what is published. The callback must not block; its exceptions are logged and never fail the Prepare.
 """
 
@@ -201,12 +203,14 @@ class Snapshotter:
                 self._check_existing(existing)
                 raise AlreadyExistsError(f"target snapshot {target!r} already exists")
             assert request is not None
-            remote, answered = self._lookup(request)
-            missed = answered and bool(self.sources)
+            remote, answered, asked = self._lookup(request)
+            missed = answered and asked > 0
             if remote is not None:
                 self._create_remote(target, parent, labels, remote, request)
                 if self.observer:
                     self.observer.prepare_outcome(remote.source)
+                if missed:  # served by a later source (lazily) because the earlier ones (CVMFS) lack it
+                    self._report_miss(target, labels)
                 raise AlreadyExistsError(
                     f"target snapshot {target!r} already exists: served remotely by {remote.source} "
                     f"(layer {remote.digest})"
@@ -214,12 +218,17 @@ class Snapshotter:
         mounts = self._create(KIND_ACTIVE, key, parent, labels)
         if self.observer:
             self.observer.prepare_outcome(OUTCOME_LOCAL)
-        if missed and self.on_miss is not None:
-            try:
-                self.on_miss(labels)
-            except Exception:  # reporting a miss is a courtesy: it must never fail the pull
-                log.warning("reporting the miss of %s failed", target, exc_info=True)
+        if missed:
+            self._report_miss(target, labels)
         return mounts
+
+    def _report_miss(self, target: str, labels: Mapping[str, str]) -> None:
+        if self.on_miss is None:
+            return
+        try:
+            self.on_miss(labels)
+        except Exception:  # reporting a miss is a courtesy: it must never fail the pull
+            log.warning("reporting the miss of %s failed", target, exc_info=True)
 
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         return self._create(KIND_VIEW, key, parent, validate_labels(labels or {}))
@@ -234,9 +243,11 @@ class Snapshotter:
             log.warning("snapshot %s (layer %s) exists, but source %s cannot serve it now: %s", rec.key, rec.digest,
                         rec.source, exc, exc_info=not isinstance(exc, CvmfsSnapError))
 
-    def _lookup(self, request: LayerRequest) -> tuple[RemoteLayer | None, bool]:
-        """(the first source's RemoteLayer or None, whether every source asked answered without failing)."""
+    def _lookup(self, request: LayerRequest) -> tuple[RemoteLayer | None, bool, int]:
+        """(the first source's RemoteLayer or None, whether every source asked before it answered without failing,
+        how many sources answered None before it)."""
         answered = True
+        asked = 0
         for source in self.sources:
             try:
                 remote = source.lookup(request)
@@ -250,8 +261,9 @@ class Snapshotter:
                 answered = False
                 continue
             if remote is not None:
-                return remote, answered
-        return None, answered
+                return remote, answered, asked
+            asked += 1
+        return None, answered, asked
 
     def _create_remote(self, target: str, parent: str, labels: Mapping[str, str], remote: RemoteLayer,
                        request: LayerRequest) -> None:

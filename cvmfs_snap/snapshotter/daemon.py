@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_sources(cfg: Config, root: Path) -> list[LayerSource]:
     """The configured sources in order (sources/registry.py), each with its state dir ``<root>/<name>``."""
     return build_registered(cfg.sources, SourceSettings(repository_root=cfg.mountpoint,
-                                                        options=cfg.source_options), root)
+                                                        options=cfg.source_options, lazy=cfg.lazy), root)
 
 
 def build_reporter(cfg: Config, sources: list[LayerSource], metrics: Metrics) -> MissReporter | None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
 from cvmfs_snap.layout import digest_hex
 
 from .health import CallBudget
@@ -47,9 +48,14 @@ LABEL_CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 #: the label containerd's remote snapshotters put on snapshots they serve remotely
 LABEL_REMOTE = "containerd.io/snapshot/remote"
-#: prefix of the layer annotations containerd's snapshotter-annotation handlers pass as labels (e.g. the eStargz TOC
-#: digest, ``containerd.io/snapshot/remote/stargz.toc.digest``)
-LABEL_REMOTE_PREFIX = LABEL_REMOTE + "/"
+#: prefix of the layer-descriptor annotations containerd's unpacker (and CRI) passes on as Prepare labels, e.g. the
+#: eStargz TOC digest ``containerd.io/snapshot/stargz/toc.digest`` (containerd's ``unpacker.go`` copies every
+#: annotation with this prefix); the CRI labels above share it but are parsed into their own fields
+LABEL_SNAPSHOT_PREFIX = "containerd.io/snapshot/"
+#: the CRI labels' own prefix (never copied into :attr:`LayerRequest.annotations`)
+LABEL_CRI_PREFIX = LABEL_SNAPSHOT_PREFIX + "cri."
+#: the eStargz TOC digest: the layer annotation (stargz-snapshotter's name) arrives as a Prepare label of that name
+LABEL_TOC_DIGEST = TOC_DIGEST_ANNOTATION
 #: our own labels on remote snapshots
 LABEL_SOURCE = "cvmfs-snap.io/source"
 LABEL_LAYER_DIGEST = "cvmfs-snap.io/layer-digest"
@@ -83,7 +89,8 @@ class LayerRequest:
     manifest_digest: str = ""
     #: the image's other layers as CRI lists them (neighbours, for prefetching sources)
     image_layers: tuple[str, ...] = ()
-    #: the layer's annotations passed as ``containerd.io/snapshot/remote/...`` labels (prefix removed)
+    #: the layer's ``containerd.io/snapshot/*`` annotations as the Prepare's labels carry them (full label names, the
+    #: CRI labels and ``containerd.io/snapshot/remote`` left out), e.g. :data:`LABEL_TOC_DIGEST`
     annotations: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -106,9 +113,21 @@ class LayerRequest:
         except InvalidInputError:
             manifest = ""  # informational only: never a reason to fail a Prepare
         layers = tuple(x.strip() for x in labels.get(LABEL_CRI_IMAGE_LAYERS, "").split(",") if x.strip())
-        annotations = {k[len(LABEL_REMOTE_PREFIX):]: v for k, v in labels.items()
-                       if k.startswith(LABEL_REMOTE_PREFIX)}
+        annotations = {k: v for k, v in labels.items()
+                       if k.startswith(LABEL_SNAPSHOT_PREFIX) and not k.startswith(LABEL_CRI_PREFIX)
+                       and k != LABEL_REMOTE}
         return cls(target, cri or ours, labels.get(LABEL_CRI_IMAGE_REF, ""), manifest, layers, annotations)
+
+    @property
+    def toc_digest(self) -> str:
+        """The eStargz TOC digest the layer's annotations name, "" when none or malformed (never a reason to fail
+        a Prepare: the layer is then simply not served lazily)."""
+        value = self.annotations.get(LABEL_TOC_DIGEST, "")
+        try:
+            digest_hex(value)
+        except InvalidInputError:
+            return ""
+        return value
 
     def to_json(self) -> str:
         return json.dumps({"version": REQUEST_VERSION, "target": self.target, "digest": self.digest,

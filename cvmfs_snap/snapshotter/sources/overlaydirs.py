@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_snap.errors import CvmfsSnapError, IntegrityError, UnavailableError
+from cvmfs_snap.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
 from cvmfs_snap.layout import CVMFS_MARKER_FILES, digest_hex
 
@@ -63,8 +64,9 @@ OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 
 #: version of the node-local directory format; a layer whose directory has another version gets a new one beside it
-#: (2: AUFS metadata hidden, so indexes scanned by version 1, which did not list it, are not reused either)
-FORMAT_VERSION = 2
+#: (2: AUFS metadata hidden, so indexes scanned by version 1, which did not list it, are not reused either;
+#: 3: eStargz's own entries hidden in layers published from eStargz blobs)
+FORMAT_VERSION = 3
 UPPER = "upper"
 LOWER = "lower"
 META_JSON = "meta.json"
@@ -166,7 +168,9 @@ def _base(path: str) -> str:
 
 
 def root_markers(layerfs: Path) -> list[str]:
-    """CVMFS marker files at the top of a layerfs (the nested catalog `cvmfs_server ingest --catalog` makes)."""
+    """Entries at the top of a layerfs no container may see: CVMFS marker files (the nested catalog
+    ``cvmfs_server ingest --catalog`` makes) and, for a layer published from an eStargz blob, eStargz's own entries
+    (:func:`estargz_entries`)."""
     found = []
     for name in sorted(CVMFS_MARKER_FILES):
         try:
@@ -174,7 +178,24 @@ def root_markers(layerfs: Path) -> list[str]:
         except FileNotFoundError:
             continue
         found.append(name)
-    return found
+    return found + estargz_entries(layerfs)
+
+
+def estargz_entries(layerfs: Path) -> list[str]:
+    """eStargz's own top-level entries (``stargz.index.json`` and the landmark files) when the layerfs holds a
+    regular ``stargz.index.json`` *and* a regular landmark file: every eStargz writer (ours, Go's) adds one, and the
+    lazy path hides them, so a layer that moves from lazy to CVMFS (publish-on-miss) looks the same to the next
+    container. A plain layer that merely has a file of one of these names keeps it."""
+    present = []
+    for name in (TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+        try:
+            if stat.S_ISREG(os.lstat(layerfs / name).st_mode):
+                present.append(name)
+        except OSError:
+            continue
+    if TOC_TAR_NAME not in present or len(present) < 2:
+        return []
+    return present
 
 
 def _components(path: str, digest: str) -> tuple[str, ...]:

@@ -1,8 +1,8 @@
 """The one registry of layer sources: which names exist (config validates ``sources`` against it) and how the
 daemon builds each one, with its own state directory ``<root>/<name>/`` and its own stuck-call budget.
 
-Adding a source (the lazy eStargz one next) means one :class:`SourceKind` entry here; neither the config parser
-nor the daemon changes.
+Adding a source means one :class:`SourceKind` entry here; neither the config parser nor the daemon changes. The
+default order is CVMFS first (a published layer is never fetched lazily), then lazy eStargz.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cvmfs_snap.errors import InvalidInputError
 from .base import LayerSource, SourceContext
 from .cvmfs import CvmfsSource
 from .health import MAX_STUCK_CALLS, CallBudget
+from .lazy import LazySettings, LazySource
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class SourceSettings:
     repository_root: Path  # the CVMFS repository's mount point
     #: per source name: its options, already checked by :func:`check_options`
     options: Mapping[str, Options] = field(default_factory=dict)
+    #: ``[cvmfs-snap.lazy]``: the lazy source's and its lazyfs process's settings
+    lazy: LazySettings = field(default_factory=LazySettings)
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,21 @@ def _cvmfs(settings: SourceSettings, ctx: SourceContext, opts: Options) -> Layer
                        health_ttl=opts["health-ttl"])
 
 
+def _lazy(settings: SourceSettings, ctx: SourceContext, opts: Options) -> LayerSource:
+    return LazySource(ctx.state_dir, settings.lazy, name=ctx.name, budget=ctx.budget)
+
+
 SOURCES: dict[str, SourceKind] = {
     "cvmfs": SourceKind(
         "cvmfs", _cvmfs,
         defaults={"timeout": 10.0, "build-timeout": 300.0, "health-ttl": 5.0, MAX_HANGING: float(MAX_STUCK_CALLS)},
         vouches_for_misses=True, description="layers published in the CVMFS repository"),
+    "lazy": SourceKind(
+        "lazy", _lazy, defaults={MAX_HANGING: float(MAX_STUCK_CALLS)},
+        description="eStargz layers mounted lazily from their registry (the lazyfs process)"),
 }
+#: the sources a node uses when its config names none
+DEFAULT_SOURCES = ("cvmfs", "lazy")
 KNOWN_SOURCES = tuple(SOURCES)
 
 

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Benchmark: the lazy FUSE mount (``cvmfs-snap lazyfs``) against native trees, on a loopback docker-registry.
+
+Layers are generated here (nothing is downloaded), converted with our eStargz writer and pushed; the real
+``cvmfs-snap lazyfs`` process attaches them. Measured (needs root and /dev/fuse):
+
+- **warm read vs the page cache**: a 64 MiB file read through the FUSE mount after one full read (its pages are in
+  the page cache, kept by ``keep_cache``), against the same file on a native tree, also cached;
+- **file-heavy workload**: ``find`` + read of 20,000 small files, through an overlayfs mount of the lazy layer and
+  of a native copy; "cold" = kernel caches dropped (``drop_caches``; the lazy layer's chunks are in its local cache,
+  as on a node that started the container before), "warm" = run again right after;
+- the same workload on the node-local **unpacked copy** the process makes once the background fetch has the whole
+  layer (what new containers get on a long-lived node);
+- **RSS of the lazyfs process** with 20 lazy layers attached (each ~1000 files), besides the two above.
+
+    python bench/lazy_fs.py                # the full run
+    python bench/lazy_fs.py --files 5000   # a smaller file-heavy tree
+    python bench/lazy_fs.py --no-drop-caches
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cvmfs_snap.devenv.images import Pusher, make_tar  # noqa: E402
+from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
+from cvmfs_snap.estargz import BuildOptions, build  # noqa: E402
+from cvmfs_snap.fsutil import remove_tree_quietly  # noqa: E402
+from cvmfs_snap.lazyfs import control  # noqa: E402
+
+MIB = 1 << 20
+
+
+def layer_blob(files: dict[str, bytes]) -> tuple[bytes, str]:
+    dirs = sorted({"/".join(p.split("/")[:k]) + "/" for p in files for k in range(1, p.count("/") + 1)})
+    out = io.BytesIO()
+    res = build(io.BytesIO(make_tar([*dirs, *files.items()])), out, BuildOptions())
+    return out.getvalue(), res.toc_digest
+
+
+def small_files(n: int, seed: int) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    return {f"usr/share/d{i // 200:03d}/f{i:05d}.txt": rnd.randbytes(rnd.randint(200, 4000)) for i in range(n)}
+
+
+def write_native(files: dict[str, bytes], dest: Path) -> None:
+    for name, data in files.items():
+        p = dest / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def workload(tree: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(f"find {tree} -type f -print0 | xargs -0 cat > /dev/null", shell=True, check=True)
+    return time.perf_counter() - t0
+
+
+def read_file(p: Path) -> float:
+    t0 = time.perf_counter()
+    with open(p, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    return time.perf_counter() - t0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def overlay(lower: Path, target: Path, empty: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}:{empty}", str(target)], check=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=20_000)
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-lazyfs-"))
+    mounts: list[Path] = []
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        rnd = random.Random(3)
+        big = {"data/big.bin": rnd.randbytes(32 * MIB) + b"text " * (32 * MIB // 5 + 1)}
+        many = small_files(args.files, 1)
+        extra = [small_files(1000, 100 + i) for i in range(max(0, args.layers - 2))]
+        blobs = [layer_blob(big), layer_blob(many), *(layer_blob(f) for f in extra)]
+        write_native(big, tmp / "native-big")
+        write_native(many, tmp / "native-many")
+        lroot = tmp / "lazy"
+        lroot.mkdir()
+        with start_registry(tmp / "registry") as reg:
+            p = Pusher(reg.url)
+            digests = [p.blob("bench/lazyfs", b) for b, _ in blobs]
+            p.close()
+            with open(tmp / "lazyfs.log", "wb") as logf:
+                proc = subprocess.Popen([sys.executable, "-m", "cvmfs_snap.cli", "lazyfs", "--root", str(lroot)],
+                                        stdout=logf, stderr=subprocess.STDOUT, env={**os.environ,
+                                                                                    "PYTHONPATH": str(ROOT)})
+            sock = lroot / "control.sock"
+            for _ in range(600):
+                try:
+                    control.call(sock, {"op": "health"}, timeout=2)
+                    break
+                except Exception:
+                    time.sleep(0.05)
+            print(f"lazyfs RSS after start, no layer: {rss_kib(proc.pid) / 1024:.1f} MiB")
+            paths = []
+            for (blob, toc), digest in zip(blobs, digests, strict=True):
+                ans = control.call(sock, {"op": "attach", "id": digest[7:], "digest": digest, "size": len(blob),
+                                          "toc_digest": toc, "image_ref": f"{reg.host}/bench/lazyfs:x",
+                                          "hosts_dir": None, "credentials": None}, timeout=120)
+                paths.append(Path(str(ans["path"])))
+            print(f"lazyfs RSS with {len(paths)} lazy layers attached ({sum(len(f) for f in extra) + len(many) + 1}"
+                  f" files): {rss_kib(proc.pid) / 1024:.1f} MiB")
+
+            # warm read vs the page cache
+            lazy_big, native_big = paths[0] / "data/big.bin", tmp / "native-big/data/big.bin"
+            size = lazy_big.stat().st_size
+            read_file(lazy_big)
+            read_file(native_big)
+            lw = min(read_file(lazy_big) for _ in range(args.runs))
+            nw = min(read_file(native_big) for _ in range(args.runs))
+            print(f"64 MiB file, warm: lazy {size / lw / MIB:8.1f} MiB/s, native page cache "
+                  f"{size / nw / MIB:8.1f} MiB/s = {nw / lw:.2f}x")
+
+            # file-heavy workload through overlayfs
+            empty = tmp / "empty"
+            empty.mkdir()
+            lz, nt = tmp / "ovl-lazy", tmp / "ovl-native"
+            overlay(paths[1], lz, empty)
+            mounts.append(lz)
+            overlay(tmp / "native-many", nt, empty)
+            mounts.append(nt)
+            workload(lz)  # first pass fetches every chunk from the registry (not what is measured)
+            rows = []
+            for label, tree in (("lazy", lz), ("native", nt)):
+                colds, warms = [], []
+                for _ in range(args.runs):
+                    if not args.no_drop_caches:
+                        drop_caches()
+                    colds.append(workload(tree))
+                    warms.append(workload(tree))
+                rows.append((label, min(colds), min(warms)))
+            (_, lc, lwm), (_, nc, nwm) = rows
+            print(f"find + read of {args.files} small files: cold lazy {lc:.2f} s vs native {nc:.2f} s = "
+                  f"{lc / nc:.2f}x; warm lazy {lwm:.2f} s vs native {nwm:.2f} s = {lwm / nwm:.2f}x"
+                  + (" (caches not dropped)" if args.no_drop_caches else ""))
+            print(f"lazyfs RSS after the workloads: {rss_kib(proc.pid) / 1024:.1f} MiB")
+            # once the background fetch has everything, new containers get the node-local unpacked copy
+            lid = digests[1][7:]
+            deadline = time.monotonic() + 600
+            while not control.call(sock, {"op": "check", "id": lid})["unpacked"]:
+                assert time.monotonic() < deadline, "no unpacked copy within 10 minutes"
+                time.sleep(0.5)
+            up = tmp / "ovl-unpacked"
+            overlay(Path(str(control.call(sock, {"op": "check", "id": lid})["path"])), up, empty)
+            mounts.append(up)
+            colds, warms = [], []
+            for _ in range(args.runs):
+                if not args.no_drop_caches:
+                    drop_caches()
+                colds.append(workload(up))
+                warms.append(workload(up))
+            print(f"same on the unpacked copy of the complete layer: cold {min(colds):.2f} s = {min(colds) / nc:.2f}x "
+                  f"native, warm {min(warms):.2f} s = {min(warms) / nwm:.2f}x native")
+        return 0
+    finally:
+        for m in mounts:
+            subprocess.run(["umount", str(m)], check=False)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        remove_tree_quietly(tmp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""``cvmfs-snap lazyfs``: the node's one process serving every lazy eStargz layer through ONE FUSE mount.
+
+Under its root (``<snapshotter root>/lazy/``, lazy-design.md "Paths"): ``mnt/`` the mount (a directory per layer,
+:mod:`cvmfs_snap.lazyfs.fs`), ``control.sock`` the control socket (:mod:`cvmfs_snap.lazyfs.control`),
+``state.json`` the attached layers, ``unpacked/`` node-local copies of completely fetched layers, and by default
+``cache/`` the chunk cache shared by all layers.
+
+- **attach** opens the layer's :class:`~cvmfs_snap.lazyfs.reader.LayerReader` (footer and TOC, checked against the
+  TOC digest), builds its tree, prefetches the landmark files up to ``--prefetch-bound`` (waiting at most
+  ``--timeout``), shows it at ``mnt/<id>``, starts the background fetch and records it in ``state.json`` (never
+  the credentials: only whether there were any). Attaching an attached layer is a no-op.
+- **detach** hides the layer, stops its reads, frees the chunks only it used and its unpacked copy.
+- At **start** the process mounts (lazily unmounting a dead predecessor's mount), then attaches again every layer of
+  ``state.json`` that needed no credentials; layers that did are attached again by the snapshotter, which holds
+  the credentials (``check`` answers ``notfound`` until then).
+- When a layer is completely in the cache (background fetch done), an unpacked copy is written to
+  ``unpacked/<id>`` and ``check`` answers that path: new containers get native read speed, running ones keep their
+  FUSE mounts.
+- **SIGTERM**/SIGINT: the mount is unmounted (lazily: containers still using it get ENOTCONN) and the process ends.
+  When the process dies, reads of running containers on lazy layers fail (ENOTCONN/EIO); the snapshotter starts a
+  new process, which re-attaches from ``state.json`` (docs/lazy.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio  # type: ignore[import-untyped]
+from prometheus_client import start_http_server
+
+from cvmfs_snap.errors import (
+    CvmfsSnapError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+)
+from cvmfs_snap.fsutil import remove_tree
+from cvmfs_snap.lazyfs import control
+from cvmfs_snap.lazyfs.cache import ChunkCache
+from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
+from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
+from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
+from cvmfs_snap.lazyfs.remote import BlobFetcher
+from cvmfs_snap.lazyfs.tree import Tree, build_tree
+from cvmfs_snap.lazyfs.unpack import unpack_layer
+from cvmfs_snap.oci.client import RegistryClient
+from cvmfs_snap.oci.hosts import credentials_from_wire, first_client
+from cvmfs_snap.oci.reference import ImageReference, validate_digest
+
+log = logging.getLogger(__name__)
+
+MNT, SOCKET, STATE, CACHE, UNPACKED, SPOOL = "mnt", "control.sock", "state.json", "cache", "unpacked", "spool"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: seconds between looks at a layer's background fetch (for the unpacked copy)
+POLL = 1.0
+#: layers whose background fetch runs at the same time (each holds a batch of chunks in memory)
+BACKGROUND_LAYERS = 1
+
+
+@dataclass(frozen=True)
+class Options:
+    root: Path
+    cache_dir: Path | None = None
+    cache_size: int = 4 << 30
+    prefetch_bound: int = 64 << 20
+    timeout: float = 30.0
+    background: bool = True
+    force_single_range: bool = False
+    unpack: bool = True
+    #: ``host:port`` to serve Prometheus metrics on (``/metrics``), "" = off
+    metrics_address: str = ""
+
+    @property
+    def mnt(self) -> Path:
+        return self.root / MNT
+
+
+@dataclass
+class Layer:
+    id: str
+    record: dict[str, Any]
+    reader: LayerReader
+    tree: Tree
+    client: RegistryClient
+    unpacked: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def _record(req: dict[str, Any]) -> dict[str, Any]:
+    """The validated attach request, as ``state.json`` keeps it (no credentials)."""
+    lid = req.get("id")
+    if not isinstance(lid, str) or not _ID.match(lid):
+        raise InvalidInputError(f"layer id {str(lid)[:80]!r} is not a plain name")
+    digest, toc, ref, size = req.get("digest"), req.get("toc_digest"), req.get("image_ref"), req.get("size")
+    if not isinstance(digest, str) or not isinstance(toc, str) or not isinstance(ref, str):
+        raise InvalidInputError("attach needs digest, toc_digest and image_ref strings")
+    validate_digest(digest)
+    validate_digest(toc)
+    ImageReference.parse(ref)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise InvalidInputError(f"attach of {digest}: size {size!r} is not a positive integer")
+    hosts = req.get("hosts_dir")
+    if hosts is not None and not isinstance(hosts, str):
+        raise InvalidInputError("hosts_dir must be a path or null")
+    return {"digest": digest, "size": size, "toc_digest": toc, "image_ref": ref, "hosts_dir": hosts,
+            "auth": bool(req.get("credentials"))}
+
+
+class LazyfsProcess:
+    """The process's state and control handlers (see the module docstring)."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.fs = LazyFS()
+        self.cache = ChunkCache(opts.cache_dir or opts.root / CACHE, opts.cache_size)
+        self.layers: dict[str, Layer] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self.nursery: trio.Nursery | None = None
+        self._background = trio.Semaphore(BACKGROUND_LAYERS)
+
+    # ------------------------------------------------------------------ state.json
+    def _save(self) -> None:
+        data = {lid: layer.record for lid, layer in sorted(self.layers.items())}
+        tmp = self.opts.root / (STATE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.opts.root / STATE)
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads((self.opts.root / STATE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("%s is unreadable (%s): starting with no layers; the snapshotter attaches them again",
+                        self.opts.root / STATE, e)
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+    # ------------------------------------------------------------------ control
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "health":
+            return {"layers": len(self.layers), "mount": str(self.opts.mnt)}
+        if op == "list":
+            return {"layers": [self._describe(layer) for _, layer in sorted(self.layers.items())]}
+        if op == "attach":
+            record = _record(req)
+            return {"path": await self.attach(str(req["id"]), record, req.get("credentials"))}
+        lid = str(req.get("id", ""))
+        layer = self.layers.get(lid)
+        if op == "check":
+            pending = self._locks.get(lid)
+            if layer is None and pending is not None:
+                async with pending:  # an attach in progress (restore) is waited for
+                    layer = self.layers.get(lid)
+            if layer is None:
+                raise NotFoundError(f"layer {lid[:80]} is not attached")
+            return {"path": str(self._path(layer)), "complete": layer.reader.is_complete(),
+                    "unpacked": layer.unpacked}
+        if op == "detach":
+            async with self._lock(lid):
+                await self.detach(lid)
+            return {}
+        raise InvalidInputError(f"unknown op {op!r}")
+
+    def _describe(self, layer: Layer) -> dict[str, Any]:
+        return {"id": layer.id, "digest": layer.record["digest"], "path": str(self._path(layer)),
+                "fetched_fraction": layer.reader.fetched_fraction(), "bytes_fetched": layer.reader.bytes_fetched,
+                "complete": layer.reader.is_complete(), "unpacked": layer.unpacked,
+                "background": layer.reader.background_state}
+
+    def _path(self, layer: Layer) -> Path:
+        return self.opts.root / UNPACKED / layer.id if layer.unpacked else self.opts.mnt / layer.id
+
+    def _lock(self, lid: str) -> trio.Lock:
+        return self._locks.setdefault(lid, trio.Lock())
+
+    # ------------------------------------------------------------------ attach / detach
+    async def attach(self, lid: str, record: dict[str, Any], credentials: object = None) -> str:
+        async with self._lock(lid):
+            have = self.layers.get(lid)
+            if have is not None:
+                if have.record["digest"] != record["digest"]:
+                    raise InvalidInputError(f"layer id {lid} is attached for {have.record['digest']}, not "
+                                            f"{record['digest']}")
+                return str(self._path(have))
+            layer = await self._open(lid, record, credentials)
+            self.layers[lid] = layer
+            store = [p for p in layer.reader.stargz.prefetch if p in layer.reader.stargz.toc.chunks]
+            self.fs.add_layer(lid, layer.tree, layer.reader, store)
+            self._save()
+            assert self.nursery is not None
+            self.nursery.start_soon(self._follow, layer)
+            log.info("attached layer %s (%s) at %s", record["digest"], record["image_ref"], self.opts.mnt / lid)
+            return str(self._path(layer))
+
+    async def _open(self, lid: str, record: dict[str, Any], credentials: object) -> Layer:
+        creds = credentials_from_wire(credentials)
+        ref = ImageReference.parse(record["image_ref"])
+        hosts = Path(record["hosts_dir"]) if record["hosts_dir"] else None
+        client, ep_ref = first_client(ref, hosts, creds, timeout=self.opts.timeout, retries=2)
+        try:
+            fetcher = BlobFetcher(client, ep_ref, record["digest"], record["size"],
+                                  force_single_range=self.opts.force_single_range,
+                                  spool_dir=self.opts.root / SPOOL)
+            try:
+                with trio.fail_after(self.opts.timeout):
+                    reader = await open_layer_reader(fetcher, self.cache, digest=record["digest"],
+                                                     size=record["size"], toc_digest=record["toc_digest"])
+            except trio.TooSlowError:
+                fetcher.close()
+                raise UnavailableError(f"layer {record['digest']}: its TOC did not arrive from {ref.registry} "
+                                       f"within {self.opts.timeout:.0f} s") from None
+            tree = await trio.to_thread.run_sync(build_tree, reader.stargz.toc)
+            if self.opts.prefetch_bound > 0:
+                with trio.move_on_after(self.opts.timeout * 0.8):
+                    try:
+                        await reader.prefetch(self.opts.prefetch_bound)
+                    except CvmfsSnapError as e:  # reads fetch what they need
+                        log.warning("prefetch of layer %s: %s", record["digest"], e)
+        except BaseException:
+            client.close()
+            raise
+        return Layer(lid, record, reader, tree, client)
+
+    async def _follow(self, layer: Layer) -> None:
+        """The layer's background fetch, then its unpacked copy once every chunk is cached."""
+        with layer.scope:
+            dest = self.opts.root / UNPACKED / layer.id
+            if await trio.to_thread.run_sync(dest.is_dir):  # made before a restart
+                layer.unpacked = True
+                return
+            if self.opts.background:
+                assert self.nursery is not None
+                async with self._background:  # one layer at a time: bounded memory and bandwidth
+                    layer.reader.start_background(self.nursery)
+                    while layer.reader.background_state == "running":
+                        await trio.sleep(POLL)
+            # without a background fetch, reads alone rarely complete a layer: no copy (and no polling)
+            if not (self.opts.unpack and self.opts.background):
+                return
+            if not await trio.to_thread.run_sync(layer.reader.is_complete):
+                return  # the background pass ended without every chunk (failed, or the cache is too small)
+            try:
+                await unpack_layer(layer.tree, layer.reader, dest)
+            except (CvmfsSnapError, OSError) as e:
+                log.warning("unpacked copy of layer %s failed (it stays on FUSE): %s", layer.record["digest"], e)
+                return
+            layer.unpacked = True
+            log.info("layer %s is complete: new containers use its unpacked copy %s", layer.record["digest"], dest)
+
+    async def detach(self, lid: str) -> None:
+        layer = self.layers.pop(lid, None)
+        if layer is None:
+            raise NotFoundError(f"layer {lid[:80]} is not attached")
+        layer.scope.cancel()
+        self.fs.remove_layer(lid)
+        layer.reader.close()
+        layer.client.close()
+        self._save()
+        digest = layer.record["digest"]
+        await trio.to_thread.run_sync(self.cache.release_layer, digest)
+        await trio.to_thread.run_sync(lambda: remove_tree(self.opts.root / UNPACKED / lid))
+        log.info("detached layer %s", digest)
+
+    async def restore(self) -> None:
+        """Attach again the layers of ``state.json`` (those needing credentials wait for the snapshotter)."""
+        saved = self._load()
+        async with trio.open_nursery() as n:
+            for lid, record in saved.items():
+                if record.get("auth"):
+                    log.info("layer %s needs registry credentials: waiting for the snapshotter to attach it",
+                             record.get("digest"))
+                    continue
+                n.start_soon(self._restore_one, lid, record)
+        self._save()
+
+    async def _restore_one(self, lid: str, record: dict[str, Any]) -> None:
+        try:
+            await self.attach(lid, _record({**record, "id": lid}))
+        except CvmfsSnapError as e:
+            log.warning("layer %s from %s cannot be attached again (%s); the snapshotter attaches it when it "
+                        "needs it", record.get("digest"), STATE, e)
+
+    def close(self) -> None:
+        for layer in self.layers.values():
+            layer.reader.close()
+            layer.client.close()
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def _clear_mountpoint(mnt: Path) -> None:
+    """A dead predecessor's mount (ENOTCONN) or a live leftover is detached, so ours can take its place."""
+    try:
+        stale = os.path.ismount(mnt)
+    except OSError as e:
+        stale = e.errno in (errno.ENOTCONN, errno.EIO)
+    if not stale:
+        with contextlib.suppress(OSError):
+            os.stat(mnt)
+            return
+        stale = True
+    log.warning("%s: a mount of a previous lazyfs process is left; detaching it", mnt)
+    subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def _prepare(opts: Options) -> None:
+    opts.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        control.call(opts.root / SOCKET, {"op": "health"}, timeout=2.0)
+    except UnavailableError:
+        pass
+    else:
+        raise UnavailableError(f"another lazyfs process serves {opts.root} (it answers on {opts.root / SOCKET})")
+    _clear_mountpoint(opts.mnt)
+    opts.mnt.mkdir(exist_ok=True)
+    unpacked = opts.root / UNPACKED
+    unpacked.mkdir(exist_ok=True, mode=0o700)
+    for e in os.scandir(unpacked):
+        if ".tmp-" in e.name:
+            remove_tree(e.path)
+
+
+async def _serve(proc: LazyfsProcess) -> None:
+    opts = proc.opts
+    pyfuse3.init(proc.fs, str(opts.mnt), mount_options())
+    proc.fs.mounted = True
+    try:
+        async with trio.open_nursery() as n:
+            proc.nursery = proc.fs.nursery = n
+            n.start_soon(_signals, n.cancel_scope)
+            n.start_soon(_fuse_main, n.cancel_scope)
+            await n.start(control.serve, opts.root / SOCKET, proc.handle)
+            await proc.restore()
+            log.info("lazyfs serves %d layer(s) at %s (control %s)", len(proc.layers), opts.mnt,
+                     opts.root / SOCKET)
+    finally:
+        proc.close()
+        with contextlib.suppress(OSError):
+            (opts.root / SOCKET).unlink()
+        pyfuse3.close(unmount=True)
+        log.info("lazyfs unmounted %s", opts.mnt)
+
+
+async def _fuse_main(scope: trio.CancelScope) -> None:
+    """The FUSE loop; when it ends (someone unmounted ``mnt/``), so does the process: a process without its mount
+    must not keep answering ``health``, so the snapshotter starts a new one."""
+    await pyfuse3.main()
+    if not scope.cancel_called:  # (SIGTERM cancels first)
+        log.warning("lazyfs: the FUSE mount was unmounted from outside; exiting")
+    scope.cancel()
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        async for sig in received:
+            log.info("lazyfs: %s, unmounting", signal.Signals(sig).name)
+            scope.cancel()
+            with contextlib.suppress(Exception):
+                pyfuse3.terminate()
+            return
+
+
+def serve_metrics(address: str) -> tuple[str, int]:
+    """Serve the lazy metrics (:data:`~cvmfs_snap.lazyfs.metrics.DEFAULT_METRICS`: layer digests as labels, never
+    image references or credentials) on ``host:port``; returns the bound address."""
+    host, _, port = address.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
+                                            registry=DEFAULT_METRICS.registry)
+    except (ValueError, OSError) as e:
+        raise InvalidInputError(f"lazyfs: cannot serve metrics on {address!r}: {e}") from None
+    bound = server.server_address
+    log.info("lazyfs metrics on http://%s:%d/metrics", bound[0], bound[1])
+    return str(bound[0]), int(bound[1])
+
+
+def run(opts: Options) -> int:
+    _prepare(opts)
+    proc = LazyfsProcess(opts)
+    if opts.metrics_address:
+        serve_metrics(opts.metrics_address)
+    trio.run(_serve, proc)
+    return 0

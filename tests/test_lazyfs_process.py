@@ -1,0 +1,238 @@
+"""``cvmfs-snap lazyfs`` as a real process: a real docker-registry (behind a counting proxy), the real FUSE mount,
+the control socket; attach/check/list/detach, the unpacked copy of a complete layer, SIGKILL (running readers get
+ENOTCONN; a new process re-attaches from state.json) and SIGTERM (clean unmount)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cvmfs_snap.devenv.registry import free_port
+from cvmfs_snap.lazyfs import control
+from tests.support.layertrees import dump_tree
+from tests.support.range_proxies import PushedLayer, RangeProxy, push_estargz, range_proxy
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse, root")
+
+SECRET = "very-secret-password-1234"
+
+
+def content() -> dict[str, bytes]:
+    files = {f"data/blob{i}": os.urandom(400_000) for i in range(10)}
+    files["etc/small.conf"] = b"answer = 42\n"
+    files["bin/tool"] = b"#!/bin/sh\necho tool\n"
+    return files
+
+
+@pytest.fixture(scope="module")
+def layer(registry: Registry) -> PushedLayer:
+    return push_estargz(registry.host, "lazy/proc", content(), chunk_size=64 * 1024,
+                        prioritized=("bin/tool",))
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[RangeProxy]:
+    with range_proxy(registry.url) as p:
+        yield p
+
+
+class Proc:
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.root = root
+        self.log = root.parent / "lazyfs.log"
+        root.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as logf:
+            self.p = subprocess.Popen([sys.executable, "-m", "cvmfs_snap.cli", "lazyfs", "--root", str(root),
+                                       "--timeout", "10", "--log-level", "debug", *extra],
+                                      stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.call({"op": "health"})
+                break
+            except control.ControlError:
+                raise
+            except Exception:
+                if self.p.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("lazyfs did not start:\n" + self.log.read_text()) from None
+                time.sleep(0.05)
+
+    def call(self, req: dict[str, object]) -> dict[str, object]:
+        return control.call(self.root / "control.sock", req, timeout=30)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        return self.p.wait(30)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop(signal.SIGKILL)
+    subprocess.run(["umount", "-l", str(tmp_path / "lazy" / "mnt")], capture_output=True, check=False)
+
+
+def attach_req(layer: PushedLayer, host: str, **kw: object) -> dict[str, object]:
+    req: dict[str, object] = {"op": "attach", "id": layer.digest[7:], "digest": layer.digest, "size": layer.size,
+                              "toc_digest": layer.toc_digest, "image_ref": f"{host}/lazy/proc:lazy",
+                              "hosts_dir": None, "credentials": None}
+    req.update(kw)
+    return req
+
+
+def wait_for(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_attach_read_detach_and_small_reads_fetch_little(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
+                                                         procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    port = free_port()
+    p = Proc(root, "--no-background-fetch", "--metrics-address", f"127.0.0.1:{port}")
+    procs.append(p)
+    assert oct(os.stat(root / "control.sock").st_mode & 0o777) == "0o600"
+    ans = p.call(attach_req(layer, proxy.host))
+    path = Path(str(ans["path"]))
+    assert path == root / "mnt" / layer.digest[7:]
+    assert p.call(attach_req(layer, proxy.host))["path"] == str(path)  # idempotent
+    assert (path / "etc/small.conf").read_bytes() == b"answer = 42\n"
+    assert proxy.bytes_sent < 0.1 * layer.size  # footer + TOC + the prefetched tool + one chunk
+    assert (path / "data/blob7").read_bytes() == layer.files["data/blob7"]
+    assert sorted(os.listdir(path)) == ["bin", "data", "etc"]
+    lst = p.call({"op": "list"})["layers"][0]  # type: ignore[index]
+    assert lst["digest"] == layer.digest and 0 < lst["fetched_fraction"] < 1 and not lst["complete"]
+    assert p.call({"op": "check", "id": layer.digest[7:]})["path"] == str(path)
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert f'cvmfs_snap_lazy_fetched_bytes_total{{layer="{layer.digest}"}}' in metrics
+    assert "cvmfs_snap_lazy_cache_misses_total" in metrics and proxy.host not in metrics
+    with pytest.raises(control.ControlError) as e:
+        p.call({"op": "check", "id": "0" * 64})
+    assert e.value.kind == "notfound"
+    p.call({"op": "detach", "id": layer.digest[7:]})
+    assert not path.exists()
+    assert p.call({"op": "list"})["layers"] == []
+    assert p.stop() == 0
+    assert not os.path.ismount(root / "mnt")
+
+
+def test_bad_attaches_and_credentials_stay_secret(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
+                                                  procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    p = Proc(root)
+    procs.append(p)
+    with pytest.raises(control.ControlError) as e:
+        p.call(attach_req(layer, proxy.host, toc_digest="sha256:" + "1" * 64))
+    assert e.value.kind == "integrity"
+    with pytest.raises(control.ControlError) as e:
+        p.call(attach_req(layer, proxy.host, id="../etc"))
+    assert e.value.kind == "invalid"
+    with pytest.raises(control.ControlError) as e:
+        p.call(attach_req(layer, "127.0.0.1:9", credentials={"127.0.0.1:9": {"username": "u", "secret": SECRET}}))
+    assert e.value.kind == "unavailable" and SECRET not in str(e.value)
+    p.call(attach_req(layer, proxy.host, credentials={proxy.host: {"username": "u", "secret": SECRET}}))
+    state = (root / "state.json").read_text()
+    assert layer.digest in state and SECRET not in state and '"auth": true' in state
+    p.stop()
+    assert SECRET not in p.log.read_text()
+    # a new process cannot re-attach it without the credentials: it waits for the snapshotter's attach
+    q = Proc(root)
+    procs.append(q)
+    with pytest.raises(control.ControlError) as e:
+        q.call({"op": "check", "id": layer.digest[7:]})
+    assert e.value.kind == "notfound"
+    assert layer.digest not in (root / "state.json").read_text()
+    with pytest.raises(control.ControlError) as e:
+        q.call({"op": "detach", "id": layer.digest[7:]})
+    assert e.value.kind == "notfound"
+
+
+def test_concurrent_attaches_of_one_layer_make_one(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
+                                                   procs: list[Proc]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "lazy"
+    p = Proc(root, "--no-background-fetch", "--prefetch-bound", "0")
+    procs.append(p)
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: p.call(attach_req(layer, proxy.host))["path"], range(4)))
+    assert len(set(paths)) == 1
+    assert len(p.call({"op": "list"})["layers"]) == 1  # type: ignore[arg-type]
+    footer_and_toc = [g for g in proxy.blob_gets if g[1] == 206]
+    assert len(footer_and_toc) == 2  # one open of the layer, not four
+
+
+def test_complete_layer_gets_an_unpacked_copy(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
+                                              procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    p = Proc(root)
+    procs.append(p)
+    path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
+    lid = layer.digest[7:]
+    wait_for(lambda: bool(p.call({"op": "check", "id": lid}).get("unpacked")))
+    ans = p.call({"op": "check", "id": lid})
+    assert ans["path"] == str(root / "unpacked" / lid) and ans["complete"]
+    assert dump_tree(root / "unpacked" / lid) == dump_tree(path)
+    p.call({"op": "detach", "id": lid})
+    assert not (root / "unpacked" / lid).exists()
+
+
+def test_sigkill_then_restart_reattaches_from_state(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
+                                                    procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    p = Proc(root, "--no-background-fetch")
+    procs.append(p)
+    path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open(path / "data/blob1", "rb"))  # a "running container" holding a file open
+        assert f.read(10) == layer.files["data/blob1"][:10]
+        p.stop(signal.SIGKILL)
+        with pytest.raises(OSError) as e:
+            f.seek(300_000)
+            f.read(100)
+        assert e.value.errno in (errno.ENOTCONN, errno.EIO)
+        stack.pop_all()
+        with contextlib.suppress(OSError):
+            f.close()
+    with pytest.raises(OSError) as e:
+        os.listdir(path)
+    assert e.value.errno == errno.ENOTCONN
+    q = Proc(root, "--no-background-fetch")  # detaches the dead mount, mounts anew, re-attaches
+    procs.append(q)
+    lid = layer.digest[7:]
+    assert q.call({"op": "check", "id": lid})["path"] == str(path)
+    assert (path / "data/blob1").read_bytes() == layer.files["data/blob1"]
+    assert q.stop() == 0
+
+
+def test_second_process_on_the_same_root_is_refused(tmp_path: Path, procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    procs.append(Proc(root))
+    r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "lazyfs", "--root", str(root)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "another lazyfs process" in r.stderr
+
+
+def test_process_ends_when_its_mount_is_unmounted_from_outside(tmp_path: Path, procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    p = Proc(root)
+    procs.append(p)
+    subprocess.run(["umount", "-l", str(root / "mnt")], check=True)
+    assert p.p.wait(30) == 0
+    assert not (root / "control.sock").exists()
