@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -160,7 +160,8 @@ class Publisher:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish-layer")
         #: layers are unpacked in worker processes (started on first use); None: in the layer threads
         self._workers = LayerWorkers(self.concurrency) if unpack_in_processes else None
-        self._heavy = threading.BoundedSemaphore(self.concurrency)
+        #: flat-tree builds (at most ``concurrency`` at once); each mostly waits for its layers, then applies them
+        self._flat_pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish-flat")
         self._lock = threading.RLock()
         self._inflight: dict[str, Future[str]] = {}
         self._image_locks: dict[str, threading.Lock] = {}
@@ -177,6 +178,7 @@ class Publisher:
         self._owns_client = owns_client
 
     def close(self) -> None:
+        self._flat_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         if self._workers is not None:
             self._workers.close()
@@ -280,16 +282,34 @@ class Publisher:
             self._workers.start()
 
         # layers of all platforms, deduplicated, through the shared pool
-        futures: list[tuple[str, Future[str]]] = []
-        seen: set[str] = set()
+        futures: dict[str, Future[str]] = {}
         for p in plats:
             for desc, diff_id in zip(p.manifest.layers, p.diff_ids, strict=True):
-                if desc.digest in seen:
-                    continue
-                seen.add(desc.digest)
-                futures.append((desc.digest, self._layer_future(ref, desc, diff_id, p.config_digest)))
+                if desc.digest not in futures:
+                    futures[desc.digest] = self._layer_future(ref, desc, diff_id, p.config_digest)
+        # flat trees are built while the layers are: layer k is applied to the flat as soon as it is published and
+        # layers < k are applied (``_build_flat`` waits for each); the flat becomes visible only once complete
+        flats = [] if self.skip_flat else [
+            self._flat_pool.submit(self._build_flat, ref, p, futures) for p in plats
+            if not self.backend.has_flat(p.config_digest)
+        ]
+        try:
+            self._collect_layers(futures, result)
+            crash_point("image-layers-done")
+            for fut in flats:
+                fut.result()
+        finally:
+            for fut in flats:  # a failed image still waits: no flat build may outlive the image's locks
+                _wait_quietly(fut)
+
+        self._commit_metadata(ref, obj, plats, old)
+        metrics.IMAGES_PUBLISHED.labels(self._backend_label).inc()
+        result.ok = True
+        return result
+
+    def _collect_layers(self, futures: dict[str, Future[str]], result: ImageResult) -> None:
         errors: list[str] = []
-        for digest, fut in futures:
+        for digest, fut in futures.items():
             try:
                 outcome = fut.result()
             except CvmfsSnapError as exc:
@@ -309,18 +329,6 @@ class Publisher:
         if errors:
             raise _ImageFailed("; ".join(errors))
         self.backend.flush_layers(sorted(seen))  # backends that batch layers publish them now
-
-        crash_point("image-layers-done")
-        if not self.skip_flat:
-            for p in plats:
-                if not self.backend.has_flat(p.config_digest):
-                    with self._heavy:
-                        self._build_flat(ref, p)
-
-        self._commit_metadata(ref, obj, plats, old)
-        metrics.IMAGES_PUBLISHED.labels(self._backend_label).inc()
-        result.ok = True
-        return result
 
     def _platforms(self, ref: ImageReference, obj: Manifest | Index) -> list[_Platform]:
         if isinstance(obj, Manifest):
@@ -424,24 +432,39 @@ class Publisher:
         return lambda: self._open_layer(ref, desc)
 
     # -- flat trees ------------------------------------------------------------------------------------------------
-    def _build_flat(self, ref: ImageReference, p: _Platform) -> None:
-        """Build one flat tree, each layer read from its published tree when this host can read it (no second
-        download), else from the registry. Should reading or applying a published tree fail, the flat is rebuilt
-        from the registry alone: a flat must not depend on a tree that may be damaged."""
+    def _build_flat(self, ref: ImageReference, p: _Platform, layers: dict[str, Future[str]]) -> None:
+        """Build one flat tree while its layers are being published: each layer is applied once its future says it
+        is published (an error there aborts the flat), read from its published tree when this host can read it (no
+        second download), else from the registry. Should reading or applying a published tree fail, the flat is
+        rebuilt from the registry alone: a flat must not depend on a tree that may be damaged."""
         failed: list[BaseException] = []
-        openers: list[LayerOpener] = []
-        from_tree = 0
-        for desc in p.manifest.layers:
-            tree = self.backend.layer_tree(desc.digest) if self.flat_from_tree else None
-            if tree is None:
-                openers.append(self._opener(ref, desc))
-            else:
-                openers.append(self._tree_opener(tree, desc.digest, failed))
-                from_tree += 1
-        log.info("%s: building flat root filesystem %s (%d of %d layers from the repository, %d from the "
-                 "registry)", ref, p.config_digest, from_tree, len(openers), len(openers) - from_tree)
+        from_tree: list[str] = []
+        if self.concurrency == 1:  # one unit of heavy work at a time: the flat after the layers, not beside them
+            for d in p.manifest.layers:
+                _wait_quietly(layers[d.digest])
+
+        def opener(desc: Descriptor) -> LayerOpener:
+            @contextmanager
+            def opened() -> Iterator[TarStream]:
+                layers[desc.digest].result()  # published (or raises the layer's error: no flat without it)
+                tree = self.backend.layer_tree(desc.digest) if self.flat_from_tree else None
+                cm: AbstractContextManager[TarStream]
+                if tree is None:
+                    cm = self._open_layer(ref, desc)
+                else:
+                    from_tree.append(desc.digest)
+                    cm = self._tree_opener(tree, desc.digest, failed)()
+                with cm as tar:
+                    yield tar
+
+            return opened
+
+        log.info("%s: building flat root filesystem %s as its %d layers are published", ref, p.config_digest,
+                 len(p.manifest.layers))
         try:
-            self.backend.publish_flat(p.config_digest, openers)
+            self.backend.publish_flat(p.config_digest, [opener(d) for d in p.manifest.layers])
+            log.debug("%s: flat %s built (%d of %d layers read from the repository, the others from the "
+                      "registry)", ref, p.config_digest, len(from_tree), len(p.manifest.layers))
             return
         except (CvmfsSnapError, OSError) as exc:
             if not failed:
@@ -714,6 +737,11 @@ def _is_sha256(digest: str) -> bool:
     except CvmfsSnapError:
         return False
     return True
+
+
+def _wait_quietly(fut: Future[Any]) -> None:
+    with suppress(BaseException):  # the caller reports its own error
+        fut.result()
 
 
 class _ImageFailed(CvmfsSnapError):
