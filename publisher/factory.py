@@ -47,11 +47,13 @@ def make_publisher(config: PublisherConfig, progress: ProgressSink | None = None
     """A publisher owning a new backend (leftovers of killed runs cleaned first) and a new registry client."""
     backend = make_backend(config)
     backend.recover()
-    return Publisher(
+    pub = Publisher(
         backend, make_client(config), concurrency=config.concurrency, skip_flat=config.skip_flat,
         platforms=config.platforms, progress=progress, state_dir=config.effective_state_dir(),
         limits=config.limits, owns_client=True,
     )
+    pub.start_workers()  # up while the first image's registry round trips run
+    return pub
 
 
 __all__ = ["make_backend", "make_client", "make_publisher"]

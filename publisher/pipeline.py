@@ -177,6 +177,12 @@ class Publisher:
         #: clients passed in belong to the caller, unless ``owns_client`` (``factory.make_publisher``): ours to close
         self._owns_client = owns_client
 
+    def start_workers(self) -> None:
+        """Start the layer worker processes now, in the background (a fresh interpreter importing the layer code),
+        so that they are up when the first layer needs them instead of starting after the registry round trips."""
+        if self._workers is not None:
+            self._workers.start()
+
     def close(self) -> None:
         self._flat_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
@@ -289,12 +295,20 @@ class Publisher:
                     futures[desc.digest] = self._layer_future(ref, desc, diff_id, p.config_digest)
         # flat trees are built while the layers are: layer k is applied to the flat as soon as it is published and
         # layers < k are applied (``_build_flat`` waits for each); the flat becomes visible only once complete
+        # a backend that batches layers makes them visible in ``flush_layers`` only: a flat waits for that flush
+        # before it reads a layer that is done but not visible yet
+        flushed: Future[None] = Future()
         flats = [] if self.skip_flat else [
-            self._flat_pool.submit(self._build_flat, ref, p, futures) for p in plats
+            self._flat_pool.submit(self._build_flat, ref, p, futures, flushed) for p in plats
             if not self.backend.has_flat(p.config_digest)
         ]
         try:
-            self._collect_layers(futures, result)
+            try:
+                self._collect_layers(futures, result)
+            except BaseException as exc:
+                flushed.set_exception(exc)
+                raise
+            flushed.set_result(None)
             crash_point("image-layers-done")
             for fut in flats:
                 fut.result()
@@ -328,7 +342,7 @@ class Publisher:
                 result.layers_skipped += 1
         if errors:
             raise _ImageFailed("; ".join(errors))
-        self.backend.flush_layers(sorted(seen))  # backends that batch layers publish them now
+        self.backend.flush_layers(sorted(futures))  # backends that batch layers publish them now
 
     def _platforms(self, ref: ImageReference, obj: Manifest | Index) -> list[_Platform]:
         if isinstance(obj, Manifest):
@@ -432,7 +446,8 @@ class Publisher:
         return lambda: self._open_layer(ref, desc)
 
     # -- flat trees ------------------------------------------------------------------------------------------------
-    def _build_flat(self, ref: ImageReference, p: _Platform, layers: dict[str, Future[str]]) -> None:
+    def _build_flat(self, ref: ImageReference, p: _Platform, layers: dict[str, Future[str]],
+                    flushed: Future[None]) -> None:
         """Build one flat tree while its layers are being published: each layer is applied once its future says it
         is published (an error there aborts the flat), read from its published tree when this host can read it (no
         second download), else from the registry. Should reading or applying a published tree fail, the flat is
@@ -440,13 +455,14 @@ class Publisher:
         failed: list[BaseException] = []
         from_tree: list[str] = []
         if self.concurrency == 1:  # one unit of heavy work at a time: the flat after the layers, not beside them
-            for d in p.manifest.layers:
-                _wait_quietly(layers[d.digest])
+            _wait_quietly(flushed)
 
         def opener(desc: Descriptor) -> LayerOpener:
             @contextmanager
             def opened() -> Iterator[TarStream]:
                 layers[desc.digest].result()  # published (or raises the layer's error: no flat without it)
+                if not self.layout.is_layer_complete(desc.digest):
+                    flushed.result()  # accepted into a batch: visible once the image's layers are flushed
                 tree = self.backend.layer_tree(desc.digest) if self.flat_from_tree else None
                 cm: AbstractContextManager[TarStream]
                 if tree is None:
