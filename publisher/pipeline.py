@@ -9,8 +9,9 @@ image whose metadata points at missing layers.
 Concurrency: layers of *all* images being published go through one bounded pool (``concurrency`` workers) and a
 layer wanted by several images at once is processed once (the in-flight table maps digest -> future). Each layer
 thread downloads its blob and has it unpacked in one of ``concurrency`` worker processes (``publisher.workers``), so
-that layers use every core. Image orchestration runs in lightweight threads that mostly wait; flat-tree builds share
-the same bound.
+that layers use every core. Image orchestration runs in lightweight threads that mostly wait; flat-tree builds (at
+most ``concurrency`` at once) start with the image's layers and apply each layer as soon as it and the layers below
+it are published, so the flat is ready soon after the last layer; it becomes visible only when complete.
 Streaming end to end (registry -> decompressor -> unpacker), so memory does not grow with layer size. Flat trees
 are built from the published layer trees (``publisher.layertree``), so each blob is downloaded once per publish.
 """

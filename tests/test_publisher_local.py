@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layout import REMOVE_SCHEDULE, LayerRecord, RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo, TarStream
@@ -509,6 +510,53 @@ def test_flat_falls_back_to_registry_when_a_tree_cannot_be_read(
     assert (flat / "opt/app/new.txt").read_bytes() == b"new\n" and not (flat / "etc/motd").exists()
     gets = settled_blob_gets(fresh_registry.log, 5)
     assert gets[base.digest] == gets[top.digest] == 2  # once for the layers, once for the rebuilt flat
+    assert check_invariants(root) == [] and os.listdir(root / STAGING_DIR) == []
+
+
+class HeldTopBackend(LocalBackend):
+    """The real local backend; the top layer is held until the flat has read the bottom layer's tree (or 15 s),
+    then published or, with ``fail_top``, failed."""
+
+    def __init__(self, root: Path, base: str, top: str, fail_top: bool = False) -> None:
+        super().__init__(root)
+        self.base, self.top, self.fail_top = base, top, fail_top
+        self.base_read = threading.Event()
+        self.flat_began_first: bool | None = None
+
+    def layer_tree(self, digest: str) -> Path | None:
+        if digest == self.base:
+            self.base_read.set()
+        return super().layer_tree(digest)
+
+    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
+        if info.digest == self.top:
+            self.flat_began_first = self.base_read.wait(15)
+            if self.fail_top:
+                raise UnsafeLayerError(f"layer {info.digest}: refused by the test")
+        return super().publish_layer(info, tar_stream)
+
+
+@pytest.mark.parametrize("fail_top", [False, True])
+def test_flat_is_built_while_later_layers_are_published(
+    registry: Registry, client: RegistryClient, tmp_path: Path, fail_top: bool
+) -> None:
+    base, top = base_layer(f"pipelined{fail_top}"), top_layer("gzip")
+    img = im.image([base, top])
+    im.push_image(registry.url, "pub/pipelined", f"v{int(fail_top)}", img)
+    root = tmp_path / "repo"
+    be = HeldTopBackend(root, base.digest, top.digest, fail_top)
+    with Publisher(be, client, concurrency=2) as pub:
+        res = pub.publish_image(registry.ref("pub/pipelined", f"v{int(fail_top)}"))
+    # the flat applied the bottom layer while the top one was still being published
+    assert be.flat_began_first is True
+    layout = RepositoryLayout(root)
+    flat = layout.flat_dir(img.config_digest)
+    if fail_top:  # the failed layer aborts the flat: nothing of it is visible, no staging left
+        assert not res.ok and "refused by the test" in res.error
+        assert not flat.exists() and not layout.public_link(registry.host, "pub/pipelined", "v1").exists()
+    else:
+        assert res.ok, res.error
+        assert (flat / "opt/app/new.txt").read_bytes() == b"new\n" and not (flat / "etc/motd").exists()
     assert check_invariants(root) == [] and os.listdir(root / STAGING_DIR) == []
 
 
