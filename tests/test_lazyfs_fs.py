@@ -155,3 +155,22 @@ def test_prefetched_files_are_pushed_into_the_page_cache_at_lookup(tmp_path: Pat
         assert pushed >= 1
         assert p.read_bytes() == data
         assert files.reads == pushed  # served from the page cache
+
+
+@pytest.mark.parametrize("name", ["whiteouts", "hardlinks", "xattrs", "devices", "long-names", "replaced"])
+def test_unpacked_copy_equals_containerd_unpack(tmp_path: Path, name: str) -> None:
+    """The node-local copy of a complete layer (unpack.py) is the same tree as containerd's unpack."""
+    import trio  # type: ignore[import-untyped]
+
+    from cvmfs_snap.lazyfs.tree import build_tree
+    from cvmfs_snap.lazyfs.unpack import unpack_layer
+    from tests.support.lazyfs_mount import BlobFiles
+
+    blob, _ = to_estargz(corpus()[name])
+    ref = tmp_path / "ref"
+    extract_like_containerd(blob_tar(blob), ref)
+    files = BlobFiles(blob)
+    dest = tmp_path / "unpacked" / "layer"
+    trio.run(unpack_layer, build_tree(files.stargz.toc), files, dest)
+    assert comparable(dump_tree(dest)) == comparable(dump_tree(ref))
+    assert not [p for p in os.listdir(dest.parent) if ".tmp-" in p]

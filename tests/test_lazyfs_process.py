@@ -151,6 +151,31 @@ def test_bad_attaches_and_credentials_stay_secret(tmp_path: Path, layer: PushedL
     assert layer.digest in state and SECRET not in state and '"auth": true' in state
     p.stop()
     assert SECRET not in p.log.read_text()
+    # a new process cannot re-attach it without the credentials: it waits for the snapshotter's attach
+    q = Proc(root)
+    procs.append(q)
+    with pytest.raises(control.ControlError) as e:
+        q.call({"op": "check", "id": layer.digest[7:]})
+    assert e.value.kind == "notfound"
+    assert layer.digest not in (root / "state.json").read_text()
+    with pytest.raises(control.ControlError) as e:
+        q.call({"op": "detach", "id": layer.digest[7:]})
+    assert e.value.kind == "notfound"
+
+
+def test_concurrent_attaches_of_one_layer_make_one(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
+                                                   procs: list[Proc]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "lazy"
+    p = Proc(root, "--no-background-fetch", "--prefetch-bound", "0")
+    procs.append(p)
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: p.call(attach_req(layer, proxy.host))["path"], range(4)))
+    assert len(set(paths)) == 1
+    assert len(p.call({"op": "list"})["layers"]) == 1  # type: ignore[arg-type]
+    footer_and_toc = [g for g in proxy.blob_gets if g[1] == 206]
+    assert len(footer_and_toc) == 2  # one open of the layer, not four
 
 
 def test_complete_layer_gets_an_unpacked_copy(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
