@@ -3,7 +3,7 @@
     cvmfs-snap-publisher convert RECIPE              publish every image of a DUCC recipe once
     cvmfs-snap-publisher loop RECIPE                 the daemon: keep the recipe published (publisher.daemon)
     cvmfs-snap-publisher convert-single-image IMAGE [REPO]
-    cvmfs-snap-publisher gc [--recipe RECIPE] [--grace-period DAYS] [--dry-run]      (publisher.gc)
+    cvmfs-snap-publisher gc [--recipe RECIPE] [--grace-period DAYS] [--dry-run]      (publisher.gccommand)
     cvmfs-snap-publisher check-image-syntax IMAGE
 
 Common options: ``--backend {local,cvmfs-ingest,cvmfs-transaction}`` (default local), ``--root DIR``,
@@ -15,17 +15,25 @@ configuration or image name).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
+from cvmfs_snap.oci import ImageReference
 
 from .config import BACKENDS, PublisherConfig
+from .daemon import run_daemon
+from .factory import make_publisher
+from .gccommand import run_gc
+from .pipeline import ImageResult
 from .policy import recipe_into_config
+from .recipe import Recipe, RecipeError, parse_line
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 log = logging.getLogger("publisher")
 
@@ -114,7 +122,7 @@ class RichProgress:
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             TimeRemainingColumn(), transient=True,
         )
-        self._tasks: dict[str, Any] = {}
+        self._tasks: dict[str, TaskID] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> RichProgress:
@@ -139,7 +147,7 @@ class RichProgress:
         if task is not None:
             self._progress.remove_task(task)
 
-    def image_finished(self, result: Any) -> None:
+    def image_finished(self, result: ImageResult) -> None:
         status = "[green]ok" if result.ok else "[red]FAILED"
         self._progress.console.print(f"{status}[/] {result.ref}")
 
@@ -170,7 +178,7 @@ def _setup_logging(level: str, progress: RichProgress | None) -> None:
 
 
 # -- verbs ---------------------------------------------------------------------------------------------------------
-def _summary(results: list[Any], recipe_errors: list[Any]) -> int:
+def _summary(results: list[ImageResult], recipe_errors: list[RecipeError]) -> int:
     failed = [r for r in results if not r.ok]
     published = sum(1 for r in results if r.ok and not r.unchanged)
     unchanged = sum(1 for r in results if r.ok and r.unchanged)
@@ -186,36 +194,25 @@ def _summary(results: list[Any], recipe_errors: list[Any]) -> int:
 
 
 def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
-    from .pipeline import Publisher
-    from .recipe import Recipe
-
     recipe = Recipe.load(args.recipe)
     recipe_into_config(recipe, config, args)
-    with Publisher.from_config(config, progress=progress) as pub:
+    with make_publisher(config, progress=progress) as pub:
         refs = recipe.expand(pub.client)
         results = pub.publish_images(refs)
     return _summary(results, recipe.errors)
 
 
 def cmd_convert_single(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
-    from cvmfs_snap.oci import ImageReference
-
-    from .pipeline import Publisher
-
     if args.repo_positional and not config.repo:
         config.repo = args.repo_positional
         config.validate("command line")
     ref = ImageReference.parse(args.image)  # http:// to a host not configured insecure: refused by the client
-    with Publisher.from_config(config, progress=progress) as pub:
+    with make_publisher(config, progress=progress) as pub:
         result = pub.publish_image(ref)
     return _summary([result], [])
 
 
 def cmd_check_image_syntax(args: argparse.Namespace) -> int:
-    from cvmfs_snap.oci import ImageReference
-
-    from .recipe import parse_line
-
     line = parse_line(args.image)
     if line.error or line.ref is None:
         print(f"invalid: {line.error}", file=sys.stderr)
@@ -245,12 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         if args.command == "loop":
-            from .daemon import run_daemon  # lazily: convert need not load the HTTP server
-
             return run_daemon(args, config)
         if args.command == "gc":
-            gc = importlib.import_module("publisher.gc")
-            return int(gc.run_gc(args, config) or 0)
+            return run_gc(args, config)
         if progress is not None:
             with progress:
                 return _dispatch(args, config, progress)

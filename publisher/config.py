@@ -273,22 +273,3 @@ class PublisherConfig:
         if self.backend == "local":
             return self.repository_root() / ".cvmfs-snap-state"
         return Path("/var/spool/cvmfs-snap") / (self.repo or "default")
-
-    def make_backend(self) -> Any:
-        """The configured backend (imported lazily: ``publisher.backends``)."""
-        from .backends import make_backend
-
-        return make_backend(self)
-
-    def make_client(self) -> Any:
-        """A ``cvmfs_snap.oci.RegistryClient`` with these settings."""
-        from cvmfs_snap.oci import CredentialStore, RegistryClient
-
-        return RegistryClient(
-            credentials=CredentialStore.from_docker_config(self.docker_config),
-            insecure_registries=list(self.insecure_registries),
-            timeout=self.registry_timeout,
-            retries=self.registry_retries,
-            transfer_deadline=float(self.registry_deadline),
-            blob_min_rate=float(self.registry_min_rate),
-        )

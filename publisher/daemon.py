@@ -49,14 +49,17 @@ from watchdog.observers.api import BaseObserver
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError, UnavailableError
 from cvmfs_snap.oci.reference import ImageReference
-from publisher import gc, metrics
+from publisher import metrics
 from publisher.config import DaemonConfig, PublisherConfig
+from publisher.factory import make_publisher
+from publisher.gc import record_unwanted
 from publisher.httpapp import Endpoint
 from publisher.httpserver import HttpServer
 from publisher.intake import Intake
 from publisher.pipeline import Publisher
 from publisher.policy import canonical_ref, recipe_into_config, recipe_patterns
 from publisher.recipe import Recipe
+from publisher.wishlist import Wishlist, publish_on_miss_keep
 from publisher.workqueue import QueueItem, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -168,10 +171,10 @@ class Daemon:
         problems = [f"recipe line {e.message}" for e in recipe.errors if e.whole_line]  # an invalid tag blocks nothing
         if self.recipe_error:
             problems.insert(0, f"recipe {self.recipe_path} not reloaded: {self.recipe_error}")
-        keep = gc.publish_on_miss_keep(self.settings.publish_on_miss_allow)
-        wishlist = gc.Wishlist.from_refs(refs, problems, keep)
+        keep = publish_on_miss_keep(self.settings.publish_on_miss_allow)
+        wishlist = Wishlist.from_refs(refs, problems, keep)
         try:
-            gc.record_unwanted(self.publisher.backend, self.state_dir, wishlist)
+            record_unwanted(self.publisher.backend, self.state_dir, wishlist)
         except CvmfsSnapError as exc:
             log.error("images dropped from the recipe not scheduled for removal this pass: %s", exc)
 
@@ -350,7 +353,7 @@ def run_daemon(args: argparse.Namespace, config: PublisherConfig) -> int:
         except CvmfsSnapError as exc:
             # not fatal: the daemon serves and picks the recipe up once it is fixed
             log.error("recipe %s cannot be used yet: %s", recipe_path, exc)
-        publisher = Publisher.from_config(config)
+        publisher = make_publisher(config)
         daemon = Daemon(recipe_path, settings, publisher, state_dir=config.effective_state_dir(),
                         recipe_platforms=not platforms_fixed)
         try:

@@ -41,7 +41,6 @@ from cvmfs_snap.layout import (
     INDEX_JSON,
     MANIFEST_JSON,
     REMOVE_SCHEDULE,
-    SCHEDULE_KEY,
     ImageRecord,
     RepositoryLayout,
     digest_hex,
@@ -50,10 +49,12 @@ from cvmfs_snap.layout import (
 from cvmfs_snap.oci import Descriptor, ImageReference, Index, Manifest, Platform, RegistryClient
 
 from . import metrics
-from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, layers_json, merge_origin, new_record
+from .backends.base import Backend, LayerInfo, LayerOpener, TarStream, Txn, layers_json, merge_origin, new_record
 from .backends.local import disk_error
 from .crashpoints import crash_point
-from .gc import REASON_DROPPED, gc_lock
+from .inventory import image_names
+from .locks import gc_lock
+from .schedule import ScheduleEntry, parse_schedule, schedule_bytes
 from .workers import LayerWorkers
 
 log = logging.getLogger(__name__)
@@ -129,19 +130,6 @@ def platform_matches(p: Platform, wanted: Sequence[str]) -> bool:
     return not wanted or any(Platform.parse(w).matches(p) for w in wanted)
 
 
-def read_remove_schedule(root: str | Path) -> list[dict[str, Any]]:
-    """The remove schedule (old manifests of moved tags), for the GC. Each entry is the old manifest JSON plus
-    ``x-cvmfs-snap: {reference, manifest_digest, config_digest, scheduled_at}``."""
-    p = Path(root) / REMOVE_SCHEDULE
-    try:
-        data = json.loads(p.read_bytes())
-    except FileNotFoundError:
-        return []
-    except ValueError as exc:
-        raise InvalidInputError(f"malformed remove schedule {p}: {exc}; fix or delete it") from exc
-    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
-
-
 class Publisher:
     """Publishes images through a backend. Thread-safe: the daemon may call ``publish_image`` from many threads."""
 
@@ -157,6 +145,7 @@ class Publisher:
         state_dir: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
         unpack_in_processes: bool = True,
+        owns_client: bool = False,
     ) -> None:
         self.backend = backend
         #: bounds for every layer (passed to the backend, which unpacks) and every manifest and index
@@ -184,21 +173,8 @@ class Publisher:
         self.gc_lock_timeout = 3600.0
         #: build flat trees from the published layer trees (no second download); False: from the registry
         self.flat_from_tree = True
-        #: clients passed in belong to the caller; the one from_config makes is ours to close
-        self._owns_client = False
-
-    @classmethod
-    def from_config(cls, config: Any, progress: ProgressSink | None = None) -> Publisher:
-        """Backend and registry client from a ``PublisherConfig``; leftovers of killed runs are cleaned first."""
-        backend: Backend = config.make_backend()
-        backend.recover()
-        pub = cls(
-            backend, config.make_client(), concurrency=config.concurrency, skip_flat=config.skip_flat,
-            platforms=config.platforms, progress=progress, state_dir=config.effective_state_dir(),
-            limits=config.limits,
-        )
-        pub._owns_client = True
-        return pub
+        #: clients passed in belong to the caller, unless ``owns_client`` (``factory.make_publisher``): ours to close
+        self._owns_client = owns_client
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -279,13 +255,8 @@ class Publisher:
         with gc_lock(self.state_dir, exclusive=False, timeout=self.gc_lock_timeout):
             yield
 
-    @staticmethod
-    def _names(ref: ImageReference) -> tuple[str, str, str]:
-        tag = ref.tag or (ref.digest or "latest")
-        return ref.registry, ref.repository, tag
-
     def _publish(self, ref: ImageReference) -> ImageResult:
-        registry, repository, tag = self._names(ref)
+        registry, repository, tag = image_names(ref)
         meta_dir = self.layout.image_metadata_dir(registry, repository, tag)  # validates the names
         obj = self.client.get_manifest(ref)
         top_digest = obj.digest
@@ -542,7 +513,7 @@ class Publisher:
 
     def _is_complete(self, ref: ImageReference, meta_dir: Path, rec: ImageRecord) -> bool:
         """Everything the previous run should have written is there (a crash between steps redoes the image)."""
-        registry, repository, tag = self._names(ref)
+        registry, repository, tag = image_names(ref)
         records = [rec]
         if rec.index_digest:
             subs = [(p.name, self._read_image_record(p)) for p in meta_dir.iterdir() if p.is_dir()]
@@ -576,7 +547,7 @@ class Publisher:
 
     def _commit_metadata(self, ref: ImageReference, obj: Manifest | Index, plats: list[_Platform],
                          old: ImageRecord | None) -> None:
-        registry, repository, tag = self._names(ref)
+        registry, repository, tag = image_names(ref)
         layout = self.layout
         root = layout.root
         meta_dir = layout.image_metadata_dir(registry, repository, tag)
@@ -655,7 +626,7 @@ class Publisher:
 
             txn.write_file(rel(meta_dir / IMAGE_JSON), record(default).to_json().encode())
 
-    def _adopt_layer(self, txn: Any, desc: Descriptor, claimed_diff_id: str) -> None:
+    def _adopt_layer(self, txn: Txn, desc: Descriptor, claimed_diff_id: str) -> None:
         """Write our ``layer.json`` for a complete layer that has none: published by DUCC, or by a run killed
         between ``cvmfs_server ingest`` and the metadata publish. Built from the tree (whiteouts as plain files);
         ``uncompressed_size`` is then the sum of file sizes, not the tar size.
@@ -705,26 +676,20 @@ class Publisher:
         return (diff_id if isinstance(diff_id, str) and _is_sha256(diff_id) else "",
                 size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0)
 
-    def _schedule_removal(self, txn: Any, ref: ImageReference, meta_dir: Path, old: ImageRecord,
+    def _schedule_removal(self, txn: Txn, ref: ImageReference, meta_dir: Path, old: ImageRecord,
                           keep_configs: set[str]) -> None:
         """Append the replaced manifest(s) to DUCC's remove schedule (GC deletes them after the grace period)."""
         old_dirs = [meta_dir]
         if old.index_digest:
             old_dirs = [p for p in meta_dir.iterdir() if p.is_dir()]
-        raw = txn.read_file(REMOVE_SCHEDULE)
         try:
-            schedule = json.loads(raw) if raw else []
-            if not isinstance(schedule, list):
-                schedule = []
-        except ValueError:
+            schedule = parse_schedule(txn.read_file(REMOVE_SCHEDULE), REMOVE_SCHEDULE)
+        except InvalidInputError:
             log.warning("%s is malformed; starting a new one", REMOVE_SCHEDULE)
             schedule = []
         # manifests already scheduled as moved tags (an image dropped from the recipe and then moved still needs
         # its moved-tag entry: the dropped entry is withdrawn when the image is named again)
-        known = {
-            (e.get(SCHEDULE_KEY) or {}).get("manifest_digest") for e in schedule
-            if isinstance(e, dict) and (e.get(SCHEDULE_KEY) or {}).get("reason") != REASON_DROPPED
-        }
+        known = {e.manifest_digest for e in schedule if not e.is_dropped and e.manifest_digest}
         added = 0
         for d in old_dirs:
             rec = self._read_image_record(d)
@@ -736,18 +701,11 @@ class Publisher:
                 continue
             if rec.manifest_digest in known:
                 continue
-            manifest[SCHEDULE_KEY] = {
-                "reference": str(ref),
-                "manifest_digest": rec.manifest_digest,
-                "config_digest": rec.config_digest,
-                "index_digest": rec.index_digest,
-                "scheduled_at": time.time(),
-            }
-            schedule.append(manifest)
+            schedule.append(ScheduleEntry.moved_tag(manifest, str(ref), rec, time.time()))
             added += 1
         if added:
             log.info("%s: tag moved; %d old manifest(s) scheduled for garbage collection", ref, added)
-            txn.write_file(REMOVE_SCHEDULE, (json.dumps(schedule, indent=1) + "\n").encode())
+            txn.write_file(REMOVE_SCHEDULE, schedule_bytes(schedule))
 
 
 def _is_sha256(digest: str) -> bool:

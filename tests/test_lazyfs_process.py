@@ -227,3 +227,12 @@ def test_second_process_on_the_same_root_is_refused(tmp_path: Path, procs: list[
     r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "lazyfs", "--root", str(root)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "another lazyfs process" in r.stderr
+
+
+def test_process_ends_when_its_mount_is_unmounted_from_outside(tmp_path: Path, procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    p = Proc(root)
+    procs.append(p)
+    subprocess.run(["umount", "-l", str(root / "mnt")], check=True)
+    assert p.p.wait(30) == 0
+    assert not (root / "control.sock").exists()

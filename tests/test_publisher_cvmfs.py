@@ -15,6 +15,7 @@ from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo
 from publisher.config import PublisherConfig
+from publisher.factory import make_backend
 from publisher.pipeline import Publisher
 from tests.support import images as im
 from tests.support.blobcount import settled_blob_gets
@@ -38,7 +39,7 @@ def client() -> Iterator[RegistryClient]:
 def make_publisher(fake: FakeCvmfs, client: RegistryClient, backend: str, **extra: object) -> Publisher:
     cfg = PublisherConfig(backend=backend, root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                           state_dir=str(fake.state.parent / "publisher-state"), concurrency=1, **extra)  # type: ignore[arg-type]
-    backend_obj = cfg.make_backend()
+    backend_obj = make_backend(cfg)
     backend_obj.recover()
     return Publisher(backend_obj, client, concurrency=cfg.concurrency, skip_flat=cfg.skip_flat)
 
@@ -186,7 +187,7 @@ def test_stand_in_deletes_whiteout_files_in_transactions(fake: FakeCvmfs, client
     (fake.root / "d/keep").write_text("k")
     cfg = PublisherConfig(backend="cvmfs-transaction", root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                           state_dir=str(fake.state.parent / "publisher-state"))
-    backend = cfg.make_backend()
+    backend = make_backend(cfg)
     with backend.transaction() as txn:
         txn.write_file("d/.wh.x", b"")
         txn.write_file("e/.wh..wh..opq", b"")
@@ -211,7 +212,7 @@ def test_recover_aborts_transaction_left_open(fake: FakeCvmfs, client: RegistryC
     """A run killed inside a transaction left it open: the next run aborts it before doing anything."""
     cfg = PublisherConfig(backend="cvmfs-ingest", root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                           state_dir=str(fake.state.parent / "publisher-state"))
-    backend = cfg.make_backend()
+    backend = make_backend(cfg)
     backend.server.transaction()
     (Path(cfg.state_dir or "") / "transaction-open").write_text("12345\n")
     (fake.root / "half-written").write_text("x")
@@ -297,7 +298,7 @@ def test_hung_publish_is_killed_and_aborted(fake: FakeCvmfs, monkeypatch: pytest
     fake.apply_env(monkeypatch, fail="hang-publish@1")
     cfg = PublisherConfig(backend="cvmfs-transaction", root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                           state_dir=str(fake.state.parent / "publisher-state"), cvmfs_server_timeout=2)
-    backend = cfg.make_backend()
+    backend = make_backend(cfg)
     with pytest.raises(CommandError) as err, backend.transaction() as txn:
         txn.write_file("half", b"x")
     msg = str(err.value)
@@ -316,7 +317,7 @@ def test_hung_ingest_is_killed_and_aborted(fake: FakeCvmfs,
     cfg = PublisherConfig(backend="cvmfs-ingest", root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                           state_dir=str(fake.state.parent / "publisher-state"), cvmfs_server_timeout=2,
                           cvmfs_server_min_rate_mib=1000)
-    backend = cfg.make_backend()
+    backend = make_backend(cfg)
     info = LayerInfo(lay.digest, lay.media_type, len(lay.blob), expected_diff_id=lay.diff_id)
     backend.publish_layer(info, io.BytesIO(lay.tar))
     with pytest.raises(CommandError) as err:
@@ -381,8 +382,8 @@ def test_flat_never_built_from_a_layer_that_lost_its_whiteouts(
         assert pub.publish_image(fresh_registry.ref("cvmfs/lost", "v1")).ok
     layout = RepositoryLayout(fake.root)
     rel = str(layout.layerfs(top.digest).relative_to(fake.root))
-    backend = PublisherConfig(backend="cvmfs-ingest", root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
-                              state_dir=str(fake.state.parent / "publisher-state")).make_backend()
+    backend = make_backend(PublisherConfig(backend="cvmfs-ingest", root=str(fake.root), repo=fake.repo,
+                                           cvmfs_server=fake.exe, state_dir=str(fake.state.parent / "publisher-state")))
     backend._delete_paths([f"{rel}/etc/.wh.motd", f"{rel}/opt/app/.wh..wh..opq"])  # what the old backend left
     assert backend.layer_tree(top.digest) is None and backend.layer_tree(base.digest) is not None
     with make_publisher(fake, client, "cvmfs-ingest") as pub:
@@ -405,9 +406,9 @@ def test_killed_publisher_leaves_the_repository_locked_until_its_cvmfs_server_en
 
     state = fake.state.parent / "publisher-state"
     script = (
-        "from publisher.config import PublisherConfig\n"
-        f"b = PublisherConfig(backend='cvmfs-transaction', root={str(fake.root)!r}, repo={fake.repo!r}, "
-        f"cvmfs_server={fake.exe!r}, state_dir={str(state)!r}).make_backend()\n"
+        "from publisher.config import PublisherConfig\nfrom publisher.factory import make_backend\n"
+        f"b = make_backend(PublisherConfig(backend='cvmfs-transaction', root={str(fake.root)!r}, repo={fake.repo!r}, "
+        f"cvmfs_server={fake.exe!r}, state_dir={str(state)!r}))\n"
         "with b.transaction() as txn:\n    txn.write_file('published-by-orphan', b'x')\n"
     )
     env = {**os.environ, **fake.env(fail="hang-publish@1"), "FAKE_CVMFS_HANG_SECONDS": "4"}
@@ -420,8 +421,8 @@ def test_killed_publisher_leaves_the_repository_locked_until_its_cvmfs_server_en
     proc.wait()
     orphan = _hung_pids(fake, "publish")[0]
     assert not _gone(orphan)
-    backend = PublisherConfig(backend="cvmfs-transaction", root=str(fake.root), repo=fake.repo,
-                              cvmfs_server=fake.exe, state_dir=str(state)).make_backend()
+    backend = make_backend(PublisherConfig(backend="cvmfs-transaction", root=str(fake.root), repo=fake.repo,
+                                           cvmfs_server=fake.exe, state_dir=str(state)))
     backend.recover()
     assert _gone(orphan)  # recovery waited for the orphaned publish
     assert (fake.root / "published-by-orphan").read_bytes() == b"x"  # which completed, and was not aborted
@@ -438,13 +439,13 @@ def test_queued_layers_are_on_disk_for_any_process_and_the_next_run(fake: FakeCv
     lay = base_layer("queued")
     cfg = PublisherConfig(backend="cvmfs-ingest", root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                           state_dir=str(fake.state.parent / "publisher-state"))
-    first = cfg.make_backend()
+    first = make_backend(cfg)
     first.publish_layer(LayerInfo(lay.digest, lay.media_type, len(lay.blob), expected_diff_id=lay.diff_id),
                         io.BytesIO(lay.tar))
     layout = RepositoryLayout(fake.root)
     assert first.has_layer(lay.digest) and not layout.is_layer_complete(lay.digest)
     assert not any(c[0] == "ingest" for c in fake.commands())
-    second = cfg.make_backend()  # as a later run would
+    second = make_backend(cfg)  # as a later run would
     assert second.has_layer(lay.digest)
     second.recover()
     assert layout.is_layer_complete(lay.digest) and _batch_argv(fake.repo) in fake.commands()

@@ -451,7 +451,7 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
 
     from publisher.config import DaemonConfig, PublisherConfig
     from publisher.daemon import Daemon
-    from publisher.pipeline import Publisher
+    from publisher.factory import make_publisher
     from tests.support.http_servers import Reply, Request, serve
 
     release, stalled = threading.Event(), threading.Event()
@@ -467,7 +467,7 @@ def test_stop_abandons_work_that_outlasts_the_shutdown_timeout(tmp_path: Path) -
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(yaml.safe_dump({"version": 1, "input": [f"{slow.host}/stall/img:v1"]}))
         config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
-        pub = Publisher.from_config(config)
+        pub = make_publisher(config)
         settings = DaemonConfig(listen="127.0.0.1:0", debounce=0, shutdown_timeout=0.5)
         d = Daemon(recipe, settings, pub, state_dir=tmp_path / "state")
         try:
@@ -491,8 +491,8 @@ def test_a_recipe_spelling_the_host_in_capitals_schedules_nothing(tmp_path: Path
     ``LocalHost:port`` publishes ``localhost:port`` and does not schedule that image as dropped."""
     from publisher.config import DaemonConfig, PublisherConfig
     from publisher.daemon import Daemon
-    from publisher.gc import REASON_DROPPED
-    from publisher.pipeline import Publisher, read_remove_schedule
+    from publisher.factory import make_publisher
+    from publisher.schedule import read_remove_schedule
 
     port = registry.host.rsplit(":", 1)[1]
     img = im.image([im.layer([("etc/caps", b"caps\n")])])
@@ -500,7 +500,7 @@ def test_a_recipe_spelling_the_host_in_capitals_schedules_nothing(tmp_path: Path
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"version": 1, "input": [f"LocalHost:{port}/caps/app:v1"]}))
     config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"))
-    pub = Publisher.from_config(config)
+    pub = make_publisher(config)
     try:
         d = Daemon(recipe, DaemonConfig(listen="127.0.0.1:0"), pub, state_dir=tmp_path / "state")
         assert d.reload_recipe()
@@ -516,7 +516,7 @@ def test_a_recipe_spelling_the_host_in_capitals_schedules_nothing(tmp_path: Path
         assert rec.manifest_digest == digest
         d.full_pass()  # the image is in the recipe: nothing to schedule
         dropped = [e for e in read_remove_schedule(tmp_path / "repo")
-                   if e.get("x-cvmfs-snap", {}).get("reason") == REASON_DROPPED]
+                   if e.is_dropped]
         assert dropped == []
     finally:
         pub.close()

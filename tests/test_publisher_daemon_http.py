@@ -16,6 +16,7 @@ import pytest
 
 from publisher import metrics
 from publisher.config import DaemonConfig, PublisherConfig
+from publisher.factory import make_backend
 from publisher.httpapp import QUEUE_PER_WORKER, Endpoint
 from publisher.httpserver import FD_RESERVE, HttpServer
 from publisher.intake import Intake
@@ -128,7 +129,7 @@ def test_requests_beyond_the_handler_threads_queue_get_503(tmp_path: Path) -> No
         return {"status": "ok"}
 
     settings = DaemonConfig(listen="127.0.0.1:0", http_workers=1)
-    backend = PublisherConfig(backend="local", root=str(tmp_path / "repo")).make_backend()
+    backend = make_backend(PublisherConfig(backend="local", root=str(tmp_path / "repo")))
     endpoint = Endpoint(Intake(settings, WorkQueue(), backend), settings, health=slow_health,
                         status=lambda: {"images": []})
     server = HttpServer(endpoint, settings)

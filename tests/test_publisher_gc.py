@@ -16,8 +16,10 @@ import pytest
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
 from publisher.config import PublisherConfig
-from publisher.gc import collect_garbage, gc_lock, plan_gc
-from publisher.pipeline import Publisher
+from publisher.factory import make_backend, make_publisher
+from publisher.gc import collect_garbage
+from publisher.gcplan import plan_gc
+from publisher.locks import gc_lock
 from tests.support import images as im
 from tests.support.registry import Registry
 
@@ -39,7 +41,7 @@ class Repo:
         return self.layout.public_link(self.host, repo, tag)
 
     def publish(self, *refs: str) -> None:
-        with Publisher.from_config(self.config) as pub:
+        with make_publisher(self.config) as pub:
             results = pub.publish_images(refs)
         assert all(r.ok for r in results), [r.error for r in results]
 
@@ -122,21 +124,21 @@ def test_gc_removes_exactly_the_unreferenced_old_things(scenario: Scenario) -> N
 
     # 1. everything was just published: the grace period keeps it all
     before = _tree(repo.root)
-    plan = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    plan = collect_garbage(make_backend(repo.config), repo.state, 7, dry_run=False)
     assert plan.items == []
     assert {i.digest for i in plan.kept_young} >= {s.a_only.digest, s.b_only.digest}
     assert _tree(repo.root) == before
 
     # 2. a month later: B was dropped long ago and goes; A was replaced only now (remove schedule) and stays
     repo.age_everything(30)
-    dry = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=True)
+    dry = collect_garbage(make_backend(repo.config), repo.state, 7, dry_run=True)
     expected = {("layer", s.b_only.digest), ("flat", s.img_b.config_digest), ("link", s.img_b.config_digest)}
     assert _kinds(dry) == expected
     assert {i.digest for i in dry.kept_young} == {s.a_only.digest, s.img_a.config_digest}
     assert dry.bytes >= 2 * len(b"only in B\n" * 200)  # etc/b in the layer and in the flat tree
     assert _tree(repo.root) == before  # dry run changes nothing
 
-    done = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    done = collect_garbage(make_backend(repo.config), repo.state, 7, dry_run=False)
     assert _kinds(done) == expected
     layout = repo.layout
     assert not layout.layer_dir(s.b_only.digest).exists()
@@ -151,14 +153,14 @@ def test_gc_removes_exactly_the_unreferenced_old_things(scenario: Scenario) -> N
 
     # 3. the move is now older than the grace period too: A's own layer and flat go, the schedule is emptied
     repo.age_schedule(8)
-    done = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    done = collect_garbage(make_backend(repo.config), repo.state, 7, dry_run=False)
     assert _kinds(done) == {("layer", s.a_only.digest), ("flat", s.img_a.config_digest)}
     assert not layout.layer_dir(s.a_only.digest).exists()
     assert json.loads((repo.root / REMOVE_SCHEDULE).read_text()) == []
     assert layout.is_layer_complete(s.base.digest) and layout.is_layer_complete(s.c_only.digest)
 
     # 4. nothing left to collect
-    assert collect_garbage(repo.config.make_backend(), repo.state, 0, dry_run=False).items == []
+    assert collect_garbage(make_backend(repo.config), repo.state, 0, dry_run=False).items == []
 
 
 def test_gc_cli_dry_run_lists_and_changes_nothing(scenario: Scenario) -> None:
@@ -241,7 +243,7 @@ def test_gc_removes_multiarch_flats_and_links_of_a_dropped_image(tmp_path: Path,
 
     subprocess.run(["rm", "-r", str(repo.meta("gc/multi", "v1"))], check=True)
     repo.age_everything(30)
-    plan = collect_garbage(repo.config.make_backend(), repo.state, 7, dry_run=False)
+    plan = collect_garbage(make_backend(repo.config), repo.state, 7, dry_run=False)
     assert _kinds(plan) == {
         ("layer", amd.layers[0].digest), ("layer", arm.layers[0].digest),
         ("flat", amd.config_digest), ("flat", arm.config_digest),
@@ -280,7 +282,7 @@ def test_gc_removes_through_cvmfs_server(tmp_path: Path, registry: Registry, bac
     config = PublisherConfig(backend=backend, root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                              state_dir=str(tmp_path / "state"))
     fake.apply_env(monkeypatch)
-    with config.make_backend().transaction() as txn:
+    with make_backend(config).transaction() as txn:
         txn.remove(str(layout.image_metadata_dir(registry.host, "gcvmfs/drop", backend).relative_to(fake.root)))
     before = len(fake.commands())
 

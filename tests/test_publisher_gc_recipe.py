@@ -14,10 +14,12 @@ import pytest
 import yaml
 
 from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
-from publisher import gc
+from publisher import inventory
 from publisher.config import DaemonConfig, PublisherConfig
-from publisher.gc import REASON_DROPPED, Wishlist, collect_garbage, record_unwanted
-from publisher.pipeline import Publisher
+from publisher.factory import make_backend, make_publisher
+from publisher.gc import collect_garbage, record_unwanted
+from publisher.schedule import REASON_DROPPED
+from publisher.wishlist import Wishlist
 from tests.support import images as im
 from tests.support.registry import Registry, free_port
 from tests.test_publisher_gc import Repo, _tree, make_repo
@@ -141,7 +143,7 @@ def test_an_image_back_in_the_recipe_before_expiry_is_unscheduled(tmp_path: Path
     im.push_image(registry.url, "gcr/back-b", "v1", b)
     ref_a, ref_b = registry.ref("gcr/back-a", "v1"), registry.ref("gcr/back-b", "v1")
     repo.publish(ref_a, ref_b)
-    backend = repo.config.make_backend()
+    backend = make_backend(repo.config)
     name_b = f"{registry.host}/gcr/back-b:v1"
 
     # grace 0: the run that schedules never removes what it has just scheduled
@@ -177,7 +179,7 @@ def test_an_image_published_again_after_scheduling_is_kept(tmp_path: Path, regis
     im.push_image(registry.url, "gcr/again", "v1", im.image([im.layer([("etc/v", b"1\n")])]))
     ref = registry.ref("gcr/again", "v1")
     repo.publish(ref)
-    backend = repo.config.make_backend()
+    backend = make_backend(repo.config)
     collect_garbage(backend, repo.state, 0, dry_run=False, wishlist=Wishlist({"other/x:y"}))
     assert dropped_names(repo) == [f"{registry.host}/gcr/again:v1"]
     v2 = im.image([im.layer([("etc/v", b"2\n")])])
@@ -260,7 +262,7 @@ def test_dropped_multiarch_image_loses_its_multiarch_links(tmp_path: Path, regis
              repo.layout.multiarch_link("amd64", registry.host, "gcr/multi", "v1"),
              repo.layout.multiarch_link("arm64:v8", registry.host, "gcr/multi", "v1")]
     assert all(link.is_symlink() for link in links)
-    backend = repo.config.make_backend()
+    backend = make_backend(repo.config)
 
     collect_garbage(backend, repo.state, 0, dry_run=False, wishlist=Wishlist.from_refs([keep_ref]))
     plan = collect_garbage(backend, repo.state, 0, dry_run=False)
@@ -289,7 +291,7 @@ def test_daemon_full_pass_schedules_and_unschedules(tmp_path: Path, registry: Re
     config = PublisherConfig(backend="local", root=str(repo.root), state_dir=str(repo.state), registry_retries=0)
     # d-miss is not in the recipe but nodes may ask for it (publish-on-miss): it is never scheduled
     settings = DaemonConfig(listen="127.0.0.1:0", publish_on_miss_allow=[f"{registry.host}/gcr/d-miss"])
-    pub = Publisher.from_config(config)
+    pub = make_publisher(config)
     try:
         d = Daemon(recipe, settings, pub, state_dir=repo.state)
         assert d.reload_recipe()
@@ -332,7 +334,7 @@ def test_record_unwanted_needs_no_transaction_when_nothing_changes(tmp_path: Pat
             self.transactions += 1
             return self.inner.transaction()  # type: ignore[attr-defined]
 
-    backend = CountingBackend(repo.config.make_backend())
+    backend = CountingBackend(make_backend(repo.config))
     assert not record_unwanted(backend, repo.state, Wishlist.from_refs([ref])).changed
     assert backend.transactions == 0
     assert record_unwanted(backend, repo.state, Wishlist({"x/y:z"})).scheduled == [f"{registry.host}/gcr/quiet:v1"]
@@ -347,7 +349,7 @@ def test_record_unwanted_needs_no_transaction_when_nothing_changes(tmp_path: Pat
     ("reg/x:y", ("reg", "x", "y")),
 ])
 def test_split_image_name(name: str, parts: tuple[str, str, str]) -> None:
-    assert gc.split_image_name(name) == parts
+    assert inventory.split_image_name(name) == parts
 
 
 def test_dropped_image_is_removed_through_cvmfs_server(tmp_path: Path, registry: Registry) -> None:
@@ -400,7 +402,7 @@ def test_dropped_then_moved_tag_still_schedules_the_old_manifest(tmp_path: Path,
     im.push_image(registry.url, "gcr/moving", tag, old)
     ref = registry.ref("gcr/moving", tag)
     repo.publish(ref)
-    backend = repo.config.make_backend()
+    backend = make_backend(repo.config)
     assert record_unwanted(backend, repo.state, Wishlist({"x/y:z"})).scheduled == [f"{registry.host}/gcr/moving:{tag}"]
     im.push_image(registry.url, "gcr/moving", tag, new)
     repo.publish(ref)

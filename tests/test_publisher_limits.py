@@ -27,6 +27,7 @@ from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.config import PublisherConfig
+from publisher.factory import make_publisher
 from publisher.pipeline import Publisher
 from tests.support import images as im
 from tests.support.bombs import SPARSE_SIZE, sparse_layer, zstd_bomb
@@ -150,7 +151,7 @@ def test_configured_limits_refuse_device_nodes(registry: Registry, tmp_path: Pat
     cfg = PublisherConfig.load(conf)
     assert cfg.limits.allow_devices is False
     cfg.root, cfg.state_dir = str(tmp_path / "repo"), str(tmp_path / "state")
-    with Publisher.from_config(cfg) as pub:
+    with make_publisher(cfg) as pub:
         assert pub.backend.limits.allow_devices is False
         res = pub.publish_image(registry.ref("limits/nodev", "v1"))
     assert not res.ok and "allow_devices" in res.error
@@ -169,7 +170,7 @@ def test_cvmfs_backends_use_the_configured_limits(registry: Registry, tmp_path: 
     state = tmp_path / "publisher-state"
     cfg = PublisherConfig(backend=backend, root=str(fake.root), repo=fake.repo, cvmfs_server=fake.exe,
                           state_dir=str(state), limits=Limits(allow_devices=False))
-    with Publisher.from_config(cfg) as pub:
+    with make_publisher(cfg) as pub:
         res = pub.publish_image(registry.ref(f"limits/nodev-{backend}", "v1"))
     assert not res.ok and "allow_devices" in res.error
     assert not any(c[0] == "ingest" for c in fake.commands())

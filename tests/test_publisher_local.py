@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, LayerRecord, RepositoryLayout
+from cvmfs_snap.layout import REMOVE_SCHEDULE, LayerRecord, RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.local import STAGING_DIR, LocalBackend
-from publisher.pipeline import Publisher, read_remove_schedule
+from publisher.factory import make_publisher
+from publisher.pipeline import Publisher
+from publisher.schedule import read_remove_schedule
 from tests.support import images as im
 from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import base_layer, check_invariants, top_layer
@@ -223,8 +225,9 @@ def test_idempotent_and_moved_tag(registry: Registry, client: RegistryClient, tm
     assert (link / "opt/app/new.txt").read_text() == "two\n"
     schedule = read_remove_schedule(root)
     assert len(schedule) == 1
-    assert schedule[0]["config"]["digest"] == v1.config_digest
-    assert schedule[0][SCHEDULE_KEY]["manifest_digest"] == d1
+    cfg = schedule[0].raw["config"]
+    assert isinstance(cfg, dict) and cfg["digest"] == v1.config_digest
+    assert schedule[0].manifest_digest == d1
     assert (root / REMOVE_SCHEDULE).is_file()
     # the old flat tree is still there (GC removes it after the grace period), the new one is linked
     assert layout.flat_dir(v1.config_digest).is_dir()
@@ -363,7 +366,7 @@ def test_multiarch_tag_loses_a_platform(registry: Registry, client: RegistryClie
     meta = layout.image_metadata_dir(registry.host, "pub/shrink", "v1")
     assert sorted(p.name for p in meta.iterdir() if p.is_dir()) == ["amd64"]
     assert not layout.multiarch_link("arm64", registry.host, "pub/shrink", "v1").is_symlink()
-    scheduled = [e[SCHEDULE_KEY]["config_digest"] for e in read_remove_schedule(root)]
+    scheduled = [e.config_digest for e in read_remove_schedule(root)]
     assert scheduled == [arm.config_digest]  # amd64 is still in use, only arm64 goes to GC
     assert check_invariants(root) == []
 
@@ -536,14 +539,14 @@ def test_publish_holds_the_gc_lock_shared(registry: Registry, client: RegistryCl
 
     from cvmfs_snap.errors import UnavailableError
     from publisher.config import PublisherConfig
-    from publisher.gc import gc_lock
+    from publisher.locks import gc_lock
 
     im.push_image(registry.url, "pub/gclock", "v1", im.image([base_layer("gclock")]))
     im.push_image(registry.url, "pub/gclock", "v2", im.image([base_layer("gclock2")]))
     root = tmp_path / "repo"
     config = PublisherConfig(root=str(root), insecure_registries=[registry.host])
     progress = HoldingProgress()
-    with Publisher.from_config(config, progress=progress) as pub, ThreadPoolExecutor(1) as ex:
+    with make_publisher(config, progress=progress) as pub, ThreadPoolExecutor(1) as ex:
         state = config.effective_state_dir()
         assert pub.state_dir == state  # `convert` and `convert-single-image` go through from_config
         fut = ex.submit(pub.publish_image, registry.ref("pub/gclock", "v1"))
@@ -558,7 +561,7 @@ def test_publish_holds_the_gc_lock_shared(registry: Registry, client: RegistryCl
             progress.release.set()
         assert fut.result(60).ok
     # released once the image is done; and while GC holds it, a publish waits for it, then fails saying why
-    with gc_lock(state, exclusive=True, timeout=5), Publisher.from_config(config) as pub2:
+    with gc_lock(state, exclusive=True, timeout=5), make_publisher(config) as pub2:
         pub2.gc_lock_timeout = 0.5
         res = pub2.publish_image(registry.ref("pub/gclock", "v2"))
     assert not res.ok and "garbage collection is running" in res.error

@@ -18,6 +18,7 @@ from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
 from publisher.cli import build_parser, load_config
 from publisher.config import PublisherConfig
+from publisher.factory import make_client, make_publisher
 from publisher.recipe import Recipe
 from tests.support import images as im
 from tests.support.http_servers import Reply, Request, serve
@@ -125,12 +126,12 @@ def test_config_file_and_flag_override(tmp_path: Path) -> None:
     assert c.daemon.listen == "127.0.0.1:9999" and c.daemon.publish_on_miss_allow == ["reg:5000/a/*"]
     assert c.repository_root() == Path("/cvmfs/unpacked.cern.ch")
     assert c.effective_state_dir() == Path("/var/spool/cvmfs-snap/unpacked.cern.ch")
-    with c.make_client() as client:  # the registry deadlines reach the client
+    with make_client(c) as client:  # the registry deadlines reach the client
         assert client._session.transfer_deadline == 300.0 and client._session.blob_min_rate == 256 * 1024
     with pytest.raises(InvalidInputError, match="registry_deadline must be a positive number"):
         PublisherConfig.from_dict({"registry_deadline": 0})
     fast = PublisherConfig.from_dict({"registry_deadline": 20, "registry_min_rate": 1e6})
-    with fast.make_client() as client:
+    with make_client(fast) as client:
         assert client._session.transfer_deadline == 20.0 and client._session.blob_min_rate == 1e6
     gc_args = build_parser().parse_args(["gc", "--root", "/x", "--grace-period", "2", "--dry-run"])
     assert load_config(gc_args).grace_period_days == 2.0 and gc_args.dry_run
@@ -299,7 +300,6 @@ def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: R
     (an invalid tag naming no publishable image) still keeps the remove schedule up to date."""
     from publisher.config import DaemonConfig
     from publisher.daemon import Daemon
-    from publisher.pipeline import Publisher
 
     img = im.image([base_layer("daemon-badtag")])
     im.push_image(registry.url, "cli/dtagged", "v1", img)
@@ -311,7 +311,7 @@ def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: R
                           f"  - 'http://{registry.host}/cli/dhealthy:v1'\n")
         config = PublisherConfig(backend="local", root=str(tmp_path / "repo"), state_dir=str(tmp_path / "state"),
                                  insecure_registries=[proxy.host, registry.host])
-        with Publisher.from_config(config) as pub:
+        with make_publisher(config) as pub:
             d = Daemon(recipe, DaemonConfig(listen="127.0.0.1:0"), pub, state_dir=tmp_path / "state")
             assert d.reload_recipe()
             assert d.full_pass() == 2
@@ -325,7 +325,7 @@ def test_daemon_full_pass_queues_the_healthy_lines_despite_a_bad_tag(registry: R
 def test_gc_wishlist_is_complete_despite_a_bad_tag(registry: Registry, tmp_path: Path) -> None:
     """An invalid tag in a tag list cannot name a published image, so gc --recipe still schedules dropped images;
     a line that does not expand at all still stops scheduling."""
-    from publisher.gc import load_wishlist
+    from publisher.gccommand import load_wishlist
 
     im.push_image(registry.url, "cli/wtagged", "v1", im.image([base_layer("wishlist")]))
     with _tag_list_proxy(registry, ["bad tag"]) as proxy:

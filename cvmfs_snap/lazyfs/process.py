@@ -247,12 +247,11 @@ class LazyfsProcess:
                     layer.reader.start_background(self.nursery)
                     while layer.reader.background_state == "running":
                         await trio.sleep(POLL)
-            if not self.opts.unpack:
+            # without a background fetch, reads alone rarely complete a layer: no copy (and no polling)
+            if not (self.opts.unpack and self.opts.background):
                 return
-            while not layer.reader.is_complete():
-                if layer.reader.background_state in ("failed", "off"):
-                    return
-                await trio.sleep(POLL)
+            if not await trio.to_thread.run_sync(layer.reader.is_complete):
+                return  # the background pass ended without every chunk (failed, or the cache is too small)
             try:
                 await unpack_layer(layer.tree, layer.reader, dest)
             except (CvmfsSnapError, OSError) as e:
@@ -341,7 +340,7 @@ async def _serve(proc: LazyfsProcess) -> None:
         async with trio.open_nursery() as n:
             proc.nursery = proc.fs.nursery = n
             n.start_soon(_signals, n.cancel_scope)
-            n.start_soon(pyfuse3.main)
+            n.start_soon(_fuse_main, n.cancel_scope)
             await n.start(control.serve, opts.root / SOCKET, proc.handle)
             await proc.restore()
             log.info("lazyfs serves %d layer(s) at %s (control %s)", len(proc.layers), opts.mnt,
@@ -354,13 +353,22 @@ async def _serve(proc: LazyfsProcess) -> None:
         log.info("lazyfs unmounted %s", opts.mnt)
 
 
+async def _fuse_main(scope: trio.CancelScope) -> None:
+    """The FUSE loop; when it ends (someone unmounted ``mnt/``), so does the process: a process without its mount
+    must not keep answering ``health``, so the snapshotter starts a new one."""
+    await pyfuse3.main()
+    if not scope.cancel_called:  # (SIGTERM cancels first)
+        log.warning("lazyfs: the FUSE mount was unmounted from outside; exiting")
+    scope.cancel()
+
+
 async def _signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
         async for sig in received:
             log.info("lazyfs: %s, unmounting", signal.Signals(sig).name)
+            scope.cancel()
             with contextlib.suppress(Exception):
                 pyfuse3.terminate()
-            scope.cancel()
             return
 
 
