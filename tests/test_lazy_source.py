@@ -72,7 +72,8 @@ def make_source(root: Path, tmp_path: Path, docker_config: Path | None = None, e
         docker_config = tmp_path / "none.json"
         docker_config.write_text("{}")
     settings = LazySettings(enabled=enabled, hosts_dir=str(tmp_path / "certs.d"), docker_config=str(docker_config),
-                            start_timeout=20.0, timeout=10.0, metrics_address=metrics_address)
+                            start_timeout=20.0, timeout=10.0, metrics_address=metrics_address,
+                            prefetch=False, background_fetch=False)  # fetched = what the test reads
     return LazySource(root, settings)
 
 
