@@ -24,11 +24,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES
 
 DISTRIBUTION_EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 
 #: hosts that all mean Docker Hub (the recipe may say any of them, the registry another)
-_DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
 
 #: media types of things a tag can point to; blob pushes carry layer/config types or octet-stream
 _MANIFEST_TYPES = frozenset({
@@ -74,7 +74,7 @@ def normalize_host(host: str) -> str:
     for default in (":443", ":80"):
         if h.endswith(default):
             h = h[: -len(default)]
-    return "docker.io" if h in _DOCKER_HUB else h
+    return "docker.io" if h in DOCKER_HUB_ALIASES else h
 
 
 def check_authorization(header: str | None, secret: str | None) -> bool:

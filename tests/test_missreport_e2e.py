@@ -21,9 +21,9 @@ import httpx
 import pytest
 import yaml
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import RepositoryLayout
-from tests.support import images as im
 from tests.support.containerd import start_containerd
 from tests.support.e2e import (
     PLUGIN,

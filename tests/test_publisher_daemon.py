@@ -17,9 +17,9 @@ import httpx
 import pytest
 import yaml
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import ImageRecord, RepositoryLayout
-from tests.support import images as im
 from tests.support.registry import Registry, free_port, start_registry
 
 SECRET = "s3cret-for-tests"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltLayer
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from tests.support.containerd import start_containerd
 from tests.support.e2e import wait_for
-from tests.support.images import BuiltLayer
 from tests.support.pullcheck import blob_gets
 from tests.support.registry import Registry
 from tests.support.runnable import push_runnable, require_busybox
