@@ -65,7 +65,8 @@ class Bars:
         if task is not None:
             self._progress.advance(task, nbytes)
 
-    def update(self, key: Hashable, description: str, completed: int, total: int | None) -> None:
+    def update(self, key: Hashable, description: str, completed: int | None = None, total: int | None = None) -> None:
+        """New description; ``completed`` / ``total`` (bytes) when given, else unchanged."""
         task = self._tasks.get(key)
         if task is not None:
             self._progress.update(task, description=description, completed=completed, total=total)
