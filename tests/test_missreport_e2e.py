@@ -32,11 +32,11 @@ from tests.support.e2e import (
     cvmfs_snap_pull,
     log_mark,
     mounted_view,
-    wait_for,
     write_config,
 )
 from tests.support.registry import Registry
 from tests.support.snapshotter_daemon import running_daemon
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.timeout(300)]
 
