@@ -35,6 +35,7 @@ from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.containerd import Containerd, start_containerd
 from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.devenv.registry import Registry, blob_gets, start_registry
+from cvmfs_snap.progressbars import human_bytes as human
 
 PLUGIN = "cvmfs-snapshotter"
 MiB = 1 << 20
@@ -44,14 +45,6 @@ def parse_size(text: str) -> int:
     text = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": MiB, "G": 1 << 30}.get(text[-1:], 1)
     return int(float(text.rstrip("KMG")) * mult)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def build_image(size: int, layer_bytes: int, seed: int) -> im.BuiltImage:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError
+from .validation import load_as
 
 #: version of the metadata files we write (layer.json, image.json)
 LAYOUT_VERSION = 1
@@ -154,28 +155,20 @@ class LayerRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LayerRecord:
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError("not an object")
-            version = int(data.get("version", 0))
+        data = _parse(text, "layer.json")
+        if isinstance(data, dict):
+            try:
+                version = int(data.get("version", 0))
+            except (TypeError, ValueError):
+                version = 0  # load_as names the key
             if version > LAYOUT_VERSION:
                 raise InvalidInputError(
                     f"layer.json version {version} is newer than this cvmfs-snap understands ({LAYOUT_VERSION}); "
                     "upgrade cvmfs-snap on this node"
                 )
-            known = set(cls.__dataclass_fields__)
-            rec = cls(**{k: v for k, v in data.items() if k in known})
-            digest_hex(rec.digest)
-            if not all(isinstance(v, list) for v in (rec.whiteouts, rec.opaque_dirs, rec.hidden, rec.hardlinks)):
-                raise TypeError("whiteouts/opaque_dirs/hidden/hardlinks must be lists")
-            if not isinstance(rec.xattrs, dict) or not all(isinstance(v, dict) for v in rec.xattrs.values()):
-                raise TypeError("xattrs must map paths to objects")
-            return rec
-        except InvalidInputError:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise InvalidInputError(f"malformed layer.json: {exc}") from exc
+        rec = load_as(cls, data, "malformed layer.json")
+        digest_hex(rec.digest)
+        return rec
 
 
 @dataclass
@@ -196,14 +189,15 @@ class ImageRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ImageRecord:
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-            known = set(cls.__dataclass_fields__)
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (ValueError, TypeError) as exc:
-            raise InvalidInputError(f"malformed image.json: {exc}") from exc
+        return load_as(cls, _parse(text, "image.json"), "malformed image.json")
+
+
+def _parse(text: str | bytes, what: str) -> object:
+    try:
+        data: object = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"malformed {what}: {exc}") from None
+    return data
 
 
 class RepositoryLayout:

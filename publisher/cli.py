@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 from cvmfs_snap.oci import ImageReference
+from cvmfs_snap.progressbars import Bars
 
 from .config import BACKENDS, PublisherConfig
 from .daemon import run_daemon
@@ -33,7 +33,7 @@ from .policy import recipe_into_config
 from .recipe import Recipe, RecipeError, parse_line
 
 if TYPE_CHECKING:
-    from rich.progress import TaskID
+    pass
 
 log = logging.getLogger("publisher")
 
@@ -109,47 +109,28 @@ class RichProgress:
     """Progress bars for layers on a terminal (``ProgressSink``)."""
 
     def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), transient=True,
-        )
-        self._tasks: dict[str, TaskID] = {}
-        self._lock = threading.Lock()
+        self._bars = Bars(transient=True, eta=True)
+        self.console = self._bars.console
 
     def __enter__(self) -> RichProgress:
-        self._progress.start()
+        self._bars.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        self._bars.stop()
 
     def layer_started(self, digest: str, size: int) -> None:
-        with self._lock:
-            self._tasks[digest] = self._progress.add_task(f"layer {digest[7:19]}", total=size or None)
+        self._bars.add(digest, f"layer {digest[7:19]}", size or None)
 
     def layer_advanced(self, digest: str, nbytes: int) -> None:
-        task = self._tasks.get(digest)
-        if task is not None:
-            self._progress.advance(task, nbytes)
+        self._bars.advance(digest, nbytes)
 
     def layer_finished(self, digest: str, ok: bool) -> None:
-        with self._lock:
-            task = self._tasks.pop(digest, None)
-        if task is not None:
-            self._progress.remove_task(task)
+        self._bars.remove(digest)
 
     def image_finished(self, result: ImageResult) -> None:
         status = "[green]ok" if result.ok else "[red]FAILED"
-        self._progress.console.print(f"{status}[/] {result.ref}")
+        self.console.print(f"{status}[/] {result.ref}")
 
 
 #: libraries whose INFO/DEBUG lines carry full request URLs: redirects to blob storage are pre-signed URLs whose
@@ -168,7 +149,7 @@ def _setup_logging(level: str, progress: RichProgress | None) -> None:
     if progress is not None:
         from rich.logging import RichHandler
 
-        handler = RichHandler(console=progress._progress.console, show_path=False)
+        handler = RichHandler(console=progress.console, show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)

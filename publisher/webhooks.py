@@ -24,21 +24,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, INDEX_TYPES, MANIFEST_TYPES
+from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES
 
 DISTRIBUTION_EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 
-#: hosts that all mean Docker Hub (the recipe may say any of them, the registry another)
-_DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"})
-
 #: media types of things a tag can point to; blob pushes carry layer/config types or octet-stream
-_MANIFEST_TYPES = frozenset({
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-})
+_MANIFEST_TYPES = MANIFEST_TYPES | INDEX_TYPES | {DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED}
 
 # used with fullmatch: ``$`` would accept a trailing newline
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -74,7 +66,7 @@ def normalize_host(host: str) -> str:
     for default in (":443", ":80"):
         if h.endswith(default):
             h = h[: -len(default)]
-    return "docker.io" if h in _DOCKER_HUB else h
+    return "docker.io" if h in DOCKER_HUB_ALIASES else h
 
 
 def check_authorization(header: str | None, secret: str | None) -> bool:

@@ -31,9 +31,9 @@ import yaml
 
 from cvmfs_snap import fsutil
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.procs import stop_process, unmount_below
 from cvmfs_snap.devenv.registry import free_port
-from tests.support import images as im
 from tests.support.containerd import CONTAINERD_BIN, Containerd
 from tests.support.paths import REPO_ROOT
 from tests.support.playbooks import PlaybookRun, localhost_inventory, read_unit, run_playbook

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.containerd import labels as L
+from cvmfs_snap.devenv.images import Entry, Pusher, image, layer
 from tests.support.e2e import PLUGIN, blob_gets_after, cvmfs_snap_pull, log_mark, mounted_view, node, publish
-from tests.support.images import Entry, Pusher, image, layer
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, require_busybox
 

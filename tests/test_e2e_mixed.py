@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltImage, Pusher, image
 from tests.support.e2e import PLUGIN, blob_gets_after, cvmfs_snap_pull, log_mark, node, publish, snapshotter_status
-from tests.support.images import BuiltImage, Pusher, image
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, data_layer, require_busybox
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import Pusher, image
 from tests.support.containerd import start_containerd
-from tests.support.e2e import PLUGIN, cvmfs_snap_pull, publish, snapshotter_status, wait_for, write_config
-from tests.support.images import Pusher, image
+from tests.support.e2e import PLUGIN, cvmfs_snap_pull, publish, snapshotter_status, write_config
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, data_layer, require_busybox
 from tests.support.snapshotter_daemon import start_daemon, stop_daemon, wait_ready
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.timeout(300)]
 

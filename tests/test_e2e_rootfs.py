@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.containerd import labels as L
+from cvmfs_snap.devenv.images import BuiltLayer, Entry, Pusher, image, layer
 from cvmfs_snap.layout import RepositoryLayout
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.e2e import (
@@ -35,7 +36,6 @@ from tests.support.e2e import (
     publish,
     tree_listing,
 )
-from tests.support.images import BuiltLayer, Entry, Pusher, image, layer
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, require_busybox
 

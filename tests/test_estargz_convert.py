@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.cli import main as cli_main
+from cvmfs_snap.devenv.images import BuiltImage, Entry, Pusher, image, layer
 from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError
 from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargz
 from cvmfs_snap.oci import ImageReference, Manifest, RegistryClient
 from cvmfs_snap.oci.push import Pusher as OciPusher
 from tests.support.containerd import Containerd
 from tests.support.estargz import esgz
-from tests.support.images import BuiltImage, Entry, Pusher, image, layer
 from tests.support.pullcheck import containerd_in_tmp
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, goref_bin, require_busybox

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import compress, make_tar
 from cvmfs_snap.estargz import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
@@ -21,8 +22,8 @@ from cvmfs_snap.estargz import (
 )
 from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.layer import apply_layer, iter_layer, open_layer
+from cvmfs_snap.mediatypes import OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
 from tests.support.estargz import corpus, sparse_tar, to_estargz
-from tests.support.images import OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, compress, make_tar
 from tests.support.trees import describe, diff
 
 CHUNK = 1 << 20

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cvmfs_snap.devenv.images import Entry, make_tar
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer import (
     ApplyResult,
@@ -22,8 +23,8 @@ from cvmfs_snap.layer import (
     open_layer,
     scan_tree_whiteouts,
 )
+from cvmfs_snap.mediatypes import OCI_LAYER_TAR
 from tests.support.hostile import END, header, pax_block, raw_file, tar_of
-from tests.support.images import OCI_LAYER_TAR, Entry, make_tar
 
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # VFS_CAP v2, cap_net_raw+ep
 T0 = 1_600_000_000

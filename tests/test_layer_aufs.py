@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltLayer, Entry, layer
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layer import apply_layer, iter_layer, scan_tree_whiteouts
 from cvmfs_snap.layout import RepositoryLayout
@@ -23,7 +24,6 @@ from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from publisher.backends.base import LayerInfo
 from publisher.backends.ingest_tar import spool_and_validate
 from publisher.backends.local import LocalBackend
-from tests.support.images import BuiltLayer, Entry, layer
 from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay
 
 T = 1_400_000_000
@@ -117,8 +117,8 @@ def test_difference_from_real_containerd_is_only_below_plnk(tmp_path: Path, shor
     import shlex
     import subprocess
 
+    from cvmfs_snap.devenv.images import image, push_image
     from tests.support.containerd import start_containerd
-    from tests.support.images import image, push_image
     from tests.support.registry import Registry
 
     assert isinstance(registry, Registry)

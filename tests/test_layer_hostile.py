@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -128,3 +129,20 @@ def test_layer_mode_still_refuses_writing_through_its_symlinks(case_id: str, tmp
     with pytest.raises(UnsafeLayerError, match="layer mode"):
         for _ in iter_layer(io.BytesIO(case.blob), name="L"):
             pass
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in build_corpus(Path("/nonexistent"))
+                                     if c.mode == "layer" and c.setup is None and c.error is UnsafeLayerError])
+def test_apply_and_structure_check_refuse_in_the_same_words(case_id: str, tmp_path: Path) -> None:
+    """The layer-mode rules exist once (cvmfs_snap.layer.rules): apply_layer and iter_layer give the same message
+    for the same layer (apply can also say where a symlink points, the tar-only check cannot)."""
+    case = next(c for c in build_corpus(tmp_path / "outside") if c.id == case_id)
+    target = tmp_path / "t"
+    target.mkdir()
+    with pytest.raises(UnsafeLayerError) as applied, open_layer(io.BytesIO(case.blob), case.media_type, name="L") as s:
+        apply_layer(s, target, mode="layer", limits=case.limits)
+    with pytest.raises(UnsafeLayerError) as checked, open_layer(io.BytesIO(case.blob), case.media_type, name="L") as s:
+        for entry in iter_layer(s, case.limits, name="L"):
+            while entry.read(1 << 16):
+                pass
+    assert re.sub(r" \(to '[^']*'\)", "", str(applied.value)) == str(checked.value)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltLayer, Entry, image, layer, make_tar, sha256
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layer import apply_layer, open_layer
-from cvmfs_snap.layer.apply import MAX_SYMLINKS
-from tests.support.images import BuiltLayer, Entry, image, layer, make_tar, sha256
+from cvmfs_snap.layer.inroot import MAX_SYMLINKS, InRoot
+from cvmfs_snap.layer.rules import own_symlink_error
 from tests.support.trees import describe, diff
 
 
@@ -185,8 +186,8 @@ def test_usrmerge_matches_real_containerd_native_snapshotter(tmp_path: Path, sho
                                                              registry: object) -> None:
     """containerd's native snapshotter applies each layer on a copy of the merged tree below it (archive.Apply on
     a merged view): the same situation as our merged mode, so the same tree."""
+    from cvmfs_snap.devenv.images import push_image
     from tests.support.containerd import start_containerd
-    from tests.support.images import push_image
     from tests.support.registry import Registry
 
     assert isinstance(registry, Registry)
@@ -211,3 +212,27 @@ def test_usrmerge_matches_real_containerd_native_snapshotter(tmp_path: Path, sho
     assert diff(describe(ours), theirs) == []
     # compared what matters: lib stayed a symlink (nothing listed below it), the files are below usr/lib
     assert "usr/lib/x86_64-linux-gnu/libnew.so" in theirs and not [p for p in theirs if p.startswith("lib/")]
+
+
+def test_in_root_resolver_on_its_own(tmp_path: Path) -> None:
+    """The resolver is a reusable piece: symlinks resolve inside the root, '..' and absolute targets stay there,
+    and the walk (never following) refuses a symlink with the error its user chose."""
+    (tmp_path / "usr" / "lib").mkdir(parents=True)
+    os.symlink("usr/lib", tmp_path / "lib")
+    os.symlink("/../../usr", tmp_path / "up")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    dirs = InRoot(fd, own_symlink_error, follow_symlinks=True)
+    try:
+        assert dirs.resolve(["lib", "x"], True, "w") == ["usr", "lib", "x"]
+        assert dirs.resolve(["up", "lib"], False, "w") == ["usr", "lib"]
+        assert dirs.resolve(["..", "..", "lib"], False, "w") == ["usr", "lib"]
+        assert dirs.resolve(["lib", "missing"], False, "w") is None
+        got = dirs.parent(["lib", "new"], True, "w")
+        assert got is not None and got[1] == ["usr", "lib", "new"]
+        assert (tmp_path / "usr" / "lib" / "new").is_dir()
+        with pytest.raises(UnsafeLayerError, match="'lib' is a symlink \\(to 'usr/lib'\\) of this layer"):
+            dirs.walk(["lib", "y"], True, "w")
+    finally:
+        dirs.close()
+        os.close(fd)
+    assert not (tmp_path / "lib" / "y").exists() and not (tmp_path / "usr" / "lib" / "y").exists()

@@ -25,7 +25,17 @@ import pytest
 
 import cvmfs_snap
 from cvmfs_snap.containerd.labels import chain_ids
-from cvmfs_snap.devenv.images import busybox_entries
+from cvmfs_snap.devenv.images import (
+    LAYER_MEDIA,
+    BuiltImage,
+    BuiltLayer,
+    Entry,
+    Pusher,
+    busybox_entries,
+    estargz_layer,
+    image,
+    make_tar,
+)
 from cvmfs_snap.devenv.procs import stop_lazyfs
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.e2e import (
@@ -39,7 +49,6 @@ from tests.support.e2e import (
     snapshotter_status,
     tree_listing,
 )
-from tests.support.images import LAYER_MEDIA, BuiltImage, BuiltLayer, Entry, Pusher, estargz_layer, image, make_tar
 from tests.support.registry import Registry, blob_gets
 from tests.support.runnable import busybox_layer, goref_bin, require_busybox
 from tests.support.snapshotter_daemon import SnapshotterProcess, start_daemon, stop_daemon, wait_ready

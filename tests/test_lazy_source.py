@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltImage, Pusher, estargz_layer, image, push_image
 from cvmfs_snap.devenv.procs import stop_lazyfs
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError
 from cvmfs_snap.snapshotter import status
@@ -36,7 +37,6 @@ from cvmfs_snap.snapshotter.sources.base import (
 )
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
-from tests.support.images import BuiltImage, Pusher, estargz_layer, image, push_image
 from tests.support.layersource import lookup
 from tests.support.registry import Registry, free_port, log_mark, start_registry
 

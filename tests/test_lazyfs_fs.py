@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import Entry, make_tar
 from tests.support.estargz import corpus, esgz, to_estargz
-from tests.support.images import Entry, make_tar
 from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay
 from tests.support.lazyfs_mount import mounted_lazyfs
 

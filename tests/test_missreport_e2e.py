@@ -21,9 +21,9 @@ import httpx
 import pytest
 import yaml
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import RepositoryLayout
-from tests.support import images as im
 from tests.support.containerd import start_containerd
 from tests.support.e2e import (
     PLUGIN,
@@ -32,11 +32,11 @@ from tests.support.e2e import (
     cvmfs_snap_pull,
     log_mark,
     mounted_view,
-    wait_for,
     write_config,
 )
 from tests.support.registry import Registry
 from tests.support.snapshotter_daemon import running_daemon
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.timeout(300)]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.layout import RepositoryLayout
 from publisher.backends.local import STAGING_DIR
 from publisher.crashpoints import ENV
-from tests.support import images as im
 from tests.support.publisher_env import (
     FakeCvmfs,
     base_layer,

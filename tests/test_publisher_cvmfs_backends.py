@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import CommandError
 from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo
 from publisher.backends.ingest_tar import files_tar
 from publisher.pipeline import Publisher
-from tests.support import images as im
 from tests.support.cvmfs_targets import Target, make_target
 from tests.support.publisher_env import check_invariants
 from tests.support.registry import Registry

@@ -17,9 +17,10 @@ import httpx
 import pytest
 import yaml
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import ImageRecord, RepositoryLayout
-from tests.support import images as im
+from tests.support import waiting
 from tests.support.registry import Registry, free_port, start_registry
 
 SECRET = "s3cret-for-tests"
@@ -27,16 +28,9 @@ WAIT = 90.0
 
 
 def wait_for(what: str, cond: Callable[[], object], daemon: Daemon | None = None, timeout: float = WAIT) -> object:
-    """Poll ``cond`` until it returns something true (a deadline, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            log = daemon.log.read_text()[-4000:] if daemon else ""
-            raise AssertionError(f"timed out waiting for {what}\n--- daemon log ---\n{log}")
-        time.sleep(0.1)
+    """:func:`tests.support.waiting.wait_for` with the daemon's log tail in the failure message."""
+    return waiting.wait_for(cond, what, timeout,
+                            details=lambda: "--- daemon log ---\n" + (daemon.log.read_text()[-4000:] if daemon else ""))
 
 
 @dataclass

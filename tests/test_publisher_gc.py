@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
 from publisher.config import PublisherConfig
@@ -20,7 +21,6 @@ from publisher.factory import make_backend, make_publisher
 from publisher.gc import collect_garbage
 from publisher.gcplan import plan_gc
 from publisher.locks import gc_lock
-from tests.support import images as im
 from tests.support.registry import Registry
 
 DAY = 86400.0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
 from publisher import inventory
 from publisher.config import DaemonConfig, PublisherConfig
@@ -20,7 +21,6 @@ from publisher.factory import make_backend, make_publisher
 from publisher.gc import collect_garbage, record_unwanted
 from publisher.schedule import REASON_DROPPED
 from publisher.wishlist import Wishlist
-from tests.support import images as im
 from tests.support.registry import Registry, free_port
 from tests.test_publisher_gc import Repo, _tree, make_repo
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.fsutil import make_deep_tree, remove_tree
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
@@ -29,7 +30,6 @@ from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.config import PublisherConfig
 from publisher.factory import make_publisher
 from publisher.pipeline import Publisher
-from tests.support import images as im
 from tests.support.bombs import SPARSE_SIZE, sparse_layer, zstd_bomb
 from tests.support.publisher_env import base_layer
 from tests.support.registry import Registry

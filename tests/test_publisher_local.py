@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layout import REMOVE_SCHEDULE, LayerRecord, RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
@@ -19,7 +20,6 @@ from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.factory import make_publisher
 from publisher.pipeline import Publisher
 from publisher.schedule import read_remove_schedule
-from tests.support import images as im
 from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import base_layer, check_invariants, top_layer
 from tests.support.registry import Registry

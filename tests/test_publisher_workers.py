@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, IntegrityError, UnavailableError
 from cvmfs_snap.layer import apply_layer, digesting, open_layer
 from cvmfs_snap.layout import LayerRecord
@@ -29,7 +30,6 @@ from publisher.backends.ingest_tar import QUEUE_ITEM, prepare_layer
 from publisher.backends.local import LocalBackend, build_flat_dir, unpack_layer_dir
 from publisher.pipeline import Publisher
 from publisher.workers import LayerWorkers, offloadable
-from tests.support import images as im
 from tests.support.publisher_env import tree
 from tests.support.registry import Registry
 

@@ -20,8 +20,8 @@ import pytest
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.containerd.unpack import Outcome
+from cvmfs_snap.devenv.images import BuiltImage, Pusher, image, layer
 from tests.support.containerd import Containerd
-from tests.support.images import BuiltImage, Pusher, image, layer
 from tests.support.pullcheck import blob_gets, client, committed, containerd_in_tmp, fakeremote
 from tests.support.registry import Registry
 from tests.support.runnable import goref_bin

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv import images as im
 from cvmfs_snap.oci import ImageReference, RegistryClient
 from cvmfs_snap.oci import transport as oci_transport
-from tests.support import images as im
 from tests.support.http_servers import Reply, serve
 from tests.support.registry import Registry
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltLayer
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from tests.support.containerd import start_containerd
-from tests.support.e2e import wait_for
-from tests.support.images import BuiltLayer
 from tests.support.pullcheck import blob_gets
 from tests.support.registry import Registry
 from tests.support.runnable import push_runnable, require_busybox
 from tests.support.snapshotter_daemon import running_daemon
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltLayer, Entry, layer
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap.snapshotter.sources.base import (
@@ -24,7 +25,6 @@ from cvmfs_snap.snapshotter.sources.base import (
 )
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.overlaydirs import FORMAT_VERSION
-from tests.support.images import BuiltLayer, Entry, layer
 from tests.support.layersource import lookup
 from tests.support.layertrees import write_cvmfs_layer
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
-from tests.support.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
 from tests.support.layersource import lookup
 from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay, write_cvmfs_layer
 

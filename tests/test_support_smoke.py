@@ -2,7 +2,7 @@
 
 import httpx
 
-from tests.support import images as im
+from cvmfs_snap.devenv import images as im
 from tests.support.registry import Registry
 
 

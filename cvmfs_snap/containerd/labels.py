@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 from cvmfs_snap.containerd.client import Descriptor
+from cvmfs_snap.mediatypes import CONFIG_TYPES, DOCKER_LAYER_TYPES, MANIFEST_TYPES, OCI_LAYER_PREFIX
 
 #: on every snapshot the unpacker prepares: the chain ID it will be committed as
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
@@ -36,27 +37,11 @@ DISTRIBUTION_SOURCE = "containerd.io/distribution.source."
 #: containerd refuses a label whose key plus value is longer than this
 MAX_LABEL = 4096
 
-CONFIG_TYPES = frozenset({
-    "application/vnd.oci.image.config.v1+json",
-    "application/vnd.docker.container.image.v1+json",
-    "application/vnd.containerd.container.criu.checkpoint.criu.tar",
-    "application/vnd.containerd.container.checkpoint.config.v1+proto",
-})
-DOCKER_LAYER_TYPES = frozenset({
-    "application/vnd.docker.image.rootfs.diff.tar",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-})
-MANIFEST_TYPES = frozenset({
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-})
 
 
 def is_layer_type(media_type: str) -> bool:
     """containerd's images.IsLayerType: OCI/Docker layer media types (any compression, incl. foreign layers)."""
-    if media_type.startswith("application/vnd.oci.image.layer."):
+    if media_type.startswith(OCI_LAYER_PREFIX):
         return True
     return media_type.split("+", 1)[0] in DOCKER_LAYER_TYPES
 

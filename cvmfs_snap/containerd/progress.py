@@ -4,26 +4,17 @@ and the same final per-layer table in both cases so admins can see which layers 
 from __future__ import annotations
 
 import logging
-import sys
-import threading
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.containerd.registry import ResolvedImage
 from cvmfs_snap.containerd.unpack import LayerResult, Outcome, PullResult
-
-if TYPE_CHECKING:  # rich is imported only when a RichProgress is made (a terminal): not for --json, journald, CI
-    from rich.progress import TaskID
+from cvmfs_snap.progressbars import Bars, human_bytes
 
 log = logging.getLogger(__name__)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+human = human_bytes
 
 
 def short(digest: str) -> str:
@@ -56,23 +47,17 @@ class RichProgress:
     """A live progress display on a terminal (one bar per layer being downloaded)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        self.console = Console(file=stream or sys.stderr)
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), console=self.console, transient=False)
-        self._tasks: dict[int, TaskID] = {}
+        self._bars = Bars(stream)
+        self.console = self._bars.console
         self._layers: list[Descriptor] = []
-        self._lock = threading.Lock()
         self.total = 0
 
     def __enter__(self) -> RichProgress:
-        self._progress.start()
+        self._bars.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        self._bars.stop()
 
     def resolved(self, image: ResolvedImage) -> None:
         self.total = len(image.layers)
@@ -80,29 +65,21 @@ class RichProgress:
         self.console.print(f"[bold]{image.ref}[/]: manifest {short(image.manifest.digest)}, {image.platform}, "
                            f"{len(image.layers)} layers")
 
-    def _task(self, index: int, desc: Descriptor) -> TaskID:
-        with self._lock:  # downloads ahead report from other threads
-            if index not in self._tasks:
-                self._tasks[index] = self._progress.add_task(
-                    f"layer {index + 1}/{self.total} {short(desc.digest)}", total=desc.size)
-            return self._tasks[index]
-
     def layer_started(self, index: int, desc: Descriptor) -> None:
-        self._task(index, desc)
+        # downloads ahead report from other threads; Bars adds each bar once
+        self._bars.add(index, f"layer {index + 1}/{self.total} {short(desc.digest)}", desc.size)
 
     def layer_bytes(self, index: int, nbytes: int) -> None:
         if 0 <= index < len(self._layers):
-            self._progress.advance(self._task(index, self._layers[index]), nbytes)
+            self.layer_started(index, self._layers[index])
+            self._bars.advance(index, nbytes)
 
     def layer_done(self, result: LayerResult) -> None:
-        task = self._tasks.get(result.index)
-        if task is not None:
+        if self._bars.has(result.index):
             label = {Outcome.REMOTE: "remote (CVMFS)", Outcome.PULLED: "pulled", Outcome.CACHED: "cached",
                      Outcome.PRESENT: "present"}[result.outcome]
-            self._progress.update(task, description=f"layer {result.index + 1}/{self.total} "
-                                                    f"{short(result.digest)} {label}",
-                                  completed=result.size if result.outcome is Outcome.PULLED else 0,
-                                  total=result.size)
+            self._bars.update(result.index, f"layer {result.index + 1}/{self.total} {short(result.digest)} {label}",
+                              completed=result.size if result.outcome is Outcome.PULLED else 0, total=result.size)
 
 
 def summary(result: PullResult) -> str:

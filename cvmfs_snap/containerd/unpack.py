@@ -34,6 +34,7 @@ from cvmfs_snap.errors import (
     InvalidInputError,
     UnavailableError,
 )
+from cvmfs_snap.mediatypes import INDEX_TYPES
 from cvmfs_snap.oci import ImageReference, Platform
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,7 @@ def content_ref(desc: Descriptor) -> str:
     mt = desc.media_type
     if mt in L.MANIFEST_TYPES:
         kind = "manifest"
-    elif mt in ("application/vnd.oci.image.index.v1+json",
-                "application/vnd.docker.distribution.manifest.list.v2+json"):
+    elif mt in INDEX_TYPES:
         kind = "index"
     elif L.is_layer_type(mt):
         kind = "layer"

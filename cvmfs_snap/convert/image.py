@@ -32,6 +32,7 @@ from cvmfs_snap.estargz import (
 )
 from cvmfs_snap.layer import open_layer
 from cvmfs_snap.layer.compression import MEDIA_TYPES
+from cvmfs_snap.mediatypes import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP
 from cvmfs_snap.oci import (
     DOCKER_MANIFEST,
     Descriptor,
@@ -46,8 +47,6 @@ from cvmfs_snap.oci.push import Pusher
 
 log = logging.getLogger(__name__)
 
-OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 _GZIP_TYPES = {mt for mt, codec in MEDIA_TYPES.items() if codec == "gzip"}
 
 
@@ -209,7 +208,7 @@ class Converter:
         except BaseException:
             upload.abort()
             raise
-        media = DOCKER_GZIP if docker else OCI_GZIP
+        media = DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP
         ann = {k: v for k, v in desc.annotations.items() if k not in (TOC_DIGEST_ANNOTATION,)}
         ann[TOC_DIGEST_ANNOTATION] = built.toc_digest
         ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(built.uncompressed_size)

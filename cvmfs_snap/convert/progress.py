@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import logging
-import sys
-import threading
 from typing import TextIO
 
-from rich.progress import TaskID
-
 from cvmfs_snap.convert.image import ConvertResult, LayerResult
+from cvmfs_snap.progressbars import Bars, human_bytes
 
 log = logging.getLogger(__name__)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+human = human_bytes
 
 
 class LogProgress:
@@ -52,40 +44,28 @@ class RichProgress:
     """One bar per layer, by compressed source bytes read."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        self.console = Console(file=stream or sys.stderr)
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), console=self.console)
-        self._tasks: dict[str, TaskID] = {}
-        self._lock = threading.Lock()
+        self._bars = Bars(stream)
+        self.console = self._bars.console
 
     def __enter__(self) -> RichProgress:
-        self._progress.start()
+        self._bars.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        self._bars.stop()
 
     def image(self, ref: str, platform: str, layers: int) -> None:
         self.console.print(f"[bold]{ref}[/] ({platform}): {layers} layers")
 
     def layer_start(self, key: str, what: str, total: int) -> None:
-        with self._lock:
-            self._tasks[key] = self._progress.add_task(f"layer {key} {what}", total=total)
+        self._bars.add(key, f"layer {key} {what}", total)
 
     def layer_bytes(self, key: str, n: int) -> None:
-        task = self._tasks.get(key)
-        if task is not None:
-            self._progress.advance(task, n)
+        self._bars.advance(key, n)
 
     def layer_done(self, key: str, result: LayerResult) -> None:
-        task = self._tasks.get(key)
-        if task is not None:
-            self._progress.update(task, completed=result.size if result.kept else None,
-                                  description=f"layer {key} {'kept' if result.kept else 'converted'} "
-                                              f"{result.digest[7:19]}")
+        self._bars.update(key, f"layer {key} {'kept' if result.kept else 'converted'} {result.digest[7:19]}",
+                          completed=result.size if result.kept else None)
 
 
 def summary(result: ConvertResult) -> str:

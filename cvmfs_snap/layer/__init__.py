@@ -7,7 +7,8 @@ from cvmfs_snap.layer.apply import ApplyResult, apply_layer
 from cvmfs_snap.layer.compression import MEDIA_TYPES, LayerStream, open_layer
 from cvmfs_snap.layer.digesting import HashingReader
 from cvmfs_snap.layer.limits import Limits
-from cvmfs_snap.layer.tarstream import TarEntry, TarReader, iter_layer
+from cvmfs_snap.layer.structure import iter_layer
+from cvmfs_snap.layer.tarstream import TarEntry, TarReader
 from cvmfs_snap.layer.whiteout import WhiteoutIndex, scan_tree_whiteouts, scan_whiteouts
 
 __all__ = [

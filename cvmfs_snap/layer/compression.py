@@ -21,23 +21,14 @@ from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
 from cvmfs_snap.layer.digesting import HashingReader, Readable
 from cvmfs_snap.layer.gzipmember import GZIP_MAGIC, GzipStreamDecoder
 from cvmfs_snap.layer.limits import RATIO_GRACE, Limits
+from cvmfs_snap.mediatypes import LAYER_CODECS
 
 log = logging.getLogger(__name__)
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 #: media type -> codec ("gzip", "zstd", "none"); includes Docker's and OCI's non-distributable ("foreign") variants
-MEDIA_TYPES: dict[str, str] = {
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.diff.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
-}
+MEDIA_TYPES = LAYER_CODECS
 
 _CHUNK = 256 * 1024
 

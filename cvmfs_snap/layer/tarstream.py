@@ -27,7 +27,7 @@ from cvmfs_snap.layer.paths import FORBIDDEN_XATTR_PREFIXES, check_xattr, normal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORBIDDEN_XATTR_PREFIXES", "TarEntry", "TarReader", "decode_entry", "iter_layer", "normalize_path", "show"]
+__all__ = ["FORBIDDEN_XATTR_PREFIXES", "TarEntry", "TarReader", "decode_entry", "normalize_path", "show"]
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -541,27 +541,6 @@ def _xattrs(pax: dict[str, bytes], lim: Limits, where: str) -> dict[str, bytes]:
         check_xattr(name, value, lim, where)
         out[name] = value
     return out
-
-
-def iter_layer(
-    stream: Readable, limits: Limits | None = None, name: str = "layer", *, check_structure: bool = True
-) -> Iterator[TarEntry]:
-    """Checked members of an uncompressed layer tar (see :class:`TarReader`).
-
-    With ``check_structure`` (the default) the layer is also checked as a whole, as a standalone layer, the way
-    ``apply_layer`` in ``layer`` mode would (no writing through its own symlinks, hardlinks only to its own
-    earlier files, sane whiteout names): for consumers that hand the tar to another tool instead of unpacking it.
-    """
-    from cvmfs_snap.layer.structure import StructureChecker
-
-    reader = TarReader(stream, limits, name)
-    if not check_structure:
-        yield from reader
-        return
-    checker = StructureChecker(limits, name)
-    for entry in reader:
-        checker.check(entry)
-        yield entry
 
 
 def decode_entry(data: bytes, limits: Limits | None = None, name: str = "layer", *, offset: int = 0) -> TarEntry:

@@ -91,8 +91,11 @@ def origin(url: httpx.URL) -> tuple[str, str, int]:
 
 def safe_url(url: httpx.URL | str) -> str:
     """URL for logs and messages: without query (signed storage URLs carry secrets there) and user info."""
-    u = httpx.URL(url)
-    return str(u.copy_with(query=None, fragment=None, username=None, password=None))
+    try:
+        u = httpx.URL(url)
+        return str(u.copy_with(query=None, fragment=None, username=None, password=None))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "<unparsable URL>"
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -31,10 +31,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
+
+from cvmfs_snap.oci.transport import safe_url
 
 from .sources.base import LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST
 
@@ -45,19 +46,6 @@ OUTCOMES = ("sent", "rate-limited", "rejected", "failed", "dropped", "skipped")
 MAX_REMEMBERED = 10000
 #: longest Retry-After we honour: a publisher asking for more must not silence a node for longer than a dedupe window
 MAX_RETRY_AFTER = 3600.0
-
-
-def safe_url(url: str) -> str:
-    """``url`` without user info, query and fragment: what may appear in a log line."""
-    try:
-        p = urlsplit(url)
-        host = p.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{p.port}" if p.port else ""
-        return urlunsplit((p.scheme, host + port, p.path, "", ""))
-    except ValueError:
-        return "<unparsable URL>"
 
 
 @dataclass(frozen=True)

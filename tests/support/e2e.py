@@ -18,8 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,11 +260,3 @@ def blob_bytes_after(log: Path, mark: int) -> tuple[int, int]:
     return len(gets), sum(g.size for g in gets)
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll ``check`` until it is true. For effects containerd applies asynchronously (its garbage collector removes
-    snapshots from the backend some time after a container is deleted)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)

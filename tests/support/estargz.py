@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.devenv.images import Entry, make_tar
 from cvmfs_snap.estargz import BuildOptions, BuildResult, build
-from tests.support.images import Entry, make_tar
 from tests.support.runnable import goref_bin
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")

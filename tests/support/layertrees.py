@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from cvmfs_snap.devenv.images import BuiltLayer
 from cvmfs_snap.layout import CATALOG_MARKER, LayerRecord, RepositoryLayout
-from tests.support.images import BuiltLayer
 
 WH = ".wh."
 OPQ = ".wh..wh..opq"
