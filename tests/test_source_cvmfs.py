@@ -27,6 +27,7 @@ from cvmfs_snap.snapshotter.sources.overlaydirs import FORMAT_VERSION
 from tests.support.images import BuiltLayer, Entry, layer
 from tests.support.layersource import lookup
 from tests.support.layertrees import write_cvmfs_layer
+from tests.support.registry import Registry
 
 CHAIN = "sha256:" + "c" * 64
 HEALTH_LOGGER = "cvmfs_snap.snapshotter.sources.health"
@@ -492,3 +493,45 @@ def test_malformed_xattr_value_is_integrity_error(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="malformed value of xattr"):
         CvmfsSource(root, tmp_path / "state").lowerdirs(lay.digest)
     assert not list((tmp_path / "state").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["fake", "real"])
+def test_ingested_layer_gets_xattrs_and_hardlinks_back_on_the_node(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry
+) -> None:
+    """Published with the cvmfs-ingest backend (the recording stand-in, or the real stratum-0 where there is one),
+    read through the node's view of the repository: the container's tree has the tar's xattrs and shared inode."""
+    import uuid
+
+    from cvmfs_snap.oci import RegistryClient
+    from publisher.pipeline import Publisher
+    from tests.support import images as im
+    from tests.support.cvmfs_targets import make_target
+    from tests.support.layertrees import mounted_overlay
+
+    target = make_target(kind, "cvmfs-ingest", tmp_path, monkeypatch)
+    marker = uuid.uuid4().hex
+    lay = im.layer(["bin/", Entry("bin/tool", data=f"tool {marker}\n".encode(), mode=0o755, uid=1000, gid=1000),
+                    Entry("bin/tool-link", type="hardlink", linkname="bin/tool"),
+                    Entry("bin/ping", data=b"ping", mode=0o4755,
+                          pax={"SCHILY.xattr.security.capability": CAP.decode("latin-1"),
+                               "SCHILY.xattr.user.x": "y"})])
+    name = f"node-xattrs/{kind}-{marker[:8]}"
+    im.push_image(registry.url, name, "v1", im.image([lay]))
+    with RegistryClient(timeout=30, retries=1) as client:
+        backend = target.backend()
+        backend.recover()
+        with Publisher(backend, client, concurrency=1) as pub:
+            res = pub.publish_image(registry.ref(name, "v1"))
+    assert res.ok, res.error
+    seen = target.client_path()
+    lfs = RepositoryLayout(seen).layerfs(lay.digest)
+    assert os.listxattr(lfs / "bin/ping") == []  # what CVMFS lost
+    dirs = CvmfsSource(seen, tmp_path / "state", claim_owner=None).lowerdirs(lay.digest)
+    with mounted_overlay(dirs, tmp_path / "m") as m:
+        assert os.getxattr(m / "bin/ping", "security.capability") == CAP
+        assert os.getxattr(m / "bin/ping", "user.x") == b"y"
+        assert os.stat(m / "bin/ping").st_mode & 0o7777 == 0o4755
+        a, b = os.stat(m / "bin/tool"), os.stat(m / "bin/tool-link")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2 and a.st_uid == 1000
+        assert (m / "bin/tool-link").read_text() == f"tool {marker}\n"
