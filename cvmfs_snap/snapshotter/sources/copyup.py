@@ -11,15 +11,34 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from cvmfs_snap.errors import IntegrityError
+
+log = logging.getLogger(__name__)
 
 #: bytes copied into one layer's mask at most (xattr and hard-link copy-ups), by default
 DEFAULT_COPY_LIMIT = 256 << 20
 _CHUNK = 1 << 20
+
+
+class MaskTree(Protocol):
+    """The mask being built (:class:`.overlaydirs._TreeBuilder`): where copies go, and the layerfs they mirror."""
+
+    root: Path
+    layerfs: Path
+    digest: str
+    entries: int
+    dir_xattrs: dict[tuple[str, ...], dict[str, bytes]]
+
+    def layerfs_is_dir(self, parts: tuple[str, ...]) -> bool: ...
+
+    def ensure_dir(self, parts: tuple[str, ...]) -> bool: ...
 
 
 def allowed_xattr(name: str) -> bool:
@@ -79,3 +98,66 @@ def copy_file(src: Path, dst: Path) -> int:
 def copy_times(src: Path, dst: Path) -> None:
     st = os.lstat(src)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def restore_lost(tree: MaskTree, recorded_xattrs: dict[str, dict[str, str]],
+                 hardlinks: Iterable[tuple[str, str]], split: Callable[[str], tuple[str, ...]],
+                 copy_limit: int) -> None:
+    """Put into the mask copies carrying the recorded xattrs, and the second names of hard links linked to the
+    first one's copy (see the module doc). ``split`` turns a recorded path into checked components."""
+    budget = [copy_limit]
+    left_out: list[str] = []
+    for path, recorded in recorded_xattrs.items():
+        parts = split(path)
+        xattrs = decode_xattrs(recorded, path, tree.digest)
+        if not xattrs:
+            continue
+        if tree.layerfs_is_dir(parts):
+            tree.ensure_dir(parts)
+            tree.dir_xattrs[parts] = xattrs
+            tree.entries += 1
+        elif not _copy_up(tree, parts, xattrs, budget):
+            left_out.append(path)
+    for path, target in hardlinks:
+        parts, tparts = split(path), split(target)
+        if not parts or not tparts or not tree.ensure_dir(parts[:-1]):
+            continue
+        if not _copy_up(tree, tparts, {}, budget):
+            left_out.append(path)
+            continue
+        dst = tree.root.joinpath(*parts)
+        if os.path.lexists(dst):
+            if not stat.S_ISREG(os.lstat(dst).st_mode):
+                continue  # a whiteout the mask needs there (the name is hidden)
+            os.unlink(dst)
+        os.link(tree.root.joinpath(*tparts), dst)
+    if left_out:
+        log.warning("layer %s: more than %d bytes of files carry xattrs or hard links CVMFS lost; %d of them "
+                    "(first: %s) are served without their xattrs or shared inode (docs/snapshotter.md)",
+                    tree.digest, copy_limit, len(left_out), left_out[:3])
+
+
+def _copy_up(tree: MaskTree, parts: tuple[str, ...], xattrs: dict[str, bytes], budget: list[int]) -> bool:
+    """Copy the layerfs's regular file ``parts`` into the mask (once) with ``xattrs``; False if over budget.
+    Paths that are not regular files of the layerfs are left alone (True)."""
+    if not parts or not tree.layerfs_is_dir(parts[:-1]):
+        return True
+    src, dst = tree.layerfs.joinpath(*parts), tree.root.joinpath(*parts)
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    if os.path.lexists(dst):
+        if stat.S_ISREG(os.lstat(dst).st_mode):
+            set_xattrs(dst, xattrs)
+        return True
+    if st.st_size > budget[0]:
+        return False
+    tree.ensure_dir(parts[:-1])
+    budget[0] -= copy_file(src, dst)
+    set_xattrs(dst, xattrs)
+    copy_times(src, dst)
+    tree.entries += 1
+    return True

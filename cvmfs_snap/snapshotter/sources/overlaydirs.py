@@ -57,7 +57,7 @@ from cvmfs_snap.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_
 from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
 from cvmfs_snap.layout import CVMFS_MARKER_FILES, digest_hex
 
-from .copyup import DEFAULT_COPY_LIMIT, copy_file, copy_times, decode_xattrs, set_xattrs
+from .copyup import DEFAULT_COPY_LIMIT, restore_lost, set_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -314,62 +314,6 @@ class _TreeBuilder:
             _copy_dir_meta(self.layerfs.joinpath(*parts), self.root.joinpath(*parts))
             set_xattrs(self.root.joinpath(*parts), self.dir_xattrs.get(parts, {}))
 
-    def restore(self, index: LayerIndex, copy_limit: int) -> None:
-        """Copy-ups carrying the recorded xattrs, and the second names of hard links (see :mod:`.copyup`)."""
-        budget = [copy_limit]
-        left_out: list[str] = []
-        for path, recorded in index.xattrs.items():
-            parts = _components(path, self.digest)
-            xattrs = decode_xattrs(recorded, path, self.digest)
-            if not xattrs:
-                continue
-            if self.layerfs_is_dir(parts):
-                self.ensure_dir(parts)
-                self.dir_xattrs[parts] = xattrs
-                self.entries += 1
-            elif not self._copy_up(parts, xattrs, budget):
-                left_out.append(path)
-        for path, target in index.hardlinks:
-            parts, tparts = _components(path, self.digest), _components(target, self.digest)
-            if not parts or not tparts or not self.ensure_dir(parts[:-1]):
-                continue
-            if not self._copy_up(tparts, {}, budget):
-                left_out.append(path)
-                continue
-            dst = self.root.joinpath(*parts)
-            if os.path.lexists(dst):
-                os.unlink(dst)
-            os.link(self.root.joinpath(*tparts), dst)
-        if left_out:
-            log.warning("layer %s: more than %d bytes of files carry xattrs or hard links CVMFS lost; %d of them "
-                        "(first: %s) are served without their xattrs or shared inode (docs/snapshotter.md)",
-                        self.digest, copy_limit, len(left_out), left_out[:3])
-
-    def _copy_up(self, parts: tuple[str, ...], xattrs: dict[str, bytes], budget: list[int]) -> bool:
-        """Copy the layerfs's regular file ``parts`` into this tree (once) with ``xattrs``; False if over budget.
-        Paths that are not regular files of the layerfs are left alone (True)."""
-        if not parts or not self.layerfs_is_dir(parts[:-1]):
-            return True
-        src, dst = self.layerfs.joinpath(*parts), self.root.joinpath(*parts)
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            return True
-        if not stat.S_ISREG(st.st_mode):
-            return True
-        if os.path.lexists(dst):
-            if stat.S_ISREG(os.lstat(dst).st_mode):
-                set_xattrs(dst, xattrs)
-            return True
-        if st.st_size > budget[0]:
-            return False
-        self.ensure_dir(parts[:-1])
-        budget[0] -= copy_file(src, dst)
-        set_xattrs(dst, xattrs)
-        copy_times(src, dst)
-        self.entries += 1
-        return True
-
 
 @dataclass(frozen=True)
 class OverlayDirs:
@@ -414,7 +358,7 @@ def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str
         parts = _components(path, digest)
         if not lower.opaque(parts):
             skipped.append(path + "/" + OPAQUE_MARKER)
-    upper.restore(index, copy_limit)
+    restore_lost(upper, index.xattrs, index.hardlinks, lambda p: _components(p, digest), copy_limit)
     if skipped:
         log.warning("layer %s: %d whiteout index entries name paths whose directory is not in the layer tree %s "
                     "and were ignored (first: %s)", digest, len(skipped), layerfs, skipped[:3])
