@@ -428,7 +428,7 @@ def ingested_layer(tmp_path: Path) -> tuple[Path, BuiltLayer]:
 
     lay = layer(["bin/", Entry("bin/ping", data=b"#!/bin/sh\necho ping\n", mode=0o4755, uid=12, gid=34),
                  "hl/", Entry("hl/a", data=b"linked\n", mode=0o640, uid=1000, gid=1000),
-                 Entry("hl/b", data=b"linked\n", mode=0o640, uid=1000, gid=1000),
+                 Entry("hl/b", data=b"linked\n", mode=0o644, uid=1000, gid=1000),  # a later header wins
                  "xd/", ("xd/inner", b"i"), ("big", b"0123456789")])
     root = tmp_path / "repo"
     write_cvmfs_layer(root, lay, marker=False)
@@ -462,7 +462,7 @@ def test_mask_restores_xattrs_and_hardlinks(tmp_path: Path) -> None:
         assert (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (orig.st_mode, 12, 34, orig.st_mtime_ns)
         assert ping.read_bytes() == b"#!/bin/sh\necho ping\n"
         a, b = os.stat(m / "hl/a"), os.stat(m / "hl/b")
-        assert a.st_ino == b.st_ino and a.st_nlink == 2 and (a.st_uid, a.st_mode & 0o777) == (1000, 0o640)
+        assert a.st_ino == b.st_ino and a.st_nlink == 2 and (a.st_uid, a.st_mode & 0o777) == (1000, 0o644)
         assert (m / "hl/b").read_bytes() == b"linked\n"
         assert os.getxattr(m / "xd", "user.dir") == b"yes" and (m / "xd/inner").read_bytes() == b"i"
         assert os.stat(m / "xd").st_mtime_ns == os.stat(layerfs / "xd").st_mtime_ns

@@ -131,6 +131,7 @@ def restore_lost(tree: MaskTree, recorded_xattrs: dict[str, dict[str, str]],
                 continue  # a whiteout the mask needs there (the name is hidden)
             os.unlink(dst)
         os.link(tree.root.joinpath(*tparts), dst)
+        _link_header_meta(tree.layerfs.joinpath(*parts), dst)
     if left_out:
         log.warning("layer %s: more than %d bytes of files carry xattrs or hard links CVMFS lost; %d of them "
                     "(first: %s) are served without their xattrs or shared inode (docs/snapshotter.md)",
@@ -161,3 +162,16 @@ def _copy_up(tree: MaskTree, parts: tuple[str, ...], xattrs: dict[str, bytes], b
     copy_times(src, dst)
     tree.entries += 1
     return True
+
+
+def _link_header_meta(src: Path, dst: Path) -> None:
+    """containerd applies a hard link header's owner, mode and times to the shared inode (the last header wins);
+    ingest stored that header as the copy ``src``, so its metadata goes onto the inode both names share."""
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        os.lchown(dst, st.st_uid, st.st_gid)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
