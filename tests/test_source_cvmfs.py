@@ -27,6 +27,7 @@ from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.overlaydirs import FORMAT_VERSION
 from tests.support.layersource import lookup
 from tests.support.layertrees import write_cvmfs_layer
+from tests.support.registry import Registry
 
 CHAIN = "sha256:" + "c" * 64
 HEALTH_LOGGER = "cvmfs_snap.snapshotter.sources.health"
@@ -413,3 +414,124 @@ def test_claiming_client_is_refused_with_one_log_line(tmp_path: Path, caplog: py
     assert lookup(src, labels(lay.digest)) is not None
     assert src.health().available
     assert any("real owners again" in r.getMessage() for r in caplog.records)
+
+
+# -- what cvmfs_server ingest loses: xattrs and hard links (layer.json `xattrs`, `hardlinks`) -------------------
+
+CAP = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")
+
+
+def ingested_layer(tmp_path: Path) -> tuple[Path, BuiltLayer]:
+    """A layer as ``cvmfs_server ingest`` leaves it: no xattrs in the tree, the hard link pair as two copies;
+    layer.json records both."""
+    import base64
+
+    lay = layer(["bin/", Entry("bin/ping", data=b"#!/bin/sh\necho ping\n", mode=0o4755, uid=12, gid=34),
+                 "hl/", Entry("hl/a", data=b"linked\n", mode=0o640, uid=1000, gid=1000),
+                 Entry("hl/b", data=b"linked\n", mode=0o644, uid=1000, gid=1000),  # a later header wins
+                 "xd/", ("xd/inner", b"i"), ("big", b"0123456789")])
+    root = tmp_path / "repo"
+    write_cvmfs_layer(root, lay, marker=False)
+    lo = RepositoryLayout(root)
+    rec = LayerRecord.from_json(lo.layer_json(lay.digest).read_text())
+
+    def b64(v: bytes) -> str:
+        return base64.b64encode(v).decode()
+
+    rec.xattrs = {"bin/ping": {"security.capability": b64(CAP), "user.x": b64(b"y"),
+                               "trusted.overlay.opaque": b64(b"y"), "trusted.t": b64(b"t")},
+                  "xd": {"user.dir": b64(b"yes")}, "big": {"user.big": b64(b"1")}}
+    rec.hardlinks = [["hl/b", "hl/a"]]
+    lo.layer_json(lay.digest).write_text(rec.to_json())
+    return root, lay
+
+
+def test_mask_restores_xattrs_and_hardlinks(tmp_path: Path) -> None:
+    from tests.support.layertrees import mounted_overlay
+
+    root, lay = ingested_layer(tmp_path)
+    layerfs = RepositoryLayout(root).layerfs(lay.digest)
+    assert os.listxattr(layerfs / "bin/ping") == [] and os.stat(layerfs / "hl/a").st_nlink == 1
+    dirs = CvmfsSource(root, tmp_path / "state").lowerdirs(lay.digest)
+    assert len(dirs) == 2 and f"/v{FORMAT_VERSION}/" in str(dirs[0])
+    with mounted_overlay(dirs, tmp_path / "m") as m:
+        ping = m / "bin/ping"
+        assert sorted(os.listxattr(ping)) == ["security.capability", "trusted.t", "user.x"]
+        assert os.getxattr(ping, "security.capability") == CAP and os.getxattr(ping, "user.x") == b"y"
+        st, orig = os.stat(ping), os.stat(layerfs / "bin/ping")
+        assert (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (orig.st_mode, 12, 34, orig.st_mtime_ns)
+        assert ping.read_bytes() == b"#!/bin/sh\necho ping\n"
+        a, b = os.stat(m / "hl/a"), os.stat(m / "hl/b")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2 and (a.st_uid, a.st_mode & 0o777) == (1000, 0o644)
+        assert (m / "hl/b").read_bytes() == b"linked\n"
+        assert os.getxattr(m / "xd", "user.dir") == b"yes" and (m / "xd/inner").read_bytes() == b"i"
+        assert os.stat(m / "xd").st_mtime_ns == os.stat(layerfs / "xd").st_mtime_ns
+        assert os.getxattr(m / "big", "user.big") == b"1"
+
+
+def test_mask_copy_limit_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.support.layertrees import mounted_overlay
+
+    root, lay = ingested_layer(tmp_path)
+    src = CvmfsSource(root, tmp_path / "state")
+    src.dirs.copy_limit = 12  # big (10 bytes, first in layer.json's sorted order) fits; bin/ping and hl/a do not
+    caplog.set_level(logging.WARNING)
+    dirs = src.lowerdirs(lay.digest)
+    warnings = [r.getMessage() for r in caplog.records if "xattrs or hard links CVMFS lost" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of them" in warnings[0]
+    with mounted_overlay(dirs, tmp_path / "m") as m:
+        assert os.getxattr(m / "big", "user.big") == b"1"
+        assert os.listxattr(m / "bin/ping") == [] and os.stat(m / "hl/a").st_nlink == 1
+
+
+def test_malformed_xattr_value_is_integrity_error(tmp_path: Path) -> None:
+    root, lay = ingested_layer(tmp_path)
+    lo = RepositoryLayout(root)
+    rec = LayerRecord.from_json(lo.layer_json(lay.digest).read_text())
+    rec.xattrs = {"bin/ping": {"user.x": "not base64!"}}
+    lo.layer_json(lay.digest).write_text(rec.to_json())
+    with pytest.raises(IntegrityError, match="malformed value of xattr"):
+        CvmfsSource(root, tmp_path / "state").lowerdirs(lay.digest)
+    assert not list((tmp_path / "state").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["fake", "real"])
+def test_ingested_layer_gets_xattrs_and_hardlinks_back_on_the_node(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Registry
+) -> None:
+    """Published with the cvmfs-ingest backend (the recording stand-in, or the real stratum-0 where there is one),
+    read through the node's view of the repository: the container's tree has the tar's xattrs and shared inode."""
+    import uuid
+
+    from cvmfs_snap.oci import RegistryClient
+    from publisher.pipeline import Publisher
+    from tests.support import images as im
+    from tests.support.cvmfs_targets import make_target
+    from tests.support.layertrees import mounted_overlay
+
+    target = make_target(kind, "cvmfs-ingest", tmp_path, monkeypatch)
+    marker = uuid.uuid4().hex
+    lay = im.layer(["bin/", Entry("bin/tool", data=f"tool {marker}\n".encode(), mode=0o755, uid=1000, gid=1000),
+                    Entry("bin/tool-link", type="hardlink", linkname="bin/tool"),
+                    Entry("bin/ping", data=b"ping", mode=0o4755,
+                          pax={"SCHILY.xattr.security.capability": CAP.decode("latin-1"),
+                               "SCHILY.xattr.user.x": "y"})])
+    name = f"node-xattrs/{kind}-{marker[:8]}"
+    im.push_image(registry.url, name, "v1", im.image([lay]))
+    with RegistryClient(timeout=30, retries=1) as client:
+        backend = target.backend()
+        backend.recover()
+        with Publisher(backend, client, concurrency=1) as pub:
+            res = pub.publish_image(registry.ref(name, "v1"))
+    assert res.ok, res.error
+    seen = target.client_path()
+    lfs = RepositoryLayout(seen).layerfs(lay.digest)
+    assert os.listxattr(lfs / "bin/ping") == []  # what CVMFS lost
+    dirs = CvmfsSource(seen, tmp_path / "state", claim_owner=None).lowerdirs(lay.digest)
+    with mounted_overlay(dirs, tmp_path / "m") as m:
+        assert os.getxattr(m / "bin/ping", "security.capability") == CAP
+        assert os.getxattr(m / "bin/ping", "user.x") == b"y"
+        assert os.stat(m / "bin/ping").st_mode & 0o7777 == 0o4755
+        a, b = os.stat(m / "bin/tool"), os.stat(m / "bin/tool-link")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2 and a.st_uid == 1000
+        assert (m / "bin/tool-link").read_text() == f"tool {marker}\n"

@@ -258,7 +258,8 @@ class CvmfsSource:
         except InvalidInputError as exc:
             raise IntegrityError(f"layer {digest}: {exc}; republish the layer") from exc
         if rec is not None:
-            return LayerIndex.from_record(rec.whiteouts, rec.opaque_dirs, root_markers(layerfs), aufs_meta=rec.hidden)
+            return LayerIndex.from_record(rec.whiteouts, rec.opaque_dirs, root_markers(layerfs), aufs_meta=rec.hidden,
+                                          xattrs=rec.xattrs, hardlinks=rec.hardlinks)
         log.info("layer %s has no %s (published by DUCC?): scanning %s once for whiteouts", digest,
                  self.layout.layer_json(digest).name, layerfs)
         idx = scan_tree_whiteouts(layerfs)

@@ -49,13 +49,15 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_snap.errors import CvmfsSnapError, IntegrityError, UnavailableError
 from cvmfs_snap.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
 from cvmfs_snap.layout import CVMFS_MARKER_FILES, digest_hex
+
+from .copyup import DEFAULT_COPY_LIMIT, restore_lost, set_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,9 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 
 #: version of the node-local directory format; a layer whose directory has another version gets a new one beside it
 #: (2: AUFS metadata hidden, so indexes scanned by version 1, which did not list it, are not reused either;
-#: 3: eStargz's own entries hidden in layers published from eStargz blobs)
-FORMAT_VERSION = 3
+#: 3: eStargz's own entries hidden in layers published from eStargz blobs;
+#: 4: the mask carries copy-ups of files with recorded xattrs and restored hard links, :mod:`.copyup`)
+FORMAT_VERSION = 4
 UPPER = "upper"
 LOWER = "lower"
 META_JSON = "meta.json"
@@ -100,10 +103,15 @@ class LayerIndex:
     hidden: tuple[str, ...]
     #: where the index came from: "layer.json" or "scan"
     origin: str = ""
+    #: xattrs CVMFS lost (layer.json ``xattrs``): path -> name -> base64 value
+    xattrs: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: hard links CVMFS stores as copies (layer.json ``hardlinks``): (path, target) pairs in tar order
+    hardlinks: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"whiteouts": list(self.whiteouts), "opaque_dirs": list(self.opaque_dirs),
-                           "hidden": list(self.hidden), "origin": self.origin, "version": FORMAT_VERSION},
+                           "hidden": list(self.hidden), "origin": self.origin, "version": FORMAT_VERSION,
+                           "xattrs": self.xattrs, "hardlinks": [list(h) for h in self.hardlinks]},
                           indent=1) + "\n"
 
     @classmethod
@@ -113,13 +121,17 @@ class LayerIndex:
             if data.get("version") != FORMAT_VERSION:
                 raise ValueError(f"index format {data.get('version')}, expected {FORMAT_VERSION}")
             return cls(tuple(str(p) for p in data["whiteouts"]), tuple(str(p) for p in data["opaque_dirs"]),
-                       tuple(str(p) for p in data["hidden"]), str(data.get("origin", "")))
+                       tuple(str(p) for p in data["hidden"]), str(data.get("origin", "")),
+                       {str(p): {str(k): str(v) for k, v in x.items()} for p, x in data.get("xattrs", {}).items()},
+                       tuple((str(a), str(b)) for a, b in data.get("hardlinks", [])))
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"malformed whiteout index {where}: {exc}; delete it to have it rebuilt") from exc
 
     @classmethod
     def from_record(cls, whiteouts: Iterable[str], opaque_dirs: Iterable[str], markers: Iterable[str] = (),
-                    origin: str = "layer.json", aufs_meta: Iterable[str] = ()) -> LayerIndex:
+                    origin: str = "layer.json", aufs_meta: Iterable[str] = (),
+                    xattrs: dict[str, dict[str, str]] | None = None,
+                    hardlinks: Iterable[Iterable[str]] = ()) -> LayerIndex:
         """The index from a layer's recorded whiteouts (layer.json, or a scan of a DUCC layer's tree): the names of
         the ``.wh.*`` files to hide follow from the paths they delete. ``markers`` are the CVMFS marker files found
         in the layerfs, ``aufs_meta`` the AUFS metadata entries it keeps (``hidden`` of the record or scan).
@@ -138,7 +150,9 @@ class LayerIndex:
         hidden += [_join(d, OPAQUE_MARKER) for d in op]
         hidden += list(meta)
         hidden += list(markers)
-        return cls(wh, op, tuple(dict.fromkeys(hidden)), origin)
+        links = tuple((_normalize(a), _normalize(b)) for a, b in (tuple(h) for h in hardlinks))
+        xa = {_normalize(p): dict(v) for p, v in (xattrs or {}).items() if visible(_normalize(p))}
+        return cls(wh, op, tuple(dict.fromkeys(hidden)), origin, xa, tuple(h for h in links if visible(h[0])))
 
 
 #: builds a layer's index when no cached one exists (reads layer.json or scans the layerfs)
@@ -247,6 +261,7 @@ class _TreeBuilder:
         self.dirs: set[tuple[str, ...]] = set()  # directories made (relative), metadata copied at the end
         self.entries = 0  # whiteouts made + opaque dirs marked
         self._dir_cache = dir_cache  # shared: is this path a real directory in the layerfs?
+        self.dir_xattrs: dict[tuple[str, ...], dict[str, bytes]] = {}  # recorded xattrs of directories made
 
     def layerfs_is_dir(self, parts: tuple[str, ...]) -> bool:
         """True if every component of ``parts`` is a real directory (no symlink) in the layerfs."""
@@ -297,6 +312,7 @@ class _TreeBuilder:
         """Copy the layerfs metadata onto every directory made, deepest first (children change a dir's mtime)."""
         for parts in sorted(self.dirs, key=len, reverse=True):
             _copy_dir_meta(self.layerfs.joinpath(*parts), self.root.joinpath(*parts))
+            set_xattrs(self.root.joinpath(*parts), self.dir_xattrs.get(parts, {}))
 
 
 @dataclass(frozen=True)
@@ -307,7 +323,8 @@ class OverlayDirs:
     lower: Path | None
 
 
-def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str) -> OverlayDirs:
+def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str,
+                       copy_limit: int = DEFAULT_COPY_LIMIT) -> OverlayDirs:
     """Build ``dest/upper`` (the mask) and ``dest/lower`` (opaque dirs) from ``index``; ``dest`` must be empty.
 
     Entries whose directory is not a real directory of the layerfs are skipped with a warning: the mask or lower dir
@@ -341,6 +358,7 @@ def build_overlay_dirs(layerfs: Path, index: LayerIndex, dest: Path, digest: str
         parts = _components(path, digest)
         if not lower.opaque(parts):
             skipped.append(path + "/" + OPAQUE_MARKER)
+    restore_lost(upper, index.xattrs, index.hardlinks, lambda p: _components(p, digest), copy_limit)
     if skipped:
         log.warning("layer %s: %d whiteout index entries name paths whose directory is not in the layer tree %s "
                     "and were ignored (first: %s)", digest, len(skipped), layerfs, skipped[:3])
@@ -366,8 +384,9 @@ class OverlayDirCache:
     winner's directory. Nothing here removes a finished directory except :meth:`remove` (see the module doc).
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, copy_limit: int = DEFAULT_COPY_LIMIT) -> None:
         self.state_dir = state_dir
+        self.copy_limit = copy_limit
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -426,7 +445,7 @@ class OverlayDirCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{hexd[:16]}-", dir=self.state_dir))
         try:
             try:
-                dirs = build_overlay_dirs(layerfs, index, tmp, digest)
+                dirs = build_overlay_dirs(layerfs, index, tmp, digest, self.copy_limit)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EPERM, errno.EACCES):
                     raise UnavailableError(
