@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Self, TextIO
 
 if TYPE_CHECKING:  # rich is imported only when bars are made (a terminal): not for --json, journald, CI
     from rich.console import Console
@@ -76,3 +76,18 @@ class Bars:
             task = self._tasks.pop(key, None)
         if task is not None:
             self._progress.remove_task(task)
+
+
+class BarDisplay:
+    """Base of the commands' live displays: one :class:`Bars`, started and stopped as a context manager."""
+
+    def __init__(self, stream: TextIO | None = None, *, transient: bool = False, eta: bool = False) -> None:
+        self._bars = Bars(stream, transient=transient, eta=eta)
+        self.console = self._bars.console
+
+    def __enter__(self) -> Self:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 from cvmfs_snap.oci import ImageReference
-from cvmfs_snap.progressbars import Bars
+from cvmfs_snap.progressbars import BarDisplay
 
 from .config import BACKENDS, PublisherConfig
 from .daemon import run_daemon
@@ -105,19 +105,11 @@ def load_config(args: argparse.Namespace) -> PublisherConfig:
 
 
 # -- progress ----------------------------------------------------------------------------------------------------
-class RichProgress:
+class RichProgress(BarDisplay):
     """Progress bars for layers on a terminal (``ProgressSink``)."""
 
     def __init__(self) -> None:
-        self._bars = Bars(transient=True, eta=True)
-        self.console = self._bars.console
-
-    def __enter__(self) -> RichProgress:
-        self._bars.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._bars.stop()
+        super().__init__(transient=True, eta=True)
 
     def layer_started(self, digest: str, size: int) -> None:
         self._bars.add(digest, f"layer {digest[7:19]}", size or None)

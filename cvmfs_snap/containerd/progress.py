@@ -9,7 +9,7 @@ from typing import TextIO
 from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.containerd.registry import ResolvedImage
 from cvmfs_snap.containerd.unpack import LayerResult, Outcome, PullResult
-from cvmfs_snap.progressbars import Bars, human_bytes
+from cvmfs_snap.progressbars import BarDisplay, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,13 @@ class LogProgress:
                  result.outcome.value, human(result.downloaded), result.seconds)
 
 
-class RichProgress:
+class RichProgress(BarDisplay):
     """A live progress display on a terminal (one bar per layer being downloaded)."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        self._bars = Bars(stream)
-        self.console = self._bars.console
+        super().__init__(stream)
         self._layers: list[Descriptor] = []
         self.total = 0
-
-    def __enter__(self) -> RichProgress:
-        self._bars.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._bars.stop()
 
     def resolved(self, image: ResolvedImage) -> None:
         self.total = len(image.layers)

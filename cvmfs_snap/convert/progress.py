@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TextIO
 
 from cvmfs_snap.convert.image import ConvertResult, LayerResult
-from cvmfs_snap.progressbars import Bars, human_bytes
+from cvmfs_snap.progressbars import BarDisplay, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +39,8 @@ class LogProgress:
                  result.source[:19], result.digest[:19], human(result.size), result.seconds)
 
 
-class RichProgress:
+class RichProgress(BarDisplay):
     """One bar per layer, by compressed source bytes read."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self._bars = Bars(stream)
-        self.console = self._bars.console
-
-    def __enter__(self) -> RichProgress:
-        self._bars.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._bars.stop()
 
     def image(self, ref: str, platform: str, layers: int) -> None:
         self.console.print(f"[bold]{ref}[/] ({platform}): {layers} layers")
