@@ -20,9 +20,7 @@ containerd daemon's peak is reported too). ``--rss-gib 4`` additionally converts
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import json
 import os
 import random
 import shutil
@@ -40,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from publish import _GzipSink, _HashingWriter  # type: ignore[import-not-found]  # noqa: E402
+from publish import push_image as push_layers  # noqa: E402
 
 from cvmfs_snap.devenv.containerd import start_containerd  # noqa: E402
-from cvmfs_snap.devenv.images import OCI_CONFIG, OCI_MANIFEST, Pusher  # noqa: E402
+from cvmfs_snap.devenv.images import OCI_MANIFEST  # noqa: E402
 from cvmfs_snap.devenv.procs import unmount_below  # noqa: E402
 from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
 from cvmfs_snap.fsutil import walk  # noqa: E402
@@ -151,24 +150,7 @@ def push_image(url: str, repo: str, work: Path, layer_sizes: list[int], system: 
     """Build and push the image; (compressed, uncompressed) bytes of its layers."""
     pool = list(reversed(system_files())) if system else None
     layers = [make_layer(work / f"layer{i}.tar.gz", i, s, pool) for i, s in enumerate(layer_sizes)]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [lay["diff_id"] for lay in layers]}}).encode()
-    cfg_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": len(config)},
-        "layers": [{k: lay[k] for k in ("mediaType", "digest", "size")} for lay in layers],
-    }).encode()
-    pusher = Pusher(url)
-    pusher.client.timeout = httpx.Timeout(900)
-    try:
-        for i, lay in enumerate(layers):
-            pusher.upload(repo, str(lay["digest"]), work / f"layer{i}.tar.gz")
-            (work / f"layer{i}.tar.gz").unlink()
-        pusher.upload(repo, cfg_digest, config)
-        pusher.manifest(repo, "v1", manifest, OCI_MANIFEST)
-    finally:
-        pusher.close()
+    push_layers(url, work, repo, layers, timeout=900)
     return sum(int(str(lay["size"])) for lay in layers), sum(int(str(lay["uncompressed"])) for lay in layers)
 
 

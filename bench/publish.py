@@ -205,7 +205,8 @@ def run_inner(ref: str, warm: str, root: Path, concurrency: int, flat: bool) -> 
     return secs
 
 
-def push_image(reg_url: str, work: Path, repo: str, layers: list[dict[str, object]]) -> None:
+def push_image(reg_url: str, work: Path, repo: str, layers: list[dict[str, object]], timeout: float = 600) -> None:
+    """Push ``work/layer<i>.tar.gz`` (removed once uploaded) with a config and a manifest as ``repo:v1``."""
     config = json.dumps({
         "architecture": "amd64", "os": "linux", "config": {},
         "rootfs": {"type": "layers", "diff_ids": [lay["diff_id"] for lay in layers]},
@@ -217,16 +218,15 @@ def push_image(reg_url: str, work: Path, repo: str, layers: list[dict[str, objec
         "layers": [{k: lay[k] for k in ("mediaType", "digest", "size")} for lay in layers],
     }).encode()
     pusher = Pusher(reg_url)
-    pusher.client.timeout = httpx.Timeout(600)
+    pusher.client.timeout = httpx.Timeout(timeout)
     try:
         for i, lay in enumerate(layers):
             pusher.upload(repo, str(lay["digest"]), work / f"layer{i}.tar.gz")
+            (work / f"layer{i}.tar.gz").unlink()
         pusher.upload(repo, cfg_digest, config)
         pusher.manifest(repo, "v1", manifest, OCI_MANIFEST)
     finally:
         pusher.close()
-    for i in range(len(layers)):
-        (work / f"layer{i}.tar.gz").unlink()
 
 
 def bench_image(label: str, ref: str, warm: str, work: Path, runs: int) -> list[dict[str, object]]:
