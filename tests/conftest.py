@@ -38,6 +38,15 @@ def short_tmp() -> Iterator[Path]:
         remove_tree_quietly(d)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A ``--basetemp`` left by an earlier run may hold 5,000-level trees that pytest's own recursive removal of it
+    cannot remove: remove it ourselves first."""
+    given = session.config.option.basetemp
+    if given and Path(given).is_dir():
+        unmount_below(Path(given))
+        remove_tree(given)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After a green run, remove this run's temporary tree ourselves: the deep trees the tests make (5,000 levels)
     would make pytest's own recursive clean-up of old runs fail at exit. A failed run's tree is kept to look at."""
