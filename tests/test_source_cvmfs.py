@@ -503,9 +503,9 @@ def test_ingested_layer_gets_xattrs_and_hardlinks_back_on_the_node(
     read through the node's view of the repository: the container's tree has the tar's xattrs and shared inode."""
     import uuid
 
+    from cvmfs_snap.devenv import images as im
     from cvmfs_snap.oci import RegistryClient
     from publisher.pipeline import Publisher
-    from tests.support import images as im
     from tests.support.cvmfs_targets import make_target
     from tests.support.layertrees import mounted_overlay
 
