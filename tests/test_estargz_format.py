@@ -23,8 +23,8 @@ from cvmfs_snap.estargz import (
 from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.layer import apply_layer, iter_layer, open_layer
 from cvmfs_snap.mediatypes import OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
-from tests.support.estargz import corpus, sparse_tar, to_estargz
-from tests.support.trees import describe, diff
+from tests.support.estargz import corpus, to_estargz
+from tests.support.trees import describe, diff, sparse_tar
 
 CHUNK = 1 << 20
 CORPUS = corpus()

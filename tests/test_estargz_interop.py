@@ -11,7 +11,8 @@ import pytest
 
 from cvmfs_snap.devenv.images import compress
 from cvmfs_snap.estargz import PREFETCH_LANDMARK, gzip_footer, open_bytes
-from tests.support.estargz import corpus, esgz, sparse_tar, to_estargz
+from tests.support.estargz import corpus, esgz, to_estargz
+from tests.support.trees import sparse_tar
 from tests.test_estargz_format import _files
 
 CORPUS = corpus()

@@ -25,6 +25,7 @@ from cvmfs_snap.layer import (
 )
 from cvmfs_snap.mediatypes import OCI_LAYER_TAR
 from tests.support.hostile import END, header, pax_block, raw_file, tar_of
+from tests.support.trees import sparse_tar
 
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # VFS_CAP v2, cap_net_raw+ep
 T0 = 1_600_000_000
@@ -262,25 +263,11 @@ def test_limits_total_size(tmp_path: Path) -> None:
                                  ["--format=posix", "--sparse-version=0.1"],
                                  ["--format=posix", "--sparse-version=0.0"]])
 def test_sparse_files_from_gnu_tar(fmt: list[str], tmp_path: Path) -> None:
-    import subprocess
-
-    src = tmp_path / "src"
-    src.mkdir()
-    with open(src / "sparse", "wb") as f:
-        f.write(b"head")
-        f.seek(5 << 20)
-        f.write(b"middle" * 1000)
-        f.seek(12 << 20)
-        f.write(b"tail")
-    with open(src / "hole-at-end", "wb") as f:
-        f.write(b"x" * 10000)
-        f.truncate(9 << 20)
-    tar = tmp_path / "s.tar"
-    subprocess.run(["tar", "--sparse", *fmt, "-cf", str(tar), "-C", str(src), "sparse", "hole-at-end"], check=True)
+    tar = io.BytesIO(sparse_tar(tmp_path, fmt))
+    src = tmp_path / "sparse-src"
     out = tmp_path / "out"
     out.mkdir()
-    with open(tar, "rb") as raw:
-        res = apply_layer(raw, out)
+    res = apply_layer(tar, out)
     assert res.entries == 2
     for name in ("sparse", "hole-at-end"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +16,7 @@ T0 = 1_650_000_000
 
 def corpus() -> dict[str, bytes]:
     """Layer tars covering what eStargz must carry: deletions, hardlinks, xattrs, devices, long names, empty
-    files and files larger than a chunk (sparse files come from GNU tar, see :func:`sparse_tar`)."""
+    files and files larger than a chunk (sparse files come from GNU tar, see :func:`tests.support.trees.sparse_tar`)."""
     big = bytes(range(256)) * 9000  # 2.3 MB: several 1 MiB chunks, not a multiple of the chunk size
     long = "d" * 120 + "/" + "n" * 200
     return {
@@ -48,23 +46,6 @@ def corpus() -> dict[str, bytes]:
         "nothing": make_tar([]),
         "replaced": make_tar([("f", b"old"), ("f", b"new content"), "d/", ("d/x", b"1")]),
     }
-
-
-def sparse_tar(tmp: Path, fmt: list[str]) -> bytes:
-    src = tmp / "sparse-src"
-    src.mkdir(exist_ok=True)
-    with open(src / "sparse", "wb") as f:
-        f.write(b"head")
-        f.seek(3 << 20)
-        f.write(b"middle" * 1000)
-        f.seek(5 << 20)
-        f.write(b"tail")
-    with open(src / "hole-at-end", "wb") as f:
-        f.write(b"x" * 10000)
-        f.truncate(2 << 20)
-    out = tmp / "s.tar"
-    subprocess.run(["tar", "--sparse", *fmt, "-cf", str(out), "-C", str(src), "sparse", "hole-at-end"], check=True)
-    return out.read_bytes()
 
 
 def to_estargz(tar: bytes, **kw: object) -> tuple[bytes, BuildResult]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,22 @@ def diff(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> list[str
             fields = {f for f in set(a[k]) | set(b[k]) if a[k].get(f) != b[k].get(f)}
             lines.append(f"{k}: " + ", ".join(f"{f}: {a[k].get(f)!r} != {b[k].get(f)!r}" for f in sorted(fields)))
     return lines
+
+
+def sparse_tar(tmp: Path, fmt: list[str]) -> bytes:
+    """A tar made by GNU tar (``--sparse`` with the format options ``fmt``) of two sparse files, a hole inside and a
+    hole at the end; the source files stay in ``tmp/sparse-src`` to compare with."""
+    src = tmp / "sparse-src"
+    src.mkdir(exist_ok=True)
+    with open(src / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(3 << 20)
+        f.write(b"middle" * 1000)
+        f.seek(5 << 20)
+        f.write(b"tail")
+    with open(src / "hole-at-end", "wb") as f:
+        f.write(b"x" * 10000)
+        f.truncate(2 << 20)
+    out = tmp / "s.tar"
+    subprocess.run(["tar", "--sparse", *fmt, "-cf", str(out), "-C", str(src), "sparse", "hole-at-end"], check=True)
+    return out.read_bytes()
