@@ -267,6 +267,7 @@ class LazyfsProcess:
         layer.scope.cancel()
         self.fs.remove_layer(lid)
         layer.reader.close()
+        await layer.reader.settle()  # a readahead thread still storing a chunk would outlive the release
         layer.client.close()
         self._save()
         digest = layer.record["digest"]

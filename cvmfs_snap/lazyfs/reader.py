@@ -127,6 +127,7 @@ class LayerReader:
         self._ra_cross = False
         self._ra_until = -1  # highest position readahead has been started for
         self._ra_scopes: set[trio.CancelScope] = set()
+        self._ra_idle = trio.Event()  # set whenever the last running readahead task ends
         #: background pass state: "idle", "running", "done", "failed", "off"
         self.background_state = "idle"
 
@@ -239,18 +240,30 @@ class LayerReader:
             i += 1
         self._ra_until = max(self._ra_until, i - 1)
         if todo:
-            trio.lowlevel.spawn_system_task(self._readahead_task, todo)
+            scope = trio.CancelScope()
+            self._ra_scopes.add(scope)  # counted from now on, before the task first runs (see settle)
+            trio.lowlevel.spawn_system_task(self._readahead_task, todo, scope)
 
-    async def _readahead_task(self, refs: list[ChunkRef]) -> None:
+    async def _readahead_task(self, refs: list[ChunkRef], scope: trio.CancelScope) -> None:
         # a system task: nothing may escape it (that would end the process's trio run), and close() cancels it
-        with trio.CancelScope() as scope:
-            self._ra_scopes.add(scope)
+        with scope:
             try:
                 await self._load(refs)
             except Exception as e:  # readahead is an optimisation: the read itself reports errors
                 log.debug("readahead of layer %s: %s (the read itself will retry)", self.digest, e)
             finally:
                 self._ra_scopes.discard(scope)
+                if not self._ra_scopes:
+                    self._ra_idle.set()
+
+    async def settle(self) -> None:
+        """Wait until the readahead tasks started so far have ended: their chunks are in the cache (or were
+        dropped) and no worker thread of theirs still writes to it. ``close`` then ``settle`` before the layer's
+        chunks are released."""
+        while self._ra_scopes:
+            if self._ra_idle.is_set():
+                self._ra_idle = trio.Event()
+            await self._ra_idle.wait()
 
     async def _fetch(self, refs: list[ChunkRef], hot: bool) -> dict[str, bytes]:
         datas = await self.fetcher.fetch([r.blob_range for r in refs])
