@@ -202,3 +202,93 @@ def test_zstd_window_at_the_limit_is_accepted() -> None:
     with open_layer(io.BytesIO(out.getvalue()), "application/vnd.oci.image.layer.v1.tar+zstd") as s:
         s.drain()
         assert s.diff_id == _digest(TAR)
+
+
+# -- zstd frames through zstandard's decompressobj (eof / unused_data), issue 10 ------------------------------------
+ZSTD_MT = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+
+def _zstd_read(blob: bytes, n: int = 1 << 18) -> bytes:
+    with open_layer(io.BytesIO(blob), ZSTD_MT) as s:
+        parts = []
+        while data := s.read(n):
+            assert len(data) <= n
+            parts.append(data)
+        return b"".join(parts)
+
+
+def test_zstd_many_small_frames_end_on_every_feed_boundary() -> None:
+    """Frames of a few bytes each: frame ends fall inside, at the start and at the end of the pieces fed to libzstd,
+    and of the compressed reads, so that ``unused_data`` hand-over is exercised everywhere."""
+    c = zstandard.ZstdCompressor(write_checksum=True)
+    cuts = [*range(0, len(TAR), 997), len(TAR)]
+    blob = b"".join(c.compress(TAR[a:b]) for a, b in itertools.pairwise(cuts))
+    assert blob.count(b"\x28\xb5\x2f\xfd") >= len(cuts) - 1
+    for n in (1, 511, 512, 1 << 18):
+        assert _zstd_read(blob, n) == TAR
+
+
+def test_zstd_skippable_frames_between_last_and_empty() -> None:
+    # (a blob starting with a skippable frame is refused by the magic check, as containerd's sniffing does)
+    c = zstandard.ZstdCompressor()
+    skip = (0x184D2A50).to_bytes(4, "little") + (300).to_bytes(4, "little") + os.urandom(300)
+    empty_skip = (0x184D2A5F).to_bytes(4, "little") + bytes(4)
+    blob = c.compress(TAR[:5000]) + skip + empty_skip + c.compress(b"") + c.compress(TAR[5000:]) + skip
+    assert _zstd_read(blob) == TAR
+
+
+@pytest.mark.parametrize("where", ["in the magic", "in the header", "in a block", "in the checksum",
+                                   "in the second frame", "in a skippable frame"])
+def test_truncated_zstd_is_refused_as_truncated(where: str) -> None:
+    c = zstandard.ZstdCompressor(write_checksum=True)
+    first, second = c.compress(TAR[:40000]), c.compress(TAR[40000:])
+    skip = (0x184D2A53).to_bytes(4, "little") + (100).to_bytes(4, "little") + bytes(100)
+    blob = {"in the magic": first + second[:2], "in the header": first + second[:5],
+            "in a block": first[: len(first) // 2], "in the checksum": first[:-2],
+            "in the second frame": first + second[:-100], "in a skippable frame": first + second + skip[:50]}[where]
+    with pytest.raises(InvalidInputError, match="zstd stream is truncated") as ei:
+        _zstd_read(blob)
+    assert f"after {len(blob)} compressed bytes" in str(ei.value)
+
+
+@pytest.mark.parametrize("tail", [b"garbage!", bytes(16)])
+def test_bytes_after_the_last_zstd_frame_are_refused_as_corrupt(tail: bytes) -> None:
+    blob = zstandard.ZstdCompressor().compress(TAR)
+    with pytest.raises(InvalidInputError, match=f"corrupt zstd data near compressed offset {len(blob)}"):
+        _zstd_read(blob + tail)
+
+
+def test_damaged_zstd_block_is_refused_as_corrupt() -> None:
+    blob = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(TAR))
+    blob[len(blob) // 2] ^= 0xFF
+    with pytest.raises(InvalidInputError, match="corrupt zstd data"):
+        _zstd_read(bytes(blob))
+
+
+def test_zstd_bomb_after_ordinary_data_stays_bounded() -> None:
+    """The feed grows over ordinary data; the zeros that follow cannot make one call yield more than 64 MiB."""
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as tf:
+        head = tarfile.TarInfo("noise")
+        noise = os.urandom(1 << 20)
+        head.size = len(noise)
+        tf.addfile(head, io.BytesIO(noise))
+        info = tarfile.TarInfo("zeros")
+        info.size = 512 << 20
+
+        class Zeros:
+            def read(self, n: int) -> bytes:
+                return bytes(n)
+
+        tf.addfile(info, Zeros())  # type: ignore[arg-type]
+    size = len(tar.getvalue())
+    blob = zstandard.ZstdCompressor(level=19).compress(tar.getvalue())
+    del tar
+    tracemalloc.start()
+    try:
+        with open_layer(io.BytesIO(blob), ZSTD_MT) as s:
+            assert s.drain() == size
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 80 << 20, f"peak Python memory {peak / 2**20:.1f} MiB"

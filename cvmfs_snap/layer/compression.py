@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
-from typing import IO, cast
 
 import zstandard
 
@@ -95,169 +94,117 @@ class _Prefixed:
         return self._raw.read(n)
 
 
-class _ZstdFrameChecker:
-    """Walks zstd frame and block headers as the compressed bytes pass, to notice a truncated stream.
-
-    python-zstandard's bounded-output reader returns a clean EOF when its input stops in the middle of a frame, so
-    a cut download would look like a short but valid layer. Frames are self-delimiting (block headers carry sizes),
-    so following them costs almost nothing and tells us whether the input ended on a frame boundary.
-    """
-
-    _MAGIC, _SKIP_SIZE, _FHD, _FH_REST, _BLOCK, _SKIP = range(6)
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._state = self._MAGIC
-        self._need = 4
-        self._buf = b""
-        self._skip = 0
-        self._after_skip = self._MAGIC
-        self._checksum = False
-        self._single = False
-        self._fcs_len = 0
-        self.frames = 0
-        self.offset = 0
-
-    def _bad(self, what: str) -> InvalidInputError:
-        return InvalidInputError(
-            f"{self._name}: corrupt zstd stream ({what} at compressed offset {self.offset}); the blob is damaged: "
-            "fetch it again or re-push the image"
-        )
-
-    def feed(self, data: bytes) -> None:
-        i = 0
-        n = len(data)
-        while i < n:
-            if self._state == self._SKIP:
-                step = min(self._skip, n - i)
-                self._skip -= step
-                i += step
-                self.offset += step
-                if self._skip == 0:
-                    self._state = self._after_skip
-                    self._need = 4 if self._state == self._MAGIC else 3
-                continue
-            take = min(self._need - len(self._buf), n - i)
-            self._buf += data[i : i + take]
-            i += take
-            self.offset += take
-            if len(self._buf) < self._need:
-                continue
-            buf, self._buf = self._buf, b""
-            self._handle(buf)
-
-    def _handle(self, buf: bytes) -> None:
-        if self._state == self._MAGIC:
-            magic = int.from_bytes(buf, "little")
-            if magic == 0xFD2FB528:
-                self._state, self._need = self._FHD, 1
-            elif magic & 0xFFFFFFF0 == 0x184D2A50:
-                self._state, self._need = self._SKIP_SIZE, 4
-            else:
-                raise self._bad("bad frame magic")
-        elif self._state == self._SKIP_SIZE:
-            self._skip = int.from_bytes(buf, "little")
-            self._after_skip = self._MAGIC
-            self.frames += 1
-            self._state = self._SKIP if self._skip else self._MAGIC
-            self._need = 4
-        elif self._state == self._FHD:
-            fhd = buf[0]
-            fcs_flag, single, self._checksum, dict_flag = fhd >> 6, bool(fhd & 0x20), bool(fhd & 0x04), fhd & 3
-            if fhd & 0x08:
-                raise self._bad("reserved bit set in frame header")
-            fcs = {0: 1 if single else 0, 1: 2, 2: 4, 3: 8}[fcs_flag]
-            self._single, self._fcs_len = single, fcs
-            rest = (0 if single else 1) + {0: 0, 1: 1, 2: 2, 3: 4}[dict_flag] + fcs
-            if rest:
-                self._state, self._need = self._FH_REST, rest
-            else:
-                self._state, self._need = self._BLOCK, 3
-        elif self._state == self._FH_REST:
-            self._check_window(buf)
-            self._state, self._need = self._BLOCK, 3
-        elif self._state == self._BLOCK:
-            hdr = int.from_bytes(buf, "little")
-            last, btype, bsize = hdr & 1, (hdr >> 1) & 3, hdr >> 3
-            if btype == 3:
-                raise self._bad("reserved block type")
-            content = 1 if btype == 1 else bsize
-            if last:
-                content += 4 if self._checksum else 0
-                self._after_skip = self._MAGIC
-                self.frames += 1
-            else:
-                self._after_skip = self._BLOCK
-            if content:
-                self._state, self._skip = self._SKIP, content
-            else:
-                self._state = self._after_skip
-                self._need = 4 if self._state == self._MAGIC else 3
-
-    def _check_window(self, rest: bytes) -> None:
-        """The frame's decoding window (window descriptor, or the content size of a single-segment frame) must fit
-        :data:`MAX_ZSTD_WINDOW`; else say so plainly: such a blob is valid zstd, not damaged."""
-        if self._single:
-            window = int.from_bytes(rest[len(rest) - self._fcs_len:], "little") if self._fcs_len else 0
-        else:
-            exponent, mantissa = rest[0] >> 3, rest[0] & 7
-            base = 1 << (10 + exponent)
-            window = base + (base // 8) * mantissa
-        if window > MAX_ZSTD_WINDOW:
-            raise InvalidInputError(
-                f"{self._name}: zstd frame at compressed offset {self.offset} needs a decoding window of "
-                f"{_mib(window)}, more than the {_mib(MAX_ZSTD_WINDOW)} accepted (libzstd's default limit; "
-                "`zstd -d` refuses it too without --long=31). The blob is not damaged, its compression settings "
-                "are beyond what is decoded here: recompress the layer without --long (or with --long=27 at most)"
-            )
-
-    def finish(self) -> None:
-        if self._state != self._MAGIC or self._buf or self.frames == 0:
-            raise InvalidInputError(
-                f"{self._name}: zstd stream is truncated (ends inside a frame after {self.offset} compressed "
-                "bytes); the download was cut short or the blob is corrupt: fetch it again"
-            )
+#: compressed bytes handed to libzstd per call. A zstd block decodes to at most 128 KiB and takes at least 4 bytes (an
+#: RLE block: a 3-byte header and the byte), so one call yields at most ``(feed / 4 + 1) * 128 KiB`` however the blob
+#: was made. The feed starts small (8.1 MiB out at most) and grows while the data expands like ordinary data (at most
+#: ``_ZSTD_CALM``-fold: fewer calls, the speed of the stream reader); the first piece that expands more drops it back.
+#: So a 658 KB blob of 20 GiB of zeros is decoded 8 MiB at a time, and one call never yields more than 64 MiB (half
+#: the decoding window a frame may ask libzstd to hold anyway, :data:`MAX_ZSTD_WINDOW`)
+_ZSTD_FEED_MIN = 256
+_ZSTD_FEED_MAX = 2048
+_ZSTD_CALM = 32
+#: bytes of a zstd frame header at most (magic, descriptor, window, dictionary id, content size)
+_ZSTD_HEADER_MAX = 18
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
-class _CheckedRaw:
-    def __init__(self, raw: Readable, checker: _ZstdFrameChecker) -> None:
-        self._raw = raw
-        self._checker = checker
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._raw.read(n)
-        if data:
-            self._checker.feed(data)
-        elif n != 0:
-            self._checker.finish()
-        return data
-
-
 class _ZstdDecoder:
+    """A zstd blob decoded frame by frame with zstandard's ``decompressobj()``, fed a few hundred bytes at a time.
+
+    ``eof`` says a frame (or a skippable frame) is complete and ``unused_data`` gives the bytes that start the next
+    one, so: concatenated and skippable frames are read, a blob that ends inside a frame is *truncated* (the
+    bounded ``stream_reader`` would return a clean EOF there, making a cut download look like a short layer), and
+    bytes after the last frame that are not a frame are *corrupt*. Both digests still guard every byte.
+    """
+
     def __init__(self, raw: Readable, name: str) -> None:
+        self._raw = raw
         self._name = name
-        self._checker = _ZstdFrameChecker(name)
-        self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
-            cast(IO[bytes], _CheckedRaw(raw, self._checker)), read_size=_CHUNK, read_across_frames=True, closefd=False
-        )
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+        self._frame: zstandard.ZstdDecompressionObj | None = None  # the frame being decoded; None between frames
+        self._head = b""  # first bytes of that frame (its header: the window it asks for)
+        self._input = memoryview(b"")  # compressed bytes read from ``raw``, fed up to ``_pos``
+        self._pos = 0
+        self._base = 0  # compressed offset of ``_input[0]``
+        self._frames = 0
+        self._feed = _ZSTD_FEED_MIN
+        self._left = memoryview(b"")  # decoded bytes beyond what the last read(n) asked
 
     def read(self, n: int = -1, /) -> bytes:
         if n is None or n < 0:
             n = _CHUNK
         if n == 0:
             return b""
-        try:
-            data: bytes = self._reader.read(n)
-        except zstandard.ZstdError as e:
-            raise InvalidInputError(
-                f"{self._name}: corrupt zstd data near compressed offset {self._checker.offset}: {e}; the blob is "
-                "damaged: fetch it again or re-push the image"
-            ) from None
-        return data
+        parts = [self._left[:n]] if self._left else []
+        got = len(parts[0]) if parts else 0
+        self._left = self._left[got:]
+        frame, inp, pos, feed = self._frame, self._input, self._pos, self._feed
+        while got < n:  # the hot loop: small pieces of ordinary data are joined up to n, a big one is sliced
+            if pos >= len(inp):
+                self._frame, self._pos = frame, pos
+                if not self._refill():
+                    break
+                inp, pos = self._input, 0
+            if frame is None:
+                frame = self._frame = self._dctx.decompressobj()
+                self._head = bytes(inp[pos : pos + _ZSTD_HEADER_MAX])
+            piece = inp[pos : pos + feed]
+            try:
+                data: bytes = frame.decompress(piece)
+            except zstandard.ZstdError as e:
+                self._pos = pos
+                raise self._error(e) from None
+            pos += len(piece)
+            feed = _ZSTD_FEED_MAX if len(data) <= _ZSTD_CALM * len(piece) else _ZSTD_FEED_MIN
+            if frame.eof:  # a frame ends inside this piece: the rest of it starts the next one
+                self._frames += 1
+                pos -= len(frame.unused_data)
+                frame = None
+            if data:
+                if len(data) > n - got:
+                    self._left = memoryview(data)
+                    parts.append(self._left[: n - got])
+                    self._left = self._left[n - got :]
+                    break
+                parts.append(memoryview(data))
+                got += len(data)
+        self._frame, self._pos, self._feed = frame, pos, feed
+        return b"".join(parts)
+
+    def _refill(self) -> bool:
+        """The next compressed bytes into ``_input``; False at the end of a blob that ended on a frame boundary."""
+        self._base += len(self._input)
+        self._input, self._pos = memoryview(self._raw.read(_CHUNK)), 0
+        if not self._input:
+            if self._frame is not None or self._frames == 0:
+                raise InvalidInputError(
+                    f"{self._name}: zstd stream is truncated (ends inside a frame after {self._base} compressed "
+                    "bytes); the download was cut short or the blob is corrupt: fetch it again"
+                )
+            return False
+        if self._frame is not None and len(self._head) < _ZSTD_HEADER_MAX:
+            self._head += self._input[: _ZSTD_HEADER_MAX - len(self._head)]
+        return True
+
+    def _error(self, e: zstandard.ZstdError) -> InvalidInputError:
+        if "too much memory" in str(e):
+            try:
+                window = _mib(zstandard.get_frame_parameters(self._head).window_size)
+            except zstandard.ZstdError:
+                window = f"more than {_mib(MAX_ZSTD_WINDOW)}"
+            return InvalidInputError(
+                f"{self._name}: zstd frame near compressed offset {self._base + self._pos} needs a decoding window of "
+                f"{window}, more than the {_mib(MAX_ZSTD_WINDOW)} accepted (libzstd's default limit; "
+                "`zstd -d` refuses it too without --long=31). The blob is not damaged, its compression settings "
+                "are beyond what is decoded here: recompress the layer without --long (or with --long=27 at most)"
+            )
+        return InvalidInputError(
+            f"{self._name}: corrupt zstd data near compressed offset {self._base + self._pos}: {e}; the blob is "
+            "damaged: fetch it again or re-push the image"
+        )
 
 
 class _Buffered:
