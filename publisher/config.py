@@ -32,104 +32,111 @@ Example ``/etc/cvmfs-snap/publisher.yaml``::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal, get_args
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, with_config
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer.limits import Limits
+from cvmfs_snap.validation import SECRET, load_as
 
-BACKENDS = ("local", "cvmfs-ingest", "cvmfs-transaction")
+Backend = Literal["local", "cvmfs-ingest", "cvmfs-transaction"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: the settings file's own keys only: a typo is an error, not a silently ignored setting
+_SETTINGS = ConfigDict(extra="forbid")
 
 
+def _host_port(value: str) -> str:
+    if ":" not in value:
+        raise ValueError("host:port, e.g. 127.0.0.1:8080")
+    return value
+
+
+def _repo_name(value: str) -> str:
+    if not _REPO_NAME.match(value):
+        raise ValueError("a CVMFS repository name such as unpacked.cern.ch")
+    return value
+
+
+def _relative(value: str) -> str:
+    if value.startswith("/") or ".." in value.split("/"):
+        raise ValueError("a relative path without '..'")
+    return value
+
+
+Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+Count = Annotated[int, Field(ge=1)]
+
+
+@with_config(_SETTINGS)
 @dataclass
 class DaemonConfig:
     """Settings of ``loop`` (the daemon, see ``publisher.daemon``)."""
 
     #: host:port of the HTTP endpoint (webhooks, /metrics, /healthz)
-    listen: str = "127.0.0.1:8080"
+    listen: Annotated[str, AfterValidator(_host_port)] = "127.0.0.1:8080"
     #: seconds between two full passes over the recipe (tag lists re-read, moved tags republished)
-    poll_interval: float = 300.0
+    poll_interval: PositiveSeconds = 300.0
     #: seconds to wait after a webhook before publishing, to coalesce bursts of pushes
-    debounce: float = 5.0
+    debounce: Seconds = 5.0
     #: ``registry/repository`` globs the daemon may publish on demand (publish-on-miss); empty: none
     publish_on_miss_allow: list[str] = field(default_factory=list)
     #: shared secret webhooks must send (``Authorization: Bearer <secret>``); None: taken from the environment
     #: variable ``CVMFS_SNAP_WEBHOOK_SECRET``, and when that is unset too every webhook is accepted. Prefer the
     #: environment (a systemd ``EnvironmentFile`` readable only by the publisher) over a world-readable file.
-    webhook_secret: str | None = None
+    webhook_secret: Annotated[str | None, Field(min_length=1, json_schema_extra={SECRET: True})] = None
     #: images published side by side (layers inside each image overlap according to ``concurrency``)
-    workers: int = 2
+    workers: Count = 2
     #: seconds: a publish-on-miss request for an image tried less than this long ago is answered 429
-    miss_cooldown: float = 60.0
+    miss_cooldown: Seconds = 60.0
     #: publish-on-miss requests queued per minute at most (token bucket); the others are answered 429
-    miss_rate_per_minute: float = 30.0
+    miss_rate_per_minute: Annotated[float, Field(ge=0)] = 30.0
     #: seconds in-flight images may take to finish after SIGTERM/SIGINT before they are abandoned
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: Seconds = 30.0
     #: threads answering HTTP requests (connections themselves cost no thread)
-    http_workers: int = 4
+    http_workers: Count = 4
     #: open HTTP connections at most (lowered to keep 64 file descriptors free under ``ulimit -n``)
-    max_connections: int = 1000
+    max_connections: Count = 1000
     #: seconds a connection may stay idle, or take to send a request's headers, before it is closed
-    keep_alive_timeout: float = 5.0
+    keep_alive_timeout: PositiveSeconds = 5.0
     #: seconds a request's body may take to arrive once its headers are in (else 408)
-    request_timeout: float = 10.0
+    request_timeout: PositiveSeconds = 10.0
     #: seconds an HTTP connection may stay open at most, whatever it does (requests take well under a second)
-    connection_lifetime: float = 60.0
+    connection_lifetime: PositiveSeconds = 60.0
 
     def validate(self, source: str = "configuration") -> None:
-        """Types and ranges, checked when the file is read (the daemon's own checks come too late for cron)."""
-        numbers = ("poll_interval", "debounce", "miss_cooldown", "miss_rate_per_minute", "shutdown_timeout",
-                   "keep_alive_timeout", "request_timeout", "connection_lifetime")
-        for name in numbers:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise InvalidInputError(f"{source}: daemon.{name} must be a number >= 0, got {value!r}")
-        if self.poll_interval <= 0:
-            raise InvalidInputError(f"{source}: daemon.poll_interval must be > 0, got {self.poll_interval!r}")
-        for name in ("workers", "http_workers", "max_connections"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{source}: daemon.{name} must be a positive integer, got {value!r}")
-        for name in ("keep_alive_timeout", "request_timeout", "connection_lifetime"):
-            if getattr(self, name) <= 0:
-                raise InvalidInputError(f"{source}: daemon.{name} must be > 0, got {getattr(self, name)!r}")
-        if not isinstance(self.listen, str) or ":" not in self.listen:
-            raise InvalidInputError(f"{source}: daemon.listen must be host:port, got {self.listen!r}")
-        if self.webhook_secret is not None and (not isinstance(self.webhook_secret, str) or not self.webhook_secret):
-            raise InvalidInputError(f"{source}: daemon.webhook_secret must be a non-empty string")
-        if not isinstance(self.publish_on_miss_allow, list) or not all(
-            isinstance(g, str) for g in self.publish_on_miss_allow
-        ):
-            raise InvalidInputError(
-                f"{source}: daemon.publish_on_miss_allow must be a list of registry/repository globs"
-            )
+        """Types and ranges (as when the file is read: the daemon's own checks come too late for cron)."""
+        load_as(DaemonConfig, dataclasses.asdict(self), source, strict=True, prefix=("daemon",))
 
 
+@with_config(_SETTINGS)
 @dataclass
 class PublisherConfig:
     """Every publisher setting. ``load`` reads the YAML file, ``apply_args`` lays command-line flags over it."""
 
-    backend: str = "local"
+    backend: Backend = "local"
     #: directory the repository tree is written to / read from; default ``/cvmfs/<repo>``
     root: str | None = None
     #: CVMFS repository name (``unpacked.cern.ch``); for ``local`` only informational
-    repo: str | None = None
+    repo: Annotated[str, AfterValidator(_repo_name)] | None = None
     #: path of the ``cvmfs_server`` command (cvmfs backends)
     cvmfs_server: str = "cvmfs_server"
     #: a sub-path for ``cvmfs_server transaction <repo>/<lease_path>`` (gateway lease; cvmfs-transaction backend)
-    lease_path: str | None = None
+    lease_path: Annotated[str, AfterValidator(_relative)] | None = None
     #: seconds one ``cvmfs_server`` call may take (plus 1 s per ``cvmfs_server_min_rate_mib`` MiB fed to an
     #: ingest) before it is killed and its transaction aborted
-    cvmfs_server_timeout: float = 3600.0
-    cvmfs_server_min_rate_mib: float = 2.0
+    cvmfs_server_timeout: PositiveSeconds = 3600.0
+    cvmfs_server_min_rate_mib: Annotated[float, Field(gt=0)] = 2.0
     #: how many layers are downloaded/unpacked at the same time
-    concurrency: int = 2
+    concurrency: Count = 2
     #: do not build the flattened root filesystem (``.flat``) nor the public symlinks
     skip_flat: bool = False
     #: ``host:port`` of registries reached over plain HTTP
@@ -139,48 +146,27 @@ class PublisherConfig:
     #: platforms to publish from multi-arch images (``linux/amd64``); empty: all
     platforms: list[str] = field(default_factory=list)
     #: GC keeps images scheduled for removal at least this long
-    grace_period_days: float = 7.0
+    grace_period_days: Annotated[float, Field(ge=0)] = 7.0
     #: local state (lock file, staging of the cvmfs backends, GC schedule); default depends on the backend
     state_dir: str | None = None
     #: per-request registry timeout (seconds) and retries
-    registry_timeout: float = 60.0
-    registry_retries: int = 4
+    registry_timeout: PositiveSeconds = 60.0
+    registry_retries: Annotated[int, Field(ge=0)] = 4
     #: overall deadline (seconds) of one manifest, token or tag-list transfer, retries included; a blob gets this
     #: plus its declared size at ``registry_min_rate`` bytes per second (a trickling registry is cut off)
-    registry_deadline: float = 300.0
-    registry_min_rate: float = 256 * 1024
+    registry_deadline: PositiveSeconds = 300.0
+    registry_min_rate: Annotated[float, Field(gt=0)] = 256 * 1024
     #: what one image and each of its layers may ask (``cvmfs_snap.layer.Limits``; ``limits:`` in the file)
     limits: Limits = field(default_factory=Limits)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "configuration") -> PublisherConfig:
-        if not isinstance(data, dict):
-            raise InvalidInputError(f"{source}: expected a mapping of settings at the top level")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidInputError(
-                f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
-            )
-        values = dict(data)
-        values["limits"] = Limits.from_dict(values.pop("limits", None), source)
-        daemon_data = values.pop("daemon", None) or {}
-        if not isinstance(daemon_data, dict):
-            raise InvalidInputError(f"{source}: 'daemon' must be a mapping")
-        dknown = {f.name for f in fields(DaemonConfig)}
-        dunknown = sorted(set(daemon_data) - dknown)
-        if dunknown:
-            raise InvalidInputError(
-                f"{source}: unknown daemon setting(s) {', '.join(dunknown)}; known: {', '.join(sorted(dknown))}"
-            )
-        try:
-            cfg = cls(**values, daemon=DaemonConfig(**daemon_data))
-        except TypeError as exc:
-            raise InvalidInputError(f"{source}: {exc}") from exc
-        cfg.validate(source)
-        return cfg
+    def from_dict(cls, data: object, source: str = "configuration") -> PublisherConfig:
+        """Settings from a parsed YAML document; an empty ``daemon:`` or ``limits:`` means their defaults."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in ("daemon", "limits") and v is None)}
+        return load_as(cls, data, source, strict=True, kind="a mapping of settings at the top level")
 
     @classmethod
     def load(cls, path: str | Path | None) -> PublisherConfig:
@@ -193,10 +179,10 @@ class PublisherConfig:
         except OSError as exc:
             raise InvalidInputError(f"cannot read publisher configuration {p}: {exc.strerror}") from exc
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"publisher configuration {p} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data, str(p))
+        return cls.from_dict({} if data is None else data, str(p))  # an empty file: the defaults
 
     def apply_args(self, args: argparse.Namespace) -> PublisherConfig:
         """Lay command-line flags over these settings (flags left unset keep the file's value)."""
@@ -227,31 +213,8 @@ class PublisherConfig:
         return self
 
     def validate(self, source: str = "configuration") -> None:
-        if self.backend not in BACKENDS:
-            raise InvalidInputError(f"{source}: unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if not isinstance(self.concurrency, int) or self.concurrency < 1:
-            raise InvalidInputError(f"{source}: concurrency must be a positive integer, got {self.concurrency!r}")
-        if self.repo is not None and not _REPO_NAME.match(self.repo):
-            raise InvalidInputError(f"{source}: {self.repo!r} is not a CVMFS repository name")
-        if self.lease_path is not None and (
-            self.lease_path.startswith("/") or ".." in self.lease_path.split("/")
-        ):
-            raise InvalidInputError(f"{source}: lease_path {self.lease_path!r} must be relative, without '..'")
-        for name in ("insecure_registries", "platforms"):
-            value = getattr(self, name)
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InvalidInputError(f"{source}: {name} must be a list of strings")
-        if self.grace_period_days < 0:
-            raise InvalidInputError(f"{source}: grace_period_days must not be negative")
-        for name in ("registry_deadline", "registry_min_rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise InvalidInputError(f"{source}: {name} must be a positive number, got {value!r}")
-        for name in ("cvmfs_server_timeout", "cvmfs_server_min_rate_mib"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise InvalidInputError(f"{source}: {name} must be a positive number of seconds/MiB, got {value!r}")
-        self.daemon.validate(source)
+        """The same checks as for the file, on settings changed since (command-line flags, a recipe)."""
+        load_as(PublisherConfig, dataclasses.asdict(self), source, strict=True)
 
     # -- derived ---------------------------------------------------------------------------------------------------
     def repository_root(self) -> Path:

@@ -18,8 +18,8 @@ LAYER = {"digest": D, "diff_id": D, "media_type": "m", "compressed_size": 1, "un
 @pytest.mark.parametrize(("text", "says"), [
     ("[]", "malformed image.json: expected a JSON object, got list"),
     ("nope", "malformed image.json: Expecting value"),
-    (json.dumps({**IMAGE, "layers": "x"}), "malformed image.json: layers: input should be a valid list, got str"),
-    (json.dumps({**IMAGE, "reference": 7}), "malformed image.json: reference: input should be a valid string, got int"),
+    (json.dumps({**IMAGE, "layers": "x"}), "malformed image.json: layers: expected a list of strings, got 'x'"),
+    (json.dumps({**IMAGE, "reference": 7}), "malformed image.json: reference: expected a string, got 7"),
     (json.dumps({k: v for k, v in IMAGE.items() if k != "config_digest"}), "config_digest: missing"),
 ])
 def test_malformed_image_json(text: str, says: str) -> None:
@@ -34,8 +34,8 @@ def test_image_json_round_trip_ignores_unknown_keys() -> None:
 
 
 @pytest.mark.parametrize(("data", "says"), [
-    ({**LAYER, "whiteouts": "no"}, "malformed layer.json: whiteouts: input should be a valid list, got str"),
-    ({**LAYER, "entries": "many"}, "malformed layer.json: entries: input should be a valid integer"),
+    ({**LAYER, "whiteouts": "no"}, "malformed layer.json: whiteouts: expected a list of strings, got 'no'"),
+    ({**LAYER, "entries": "many"}, "malformed layer.json: entries: expected an integer, got 'many'"),
     ({**LAYER, "digest": "md5:x"}, "only sha256 layers can be served"),
     ({**LAYER, "version": 99}, "newer than this cvmfs-snap understands"),
     ([LAYER], "malformed layer.json: expected a JSON object, got list"),

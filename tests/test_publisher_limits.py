@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -179,18 +180,19 @@ def test_cvmfs_backends_use_the_configured_limits(registry: Registry, tmp_path: 
 
 
 @pytest.mark.parametrize(("text", "needle"), [
-    ("limits: 3\n", "must be a mapping"),
-    ("limits:\n  max_depht: 3\n", "unknown limit"),
-    ("limits:\n  max_depth: 0\n", "positive integer"),
-    ("limits:\n  max_depth: null\n", "positive integer"),
-    ("limits:\n  allow_devices: 'no'\n", "true or false"),
+    ("limits: 3\n", "limits: expected a mapping, got 3"),
+    ("limits:\n  max_depht: 3\n", "limits.max_depht: unknown setting; known here: allow_devices, max_depth"),
+    ("limits:\n  max_depth: 0\n", "limits.max_depth: expected an integer >= 1, got 0"),
+    ("limits:\n  max_depth: null\n", "limits.max_depth: expected an integer >= 1, got None"),
+    ("limits:\n  max_total_size: 0\n", "limits.max_total_size: expected an integer >= 1 or null, got 0"),
+    ("limits:\n  allow_devices: 'no'\n", "limits.allow_devices: expected true or false, got 'no'"),
 ])
 def test_bad_limits_in_the_configuration(tmp_path: Path, text: str, needle: str) -> None:
     from cvmfs_snap.errors import InvalidInputError
 
     conf = tmp_path / "p.yaml"
     conf.write_text(text)
-    with pytest.raises(InvalidInputError, match=needle):
+    with pytest.raises(InvalidInputError, match=re.escape(needle)):
         PublisherConfig.load(conf)
 
 
