@@ -152,6 +152,32 @@ def describe(exc: ValidationError, cls: type | None = None, prefix: Sequence[str
     return _problem(exc.errors(include_url=False)[0], root, prefix) + more
 
 
+def unknown_keys(cls: type, data: object) -> list[str]:
+    """The dotted keys of ``data`` that ``cls`` does not describe (for files whose unknown keys are warned about and
+    ignored rather than refused, as the snapshotter's TOML); keys under a free-form mapping are all known."""
+    root = _schema(cls)
+    found: list[str] = []
+
+    def walk(node: Mapping[str, object], value: object, loc: list[int | str]) -> None:
+        if not isinstance(value, dict):
+            return
+        for alt in map(lambda a: _resolve(a, root), _alternatives(_resolve(node, root))):
+            props, free = alt.get("properties"), alt.get("additionalProperties")
+            if not isinstance(props, Mapping) and not isinstance(free, Mapping):
+                continue
+            for k, v in value.items():
+                if isinstance(props, Mapping) and k in props:
+                    walk(props[k], v, [*loc, k])
+                elif isinstance(free, Mapping):
+                    walk(free, v, [*loc, k])
+                else:
+                    found.append(_key([*loc, k]))
+            return
+
+    walk(root, data, [])
+    return found
+
+
 def load_as(cls: type[T], data: object, what: str, *, strict: bool = False, kind: str = "a JSON object",
             prefix: Sequence[str] = ()) -> T:
     """``data`` (parsed JSON / YAML / TOML) as an instance of the dataclass ``cls``.

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -289,10 +290,13 @@ def test_config_keys() -> None:
         "/etc/hosts.d", "/root/c.json", True, "/var/cache/lazy")
     assert lz.metrics_address == "127.0.0.1:9103"
     assert parse_config({"cvmfs-snap": {"lazy": {"enabled": False}}}).sources == ["cvmfs"]
-    for bad, msg in (({"cache-size": "lots"}, "not a size"), ({"timeout": 0}, "positive"),
-                     ({"hosts-dir": "rel/dir"}, "absolute"), ({"prefetch": "yes"}, "must be a bool"),
-                     ({"cache-size": 0}, "more than 0"), ({"metrics-address": "9103"}, "HOST:PORT")):
-        with pytest.raises(InvalidInputError, match=msg):
+    for bad, msg in (({"cache-size": "lots"}, "cvmfs-snap.lazy.cache-size: expected a size: "),
+                     ({"timeout": 0}, "cvmfs-snap.lazy.timeout: expected a number > 0, got 0"),
+                     ({"hosts-dir": "rel/dir"}, "expected an absolute path"),
+                     ({"prefetch": "yes"}, "cvmfs-snap.lazy.prefetch: expected true or false, got 'yes'"),
+                     ({"cache-size": 0}, "cache-size: expected a size above 0"),
+                     ({"metrics-address": "9103"}, "HOST:PORT")):
+        with pytest.raises(InvalidInputError, match=re.escape(msg)):
             parse_config({"cvmfs-snap": {"lazy": bad}}, "cfg.toml")
 
 

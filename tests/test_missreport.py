@@ -402,8 +402,8 @@ def test_config_keys(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(InvalidInputError, match="is empty"):
         parse_config({"cvmfs-snap": {"publish-on-miss-secret-file": str(tmp_path / "empty")}})
-    with pytest.raises(InvalidInputError, match="must be a str"):
-        parse_config({"cvmfs-snap": {"publish-on-miss-url": 5}})
+    with pytest.raises(InvalidInputError, match=r"cvmfs-snap\.publish-on-miss-url: expected a string$"):
+        parse_config({"cvmfs-snap": {"publish-on-miss-url": 5}})  # (a URL may carry credentials: never echoed)
 
 
 @dataclass

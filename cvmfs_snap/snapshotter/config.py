@@ -37,7 +37,8 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
     metrics-address = ""                 #   the lazyfs process's Prometheus metrics on HOST:PORT; empty: off
 
 Unknown keys are logged as warnings and ignored (the official snapshotter ignores them too), so a typo is visible
-in the log but never stops a node. A value of the wrong type is an error naming the file and the key.
+in the log but never stops a node. A value of the wrong type is an error naming the file, the key and what was
+expected (validated by :mod:`cvmfs_snap.validation`, like the publisher's YAML and the layout's records).
 
 Command-line flags (``--address``, ``--root``, ``--log-level``) are not read from the file, as upstream.
 """
@@ -48,10 +49,14 @@ import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 from urllib.parse import urlsplit
 
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
+
 from ..errors import InvalidInputError, NotFoundError
+from ..validation import EXPECT, SECRET, load_as, unknown_keys
 from .sources.lazy import LazySettings
 from .sources.registry import DEFAULT_SOURCES, check_names, check_options
 
@@ -91,58 +96,111 @@ class Config:
         return Path("/cvmfs") / (self.repository or DEFAULT_REPOSITORY)
 
 
-def _typed(where: str, key: str, value: Any, kind: type) -> Any:
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidInputError(
-            f"{where}: key {key!r} must be a {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
+# -- the file's shape (validated by cvmfs_snap.validation; defaults stay on Config and LazySettings) ---------------
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tib": 1 << 40, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_SIZE_WORDS = 'a number of bytes or e.g. "4GiB", "512MiB"'
+
+
+def parse_size(value: object) -> object:
+    """A byte count from an integer, or a string such as ``"4GiB"``, ``"512 MiB"``, ``"64M"`` (binary K/M/G/T);
+    other values are left for the type check to refuse."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    num = text.rstrip("kmgtib ")
+    try:
+        return int(float(num) * _UNITS[text[len(num):].strip()]) if num else value
+    except (ValueError, KeyError):
+        raise ValueError(f"a size: {_SIZE_WORDS}") from None
+
+
+def _absolute_or_empty(value: str) -> str:
+    if value and not value.startswith("/"):
+        raise ValueError("an absolute path (or empty)")
     return value
 
 
-def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
+def _host_port_or_empty(value: str) -> str:
+    if value and ":" not in value:
+        raise ValueError("HOST:PORT (or empty: off)")
+    return value
+
+
+def _url_or_empty(url: str) -> str:
+    """An http(s) URL with a host, or empty (off). Credentials in the URL are refused: they would end up in logs
+    and in ``ps``-style dumps of the configuration; the secret has its own keys. (The field is a SECRET: the value
+    is never echoed in the error.)"""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL with a host, e.g. http://stratum0.example.org:8080/publish-on-miss")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"a URL without credentials; put the shared secret in {OUR_TABLE}.publish-on-miss-secret-file")
+    return url
+
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True)]
+AbsolutePath = Annotated[Text, AfterValidator(_absolute_or_empty)]
+HostPort = Annotated[Text, AfterValidator(_host_port_or_empty)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0, json_schema_extra={EXPECT: f"a size: {_SIZE_WORDS}"})]
+NonZeroSize = Annotated[int, BeforeValidator(parse_size),
+                        Field(gt=0, json_schema_extra={EXPECT: f"a size above 0: {_SIZE_WORDS}"})]
+
+#: ``[cvmfs-snap.lazy]``; keys as in the file, each the LazySettings field of the same name in snake case
+LazyTable = TypedDict("LazyTable", {
+    "enabled": bool, "cache-dir": AbsolutePath, "cache-size": NonZeroSize, "prefetch": bool,
+    "prefetch-bound": Size, "background-fetch": bool, "timeout": Annotated[float, Field(gt=0)],
+    "hosts-dir": AbsolutePath, "docker-config": AbsolutePath, "force-single-range": bool,
+    "metrics-address": HostPort,
+}, total=False)
+
+#: ``[cvmfs-snap]``
+OurTable = TypedDict("OurTable", {
+    "metrics-address": HostPort,
+    "sources": list[str],  # names checked by the source registry
+    "grpc-workers": Annotated[int, Field(ge=1)],
+    "publish-on-miss-url": Annotated[Text, AfterValidator(_url_or_empty), Field(json_schema_extra={SECRET: True})],
+    "publish-on-miss-secret": Annotated[Text, Field(json_schema_extra={SECRET: True})],
+    "publish-on-miss-secret-file": Text,
+    "source-options": dict[str, dict[str, object]],  # options checked by the source registry
+    "lazy": LazyTable,
+}, total=False)
+
+#: the file: the official snapshotter's keys and our table
+ConfigFile = TypedDict("ConfigFile", {
+    "repository": str, "absolute-mountpoint": Annotated[str, AfterValidator(_absolute_or_empty)],
+    "cvmfs-snap": OurTable,  # OUR_TABLE
+}, total=False)
+
+
+def parse_config(data: object, where: str = "configuration") -> Config:
+    """A parsed TOML document as a :class:`Config`: unknown keys warned and ignored, wrong types refused (naming
+    the file and the key)."""
+    for key in unknown_keys(ConfigFile, data):
+        log.warning("%s: unknown key %r ignored", where, key)
+    doc = load_as(ConfigFile, data, where, strict=True, kind="a table of settings")
+    ours = doc.get("cvmfs-snap", {})
     cfg = Config()
-    for key, value in data.items():
-        if key == "repository":
-            cfg.repository = _typed(where, key, value, str)
-        elif key == "absolute-mountpoint":
-            cfg.absolute_mountpoint = _typed(where, key, value, str)
-        elif key == OUR_TABLE:
-            _typed(where, key, value, dict)
-            for k, v in value.items():
-                name = f"{OUR_TABLE}.{k}"
-                if k == "metrics-address":
-                    cfg.metrics_address = _typed(where, name, v, str)
-                    if cfg.metrics_address and ":" not in cfg.metrics_address:
-                        raise InvalidInputError(f"{where}: {name} must be HOST:PORT, got {v!r}")
-                elif k == "sources":
-                    _typed(where, name, v, list)
-                    check_names(v, f"{where}: {name}")
-                    cfg.sources = list(v)
-                elif k == "grpc-workers":
-                    cfg.grpc_workers = _typed(where, name, v, int)
-                    if cfg.grpc_workers < 1:
-                        raise InvalidInputError(f"{where}: {name} must be at least 1")
-                elif k == "publish-on-miss-url":
-                    cfg.publish_on_miss_url = _typed(where, name, v, str).strip()
-                    _check_url(where, name, cfg.publish_on_miss_url)
-                elif k == "publish-on-miss-secret":
-                    cfg.publish_on_miss_secret = _typed(where, name, v, str).strip()
-                elif k == "source-options":
-                    _typed(where, name, v, dict)
-                    for src, table in v.items():
-                        _typed(where, f"{name}.{src}", table, dict)
-                        cfg.source_options[src] = check_options(src, table, f"{where}: {name}.{src}")
-                elif k == "lazy":
-                    cfg.lazy = parse_lazy(_typed(where, name, v, dict), f"{where}: {name}")
-                elif k == "publish-on-miss-secret-file":
-                    cfg.publish_on_miss_secret_file = _typed(where, name, v, str).strip()
-                else:
-                    log.warning("%s: unknown key %r ignored", where, name)
-        else:
-            log.warning("%s: unknown key %r ignored", where, key)
-    if cfg.absolute_mountpoint and not cfg.absolute_mountpoint.startswith("/"):
-        raise InvalidInputError(f"{where}: absolute-mountpoint must be an absolute path, got "
-                                f"{cfg.absolute_mountpoint!r}")
+    cfg.repository = doc.get("repository", cfg.repository)
+    cfg.absolute_mountpoint = doc.get("absolute-mountpoint", cfg.absolute_mountpoint)
+    cfg.metrics_address = ours.get("metrics-address", cfg.metrics_address)
+    if "sources" in ours:
+        check_names(ours["sources"], f"{where}: {OUR_TABLE}.sources")
+        cfg.sources = list(ours["sources"])
+    cfg.grpc_workers = ours.get("grpc-workers", cfg.grpc_workers)
+    cfg.publish_on_miss_url = ours.get("publish-on-miss-url", "")
+    cfg.publish_on_miss_secret = ours.get("publish-on-miss-secret", "")
+    cfg.publish_on_miss_secret_file = ours.get("publish-on-miss-secret-file", "")
+    for src, table in ours.get("source-options", {}).items():
+        cfg.source_options[src] = check_options(src, table, f"{where}: {OUR_TABLE}.source-options.{src}")
+    lazy = {k.replace("-", "_"): v for k, v in ours.get("lazy", {}).items()}  # LazyTable's keys, validated
+    cfg.lazy = LazySettings(**lazy)  # type: ignore[arg-type]
     if not cfg.lazy.enabled and "lazy" in cfg.sources:
         cfg.sources = [n for n in cfg.sources if n != "lazy"]
     if cfg.publish_on_miss_secret_file:
@@ -151,79 +209,6 @@ def parse_config(data: dict[str, Any], where: str = "configuration") -> Config:
                                     f"{OUR_TABLE}.publish-on-miss-secret-file, not both")
         cfg.publish_on_miss_secret = _read_secret(where, cfg.publish_on_miss_secret_file)
     return cfg
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
-          "t": 1 << 40, "tib": 1 << 40, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
-
-
-def parse_size(value: object, where: str) -> int:
-    """A byte count: an integer, or a string such as ``"4GiB"``, ``"512 MiB"``, ``"64M"`` (binary for K/M/G/T)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        num = text.rstrip("kmgtib ")
-        unit = text[len(num):].strip()
-        try:
-            n = int(float(num) * _UNITS[unit]) if num else -1
-        except (ValueError, KeyError):
-            raise InvalidInputError(f"{where}: {value!r} is not a size (e.g. 4294967296, \"4GiB\", \"512MiB\")") \
-                from None
-    else:
-        raise InvalidInputError(f"{where} must be a size (a number of bytes or e.g. \"4GiB\"), got {value!r}")
-    if n < 0:
-        raise InvalidInputError(f"{where} must not be negative, got {value!r}")
-    return n
-
-
-def parse_lazy(table: dict[str, Any], where: str) -> LazySettings:
-    """``[cvmfs-snap.lazy]``: unknown keys warned and ignored, wrong types refused (naming file and key)."""
-    kw: dict[str, Any] = {}
-    bools = {"enabled": "enabled", "prefetch": "prefetch", "background-fetch": "background_fetch",
-             "force-single-range": "force_single_range"}
-    strings = {"cache-dir": "cache_dir", "hosts-dir": "hosts_dir", "docker-config": "docker_config"}
-    paths = set(strings)
-    strings["metrics-address"] = "metrics_address"
-    sizes = {"cache-size": "cache_size", "prefetch-bound": "prefetch_bound"}
-    for k, v in table.items():
-        if k in bools:
-            kw[bools[k]] = _typed(where, k, v, bool)
-        elif k in strings:
-            kw[strings[k]] = _typed(where, k, v, str).strip()
-            if k in paths and kw[strings[k]] and not kw[strings[k]].startswith("/"):
-                raise InvalidInputError(f"{where}.{k} must be an absolute path, got {v!r}")
-            if k == "metrics-address" and kw[strings[k]] and ":" not in kw[strings[k]]:
-                raise InvalidInputError(f"{where}.{k} must be HOST:PORT, got {v!r}")
-        elif k in sizes:
-            kw[sizes[k]] = parse_size(v, f"{where}.{k}")
-        elif k == "timeout":
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise InvalidInputError(f"{where}.{k} must be a positive number of seconds, got {v!r}")
-            kw["timeout"] = float(v)
-        else:
-            log.warning("%s: unknown key %r ignored", where, k)
-    if kw.get("cache_size", 1) == 0:
-        raise InvalidInputError(f"{where}.cache-size must be more than 0")
-    return LazySettings(**kw)
-
-
-def _check_url(where: str, name: str, url: str) -> None:
-    """An http(s) URL with a host, or empty (off). Credentials in the URL are refused: they would end up in logs
-    and in ``ps``-style dumps of the configuration; the secret has its own keys."""
-    if not url:
-        return
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise InvalidInputError(f"{where}: {name} is not a valid URL ({exc})") from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInputError(f"{where}: {name} must be an http:// or https:// URL with a host, e.g. "
-                                "http://stratum0.example.org:8080/publish-on-miss")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidInputError(f"{where}: {name} must not contain credentials; put the shared secret in "
-                                f"{OUR_TABLE}.publish-on-miss-secret-file instead")
 
 
 def _read_secret(where: str, path: str) -> str:
