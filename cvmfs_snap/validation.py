@@ -126,7 +126,7 @@ def _problem(err: ErrorDetails, root: Mapping[str, object], prefix: Sequence[str
     node, parent = _at(root, loc)
     key = _key([*prefix, *loc])
     if err["type"] == "missing":
-        return f"{key}: missing (a required key)"
+        return f"{key}: missing (a required key)" + (f", expected {_expected(node, root)}" if node else "")
     if err["type"] in _UNKNOWN_KEY:
         known = parent.get("properties")
         names = ", ".join(sorted(known)) if isinstance(known, Mapping) else ""
@@ -188,7 +188,8 @@ def load_as(cls: type[T], data: object, what: str, *, strict: bool = False, kind
     says ``extra="forbid"``). ``kind`` names what the top level must be; ``prefix``: the keys above ``data``.
     """
     if not isinstance(data, dict):
-        raise InvalidInputError(f"{what}: expected {kind}, got {type(data).__name__} {_shown(data)}")
+        got = "nothing (the document is empty)" if data is None else f"{type(data).__name__} {_shown(data)}"
+        raise InvalidInputError(f"{what}: expected {kind}, got {got}")
     try:
         if strict:  # JSON's strictness: mappings may become dataclasses, integers numbers
             return _adapter(cls).validate_json(to_json(data), strict=True)

@@ -25,16 +25,37 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal, Required
 
 import yaml
+from pydantic import AfterValidator, Field
+from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 from cvmfs_snap.oci import ImageReference, Platform, RegistryClient
+from cvmfs_snap.validation import EXPECT, load_as, unknown_keys
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = {"version", "user", "cvmfs_repo", "output_format", "input", "platforms"}
+
+def _platform(value: str) -> str:
+    try:
+        Platform.parse(value)
+    except CvmfsSnapError as exc:
+        raise ValueError(f"a platform such as linux/amd64 ({exc})") from None
+    return value
+
+
+#: the recipe file's shape (checked by cvmfs_snap.validation); ``input`` entries are checked one by one, so that a
+#: bad line fails alone; ``user`` and ``output_format`` are DUCC's, read and ignored whatever they hold
+class RecipeFile(TypedDict, total=False):
+    version: Required[Annotated[Literal[1], Field(json_schema_extra={
+        EXPECT: "1: only DUCC recipe version 1 is understood (add 'version: 1')"})]]
+    input: Required[Annotated[list[object], Field(json_schema_extra={EXPECT: "a list of image references"})]]
+    platforms: list[Annotated[str, AfterValidator(_platform)]] | None
+    cvmfs_repo: str | None
+    user: object
+    output_format: object
 
 
 @dataclass
@@ -109,39 +130,22 @@ class Recipe:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"recipe {source} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InvalidInputError(f"recipe {source}: expected a mapping with 'version' and 'input'")
-        version = data.get("version")
-        if version != 1:
-            raise InvalidInputError(
-                f"recipe {source}: unsupported version {version!r}; only DUCC recipe version 1 is understood "
-                "(add 'version: 1')"
-            )
-        unknown = sorted(set(data) - KNOWN_KEYS)
+        unknown = unknown_keys(RecipeFile, data)
         if unknown:
-            log.warning("recipe %s: ignoring unknown key(s) %s", source, ", ".join(map(str, unknown)))
-        inputs = data.get("input")
-        if not isinstance(inputs, list):
-            raise InvalidInputError(f"recipe {source}: 'input' must be a list of image references")
-        platforms = data.get("platforms") or []
-        if not isinstance(platforms, list) or not all(isinstance(x, str) for x in platforms):
-            raise InvalidInputError(f"recipe {source}: 'platforms' must be a list like [linux/amd64, linux/arm64]")
-        for plat in platforms:
-            try:
-                Platform.parse(plat)
-            except CvmfsSnapError as exc:
-                raise InvalidInputError(f"recipe {source}: bad platform {plat!r}: {exc}") from exc
-        if data.get("output_format"):
+            log.warning("recipe %s: ignoring unknown key(s) %s", source, ", ".join(unknown))
+        doc = load_as(RecipeFile, data, f"recipe {source}", strict=True,
+                      kind="a mapping with 'version: 1' and 'input'")
+        inputs, platforms = doc["input"], doc.get("platforms") or []
+        if doc.get("output_format"):
             log.info("recipe %s: 'output_format' (DUCC thin-image push) is not supported and is ignored", source)
-        if data.get("user"):
+        if doc.get("user"):
             log.debug("recipe %s: 'user' is informational and ignored", source)
-        repo = data.get("cvmfs_repo")
         recipe = cls(
             version=1,
-            cvmfs_repo=str(repo) if repo else None,
+            cvmfs_repo=doc.get("cvmfs_repo") or None,
             lines=[parse_line(item) for item in inputs],
-            user=str(data["user"]) if data.get("user") else None,
-            output_format=str(data["output_format"]) if data.get("output_format") else None,
+            user=str(doc["user"]) if doc.get("user") else None,
+            output_format=str(doc["output_format"]) if doc.get("output_format") else None,
             platforms=list(platforms),
             path=source,
         )
@@ -223,7 +227,7 @@ class Recipe:
         res.errors.append(err)
 
 
-def parse_line(item: Any) -> RecipeLine:
+def parse_line(item: object) -> RecipeLine:
     """Parse one ``input`` entry; errors are returned in the line, never raised."""
     if not isinstance(item, str):
         return RecipeLine(text=repr(item), error=f"input entry {item!r} is not a string image reference")

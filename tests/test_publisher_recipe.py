@@ -63,12 +63,28 @@ def test_ducc_recipe_accepted_with_broken_lines(caplog: pytest.LogCaptureFixture
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("version: 2\ninput: []\n", "version"), ("version: 1\ninput: x\n", "'input' must be a list"),
-     ("[1, 2", "not valid YAML"), ("version: 1\ninput: []\nplatforms: [amd64]\n", "bad platform")],
+    [("version: 2\ninput: []\n", "version: expected 1: only DUCC recipe version 1 is understood"),
+     ("version: 1\ninput: x\n", "input: expected a list of image references, got 'x'"),
+     ("[1, 2", "not valid YAML"),
+     ("version: 1\ninput: []\nplatforms: [amd64]\n", "platforms[0]: expected a platform such as linux/amd64"),
+     ("input: []\n", "version: missing (a required key), expected 1"),
+     ("version: 1\n", "input: missing (a required key), expected a list of image references"),
+     ("[]\n", "expected a mapping with 'version: 1' and 'input', got list []"),
+     ("", "expected a mapping with 'version: 1' and 'input', got nothing (the document is empty)")],
 )
 def test_unusable_recipes(text: str, needle: str) -> None:
-    with pytest.raises(InvalidInputError, match=needle):
+    with pytest.raises(InvalidInputError, match=re.escape(needle)) as ei:
         Recipe.parse(text, "r.yaml")
+    assert str(ei.value).startswith("recipe r.yaml")
+
+
+def test_recipe_unknown_keys_warned_and_bad_lines_fail_alone(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="publisher.recipe"):
+        r = Recipe.parse("version: 1\ninput: [reg.example.org/a:1, 3]\ncvmfs_repo: u.cern.ch\nuser: 5\ncolour: 1\n",
+                         "r.yaml")
+    assert "recipe r.yaml: ignoring unknown key(s) colour" in caplog.messages
+    assert r.cvmfs_repo == "u.cern.ch" and r.user == "5" and r.lines[0].ref is not None
+    assert r.lines[1].error == "input entry 3 is not a string image reference"
 
 
 def test_recipe_platforms_and_http_registries() -> None:
