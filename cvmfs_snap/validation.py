@@ -121,7 +121,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _problem(err: ErrorDetails, root: Mapping[str, object], prefix: Sequence[str]) -> str:
+def _problem(err: ErrorDetails, root: Mapping[str, object], prefix: Sequence[int | str]) -> str:
     loc = err["loc"]
     node, parent = _at(root, loc)
     key = _key([*prefix, *loc])
@@ -144,7 +144,7 @@ def _problem(err: ErrorDetails, root: Mapping[str, object], prefix: Sequence[str
     return f"{key}: expected {expected}{got}"
 
 
-def describe(exc: ValidationError, cls: type | None = None, prefix: Sequence[str] = ()) -> str:
+def describe(exc: ValidationError, cls: type | None = None, prefix: Sequence[int | str] = ()) -> str:
     """The first problem of ``exc`` as ``key: expected ..., got ...`` (``cls``: the class validated, for the
     expectations its schema states)."""
     root = _schema(cls) if cls is not None else {}
@@ -179,7 +179,7 @@ def unknown_keys(cls: type, data: object) -> list[str]:
 
 
 def load_as(cls: type[T], data: object, what: str, *, strict: bool = False, kind: str = "a JSON object",
-            prefix: Sequence[str] = ()) -> T:
+            prefix: Sequence[int | str] = ()) -> T:
     """``data`` (parsed JSON / YAML / TOML) as an instance of the dataclass ``cls``.
 
     Anything else is an :class:`InvalidInputError` starting with ``what`` (e.g. ``"malformed image.json"`` or a

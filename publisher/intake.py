@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Required
 
 from prometheus_client import Counter
+from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.oci.reference import ImageReference
+from cvmfs_snap.validation import load_as
 from publisher import metrics
 from publisher.backends.base import Backend
 from publisher.config import DaemonConfig
@@ -41,6 +44,14 @@ WEBHOOK_PARSERS = {"registry": parse_distribution_events, "harbor": parse_harbor
 
 #: a JSON answer: (HTTP status, body)
 Answer = tuple[int, dict[str, object]]
+
+
+class _MissBody(TypedDict, total=False):
+    """``POST /publish-on-miss``'s body (checked by cvmfs_snap.validation)."""
+
+    image: Required[str]
+    #: the layer that missed (a sha256 digest): answered "present" when it is published already
+    layer: str | None
 
 
 class Intake:
@@ -142,14 +153,10 @@ class Intake:
 
     @staticmethod
     def _parse_miss(body: bytes) -> tuple[ImageReference, str | None]:
-        data = load_json(body, "publish-on-miss body")
-        if not isinstance(data, dict) or not isinstance(data.get("image"), str):
-            raise InvalidInputError('publish-on-miss body must be {"image": "registry/repository:tag"} '
-                                    '(optionally with "layer": "sha256:...")')
+        data = load_as(_MissBody, load_json(body, "publish-on-miss body"), "publish-on-miss body", strict=True,
+                       kind='{"image": "registry/repository:tag"} (optionally with "layer": "sha256:...")')
         ref = canonical_ref(ImageReference.parse(data["image"]))
         layer = data.get("layer")
         if layer is not None:
-            if not isinstance(layer, str):
-                raise InvalidInputError('"layer" must be a sha256 digest string')
             digest_hex(layer)
         return ref, layer

@@ -20,12 +20,15 @@ import hmac
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Required
 from urllib.parse import urlsplit
+
+from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, INDEX_TYPES, MANIFEST_TYPES
 from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES
+from cvmfs_snap.validation import load_as
 
 DISTRIBUTION_EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 
@@ -39,6 +42,46 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 #: the largest webhook body we read (registries batch events, but never megabytes of them)
 MAX_BODY = 1 << 20
+
+
+# -- the payloads' shapes (checked by cvmfs_snap.validation; only what is read, other keys are ignored) -------------
+class _Envelope(TypedDict):
+    events: list[dict[str, object]]
+
+
+class _Action(TypedDict, total=False):
+    action: object  # only "push" is read further
+
+
+class _Target(TypedDict, total=False):
+    repository: str
+    tag: str
+    mediaType: str  # the registry's spelling
+    url: object  # read when it is a string
+    digest: object
+
+
+class _Push(TypedDict, total=False):
+    target: Required[_Target]
+    request: object  # its host is read when the target has no URL
+
+
+class _HarborType(TypedDict):
+    type: str
+
+
+class _HarborResource(TypedDict, total=False):
+    resource_url: Required[str]
+    tag: object  # read when it is a non-empty string
+    digest: object
+
+
+class _HarborEventData(TypedDict):
+    resources: list[_HarborResource]
+
+
+class _HarborPush(TypedDict):
+    event_data: _HarborEventData
 
 
 @dataclass(frozen=True)
@@ -90,7 +133,7 @@ def check_authorization(header: str | None, secret: str | None) -> bool:
     return ok
 
 
-def load_json(body: bytes, what: str = "webhook body") -> Any:
+def load_json(body: bytes, what: str = "webhook body") -> object:
     """Parse a request body; too large, not JSON or nested too deeply for the parser is InvalidInputError."""
     if len(body) > MAX_BODY:
         raise InvalidInputError(f"{what} of {len(body)} bytes is larger than the {MAX_BODY} bytes accepted")
@@ -111,40 +154,33 @@ def parse_distribution_events(body: bytes) -> list[PushEvent]:
     return _distribution_events(load_json(body))
 
 
-def _distribution_events(data: Any) -> list[PushEvent]:
-    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
-        raise InvalidInputError('registry notification must be a JSON object with an "events" list')
+def _distribution_events(data: object) -> list[PushEvent]:
+    events = load_as(_Envelope, data, "registry notification", strict=True,
+                     kind='a JSON object with an "events" list')["events"]
     out: list[PushEvent] = []
-    for i, ev in enumerate(data["events"]):
-        if not isinstance(ev, dict):
-            raise InvalidInputError(f"registry notification event #{i} is not a JSON object")
-        if ev.get("action") != "push":
+    for i, raw in enumerate(events):
+        what, at = f"registry notification event #{i}", ("events", i)
+        if load_as(_Action, raw, "registry notification", strict=True, prefix=at).get("action") != "push":
             continue
-        target = ev.get("target")
-        if not isinstance(target, dict):
-            raise InvalidInputError(f'registry notification event #{i} has no "target" object')
+        ev = load_as(_Push, raw, "registry notification", strict=True, prefix=at)
+        target = ev["target"]
         tag = target.get("tag")
         media_type = target.get("mediaType", "")
         if not tag or (media_type and media_type not in _MANIFEST_TYPES):
             continue  # a blob upload or a push by digest: nothing a recipe names
         repository = target.get("repository")
-        host = ""
         url = target.get("url")
-        if isinstance(url, str) and url:
-            host = urlsplit(url).netloc
+        host = urlsplit(url).netloc if isinstance(url, str) and url else ""
         request = ev.get("request")
         if not host and isinstance(request, dict) and isinstance(request.get("host"), str):
             host = request["host"]
-        if not isinstance(repository, str) or not isinstance(tag, str) or not host:
+        if not repository or not host:
             raise InvalidInputError(
-                f"registry notification event #{i} lacks target.repository, target.tag or a registry host "
-                "(target.url or request.host)"
+                f"{what} lacks target.repository, target.tag or a registry host (target.url or request.host)"
             )
         host = normalize_host(host)
         if not _valid(host, repository, tag):
-            raise InvalidInputError(
-                f"registry notification event #{i} names an invalid image {host[:100]}/{repository[:200]}:{tag[:130]}"
-            )
+            raise InvalidInputError(f"{what} names an invalid image {host[:100]}/{repository[:200]}:{tag[:130]}")
         digest = target.get("digest", "")
         out.append(PushEvent(host, repository, tag, digest if isinstance(digest, str) else ""))
     return out
@@ -171,21 +207,17 @@ def parse_harbor(body: bytes) -> list[PushEvent]:
     return _harbor_events(load_json(body))
 
 
-def _harbor_events(data: Any) -> list[PushEvent]:
-    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-        raise InvalidInputError('Harbor webhook must be a JSON object with a "type"')
-    if data["type"] != "PUSH_ARTIFACT":
+def _harbor_events(data: object) -> list[PushEvent]:
+    if load_as(_HarborType, data, "Harbor webhook", strict=True, kind='a JSON object with a "type"')["type"] \
+            != "PUSH_ARTIFACT":
         return []
-    event_data = data.get("event_data")
-    if not isinstance(event_data, dict) or not isinstance(event_data.get("resources"), list):
-        raise InvalidInputError('Harbor PUSH_ARTIFACT webhook lacks "event_data.resources"')
+    resources = load_as(_HarborPush, data, "Harbor PUSH_ARTIFACT webhook", strict=True)["event_data"]["resources"]
     out: list[PushEvent] = []
-    for i, res in enumerate(event_data["resources"]):
-        if not isinstance(res, dict) or not isinstance(res.get("resource_url"), str):
-            raise InvalidInputError(f'Harbor webhook resource #{i} has no "resource_url"')
+    for i, res in enumerate(resources):
         host, repository, tag = split_resource_url(res["resource_url"])
-        if isinstance(res.get("tag"), str) and res["tag"]:
-            tag = res["tag"]
+        given = res.get("tag")
+        if isinstance(given, str) and given:
+            tag = given
         if not tag:
             continue  # pushed by digest only
         if not _valid(host, repository, tag):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -268,3 +269,48 @@ def test_connections_are_shut_down_after_their_lifetime() -> None:
         for c in clients:
             c.close()
         listener.close()
+
+
+@pytest.mark.parametrize(("parse", "body", "says"), [
+    (parse_distribution_events, b"[]",
+     'registry notification: expected a JSON object with an "events" list, got list []'),
+    (parse_distribution_events, b'{"events": {}}',
+     "registry notification: events: expected a list of mappings, got {}"),
+    (parse_distribution_events, b'{"events": [{"action": "pull"}, "nope"]}',
+     "registry notification: events[1]: expected a mapping, got 'nope'"),
+    (parse_distribution_events, b'{"events": [{"action": "push"}]}',
+     "registry notification: events[0].target: missing (a required key), expected a mapping"),
+    (parse_distribution_events, b'{"events": [{"action": "push", "target": {"repository": "a/b", "tag": 5}}]}',
+     "registry notification: events[0].target.tag: expected a string, got 5"),
+    (parse_harbor, b'{"type": 5}', "Harbor webhook: type: expected a string, got 5"),
+    (parse_harbor, b'{"type": "PUSH_ARTIFACT"}',
+     "Harbor PUSH_ARTIFACT webhook: event_data: missing (a required key), expected a mapping"),
+    (parse_harbor, b'{"type": "PUSH_ARTIFACT", "event_data": {"resources": [{"tag": "v1"}]}}',
+     "Harbor PUSH_ARTIFACT webhook: event_data.resources[0].resource_url: missing (a required key), expected a string"),
+])
+def test_malformed_webhook_messages_name_the_key(parse: Callable[[bytes], list[PushEvent]], body: bytes,
+                                                 says: str) -> None:
+    with pytest.raises(InvalidInputError) as ei:
+        parse(body)
+    assert str(ei.value) == says
+
+
+def test_events_that_are_not_pushes_are_skipped_whatever_they_hold() -> None:
+    body = b'{"events": [{"action": "pull", "target": 5}, {"action": "delete"}]}'
+    assert parse_distribution_events(body) == []
+    assert parse_harbor(b'{"type": "DELETE_ARTIFACT", "event_data": 5}') == []
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    (b"[]", 'publish-on-miss body: expected {"image": "registry/repository:tag"} (optionally with "layer": '
+            '"sha256:..."), got list []'),
+    (b"{}", "publish-on-miss body: image: missing (a required key), expected a string"),
+    (b'{"image": 5}', "publish-on-miss body: image: expected a string, got 5"),
+    (b'{"image": "r.example/a:1", "layer": 5}', "publish-on-miss body: layer: expected a string or null, got 5"),
+])
+def test_malformed_publish_on_miss_bodies_name_the_key(body: bytes, says: str) -> None:
+    from publisher.intake import Intake
+
+    with pytest.raises(InvalidInputError) as ei:
+        Intake._parse_miss(body)
+    assert str(ei.value) == says
