@@ -97,7 +97,7 @@ class _Prefixed:
 #: compressed bytes handed to libzstd per call. A zstd block decodes to at most 128 KiB and takes at least 4 bytes (an
 #: RLE block: a 3-byte header and the byte), so one call yields at most ``(feed / 4 + 1) * 128 KiB`` however the blob
 #: was made. The feed starts small (8.1 MiB out at most) and grows while the data expands like ordinary data (at most
-#: ``_ZSTD_CALM``-fold: fewer calls, the speed of the stream reader); the first piece that expands more drops it back.
+#: ``_ZSTD_CALM``-fold: fewer calls, near the stream reader's speed); the first piece that expands more drops it back.
 #: So a 658 KB blob of 20 GiB of zeros is decoded 8 MiB at a time, and one call never yields more than 64 MiB (half
 #: the decoding window a frame may ask libzstd to hold anyway, :data:`MAX_ZSTD_WINDOW`)
 _ZSTD_FEED_MIN = 256
