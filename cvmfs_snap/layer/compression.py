@@ -96,11 +96,11 @@ class _Prefixed:
 
 #: compressed bytes handed to libzstd per call. A zstd block decodes to at most 128 KiB and takes at least 4 bytes (an
 #: RLE block: a 3-byte header and the byte), so one call yields at most ``(feed / 4 + 1) * 128 KiB`` however the blob
-#: was made. The feed starts small (8.1 MiB out at most) and grows while the data expands like ordinary data (at most
+#: was made. The feed starts small (2.1 MiB out at most) and grows while the data expands like ordinary data (at most
 #: ``_ZSTD_CALM``-fold: fewer calls, near the stream reader's speed); the first piece that expands more drops it back.
-#: So a 658 KB blob of 20 GiB of zeros is decoded 8 MiB at a time, and one call never yields more than 64 MiB (half
+#: So a 658 KB blob of 20 GiB of zeros is decoded 2 MiB at a time, and one call never yields more than 64 MiB (half
 #: the decoding window a frame may ask libzstd to hold anyway, :data:`MAX_ZSTD_WINDOW`)
-_ZSTD_FEED_MIN = 256
+_ZSTD_FEED_MIN = 64
 _ZSTD_FEED_MAX = 2048
 _ZSTD_CALM = 32
 #: bytes of a zstd frame header at most (magic, descriptor, window, dictionary id, content size)
