@@ -11,7 +11,7 @@ a validator raising ``ValueError("host:port")`` gives ``expected host:port``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TypeVar, cast
 
 from pydantic import TypeAdapter, ValidationError
@@ -138,10 +138,14 @@ def _problem(err: ErrorDetails, root: Mapping[str, object], prefix: Sequence[int
         expected = _expected(node, root)
     else:
         expected = err["msg"].lower().removeprefix("input should be ")
-    secret = node.get(SECRET) or parent.get(SECRET) or any(
-        _at(root, loc[:i])[0].get(SECRET) for i in range(1, len(loc)))
-    got = "" if secret else f", got {_shown(err.get('input'))}"
-    return f"{key}: expected {expected}{got}"
+    return f"{key}: expected {expected}{_got(root, loc, err.get('input'))}"
+
+
+def _got(root: Mapping[str, object], loc: Sequence[int | str], value: object) -> str:
+    """``, got <value>``, or nothing when the value (or what holds it) is a SECRET."""
+    if any(_at(root, loc[:i])[0].get(SECRET) for i in range(1, len(loc) + 1)):
+        return ""
+    return f", got {_shown(value)}"
 
 
 def describe(exc: ValidationError, cls: type | None = None, prefix: Sequence[int | str] = ()) -> str:
@@ -178,6 +182,21 @@ def unknown_keys(cls: type, data: object) -> list[str]:
     return found
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _not_plain(value: object, loc: list[int | str]) -> Iterator[tuple[list[int | str], object]]:
+    """The values below ``value`` that JSON cannot hold (a YAML or TOML date, ...), with their paths."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _not_plain(v, [*loc, k])
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _not_plain(v, [*loc, i])
+    elif not isinstance(value, _PLAIN):
+        yield loc, value
+
+
 def load_as(cls: type[T], data: object, what: str, *, strict: bool = False, kind: str = "a JSON object",
             prefix: Sequence[int | str] = ()) -> T:
     """``data`` (parsed JSON / YAML / TOML) as an instance of the dataclass ``cls``.
@@ -192,6 +211,11 @@ def load_as(cls: type[T], data: object, what: str, *, strict: bool = False, kind
         raise InvalidInputError(f"{what}: expected {kind}, got {got}")
     try:
         if strict:  # JSON's strictness: mappings may become dataclasses, integers numbers
+            root = _schema(cls)
+            for loc, value in _not_plain(data, []):  # a date would pass as its text where a string is expected
+                if node := _at(root, loc)[0]:  # (unknown keys and free-form values are left to the schema)
+                    raise InvalidInputError(f"{what}: {_key([*prefix, *loc])}: expected {_expected(node, root)}"
+                                            f"{_got(root, loc, value)}")
             return _adapter(cls).validate_json(to_json(data), strict=True)
         return _adapter(cls).validate_python(data)
     except ValidationError as exc:

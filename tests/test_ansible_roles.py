@@ -372,9 +372,9 @@ def test_install_from_the_package_index_sees_the_installed_package(site: Site) -
 
 @pytest.mark.parametrize(("tag", "change", "task", "message", "path"), [
     ("publisher", {"cvmfs_snap_publisher_workers": 0}, "Write the publisher settings",
-     "daemon.workers must be a positive integer", "cvmfs-snap/publisher.yaml"),
+     "daemon.workers: expected an integer >= 1, got 0", "cvmfs-snap/publisher.yaml"),
     ("nodes", {"cvmfs_snap_snapshotter_publish_on_miss_url": "http://user:pw@stratum0.example.org/publish-on-miss"},
-     "Write the snapshotter configuration", "must not contain credentials", "containerd-cvmfs-grpc/config.toml"),
+     "Write the snapshotter configuration", "expected a URL without credentials", "containerd-cvmfs-grpc/config.toml"),
     ("publisher", {"cvmfs_snap_publisher_backend": "ftp"}, "ansible.builtin.validate_argument_spec",
      "cvmfs_snap_publisher_backend must be one of", "cvmfs-snap/publisher.yaml"),
 ])

@@ -153,3 +153,16 @@ def test_snapshotter_secrets_and_urls_are_never_echoed(tmp_path: Path) -> None:
     assert msg == "cvmfs-snap.publish-on-miss-secret: expected a string"
     msg = _snapshotter(tmp_path, '[cvmfs-snap]\npublish-on-miss-url = "https://u:hunter2@s0.example/p"\n')
     assert msg.startswith("cvmfs-snap.publish-on-miss-url: expected a URL without credentials") and "hunter2" not in msg
+
+
+def test_dates_do_not_pass_as_their_text(tmp_path: Path) -> None:
+    """YAML and TOML dates are not JSON values: where a string is expected they are refused, not stringified."""
+    assert _publisher(tmp_path, "state_dir: 2024-01-01\n") == (
+        "state_dir: expected a string or null, got datetime.date(2024, 1, 1)")
+    assert _publisher(tmp_path, "daemon:\n  webhook_secret: 2024-01-01\n") == (
+        "daemon.webhook_secret: expected a non-empty string or null")  # a secret, even a silly one, is not shown
+    assert _snapshotter(tmp_path, "repository = 1979-05-27\n") == (
+        "repository: expected a string, got datetime.date(1979, 5, 27)")
+    p = tmp_path / "unknown.toml"
+    p.write_text("when = 1979-05-27\n")  # an unknown key stays a warning, whatever its value
+    assert load_config(p).repository == "unpacked.cern.ch"
