@@ -119,11 +119,13 @@ class OciRegistry:
         self.client.close()
 
 
-def make_registry(ref: ImageReference, plain_http: bool = False) -> OciRegistry:
-    """The registry access for ``ref``: the project's OCI client, with credentials from the docker config. It uses
+def make_registry(ref: ImageReference, plain_http: bool = False,
+                  credentials: CredentialStore | None = None) -> OciRegistry:
+    """The registry access for ``ref``: the project's OCI client, with ``credentials`` (default: those of the
+    node's docker config). It uses
     plain HTTP for loopback registries by itself; ``plain_http`` (the admin's ``--plain-http``) adds the
     reference's registry to its insecure list. An ``http://`` reference alone does not: it is refused for any other
     host."""
     insecure = [ref.registry] if plain_http else []
-    return OciRegistry(RegistryClient(credentials=CredentialStore.from_docker_config(None),
-                                      insecure_registries=insecure))
+    creds = credentials if credentials is not None else CredentialStore.from_docker_config(None)
+    return OciRegistry(RegistryClient(credentials=creds, insecure_registries=insecure))

@@ -155,7 +155,8 @@ class RegistryAuth:
         cred = self.creds(ref)
         if cred is None:
             hint = ("no credentials are configured for this registry: add them to the docker config.json used by "
-                    "cvmfs-snap (docker login), or check that the image name is right")
+                    "cvmfs-snap (docker login; `cvmfs-snap pull` also takes --user), or check that the image name is "
+                    "right")
         else:
             hint = (f"the credentials of user {cred.username!r} were refused or lack pull access: check them in "
                     "the docker config.json used by cvmfs-snap")

@@ -29,6 +29,7 @@ import grpc
 from ..errors import InvalidInputError, UnavailableError
 from .config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, load_config
 from .core import Snapshotter
+from .credentials import CredentialServer, PullCredentials, socket_for
 from .metrics import Metrics
 from .missreport import MissReporter
 from .service import add_to_server
@@ -56,10 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logging level (default info)")
 
 
-def build_sources(cfg: Config, root: Path) -> list[LayerSource]:
+def build_sources(cfg: Config, root: Path, pull_credentials: PullCredentials | None = None) -> list[LayerSource]:
     """The configured sources in order (sources/registry.py), each with its state dir ``<root>/<name>``."""
-    return build_registered(cfg.sources, SourceSettings(repository_root=cfg.mountpoint,
-                                                        options=cfg.source_options, lazy=cfg.lazy), root)
+    handed = pull_credentials if pull_credentials is not None else PullCredentials()
+    settings = SourceSettings(repository_root=cfg.mountpoint, options=cfg.source_options, lazy=cfg.lazy,
+                              pull_credentials=handed)
+    return build_registered(cfg.sources, settings, root)
 
 
 def build_reporter(cfg: Config, sources: list[LayerSource], metrics: Metrics) -> MissReporter | None:
@@ -133,7 +136,10 @@ class Daemon:
         os.chmod(self.root, 0o700)
         # before anything touches the root (sources clean their temporaries at start, Cleanup collects unknown dirs)
         self._locks = [_exclusive(self.root / ROOT_LOCK, f"snapshotter root {self.root}")]
-        self.sources = sources if sources is not None else build_sources(cfg, self.root)
+        #: credentials ``cvmfs-snap pull`` hands over on the credentials socket (memory only, with a TTL)
+        self.pull_credentials = PullCredentials()
+        self.credentials_server: CredentialServer | None = None
+        self.sources = sources if sources is not None else build_sources(cfg, self.root, self.pull_credentials)
         self.reporter = build_reporter(cfg, self.sources, self.metrics)
         self.core = Snapshotter(self.root, Store(self.root / DB_NAME), self.sources, observer=self.metrics,
                                 on_miss=self.reporter.miss if self.reporter is not None else None)
@@ -162,6 +168,10 @@ class Daemon:
         st = os.lstat(self.address)
         self._socket_id = (st.st_dev, st.st_ino)
         self.server = server
+        cred_sock = socket_for(self.address)
+        _prepare_socket(str(cred_sock))
+        self.credentials_server = CredentialServer(cred_sock, self.pull_credentials)
+        self.credentials_server.start()
         if self.reporter is not None:
             self.reporter.start()
         if self.cfg.metrics_address:
@@ -175,6 +185,8 @@ class Daemon:
         self._stopped.set()
         if self.server is not None:
             self.server.stop(grace).wait()
+        if self.credentials_server is not None:
+            self.credentials_server.close()
         if self.reporter is not None:
             self.reporter.close()
         self.metrics.stop()

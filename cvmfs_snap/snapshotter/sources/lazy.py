@@ -23,8 +23,10 @@ attach the layer again (digest, size, TOC digest, image reference; never credent
 (``mnt/``, ``control.sock``, ``state.json``, ``cache/``, ``unpacked/``), its output ``lazyfs.log`` and the pid of the
 last process this source started, ``lazyfs.pid``.
 
-Registry credentials come from the node's docker ``config.json`` (``docker-config``) and the kubelet's; they are sent
-to the process over its 0600 socket with each attach and are never logged, stored or put into errors.
+Registry credentials come from a ``cvmfs-snap pull --user`` of the image's repository (handed to the snapshotter over
+its credentials socket, kept in memory for a while: :mod:`..credentials`), then from the node's docker
+``config.json`` (``docker-config``) and the kubelet's; they are sent to the process over its 0600 socket with each
+attach and are never logged, stored or put into errors.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from cvmfs_snap.errors import (
 from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.lazyfs import control
 from cvmfs_snap.oci import ImageReference
+from cvmfs_snap.oci.auth import CredentialStore
 from cvmfs_snap.oci.hosts import (
     DEFAULT_HOSTS_DIR,
     credentials_for,
@@ -59,6 +62,7 @@ from cvmfs_snap.oci.hosts import (
     load_credentials,
 )
 
+from ..credentials import PullCredentials
 from .base import LABEL_LAYER_DIGEST, LABEL_SOURCE, LABEL_TOC_DIGEST, LayerRequest, RemoteLayer, SourceHealth
 from .health import CallBudget, call_with_timeout
 
@@ -185,8 +189,11 @@ class LazySource:
     """A :class:`~.base.LayerSource` for eStargz layers served by the lazyfs process (see the module doc)."""
 
     def __init__(self, state_dir: Path, settings: LazySettings | None = None, *, name: str = "lazy",
-                 budget: CallBudget | None = None, command: Sequence[str] | None = None) -> None:
+                 budget: CallBudget | None = None, command: Sequence[str] | None = None,
+                 pull_credentials: PullCredentials | None = None) -> None:
         self.name = name
+        #: what ``cvmfs-snap pull`` handed over (..credentials): looked up before the node's docker config
+        self.pull_credentials = pull_credentials if pull_credentials is not None else PullCredentials()
         self.settings = settings or LazySettings()
         self.root = Path(state_dir)
         self.budget = budget if budget is not None else CallBudget(name)
@@ -290,7 +297,7 @@ class LazySource:
         hosts_dir = Path(self.settings.hosts_dir) if self.settings.hosts_dir else None
         target = ref.with_digest(request.manifest_digest) if request.manifest_digest else ref
         errors: list[str] = []
-        creds = self._credentials()
+        creds = self._credentials(ref)
         for ep in endpoints(target, hosts_dir, "pull"):
             try:
                 with ep.client(creds, timeout=self.settings.timeout, retries=1,
@@ -318,8 +325,16 @@ class LazySource:
                                     "annotation; pulling normally")
         return size
 
-    def _credentials(self) -> Any:
-        return load_credentials(Path(self.settings.docker_config) if self.settings.docker_config else None)
+    def _credentials(self, ref: ImageReference) -> CredentialStore:
+        """The credentials for ``ref``: those a ``cvmfs-snap pull`` of its repository handed over (for its
+        registry host, while they last), then the node's docker config and the kubelet's."""
+        node = load_credentials(Path(self.settings.docker_config) if self.settings.docker_config else None)
+        handed = self.pull_credentials.get(str(ref))
+        if handed is None:
+            return node
+        merged = {h: c for h in node.hosts() if (c := node.get(h)) is not None}
+        merged[ref.registry] = handed
+        return CredentialStore(merged)
 
     def _record_path(self, digest: str) -> Path:
         return self.layers_dir / f"{layer_id(digest)}.json"
@@ -344,7 +359,7 @@ class LazySource:
         self._save(record)  # before the attach: a crash in between leaves a record Cleanup releases
         ref = ImageReference.parse(str(record["image_ref"]))
         hosts_dir = self.settings.hosts_dir or None
-        creds = credentials_for(self._credentials(), endpoints(ref, Path(hosts_dir) if hosts_dir else None))
+        creds = credentials_for(self._credentials(ref), endpoints(ref, Path(hosts_dir) if hosts_dir else None))
         req = {"op": "attach", "id": layer_id(digest), "digest": digest, "size": int(record["size"]),
                "toc_digest": str(record["toc_digest"]), "image_ref": str(ref), "hosts_dir": hosts_dir,
                "credentials": credentials_to_wire(creds)}

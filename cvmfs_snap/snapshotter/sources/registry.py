@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cvmfs_snap.errors import InvalidInputError
 
+from ..credentials import PullCredentials
 from .base import LayerSource, SourceContext
 from .cvmfs import CvmfsSource
 from .health import MAX_STUCK_CALLS, CallBudget
@@ -37,6 +38,8 @@ class SourceSettings:
     options: Mapping[str, Options] = field(default_factory=dict)
     #: ``[cvmfs-snap.lazy]``: the lazy source's and its lazyfs process's settings
     lazy: LazySettings = field(default_factory=LazySettings)
+    #: credentials ``cvmfs-snap pull`` handed to the daemon (in memory only), for the lazy source
+    pull_credentials: PullCredentials = field(default_factory=PullCredentials)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ def _cvmfs(settings: SourceSettings, ctx: SourceContext, opts: Options) -> Layer
 
 
 def _lazy(settings: SourceSettings, ctx: SourceContext, opts: Options) -> LayerSource:
-    return LazySource(ctx.state_dir, settings.lazy, name=ctx.name, budget=ctx.budget)
+    return LazySource(ctx.state_dir, settings.lazy, name=ctx.name, budget=ctx.budget,
+                      pull_credentials=settings.pull_credentials)
 
 
 SOURCES: dict[str, SourceKind] = {
