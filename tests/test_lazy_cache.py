@@ -213,3 +213,39 @@ def test_memory_tier_is_bounded_and_forgets_dropped_chunks(tmp_path: Path) -> No
     c.release_layer(A)
     c.release_layer(B)
     assert c.get_hot(k1) is None  # released chunks leave memory too
+
+
+def test_reservations_for_spool_files_and_unpacked_copies_count_in_the_bound(tmp_path: Path) -> None:
+    """The bound covers chunks + the other files of the lazy path (spool, unpacked copies): reserving evicts LRU
+    chunks, a reservation that cannot fit is refused, and chunks never push the total past the bound."""
+    c = new(tmp_path, max_bytes=10_000)
+    for i in range(8):
+        c.put(*chunk(i), A)
+    for i in range(8, 10):
+        c.put(*chunk(i), B)
+    assert c.stats.bytes == 10_000
+    assert c.reserve("spool:x", 3500)  # evicts the 4 least recently used chunks
+    assert c.stats.reserved == 3500 and c.stats.bytes == 6000 and c.stats.evictions == 4
+    assert sum(p.stat().st_size for p in files(c.directory)) + 3500 <= 10_000
+    for i in range(20, 30):  # more chunks: evicted among themselves, the reservation stays
+        c.put(*chunk(i), A)
+        assert c.stats.bytes + c.stats.reserved <= 10_000
+    big_k, big = chunk(98, 7000)
+    c.put(big_k, big, A)  # fits the bound alone, not next to the reservation: not stored
+    assert not c.contains(big_k)
+    assert not c.reserve("spool:y", 6600)  # 3500 + 6600 > 10000: refused, nothing evicted for it
+    assert c.reserved("spool:y") is None and c.stats.bytes == 6000
+    c.unreserve("spool:x")
+    assert c.stats.reserved == 0
+    # an unpacked copy must fit next to its own layer's chunks: they are not evicted for it
+    c2 = new(tmp_path / "two", max_bytes=10_000)
+    for i in range(4):
+        c2.put(*chunk(i), B)  # 4000 bytes of layer B
+    for i in range(4, 8):
+        c2.put(*chunk(i), A)  # 4000 of A
+    assert not c2.reserve("unpacked:b", 6500, keep_layer=B)  # 4000 + 6500 > 10000
+    assert c2.reserve("unpacked:b", 5000, keep_layer=B)  # evicts A's chunks, keeps B's
+    assert len(c2.layer_keys(B)) == 4 and c2.stats.bytes + c2.stats.reserved <= 10_000
+    # a copy found on disk at start counts whatever it costs
+    assert c2.reserve("unpacked:old", 9000, force=True) and c2.stats.bytes == 0
+    assert c2.stats.reserved == 14_000

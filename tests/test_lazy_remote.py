@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -207,3 +208,34 @@ def test_fetch_from_a_token_auth_registry_and_no_secret_in_logs_or_errors(
             assert g.requests == 0
     for text in (caplog.text, str(ei.value)):
         assert secret not in text and auth not in text
+
+
+def test_spool_file_counts_in_the_cache_bound(client: RegistryClient, layer: PushedLayer, registry: Registry,
+                                              tmp_path: Path) -> None:
+    """A whole blob spooled from a registry that ignores Range is reserved in the chunk cache's bound (chunks
+    evicted for it) and freed with the file; one that cannot fit is refused at once, with a clear message."""
+    from cvmfs_snap.lazyfs.cache import ChunkCache
+    from cvmfs_snap.lazyfs.remote import SpoolTooLargeError
+
+    with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+        cache = ChunkCache(tmp_path / "cache", layer.size + 10_000, metrics=LazyMetrics())
+        for i in range(5):
+            data = bytes([i]) * 4000
+            cache.put(hashlib.sha256(data).hexdigest(), data, "c" * 64)
+        f = fetcher(client, proxy.host, layer, spool_dir=tmp_path / "spool", space=cache)
+        assert run(lambda: f.fetch([(5, 5)])) == [layer.blob[5:10]]
+        spool = tmp_path / "spool" / (layer.digest.split(":")[1] + ".blob")
+        assert spool.stat().st_size == layer.size
+        st = cache.stats
+        assert st.reserved == layer.size and st.bytes + st.reserved <= cache.max_bytes and st.evictions >= 3
+        f.close()
+        assert not spool.exists() and cache.stats.reserved == 0
+
+        small = ChunkCache(tmp_path / "small", layer.size - 1, metrics=LazyMetrics())
+        g = fetcher(client, proxy.host, layer, spool_dir=tmp_path / "spool2", space=small)
+        gets = len(proxy.blob_gets)
+        with pytest.raises(SpoolTooLargeError, match="does not fit whole in the lazy cache bound") as e:
+            run(lambda: g.fetch([(5, 5)]))
+        assert "cache-size" in str(e.value)
+        assert len(proxy.blob_gets) <= gets + 1  # at most the one probe: no retries, no download
+        assert small.stats.reserved == 0 and not any((tmp_path / "spool2").glob("*"))

@@ -20,7 +20,7 @@ import pytest
 from cvmfs_snap.devenv.registry import free_port
 from cvmfs_snap.lazyfs import control
 from tests.support.layertrees import dump_tree
-from tests.support.range_proxies import PushedLayer, RangeProxy, push_estargz, range_proxy
+from tests.support.range_proxies import Behaviour, PushedLayer, RangeProxy, push_estargz, range_proxy
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse, root")
@@ -189,8 +189,58 @@ def test_complete_layer_gets_an_unpacked_copy(tmp_path: Path, layer: PushedLayer
     ans = p.call({"op": "check", "id": lid})
     assert ans["path"] == str(root / "unpacked" / lid) and ans["complete"]
     assert dump_tree(root / "unpacked" / lid) == dump_tree(path)
+    cache = p.call({"op": "health"})["cache"]
+    assert isinstance(cache, dict)  # the copy counts in the cache bound next to the chunks
+    assert cache["reserved_bytes"] >= sum(map(len, layer.files.values()))
+    assert cache["chunk_bytes"] + cache["reserved_bytes"] <= cache["bound"]
     p.call({"op": "detach", "id": lid})
     assert not (root / "unpacked" / lid).exists()
+    assert p.call({"op": "health"})["cache"] == {"chunk_bytes": 0, "reserved_bytes": 0, "bound": cache["bound"]}
+
+
+def test_unpacked_copy_that_would_not_fit_the_cache_bound_is_skipped(tmp_path: Path, layer: PushedLayer,
+                                                                     proxy: RangeProxy, procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    data = sum(map(len, layer.files.values()))
+    p = Proc(root, "--cache-size", str(int(data * 1.5)))  # the chunks fit, chunks + copy do not
+    procs.append(p)
+    path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
+    lid = layer.digest[7:]
+    wait_for(lambda: "does not fit in the cache bound" in p.log.read_text())
+    ans = p.call({"op": "check", "id": lid})
+    assert ans["complete"] and not ans["unpacked"] and ans["path"] == str(path)
+    assert not (root / "unpacked" / lid).exists()
+    cache = p.call({"op": "health"})["cache"]
+    assert isinstance(cache, dict) and cache["reserved_bytes"] == 0 and cache["chunk_bytes"] <= cache["bound"]
+    assert (path / "data/blob3").read_bytes() == layer.files["data/blob3"]
+
+
+def test_spool_of_a_registry_ignoring_range_counts_in_the_cache_bound(tmp_path: Path, layer: PushedLayer,
+                                                                      registry: Registry,
+                                                                      procs: list[Proc]) -> None:
+    root = tmp_path / "lazy"
+    lid = layer.digest[7:]
+    spool = root / "spool" / f"{lid}.blob"
+    with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+        small = Proc(root, "--no-background-fetch", "--cache-size", str(layer.size - 1))
+        procs.append(small)
+        with pytest.raises(control.ControlError) as e:  # the snapshotter then pulls the layer normally
+            small.call(attach_req(layer, proxy.host))
+        assert "does not fit whole in the lazy cache bound" in str(e.value) and not spool.exists()
+        small.stop()
+        p = Proc(root, "--no-background-fetch", "--cache-size", str(layer.size + (1 << 20)))
+        procs.append(p)
+        path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
+        assert (path / "data/blob2").read_bytes() == layer.files["data/blob2"]
+        assert spool.stat().st_size == layer.size
+        cache = p.call({"op": "health"})["cache"]
+        assert isinstance(cache, dict) and cache["reserved_bytes"] == layer.size
+        assert cache["chunk_bytes"] + cache["reserved_bytes"] <= cache["bound"]
+        p.stop(signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(root / "mnt")], capture_output=True, check=False)
+    q = Proc(root, "--no-background-fetch")  # a spool file it would not count is not kept
+    procs.append(q)
+    assert not spool.exists()
 
 
 def test_sigkill_then_restart_reattaches_from_state(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,

@@ -8,8 +8,12 @@ Layout under ``directory`` (one lazyfs process owns it)::
 
 - **Content-addressed**: a chunk is stored once whatever the number of layers (or files) holding it, so nothing
   is ever duplicated, also not by a crash: a chunk file appears only by ``rename`` of a complete temporary file.
-- **Size bound** (``max_bytes``, default 4 GiB): past it, least recently used chunks are evicted. A chunk larger
-  than the bound is not stored at all.
+- **Size bound** (``max_bytes``, default 4 GiB) over everything the lazy path keeps on disk: the chunks, and the
+  space :meth:`reserve` d for the other files (a whole blob spooled from a registry that ignores ``Range``, the
+  node-local unpacked copy of a completely fetched layer). Past it, least recently used chunks are evicted; a
+  reservation that cannot fit even then is refused (the caller goes without: no spool means EIO for that layer's
+  reads, no unpacked copy means the layer stays on FUSE). A chunk larger than what the reservations leave is not
+  stored at all.
 - **References**: ``put(key, data, layer)`` and ``get(key, layer)`` record that ``layer`` uses ``key`` (the refs
   line is written *before* the chunk file, so a crash leaves at worst a line without a chunk, never a chunk no
   layer owns). ``release_layer`` deletes the chunks only that layer used.
@@ -69,8 +73,9 @@ class CacheStats:
     hits: int
     misses: int
     evictions: int
-    bytes: int
+    bytes: int  # chunks
     entries: int
+    reserved: int = 0  # spool files and unpacked copies (:meth:`ChunkCache.reserve`)
 
 
 class ChunkCache:
@@ -91,6 +96,9 @@ class ChunkCache:
         self._lru: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
         self._refs: dict[str, set[str]] = {}  # key -> layers
         self._bytes = 0
+        #: name -> bytes of the files counted in the bound that are not chunks (spool files, unpacked copies)
+        self._reserved: dict[str, int] = {}
+        self._reserved_bytes = 0
         self.memory_bytes = max(0, memory_bytes)
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
@@ -227,7 +235,7 @@ class ChunkCache:
         """Store a chunk (already verified by the caller) for ``layer``; evicts LRU chunks past the bound."""
         key = cache_key(key)
         lay = cache_key(layer)
-        if len(data) > self.max_bytes:
+        if len(data) > self.max_bytes - self._reserved_bytes:
             return
         with self._lock:
             self._add_ref_locked(key, lay)
@@ -265,6 +273,35 @@ class ChunkCache:
                 self._settling.append((now, path))
             settled = self._take_settled_locked(now - SETTLE_SECONDS)
         _drop_pages(settled)
+
+    def reserve(self, name: str, nbytes: int, *, keep_layer: str | None = None, force: bool = False) -> bool:
+        """Count ``nbytes`` of a file that is not a chunk (a spool file, an unpacked copy) in the bound under
+        ``name``, evicting least recently used chunks to make room; the chunks ``keep_layer`` uses are not evicted
+        for it. False (nothing changed) when it cannot fit; ``force`` counts it anyway (a file that exists already,
+        found at start) and evicts what it can. Reserving a name again replaces its size."""
+        nbytes = max(0, int(nbytes))
+        keep = cache_key(keep_layer) if keep_layer is not None else None
+        with self._lock:
+            others = self._reserved_bytes - self._reserved.get(name, 0)
+            kept = sum(size for k, size in self._lru.items() if keep in self._refs.get(k, ())) if keep else 0
+            if not force and others + nbytes + kept > self.max_bytes:
+                return False
+            self._reserved_bytes = others + nbytes
+            self._reserved[name] = nbytes
+            self._evict_locked(keep)
+            self.metrics.cache_bytes.set(self._bytes)
+        log.debug("cache bound: %d bytes reserved for %s (%d reserved, %d in chunks, bound %d)", nbytes, name,
+                  self._reserved_bytes, self._bytes, self.max_bytes)
+        return True
+
+    def unreserve(self, name: str) -> None:
+        """The file reserved under ``name`` is gone: its bytes no longer count."""
+        with self._lock:
+            self._reserved_bytes -= self._reserved.pop(name, 0)
+
+    def reserved(self, name: str) -> int | None:
+        with self._lock:
+            return self._reserved.get(name)
 
     def settle(self) -> None:
         """Drop the pages of every chunk written so far (once their writeback is done; at shutdown, in tests)."""
@@ -326,7 +363,8 @@ class ChunkCache:
     @property
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(self.hits, self.misses, self.evictions, self._bytes, len(self._lru))
+            return CacheStats(self.hits, self.misses, self.evictions, self._bytes, len(self._lru),
+                              self._reserved_bytes)
 
     # ------------------------------------------------------------------ internals
     def _drop_locked(self, key: str) -> None:
@@ -338,12 +376,24 @@ class ChunkCache:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
 
-    def _evict_locked(self) -> None:
-        while self._bytes > self.max_bytes and self._lru:
-            key = next(iter(self._lru))
-            self._drop_locked(key)
-            self.evictions += 1
-            self.metrics.cache_evictions.inc()
+    def _evict_locked(self, keep: str | None = None) -> None:
+        """Evict LRU chunks until chunks + reservations fit the bound (the chunks ``keep`` uses last of all, and
+        not at all when ``keep`` is given and the others suffice)."""
+        room = self.max_bytes - self._reserved_bytes
+        if self._bytes <= room:
+            return
+        if keep is not None:
+            for key in [k for k in self._lru if keep not in self._refs.get(k, ())]:
+                if self._bytes <= room:
+                    return
+                self._evict_one_locked(key)
+        while self._bytes > room and self._lru:
+            self._evict_one_locked(next(iter(self._lru)))
+
+    def _evict_one_locked(self, key: str) -> None:
+        self._drop_locked(key)
+        self.evictions += 1
+        self.metrics.cache_evictions.inc()
 
 
 def _drop_pages(paths: list[Path]) -> None:

@@ -11,7 +11,8 @@ request line and gets one JSON answer line::
     {"op": "check", "id": ...}   -> {"ok": true, "path": ..., "complete": bool, "unpacked": bool}
     {"op": "list"}               -> {"ok": true, "layers": [{"id", "digest", "fetched_fraction", "bytes_fetched",
                                                              "complete", "unpacked"}, ...]}
-    {"op": "health"}             -> {"ok": true, "layers": N, "mount": "<mount>"}
+    {"op": "health"}             -> {"ok": true, "layers": N, "mount": "<mount>", "cache": {"chunk_bytes": N,
+                                     "reserved_bytes": N (spool files, unpacked copies), "bound": N}}
 
 A failure is ``{"ok": false, "kind": "unavailable"|"integrity"|"invalid"|"notfound", "error": "..."}``.
 Credentials are never logged, echoed back or put into an error: the server logs the op and id only, and its errors

@@ -53,7 +53,7 @@ from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
 from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.lazyfs.tree import Tree, build_tree
-from cvmfs_snap.lazyfs.unpack import unpack_layer
+from cvmfs_snap.lazyfs.unpack import copy_size, disk_usage, unpack_layer
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.hosts import credentials_from_wire, first_client
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
@@ -151,7 +151,10 @@ class LazyfsProcess:
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
         if op == "health":
-            return {"layers": len(self.layers), "mount": str(self.opts.mnt)}
+            st = self.cache.stats
+            return {"layers": len(self.layers), "mount": str(self.opts.mnt),
+                    "cache": {"chunk_bytes": st.bytes, "reserved_bytes": st.reserved,
+                              "bound": self.cache.max_bytes}}
         if op == "list":
             return {"layers": [self._describe(layer) for _, layer in sorted(self.layers.items())]}
         if op == "attach":
@@ -213,7 +216,7 @@ class LazyfsProcess:
         try:
             fetcher = BlobFetcher(client, ep_ref, record["digest"], record["size"],
                                   force_single_range=self.opts.force_single_range,
-                                  spool_dir=self.opts.root / SPOOL)
+                                  spool_dir=self.opts.root / SPOOL, space=self.cache)
             try:
                 with trio.fail_after(self.opts.timeout):
                     reader = await open_layer_reader(fetcher, self.cache, digest=record["digest"],
@@ -239,6 +242,7 @@ class LazyfsProcess:
         with layer.scope:
             dest = self.opts.root / UNPACKED / layer.id
             if await trio.to_thread.run_sync(dest.is_dir):  # made before a restart
+                await self._count_copy(layer.id)
                 layer.unpacked = True
                 return
             if self.opts.background:
@@ -252,9 +256,18 @@ class LazyfsProcess:
                 return
             if not await trio.to_thread.run_sync(layer.reader.is_complete):
                 return  # the background pass ended without every chunk (failed, or the cache is too small)
+            need = copy_size(layer.tree)
+            if not self.cache.reserve(_copy_name(layer.id), need, keep_layer=layer.record["digest"]):
+                log.info("layer %s is complete but its unpacked copy (%d bytes) does not fit in the cache bound "
+                         "(%d bytes) next to its chunks: it stays on FUSE", layer.record["digest"], need,
+                         self.cache.max_bytes)
+                return
             try:
                 await unpack_layer(layer.tree, layer.reader, dest)
-            except (CvmfsSnapError, OSError) as e:
+            except BaseException as e:
+                self.cache.unreserve(_copy_name(layer.id))
+                if not isinstance(e, CvmfsSnapError | OSError):
+                    raise
                 log.warning("unpacked copy of layer %s failed (it stays on FUSE): %s", layer.record["digest"], e)
                 return
             layer.unpacked = True
@@ -273,16 +286,29 @@ class LazyfsProcess:
         digest = layer.record["digest"]
         await trio.to_thread.run_sync(self.cache.release_layer, digest)
         await trio.to_thread.run_sync(lambda: remove_tree(self.opts.root / UNPACKED / lid))
+        self.cache.unreserve(_copy_name(lid))
         log.info("detached layer %s", digest)
+
+    async def _count_copy(self, lid: str) -> None:
+        """An unpacked copy made before a restart counts in the cache bound with the space it takes."""
+        used = await trio.to_thread.run_sync(disk_usage, self.opts.root / UNPACKED / lid)
+        await trio.to_thread.run_sync(lambda: self.cache.reserve(_copy_name(lid), used, force=True))
 
     async def restore(self) -> None:
         """Attach again the layers of ``state.json`` (those needing credentials wait for the snapshotter)."""
         saved = self._load()
+        unpacked = self.opts.root / UNPACKED
+        for name in await trio.to_thread.run_sync(os.listdir, unpacked):
+            if name not in saved:  # the copy of a layer no longer attached: not counted, so not kept
+                log.info("removing the unpacked copy of a layer that is not attached: %s", unpacked / name)
+                await trio.to_thread.run_sync(remove_tree, unpacked / name)
         async with trio.open_nursery() as n:
             for lid, record in saved.items():
                 if record.get("auth"):
                     log.info("layer %s needs registry credentials: waiting for the snapshotter to attach it",
                              record.get("digest"))
+                    if await trio.to_thread.run_sync((unpacked / lid).is_dir):
+                        await self._count_copy(lid)  # on disk meanwhile: it counts
                     continue
                 n.start_soon(self._restore_one, lid, record)
         self._save()
@@ -298,6 +324,11 @@ class LazyfsProcess:
         for layer in self.layers.values():
             layer.reader.close()
             layer.client.close()
+
+
+def _copy_name(lid: str) -> str:
+    """The cache-bound reservation of a layer's unpacked copy."""
+    return "unpacked:" + lid
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -331,6 +362,11 @@ def _prepare(opts: Options) -> None:
     for e in os.scandir(unpacked):
         if ".tmp-" in e.name:
             remove_tree(e.path)
+    spool = opts.root / SPOOL  # whole blobs of a previous process: they would not count in the cache bound
+    if spool.is_dir():
+        for e in os.scandir(spool):
+            if e.is_file(follow_symlinks=False) or e.is_symlink():
+                os.unlink(e.path)
 
 
 async def _serve(proc: LazyfsProcess) -> None:

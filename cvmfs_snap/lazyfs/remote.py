@@ -11,8 +11,10 @@
   multi-range); ``force_single_range`` sends one request per span, concurrently, for registries that answer a
   multi-range request with the whole blob. Where the registry ignores ``Range`` altogether (GitLab's registry, some
   proxies) the blob is downloaded **once**, streamed to a spool file (``spool_dir``, never held in memory),
-  digest-verified, and every later range is a local ``pread``. The spool file is not part of the chunk cache's
-  bound: it goes with :meth:`close` (the reader calls it on close, and once the layer is completely cached).
+  digest-verified, and every later range is a local ``pread``. With ``space`` (the chunk cache) the spool file
+  counts in the cache bound: room is reserved before the download (chunks are evicted for it), a blob that cannot
+  fit is refused with a clear error (reads get EIO, an attach falls back to a normal pull), and the reservation
+  goes with the file at :meth:`close` (the reader calls it on close, and once the layer is completely cached).
 - **Retries**: transient failures (connection dropped mid-body, truncated bodies, 5xx after the client's own
   retries) are retried ``retries`` times with exponential back-off; then :class:`UnavailableError`. A refused
   authorisation or a blob gone from the registry is not retried, and is an UnavailableError too (with the
@@ -36,6 +38,7 @@ from pathlib import Path
 import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.handoff import RangeHandoff
@@ -74,13 +77,18 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+class SpoolTooLargeError(UnavailableError):
+    """The registry ignores ``Range`` and the whole blob does not fit in the cache bound (not retried)."""
+
+
 class BlobFetcher:
     """Ranges of one blob (see module docstring). One per attached layer; use from one trio run."""
 
     def __init__(self, client: RegistryClient, ref: ImageReference, digest: str, size: int, *,
                  merge_gap: int = DEFAULT_MERGE_GAP, force_single_range: bool = False, retries: int = 3,
                  backoff: float = 0.2, max_span: int = DEFAULT_MAX_SPAN, spool_dir: Path | None = None,
-                 handoff: RangeHandoff | None = None, metrics: LazyMetrics | None = None) -> None:
+                 handoff: RangeHandoff | None = None, metrics: LazyMetrics | None = None,
+                 space: ChunkCache | None = None) -> None:
         validate_digest(digest)
         if size <= 0 or merge_gap < 0 or retries < 0 or max_span <= 0:
             raise InvalidInputError(f"blob fetcher for {digest}: size {size}, merge gap {merge_gap}, retries "
@@ -95,6 +103,8 @@ class BlobFetcher:
         self.backoff = backoff
         self.max_span = max_span
         self.spool_dir = spool_dir
+        #: the cache whose bound the spool file counts in (None: not counted)
+        self.space = space
         self.handoff = handoff or RangeHandoff(client)
         self.metrics = metrics or DEFAULT_METRICS
         #: requests sent (span fetches, whole-blob downloads counted once): for tests and `list`
@@ -162,6 +172,12 @@ class BlobFetcher:
             for p in (spool, spool.with_suffix(".part")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
+        if self.space is not None:
+            self.space.unreserve(self._spool_name)
+
+    @property
+    def _spool_name(self) -> str:
+        return "spool:" + self.digest.split(":", 1)[1]
 
     # ------------------------------------------------------------------ internals
     def _covering(self, span: tuple[int, int]) -> _Flight | None:
@@ -209,6 +225,8 @@ class BlobFetcher:
                                            f"directory is configured for layer {self.digest}") from None
                 self._spooled = True
                 continue  # not a failure: the next attempt reads the spool file
+            except SpoolTooLargeError:
+                raise
             except (AuthError, NotFoundError) as e:  # not transient: no retry; for a read both mean EIO
                 raise UnavailableError(f"layer {self.digest}: {e}") from None
             except (UnavailableError, IntegrityError) as e:
@@ -249,8 +267,19 @@ class BlobFetcher:
         async with self._spool_lock:
             if self._spool is None:
                 path = self._spool_path()
+                if self.space is not None and not self.space.reserve(self._spool_name, self.size):
+                    raise SpoolTooLargeError(
+                        f"registry {self.ref.api_host} ignores HTTP Range requests and layer {self.digest} "
+                        f"({self.size} bytes) does not fit whole in the lazy cache bound ({self.space.max_bytes} "
+                        "bytes, spool files and unpacked copies included): raise [cvmfs-snap.lazy] cache-size, "
+                        "or use a registry (or mirror) that serves ranges")
                 if not (path.exists() and path.stat().st_size == self.size):
-                    await trio.to_thread.run_sync(self._download, path, limiter=self.handoff.limiter)
+                    try:
+                        await trio.to_thread.run_sync(self._download, path, limiter=self.handoff.limiter)
+                    except BaseException:
+                        if self.space is not None:  # the .part file is gone: so is its room
+                            self.space.unreserve(self._spool_name)
+                        raise
                 self._spool = path
         spool = self._spool
 

@@ -6,6 +6,10 @@ whiteouts as char 0/0, ``trusted.overlay.opaque``, hardlinks, xattrs, owners, mo
 (leftover ``*.tmp-*`` directories are removed at the process's start). File data comes from the layer's reader:
 every chunk is in the cache already, verified again on its way out. Running containers keep their FUSE mounts;
 the lazy source gives new ones the copy (``check`` answers its path).
+
+The copy counts in the lazy cache bound (:meth:`~cvmfs_snap.lazyfs.cache.ChunkCache.reserve`): the process reserves
+:func:`copy_size` before writing it and skips a copy that would not fit; a copy found at start counts with its
+:func:`disk_usage`.
 """
 
 from __future__ import annotations
@@ -17,13 +21,45 @@ from pathlib import Path
 
 import trio  # type: ignore[import-untyped]
 
-from cvmfs_snap.fsutil import remove_tree
+from cvmfs_snap.fsutil import remove_tree, walk_fd
 from cvmfs_snap.lazyfs.fs import LayerFiles
 from cvmfs_snap.lazyfs.tree import Node, Tree
 
 log = logging.getLogger(__name__)
 
 PIECE = 4 << 20
+#: file system block: a copy's files are counted in whole blocks, each directory as one
+BLOCK = 4096
+
+
+def copy_size(tree: Tree) -> int:
+    """The disk space an unpacked copy of ``tree`` takes, near enough (each inode once, whole blocks)."""
+    total = 0
+    for n in tree.nodes:
+        if n.is_reg:
+            total += -(-n.size // BLOCK) * BLOCK
+        elif n.is_dir:
+            total += BLOCK
+    return total
+
+
+def disk_usage(top: Path) -> int:
+    """Bytes allocated to the tree at ``top`` (hardlinks once; 0 if it is gone), without recursion."""
+    total = 0
+    seen: set[int] = set()
+    try:
+        for _rel, fd, _dirs, files in walk_fd(top):
+            total += os.fstat(fd).st_blocks * 512
+            for name in files:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if st.st_nlink > 1:
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    except FileNotFoundError:
+        return total
+    return total
 
 
 def _meta(path: str, n: Node) -> None:
