@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, required=True,
                    help="the process's directory: mnt/, control.sock, state.json, unpacked/ (and cache/)")
     p.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default ROOT/cache)")
-    p.add_argument("--cache-size", type=_positive_int, default=4 << 30, help="chunk cache bound in bytes")
+    p.add_argument("--cache-size", type=_positive_int, default=4 << 30,
+                   help="bound in bytes of the chunk cache, spool files and unpacked copies together")
     p.add_argument("--prefetch-bound", type=_positive_int, default=64 << 20,
                    help="compressed bytes of landmark files fetched at attach (0 = no prefetch)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for one registry call or attach")

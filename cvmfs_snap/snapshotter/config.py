@@ -25,7 +25,7 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
     [cvmfs-snap.lazy]                    # lazy eStargz layers (sources/lazy.py, the lazyfs process)
     enabled = true                       #   false: the "lazy" source is left out of `sources`
     cache-dir = ""                       #   chunk cache; empty: <root>/lazy/cache
-    cache-size = "4GiB"                  #   its bound (bytes, or a number with KiB/MiB/GiB/TiB)
+    cache-size = "4GiB"                  #   bound of chunks + spool files + unpacked copies (bytes, or KiB/MiB/...)
     prefetch = true                      #   fetch the landmark files at attach ...
     prefetch-bound = "64MiB"             #   ... up to this many bytes before the container may start
     background-fetch = true              #   then fetch the rest at low priority
