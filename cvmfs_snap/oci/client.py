@@ -88,11 +88,12 @@ class RegistryClient:
         blob_min_rate: float = DEFAULT_BLOB_MIN_RATE,
         blob_url_ttl: float = DEFAULT_BLOB_URL_TTL,
         transport: httpx.BaseTransport | None = None,
+        tls_registries: Sequence[str] = (),
     ) -> None:
         if retries < 0:
             raise InvalidInputError(f"retries must be >= 0, got {retries}")
         self.credentials = credentials or CredentialStore()
-        policy = TransportPolicy.of(insecure_registries)
+        policy = TransportPolicy.of(insecure_registries, tls_registries)
         self.insecure_registries = policy.insecure
         self.timeout = timeout
         self.retries = retries

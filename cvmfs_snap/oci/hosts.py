@@ -16,8 +16,10 @@ containerd 1.6 ``remotes/docker/config`` (``ConfigureHosts``, ``HostDirFromRoot`
   (``registry-1.docker.io``) and loopback registries, which are plain HTTP (containerd does the same).
 
 A ``http://`` URL in ``hosts.toml`` is the site's configuration and makes that host plain HTTP (the client's
-insecure list); a ``skip_verify`` host keeps TLS but does not verify the certificate. Endpoints whose API root is not
-``/v2`` (``override_path``, a mirror under a path prefix) cannot be served by our client and are skipped with a
+insecure list); an ``https://`` one (or one without scheme) is HTTPS even for a loopback host (a local TLS mirror:
+loopback means plain HTTP only when no ``hosts.toml`` says otherwise); a ``skip_verify`` host keeps TLS but does not
+verify the certificate. Endpoints whose API root is not ``/v2`` (``override_path``, a mirror under a path prefix)
+cannot be served by our client and are skipped with a
 warning. ``header`` tables are ignored (warned once): nothing here sends extra headers.
 
 Credentials never appear in this module's logs or errors: :class:`~cvmfs_snap.oci.auth.Credentials` hides them.
@@ -228,10 +230,13 @@ class Endpoint:
         """A RegistryClient for this endpoint: plain HTTP when the host is ``http://``, the host's CAs (added to
         the system ones), client certificates and ``skip_verify`` through an httpx transport."""
         insecure = [self.host.host] if self.host.plain_http else []
+        # an https host stays https even on loopback (a site's local TLS mirror; loopback defaults to plain HTTP)
+        tls = [] if self.host.plain_http else [self.host.host]
         transport: httpx.BaseTransport | None = None
         if self.host.ca or self.host.client_pairs or self.host.skip_verify:
             transport = httpx.HTTPTransport(verify=self.ssl_context())
-        return RegistryClient(credentials=credentials, insecure_registries=insecure, transport=transport, **kwargs)
+        return RegistryClient(credentials=credentials, insecure_registries=insecure, transport=transport,
+                              tls_registries=tls, **kwargs)
 
     def ssl_context(self) -> ssl.SSLContext:
         ctx = httpx.create_ssl_context(trust_env=True)

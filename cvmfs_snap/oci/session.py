@@ -9,6 +9,7 @@ passed).
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 
@@ -95,6 +96,9 @@ class Session:
             except Retryable as e:
                 last, retry_after = str(e), e.retry_after
             except httpx.TransportError as e:
+                tls = tls_failure(e)
+                if tls is not None:  # a certificate does not become valid by retrying
+                    raise UnavailableError(tls_message(ref.api_host, tls)) from None
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if deadline.expired():
                 raise deadline.error(f"last error: {last}")
@@ -106,3 +110,27 @@ class Session:
         raise UnavailableError(f"registry {ref.api_host} unavailable: {method} of {what} failed after "
                                f"{retries + 1} attempts, last error: {last}; check that the registry is up "
                                "and reachable from this host, then retry")
+
+
+def tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a transport error (certificate verification, handshake refused), if that is what it
+    is."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def tls_message(host: str, err: ssl.SSLError) -> str:
+    """What an admin can act on when TLS with ``host`` fails (no retry helps)."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return (f"the TLS certificate of registry {host} did not verify ({err.verify_message or err.reason}): if a "
+                f"private CA signed it, name that CA in the host's hosts.toml (ca = \"ca.crt\" in "
+                f"/etc/containerd/certs.d/{host}/, as containerd reads it) or add it to the system's trust store")
+    return (f"TLS with registry {host} failed ({err.reason or err}): if it requires a client certificate, give one "
+            f"in the host's hosts.toml (client = [[\"client.cert\", \"client.key\"]] in "
+            f"/etc/containerd/certs.d/{host}/); check its CA there too")

@@ -114,16 +114,21 @@ def parse_retry_after(value: str | None) -> float | None:
 
 @dataclass(frozen=True)
 class TransportPolicy:
-    """Which hosts may be spoken to in plain HTTP: loopback and ``insecure`` (normalised host[:port]) only."""
+    """Which hosts may be spoken to in plain HTTP: loopback and ``insecure`` (normalised host[:port]) only; never
+    the ``tls`` hosts (a site's ``hosts.toml`` naming a loopback host with ``https://``: a local TLS mirror)."""
 
     insecure: frozenset[str] = frozenset()
+    tls: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, insecure_registries: Iterable[str]) -> TransportPolicy:
-        return cls(frozenset(norm_host(h) for h in insecure_registries))
+    def of(cls, insecure_registries: Iterable[str], tls_registries: Iterable[str] = ()) -> TransportPolicy:
+        return cls(frozenset(norm_host(h) for h in insecure_registries),
+                   frozenset(norm_host(h) for h in tls_registries))
 
     def plain_allowed(self, host: str) -> bool:
         h = host.lower()
+        if h in self.tls:
+            return False
         return h in self.insecure or is_loopback(h)
 
     def scheme(self, ref: ImageReference) -> str:
