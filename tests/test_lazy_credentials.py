@@ -23,6 +23,7 @@ import pytest
 
 from cvmfs_snap.devenv.images import BuiltImage, Pusher, estargz_layer, image
 from cvmfs_snap.errors import UnavailableError
+from cvmfs_snap.fsutil import walk
 from cvmfs_snap.oci.auth import Credentials
 from cvmfs_snap.snapshotter.config import DEFAULT_ADDRESS
 from cvmfs_snap.snapshotter.credentials import (
@@ -106,8 +107,10 @@ def test_pull_user_credentials_serve_lazy_layers_and_leak_nowhere(private_regist
         lazy_root = n.lazy_root
         texts = {"pull output": r.stdout + r.stderr, "metrics": metrics,
                  "daemon log": n.snapshotter.log.read_text(errors="replace")}
+        bolt = [Path(d) / f for d, _, fs in walk(n.containerd.root) for f in fs if f == "meta.db"]
+        assert bolt  # containerd's own metadata (its labels) holds no credential either
         for p in [*n.snapshotter.root.glob("metadata.db*"), lazy_root / "state.json", lazy_root / "lazyfs.log",
-                  *(lazy_root / "layers").iterdir()]:
+                  *(lazy_root / "layers").iterdir(), *bolt, n.containerd.log]:
             texts[str(p)] = p.read_bytes().decode("latin-1")
         assert any("handed over by a pull" in t for t in texts.values())
         for where, text in texts.items():
@@ -169,3 +172,21 @@ def test_credentials_socket_refuses_bad_requests_without_echoing(short_tmp: Path
     assert not (short_tmp / "c.sock").exists()
     with pytest.raises(UnavailableError, match="does not answer"):
         hand_over(short_tmp / "c.sock", "h.example/team/app:v1", Credentials("bob", PASSWORD))
+
+
+def test_user_option_password_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from cvmfs_snap.containerd.pull import user_credentials
+    from cvmfs_snap.errors import InvalidInputError
+
+    assert user_credentials("alice:pa:ss") == Credentials("alice", "pa:ss")  # the first ':' splits
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert user_credentials("alice", password_stdin=True) == Credentials("alice", PASSWORD)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal, no --password-stdin: refused
+    with pytest.raises(InvalidInputError, match="--password-stdin"):
+        user_credentials("alice")
+    with pytest.raises(InvalidInputError, match="user name"):
+        user_credentials(":pw")
+    with pytest.raises(InvalidInputError, match="one of them"):
+        user_credentials("alice:pw", password_stdin=True)
