@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 from cvmfs_snap.errors import CommandError
 from cvmfs_snap.layout import CVMFS_MARKER_FILES
@@ -65,7 +65,8 @@ def tar_command(layerfs: Path, names: list[str], *, user_xattrs: bool) -> list[s
 
 
 @contextmanager
-def open_layer_tree(layerfs: str | os.PathLike[str], *, user_xattrs: bool = True, name: str = "") -> Iterator[Any]:
+def open_layer_tree(layerfs: str | os.PathLike[str], *, user_xattrs: bool = True,
+                    name: str = "") -> Iterator[IO[bytes]]:
     """A readable tar stream of a published layer tree (whiteouts as ``.wh.*`` entries), for ``apply_layer``.
 
     ``tar`` failing (an unreadable file, the tree vanishing) raises :class:`CommandError` naming the tree when the

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Concatenate, ParamSpec
+from typing import Concatenate, Generic, ParamSpec, Protocol
 
 from cvmfs_snap.errors import FailedPreconditionError
 from cvmfs_snap.fsutil import remove_tree_quietly
@@ -59,7 +59,25 @@ P = ParamSpec("P")
 #: one unpack step: a layer's tar in, something below ``target`` out, the layer's record back (further arguments,
 #: e.g. limits, are passed on and must pickle)
 Step = Callable[Concatenate[LayerInfo, TarStream, Path, P], LayerRecord]
-Job = Callable[..., LayerRecord]
+
+
+class Job(Protocol):
+    """What a worker process runs: an offloadable step with its further arguments bound."""
+
+    def __call__(self, info: LayerInfo, tar: TarStream, target: Path, /) -> LayerRecord: ...
+
+
+class BoundStep(Generic[P]):
+    """An offloadable step and its further arguments, as one :class:`Job` (pickled: the step by name, the
+    arguments by value)."""
+
+    def __init__(self, step: Step[P], /, *args: P.args, **kwargs: P.kwargs) -> None:
+        self.step = step
+        self.args = args
+        self.kwargs = kwargs
+
+    def __call__(self, info: LayerInfo, tar: TarStream, target: Path, /) -> LayerRecord:
+        return self.step(info, tar, target, *self.args, **self.kwargs)
 
 _CHUNK = 1 << 20
 #: ``<tmp>/cvmfs-snap-workers-<publisher pid>-<random>/``: the FIFOs of one publisher
@@ -99,16 +117,16 @@ class OffloadedLayer:
         """Nothing was read here yet and worker processes can run."""
         return self._tar is None and not self._offloaded and self._workers.usable
 
-    def offload(self, step: Job, info: LayerInfo, target: Path, args: tuple[object, ...] = (),
-                kwargs: dict[str, object] | None = None) -> LayerRecord:
-        """Run the :func:`offloadable` ``step`` on this layer in a worker process (here, should none start)."""
+    def offload(self, job: Job, info: LayerInfo, target: Path) -> LayerRecord:
+        """Run ``job`` (an :func:`offloadable` step, bound) on this layer in a worker process (here, should none
+        start)."""
         self._offloaded = True
         try:
-            return self._workers.run(step, info, self, target, args, kwargs or {})
+            return self._workers.run(job, info, self, target)
         except WorkersUnavailable:  # nothing was read from the blob yet: decode it here instead
             self._offloaded = False
             self._tar = open_layer(self.raw, self.media_type, name=self.name, limits=self.limits)
-            return step(info, self, target, *args, **(kwargs or {}))
+            return job(info, self, target)
 
 
 #: modules defining offloadable steps, imported by the forkserver before it forks workers
@@ -128,7 +146,7 @@ def offloadable(job: Step[P]) -> Step[P]:
     @functools.wraps(job)
     def step(info: LayerInfo, tar: TarStream, target: Path, /, *args: P.args, **kwargs: P.kwargs) -> LayerRecord:
         if isinstance(tar, OffloadedLayer) and tar.can_offload():
-            return tar.offload(step, info, target, args, kwargs)
+            return tar.offload(BoundStep(step, *args, **kwargs), info, target)
         return job(info, tar, target, *args, **kwargs)
 
     return step
@@ -202,15 +220,13 @@ class LayerWorkers:
         """False once worker processes could not be started here (layers are then unpacked in the caller)."""
         return not self._disabled
 
-    def run(self, job: Job, info: LayerInfo, layer: OffloadedLayer, target: Path, job_args: tuple[object, ...] = (),
-            job_kwargs: dict[str, object] | None = None) -> LayerRecord:
+    def run(self, job: Job, info: LayerInfo, layer: OffloadedLayer, target: Path) -> LayerRecord:
         """Run ``job`` in a worker on the blob ``layer.raw``; raises :class:`WorkersUnavailable` (nothing read from
         the blob yet) when no worker process could be started."""
         pool, fifo_dir = self._get_pool()
         fifo = fifo_dir / f"{uuid.uuid4().hex}.fifo"
         os.mkfifo(fifo, 0o600)
-        args = (job, info, str(fifo), layer.media_type, layer.name, layer.limits, os.fspath(target), job_args,
-                job_kwargs or {})
+        args = (job, info, str(fifo), layer.media_type, layer.name, layer.limits, os.fspath(target))
         try:
             try:
                 fut = pool.submit(_work, *args)
@@ -401,12 +417,12 @@ class _CheckedBlob:
         return self._digest if self._eof else None
 
 
-def _work(job: Job, info: LayerInfo, fifo: str, media_type: str, name: str, limits: Limits | None, target: str,
-          args: tuple[object, ...], kwargs: dict[str, object]) -> LayerRecord:
+def _work(job: Job, info: LayerInfo, fifo: str, media_type: str, name: str, limits: Limits | None,
+          target: str) -> LayerRecord:
     with open(fifo, "rb", buffering=0) as f:
         raw = _CheckedBlob(f, info.digest)
         with open_layer(raw, media_type, name=name, limits=limits) as tar:
-            rec = job(info, tar, Path(target), *args, **kwargs)
+            rec = job(info, tar, Path(target))
         while raw.read(_CHUNK):  # normally nothing left: the decoders read their input to its end
             pass
     return rec
