@@ -15,9 +15,10 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from cvmfs_snap.errors import CvmfsSnapError
+from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.oci import Descriptor, ImageReference
 
-from .backends.base import Backend, LayerOpener, TarStream
+from .backends.base import Backend, FlatLayer, FlatOpener, LayerOpener
 from .layertree import open_layer_tree
 from .platforms import ImagePlatform
 
@@ -36,19 +37,19 @@ def build_flat(backend: Backend, ref: ImageReference, p: ImagePlatform, layers: 
     failed: list[BaseException] = []
     read_from_tree: list[str] = []
 
-    def opener(desc: Descriptor) -> LayerOpener:
+    def opener(desc: Descriptor) -> FlatOpener:
         @contextmanager
-        def opened() -> Iterator[TarStream]:
+        def opened() -> Iterator[FlatLayer]:
             layers[desc.digest].result()  # published (or raises the layer's error: no flat without it)
             if not layout.is_layer_complete(desc.digest):
                 flushed.result()  # accepted into a batch: visible once the image's layers are flushed
             tree = backend.layer_tree(desc.digest) if from_tree else None
-            cm: AbstractContextManager[TarStream]
+            cm: AbstractContextManager[FlatLayer]
             if tree is None:
                 cm = from_registry(desc)()
             else:
                 read_from_tree.append(desc.digest)
-                cm = _tree_opener(tree, desc.digest, not backend.reads_through_cvmfs, failed)()
+                cm = _tree_opener(tree, desc.digest, not backend.reads_through_cvmfs, backend.limits, failed)()
             with cm as tar:
                 yield tar
 
@@ -69,12 +70,13 @@ def build_flat(backend: Backend, ref: ImageReference, p: ImagePlatform, layers: 
     backend.publish_flat(p.config_digest, [from_registry(d) for d in p.manifest.layers])
 
 
-def _tree_opener(tree: Path, digest: str, user_xattrs: bool, failed: list[BaseException]) -> LayerOpener:
+def _tree_opener(tree: Path, digest: str, user_xattrs: bool, limits: Limits,
+                 failed: list[BaseException]) -> FlatOpener:
     @contextmanager
-    def opened() -> Iterator[TarStream]:
+    def opened() -> Iterator[FlatLayer]:
         try:
-            with open_layer_tree(tree, user_xattrs=user_xattrs, name=f"layer {digest}") as stream:
-                yield stream
+            with open_layer_tree(tree, user_xattrs=user_xattrs, name=f"layer {digest}", limits=limits) as entries:
+                yield entries
         except BaseException as exc:
             failed.append(exc)
             raise

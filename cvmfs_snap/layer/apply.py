@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, UnsafeLayerError
@@ -55,7 +56,7 @@ from cvmfs_snap.layer.whiteout import WhiteoutIndex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_SYMLINKS", "ApplyResult", "Mode", "apply_layer"]
+__all__ = ["MAX_SYMLINKS", "ApplyResult", "Mode", "apply_entries", "apply_layer"]
 
 _CHUNK = 1 << 20
 _ZEROS = bytes(_CHUNK)
@@ -306,29 +307,53 @@ def apply_layer(
     :class:`UnsafeLayerError`, malformed ones :class:`InvalidInputError`; a failed apply leaves a partial tree
     inside ``target`` (nothing outside it), which the caller should remove.
     """
+    if name is None:
+        name = str(getattr(tar_stream, "name", None) or "layer")
+    limits = limits or Limits()
+    # a HashingReader that does not hash has a diff_id of its own (None), so TarReader does not hash either
+    reader = TarReader(tar_stream if digest else HashingReader(tar_stream, hash=False), limits, name)
+    res = apply_entries(reader, target, mode, limits, same_owner, name=name, where_offset=True)
+    res.entries = reader.entries
+    res.diff_id = reader.diff_id
+    return res
+
+
+def apply_entries(
+    entries: Iterable[TarEntry],
+    target: str | os.PathLike[str],
+    mode: Mode = "merged",
+    limits: Limits | None = None,
+    same_owner: bool = True,
+    *,
+    name: str = "layer",
+    where_offset: bool = False,
+) -> ApplyResult:
+    """Apply already-checked entries (what :class:`TarReader` yields, or entries read from a trusted tree, e.g. a
+    published layer tree) to ``target``, exactly as :func:`apply_layer` applies a tar's members; entries with data
+    are read with ``entry.read`` while they are applied. ``ApplyResult.diff_id`` is None."""
     if mode not in ("layer", "merged"):
         raise ValueError(f"mode must be 'layer' or 'merged', not {mode!r}")
     limits = limits or Limits()
-    if name is None:
-        name = str(getattr(tar_stream, "name", None) or "layer")
     tgt = os.fspath(target)
     try:
         root_fd = os.open(tgt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise FailedPreconditionError(f"{name}: cannot open target directory {tgt}: {e.strerror}") from None
     applier = _Applier(root_fd, POLICIES[mode](tgt, same_owner), limits, same_owner, name)
-    # a HashingReader that does not hash has a diff_id of its own (None), so TarReader does not hash either
-    reader = TarReader(tar_stream if digest else HashingReader(tar_stream, hash=False), limits, name)
     current: TarEntry | None = None
+    count = 0
     try:
-        for current in reader:
+        for current in entries:
+            count += 1
             applier.apply(current)
         current = None
         applier.finish()
     except CvmfsSnapError:
         raise
     except OSError as e:
-        what = f"entry {current.display} (tar offset {current.offset})" if current else "finishing"
+        what = "finishing"
+        if current is not None:
+            what = f"entry {current.display}" + (f" (tar offset {current.offset})" if where_offset else "")
         raise FailedPreconditionError(
             f"{name}: {what}: cannot write under {tgt}: {e.strerror or e} ({e.filename or ''}); check free space, "
             "permissions and that the target filesystem supports the file types and xattrs of the image"
@@ -336,9 +361,4 @@ def apply_layer(
     finally:
         applier.close()
         os.close(root_fd)
-    return ApplyResult(
-        entries=reader.entries,
-        size=applier.size,
-        whiteouts=applier.index.normalized(),
-        diff_id=reader.diff_id,
-    )
+    return ApplyResult(entries=count, size=applier.size, whiteouts=applier.index.normalized())

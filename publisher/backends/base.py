@@ -37,6 +37,7 @@ from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 
 from ..crashpoints import crash_point
+from ..layertree import LayerTreeEntries
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,12 @@ class TarStream(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
-#: opens one layer's decompressed tar; used to build the flat tree layer by layer (bottom first)
+#: opens one layer's decompressed tar
 LayerOpener = Callable[[], AbstractContextManager[TarStream]]
+#: one layer as a flat tree reads it: its decompressed tar, or the entries of its published tree
+FlatLayer = TarStream | LayerTreeEntries
+#: opens one layer for the flat tree, which is built layer by layer (bottom first)
+FlatOpener = Callable[[], AbstractContextManager[FlatLayer]]
 
 
 @dataclass
@@ -138,7 +143,7 @@ class Backend(ABC):
         ``digests`` are complete. The pipeline calls it once an image's layers are done, before its flat trees."""
 
     @abstractmethod
-    def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
+    def publish_flat(self, config_digest: str, layers: Sequence[FlatOpener]) -> None:
         """Build ``.flat/<cfg[0:2]>/<cfg>`` by applying the layers (bottom first) in merged mode; atomic."""
 
     @abstractmethod

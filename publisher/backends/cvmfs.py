@@ -61,8 +61,8 @@ from cvmfs_snap.layout import (
 from ..crashpoints import crash_point
 from .base import (
     Backend,
+    FlatOpener,
     LayerInfo,
-    LayerOpener,
     RepoLock,
     TarStream,
     Txn,
@@ -507,7 +507,7 @@ class CvmfsBackend(Backend):
             log.error("%s", exc)
 
     # -- flat tree -----------------------------------------------------------------------------------------------------
-    def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
+    def publish_flat(self, config_digest: str, layers: Sequence[FlatOpener]) -> None:
         with self.staging.dir() as stage:
             flat = stage / "flat"
             build_flat_dir(flat, layers, self.limits)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError
 from cvmfs_snap.fsutil import remove_tree, walk_fd
+from cvmfs_snap.layer.apply import apply_entries, apply_layer
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import (
     CATALOG_MARKER,
@@ -40,11 +41,12 @@ from cvmfs_snap.layout import (
 )
 
 from ..crashpoints import crash_point
+from ..layertree import LayerTreeEntries
 from ..workers import offloadable
 from .base import (
     Backend,
+    FlatOpener,
     LayerInfo,
-    LayerOpener,
     RepoLock,
     TarStream,
     Txn,
@@ -158,7 +160,6 @@ def unpack_layer_dir(info: LayerInfo, tar: TarStream, layer_dir: Path, limits: L
 
     ``.wh.*`` stay plain files (layer mode), as ``cvmfs_server ingest`` stores them; ``layer.json`` is written last.
     """
-    from cvmfs_snap.layer import apply_layer
     from cvmfs_snap.layer.digesting import HashingReader
 
     layerfs = layer_dir / LAYERFS
@@ -188,16 +189,18 @@ def write_layer_metadata(md: Path, rec: LayerRecord, origin: Sequence[str], exis
         raise disk_error(exc, path, "writing the layer metadata") from exc
 
 
-def build_flat_dir(target: Path, layers: Sequence[LayerOpener], limits: Limits | None = None) -> None:
-    """Apply the layers bottom-first in merged mode (whiteouts applied) into ``target``, then make its special
-    files inert (:func:`defuse_flat`): ``target`` must be in a private staging directory until then."""
-    from cvmfs_snap.layer import apply_layer
-
+def build_flat_dir(target: Path, layers: Sequence[FlatOpener], limits: Limits | None = None) -> None:
+    """Apply the layers (tars or published layer trees) bottom-first in merged mode (whiteouts applied) into
+    ``target``, then make its special files inert (:func:`defuse_flat`): ``target`` must be in a private staging
+    directory until then."""
     target.mkdir(parents=True, exist_ok=True)
     for i, opener in enumerate(layers):
-        with opener() as tar:
-            apply_layer(tar, target, mode="merged", limits=limits, name=f"layer {i} of flat tree {target.name}",
-                        digest=False)
+        with opener() as layer:
+            name = f"layer {i} of flat tree {target.name}"
+            if isinstance(layer, LayerTreeEntries):  # a published layer tree, read as entries (no tar in between)
+                apply_entries(layer, target, mode="merged", limits=limits, name=name)
+            else:
+                apply_layer(layer, target, mode="merged", limits=limits, name=name, digest=False)
     defuse_flat(target)
     (target / CATALOG_MARKER).touch()
 
@@ -380,7 +383,7 @@ class LocalBackend(Backend):
             crash_point("layer-visible")
             return rec
 
-    def publish_flat(self, config_digest: str, layers: Sequence[LayerOpener]) -> None:
+    def publish_flat(self, config_digest: str, layers: Sequence[FlatOpener]) -> None:
         with self.staging.dir() as stage:
             flat = stage / "flat"
             build_flat_dir(flat, layers, self.limits)
