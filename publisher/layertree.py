@@ -57,6 +57,8 @@ class TreeFile(TarEntry):
     _segments: list[tuple[int, int]] | None = None
 
     def read(self, n: int = 1 << 20) -> bytes:
+        if self.fd < 0:
+            raise RuntimeError(f"{self.display}: read after the walk moved on to the next entry")
         segs = self._segments
         if segs is None:
             segs = self._segments = self.sparse if self.sparse is not None else [(0, self.size)]
@@ -115,6 +117,7 @@ class LayerTreeEntries:
                         yield entry
                     finally:
                         os.close(entry.fd)
+                        entry.fd = -1
                 else:
                     yield entry
 
@@ -135,9 +138,10 @@ class LayerTreeEntries:
         mode = st.st_mode & 0o7777
         if kind != "dir" and st.st_nlink > 1:
             first = links.setdefault((st.st_dev, st.st_ino), path)
-            if first != path:  # a second name of an inode already given: a hard link to the first
+            if first != path:  # a second name of an inode already given: a hard link to the first (its xattrs
+                # are the inode's, given with the first name; tar gives none with a link either)
                 return TarEntry(path, path, "hardlink", mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns,
-                                linkname=first, xattrs=self._xattrs(dfd, base, where))
+                                linkname=first)
         if kind == "file":
             fd = os.open(base, _OPEN_FLAGS, dir_fd=dfd)
             try:
