@@ -448,33 +448,39 @@ def test_a_layer_deleting_a_5000_level_directory_of_a_lower_one(tmp_path: Path) 
     assert sorted(os.listdir(target)) == ["b"] and (target / "b").read_bytes() == b"now a file\n"
 
 
-def test_defuse_flat_clears_every_kind_of_privilege(tmp_path: Path) -> None:
-    """Flat trees: devices out, setuid/setgid and file capabilities off, everything else (FIFOs, dir setgid) kept."""
+def test_flat_trees_carry_no_privilege_of_any_kind(tmp_path: Path) -> None:
+    """Flat trees: devices out (and hard links to them), setuid/setgid and file capabilities off on files (also
+    when set through a hard link), everything else (FIFOs, dir setgid, other xattrs, mtimes) kept."""
     import struct
 
-    from publisher.backends.local import CAPABILITY_XATTR, defuse_flat
+    from publisher.backends.flatdir import CAPABILITY_XATTR, build_flat_dir
 
+    cap = {f"SCHILY.xattr.{CAPABILITY_XATTR}": struct.pack("<IIIII", 0x02000001, 1 << 7, 0, 0, 0).decode("latin-1"),
+           "SCHILY.xattr.user.keep": "yes"}  # cap_setuid+ep
+    lower = im.make_tar([
+        E("bin", type="dir"), E("shared", type="dir", mode=0o2775),
+        E("bin/ping", data=b"\x7fELF", mode=0o755, pax=cap),
+        E("bin/su", data=b"\x7fELF", mode=0o6755, mtime=1_600_000_000),
+        E("bin/plain", data=b"\x7fELF", mode=0o755),
+        E("sda", type="block", devmajor=8, devminor=0, mode=0o666),
+        E("null", type="char", devmajor=1, devminor=3, mode=0o666),
+        E("null-again", type="hardlink", linkname="null"),
+        E("fifo", type="fifo", mode=0o644),
+    ])
+    upper = im.make_tar([E("bin/plain-suid", type="hardlink", linkname="bin/plain", mode=0o4755),
+                         E("sda", data=b"now a file\n"), E("sda-link", type="hardlink", linkname="sda")])
     flat = tmp_path / "flat"
-    (flat / "bin").mkdir(parents=True)
-    (flat / "shared").mkdir(mode=0o2775)
-    os.chmod(flat / "shared", 0o2775)
+    done = build_flat_dir(flat, [lambda t=t: contextlib.nullcontext(io.BytesIO(t)) for t in (lower, upper)])
+    assert (done.devices, done.files) == (2, 3)
+    assert sorted(os.listdir(flat)) == [".cvmfscatalog", "bin", "fifo", "sda", "sda-link", "shared"]
+    assert stat.S_ISFIFO(os.lstat(flat / "fifo").st_mode) and (flat / "sda-link").read_bytes() == b"now a file\n"
     caps = flat / "bin/ping"
-    caps.write_bytes(b"\x7fELF")
-    os.chmod(caps, 0o755)
-    os.setxattr(caps, CAPABILITY_XATTR, struct.pack("<IIIII", 0x02000001, 1 << 7, 0, 0, 0))  # cap_setuid+ep
+    assert CAPABILITY_XATTR not in os.listxattr(caps) and os.getxattr(caps, "user.keep") == b"yes"
+    assert stat.S_IMODE(caps.stat().st_mode) == 0o755
     suid = flat / "bin/su"
-    suid.write_bytes(b"\x7fELF")
-    os.chmod(suid, 0o6755)
-    os.utime(suid, ns=(1_000_000_000, 1_600_000_000_000_000_000))
-    os.mknod(flat / "sda", stat.S_IFBLK | 0o666, os.makedev(8, 0))
-    os.mknod(flat / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    os.mkfifo(flat / "fifo", 0o644)
-    assert defuse_flat(flat) == (2, 2)
-    assert sorted(os.listdir(flat)) == ["bin", "fifo", "shared"]
-    assert CAPABILITY_XATTR not in os.listxattr(caps) and stat.S_IMODE(caps.stat().st_mode) == 0o755
     assert stat.S_IMODE(suid.stat().st_mode) == 0o755 and suid.stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert stat.S_IMODE((flat / "bin/plain").stat().st_mode) == 0o755  # the hard link's set-id mode went too
     assert stat.S_IMODE((flat / "shared").stat().st_mode) == 0o2775
-    assert defuse_flat(flat) == (0, 0)
 
 
 def test_whiteout_scan_of_a_5000_level_tree(tmp_path: Path) -> None:

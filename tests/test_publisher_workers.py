@@ -26,8 +26,9 @@ from cvmfs_snap.layer import apply_layer, digesting, open_layer
 from cvmfs_snap.layout import LayerRecord
 from cvmfs_snap.oci import RegistryClient
 from publisher.backends.base import LayerInfo, TarStream
+from publisher.backends.flatdir import build_flat_dir
 from publisher.backends.ingest_tar import QUEUE_ITEM, prepare_layer
-from publisher.backends.local import LocalBackend, build_flat_dir, unpack_layer_dir
+from publisher.backends.local import LocalBackend, unpack_layer_dir
 from publisher.pipeline import Publisher
 from publisher.workers import LayerWorkers, offloadable
 from tests.support.publisher_env import tree

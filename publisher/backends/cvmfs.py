@@ -73,8 +73,9 @@ from .base import (
     write_atomic,
 )
 from .cvmfs_server import DEFAULT_MIN_RATE, DEFAULT_TIMEOUT, CvmfsServer, StdinPart
+from .flatdir import build_flat_dir
 from .ingest_tar import END_OF_ARCHIVE, QUEUE_ITEM, REBASED_TAR, entries_tar, files_tar, prepare_layer
-from .local import DISK_FULL, Staging, build_flat_dir, disk_error
+from .local import DISK_FULL, Staging, disk_error
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ owner process is gone (however deep: ``cvmfs_snap.fsutil``).
 
 Who can reach what (docs/publisher.md, "Special files"): staging and ``.layers`` are 0700, because layer trees keep
 the image's device nodes and set-id files for containers, as containerd's snapshots do; flat trees, which every
-user may run, carry no device node, setuid/setgid bit or file capability (:func:`defuse_flat`).
+user may run, carry no device node, setuid/setgid bit or file capability (:mod:`publisher.backends.flatdir`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError
-from cvmfs_snap.fsutil import remove_tree, walk_fd
-from cvmfs_snap.layer.apply import apply_entries, apply_layer
+from cvmfs_snap.fsutil import remove_tree
+from cvmfs_snap.layer.apply import apply_layer
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import (
     CATALOG_MARKER,
@@ -41,7 +41,6 @@ from cvmfs_snap.layout import (
 )
 
 from ..crashpoints import crash_point
-from ..layertree import LayerTreeEntries
 from ..workers import offloadable
 from .base import (
     Backend,
@@ -58,6 +57,7 @@ from .base import (
     symlink_atomic,
     write_atomic,
 )
+from .flatdir import build_flat_dir
 
 log = logging.getLogger(__name__)
 
@@ -187,79 +187,6 @@ def write_layer_metadata(md: Path, rec: LayerRecord, origin: Sequence[str], exis
         write_atomic(path, rec.to_json().encode())  # last: marks the layer complete
     except OSError as exc:
         raise disk_error(exc, path, "writing the layer metadata") from exc
-
-
-def build_flat_dir(target: Path, layers: Sequence[FlatOpener], limits: Limits | None = None) -> None:
-    """Apply the layers (tars or published layer trees) bottom-first in merged mode (whiteouts applied) into
-    ``target``, then make its special files inert (:func:`defuse_flat`): ``target`` must be in a private staging
-    directory until then."""
-    target.mkdir(parents=True, exist_ok=True)
-    for i, opener in enumerate(layers):
-        with opener() as layer:
-            name = f"layer {i} of flat tree {target.name}"
-            if isinstance(layer, LayerTreeEntries):  # a published layer tree, read as entries (no tar in between)
-                apply_entries(layer, target, mode="merged", limits=limits, name=name)
-            else:
-                apply_layer(layer, target, mode="merged", limits=limits, name=name, digest=False)
-    defuse_flat(target)
-    (target / CATALOG_MARKER).touch()
-
-
-#: mode bits a flat tree never keeps (setuid, setgid)
-SETID_BITS = stat.S_ISUID | stat.S_ISGID
-#: the file capabilities xattr (``setcap``), privilege like a setuid bit
-CAPABILITY_XATTR = "security.capability"
-
-
-def defuse_flat(target: Path) -> tuple[int, int]:
-    """Make a flat tree carry no privilege: character and block devices are left out, setuid/setgid bits and file
-    capabilities (``security.capability``) are cleared on regular files; returns (devices removed, files changed).
-
-    A flat tree is what users run unprivileged (Apptainer/Singularity), world-readable under the public links, on
-    the stratum-0 as on every node: a block device there would give every local user the host's disk, a setuid-root
-    or ``cap_setuid`` binary root. Those users never get device nodes or privilege from an image anyway (Apptainer
-    binds the host's ``/dev`` and mounts images nosuid, CVMFS clients mount nosuid,nodev, and nosuid also disables
-    file capabilities). Containers started through the snapshotter use the layer trees, which keep all of it, as
-    containerd does. FIFOs and sockets stay; directories keep their setgid bit (it only passes the group on)."""
-    devices = changed = 0
-    for _rel, dfd, _dirs, files in walk_fd(target):
-        for name in files:
-            try:
-                st = os.lstat(name, dir_fd=dfd)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                os.unlink(name, dir_fd=dfd)
-                devices += 1
-            elif stat.S_ISREG(st.st_mode) and _defuse_file(dfd, name, st):
-                changed += 1
-    if devices or changed:
-        log.info("flat tree %s: %d device node(s) left out, setuid/setgid/capabilities cleared on %d file(s) (layer "
-                 "trees keep them)", target.name, devices, changed)
-    return devices, changed
-
-
-def _defuse_file(dfd: int, name: str, st: os.stat_result) -> bool:
-    proc = f"/proc/self/fd/{dfd}/{name}"
-    try:
-        os.getxattr(proc, CAPABILITY_XATTR, follow_symlinks=False)
-        caps = True
-    except OSError as exc:
-        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
-            raise
-        caps = False
-    if not caps and not st.st_mode & SETID_BITS:
-        return False
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    try:
-        if caps:
-            os.removexattr(fd, CAPABILITY_XATTR)
-        if st.st_mode & SETID_BITS:
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~SETID_BITS)
-        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-    finally:
-        os.close(fd)
-    return True
 
 
 @dataclass
