@@ -76,6 +76,30 @@ class TreeFile(TarEntry):
         return b""
 
 
+    def copy_to(self, fd: int) -> bool:
+        """The whole (non-sparse) file into ``fd`` with ``copy_file_range``: no copy through Python."""
+        if self.sparse is not None or self.fd < 0 or self._seg or self._pos:
+            return False
+        done = 0
+        while done < self.size:
+            try:
+                n = os.copy_file_range(self.fd, fd, self.size - done, done, done)
+            except OSError as exc:
+                if done == 0 and exc.errno in _NO_COPY_RANGE:
+                    return False  # another filesystem that cannot, an old kernel: the caller reads instead
+                raise
+            if n == 0:
+                raise CommandError(f"{self.display}: the file became shorter while it was read (the published "
+                                   "layer tree changed under the publisher)")
+            done += n
+        self._seg = 1  # read() is at the end now
+        return True
+
+
+#: copy_file_range cannot copy between these two files (the caller copies through ``read``)
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
+
+
 class LayerTreeEntries:
     """The entries of a published layer tree (``layerfs``), top-down, each directory's names sorted, for
     :func:`cvmfs_snap.layer.apply.apply_entries`. Iterate once; an entry's data can be read until the next one is

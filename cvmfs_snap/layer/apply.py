@@ -207,6 +207,8 @@ class _Applier:
         if entry.sparse is not None:
             self._write_sparse(fd, entry, entry.sparse)
             return
+        if entry.copy_to(fd):  # copied in the kernel (a file of a tree whose holes were found already)
+            return
         pos = 0
         holes = False
         while True:

@@ -85,6 +85,12 @@ class TarEntry:
             return b""
         return self._reader.read_data(self, n)
 
+    def copy_to(self, fd: int) -> bool:
+        """Write all of this member's data to the start of ``fd`` without passing it through Python, when the source
+        can (an entry read from a file tree: ``copy_file_range``); False when nothing was written and the caller
+        must copy it with ``read``. A tar member always says False."""
+        return False
+
 
 def _parse_octal(fld: bytes, what: str, where: str) -> int:
     if fld and fld[0] & 0x80:  # base-256 (GNU/star extension for values that do not fit in octal)
