@@ -21,19 +21,33 @@ from typing import TYPE_CHECKING
 
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
-from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.progressbars import BarDisplay
 
 from .config import BACKENDS, PublisherConfig
-from .daemon import run_daemon
-from .factory import make_publisher
-from .gccommand import run_gc
-from .pipeline import ImageResult
-from .policy import recipe_into_config
-from .recipe import Recipe, RecipeError, parse_line
 
 if TYPE_CHECKING:
-    pass
+    from .pipeline import ImageResult
+    from .recipe import RecipeError
+
+# The modules of each verb (the pipeline and its registry client, the daemon with its HTTP server, GC) are imported
+# in the verb's function, after ``main`` has parsed the command line: a ``convert`` does not pay for the daemon's
+# imports (hypercorn, watchdog), and the libraries' unused halves are kept out first (``UNUSED_BY_COMMANDS``). The
+# CLI is the top of the module graph, so these function-level imports hide no cycle.
+
+#: modules that libraries import eagerly although no verb but ``loop`` uses them: httpcore imports trio and anyio for
+#: its async half (a conditional import) and h2 for HTTP/2 (off in our client), httpx imports its own command line
+#: (click, rich, pygments) and the brotli content decoder (blobs are fetched as identity). Together 0.2-0.3 s of CPU
+#: of each command's start-up. A ``None`` entry in ``sys.modules`` makes ``import X`` raise ImportError, the case
+#: both libraries handle (as when the package is not installed). Done only when ``main()`` runs as the process
+#: (no argv given), never for ``loop``, whose HTTP server (hypercorn) serves HTTP/2 with h2. zstandard is not in the
+#: list: zstd layers need it.
+UNUSED_BY_COMMANDS = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
+
+
+def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_COMMANDS) -> None:
+    for name in names:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
 
 log = logging.getLogger("publisher")
 
@@ -167,6 +181,10 @@ def _summary(results: list[ImageResult], recipe_errors: list[RecipeError]) -> in
 
 
 def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
+    from .factory import make_publisher
+    from .policy import recipe_into_config
+    from .recipe import Recipe
+
     recipe = Recipe.load(args.recipe)
     recipe_into_config(recipe, config, args)
     with make_publisher(config, progress=progress) as pub:
@@ -176,6 +194,10 @@ def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: Ric
 
 
 def cmd_convert_single(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
+    from cvmfs_snap.oci import ImageReference
+
+    from .factory import make_publisher
+
     if args.repo_positional and not config.repo:
         config.repo = args.repo_positional
         config.validate("command line")
@@ -186,11 +208,13 @@ def cmd_convert_single(args: argparse.Namespace, config: PublisherConfig, progre
 
 
 def cmd_check_image_syntax(args: argparse.Namespace) -> int:
+    from .recipe import parse_line
+
     line = parse_line(args.image)
     if line.error or line.ref is None:
         print(f"invalid: {line.error}", file=sys.stderr)
         return 2
-    ref: ImageReference = line.ref
+    ref = line.ref
     print(f"registry:   {ref.registry}")
     print(f"api host:   {ref.api_host}")
     print(f"repository: {ref.repository}")
@@ -202,6 +226,8 @@ def cmd_check_image_syntax(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command != "loop":
+        skip_unused_imports()
     if args.command == "check-image-syntax":
         _setup_logging(args.log_level, None)
         try:
@@ -215,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         if args.command == "loop":
+            from .daemon import run_daemon
+
             return run_daemon(args, config)
         if args.command == "gc":
+            from .gccommand import run_gc
+
             return run_gc(args, config)
         if progress is not None:
             with progress:

@@ -98,7 +98,7 @@ def test_recipe_http_lines_do_not_make_registries_insecure() -> None:
     """A recipe (perhaps user-contributed) writing http:// must not turn on plain HTTP, and so credentials in clear,
     for a registry the site never configured insecure (issue 7 item 1); the client then refuses such a line."""
     from cvmfs_snap.oci import ImageReference, RegistryClient
-    from publisher.cli import recipe_into_config
+    from publisher.policy import recipe_into_config
 
     r = Recipe.parse("version: 1\ninput: ['http://reg.example.org:5000/a/b:1']\n")
     config = PublisherConfig(root="/x")
