@@ -13,7 +13,9 @@ that layers use every core. Image orchestration runs in lightweight threads that
 most ``concurrency`` at once) start with the image's layers and apply each layer as soon as it and the layers below
 it are published, so the flat is ready soon after the last layer; it becomes visible only when complete.
 Streaming end to end (registry -> decompressor -> unpacker), so memory does not grow with layer size. Flat trees
-are built from the published layer trees (``publisher.layertree``), so each blob is downloaded once per publish.
+are built from the published layer trees (``publisher.flatbuild``, ``publisher.layertree``), so each blob is
+downloaded once per publish. Which platforms are published is ``publisher.platforms``' job, the metadata written
+last ``publisher.imagemeta``'s.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from .workers import LayerWorkers
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
 
 
 @dataclass
