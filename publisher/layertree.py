@@ -67,7 +67,11 @@ class TreeFile(TarEntry):
             if self._pos >= length:
                 self._seg, self._pos = self._seg + 1, 0
                 continue
-            data = os.pread(self.fd, min(n, length - self._pos), off + self._pos)
+            try:
+                data = os.pread(self.fd, min(n, length - self._pos), off + self._pos)
+            except OSError as exc:
+                raise CommandError(f"{self.display}: cannot read it from the published layer tree: "
+                                   f"{exc.strerror or exc}; check that the repository is mounted and readable") from exc
             if not data:
                 raise CommandError(f"{self.display}: the file became shorter while it was read (the published "
                                    "layer tree changed under the publisher)")
@@ -129,7 +133,13 @@ class LayerTreeEntries:
             prefix = rel + "/" if rel else ""
             dirs.sort()
             for base in sorted(dirs + files):
-                entry = self._entry(dfd, base, prefix + base, links)
+                try:
+                    entry = self._entry(dfd, base, prefix + base, links)
+                except OSError as exc:
+                    raise CommandError(
+                        f"{self.name}: cannot read {show(prefix + base)} in the published layer tree {self.root}: "
+                        f"{exc.strerror or exc}; check that the repository is mounted and readable"
+                    ) from exc
                 if entry is None:
                     continue
                 self.entries += 1
