@@ -9,7 +9,6 @@ dependencies into the role's virtualenv from the machine's configured package mi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from tests.support.paths import REPO_ROOT
 from tests.support.playbooks import PlaybookRun, localhost_inventory, read_unit, run_playbook
 from tests.support.publisher_env import FakeCvmfs, base_layer, make_fake_cvmfs
 from tests.support.registry import Registry
+from tests.support.trees import TYPES, listing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -118,22 +118,6 @@ state = "{d}/state"
 """
 
 
-def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Every entry under ``root`` with its type, mode, size, mtime and content hash (bytecode caches left out)."""
-    out: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirs, files in fsutil.walk(root):
-        for name in [*dirs, *files]:
-            p = Path(dirpath) / name
-            if "__pycache__" in p.parts:
-                continue
-            st = p.lstat()
-            digest = ""
-            if p.is_file() and not p.is_symlink():
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-    return out
-
-
 def build_wheel(dest: Path) -> Path:
     """The wheel of this checkout (as a site admin builds it: ``pip wheel --no-deps .``), built from a copy of the
     sources so the checkout gets no build/ directory."""
@@ -206,10 +190,10 @@ def site(registry: Registry) -> Iterator[Site]:
         runs = {"first": run_playbook("site.yml", inventory)}
         assert runs["first"].rc == 0, runs["first"].output[-6000:]
         runs["second"] = run_playbook("site.yml", inventory)
-        before = tree_state(prefix)
+        before = listing(prefix, mtimes=TYPES, skip_names=["__pycache__"])
         changes = {"cvmfs_snap_publisher_workers": 3, "cvmfs_snap_snapshotter_grpc_workers": 8}
         runs["check"] = run_playbook("site.yml", inventory, "--check", "--diff", "-e", json.dumps(changes))
-        after = tree_state(prefix)
+        after = listing(prefix, mtimes=TYPES, skip_names=["__pycache__"])
         yield Site(tmp, prefix, inventory, fake, registry, image_ref, img, port, ctd, runs, before, after)
     finally:
         unmount_below(tmp)
@@ -337,7 +321,7 @@ def test_check_mode_shows_an_upgrade_restart_and_a_switch_to_cron(site: Site, tm
     shutil.copyfile(variables["cvmfs_snap_install_wheel"], upgraded)
     with zipfile.ZipFile(upgraded, "a") as z:
         z.writestr("cvmfs_snap/_rebuilt.txt", "another build of the same version\n")
-    before = tree_state(site.prefix)
+    before = listing(site.prefix, mtimes=TYPES, skip_names=["__pycache__"])
     run = run_playbook("site.yml", site.inventory, "--check", "--diff", "-e", json.dumps({
         "cvmfs_snap_install_wheel": str(upgraded), "cvmfs_snap_publisher_gc_scheduler": "cron"}))
     assert run.rc == 0, run.output[-4000:]
@@ -356,7 +340,7 @@ def test_check_mode_shows_an_upgrade_restart_and_a_switch_to_cron(site: Site, tm
     assert "Restart containerd for the cvmfs-snap snapshotter" not in " ".join(run.handlers())
     assert {"cvmfs_snap_publisher : Restart the cvmfs-snap publisher",
             "cvmfs_snap_snapshotter : Restart the cvmfs-snap snapshotter"} <= set(run.handlers())
-    assert tree_state(site.prefix) == before
+    assert listing(site.prefix, mtimes=TYPES, skip_names=["__pycache__"]) == before
 
 
 def test_install_from_the_package_index_sees_the_installed_package(site: Site) -> None:
@@ -382,13 +366,13 @@ def test_unusable_settings_are_refused_and_nothing_is_replaced(site: Site, tag: 
                                                                task: str, message: str, path: str) -> None:
     """The programs' own loaders check each settings file before it replaces the old one (argument_specs check
     types and choices even before that); the message is the one the daemon would give."""
-    before = tree_state(site.prefix)
+    before = listing(site.prefix, mtimes=TYPES, skip_names=["__pycache__"])
     run = run_playbook("site.yml", site.inventory, "--tags", tag, "-e", json.dumps(change))
     assert run.rc != 0
     (failure,) = run.failed()
     assert task in (failure["task"], failure["action"]), failure
     assert message in json.dumps(failure), failure
-    assert tree_state(site.prefix) == before
+    assert listing(site.prefix, mtimes=TYPES, skip_names=["__pycache__"]) == before
     assert "pw@" not in (site.etc / path).read_text()
 
 

@@ -15,6 +15,7 @@ from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST, LABEL_TARGET_REF
 from tests.support.e2e import PLUGIN, node, snapshotter_status
+from tests.support.trees import names
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -30,10 +31,6 @@ HOSTILE = [
 ]
 
 
-def tree_of(root: Path) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs)
-
-
 def test_hostile_layer_labels_are_refused(short_tmp: Path) -> None:
     repo = short_tmp / "cvmfs"
     (repo / ".layers").mkdir(parents=True)
@@ -42,7 +39,7 @@ def test_hostile_layer_labels_are_refused(short_tmp: Path) -> None:
     (repo / "etc" / "layerfs").mkdir()
     with node(short_tmp / "n", repo) as n:
         snap_root = n.snapshotter.root
-        repo_before = tree_of(repo)
+        repo_before = names(repo)
         snaps_before = sorted(os.listdir(snap_root / "snapshots"))
         ctd = grpc.insecure_channel(f"unix://{n.containerd.address}")
         ours = grpc.insecure_channel(f"unix://{n.snapshotter.address}")
@@ -73,8 +70,8 @@ def test_hostile_layer_labels_are_refused(short_tmp: Path) -> None:
             ours.close()
         assert snapshotter_status(snap_root)["snapshots"] == []
         assert sorted(os.listdir(snap_root / "snapshots")) == snaps_before
-        assert tree_of(repo) == repo_before
-        assert not (snap_root / "cvmfs").exists() or tree_of(snap_root / "cvmfs") == []
+        assert names(repo) == repo_before
+        assert not (snap_root / "cvmfs").exists() or names(snap_root / "cvmfs") == []
         assert n.snapshotter.proc.poll() is None
         # a well-formed Prepare still works afterwards
         r = n.containerd.ctr("snapshots", "--snapshotter", PLUGIN, "prepare", "ok-after-hostile")

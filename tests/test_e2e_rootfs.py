@@ -29,15 +29,14 @@ from tests.support.e2e import (
     Node,
     blob_gets_after,
     cvmfs_snap_pull,
-    diff_listings,
     log_mark,
     mounted_view,
     node,
     publish,
-    tree_listing,
 )
 from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, require_busybox
+from tests.support.trees import diff, view_listing
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -117,8 +116,8 @@ class BothPulls:
     node: Node
     native: Containerd
     ref: str
-    ours: dict[str, dict[str, Any]]  # tree_listing of the image on our snapshotter (layers served from CVMFS)
-    theirs: dict[str, dict[str, Any]]  # tree_listing of the image on containerd's overlayfs snapshotter
+    ours: dict[str, dict[str, Any]]  # listing of the image on our snapshotter (layers served from CVMFS)
+    theirs: dict[str, dict[str, Any]]  # listing of the image on containerd's overlayfs snapshotter
 
 
 @contextmanager
@@ -151,9 +150,9 @@ def published_and_native(registry: Registry, tmp: Path, name: str, layers: list[
             assert blob_gets_after(registry.log, lay.digest, mark) == 0, f"published {lay.digest} was downloaded"
         native.ctr("images", "pull", "--plain-http", ref)
         with mounted_view(n.containerd, PLUGIN, top_chain, "e2e-view") as ours_root:
-            ours = tree_listing(ours_root)
+            ours = view_listing(ours_root)
         with mounted_view(native, "overlayfs", top_chain, "e2e-view") as native_root:
-            theirs = tree_listing(native_root)
+            theirs = view_listing(native_root)
         yield BothPulls(n, native, ref, ours, theirs)
         assert "Traceback" not in n.log()
 
@@ -174,7 +173,7 @@ def test_rootfs_identical_to_native_pull(fresh_registry: Registry, short_tmp: Pa
         assert theirs["xattr-dir"]["xattrs"] == {"user.dir": b"yes".hex()}
         assert theirs["new/h1"]["hardlinks"] == ["new/h1", "new/h2"]
 
-        differences = diff_listings(ours, theirs)
+        differences = diff(ours, theirs, "ours", "native")
         assert differences == [], "\n".join(differences[:40])
         hidden = [k for k in ours if k.rsplit("/", 1)[-1].startswith(".wh.") or k.endswith(".cvmfscatalog")]
         assert hidden == []
@@ -197,5 +196,5 @@ def test_hardlink_header_metadata_like_containerd(fresh_registry: Registry, shor
                  Entry("hl/link", type="hardlink", linkname="hl/orig", mode=0o644)])
     with published_and_native(fresh_registry, short_tmp, "e2e/hardlink", [busybox_layer(), lay]) as both:
         assert both.theirs["hl/orig"]["mode"] == "0o644"  # what containerd does: the last header wins
-        differences = diff_listings(both.ours, both.theirs)
+        differences = diff(both.ours, both.theirs, "ours", "native")
         assert differences == [], "\n".join(differences)

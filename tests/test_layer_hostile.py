@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
-import stat
 from pathlib import Path
 
 import pytest
@@ -14,30 +12,15 @@ import pytest
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layer import apply_layer, iter_layer, open_layer
 from tests.support.hostile import ClampedCase, HostileCase, build_clamped_corpus, build_corpus
+from tests.support.trees import TYPES, Listing, listing
 
 _IDS = [c.id for c in build_corpus(Path("/nonexistent"))]
 _CLAMPED_IDS = [c.id for c in build_clamped_corpus(Path("/nonexistent"))]
 
 
-def snapshot(top: Path, skip: Path) -> dict[str, tuple[object, ...]]:
-    """Everything under ``top`` except ``skip``: type, mode, owner, size, content hash, link target, mtime."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        if Path(dirpath) == skip:
-            dirnames[:] = []
-            continue
-        for n in dirnames + filenames:
-            p = Path(dirpath) / n
-            if p == skip:
-                continue
-            st = p.lstat()
-            extra: object = None
-            if stat.S_ISREG(st.st_mode):
-                extra = hashlib.sha256(p.read_bytes()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(p)
-            out[str(p.relative_to(top))] = (st.st_mode, st.st_uid, st.st_size, st.st_nlink, st.st_mtime_ns, extra)
-    return out
+def snapshot(top: Path, skip: Path) -> Listing:
+    """Everything under ``top`` except ``skip``: type, mode, owner, content, link target, xattrs, links, mtime."""
+    return listing(top, skip=[str(skip.relative_to(top))], nlink=True, mtimes=TYPES)
 
 
 @pytest.fixture

@@ -42,16 +42,15 @@ from tests.support.e2e import (
     PLUGIN,
     REPO_NAME,
     cvmfs_snap_pull,
-    diff_listings,
     log_mark,
     mounted_view,
     publish,
     snapshotter_status,
-    tree_listing,
 )
 from tests.support.registry import Registry, blob_gets
 from tests.support.runnable import busybox_layer, goref_bin, require_busybox
 from tests.support.snapshotter_daemon import SnapshotterProcess, start_daemon, stop_daemon, wait_ready
+from tests.support.trees import diff, view_listing
 
 LAZYFS = Path(cvmfs_snap.__file__).parent / "lazyfs" / "process.py"
 pytestmark = [
@@ -182,14 +181,14 @@ def test_view_equals_containerds_own_overlayfs_unpack(lazy_image: LazyImage, sho
         cd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", lazy_image.ref)
         with mounted_view(cd, PLUGIN, top, "lazy-view") as ours, \
                 mounted_view(cd, "overlayfs", top, "native-view") as native:
-            a, b = tree_listing(ours), tree_listing(native)
+            a, b = view_listing(ours), view_listing(native)
         own = {k for k in b if k in ESTARGZ_OWN}
         assert own, "containerd's unpack shows eStargz's own entries"
         for k in own:
             del b[k]
-        assert diff_listings(a, b) == []
+        assert diff(a, b, "ours", "native") == []
         assert "data/big63" not in a and "opaque/old" not in a and a["etc/conf"]["nlink"] == 2
-        assert a["etc/xattr"]["xattrs"] == {"user.colour": b"blue".hex()}  # tree_listing shows values in hex
+        assert a["etc/xattr"]["xattrs"] == {"user.colour": b"blue".hex()}  # listing shows values in hex
 
 
 def test_snapshotter_killed_under_a_running_lazy_container(lazy_image: LazyImage, short_tmp: Path) -> None:
@@ -294,13 +293,13 @@ def test_layer_moving_from_lazy_to_cvmfs_looks_the_same(lazy_image: LazyImage, r
         assert [lay["outcome"] for lay in out["layers"]] == ["remote"] * 4
         assert {s["source"] for s in snapshotter_status(n.snapshotter.root)["snapshots"]} == {"lazy"}
         with mounted_view(n.containerd, PLUGIN, top, "lazy-view") as v:
-            lazy_view = tree_listing(v)
+            lazy_view = view_listing(v)
     publish(short_tmp / "b" / "cvmfs", lazy_image.ref, insecure_host=registry.host)
     with lazy_node(short_tmp / "b") as n:
         _, out = cvmfs_snap_pull(n.containerd, lazy_image.ref)
         assert [lay["outcome"] for lay in out["layers"]] == ["remote"] * 4
         assert {s["source"] for s in snapshotter_status(n.snapshotter.root)["snapshots"]} == {"cvmfs"}
         with mounted_view(n.containerd, PLUGIN, top, "cvmfs-view") as v:
-            cvmfs_view = tree_listing(v)
+            cvmfs_view = view_listing(v)
     assert not ESTARGZ_OWN & set(cvmfs_view)
-    assert diff_listings(lazy_view, cvmfs_view, "lazy", "cvmfs") == []
+    assert diff(lazy_view, cvmfs_view, "lazy", "cvmfs") == []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import time
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import pytest
 
 from cvmfs_snap.devenv.images import Entry, make_tar
 from tests.support.estargz import corpus, esgz, to_estargz
-from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay
+from tests.support.layertrees import MTIMES, extract_like_containerd, mounted_overlay
 from tests.support.lazyfs_mount import mounted_lazyfs
+from tests.support.trees import Listing, listing
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                 reason="needs /dev/fuse and root (overlayfs)")
@@ -24,17 +24,18 @@ START_NS = time.time_ns() - 10**9
 ESTARGZ_OWN = {"stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"}
 
 
-def comparable(tree: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
-    """Whiteouts' mtimes are "now" in containerd's unpack (mknod); eStargz's own entries are hidden on purpose."""
-    out: dict[str, tuple[object, ...]] = {}
-    for path, (mode, uid, gid, extra, mtime, xattrs) in tree.items():
+def comparable(root: Path) -> Listing:
+    """:func:`listing` of ``root``; whiteouts' mtimes are "now" in containerd's unpack (mknod); eStargz's own entries
+    are hidden on purpose."""
+    out: Listing = {}
+    for path, rec in listing(root, mtimes=MTIMES).items():
         if path in ESTARGZ_OWN:
             continue
-        if stat.S_ISCHR(int(str(mode), 8)) and extra == (0, 0):
-            mtime = None
-        if stat.S_ISDIR(int(str(mode), 8)) and isinstance(mtime, int) and mtime > START_NS:
-            mtime = None  # a directory the tar leaves out: made at unpack (attach) time
-        out[path] = (mode, uid, gid, extra, mtime, xattrs)
+        if rec["type"] == "char" and rec["rdev"] == [0, 0]:
+            rec.pop("mtime")
+        if rec["type"] == "dir" and rec["mtime"] > START_NS:
+            rec.pop("mtime")  # a directory the tar leaves out: made at unpack (attach) time
+        out[path] = rec
     return out
 
 
@@ -62,11 +63,11 @@ def test_layer_dir_and_overlay_view_equal_containerd_unpack(tmp_path: Path, name
     with mounted_lazyfs(tmp_path / "mnt") as m:
         m.add("a" * 64, blob)
         layer = tmp_path / "mnt" / ("a" * 64)
-        assert comparable(dump_tree(layer)) == comparable(dump_tree(ref))
-        assert not ESTARGZ_OWN & set(dump_tree(layer))
+        assert comparable(layer) == comparable(ref)
+        assert not ESTARGZ_OWN & set(listing(layer, mtimes=MTIMES))
         with mounted_overlay([layer, base], tmp_path / "lazy-view") as lazy_view, \
                 mounted_overlay([ref, base], tmp_path / "ref-view") as ref_view:
-            got, want = comparable(dump_tree(lazy_view)), comparable(dump_tree(ref_view))
+            got, want = comparable(lazy_view), comparable(ref_view)
         assert got == want
 
 
@@ -102,7 +103,7 @@ def test_go_esgz_blob(tmp_path: Path) -> None:
         extract_like_containerd(blob_tar(blob), ref)
         with mounted_lazyfs(tmp_path / "mnt") as m:
             m.add("g" * 64, blob)
-            assert comparable(dump_tree(tmp_path / "mnt" / ("g" * 64))) == comparable(dump_tree(ref)), name
+            assert comparable(tmp_path / "mnt" / ("g" * 64)) == comparable(ref), name
 
 
 def test_warm_reads_hit_the_page_cache_and_bad_bytes_are_eio(tmp_path: Path) -> None:
@@ -172,5 +173,5 @@ def test_unpacked_copy_equals_containerd_unpack(tmp_path: Path, name: str) -> No
     files = BlobFiles(blob)
     dest = tmp_path / "unpacked" / "layer"
     trio.run(unpack_layer, build_tree(files.stargz.toc), files, dest)
-    assert comparable(dump_tree(dest)) == comparable(dump_tree(ref))
+    assert comparable(dest) == comparable(ref)
     assert not [p for p in os.listdir(dest.parent) if ".tmp-" in p]

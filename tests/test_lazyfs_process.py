@@ -19,9 +19,10 @@ import pytest
 
 from cvmfs_snap.devenv.registry import free_port
 from cvmfs_snap.lazyfs import control
-from tests.support.layertrees import dump_tree
+from tests.support.layertrees import MTIMES
 from tests.support.range_proxies import Behaviour, PushedLayer, RangeProxy, push_estargz, range_proxy
 from tests.support.registry import Registry
+from tests.support.trees import listing
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse, root")
 
@@ -188,7 +189,7 @@ def test_complete_layer_gets_an_unpacked_copy(tmp_path: Path, layer: PushedLayer
     wait_for(lambda: bool(p.call({"op": "check", "id": lid}).get("unpacked")))
     ans = p.call({"op": "check", "id": lid})
     assert ans["path"] == str(root / "unpacked" / lid) and ans["complete"]
-    assert dump_tree(root / "unpacked" / lid) == dump_tree(path)
+    assert listing(root / "unpacked" / lid, mtimes=MTIMES) == listing(path, mtimes=MTIMES)
     cache = p.call({"op": "health"})["cache"]
     assert isinstance(cache, dict)  # the copy counts in the cache bound next to the chunks
     assert cache["reserved_bytes"] >= sum(map(len, layer.files.values()))

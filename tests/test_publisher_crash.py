@@ -23,9 +23,9 @@ from tests.support.publisher_env import (
     check_invariants,
     make_fake_cvmfs,
     top_layer,
-    tree,
 )
 from tests.support.registry import Registry
+from tests.support.trees import Listing, listing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def _check_complete(root: Path, registry: Registry, images: list[tuple[str, str,
 
 @pytest.fixture(scope="module")
 def reference_tree(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
-                   images: list[tuple[str, str, im.BuiltImage]]) -> dict[str, str]:
+                   images: list[tuple[str, str, im.BuiltImage]]) -> Listing:
     tmp = tmp_path_factory.mktemp("crash-ref")
     root = tmp / "repo"
     r = _run(_cmd(_recipe(tmp, registry), root))
@@ -85,16 +85,16 @@ def reference_tree(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
     return _content(root)
 
 
-def _content(root: Path) -> dict[str, str]:
+def _content(root: Path) -> Listing:
     """The published content, without timestamps/bookkeeping that legitimately differ between runs."""
     out = {
-        k: v for k, v in tree(root).items()
+        k: v for k, v in listing(root, content="bytes").items()
         if not k.startswith((STAGING_DIR, ".cvmfs-snap-state")) and not k.endswith(("layer.json", "layers.json",
                                                                                       "image.json"))
     }
     for k, v in out.items():  # origin order depends on which image finished first
         if k.endswith("origin.json"):
-            out[k] = str(sorted(json.loads(v[len("file:"):])["origin"]))
+            out[k] = {**v, "data": sorted(json.loads(v["data"])["origin"])}
     return out
 
 

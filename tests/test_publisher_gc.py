@@ -22,6 +22,7 @@ from publisher.gc import collect_garbage
 from publisher.gcplan import plan_gc
 from publisher.locks import gc_lock
 from tests.support.registry import Registry
+from tests.support.trees import names
 
 DAY = 86400.0
 
@@ -110,12 +111,11 @@ def scenario(tmp_path: Path, registry: Registry) -> Iterator[Scenario]:
     yield Scenario(repo, base, a_only, b_only, c_only, img_a, img_b, img_c, tag)
 
 
+STATE = ".cvmfs-snap-state"  # the local backend's own state, below the repository root
+
+
 def _kinds(plan: object) -> set[tuple[str, str]]:
     return {(i.kind, i.digest) for i in plan.items}  # type: ignore[attr-defined]
-
-
-def _tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".cvmfs-snap-state" not in p.parts)
 
 
 def test_gc_removes_exactly_the_unreferenced_old_things(scenario: Scenario) -> None:
@@ -123,11 +123,11 @@ def test_gc_removes_exactly_the_unreferenced_old_things(scenario: Scenario) -> N
     tag = s.tag
 
     # 1. everything was just published: the grace period keeps it all
-    before = _tree(repo.root)
+    before = names(repo.root, skip=[STATE])
     plan = collect_garbage(make_backend(repo.config), repo.state, 7, dry_run=False)
     assert plan.items == []
     assert {i.digest for i in plan.kept_young} >= {s.a_only.digest, s.b_only.digest}
-    assert _tree(repo.root) == before
+    assert names(repo.root, skip=[STATE]) == before
 
     # 2. a month later: B was dropped long ago and goes; A was replaced only now (remove schedule) and stays
     repo.age_everything(30)
@@ -136,7 +136,7 @@ def test_gc_removes_exactly_the_unreferenced_old_things(scenario: Scenario) -> N
     assert _kinds(dry) == expected
     assert {i.digest for i in dry.kept_young} == {s.a_only.digest, s.img_a.config_digest}
     assert dry.bytes >= 2 * len(b"only in B\n" * 200)  # etc/b in the layer and in the flat tree
-    assert _tree(repo.root) == before  # dry run changes nothing
+    assert names(repo.root, skip=[STATE]) == before  # dry run changes nothing
 
     done = collect_garbage(make_backend(repo.config), repo.state, 7, dry_run=False)
     assert _kinds(done) == expected
@@ -165,7 +165,7 @@ def test_gc_removes_exactly_the_unreferenced_old_things(scenario: Scenario) -> N
 
 def test_gc_cli_dry_run_lists_and_changes_nothing(scenario: Scenario) -> None:
     s, repo = scenario, scenario.repo
-    before = _tree(repo.root)
+    before = names(repo.root, skip=[STATE])
     cmd = [sys.executable, "-m", "publisher.cli", "gc", "--root", str(repo.root), "--state-dir", str(repo.state),
            "--grace-period", "0", "--dry-run"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -174,7 +174,7 @@ def test_gc_cli_dry_run_lists_and_changes_nothing(scenario: Scenario) -> None:
     assert f"would remove layer {s.a_only.digest}" in r.stdout  # grace 0: the move no longer protects A
     assert s.base.digest not in r.stdout and s.c_only.digest not in r.stdout
     assert "gc: would remove 2 layers, 2 flats, 1 links" in r.stdout
-    assert _tree(repo.root) == before
+    assert names(repo.root, skip=[STATE]) == before
 
     r = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

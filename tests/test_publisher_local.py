@@ -23,6 +23,7 @@ from publisher.schedule import read_remove_schedule
 from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import base_layer, check_invariants, top_layer
 from tests.support.registry import Registry
+from tests.support.trees import NON_DIRS, listing
 
 
 class CountingBackend(LocalBackend):
@@ -404,31 +405,6 @@ def rich_layers() -> list[im.BuiltLayer]:
     return [bottom, middle, top]
 
 
-def describe(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything of a tree a container could notice: type, mode, owner, mtime, content/target/device, xattrs,
-    and which paths share an inode (hard links)."""
-    out: dict[str, tuple[object, ...]] = {}
-    inodes: dict[int, list[str]] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            st = os.lstat(p)
-            if os.path.islink(p):
-                what: object = os.readlink(p)
-            elif p.is_file():
-                what = p.read_bytes()
-                inodes.setdefault(st.st_ino, []).append(rel)
-            else:
-                what = st.st_rdev
-            xattrs = {} if os.path.islink(p) else {k: os.getxattr(p, k) for k in os.listxattr(p)}
-            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns if not p.is_dir() else None, what, xattrs)
-    for group in inodes.values():
-        for rel in group:
-            out[rel] = (*out[rel], tuple(sorted(group)))
-    return out
-
-
 def test_flat_from_layer_trees_equals_flat_from_registry(
     registry: Registry, client: RegistryClient, tmp_path: Path
 ) -> None:
@@ -443,11 +419,12 @@ def test_flat_from_layer_trees_equals_flat_from_registry(
             res = pub.publish_image(registry.ref("pub/rich", "v1"))
         assert res.ok, res.error
         flats.append(RepositoryLayout(root).flat_dir(img.config_digest))
-    tree_flat, registry_flat = (describe(f) for f in flats)
-    assert tree_flat.pop(".cvmfscatalog")[4] == registry_flat.pop(".cvmfscatalog")[4] == b""  # made when built
+    tree_flat, registry_flat = (listing(f, content="bytes", mtimes=NON_DIRS) for f in flats)
+    # .cvmfscatalog is made when the flat is built: same (empty) content, its own mtime
+    assert tree_flat.pop(".cvmfscatalog")["data"] == registry_flat.pop(".cvmfscatalog")["data"] == b""
     assert tree_flat == registry_flat
     # and the flat is what overlay semantics say, not just the same mistake twice
-    assert "etc/motd" not in tree_flat and tree_flat["etc/hostname"][4] == b"middle\n"
+    assert "etc/motd" not in tree_flat and tree_flat["etc/hostname"]["data"] == b"middle\n"
     assert sorted(os.listdir(flats[0] / "var/cache")) == ["c"]
     assert (flats[0] / "opt/was-dir").read_bytes() == b"now a file\n"
     assert sorted(os.listdir(flats[0] / "opt/was-file")) == ["child"]
@@ -457,7 +434,7 @@ def test_flat_from_layer_trees_equals_flat_from_registry(
     assert RepositoryLayout(tmp_path / "tree").layerfs(img.layers[0].digest).joinpath(
         "usr/bin/tool").stat().st_mode & 0o7777 == 0o4755  # the layer tree keeps it, as containerd
     assert not any(".wh." in p or ".cvmfscatalog" in p for p in tree_flat)
-    assert tree_flat["usr/bin/tool"][5] == {"user.origin": b"bottom"}
+    assert tree_flat["usr/bin/tool"]["xattrs"] == {"user.origin": b"bottom".hex()}
 
 
 def test_publish_fetches_each_blob_once(fresh_registry: Registry, client: RegistryClient, tmp_path: Path) -> None:

@@ -31,8 +31,8 @@ from publisher.backends.ingest_tar import QUEUE_ITEM, prepare_layer
 from publisher.backends.local import LocalBackend, unpack_layer_dir
 from publisher.pipeline import Publisher
 from publisher.workers import LayerWorkers, offloadable
-from tests.support.publisher_env import tree
 from tests.support.registry import Registry
+from tests.support.trees import NON_DIRS, TYPES, Listing, listing
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +56,13 @@ def _sample() -> im.BuiltLayer:
     ])
 
 
-def _layerfs(layer_dir: Path) -> dict[str, tuple[str, int, int, int, int]]:
-    """Content, mode, owner and mtime (of files: the tar's; directories made on the way get the current time) of
-    everything in a layer dir's layerfs."""
-    out = {}
-    for k, v in tree(layer_dir).items():
-        if k.startswith("layerfs"):
-            st = os.lstat(layer_dir / k)
-            mtime = st.st_mtime_ns if v != "dir" and not k.endswith(".cvmfscatalog") else 0
-            out[k] = (v, st.st_mode, st.st_uid, st.st_gid, mtime)
+def _layerfs(layer_dir: Path) -> Listing:
+    """Content, mode, owner, xattrs, hard links and mtime (of non-directories: the tar's; directories made on the
+    way get the current time) of everything in a layer dir's layerfs."""
+    out = listing(layer_dir / "layerfs", content="bytes", mtimes=NON_DIRS, include_root=True)
+    for k, rec in out.items():
+        if k.endswith(".cvmfscatalog"):
+            rec.pop("mtime", None)
     return out
 
 
@@ -227,9 +225,9 @@ def test_download_error_wins_and_worker_is_done(workers: LayerWorkers, tmp_path:
     with pytest.raises(UnavailableError, match="download of blob X failed"):
         unpack_layer_dir(_info(lay), workers.layer(_FailingDownload(lay.blob, len(lay.blob) // 2), lay.media_type,
                                                    "layer"), tmp_path / "layer")
-    before = tree(tmp_path)
+    before = listing(tmp_path, content="bytes", mtimes=TYPES)
     time.sleep(0.3)  # the worker stopped writing before the call returned: the partial tree stays as it is
-    assert tree(tmp_path) == before
+    assert listing(tmp_path, content="bytes", mtimes=TYPES) == before
 
 
 def test_publisher_with_and_without_workers_publish_the_same(tmp_path: Path, registry: Registry) -> None:
@@ -247,7 +245,8 @@ def test_publisher_with_and_without_workers_publish_the_same(tmp_path: Path, reg
             failed = pub.publish_image(registry.ref("workers/bad", "v1"))
         assert ok.ok, ok.error
         assert not failed.ok
-        layers = {k: v for k, v in tree(root).items() if k.startswith(".layers/") and "layerfs" in k}
+        layers = {k: v for k, v in listing(root, content="bytes").items()
+                  if k.startswith(".layers/") and "layerfs" in k}
         outcome[procs] = (layers, failed.error)
     assert outcome[True][0] == outcome[False][0]
     assert outcome[True][1] == outcome[False][1]

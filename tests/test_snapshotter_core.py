@@ -29,6 +29,8 @@ from cvmfs_snap.snapshotter.sources.base import (
 )
 from cvmfs_snap.snapshotter.store import DB_NAME, Store
 from tests.support.layersource import FakeSource
+from tests.support.snapshotter_daemon import DB_FILES
+from tests.support.trees import shape
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -230,10 +232,10 @@ def test_state_survives_restart_without_touching_dirs(tmp_path: Path) -> None:
     commit_layer(s1, "base", files={"f": b"1"})
     m1 = s1.prepare("a", "base", {"l": "v"})
     info1 = s1.stat("a")
-    before = sorted((str(p), p.is_symlink() and os.readlink(p)) for p in root.rglob("*") if "metadata.db" not in p.name)
+    before = shape(root, skip_names=DB_FILES)
     s1.close()
     s2 = Snapshotter(root)
-    after = sorted((str(p), p.is_symlink() and os.readlink(p)) for p in root.rglob("*") if "metadata.db" not in p.name)
+    after = shape(root, skip_names=DB_FILES)
     assert after == before
     assert s2.stat("a") == info1
     assert s2.mounts("a") == m1

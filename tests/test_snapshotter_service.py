@@ -24,7 +24,8 @@ from cvmfs_snap.snapshotter.config import Config, load_config, parse_config
 from cvmfs_snap.snapshotter.daemon import Daemon
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from tests.support.layersource import FakeSource
-from tests.support.snapshotter_daemon import start_daemon, stop_daemon, wait_ready
+from tests.support.snapshotter_daemon import DB_FILES, start_daemon, stop_daemon, wait_ready
+from tests.support.trees import shape
 
 D1 = "sha256:" + "1" * 64
 CHAIN1 = "sha256:" + "a" * 64
@@ -262,8 +263,7 @@ def test_daemon_restart_keeps_state_and_stops_on_sigterm(short_tmp: Path) -> Non
     log = (short_tmp / "daemon.log").read_text()
     assert "got SIGTERM" in log and "stopped" in log
     assert not sock.exists()
-    tree = sorted((str(p), p.is_symlink() and os.readlink(p)) for p in (short_tmp / "root").rglob("*")
-                  if "metadata.db" not in p.name)
+    tree = shape(short_tmp / "root", skip_names=DB_FILES)
 
     # a stale socket file is replaced; state and dirs are kept as they were
     s = socket.socket(socket.AF_UNIX)
@@ -272,8 +272,7 @@ def test_daemon_restart_keeps_state_and_stops_on_sigterm(short_tmp: Path) -> Non
     proc = start_daemon(short_tmp, "--config", str(cfg))
     try:
         wait_ready(proc)
-        assert sorted((str(p), p.is_symlink() and os.readlink(p)) for p in (short_tmp / "root").rglob("*")
-                      if "metadata.db" not in p.name) == tree
+        assert shape(short_tmp / "root", skip_names=DB_FILES) == tree
         with grpc.insecure_channel(f"unix:{sock}") as ch:
             stub = pb_grpc.SnapshotsStub(ch)
             assert stub.Mounts(pb.MountsRequest(key="run")).mounts == m

@@ -21,7 +21,8 @@ from cvmfs_snap.devenv.images import BuiltLayer, Entry, estargz_layer, image, la
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from tests.support.layersource import lookup
-from tests.support.layertrees import dump_tree, extract_like_containerd, mounted_overlay, write_cvmfs_layer
+from tests.support.layertrees import MTIMES, extract_like_containerd, mounted_overlay, write_cvmfs_layer
+from tests.support.trees import listing
 
 T1, T2, T3 = 1_600_000_000, 1_650_000_000, 1_690_000_000
 
@@ -133,7 +134,7 @@ def test_stack_matches_containerd_extraction(tmp_path: Path, record: bool) -> No
     assert all(p.is_absolute() and os.path.realpath(p) == str(p) for p in ours)
     ref = reference_stack(tmp_path, layers)
     with mounted_overlay(ours, tmp_path / "m_ours") as m1, mounted_overlay(ref, tmp_path / "m_ref") as m2:
-        view_ours, view_ref = dump_tree(m1), dump_tree(m2)
+        view_ours, view_ref = listing(m1, mtimes=MTIMES), listing(m2, mtimes=MTIMES)
         check_scenario_view(view_ours, m1)
         check_scenario_view(view_ref, m2)
         assert view_ours == view_ref
@@ -157,9 +158,9 @@ def test_root_opaque_and_top_level_whiteouts(tmp_path: Path) -> None:
     ref = reference_stack(tmp_path, layers)
     with mounted_overlay(our_stack(src, layers), tmp_path / "m1") as m1, \
             mounted_overlay(ref, tmp_path / "m2") as m2:
-        view = dump_tree(m1)
+        view = listing(m1, mtimes=MTIMES)
         assert "b" not in view and "d" not in view and "new" in view
-        assert view == dump_tree(m2)
+        assert view == listing(m2, mtimes=MTIMES)
 
 
 def test_layer_without_deletions_is_one_lowerdir(tmp_path: Path) -> None:
@@ -243,9 +244,9 @@ def test_stack_matches_real_containerd_overlayfs(tmp_path: Path, short_tmp: Path
         try:
             with mounted_overlay(our_stack(src, layers), tmp_path / "m_ours") as mine:
                 theirs = tmp_path / "m_ctd"
-                view_ctd = dump_tree(theirs)
+                view_ctd = listing(theirs, mtimes=MTIMES)
                 check_scenario_view(view_ctd, theirs)
-                assert dump_tree(mine) == view_ctd
+                assert listing(mine, mtimes=MTIMES) == view_ctd
         finally:
             subprocess.run(["umount", str(tmp_path / "m_ctd")], check=True)
 

@@ -3,7 +3,8 @@
 The whole data path with real processes: publish an image with ``cvmfs-snap-publisher convert-single-image --backend
 local`` into a directory that stands for ``/cvmfs/<repo>``, run ``cvmfs-snap snapshotter`` as a proxy plugin of a
 private containerd, pull with ``cvmfs-snap pull``, and look at the result the way a container would: mount a view of
-the image's top snapshot and list it entry by entry (:func:`tree_listing`), so two snapshotters can be compared.
+the image's top snapshot and list it entry by entry
+(:func:`tests.support.trees.view_listing`), so two snapshotters can be compared.
 
 Everything here starts processes by PID and unmounts only what it mounted.
 """
@@ -11,10 +12,8 @@ Everything here starts processes by PID and unmounts only what it mounted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import stat
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,6 @@ from tests.support.snapshotter_daemon import SnapshotterProcess, running_daemon
 PLUGIN = "cvmfs-snapshotter"
 REPO_NAME = "unpacked.test.ch"
 #: xattrs the kernel's overlayfs keeps for itself: they describe how a tree is stacked, not the image
-OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 
 def publish(root: Path, ref: str, *, insecure_host: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -160,85 +158,6 @@ def mounted_view(cd: Containerd, snapshotter: str, parent: str, key: str) -> Ite
         with contextlib.suppress(OSError):
             target.rmdir()
         cd.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, check=False)
-
-
-def _xattrs(path: str, is_link: bool) -> dict[str, str]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out = {}
-    for n in sorted(names):
-        if n.startswith(OVERLAY_XATTR_PREFIXES):
-            continue
-        try:
-            out[n] = os.getxattr(path, n, follow_symlinks=False).hex()
-        except OSError as exc:
-            out[n] = f"<error {exc.errno}>"
-    return out
-
-
-def tree_listing(root: Path) -> dict[str, dict[str, Any]]:
-    """Every entry below ``root`` (``"."`` is the root) as a comparable record: type, permission bits (with
-    set-id/sticky), uid/gid, xattrs (not overlay's own), sha256 of regular files, symlink target, device numbers,
-    link count of non-directories, and the other names of the same inode (hardlinks)."""
-    entries: dict[str, dict[str, Any]] = {}
-    inodes: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        rels = ["."] if rel_dir == "." else []
-        rels += [os.path.normpath(os.path.join(rel_dir, n)) for n in sorted(dirnames + filenames)]
-        for rel in rels:
-            p = os.path.join(root, rel)
-            st = os.lstat(p)
-            mode = st.st_mode
-            rec: dict[str, Any] = {"mode": oct(stat.S_IMODE(mode)), "uid": st.st_uid, "gid": st.st_gid}
-            if stat.S_ISDIR(mode):
-                rec["type"] = "dir"
-                if rel in entries:
-                    continue
-            elif stat.S_ISREG(mode):
-                rec["type"] = "file"
-                h = hashlib.sha256()
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                rec["sha256"] = h.hexdigest()
-                rec["size"] = st.st_size
-            elif stat.S_ISLNK(mode):
-                rec["type"] = "symlink"
-                rec["target"] = os.readlink(p)
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                rec["type"] = "char" if stat.S_ISCHR(mode) else "block"
-                rec["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
-            elif stat.S_ISFIFO(mode):
-                rec["type"] = "fifo"
-            else:
-                rec["type"] = "other"
-            if not stat.S_ISDIR(mode):
-                rec["nlink"] = st.st_nlink
-                if st.st_nlink > 1:
-                    inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-            rec["xattrs"] = _xattrs(p, stat.S_ISLNK(mode))
-            entries[rel] = rec
-    for same in inodes.values():
-        for n in same:
-            entries[n]["hardlinks"] = sorted(same)
-    return entries
-
-
-def diff_listings(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], a_name: str = "ours",
-                  b_name: str = "native") -> list[str]:
-    """Readable differences between two :func:`tree_listing` results (empty when equal)."""
-    out = [f"only in {a_name}: {k} {a[k]}" for k in sorted(set(a) - set(b))]
-    out += [f"only in {b_name}: {k} {b[k]}" for k in sorted(set(b) - set(a))]
-    for k in sorted(set(a) & set(b)):
-        if a[k] != b[k]:
-            keys = sorted(set(a[k]) | set(b[k]))
-            d = {f: (a[k].get(f), b[k].get(f)) for f in keys if a[k].get(f) != b[k].get(f)}
-            out.append(f"differs: {k} ({a_name}, {b_name}): {d}")
-    return out
 
 
 def snapshotter_status(root: Path) -> dict[str, Any]:

@@ -7,12 +7,11 @@
   ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on the directory, an existing non-directory is replaced;
 * :func:`mounted_overlay` mounts a read-only overlay of many lowerdirs through short relative links (as containerd's
   ``mount.All`` shortens 128-layer mounts) and unmounts it;
-* :func:`dump_tree` describes a mounted tree (types, modes, owners, times, xattrs, contents) for comparisons.
+* :data:`MTIMES`: whose mtimes a comparison of trees made here can include (``tests.support.trees.listing``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -25,7 +24,9 @@ from pathlib import Path
 
 from cvmfs_snap.devenv.images import BuiltLayer
 from cvmfs_snap.layout import CATALOG_MARKER, LayerRecord, RepositoryLayout
+from tests.support.trees import TYPES
 
+MTIMES = TYPES - {"symlink"}  # tarfile (extract_like_containerd) leaves a symlink's mtime at "now"
 WH = ".wh."
 OPQ = ".wh..wh..opq"
 XATTR_PAX = "SCHILY.xattr."
@@ -155,32 +156,3 @@ def mounted_overlay(lowerdirs: Sequence[Path], target: Path) -> Iterator[Path]:
             else:
                 os.rmdir(e.path)
         os.rmdir(links)
-
-
-def dump_tree(root: Path, *, dir_times: bool = True) -> dict[str, tuple[object, ...]]:
-    """Everything a container can see of a tree, per relative path (the root itself excluded)."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            st = os.lstat(p)
-            xattrs = {}
-            try:
-                for x in sorted(os.listxattr(p, follow_symlinks=False)):
-                    xattrs[x] = os.getxattr(p, x, follow_symlinks=False)
-            except OSError:
-                pass
-            kind = stat.S_IFMT(st.st_mode)
-            extra: object = None
-            if stat.S_ISREG(kind):
-                extra = hashlib.sha256(p.read_bytes()).hexdigest()
-            elif stat.S_ISLNK(kind):
-                extra = os.readlink(p)
-            elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
-                extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            mtime = st.st_mtime_ns if (dir_times or not stat.S_ISDIR(kind)) else None
-            if stat.S_ISLNK(kind):
-                mtime = None
-            out[rel] = (oct(st.st_mode), st.st_uid, st.st_gid, extra, mtime, tuple(xattrs.items()))
-    return out

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_snap.devenv import images as im
+from cvmfs_snap.fsutil import walk
 from cvmfs_snap.layout import IMAGE_JSON, ImageRecord, RepositoryLayout, link_resolves
 
 FAKE_CVMFS_SERVER = Path(__file__).with_name("fake_cvmfs_server.py")
@@ -120,13 +121,13 @@ def check_invariants(root: Path, *, allow_ducc_layers: bool = False) -> list[str
             problems.append(f"{ldir}: layerfs visible without layer.json")
     meta = layout.metadata_root
     if meta.is_dir():
-        for dirpath, _dirs, files in os.walk(meta):
+        for dirpath, _dirs, files in walk(meta):
             if IMAGE_JSON in files:
                 img = ImageRecord.from_json((Path(dirpath) / IMAGE_JSON).read_bytes())
                 for d in img.layers:
                     if not layout.is_layer_complete(d):
                         problems.append(f"{dirpath}: image uses incomplete layer {d}")
-    for dirpath, dirs, files in os.walk(root):
+    for dirpath, dirs, files in walk(root):
         if "/." in dirpath[len(str(root)):]:
             continue
         for name in dirs + files:
@@ -134,19 +135,3 @@ def check_invariants(root: Path, *, allow_ducc_layers: bool = False) -> list[str
             if p.is_symlink() and not p.exists() and not link_resolves(p):
                 problems.append(f"{p}: dangling public link -> {os.readlink(p)}")
     return problems
-
-
-def tree(root: Path) -> dict[str, str]:
-    """path -> kind:content/target, for comparing trees."""
-    out: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = "file:" + p.read_bytes().decode(errors="replace")
-    return out

@@ -14,6 +14,11 @@ from pathlib import Path
 
 import grpc
 
+from cvmfs_snap.snapshotter.store import DB_NAME
+
+#: the snapshotter store's SQLite files in its root (they change on every open; the rest of the root must not)
+DB_FILES = frozenset({DB_NAME, f"{DB_NAME}-journal", f"{DB_NAME}-wal", f"{DB_NAME}-shm"})
+
 
 @dataclass
 class SnapshotterProcess:
