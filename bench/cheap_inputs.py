@@ -20,14 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cvmfs_snap.devenv.images import OCI_INDEX, Pusher, image, layer  # noqa: E402
 from cvmfs_snap.fsutil import remove_tree  # noqa: E402
 from cvmfs_snap.layer.limits import Limits  # noqa: E402
 from cvmfs_snap.oci import RegistryClient  # noqa: E402
+from cvmfs_snap_devenv.images import OCI_INDEX, Pusher, image, layer  # noqa: E402
+from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 from publisher.backends.local import LocalBackend  # noqa: E402
 from publisher.pipeline import Publisher  # noqa: E402
 from tests.support.bombs import sparse_layer, zstd_bomb  # noqa: E402
-from tests.support.registry import start_registry  # noqa: E402
 
 
 def timed(root: Path, ref: str, limits: Limits | None = None) -> tuple[float, str]:

@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from publish import _GzipSink, _HashingWriter  # type: ignore[import-not-found]  # noqa: E402
 from publish import push_image as push_layers  # noqa: E402
 
-from cvmfs_snap.devenv.containerd import start_containerd  # noqa: E402
-from cvmfs_snap.devenv.images import OCI_MANIFEST  # noqa: E402
-from cvmfs_snap.devenv.procs import unmount_below  # noqa: E402
-from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
 from cvmfs_snap.fsutil import walk  # noqa: E402
 from cvmfs_snap.layer.compression import MEDIA_TYPES  # noqa: E402
+from cvmfs_snap_devenv.containerd import start_containerd  # noqa: E402
+from cvmfs_snap_devenv.images import OCI_MANIFEST  # noqa: E402
+from cvmfs_snap_devenv.procs import unmount_below  # noqa: E402
+from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
 OCI_GZIP = next(mt for mt, c in MEDIA_TYPES.items() if c == "gzip" and ".oci." in mt and "nondistributable" not in mt)
 PEER = [os.environ.get("STARGZ_PEER_BIN", ""), "/work/shared/tools/stargz-peer/bin", "/tmp/stargz-peer-bin"]

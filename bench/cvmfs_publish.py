@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cvmfs_snap.devenv import images as im  # noqa: E402
-from tests.support.registry import start_registry  # noqa: E402
+from cvmfs_snap_devenv import images as im  # noqa: E402
+from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
 REAL = "/usr/bin/cvmfs_server"
 

@@ -33,11 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cvmfs_snap.devenv.images import Pusher, make_tar  # noqa: E402
-from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
 from cvmfs_snap.estargz import BuildOptions, build  # noqa: E402
 from cvmfs_snap.fsutil import remove_tree_quietly  # noqa: E402
 from cvmfs_snap.lazyfs import control  # noqa: E402
+from cvmfs_snap_devenv.images import Pusher, make_tar  # noqa: E402
+from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
 MIB = 1 << 20
 

@@ -33,11 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pull import PLUGIN, blob_stats, ctr, run, run_out
-from cvmfs_snap.devenv import images as im
-from cvmfs_snap.devenv.containerd import start_containerd
-from cvmfs_snap.devenv.procs import stop_lazyfs, stop_process
-from cvmfs_snap.devenv.registry import blob_gets, start_registry
 from cvmfs_snap.snapshotter.sources.lazy import LazyProcess, LazySettings
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.containerd import start_containerd
+from cvmfs_snap_devenv.procs import stop_lazyfs, stop_process
+from cvmfs_snap_devenv.registry import blob_gets, start_registry
 
 MiB = 1 << 20
 SMALL = b"hello from the small file\n"

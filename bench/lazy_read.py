@@ -32,8 +32,6 @@ import trio  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cvmfs_snap.devenv.images import Pusher, make_tar  # noqa: E402
-from cvmfs_snap.devenv.registry import start_registry  # noqa: E402
 from cvmfs_snap.estargz import BuildOptions, build  # noqa: E402
 from cvmfs_snap.fsutil import remove_tree_quietly  # noqa: E402
 from cvmfs_snap.lazyfs.cache import ChunkCache  # noqa: E402
@@ -42,6 +40,8 @@ from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader  # noqa: E40
 from cvmfs_snap.lazyfs.remote import BlobFetcher  # noqa: E402
 from cvmfs_snap.oci.client import RegistryClient  # noqa: E402
 from cvmfs_snap.oci.reference import ImageReference  # noqa: E402
+from cvmfs_snap_devenv.images import Pusher, make_tar  # noqa: E402
+from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
 READ = 128 * 1024
 

@@ -36,8 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cvmfs_snap.devenv.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Pusher  # noqa: E402
-from tests.support.registry import start_registry  # noqa: E402
+from cvmfs_snap_devenv.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Pusher  # noqa: E402
+from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
 FILE_SIZE = 8 << 20
 #: the file-heavy image: this many files in total, each 1-8 KiB, 100 per directory

@@ -31,11 +31,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_snap.devenv import images as im
-from cvmfs_snap.devenv.containerd import Containerd, start_containerd
-from cvmfs_snap.devenv.procs import stop_process
-from cvmfs_snap.devenv.registry import Registry, blob_gets, start_registry
 from cvmfs_snap.progressbars import human_bytes as human
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.procs import stop_process
+from cvmfs_snap_devenv.registry import Registry, blob_gets, start_registry
 
 PLUGIN = "cvmfs-snapshotter"
 MiB = 1 << 20
@@ -96,7 +96,7 @@ class Result:
 
 
 def ctr(cd: Containerd, *args: str) -> list[str]:
-    from cvmfs_snap.devenv.containerd import CTR_BIN
+    from cvmfs_snap_devenv.containerd import CTR_BIN
 
     return [CTR_BIN, "--address", cd.address, "--namespace", "default", *args]
 

@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cvmfs_snap.containerd.pull import run_pull
-from cvmfs_snap.devenv.images import Pusher, image, layer
-from cvmfs_snap.devenv.procs import unmount_below
 from cvmfs_snap.layout import RepositoryLayout
-from tests.support.containerd import start_containerd
-from tests.support.registry import blob_gets, start_registry
+from cvmfs_snap_devenv.containerd import start_containerd
+from cvmfs_snap_devenv.images import Pusher, image, layer
+from cvmfs_snap_devenv.procs import unmount_below
+from cvmfs_snap_devenv.registry import blob_gets, start_registry
 from tests.support.runnable import busybox_layer, goref_bin
 from tests.support.snapshotter_daemon import running_daemon
 

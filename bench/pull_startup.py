@@ -36,10 +36,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pull import PLUGIN, build_image, ctr, run
-from cvmfs_snap.devenv import images as im
-from cvmfs_snap.devenv.containerd import start_containerd
-from cvmfs_snap.devenv.procs import stop_process
-from cvmfs_snap.devenv.registry import start_registry
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.containerd import start_containerd
+from cvmfs_snap_devenv.procs import stop_process
+from cvmfs_snap_devenv.registry import start_registry
 
 MiB = 1 << 20
 

@@ -34,9 +34,9 @@ import grpc
 
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
+from cvmfs_snap_devenv.procs import stop_process
 
 
 def publish_fake_layers(repo: Path, n: int) -> list[str]:

@@ -5,7 +5,8 @@ Subcommands live in their own modules; each exposes ``add_arguments(parser)`` an
 - ``snapshotter``: the containerd proxy-plugin daemon (``cvmfs_snap.snapshotter.daemon``)
 - ``status``: list snapshots and where each layer comes from (``cvmfs_snap.snapshotter.status``)
 - ``pull``: pull an image through containerd with our snapshotter (``cvmfs_snap.containerd.pull``)
-- ``demo``: the end-to-end main job on an embedded default (``cvmfs_snap.demo``)
+- ``demo``: the end-to-end main job on an embedded default (``cvmfs_snap_devenv.demo``, in the development
+  harness: a distribution of its own that site installs do not carry)
 - ``convert``: copy an image registry to registry with eStargz layers (``cvmfs_snap.convert.command``)
 - ``lazyfs``: the lazy layers' FUSE process (``cvmfs_snap.lazyfs.command``)
 """
@@ -30,6 +31,13 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "run the whole data path end to end on a local embedded default",
     "convert": "copy an image registry to registry, with its layers as eStargz",
     "lazyfs": "serve lazy eStargz layers through one FUSE mount (started by the snapshotter)",
+}
+
+#: what to tell a user whose install lacks the package a subcommand lives in
+MISSING_HINTS = {
+    "cvmfs_snap_devenv": "needs cvmfs-snap's development harness (distribution cvmfs-snap-devenv, in devenv/ of the "
+                         "source tree), which a site install does not carry: run scripts/demo in a clone of the "
+                         "repository (it installs everything), or `pip install ./devenv` there",
 }
 
 log = logging.getLogger("cvmfs_snap")
@@ -64,7 +72,7 @@ def subcommand(name: str) -> ModuleType:
 
         return pull
     if name == "demo":
-        from cvmfs_snap import demo
+        from cvmfs_snap_devenv import demo
 
         return demo
     if name == "convert":
@@ -94,7 +102,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:  # a part not built yet must not break the others
             if not (exc.name or "").startswith("cvmfs_snap"):
                 raise
-            p.set_defaults(_missing=True)
+            p.set_defaults(_missing=(exc.name or "").partition(".")[0])
             continue
         module.add_arguments(p)
         p.set_defaults(_module=module)
@@ -122,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(only).parse_args(argv)
     if not logging.getLogger().handlers:
         setup_logging(getattr(args, "log_level", "info") or "info")
-    if getattr(args, "_missing", False):
-        print(f"cvmfs-snap {args.command}: not available in this build", file=sys.stderr)
+    missing = getattr(args, "_missing", "")
+    if missing:
+        print(f"cvmfs-snap {args.command}: {MISSING_HINTS.get(missing, 'not available in this build')}",
+              file=sys.stderr)
         return 2
     try:
         module: ModuleType = args._module

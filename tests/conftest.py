@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.procs import unmount_below
 from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
-from tests.support.registry import Registry, start_registry
+from cvmfs_snap_devenv.procs import unmount_below
+from cvmfs_snap_devenv.registry import Registry, start_registry
 
 
 @pytest.fixture(scope="session")

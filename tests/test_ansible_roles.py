@@ -30,15 +30,14 @@ import yaml
 
 from cvmfs_snap import fsutil
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
-from cvmfs_snap.devenv import images as im
-from cvmfs_snap.devenv.procs import stop_process, unmount_below
-from cvmfs_snap.devenv.registry import free_port
-from tests.support.containerd import CONTAINERD_BIN, Containerd
-from tests.support.paths import REPO_ROOT
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.containerd import CONTAINERD_BIN, Containerd
+from cvmfs_snap_devenv.procs import stop_process, unmount_below
+from cvmfs_snap_devenv.registry import Registry, free_port
 from tests.support.playbooks import PlaybookRun, localhost_inventory, read_unit, run_playbook
 from tests.support.publisher_env import FakeCvmfs, base_layer, make_fake_cvmfs
-from tests.support.registry import Registry
 from tests.support.trees import TYPES, listing
+from tests.support.wheel import build_wheel
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -116,19 +115,6 @@ state = "{d}/state"
 [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry.host}"]
   endpoint = ["http://{registry.host}"]
 """
-
-
-def build_wheel(dest: Path) -> Path:
-    """The wheel of this checkout (as a site admin builds it: ``pip wheel --no-deps .``), built from a copy of the
-    sources so the checkout gets no build/ directory."""
-    src = dest / "src"
-    shutil.copytree(REPO_ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache", "tests", "bench"))
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), str(src)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (wheel,) = dest.glob("cvmfs_snap-*.whl")
-    return wheel
 
 
 @pytest.fixture(scope="module")

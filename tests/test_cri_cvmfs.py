@@ -19,11 +19,11 @@ from cvmfs_snap.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.containerd.unpack import Outcome
-from cvmfs_snap.devenv.images import BuiltLayer
 from cvmfs_snap.layout import RepositoryLayout
-from tests.support.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.images import BuiltLayer
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.pullcheck import blob_gets, client, committed
-from tests.support.registry import Registry
 from tests.support.runnable import goref_bin, push_runnable, require_busybox
 from tests.support.snapshotter_daemon import running_daemon
 

@@ -13,10 +13,10 @@ import pytest
 from cvmfs_snap.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
-from cvmfs_snap.devenv.images import BuiltImage, Pusher, image, layer
-from tests.support.containerd import Containerd
+from cvmfs_snap_devenv.containerd import Containerd
+from cvmfs_snap_devenv.images import BuiltImage, Pusher, image, layer
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.pullcheck import blob_gets, client, committed, containerd_in_tmp, fakeremote
-from tests.support.registry import Registry
 from tests.support.runnable import goref_bin
 
 pytestmark = pytest.mark.timeout(300)

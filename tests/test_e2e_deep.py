@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.containerd import labels as L
-from cvmfs_snap.devenv.images import Entry, Pusher, image, layer
-from tests.support.e2e import PLUGIN, blob_gets_after, cvmfs_snap_pull, log_mark, mounted_view, node, publish
-from tests.support.registry import Registry
+from cvmfs_snap_devenv.images import Entry, Pusher, image, layer
+from cvmfs_snap_devenv.registry import Registry, log_mark
+from tests.support.e2e import PLUGIN, blob_gets_after, cvmfs_snap_pull, mounted_view, node, publish
 from tests.support.runnable import busybox_layer, require_busybox
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import Pusher, image
-from tests.support.containerd import start_containerd
+from cvmfs_snap_devenv.containerd import start_containerd
+from cvmfs_snap_devenv.images import Pusher, image
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.e2e import PLUGIN, cvmfs_snap_pull, publish, snapshotter_status, write_config
-from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, data_layer, require_busybox
 from tests.support.snapshotter_daemon import start_daemon, stop_daemon, wait_ready
 from tests.support.waiting import wait_for

@@ -21,20 +21,19 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.containerd import labels as L
-from cvmfs_snap.devenv.images import BuiltLayer, Entry, Pusher, image, layer
 from cvmfs_snap.layout import RepositoryLayout
-from tests.support.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.images import BuiltLayer, Entry, Pusher, image, layer
+from cvmfs_snap_devenv.registry import Registry, log_mark
 from tests.support.e2e import (
     PLUGIN,
     Node,
     blob_gets_after,
     cvmfs_snap_pull,
-    log_mark,
     mounted_view,
     node,
     publish,
 )
-from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, require_busybox
 from tests.support.trees import diff, view_listing
 

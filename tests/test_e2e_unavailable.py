@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltImage, Pusher, image
-from tests.support.e2e import PLUGIN, Node, blob_gets_after, cvmfs_snap_pull, log_mark, node, publish
-from tests.support.registry import Registry
+from cvmfs_snap_devenv.images import BuiltImage, Pusher, image
+from cvmfs_snap_devenv.registry import Registry, log_mark
+from tests.support.e2e import PLUGIN, Node, blob_gets_after, cvmfs_snap_pull, node, publish
 from tests.support.runnable import busybox_layer, data_layer, require_busybox
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.cli import main as cli_main
-from cvmfs_snap.devenv.images import BuiltImage, Entry, Pusher, image, layer
 from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError
 from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargz
 from cvmfs_snap.oci import ImageReference, Manifest, RegistryClient
 from cvmfs_snap.oci.push import Pusher as OciPusher
-from tests.support.containerd import Containerd
+from cvmfs_snap_devenv.containerd import Containerd
+from cvmfs_snap_devenv.images import BuiltImage, Entry, Pusher, image, layer
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.estargz import esgz
 from tests.support.pullcheck import containerd_in_tmp
-from tests.support.registry import Registry
 from tests.support.runnable import busybox_layer, goref_bin, require_busybox
 
 pytestmark = pytest.mark.timeout(300)
@@ -192,7 +192,7 @@ def test_convert_with_token_auth_never_leaks_the_password(tmp_path: Path, capsys
     import base64
     import logging
 
-    from tests.support.registry import start_registry
+    from cvmfs_snap_devenv.registry import start_registry
     from tests.support.token_issuer import start_token_issuer
 
     secret = "c0nvert-Very-Secret-pw"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import compress, make_tar
 from cvmfs_snap.estargz import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
@@ -23,6 +22,7 @@ from cvmfs_snap.estargz import (
 from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.layer import apply_layer, iter_layer, open_layer
 from cvmfs_snap.mediatypes import OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
+from cvmfs_snap_devenv.images import compress, make_tar
 from tests.support.estargz import corpus, to_estargz
 from tests.support.trees import NON_DIRS, diff, listing, sparse_tar
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from cvmfs_snap.devenv.images import make_tar
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnsafeLayerError
 from cvmfs_snap.estargz import EStargz, gzip_footer, open_bytes, parse_footer, zstd_footer
 from cvmfs_snap.layer import Limits
+from cvmfs_snap_devenv.images import make_tar
 from tests.support.estargz import to_estargz
 
 TAR = make_tar(["d/", ("d/a", b"A" * 5000), ("d/b", b"B" * 300), ("c", b"C" * 2500), "e/"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import compress
 from cvmfs_snap.estargz import PREFETCH_LANDMARK, gzip_footer, open_bytes
+from cvmfs_snap_devenv.images import compress
 from tests.support.estargz import corpus, esgz, to_estargz
 from tests.support.trees import sparse_tar
 from tests.test_estargz_format import _files

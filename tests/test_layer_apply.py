@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from cvmfs_snap.devenv.images import Entry, make_tar
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer import (
     ApplyResult,
@@ -24,6 +23,7 @@ from cvmfs_snap.layer import (
     scan_tree_whiteouts,
 )
 from cvmfs_snap.mediatypes import OCI_LAYER_TAR
+from cvmfs_snap_devenv.images import Entry, make_tar
 from tests.support.hostile import END, header, pax_block, raw_file, tar_of
 from tests.support.trees import names, sparse_tar
 

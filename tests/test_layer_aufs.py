@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltLayer, Entry, layer
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layer import apply_layer, iter_layer, scan_tree_whiteouts
 from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
+from cvmfs_snap_devenv.images import BuiltLayer, Entry, layer
 from publisher.backends.base import LayerInfo
 from publisher.backends.ingest_tar import spool_and_validate
 from publisher.backends.local import LocalBackend
@@ -117,9 +117,9 @@ def test_difference_from_real_containerd_is_only_below_plnk(tmp_path: Path, shor
     import shlex
     import subprocess
 
-    from cvmfs_snap.devenv.images import image, push_image
-    from tests.support.containerd import start_containerd
-    from tests.support.registry import Registry
+    from cvmfs_snap_devenv.containerd import start_containerd
+    from cvmfs_snap_devenv.images import image, push_image
+    from cvmfs_snap_devenv.registry import Registry
 
     assert isinstance(registry, Registry)
     layers = aufs_layers()

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cvmfs_snap.devenv.images import make_tar
 from cvmfs_snap.errors import IntegrityError, InvalidInputError
 from cvmfs_snap.layer import MEDIA_TYPES, apply_layer, iter_layer, open_layer
+from cvmfs_snap_devenv.images import make_tar
 
 TAR = make_tar([("a", b"alpha" * 1000), "d/", ("d/b", os.urandom(70000)), ("d/c", b"")])
 

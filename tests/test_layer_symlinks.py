@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltLayer, Entry, image, layer, make_tar, sha256
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layer import apply_layer, open_layer
 from cvmfs_snap.layer.inroot import MAX_SYMLINKS, InRoot
 from cvmfs_snap.layer.rules import own_symlink_error
+from cvmfs_snap_devenv.images import BuiltLayer, Entry, image, layer, make_tar, sha256
 from tests.support.trees import NON_DIRS, diff, listing
 
 
@@ -186,9 +186,9 @@ def test_usrmerge_matches_real_containerd_native_snapshotter(tmp_path: Path, sho
                                                              registry: object) -> None:
     """containerd's native snapshotter applies each layer on a copy of the merged tree below it (archive.Apply on
     a merged view): the same situation as our merged mode, so the same tree."""
-    from cvmfs_snap.devenv.images import push_image
-    from tests.support.containerd import start_containerd
-    from tests.support.registry import Registry
+    from cvmfs_snap_devenv.containerd import start_containerd
+    from cvmfs_snap_devenv.images import push_image
+    from cvmfs_snap_devenv.registry import Registry
 
     assert isinstance(registry, Registry)
     layers = usrmerge_layers()

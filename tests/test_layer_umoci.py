@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltLayer, Entry, image, layer
 from cvmfs_snap.layer import apply_layer, open_layer
+from cvmfs_snap_devenv.images import BuiltLayer, Entry, image, layer
 from tests.support.trees import NON_DIRS, diff, listing
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000").decode("utf-8", "surrogateescape")

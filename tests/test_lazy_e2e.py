@@ -25,7 +25,8 @@ import pytest
 
 import cvmfs_snap
 from cvmfs_snap.containerd.labels import chain_ids
-from cvmfs_snap.devenv.images import (
+from cvmfs_snap_devenv.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.images import (
     LAYER_MEDIA,
     BuiltImage,
     BuiltLayer,
@@ -36,18 +37,16 @@ from cvmfs_snap.devenv.images import (
     image,
     make_tar,
 )
-from cvmfs_snap.devenv.procs import stop_lazyfs
-from tests.support.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.procs import stop_lazyfs
+from cvmfs_snap_devenv.registry import Registry, blob_gets, log_mark
 from tests.support.e2e import (
     PLUGIN,
     REPO_NAME,
     cvmfs_snap_pull,
-    log_mark,
     mounted_view,
     publish,
     snapshotter_status,
 )
-from tests.support.registry import Registry, blob_gets
 from tests.support.runnable import busybox_layer, goref_bin, require_busybox
 from tests.support.snapshotter_daemon import SnapshotterProcess, start_daemon, stop_daemon, wait_ready
 from tests.support.trees import diff, view_listing

@@ -18,8 +18,8 @@ from cvmfs_snap.lazyfs.reader import LayerReader, ReadActivity, open_layer_reade
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import ImageReference
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
-from tests.support.registry import Registry
 
 CHUNK = 64 * 1024
 

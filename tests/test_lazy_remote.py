@@ -20,8 +20,8 @@ from cvmfs_snap.lazyfs.remote import BlobFetcher, merge_spans
 from cvmfs_snap.oci.auth import CredentialStore
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import ImageReference
+from cvmfs_snap_devenv.registry import Registry, start_registry
 from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
-from tests.support.registry import Registry, start_registry
 from tests.support.token_issuer import start_token_issuer
 
 

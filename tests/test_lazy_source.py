@@ -22,8 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltImage, Pusher, estargz_layer, image, push_image
-from cvmfs_snap.devenv.procs import stop_lazyfs
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError
 from cvmfs_snap.snapshotter import status
 from cvmfs_snap.snapshotter.config import parse_config
@@ -38,8 +36,10 @@ from cvmfs_snap.snapshotter.sources.base import (
 )
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
+from cvmfs_snap_devenv.images import BuiltImage, Pusher, estargz_layer, image, push_image
+from cvmfs_snap_devenv.procs import stop_lazyfs
+from cvmfs_snap_devenv.registry import Registry, free_port, log_mark, start_registry
 from tests.support.layersource import lookup
-from tests.support.registry import Registry, free_port, log_mark, start_registry
 
 CHAIN = "sha256:" + "c" * 64
 PASSWORD = "lazy-s3cret-pw"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import Entry, make_tar
+from cvmfs_snap_devenv.images import Entry, make_tar
 from tests.support.estargz import corpus, esgz, to_estargz
 from tests.support.layertrees import MTIMES, extract_like_containerd, mounted_overlay
 from tests.support.lazyfs_mount import mounted_lazyfs

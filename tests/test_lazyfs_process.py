@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cvmfs_snap.devenv.registry import free_port
 from cvmfs_snap.lazyfs import control
+from cvmfs_snap_devenv.registry import Registry, free_port
 from tests.support.layertrees import MTIMES
 from tests.support.range_proxies import Behaviour, PushedLayer, RangeProxy, push_estargz, range_proxy
-from tests.support.registry import Registry
 from tests.support.trees import listing
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse, root")

@@ -21,20 +21,19 @@ import httpx
 import pytest
 import yaml
 
-from cvmfs_snap.devenv import images as im
-from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import RepositoryLayout
-from tests.support.containerd import start_containerd
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.containerd import start_containerd
+from cvmfs_snap_devenv.procs import stop_process
+from cvmfs_snap_devenv.registry import Registry, log_mark
 from tests.support.e2e import (
     PLUGIN,
     REPO_NAME,
     blob_gets_after,
     cvmfs_snap_pull,
-    log_mark,
     mounted_view,
     write_config,
 )
-from tests.support.registry import Registry
 from tests.support.snapshotter_daemon import running_daemon
 from tests.support.waiting import wait_for
 

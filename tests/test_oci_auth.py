@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import AuthError, CvmfsSnapError, NotFoundError
 from cvmfs_snap.oci import Credentials, CredentialStore, ImageReference, RegistryClient
-from tests.support.registry import Registry, start_registry
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry, start_registry
 from tests.support.token_issuer import TokenIssuer, start_token_issuer
 
 PASSWORD = "pa55-Very-Secret-word"

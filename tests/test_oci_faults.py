@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.oci import Credentials, CredentialStore, ImageReference, Manifest, RegistryClient
 from cvmfs_snap.oci.manifest import compute_digest
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import free_port
 from tests.support.http_servers import LoopbackServer, Reply, Request, byteranges_reply, parse_range_header, serve
-from tests.support.registry import free_port
 
 
 def _client(**kw: object) -> RegistryClient:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import busybox_layer, image, push_image
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.oci.hosts import (
@@ -21,7 +20,8 @@ from cvmfs_snap.oci.hosts import (
     hosts_for,
     load_credentials,
 )
-from tests.support.registry import Registry
+from cvmfs_snap_devenv.images import busybox_layer, image, push_image
+from cvmfs_snap_devenv.registry import Registry
 
 
 def _write(d: Path, text: str) -> None:

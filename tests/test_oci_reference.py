@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import InvalidInputError, NotFoundError
 from cvmfs_snap.oci import (
     Credentials,
@@ -24,6 +23,7 @@ from cvmfs_snap.oci.auth import TokenCache, parse_www_authenticate
 from cvmfs_snap.oci.manifest import compute_digest, parse_manifest
 from cvmfs_snap.oci.ranges import merge_ranges, parse_multipart_byteranges
 from cvmfs_snap.oci.transport import is_loopback
+from cvmfs_snap_devenv import images as im
 from tests.support.http_servers import byteranges_reply
 
 D = "sha256:" + "ab" * 32

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError
 from cvmfs_snap.oci import ImageReference, Index, Manifest, Platform, RegistryClient
-from tests.support.registry import Registry
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ import pytest
 import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.containerd.registry import OciRegistry
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.oci import Credentials, CredentialStore, ImageReference, Platform, RegistryClient
 from cvmfs_snap.oci.handoff import RangeHandoff
+from cvmfs_snap_devenv import images as im
 from tests.support.http_servers import (
     LoopbackServer,
     RenamingTransport,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.layout import RepositoryLayout
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.backends.local import STAGING_DIR
 from publisher.crashpoints import ENV
 from tests.support.publisher_env import (
@@ -24,7 +25,6 @@ from tests.support.publisher_env import (
     make_fake_cvmfs,
     top_layer,
 )
-from tests.support.registry import Registry
 from tests.support.trees import Listing, listing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

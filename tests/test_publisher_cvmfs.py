@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import CommandError
 from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.backends.base import LayerInfo
 from publisher.config import PublisherConfig
 from publisher.factory import make_backend
 from publisher.pipeline import Publisher
 from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import FakeCvmfs, base_layer, check_invariants, make_fake_cvmfs, top_layer
-from tests.support.registry import Registry
 
 
 @pytest.fixture

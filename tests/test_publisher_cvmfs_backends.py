@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import CommandError
 from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.backends.base import LayerInfo
 from publisher.backends.ingest_tar import files_tar
 from publisher.pipeline import Publisher
 from tests.support.cvmfs_targets import Target, make_target
 from tests.support.publisher_env import check_invariants
-from tests.support.registry import Registry
 
 CAP = bytes([1, 0, 0, 2, 0, 0x20, 0, 0] + [0] * 12)  # cap_net_raw+ep, as setcap writes it
 

@@ -17,11 +17,11 @@ import httpx
 import pytest
 import yaml
 
-from cvmfs_snap.devenv import images as im
-from cvmfs_snap.devenv.procs import stop_process
 from cvmfs_snap.layout import ImageRecord, RepositoryLayout
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.procs import stop_process
+from cvmfs_snap_devenv.registry import Registry, free_port, start_registry
 from tests.support import waiting
-from tests.support.registry import Registry, free_port, start_registry
 
 SECRET = "s3cret-for-tests"
 WAIT = 90.0

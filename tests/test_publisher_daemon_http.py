@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cvmfs_snap.devenv import images as im
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import free_port, start_registry
 from publisher import metrics
 from publisher.config import DaemonConfig, PublisherConfig
 from publisher.factory import make_backend
@@ -22,7 +23,6 @@ from publisher.httpapp import QUEUE_PER_WORKER, Endpoint
 from publisher.httpserver import FD_RESERVE, HttpServer
 from publisher.intake import Intake
 from publisher.workqueue import WorkQueue
-from tests.support.registry import free_port, start_registry
 from tests.test_publisher_daemon import SECRET, start_daemon, stop_daemon, wait_for
 
 IDLE = 800

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.config import PublisherConfig
 from publisher.factory import make_backend, make_publisher
 from publisher.gc import collect_garbage
 from publisher.gcplan import plan_gc
 from publisher.locks import gc_lock
-from tests.support.registry import Registry
 from tests.support.trees import names
 
 DAY = 86400.0

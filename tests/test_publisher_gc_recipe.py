@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.layout import REMOVE_SCHEDULE, SCHEDULE_KEY, RepositoryLayout
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry, free_port
 from publisher import inventory
 from publisher.config import DaemonConfig, PublisherConfig
 from publisher.factory import make_backend, make_publisher
 from publisher.gc import collect_garbage, record_unwanted
 from publisher.schedule import REASON_DROPPED
 from publisher.wishlist import Wishlist
-from tests.support.registry import Registry, free_port
 from tests.test_publisher_gc import Repo, _tree, make_repo
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.fsutil import make_deep_tree, remove_tree
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.config import PublisherConfig
@@ -33,7 +34,6 @@ from publisher.factory import make_publisher
 from publisher.pipeline import Publisher
 from tests.support.bombs import SPARSE_SIZE, sparse_layer, zstd_bomb
 from tests.support.publisher_env import base_layer
-from tests.support.registry import Registry
 
 E = im.Entry
 REPO_ROOT = Path(__file__).resolve().parents[1]

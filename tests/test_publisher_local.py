@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import UnsafeLayerError
 from cvmfs_snap.layout import REMOVE_SCHEDULE, LayerRecord, RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.local import STAGING_DIR, LocalBackend
 from publisher.factory import make_publisher
@@ -22,7 +23,6 @@ from publisher.pipeline import Publisher
 from publisher.schedule import read_remove_schedule
 from tests.support.blobcount import settled_blob_gets
 from tests.support.publisher_env import base_layer, check_invariants, top_layer
-from tests.support.registry import Registry
 from tests.support.trees import NON_DIRS, listing
 
 
@@ -322,7 +322,7 @@ def test_auth_failure_and_credentials(tmp_path: Path) -> None:
     import subprocess
 
     from cvmfs_snap.oci import CredentialStore
-    from tests.support.registry import start_registry
+    from cvmfs_snap_devenv.registry import start_registry
 
     password = "s3cret-Pw-for-publisher"
     out = subprocess.run(["htpasswd", "-Bbn", "alice", password], check=True, capture_output=True, text=True)

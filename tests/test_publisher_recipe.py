@@ -14,17 +14,17 @@ from typing import Any
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap.oci import RegistryClient
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.cli import build_parser, load_config
 from publisher.config import PublisherConfig
 from publisher.factory import make_client, make_publisher
 from publisher.recipe import Recipe
 from tests.support.http_servers import Reply, Request, serve
 from tests.support.publisher_env import base_layer
-from tests.support.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,18 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.errors import CvmfsSnapError, FailedPreconditionError, IntegrityError, UnavailableError
 from cvmfs_snap.layer import apply_layer, digesting, open_layer
 from cvmfs_snap.layout import LayerRecord
 from cvmfs_snap.oci import RegistryClient
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from publisher.backends.base import LayerInfo, TarStream
 from publisher.backends.flatdir import build_flat_dir
 from publisher.backends.ingest_tar import QUEUE_ITEM, prepare_layer
 from publisher.backends.local import LocalBackend, unpack_layer_dir
 from publisher.pipeline import Publisher
 from publisher.workers import LayerWorkers, offloadable
-from tests.support.registry import Registry
 from tests.support.trees import NON_DIRS, TYPES, Listing, listing
 
 

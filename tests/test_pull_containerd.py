@@ -14,11 +14,11 @@ from cvmfs_snap.cli import main as cli_main
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.containerd.unpack import Outcome
-from cvmfs_snap.devenv.images import BuiltImage, Pusher, image, layer
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
-from tests.support.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.images import BuiltImage, Pusher, image, layer
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.pullcheck import active, blob_gets, client, committed, containerd_in_tmp
-from tests.support.registry import Registry
 from tests.support.runnable import push_runnable, require_busybox
 
 pytestmark = pytest.mark.timeout(300)

@@ -20,10 +20,10 @@ import pytest
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.containerd.unpack import Outcome
-from cvmfs_snap.devenv.images import BuiltImage, Pusher, image, layer
-from tests.support.containerd import Containerd
+from cvmfs_snap_devenv.containerd import Containerd
+from cvmfs_snap_devenv.images import BuiltImage, Pusher, image, layer
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.pullcheck import blob_gets, client, committed, containerd_in_tmp, fakeremote
-from tests.support.registry import Registry
 from tests.support.runnable import goref_bin
 
 pytestmark = pytest.mark.timeout(300)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.oci import ImageReference, RegistryClient
 from cvmfs_snap.oci import transport as oci_transport
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.http_servers import Reply, serve
-from tests.support.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

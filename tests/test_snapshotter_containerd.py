@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltLayer
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
-from tests.support.containerd import start_containerd
+from cvmfs_snap_devenv.containerd import start_containerd
+from cvmfs_snap_devenv.images import BuiltLayer
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.pullcheck import blob_gets
-from tests.support.registry import Registry
 from tests.support.runnable import push_runnable, require_busybox
 from tests.support.snapshotter_daemon import running_daemon
 from tests.support.waiting import wait_for

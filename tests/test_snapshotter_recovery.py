@@ -259,9 +259,9 @@ def test_metadata_of_the_previous_schema_is_read_and_upgraded(tmp_path: Path) ->
 
 @needs_root
 def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: Path) -> None:
-    from cvmfs_snap.devenv.images import Entry, layer
     from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
     from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
+    from cvmfs_snap_devenv.images import Entry, layer
     from tests.support.layertrees import write_cvmfs_layer
 
     lay = layer(["d/", ("d/f", b"f"), Entry("d/.wh.gone")])

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import Entry, layer
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError, UnavailableError
 from cvmfs_snap.snapshotter.config import parse_config
 from cvmfs_snap.snapshotter.core import Snapshotter
@@ -25,6 +24,7 @@ from cvmfs_snap.snapshotter.sources.base import (
 )
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.registry import KNOWN_SOURCES
+from cvmfs_snap_devenv.images import Entry, layer
 from tests.support.layersource import FakeSource
 from tests.support.layertrees import write_cvmfs_layer
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltLayer, Entry, layer
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap.snapshotter.sources.base import (
@@ -25,9 +24,10 @@ from cvmfs_snap.snapshotter.sources.base import (
 )
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.overlaydirs import FORMAT_VERSION
+from cvmfs_snap_devenv.images import BuiltLayer, Entry, layer
+from cvmfs_snap_devenv.registry import Registry
 from tests.support.layersource import lookup
 from tests.support.layertrees import write_cvmfs_layer
-from tests.support.registry import Registry
 
 CHAIN = "sha256:" + "c" * 64
 HEALTH_LOGGER = "cvmfs_snap.snapshotter.sources.health"
@@ -503,8 +503,8 @@ def test_ingested_layer_gets_xattrs_and_hardlinks_back_on_the_node(
     read through the node's view of the repository: the container's tree has the tar's xattrs and shared inode."""
     import uuid
 
-    from cvmfs_snap.devenv import images as im
     from cvmfs_snap.oci import RegistryClient
+    from cvmfs_snap_devenv import images as im
     from publisher.pipeline import Publisher
     from tests.support.cvmfs_targets import make_target
     from tests.support.layertrees import mounted_overlay

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
 from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
+from cvmfs_snap_devenv.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
 from tests.support.layersource import lookup
 from tests.support.layertrees import MTIMES, extract_like_containerd, mounted_overlay, write_cvmfs_layer
 from tests.support.trees import listing
@@ -213,8 +213,8 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_stack_matches_real_containerd_overlayfs(tmp_path: Path, short_tmp: Path, registry: object) -> None:
-    from tests.support.containerd import start_containerd
-    from tests.support.registry import Registry
+    from cvmfs_snap_devenv.containerd import start_containerd
+    from cvmfs_snap_devenv.registry import Registry
 
     assert isinstance(registry, Registry)
     layers = scenario_layers()

@@ -2,8 +2,8 @@
 
 import httpx
 
-from cvmfs_snap.devenv import images as im
-from tests.support.registry import Registry
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
 
 
 def test_push_and_fetch_manifest(registry: Registry) -> None:
@@ -18,7 +18,7 @@ def test_push_and_fetch_manifest(registry: Registry) -> None:
 
 
 def test_containerd_pulls_from_registry(registry: Registry, short_tmp) -> None:  # type: ignore[no-untyped-def]
-    from tests.support.containerd import start_containerd
+    from cvmfs_snap_devenv.containerd import start_containerd
 
     lay = im.layer([("etc/hello", b"hi\n")])
     im.push_image(registry.url, "smoke/ctd", "v1", im.image([lay]))

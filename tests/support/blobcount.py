@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cvmfs_snap.devenv.registry import blob_gets as all_blob_gets
+from cvmfs_snap_devenv.registry import blob_gets as all_blob_gets
 
 
 def blob_gets(log: Path) -> Counter[str]:

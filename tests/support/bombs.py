@@ -11,8 +11,8 @@ from pathlib import Path
 
 import zstandard
 
-from cvmfs_snap.devenv.images import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, BuiltLayer, compress
 from cvmfs_snap.fsutil import remove_tree
+from cvmfs_snap_devenv.images import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, BuiltLayer, compress
 
 #: the sparse file of :func:`sparse_layer`: 100 GiB, 101 bytes of data in the middle
 SPARSE_SIZE = 100 << 30

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvmfs_snap.devenv.registry import blob_gets
-from cvmfs_snap.devenv.registry import log_mark as log_mark  # re-exported for the e2e tests
-from tests.support.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.registry import blob_gets
 from tests.support.snapshotter_daemon import SnapshotterProcess, running_daemon
 
 PLUGIN = "cvmfs-snapshotter"

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from cvmfs_snap.devenv.images import Entry, make_tar
 from cvmfs_snap.estargz import BuildOptions, BuildResult, build
+from cvmfs_snap_devenv.images import Entry, make_tar
 from tests.support.runnable import goref_bin
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import zstandard
 
-from cvmfs_snap.devenv.images import Entry, make_tar
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError, UnsafeLayerError
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.mediatypes import OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
+from cvmfs_snap_devenv.images import Entry, make_tar
 
 # -- raw tar writing ---------------------------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from cvmfs_snap.devenv.images import BuiltLayer
 from cvmfs_snap.layout import CATALOG_MARKER, LayerRecord, RepositoryLayout
+from cvmfs_snap_devenv.images import BuiltLayer
 from tests.support.trees import TYPES
 
 MTIMES = TYPES - {"symlink"}  # tarfile (extract_like_containerd) leaves a symlink's mtime at "now"

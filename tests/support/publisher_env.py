@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvmfs_snap.devenv import images as im
 from cvmfs_snap.fsutil import walk
 from cvmfs_snap.layout import IMAGE_JSON, ImageRecord, RepositoryLayout, link_resolves
+from cvmfs_snap_devenv import images as im
 
 FAKE_CVMFS_SERVER = Path(__file__).with_name("fake_cvmfs_server.py")
 

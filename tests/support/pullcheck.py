@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cvmfs_snap.containerd.client import ContainerdClient, SnapshotInfo
-from cvmfs_snap.devenv.procs import stop_process, unmount_below
-from cvmfs_snap.devenv.registry import blob_gets as all_blob_gets
-from tests.support.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.containerd import Containerd, start_containerd
+from cvmfs_snap_devenv.procs import stop_process, unmount_below
+from cvmfs_snap_devenv.registry import blob_gets as all_blob_gets
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from cvmfs_snap.devenv.images import Pusher, make_tar
+from cvmfs_snap_devenv.images import Pusher, make_tar
 from tests.support.estargz import esgz, to_estargz
 from tests.support.http_servers import LoopbackServer, Reply, Request, serve
 

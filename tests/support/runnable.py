@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltImage, BuiltLayer, Pusher, image, layer
-from cvmfs_snap.devenv.images import busybox_layer as busybox_layer  # re-exported for the tests
+from cvmfs_snap_devenv.images import BuiltImage, BuiltLayer, Pusher, image, layer
+from cvmfs_snap_devenv.images import busybox_layer as busybox_layer  # re-exported for the tests
 from tests.support.paths import shared_dir
 
 BUSYBOX = "/bin/busybox"

@@ -26,11 +26,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from .devenv import images as im
-from .devenv.containerd import Containerd, start_containerd
-from .devenv.procs import stop_process
-from .devenv.registry import Registry, blob_gets, log_mark, start_registry
-from .errors import CommandError, UnavailableError
+from cvmfs_snap.errors import CommandError, UnavailableError
+
+from . import images as im
+from .containerd import Containerd, start_containerd
+from .procs import stop_process
+from .registry import Registry, blob_gets, log_mark, start_registry
 
 log = logging.getLogger(__name__)
 
