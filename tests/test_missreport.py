@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,8 @@ from cvmfs_snap.snapshotter.sources.base import (
     LABEL_CRI_LAYER_DIGEST,
     LABEL_TARGET_REF,
 )
+from cvmfs_snap_devenv.registry import free_port
+from tests.support.http_servers import LoopbackHandler, running
 from tests.support.layersource import FakeSource
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -64,46 +64,23 @@ def publisher(answer: Callable[[Got], Reply] = lambda g: (202, {}, {"status": "q
     """A stand-in for the publisher's POST /publish-on-miss on 127.0.0.1:<free port> that records every request."""
     pub = Publisher("")
 
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class H(LoopbackHandler):
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             g = Got(self.path, {k.lower(): v for k, v in self.headers.items()}, json.loads(raw))
             with pub.lock:
                 pub.got.append(g)
             code, headers, payload = answer(g)
-            body = json.dumps(payload).encode()
-            self.send_response(code)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_json(code, payload, headers)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    server.daemon_threads = True
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    pub.url = f"http://127.0.0.1:{server.server_address[1]}/publish-on-miss"
-    try:
+    with running(H) as server:
+        pub.url = f"{server.url}/publish-on-miss"
         yield pub
-    finally:
-        server.shutdown()
-        server.server_close()
-        t.join(5)
 
 
 def dead_url() -> str:
     """A loopback URL nobody listens on (the port was free a moment ago): connection refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/publish-on-miss"
+    return f"http://127.0.0.1:{free_port()}/publish-on-miss"
 
 
 class Clock:

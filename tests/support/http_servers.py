@@ -1,9 +1,13 @@
-"""Tiny scripted HTTP servers on loopback, for behaviour no real registry here shows on demand.
+r"""The tests' HTTP servers on loopback: one base (:class:`LoopbackServer` + :class:`LoopbackHandler`, run by
+:func:`running`) that every test server is built on, and tiny scripted servers (:func:`serve`) for behaviour no
+real registry here shows on demand.
 
-Used for: a flaky server (503 then 200), a server that serves a tampered manifest, a redirecting server that
-records the headers it receives, a blob server that speaks (or refuses) multi-range ``multipart/byteranges``, a
-server that trickles its body a byte at a time. Each server runs in a thread on 127.0.0.1 with a free port and
-records every request, and every byte it received on the wire (``raw``: what a network sniffer would see).
+:func:`serve` is used for: a flaky server (503 then 200), a server that serves a tampered manifest, a redirecting
+server that records the headers it receives, a blob server that speaks (or refuses) multi-range
+``multipart/byteranges``, a server that trickles its body a byte at a time; the misbehaving range proxies
+(``range_proxies.py``), the token issuer (``token_issuer.py``) and the publish-on-miss stand-in
+(``test_missreport.py``) are :class:`LoopbackHandler`\s too. Each server runs in threads on 127.0.0.1 with a free
+port and records every request, and every byte it received on the wire (``raw``: what a network sniffer would see).
 
 :class:`RenamingTransport` lets a test speak to such a server under a name that is *not* loopback (e.g.
 ``registry.example.test:PORT``): the client, its policy and its auth see only that name; the transport connects to
@@ -12,6 +16,10 @@ records every request, and every byte it received on the wire (``raw``: what a n
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -46,28 +54,33 @@ class Reply:
 Handler = Callable[[Request], Reply]
 
 
-class _QuietServer(ThreadingHTTPServer):
-    """Clients of these tests close connections early on purpose (ranges, truncation): do not print those."""
+class LoopbackServer(ThreadingHTTPServer):
+    """The base of every HTTP server the tests start: on 127.0.0.1 with a free port, at most ``max_threads``
+    connections served at once (more wait in the kernel's backlog), each connection's reads and writes bounded by
+    ``timeout`` seconds (:class:`LoopbackHandler`), every request recorded in ``requests`` and every byte received
+    in ``raw`` (all connections in arrival order: what a network sniffer would see), and a clean stop
+    (:meth:`stop`: open connections are shut down and their threads joined). Run it with :func:`running`."""
 
     daemon_threads = True
+    block_on_close = False  # stop() joins the connection threads itself, after shutting their sockets down
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            super().handle_error(request, client_address)
-
-
-@dataclass
-class LoopbackServer:
-    host: str  # 127.0.0.1:PORT
-    requests: list[Request]
-    #: every byte received, all connections in arrival order
-    raw: bytearray = field(default_factory=bytearray)
+    def __init__(self, handler_class: type[LoopbackHandler], *, max_threads: int = 32) -> None:
+        self.requests: list[Request] = []
+        self.raw = bytearray()
+        self.lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self._open: dict[socket.socket, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        super().__init__(("127.0.0.1", 0), handler_class)
 
     @property
     def port(self) -> int:
-        return int(self.host.rsplit(":", 1)[1])
+        return int(self.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
@@ -76,45 +89,136 @@ class LoopbackServer:
     def count(self, path_prefix: str = "") -> int:
         return sum(1 for r in self.requests if r.path.startswith(path_prefix))
 
+    def record(self, req: Request) -> None:
+        with self.lock:
+            self.requests.append(req)
+
+    def received(self, data: bytes) -> None:
+        with self.lock:
+            self.raw.extend(data)
+
+    # -- bounded threads and a clean stop
+    def process_request(self, request: Any, client_address: Any) -> None:
+        while not self._slots.acquire(timeout=0.1):
+            if self._stopping.is_set():
+                self.shutdown_request(request)
+                return
+        t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                             name=f"{type(self).__name__}-conn", daemon=True)
+        with self.lock:
+            self._open[request] = t
+        t.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self._open.pop(request, None)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients of these tests close connections early on purpose (ranges, truncation): do not print those."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=type(self).__name__, daemon=True)
+        self._thread.start()
+
+    def stop(self, wait: float = 5.0) -> None:
+        """Stop accepting, end the open connections (their handlers see EOF or an error) and join everything."""
+        self._stopping.set()
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(wait)
+        with self.lock:
+            open_now = dict(self._open)
+        for conn in open_now:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + wait
+        for t in open_now.values():
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.server_close()
+
+
+class _Tee:
+    """A connection's request stream, with every byte read also given to ``sink``."""
+
+    def __init__(self, f: Any, sink: Callable[[bytes], None]) -> None:
+        self._f = f
+        self._sink = sink
+
+    def _rec(self, b: bytes) -> bytes:
+        self._sink(b)
+        return b
+
+    def readline(self, *a: Any) -> bytes:
+        return self._rec(self._f.readline(*a))
+
+    def read(self, *a: Any) -> bytes:
+        return self._rec(self._f.read(*a))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class LoopbackHandler(BaseHTTPRequestHandler):
+    """The base handler of :class:`LoopbackServer`: HTTP/1.1, a ``timeout`` on each connection's socket (a client
+    that stalls cannot hold a thread), silent, and every request recorded on the server before it is answered."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 30.0
+    server: LoopbackServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _Tee(self.rfile, self.server.received)  # type: ignore[assignment]
+
+    #: this connection's current request, as recorded
+    recorded: Request
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            self.recorded = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+            self.server.record(self.recorded)
+        return ok
+
+    def send_json(self, status: int, payload: object, headers: Mapping[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def running(handler_class: type[LoopbackHandler], *, max_threads: int = 32) -> Iterator[LoopbackServer]:
+    """A :class:`LoopbackServer` with ``handler_class`` (a :class:`LoopbackHandler`), stopped on exit."""
+    server = LoopbackServer(handler_class, max_threads=max_threads)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
 
 @contextmanager
 def serve(handler: Handler) -> Iterator[LoopbackServer]:
-    """Run ``handler`` (Request -> Reply) behind an HTTP/1.1 server on 127.0.0.1:<free port>."""
-    requests: list[Request] = []
-    raw = bytearray()
-    lock = threading.Lock()
+    """Run ``handler`` (Request -> Reply) behind a :class:`LoopbackServer`."""
 
-    class _Tee:
-        """The request stream, with every byte read also appended to ``raw``."""
-
-        def __init__(self, f: Any) -> None:
-            self._f = f
-
-        def _rec(self, b: bytes) -> bytes:
-            with lock:
-                raw.extend(b)
-            return b
-
-        def readline(self, *a: Any) -> bytes:
-            return self._rec(self._f.readline(*a))
-
-        def read(self, *a: Any) -> bytes:
-            return self._rec(self._f.read(*a))
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._f, name)
-
-    class _H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            self.rfile = _Tee(self.rfile)  # type: ignore[assignment]
-
+    class _H(LoopbackHandler):
         def _do(self) -> None:
-            req = Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
-            with lock:
-                requests.append(req)
+            req = self.recorded
             length = int(self.headers.get("Content-Length") or 0)
             if length:
                 self.rfile.read(length)
@@ -160,19 +264,8 @@ def serve(handler: Handler) -> Iterator[LoopbackServer]:
 
         do_GET = do_HEAD = do_POST = do_PUT = _do
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = _QuietServer(("127.0.0.1", 0), _H)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="loopback-http",
-                              daemon=True)
-    thread.start()
-    try:
-        yield LoopbackServer(host=f"127.0.0.1:{server.server_address[1]}", requests=requests, raw=raw)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with running(_H) as server:
+        yield server
 
 
 def parse_range_header(value: str, size: int) -> list[tuple[int, int]] | None:

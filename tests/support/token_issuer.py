@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+from tests.support.http_servers import LoopbackHandler, running
 
 SERVICE = "cvmfs-snap-test-registry"
 ISSUER = "cvmfs-snap-test-issuer"
@@ -140,34 +141,17 @@ def start_token_issuer(workdir: Path, users: dict[str, str], allow_anonymous: bo
 
     state: dict[str, TokenIssuer] = {}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(LoopbackHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             if parts.path != "/token":
                 self.send_error(404)
                 return
             status, body = state["issuer"].handle(parse_qs(parts.query), self.headers.get("Authorization"))
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_json(status, body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    issuer = TokenIssuer(url=f"http://127.0.0.1:{server.server_address[1]}", cert_path=cert_path, users=users,
-                         key=key, allow_anonymous=allow_anonymous)
-    state["issuer"] = issuer
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="token-issuer",
-                              daemon=True)
-    thread.start()
-    try:
+    with running(Handler) as server:
+        issuer = TokenIssuer(url=server.url, cert_path=cert_path, users=users, key=key,
+                             allow_anonymous=allow_anonymous)
+        state["issuer"] = issuer
         yield issuer
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
