@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cvmfs_snap.fsutil import make_deep_tree
+from cvmfs_snap.fsutil import make_deep_tree, remove_tree
 from tests.support.http_servers import LoopbackHandler, Reply, running, serve
 from tests.support.trees import NON_DIRS, TYPES, diff, listing, names
 
@@ -45,7 +45,10 @@ def test_server_bounds_its_threads_and_logs_every_request() -> None:
             httpx.get(f"{srv.url}/r{i}", timeout=20).status_code)) for i in range(5)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 15
+        while _Slow.most < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # time for a third to get in, were the threads not bounded
         assert _Slow.most == 2  # the other three wait in the backlog, not in threads
         _Slow.gate.set()
         for t in threads:
@@ -109,3 +112,4 @@ def test_listing_shows_every_field_and_needs_no_recursion(tmp_path: Path) -> Non
     deep = make_deep_tree(tmp_path / "deep", 1500)
     deep_listing = listing(deep, mtimes=TYPES)
     assert "/".join(["d"] * 1500) in deep_listing  # 1,500 levels: past where recursion fails
+    remove_tree(deep)  # (pytest's own clean-up of tmp_path recurses)
