@@ -22,7 +22,8 @@ from publisher.factory import make_backend, make_publisher
 from publisher.gc import collect_garbage, record_unwanted
 from publisher.schedule import REASON_DROPPED
 from publisher.wishlist import Wishlist
-from tests.test_publisher_gc import Repo, _tree, make_repo
+from tests.support.trees import names
+from tests.test_publisher_gc import STATE, Repo, make_repo
 
 
 def write_recipe(path: Path, lines: list[str]) -> Path:
@@ -70,11 +71,11 @@ def test_dropped_image_is_scheduled_then_removed_after_the_grace_period(tmp_path
 
     # the admin drops a line: the dry run tells, and changes nothing
     write_recipe(recipe, [keep_ref])
-    before = _tree(repo.root)
+    before = names(repo.root, skip=[STATE])
     r = gc_cli(repo, "--recipe", str(recipe), "--dry-run")
     assert r.returncode == 0, r.stderr
     assert f"would schedule image {drop_name} for removal: no longer in the recipe" in r.stdout
-    assert _tree(repo.root) == before and dropped_names(repo) == []
+    assert names(repo.root, skip=[STATE]) == before and dropped_names(repo) == []
 
     # gc --recipe schedules it; nothing is removed yet
     r = gc_cli(repo, "--recipe", str(recipe))
@@ -101,7 +102,7 @@ def test_dropped_image_is_scheduled_then_removed_after_the_grace_period(tmp_path
 
     # eight days later: the dry run lists the image and everything only it uses, and removes nothing
     repo.age_schedule(8)
-    before = _tree(repo.root)
+    before = names(repo.root, skip=[STATE])
     r = gc_cli(repo, "--recipe", str(recipe), "--grace-period", "7", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert f"would remove image {drop_name} .metadata/{drop_name}" in r.stdout
@@ -111,7 +112,7 @@ def test_dropped_image_is_scheduled_then_removed_after_the_grace_period(tmp_path
     assert f"would remove link {drop_name} of image {drop_name}" in r.stdout
     assert base.digest not in r.stdout and keep.config_digest not in r.stdout
     assert "gc: would remove 1 layers, 1 flats, 1 links, 1 images" in r.stdout
-    assert _tree(repo.root) == before
+    assert names(repo.root, skip=[STATE]) == before
 
     # the real run (without --recipe: removal needs only the schedule)
     r = gc_cli(repo, "--grace-period", "7")
@@ -212,21 +213,21 @@ def test_a_recipe_line_whose_registry_is_down_schedules_nothing(tmp_path: Path, 
     # now a glob line cannot be expanded (nothing listens on that port) and down-new is dropped too
     dead = f"127.0.0.1:{free_port()}/gcr/gone:v*"
     write_recipe(recipe, [keep_ref, dead])
-    before = _tree(repo.root)
+    before = names(repo.root, skip=[STATE])
     r = gc_cli(repo, "--recipe", str(recipe), "--grace-period", "7", config=cfg)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "no image scheduled or removed as dropped from the recipe" in r.stdout
     assert "gcr/gone" in r.stderr and "could not be fully used" in r.stderr
     assert dropped_names(repo) == [old_name]  # down-new not scheduled, down-old not removed
     assert new_name not in r.stdout
-    assert _tree(repo.root) == before
+    assert names(repo.root, skip=[STATE]) == before
 
     # a recipe that does not parse: the same
     recipe.write_text("version: 1\ninput: [unclosed\n")
     r = gc_cli(repo, "--recipe", str(recipe), "--grace-period", "0", config=cfg)
     assert r.returncode == 1
     assert "cannot be used" in r.stderr
-    assert dropped_names(repo) == [old_name] and _tree(repo.root) == before
+    assert dropped_names(repo) == [old_name] and names(repo.root, skip=[STATE]) == before
 
     # a recipe naming nothing at all is taken for a mistake, not for "remove everything"
     write_recipe(recipe, [])
