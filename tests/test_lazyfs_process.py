@@ -22,6 +22,7 @@ from cvmfs_snap_devenv.registry import Registry, free_port
 from tests.support.layertrees import MTIMES
 from tests.support.range_proxies import Behaviour, PushedLayer, RangeProxy, push_estargz, range_proxy
 from tests.support.trees import listing
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse, root")
 
@@ -92,13 +93,6 @@ def attach_req(layer: PushedLayer, host: str, **kw: object) -> dict[str, object]
                               "hosts_dir": None, "credentials": None}
     req.update(kw)
     return req
-
-
-def wait_for(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_attach_read_detach_and_small_reads_fetch_little(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
@@ -185,7 +179,7 @@ def test_complete_layer_gets_an_unpacked_copy(tmp_path: Path, layer: PushedLayer
     procs.append(p)
     path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
     lid = layer.digest[7:]
-    wait_for(lambda: bool(p.call({"op": "check", "id": lid}).get("unpacked")))
+    wait_for(lambda: bool(p.call({"op": "check", "id": lid}).get("unpacked")), "the layer to be unpacked")
     ans = p.call({"op": "check", "id": lid})
     assert ans["path"] == str(root / "unpacked" / lid) and ans["complete"]
     assert listing(root / "unpacked" / lid, mtimes=MTIMES) == listing(path, mtimes=MTIMES)
