@@ -73,11 +73,11 @@ def test_stalled_client_times_out_and_stop_is_clean() -> None:
             assert time.monotonic() - t0 < 4
         idle = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         deadline = time.monotonic() + 5
-        while not srv._open and time.monotonic() < deadline:  # accepted: a thread waits for its request
+        while not srv.open_connections and time.monotonic() < deadline:  # accepted: a thread waits for its request
             time.sleep(0.02)
-        assert srv._open
+        assert srv.open_connections == 1
     # stopped: nothing listens, and the idle connection was ended (not left to its timeout)
-    assert srv._open == {}
+    assert srv.open_connections == 0
     with idle, contextlib.suppress(ConnectionResetError):
         assert idle.recv(100) == b""
     with pytest.raises(ConnectionRefusedError):

@@ -89,6 +89,12 @@ class LoopbackServer(ThreadingHTTPServer):
     def count(self, path_prefix: str = "") -> int:
         return sum(1 for r in self.requests if r.path.startswith(path_prefix))
 
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet finished (each has its thread)."""
+        with self.lock:
+            return len(self._open)
+
     def record(self, req: Request) -> None:
         with self.lock:
             self.requests.append(req)
