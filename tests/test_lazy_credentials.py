@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltImage, Pusher, estargz_layer, image
 from cvmfs_snap.errors import UnavailableError
 from cvmfs_snap.fsutil import walk
 from cvmfs_snap.oci.auth import Credentials
@@ -35,8 +34,9 @@ from cvmfs_snap.snapshotter.credentials import (
     handle_request,
     socket_for,
 )
+from cvmfs_snap_devenv.images import BuiltImage, Pusher, estargz_layer, image
+from cvmfs_snap_devenv.registry import Registry, blob_gets, free_port, log_mark, start_registry
 from tests.support.e2e import PLUGIN
-from tests.support.registry import Registry, blob_gets, free_port, log_mark, start_registry
 from tests.support.runnable import require_busybox
 from tests.test_lazy_e2e import LAZYFS, busybox_estargz, lazy_node
 

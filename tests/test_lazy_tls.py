@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import BuiltImage, estargz_layer, image, push_image
 from cvmfs_snap.errors import AlreadyExistsError, CvmfsSnapError
 from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.oci.hosts import endpoints
 from cvmfs_snap.oci.reference import ImageReference
 from cvmfs_snap.snapshotter.core import Snapshotter
-from tests.support.registry import free_port, start_registry
+from cvmfs_snap_devenv.images import BuiltImage, estargz_layer, image, push_image
+from cvmfs_snap_devenv.registry import free_port, start_registry
 from tests.support.tls import TestCA, make_ca, start_tls_registry
 from tests.test_lazy_source import labels_for, make_source, stop
 

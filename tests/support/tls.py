@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.support.registry import Registry, start_registry
+from cvmfs_snap_devenv.registry import Registry, start_registry
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
