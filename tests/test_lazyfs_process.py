@@ -200,7 +200,7 @@ def test_unpacked_copy_that_would_not_fit_the_cache_bound_is_skipped(tmp_path: P
     procs.append(p)
     path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
     lid = layer.digest[7:]
-    wait_for(lambda: "does not fit in the cache bound" in p.log.read_text())
+    wait_for(lambda: "does not fit in the cache bound" in p.log.read_text(), "the skipped copy in the log")
     ans = p.call({"op": "check", "id": lid})
     assert ans["complete"] and not ans["unpacked"] and ans["path"] == str(path)
     assert not (root / "unpacked" / lid).exists()
