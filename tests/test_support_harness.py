@@ -66,11 +66,10 @@ def test_stalled_client_times_out_and_stop_is_clean() -> None:
             self.send_json(200, {})
 
     with running(Quick) as srv:
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        # the client waits 20 s, less than the base's 30 s default: an end of stream before that is Quick's timeout
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
-            t0 = time.monotonic()
             assert s.recv(100) == b""  # the server gave up on it
-            assert time.monotonic() - t0 < 4
         idle = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         deadline = time.monotonic() + 5
         while not srv.open_connections and time.monotonic() < deadline:  # accepted: a thread waits for its request
