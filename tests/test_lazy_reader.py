@@ -328,7 +328,7 @@ def test_concurrent_reads_of_a_cold_chunk_fetch_and_decode_it_once(
             got: list[bytes] = []
 
             async def one(off: int) -> None:
-                got.append(await r.read("data/blob0", off, 1000))
+                got.append(bytes(await r.read("data/blob0", off, 1000)))
             async with trio.open_nursery() as n:
                 for i in range(8):
                     n.start_soon(one, i * 4096)

@@ -200,6 +200,15 @@ class ChunkCache:
         with self._lock:
             return cache_key(key) in self._lru
 
+    def absent(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` not stored, each counted as a miss (no disk access: callable from an event loop)."""
+        with self._lock:
+            out = {k for k in keys if cache_key(k) not in self._lru}
+            self.misses += len(out)
+        if out:
+            self.metrics.cache_misses.inc(len(out))
+        return out
+
     def get(self, key: str, layer: str | None = None) -> bytes | None:
         """The chunk's bytes, or None (a miss). With ``layer``, that layer now references the chunk too."""
         key = cache_key(key)

@@ -45,9 +45,9 @@ _INDEX_MASK = (1 << SEQ_SHIFT) - 1
 
 
 class LayerFiles(Protocol):
-    """What the file system needs of a layer's contents (LayerReader's ``read``)."""
+    """What the file system needs of a layer's contents (LayerReader's ``read``: bytes or a view of them)."""
 
-    async def read(self, path: str, offset: int, size: int) -> bytes: ...
+    async def read(self, path: str, offset: int, size: int) -> bytes | memoryview: ...
 
 
 @dataclass(slots=True)
@@ -173,7 +173,7 @@ class LazyFS(pyfuse3.Operations):
         try:
             data = await layer.files.read(node.path, 0, node.size)
             await trio.sleep(0)  # let the lookup's answer reach the kernel first: it must know the inode
-            pyfuse3.notify_store(ino, 0, data)
+            pyfuse3.notify_store(ino, 0, data if isinstance(data, bytes) else bytes(data))
         except (CvmfsSnapError, OSError) as e:
             log.debug("notify_store of %s in layer %s: %s", node.path, layer.id, e)
 
@@ -231,7 +231,8 @@ class LazyFS(pyfuse3.Operations):
             raise fuse_error(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # pyfuse3 replies with any buffer (PyObject_GetBuffer); its stub says bytes
         layer, node = self._node(fh)
         assert layer is not None
         if off >= node.size or size <= 0:

@@ -30,9 +30,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import os
 import struct
 from array import array
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 
 import trio  # type: ignore[import-untyped]
 
@@ -50,10 +52,17 @@ BATCH_BYTES = 4 * 1024 * 1024
 PREFETCH_PARALLEL = 2
 #: sequential reads fetch ahead up to this many compressed bytes (the window starts at 1/8 of it)
 DEFAULT_READAHEAD = 8 * 1024 * 1024
+#: chunks of one fetch decoded at once, each on a worker thread (inflating and hashing release the GIL)
+DECODE_THREADS = max(2, min(8, os.cpu_count() or 2))
+#: chunks of one fetch are decoded in groups of at least this many compressed bytes (one thread hop per group)
+DECODE_GROUP = 1024 * 1024
+#: files whose chunk lists the reader keeps at hand (FUSE reads a file in many pieces)
+FILE_MEMO = 64
 
 
 def _key(ref: ChunkRef) -> str:
-    return cache_key(ref.entry.chunk_digest)
+    d = ref.entry.chunk_digest  # "sha256:" + 64 hex digits, checked when the TOC was parsed
+    return d[7:] if len(d) == 71 else cache_key(d)
 
 
 def _sha(data: bytes) -> str:
@@ -120,6 +129,13 @@ class LayerReader:
         self._seq: list[TocEntry] = sorted((c for cs in stargz.toc.chunks.values() for c in cs),
                                            key=lambda c: (c.offset, c.inner_offset))
         self._offsets = array("q", (c.offset for c in self._seq))
+        #: compressed bytes of the chunks before each position of ``_seq`` (readahead windows by bisection)
+        self._cum = array("q", [0])
+        for c in self._seq:
+            self._cum.append(self._cum[-1] + c.next_offset - c.offset)
+        #: path -> the file's chunks and their file offsets, for the last FILE_MEMO files read
+        self._memo: OrderedDict[str, tuple[list[ChunkRef], list[int]]] = OrderedDict()
+        self._decoders = trio.CapacityLimiter(DECODE_THREADS)
         self.readahead_bytes = max(0, readahead_bytes)
         self._ra_window = 0
         self._last_pos = -2
@@ -135,11 +151,12 @@ class LayerReader:
         return f"LayerReader({self.digest!r})"
 
     # ------------------------------------------------------------------ reads
-    async def read(self, path: str, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset+size)`` of regular file ``path`` (fewer at its end), verified."""
+    async def read(self, path: str, offset: int, size: int) -> bytes | memoryview:
+        """Bytes ``[offset, offset+size)`` of regular file ``path`` (fewer at its end), verified. A read within
+        one chunk is a view of the chunk's bytes (no copy; FUSE and ``os.pwrite`` take any buffer)."""
         if offset < 0 or size < 0:
             raise InvalidInputError(f"invalid read of {size} bytes at {offset} in {path!r}")
-        refs = self.stargz.chunks_for(path, offset, size)
+        refs = self._chunks(path, offset, size)
         if not refs:
             return b""
         self._readahead(refs)
@@ -149,13 +166,33 @@ class LayerReader:
         finally:
             self.activity.end()
         end = offset + size
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         for r in refs:
             data = got[_key(r)]
             lo = max(offset - r.file_offset, 0)
             hi = min(end - r.file_offset, r.size)
-            parts.append(data[lo:hi])
+            if len(refs) == 1:
+                return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+            parts.append(memoryview(data)[lo:hi])
         return b"".join(parts)
+
+    def _chunks(self, path: str, offset: int, size: int) -> list[ChunkRef]:
+        """``EStargz.chunks_for(path, offset, size)``, from the chunk lists of the files read last."""
+        memo = self._memo.get(path)
+        if memo is None:
+            refs = self.stargz.chunks_for(path)  # InvalidInputError for what is not a regular file
+            memo = (refs, [r.file_offset for r in refs])
+            self._memo[path] = memo
+            if len(self._memo) > FILE_MEMO:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(path)
+        refs, starts = memo
+        if size == 0 or not refs:
+            return []
+        lo = max(bisect.bisect_right(starts, offset) - 1, 0)
+        hi = bisect.bisect_left(starts, offset + size, lo)
+        return [r for r in refs[lo:hi] if r.file_offset + r.size > offset]
 
     async def _load(self, refs: list[ChunkRef], hot: bool = True) -> dict[str, bytes]:
         """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached). ``hot``:
@@ -176,15 +213,24 @@ class LayerReader:
         if mine:
             for r in mine:
                 self._pending[_key(r)] = trio.Event()
+
+            def done(k: str) -> None:  # waiters of this chunk go on as soon as it is decoded
+                ev = self._pending.pop(k, None)
+                if ev is not None:
+                    ev.set()
+
             try:
-                found = await trio.to_thread.run_sync(self._from_disk, [_key(r) for r in mine], hot)
+                keys = [_key(r) for r in mine]
+                absent = self.cache.absent(keys)  # counted as misses here; the others are read in a thread
+                stored = [k for k in keys if k not in absent]
+                found = await trio.to_thread.run_sync(self._from_disk, stored, hot) if stored else {}
                 got.update(found)
                 missing = [r for r in mine if _key(r) not in found]
                 if missing:
-                    got.update(await self._fetch(missing, hot))
+                    got.update(await self._fetch(missing, hot, done if hot else None))
             finally:
                 for r in mine:
-                    self._pending.pop(_key(r)).set()
+                    done(_key(r))
         for r, ev in theirs:
             await ev.wait()
             got.update(await self._load([r], hot))  # now in the cache, or (that task failed) ours to fetch
@@ -225,20 +271,19 @@ class LayerReader:
             self._ra_cross = True  # went on to the file stored next: reading the layer in order
         grow = self._ra_window * 2 if self._ra_window else self.readahead_bytes // 8
         self._ra_window = min(self.readahead_bytes, max(grow, 1))
-        name = refs[-1].entry.name
+        start = last + 1  # the window counts from this read on: readahead never runs further ahead than it
+        stop = min(bisect.bisect_left(self._cum, self._cum[start] + self._ra_window, start), len(self._seq))
+        if not self._ra_cross:  # ahead within this file only, until reads move on to the next file in blob order
+            own = self.stargz.toc.chunks.get(refs[-1].entry.name)
+            if own:
+                stop = min(stop, bisect.bisect_right(self._offsets, own[-1].offset))
         todo: list[ChunkRef] = []
-        total = 0
-        i = last + 1  # the window counts from this read on: readahead never runs further ahead than it
-        while i < len(self._seq) and total < self._ra_window:
+        for i in range(max(start, self._ra_until + 1), stop):
             r = _ref(self._seq[i])
-            if r.entry.name != name and not self._ra_cross:
-                break  # ahead within this file only, until reads move on to the next file in blob order
-            total += r.blob_end - r.blob_offset
             k = _key(r)
-            if i > self._ra_until and k not in self._pending and not self.cache.contains(k):
+            if k not in self._pending and not self.cache.contains(k):
                 todo.append(r)
-            i += 1
-        self._ra_until = max(self._ra_until, i - 1)
+        self._ra_until = max(self._ra_until, stop - 1)
         if todo:
             scope = trio.CancelScope()
             self._ra_scopes.add(scope)  # counted from now on, before the task first runs (see settle)
@@ -265,22 +310,46 @@ class LayerReader:
                 self._ra_idle = trio.Event()
             await self._ra_idle.wait()
 
-    async def _fetch(self, refs: list[ChunkRef], hot: bool) -> dict[str, bytes]:
+    async def _fetch(self, refs: list[ChunkRef], hot: bool, done: Callable[[str], None] | None = None
+                     ) -> dict[str, bytes]:
+        """Fetch, decode and verify ``refs`` (once more for chunks that do not verify), store them; ``done(key)``
+        as each chunk is ready."""
         datas = await self.fetcher.fetch([r.blob_range for r in refs])
         out: dict[str, bytes] = {}
-        bad: list[ChunkRef] = []
+        bad = await self._decode_all(list(zip(refs, datas, strict=True)), hot, out, done, last=False)
+        if bad:
+            log.warning("layer %s: %d chunk(s) did not verify; fetching them once more", self.digest, len(bad))
+            again = await self.fetcher.fetch([r.blob_range for r in bad])
+            await self._decode_all(list(zip(bad, again, strict=True)), hot, out, done, last=True)
+        return out
 
-        def decode(pairs: list[tuple[ChunkRef, bytes]], last: bool) -> None:
-            for r, data in pairs:
+    async def _decode_all(self, pairs: list[tuple[ChunkRef, bytes]], hot: bool, out: dict[str, bytes],
+                          done: Callable[[str], None] | None, *, last: bool) -> list[ChunkRef]:
+        """Decode, verify and store chunks on up to DECODE_THREADS worker threads, in groups of DECODE_GROUP
+        compressed bytes, in blob order; the chunks that did not verify (``last``: IntegrityError instead)."""
+        groups: list[list[tuple[ChunkRef, bytes]]] = [[]]
+        size = 0
+        for r, data in pairs:
+            if size >= DECODE_GROUP:
+                groups.append([])
+                size = 0
+            groups[-1].append((r, data))
+            size += len(data)
+        bad: list[ChunkRef] = []
+        errors: list[IntegrityError] = []
+
+        def decode(group: list[tuple[ChunkRef, bytes]]) -> list[tuple[str, bytes]]:
+            res: list[tuple[str, bytes]] = []
+            for r, data in group:
                 try:
                     plain = self.stargz.decode_chunk(r, data)
-                except IntegrityError:
+                except IntegrityError as e:
                     if last:
-                        raise
-                    bad.append(r)
+                        errors.append(e)
+                    else:
+                        bad.append(r)
                     continue
                 k = _key(r)
-                out[k] = plain
                 try:
                     self.cache.put(k, plain, self.digest)
                 except OSError as e:  # disk full, cache dir gone: serve the read anyway
@@ -288,13 +357,24 @@ class LayerReader:
                                 self.digest, e)
                 if hot:
                     self.cache.put_hot(k, plain)
+                res.append((k, plain))
+            return res
 
-        await trio.to_thread.run_sync(decode, list(zip(refs, datas, strict=True)), False)
-        if bad:
-            log.warning("layer %s: %d chunk(s) did not verify; fetching them once more", self.digest, len(bad))
-            again = await self.fetcher.fetch([r.blob_range for r in bad])
-            await trio.to_thread.run_sync(decode, list(zip(bad, again, strict=True)), True)
-        return out
+        async def one(group: list[tuple[ChunkRef, bytes]]) -> None:
+            for k, plain in await trio.to_thread.run_sync(decode, group, limiter=self._decoders):
+                out[k] = plain
+                if done is not None:
+                    done(k)
+
+        if len(groups) == 1:
+            await one(groups[0])
+        else:
+            async with trio.open_nursery() as n:
+                for g in groups:
+                    n.start_soon(one, g)
+        if errors:
+            raise errors[0]
+        return bad
 
     # ------------------------------------------------------------------ prefetch, background
     def prefetch_set(self, bound_bytes: int) -> list[ChunkRef]:
