@@ -447,3 +447,37 @@ def test_readahead_stays_within_its_window_of_the_reads(registry: Registry, clie
         assert 2 <= cached <= 1 + 5, cached  # the chunk read and at most a window (+1 partial chunk) ahead
 
     trio.run(main)
+
+
+def test_small_files_read_in_order_are_read_ahead_from_the_disk_cache(registry: Registry, client: RegistryClient,
+                                                                      tmp_path: Path) -> None:
+    files = {f"usr/share/f{i:03d}": os.urandom(1000 + i) for i in range(200)}
+    layer = push_estargz(registry.host, "lazy/smallfiles", files, chunk_size=CHUNK)
+    names = sorted(files)
+
+    async def fill() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        for n in names:
+            assert await r.read(n, 0, 4096) == files[n]
+        await r.settle()
+
+    async def restarted() -> None:
+        cache = new_cache(tmp_path)  # a new process: the disk cache has every chunk, the memory tier none
+        r = await open_reader(client, registry.host, layer, cache)
+        loads: list[int] = []
+        from_disk = r._from_disk
+
+        def counted(keys: list[str], hot: bool) -> dict[str, bytes]:
+            loads.append(len(keys))
+            return from_disk(keys, hot)
+
+        r._from_disk = counted  # type: ignore[method-assign]
+        for n in names:
+            assert await r.read(n, 0, 4096) == files[n]
+            await trio.sleep(0)
+        await r.settle()
+        assert r.fetcher.requests == 0  # everything came from the disk cache (the TOC too),
+        assert sum(loads) == len(names) and len(loads) <= 20, loads  # ... one thread hop per window, not per file
+
+    trio.run(fill)
+    trio.run(restarted)

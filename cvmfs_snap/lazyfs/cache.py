@@ -191,6 +191,11 @@ class ChunkCache:
                 _, old = self._hot.popitem(last=False)
                 self._hot_bytes -= len(old)
 
+    def is_hot(self, key: str) -> bool:
+        """``key`` is in the memory tier (not counted as a hit)."""
+        with self._lock:
+            return key in self._hot
+
     def _unhot_locked(self, key: str) -> None:
         old = self._hot.pop(key, None)
         if old is not None:

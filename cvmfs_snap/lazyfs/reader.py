@@ -11,7 +11,9 @@
   A registry that stays unreachable gives :class:`UnavailableError` (EIO as well). Not a regular file:
   :class:`InvalidInputError`.
 - **Readahead**: reads that go through the layer in blob order (the rest of a file, then the file stored after
-  it) start fetching the chunks ahead of them in a task of their own, with a window that doubles up to
+  it) start fetching the chunks ahead of them (or reading them from the disk cache into the memory tier, up to
+  half its size: a ``find`` + ``cat`` of many small files costs one thread hop per window, not one per file)
+  in a task of their own, with a window that doubles up to
   ``readahead_bytes``, so fetching overlaps decoding and the next reads find their chunks ready; a read that
   jumps elsewhere resets the window, and reads ahead go past the end of a file only once reads have moved on to
   the next file in blob order, so a container reading a few files fetches about what it reads. Chunks being
@@ -278,12 +280,19 @@ class LayerReader:
             if own:
                 stop = min(stop, bisect.bisect_right(self._offsets, own[-1].offset))
         todo: list[ChunkRef] = []
-        for i in range(max(start, self._ra_until + 1), stop):
+        stored = 0  # decoded bytes of chunks read ahead from the disk cache: at most half the memory tier
+        i = max(start, self._ra_until + 1)
+        while i < stop:
             r = _ref(self._seq[i])
             k = _key(r)
-            if k not in self._pending and not self.cache.contains(k):
+            if k not in self._pending and not self.cache.is_hot(k):
+                if self.cache.contains(k):
+                    stored += r.size
+                    if stored > self.cache.memory_bytes // 2:
+                        break
                 todo.append(r)
-        self._ra_until = max(self._ra_until, stop - 1)
+            i += 1
+        self._ra_until = max(self._ra_until, i - 1)
         if todo:
             scope = trio.CancelScope()
             self._ra_scopes.add(scope)  # counted from now on, before the task first runs (see settle)
