@@ -133,8 +133,11 @@ class LayerReader:
         self._offsets = array("q", (c.offset for c in self._seq))
         #: compressed bytes of the chunks before each position of ``_seq`` (readahead windows by bisection)
         self._cum = array("q", [0])
+        #: and their decoded bytes (what readahead from the disk cache puts into the memory tier)
+        self._ucum = array("q", [0])
         for c in self._seq:
             self._cum.append(self._cum[-1] + c.next_offset - c.offset)
+            self._ucum.append(self._ucum[-1] + c.chunk_size)
         #: path -> the file's chunks and their file offsets, for the last FILE_MEMO files read
         self._memo: OrderedDict[str, tuple[list[ChunkRef], list[int]]] = OrderedDict()
         self._decoders = trio.CapacityLimiter(DECODE_THREADS)
@@ -280,16 +283,14 @@ class LayerReader:
             if own:
                 stop = min(stop, bisect.bisect_right(self._offsets, own[-1].offset))
         todo: list[ChunkRef] = []
-        stored = 0  # decoded bytes of chunks read ahead from the disk cache: at most half the memory tier
+        hot_cap = self._ucum[start] + self.cache.memory_bytes // 2  # ahead from the disk cache: half the memory tier
         i = max(start, self._ra_until + 1)
         while i < stop:
             r = _ref(self._seq[i])
             k = _key(r)
             if k not in self._pending and not self.cache.is_hot(k):
-                if self.cache.contains(k):
-                    stored += r.size
-                    if stored > self.cache.memory_bytes // 2:
-                        break
+                if self.cache.contains(k) and self._ucum[i + 1] > hot_cap:
+                    break  # would push the chunks about to be read out of the memory tier: a later read goes on
                 todo.append(r)
             i += 1
         self._ra_until = max(self._ra_until, i - 1)
