@@ -45,7 +45,7 @@ def test_members_decode_alike(inflater: str) -> None:
     raw = os.urandom(300_000)
     a, b = _gz(text), _gz(raw)
     blob = b"xx" + a + b
-    assert gzipmember.INFLATER == inflater
+    assert inflater == gzipmember.INFLATER
     out, end = decode_member(blob, start=2)
     assert out == text and end == 2 + len(a)
     out, end = decode_member(blob, start=end)
