@@ -191,10 +191,10 @@ class ChunkCache:
                 _, old = self._hot.popitem(last=False)
                 self._hot_bytes -= len(old)
 
-    def is_hot(self, key: str) -> bool:
-        """``key`` is in the memory tier (not counted as a hit)."""
+    def states(self, keys: list[str]) -> list[int]:
+        """For each of ``keys`` (bare hex): 0 not stored, 1 on disk, 2 in the memory tier too (one lock, no I/O)."""
         with self._lock:
-            return key in self._hot
+            return [2 if k in self._hot else 1 if k in self._lru else 0 for k in keys]
 
     def _unhot_locked(self, key: str) -> None:
         old = self._hot.pop(key, None)

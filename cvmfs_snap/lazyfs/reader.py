@@ -62,9 +62,13 @@ DECODE_GROUP = 1024 * 1024
 FILE_MEMO = 64
 
 
-def _key(ref: ChunkRef) -> str:
-    d = ref.entry.chunk_digest  # "sha256:" + 64 hex digits, checked when the TOC was parsed
+def _entry_key(e: TocEntry) -> str:
+    d = e.chunk_digest  # "sha256:" + 64 hex digits, checked when the TOC was parsed
     return d[7:] if len(d) == 71 else cache_key(d)
+
+
+def _key(ref: ChunkRef) -> str:
+    return _entry_key(ref.entry)
 
 
 def _sha(data: bytes) -> str:
@@ -284,14 +288,13 @@ class LayerReader:
                 stop = min(stop, bisect.bisect_right(self._offsets, own[-1].offset))
         todo: list[ChunkRef] = []
         hot_cap = self._ucum[start] + self.cache.memory_bytes // 2  # ahead from the disk cache: half the memory tier
-        i = max(start, self._ra_until + 1)
-        while i < stop:
-            r = _ref(self._seq[i])
-            k = _key(r)
-            if k not in self._pending and not self.cache.is_hot(k):
-                if self.cache.contains(k) and self._ucum[i + 1] > hot_cap:
+        i = i0 = max(start, self._ra_until + 1)
+        keys = [_entry_key(self._seq[j]) for j in range(i0, stop)]
+        for k, state in zip(keys, self.cache.states(keys), strict=True):
+            if state < 2 and k not in self._pending:
+                if state == 1 and self._ucum[i + 1] > hot_cap:
                     break  # would push the chunks about to be read out of the memory tier: a later read goes on
-                todo.append(r)
+                todo.append(_ref(self._seq[i]))
             i += 1
         self._ra_until = max(self._ra_until, i - 1)
         if todo:
