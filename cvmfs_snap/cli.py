@@ -47,8 +47,16 @@ log = logging.getLogger("cvmfs_snap")
 #: command line (click, rich, pygments) and the zstd/brotli content decoders (blobs are fetched as identity).
 #: Together 0.1-0.4 s of a pull's start-up. A ``None`` entry in ``sys.modules`` makes ``import X`` raise
 #: ImportError, the case both libraries handle (as when the package is not installed). Done only when the process
-#: *is* the pull (``main()`` called without argv), never inside a process that may use them.
+#: *is* the command (``main()`` called without argv), never inside a process that may use them.
 UNUSED_BY_PULL = ("trio", "anyio", "httpx._main", "h2", "zstandard", "brotli", "brotlicffi")
+#: the same for the two long-running processes of a node, for their resident memory (issue 9's RSS goal, bench/
+#: README.md): httpx's command line alone is 4-5 MiB of RSS in each, trio (pulled in only by httpcore; the daemon's
+#: own code never imports it) 5 MiB in the snapshotter daemon, h2 1 MiB. The lazyfs process runs on trio and
+#: decodes zstd chunks, so it keeps both.
+UNUSED_BY_DAEMON = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
+UNUSED_BY_LAZYFS = ("anyio", "httpx._main", "h2", "brotli", "brotlicffi")
+UNUSED_IMPORTS: dict[str, tuple[str, ...]] = {"pull": UNUSED_BY_PULL, "snapshotter": UNUSED_BY_DAEMON,
+                                              "lazyfs": UNUSED_BY_LAZYFS}
 
 
 def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_PULL) -> None:
@@ -125,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     own_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
     only = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    if own_process and only == "pull":
-        skip_unused_imports()
+    if own_process and only in UNUSED_IMPORTS:
+        skip_unused_imports(UNUSED_IMPORTS[only])
     args = build_parser(only).parse_args(argv)
     if not logging.getLogger().handlers:
         setup_logging(getattr(args, "log_level", "info") or "info")

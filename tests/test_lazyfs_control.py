@@ -1,4 +1,4 @@
-"""The lazyfs control protocol (cvmfs_snap/lazyfs/control.py): a real unix socket, the server on trio in a thread,
+"""The lazyfs control protocol (cvmfs_snap/lazyfs/control.py, controlserver.py): a real unix socket, the server on trio in a thread,
 the blocking client."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from cvmfs_snap.errors import IntegrityError, NotFoundError, UnavailableError
-from cvmfs_snap.lazyfs import control
+from cvmfs_snap.lazyfs import control, controlserver
 
 
 async def handler(req: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def server(tmp_path: Path):
         with trio.CancelScope() as scope:
             stop.append((scope, trio.lowlevel.current_trio_token()))
             async with trio.open_nursery() as n:
-                await n.start(control.serve, sock, handler)
+                await n.start(controlserver.serve, sock, handler)
                 started.set()
 
     t = threading.Thread(target=trio.run, args=(main,), daemon=True)

@@ -7,6 +7,7 @@
 - :mod:`cvmfs_snap.lazyfs.tree`: a layer's TOC as an immutable inode tree, as overlayfs expects a layer directory;
 - :mod:`cvmfs_snap.lazyfs.fs`: the ONE pyfuse3 mount, a directory per layer;
 - :mod:`cvmfs_snap.lazyfs.unpack`: the node-local unpacked copy of a completely fetched layer;
-- :mod:`cvmfs_snap.lazyfs.control`: the control protocol (server half, blocking client);
+- :mod:`cvmfs_snap.lazyfs.control`: the control protocol and its blocking client (no trio: the daemon imports it);
+- :mod:`cvmfs_snap.lazyfs.controlserver`: its server half, on trio;
 - :mod:`cvmfs_snap.lazyfs.process` and :mod:`~cvmfs_snap.lazyfs.command`: the ``cvmfs-snap lazyfs`` process.
 """

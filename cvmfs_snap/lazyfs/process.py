@@ -46,7 +46,7 @@ from cvmfs_snap.errors import (
     UnavailableError,
 )
 from cvmfs_snap.fsutil import remove_tree
-from cvmfs_snap.lazyfs import control
+from cvmfs_snap.lazyfs import control, controlserver
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
@@ -378,7 +378,7 @@ async def _serve(proc: LazyfsProcess) -> None:
             proc.nursery = proc.fs.nursery = n
             n.start_soon(_signals, n.cancel_scope)
             n.start_soon(_fuse_main, n.cancel_scope)
-            await n.start(control.serve, opts.root / SOCKET, proc.handle)
+            await n.start(controlserver.serve, opts.root / SOCKET, proc.handle)
             await proc.restore()
             log.info("lazyfs serves %d layer(s) at %s (control %s)", len(proc.layers), opts.mnt,
                      opts.root / SOCKET)
