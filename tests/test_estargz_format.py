@@ -59,7 +59,7 @@ def _check_round_trip(tar: bytes, tmp: Path, **kw: object) -> bytes:
     assert len(plain) == res.uncompressed_size
     assert "sha256:" + hashlib.sha256(blob).hexdigest() == res.digest and len(blob) == res.size
     # the reader opens it with the TOC digest as annotation and every chunk verifies
-    es = open_bytes(blob, toc_digest=res.toc_digest)
+    es = open_bytes(blob, toc_digest=res.toc_digest, keep_toc_json=True)
     es.verify_all(lambda o, n: blob[o : o + n])
     want = _files(tar)
     for path, data in want.items():

@@ -23,7 +23,7 @@ from tests.support.estargz import to_estargz
 
 TAR = make_tar(["d/", ("d/a", b"A" * 5000), ("d/b", b"B" * 300), ("c", b"C" * 2500), "e/"])
 BLOB, RES = to_estargz(TAR, chunk_size=2000)
-DOC: dict[str, Any] = json.loads(open_bytes(BLOB).toc_json)
+DOC: dict[str, Any] = json.loads(open_bytes(BLOB, keep_toc_json=True).toc_json or b"")
 
 
 def _toc_member(body: bytes) -> bytes:
@@ -37,8 +37,8 @@ def _toc_member(body: bytes) -> bytes:
 
 def with_toc(mutate: Callable[[dict[str, Any]], None], blob: bytes = BLOB) -> tuple[bytes, str]:
     """The blob with its TOC changed by ``mutate`` (payload kept), and the new TOC's digest."""
-    es = open_bytes(blob)
-    doc = copy.deepcopy(json.loads(es.toc_json))
+    es = open_bytes(blob, keep_toc_json=True)
+    doc = copy.deepcopy(json.loads(es.toc_json or b""))
     mutate(doc)
     body = json.dumps(doc).encode()
     payload = blob[: es.footer.toc_offset]

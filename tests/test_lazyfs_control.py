@@ -1,5 +1,5 @@
-"""The lazyfs control protocol (cvmfs_snap/lazyfs/control.py, controlserver.py): a real unix socket, the server on trio in a thread,
-the blocking client."""
+"""The lazyfs control protocol (cvmfs_snap/lazyfs/control.py, controlserver.py): a real unix socket, the server on
+trio in a thread, the blocking client."""
 
 from __future__ import annotations
 

@@ -63,9 +63,13 @@ def _zstd_frame(data: bytes, limit: int, name: str, offset: int, *, prefix: bool
 
 
 class EStargz:
-    """An opened eStargz blob: its footer, validated TOC and TOC digest. Use :meth:`open` or :meth:`from_parts`."""
+    """An opened eStargz blob: its footer, validated TOC and TOC digest. Use :meth:`open` or :meth:`from_parts`.
 
-    def __init__(self, name: str, blob_size: int, footer: Footer, toc: Toc, toc_digest: str, toc_json: bytes) -> None:
+    ``toc_json`` (the TOC's raw JSON) is kept only when asked for (``keep_toc_json``): a process holding many
+    layers' TOCs (the lazyfs process) would keep about 340 bytes per file for nothing."""
+
+    def __init__(self, name: str, blob_size: int, footer: Footer, toc: Toc, toc_digest: str,
+                 toc_json: bytes | None = None) -> None:
         self.name = name
         self.blob_size = blob_size
         self.footer = footer
@@ -83,7 +87,7 @@ class EStargz:
     @classmethod
     def from_parts(
         cls, name: str, blob_size: int, footer: Footer, toc_bytes: bytes, *, toc_digest: str | None = None,
-        limits: Limits | None = None, max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+        limits: Limits | None = None, max_toc_size: int = DEFAULT_MAX_TOC_SIZE, keep_toc_json: bool = False,
     ) -> EStargz:
         """From a parsed footer and the blob bytes ``[footer.toc_offset, +footer.toc_size)``.
 
@@ -129,12 +133,12 @@ class EStargz:
                 "manifest was tampered with or corrupted: do not use this layer"
             )
         toc = parse_toc(toc_json, toc_offset=footer.toc_offset, name=name, limits=limits, max_toc_size=max_toc_size)
-        return cls(name, blob_size, footer, toc, digest, toc_json)
+        return cls(name, blob_size, footer, toc, digest, toc_json if keep_toc_json else None)
 
     @classmethod
     def open(
         cls, read: RangeReader, blob_size: int, *, name: str = "layer", toc_digest: str | None = None,
-        limits: Limits | None = None, max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+        limits: Limits | None = None, max_toc_size: int = DEFAULT_MAX_TOC_SIZE, keep_toc_json: bool = False,
     ) -> EStargz:
         """Open a blob of ``blob_size`` bytes through ``read``: two reads (footer, then TOC)."""
         off, n = cls.footer_range(blob_size)
@@ -144,7 +148,8 @@ class EStargz:
                 f"{name}: compressed TOC of {footer.toc_size} bytes exceeds the limit of {max_toc_size}; refusing"
             )
         return cls.from_parts(name, blob_size, footer, read(footer.toc_offset, footer.toc_size),
-                              toc_digest=toc_digest, limits=limits, max_toc_size=max_toc_size)
+                              toc_digest=toc_digest, limits=limits, max_toc_size=max_toc_size,
+                              keep_toc_json=keep_toc_json)
 
     # -- lookups ---------------------------------------------------------------------------------------------
     def _file(self, path: str) -> tuple[str, TocEntry]:
@@ -230,10 +235,10 @@ class EStargz:
 
 
 def open_bytes(blob: bytes, *, name: str = "layer", toc_digest: str | None = None,
-               limits: Limits | None = None) -> EStargz:
+               limits: Limits | None = None, keep_toc_json: bool = False) -> EStargz:
     """Open a blob held in memory (tests, small layers)."""
     return EStargz.open(lambda off, n: blob[off : off + n], len(blob), name=name, toc_digest=toc_digest,
-                        limits=limits)
+                        limits=limits, keep_toc_json=keep_toc_json)
 
 
 def file_reader(f: IO[bytes]) -> RangeReader:

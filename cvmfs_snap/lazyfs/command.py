@@ -7,36 +7,14 @@ unit of its own with the same flags (docs/lazy.md).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import logging
 from pathlib import Path
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.lazyfs.process import Options, run
+from cvmfs_snap.procmem import limit_malloc_arenas
 
 log = logging.getLogger(__name__)
-
-#: glibc's mallopt parameters
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(n: int = 2, mmap_threshold: int = 256 << 10) -> None:
-    """Keep the process's RSS down after bursts of reads (glibc): few malloc arenas (the worker threads that decode
-    chunks would each get one, up to 8 per core, and keep its freed memory), and a fixed mmap threshold, so the
-    chunk-sized buffers are mapped and unmapped instead of fragmenting the heap (glibc otherwise raises the
-    threshold up to 32 MiB after the first such buffers are freed). Must run before threads start."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(_M_ARENA_MAX, n)
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-    except (OSError, AttributeError) as e:  # not glibc
-        log.debug("mallopt: %s", e)
-
 
 def _positive_int(text: str) -> int:
     try:

@@ -38,9 +38,16 @@ def _b(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
-def _mtime_ns(modtime: str) -> int:
+def _mtime_ns(modtime: str, memo: dict[str | int, int] | None = None) -> int:
+    """Nanoseconds since the epoch of a TOC ``modtime``; with ``memo``, one int object (and one parse) per
+    distinct time: most entries of a layer share a handful of times."""
     if not modtime:
         return 0
+    if memo is not None:
+        got = memo.get(modtime)
+        if got is None:
+            got = memo[modtime] = _mtime_ns(modtime)
+        return got
     try:
         return int(datetime.fromisoformat(modtime.replace("Z", "+00:00")).timestamp()) * 1_000_000_000
     except (ValueError, OverflowError, OSError):
@@ -103,9 +110,13 @@ class Tree:
         return out
 
 
-def _node(e: TocEntry) -> Node:
+def _node(e: TocEntry, memo: dict[str | int, int] | None = None) -> Node:
+    """``memo`` shares the int objects of times and modes between nodes (32 bytes each otherwise)."""
     bits = _TYPE_BITS.get(e.type, stat.S_IFREG)
-    n = Node(mode=bits | (e.mode & 0o7777), uid=e.uid, gid=e.gid, mtime_ns=_mtime_ns(e.modtime))
+    mode = bits | (e.mode & 0o7777)
+    if memo is not None:
+        mode = memo.setdefault(mode, mode)
+    n = Node(mode=mode, uid=e.uid, gid=e.gid, mtime_ns=_mtime_ns(e.modtime, memo))
     if e.type == "reg":
         n.size = e.size
         n.path = e.name
@@ -143,6 +154,7 @@ def build_tree(toc: Toc, now_ns: int | None = None) -> Tree:
     # directories first (the TOC lists a parent before its children, but parents it leaves out come last)
     names = sorted((p for p in toc.by_name if p), key=lambda p: (toc.by_name[p].type != "dir", p.count("/"), p))
     file_bytes = 0
+    times: dict[str | int, int] = {}
     for path in names:
         if _hidden(path):
             continue
@@ -158,7 +170,7 @@ def build_tree(toc: Toc, now_ns: int | None = None) -> Tree:
             links.append(path)
             continue
         index[path] = len(nodes)
-        n = _node(e)
+        n = _node(e, times)
         if id(e) not in listed:
             n.mtime_ns = now
         nodes.append(n)
@@ -170,7 +182,7 @@ def build_tree(toc: Toc, now_ns: int | None = None) -> Tree:
         if name in index:
             continue  # the layer deletes and re-creates NAME: containerd's unpack keeps the new one
         index[name] = len(nodes)
-        nodes.append(Node(mode=stat.S_IFCHR, uid=e.uid, gid=e.gid, mtime_ns=_mtime_ns(e.modtime)))
+        nodes.append(Node(mode=stat.S_IFCHR, uid=e.uid, gid=e.gid, mtime_ns=_mtime_ns(e.modtime, times)))
     # in tar order, each hardlink's own header is applied to the shared inode, as containerd's unpack does
     # (link, then lchown, chmod, chtimes, xattrs on the new name)
     wanted = set(links)
@@ -185,7 +197,7 @@ def build_tree(toc: Toc, now_ns: int | None = None) -> Tree:
         n.nlink += 1
         if not stat.S_ISLNK(n.mode):
             n.mode = stat.S_IFMT(n.mode) | (e.mode & 0o7777)
-            n.mtime_ns = _mtime_ns(e.modtime)
+            n.mtime_ns = _mtime_ns(e.modtime, times)
         n.uid, n.gid = e.uid, e.gid
         if e.xattrs:
             n.xattrs = {**(n.xattrs or {}), **{_b(k): v for k, v in e.xattrs.items()}}

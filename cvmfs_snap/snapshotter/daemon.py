@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from ..errors import InvalidInputError, UnavailableError
+from ..procmem import limit_malloc_arenas
 from .config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, load_config
 from .core import Snapshotter
 from .credentials import CredentialServer, PullCredentials, socket_for
@@ -214,6 +215,7 @@ class Daemon:
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(LOG_LEVELS.get(str(args.log_level), logging.INFO))
+    limit_malloc_arenas()  # before gRPC's threads start
     cfg = load_config(args.config)
     daemon = Daemon(cfg, str(args.address), Path(args.root))
     stop = threading.Event()
