@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import trio  # type: ignore[import-untyped]
 from cvmfs_snap.containerd.registry import OciRegistry
 from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.oci import Credentials, CredentialStore, ImageReference, Platform, RegistryClient
+from cvmfs_snap.oci import transport as tr
 from cvmfs_snap.oci.handoff import RangeHandoff
 from cvmfs_snap_devenv import images as im
 from tests.support.http_servers import (
@@ -351,3 +353,25 @@ def test_handoff_one_slow_range_does_not_stall_others(script) -> None:  # type: 
             trio.run(failing, RangeHandoff(c))
     with pytest.raises(InvalidInputError):
         RangeHandoff(RegistryClient(), max_threads=0)
+
+
+def test_clients_share_one_tls_context() -> None:
+    """Every client of the process uses the same SSL context for the same CA bundle (each costs about 1 MiB of
+    RSS, and the lazyfs process has a client per attached layer): the second client's first HTTPS request loads
+    no CA bundle again."""
+    with socket.socket() as s:  # a port nobody listens on: the request fails after the TLS transport is made
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = tr.httpx.URL(f"https://127.0.0.1:{port}/v2/")
+    clients = [tr.Transport(tr.TransportPolicy(), timeout=5.0) for _ in range(3)]
+    try:
+        made: list[int] = []
+        for c in clients:
+            with pytest.raises(tr.httpx.ConnectError):
+                c.send("GET", url, {})
+            made.append(tr.tls_contexts_made())
+        assert made[1] == made[2] == made[0]
+        assert made[0] >= 1
+    finally:
+        for c in clients:
+            c.close()

@@ -295,6 +295,11 @@ class _SchemeTransport(httpx.BaseTransport):
 
 
 _tls_contexts = 0
+#: one SSL context per CA bundle for the whole process: each holds its parsed CA certificates (about 1 MiB of RSS
+#: for certifi's), and the lazyfs process has a client per attached layer (issue 9's RSS goal). A context is safe
+#: to share between clients and threads; nothing changes it after it is made.
+_contexts: dict[str | None, ssl.SSLContext] = {}
+_contexts_lock = threading.Lock()
 
 
 def tls_contexts_made() -> int:
@@ -304,10 +309,16 @@ def tls_contexts_made() -> int:
 
 def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
     global _tls_contexts
-    _tls_contexts += 1
-    if ca_bundle:
-        return ssl.create_default_context(cafile=ca_bundle)
-    return httpx.create_ssl_context(trust_env=True)  # certifi, or SSL_CERT_FILE / SSL_CERT_DIR
+    with _contexts_lock:
+        ctx = _contexts.get(ca_bundle)
+        if ctx is None:
+            _tls_contexts += 1
+            if ca_bundle:
+                ctx = ssl.create_default_context(cafile=ca_bundle)
+            else:
+                ctx = httpx.create_ssl_context(trust_env=True)  # certifi, or SSL_CERT_FILE / SSL_CERT_DIR
+            _contexts[ca_bundle] = ctx
+        return ctx
 
 
 def drain(resp: httpx.Response, limit: int = ERROR_BODY_LIMIT) -> bytes:
