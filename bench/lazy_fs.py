@@ -11,11 +11,13 @@ Layers are generated here (nothing is downloaded), converted with our eStargz wr
   as on a node that started the container before), "warm" = run again right after;
 - the same workload on the node-local **unpacked copy** the process makes once the background fetch has the whole
   layer (what new containers get on a long-lived node);
-- **RSS of the lazyfs process** with 20 lazy layers attached (each ~1000 files), besides the two above.
+- **RSS of the lazyfs process** with 20 lazy layers attached (each ~1000 files), besides the two above (RSS and
+  PSS from ``/proc/PID/smaps_rollup``: PSS shares the interpreter's and libraries' pages with other processes).
 
     python bench/lazy_fs.py                # the full run
     python bench/lazy_fs.py --files 5000   # a smaller file-heavy tree
     python bench/lazy_fs.py --no-drop-caches
+    python bench/lazy_fs.py --rss-only     # memory only: attach the 20 layers, read every file once, no timing
 """
 
 from __future__ import annotations
@@ -88,11 +90,14 @@ def read_file(p: Path) -> float:
     return time.perf_counter() - t0
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+def memory(pid: int) -> str:
+    """``RSS x MiB (PSS y MiB)`` of a process, from its smaps_rollup."""
+    got = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss"):
+            got[key] = int(rest.split()[0]) / 1024
+    return f"RSS {got.get('Rss', 0):.1f} MiB (PSS {got.get('Pss', 0):.1f} MiB)"
 
 
 def overlay(lower: Path, target: Path, empty: Path) -> None:
@@ -106,6 +111,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rss-only", action="store_true",
+                    help="attach the layers, read every file of the file-heavy one once, report memory; no timing")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-lazyfs-"))
     mounts: list[Path] = []
@@ -135,15 +142,21 @@ def main() -> int:
                     break
                 except Exception:
                     time.sleep(0.05)
-            print(f"lazyfs RSS after start, no layer: {rss_kib(proc.pid) / 1024:.1f} MiB")
+            print(f"lazyfs after start, no layer: {memory(proc.pid)}")
             paths = []
             for (blob, toc), digest in zip(blobs, digests, strict=True):
                 ans = control.call(sock, {"op": "attach", "id": digest[7:], "digest": digest, "size": len(blob),
                                           "toc_digest": toc, "image_ref": f"{reg.host}/bench/lazyfs:x",
                                           "hosts_dir": None, "credentials": None}, timeout=120)
                 paths.append(Path(str(ans["path"])))
-            print(f"lazyfs RSS with {len(paths)} lazy layers attached ({sum(len(f) for f in extra) + len(many) + 1}"
-                  f" files): {rss_kib(proc.pid) / 1024:.1f} MiB")
+            print(f"lazyfs with {len(paths)} lazy layers attached ({sum(len(f) for f in extra) + len(many) + 1}"
+                  f" files): {memory(proc.pid)}")
+            if args.rss_only:
+                workload(paths[1])
+                print(f"lazyfs after reading the {len(many)} files of one layer: {memory(proc.pid)}")
+                read_file(paths[0] / "data/big.bin")
+                print(f"lazyfs after reading its 64 MiB file too: {memory(proc.pid)}")
+                return 0
 
             # warm read vs the page cache
             lazy_big, native_big = paths[0] / "data/big.bin", tmp / "native-big/data/big.bin"
@@ -178,7 +191,7 @@ def main() -> int:
                   f"{lc / nc:.2f}x; warm lazy {lwm:.2f} s vs native {nwm:.2f} s = {lwm / nwm:.2f}x"
                   + (" (caches not dropped)" if args.no_drop_caches else "")
                   + f"; lazyfs process CPU: cold {lcc:.2f} s, warm {lwc:.2f} s")
-            print(f"lazyfs RSS after the workloads: {rss_kib(proc.pid) / 1024:.1f} MiB")
+            print(f"lazyfs after the workloads: {memory(proc.pid)}")
             # once the background fetch has everything, new containers get the node-local unpacked copy
             lid = digests[1][7:]
             deadline = time.monotonic() + 600

@@ -99,13 +99,13 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
                 sys.exit(f"lazy container printed {out!r}")
             n, total = blob_stats(reg_log, mark)
             big_bytes = sum(g.size for g in blob_gets(reg_log, mark) if g.digest == big)
-            rss = lazyfs_rss(root / "lazy")
-            snap_rss = pid_rss(proc.pid)
+            rss, pss = pid_mem(lazyfs_pid(root / "lazy"))
+            snap_rss, snap_pss = pid_mem(proc.pid)
     finally:
         stop_process(proc, timeout=20, group=False)
         stop_lazyfs(root / "lazy")
     return {"pull": t_pull, "run": t_run, "requests": n, "bytes": total, "big": big_bytes, "rss": rss,
-            "start": t_start, "snap_rss": snap_rss}
+            "start": t_start, "snap_rss": snap_rss, "pss": pss, "snap_pss": snap_pss}
 
 
 def lazyfs_pid(lazy: Path) -> int | None:
@@ -115,18 +115,17 @@ def lazyfs_pid(lazy: Path) -> int | None:
         return None
 
 
-def lazyfs_rss(lazy: Path) -> float:
-    return pid_rss(lazyfs_pid(lazy))
-
-
-def pid_rss(pid: int | None) -> float:
+def pid_mem(pid: int | None) -> tuple[float, float]:
+    """(RSS, PSS) of a process in MiB, from its smaps_rollup (PSS shares library pages with other processes)."""
+    got = {"Rss": float("nan"), "Pss": float("nan")}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in got:
+                got[key] = int(rest.split()[0]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return got["Rss"], got["Pss"]
 
 
 def native_once(work: Path, reg_log: Path, ref: str, big: str) -> dict[str, float]:
@@ -140,7 +139,7 @@ def native_once(work: Path, reg_log: Path, ref: str, big: str) -> dict[str, floa
         n, total = blob_stats(reg_log, mark)
         big_bytes = sum(g.size for g in blob_gets(reg_log, mark) if g.digest == big)
     return {"pull": t_pull, "run": t_run, "requests": n, "bytes": total, "big": big_bytes, "rss": float("nan"),
-            "start": float("nan"), "snap_rss": float("nan")}
+            "start": float("nan"), "snap_rss": float("nan"), "pss": float("nan"), "snap_pss": float("nan")}
 
 
 def main() -> None:
@@ -173,6 +172,9 @@ def main() -> None:
               f"{med['rss']:>15.1f} {med['snap_rss']:>15.1f} {med['start']:>15.3f}")
         pulls = ", ".join(f"{x['pull']:.3f}" for x in rs)
         print(f"         pulls: {pulls}")
+        if mode == "lazy":
+            print(f"         PSS MiB: lazyfs {med['pss']:.1f}, snapshotter {med['snap_pss']:.1f}; RSS total "
+                  f"{med['rss'] + med['snap_rss']:.1f} MiB (PSS {med['pss'] + med['snap_pss']:.1f})")
     lazy_big = statistics.median(x["big"] for x in results["lazy"])
     print(f"bytes of the data layer fetched to read one small file: {int(lazy_big)} = "
           f"{100 * lazy_big / len(big.blob):.2f} % of it")

@@ -4,13 +4,22 @@ TOC costs once parsed."""
 
 from __future__ import annotations
 
+import gc
 import json
+import random
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from pathlib import Path
 
 import pytest
+
+from cvmfs_snap.devenv.images import make_tar
+from cvmfs_snap.estargz import open_bytes
+from cvmfs_snap.lazyfs.cache import ChunkCache
+from cvmfs_snap.lazyfs.tree import build_tree
+from tests.support.estargz import to_estargz
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,3 +51,60 @@ def test_process_imports_only_what_it_uses(command: str, expected: list[str]) ->
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("PROBE ")), None)
     assert line is not None, r.stderr[-3000:]
     assert json.loads(line[len("PROBE "):]) == expected
+
+
+def _small_files_layer(n: int) -> tuple[bytes, str]:
+    rnd = random.Random(5)
+    files = [(f"usr/share/d{i // 100:03d}/f{i:05d}.txt", rnd.randbytes(rnd.randint(200, 3000))) for i in range(n)]
+    dirs = sorted({name.rpartition("/")[0] + "/" for name, _ in files} | {"usr/", "usr/share/"})
+    blob, res = to_estargz(make_tar([*dirs, *files]))
+    return blob, res.toc_digest
+
+
+def test_parsed_toc_and_tree_are_compact() -> None:
+    """What an attached layer keeps per file: its parsed TOC (no raw JSON, repeated values shared) and its inode
+    tree, under 1000 bytes a file together (about 1500 before: raw JSON kept, one object per repeated value)."""
+    n = 3000
+    blob, toc_digest = _small_files_layer(n)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        es = open_bytes(blob, toc_digest=toc_digest)
+        tree = build_tree(es.toc)
+        gc.collect()
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert es.toc_json is None
+    assert len(tree.nodes) > n
+    regs = [e for e in es.toc.entries if e.type == "reg"]
+    assert len(regs) == n + 1  # and the landmark file
+    assert len({id(e.type) for e in regs}) == 1
+    assert len({id(e.modtime) for e in regs}) == len({e.modtime for e in regs})
+    assert all(e.chunk_digest is e.digest for e in regs)  # one chunk each: one string, not two
+    assert all(es.toc.chunks[e.name][0] is e for e in regs)
+    assert held / n < 1000, f"{held / n:.0f} bytes per file"
+    assert open_bytes(blob, keep_toc_json=True).toc_json  # still there for those who ask
+
+
+def test_chunk_cache_index_stays_small(tmp_path: Path) -> None:
+    """The cache's in-memory index: one reference per chunk is a shared layer name, not a set per chunk."""
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, memory_bytes=0)
+    layer_a, layer_b = "a" * 64, "b" * 64
+    keys = [f"{i:064x}" for i in range(2000)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for k in keys:
+            cache.put(k, b"x", layer_a)
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / len(keys) < 400, f"{held / len(keys):.0f} bytes per chunk"
+    cache.put(keys[0], b"x", layer_b)  # shared by two layers now
+    assert cache.layer_keys(layer_b) == {keys[0]}
+    cache.release_layer(layer_a)
+    assert cache.get(keys[0]) == b"x" and cache.get(keys[1]) is None
+    cache.release_layer(layer_b)
+    assert cache.get(keys[0]) is None

@@ -29,7 +29,7 @@ from cvmfs_snap.layer.tarstream import decode_entry
 RangeReader = Callable[[int, int], bytes]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     """One chunk of a file and the compressed bytes of the blob it is decoded from."""
 

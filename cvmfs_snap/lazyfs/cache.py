@@ -94,7 +94,10 @@ class ChunkCache:
         self._settling: deque[tuple[float, Path]] = deque()
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
-        self._refs: dict[str, set[str]] = {}  # key -> layers
+        #: key -> the layer using it, or the set of layers when several do (most chunks have one: a set each would
+        #: cost ~200 bytes per chunk); layer names are shared objects (:meth:`_layer`)
+        self._refs: dict[str, str | set[str]] = {}
+        self._layers: dict[str, str] = {}
         self._bytes = 0
         #: name -> bytes of the files counted in the bound that are not chunks (spool files, unpacked copies)
         self._reserved: dict[str, int] = {}
@@ -122,7 +125,7 @@ class ChunkCache:
                 for line in f:
                     key = line.strip().decode("ascii", "replace")
                     if _HEX.fullmatch(key):  # a crash may have cut the last line
-                        self._refs.setdefault(key, set()).add(layer)
+                        self._ref_add(key, self._layer(layer))
         found: list[tuple[float, str, int]] = []
         for d in os.scandir(self.directory / "chunks"):
             if not d.is_dir(follow_symlinks=False):
@@ -153,13 +156,46 @@ class ChunkCache:
     def _refs_path(self, layer: str) -> Path:
         return self.directory / "layers" / f"{layer}.refs"
 
+    def _layer(self, layer: str) -> str:
+        return self._layers.setdefault(layer, layer)
+
+    def _has_ref(self, key: str, layer: str) -> bool:
+        layers = self._refs.get(key)
+        return layers == layer if isinstance(layers, str) else layers is not None and layer in layers
+
+    def _ref_add(self, key: str, layer: str) -> None:
+        layers = self._refs.get(key)
+        if layers is None:
+            self._refs[key] = layer
+        elif isinstance(layers, str):
+            if layers != layer:
+                self._refs[key] = {layers, layer}
+        else:
+            layers.add(layer)
+
+    def _ref_discard(self, key: str, layer: str) -> bool:
+        """Drop ``layer``'s reference; True when no layer references ``key`` any more (and it is forgotten)."""
+        layers = self._refs.get(key)
+        if isinstance(layers, set):
+            layers.discard(layer)
+            if len(layers) == 1:
+                self._refs[key] = next(iter(layers))
+            elif not layers:
+                del self._refs[key]
+                return True
+            return False
+        if layers == layer:
+            del self._refs[key]
+            return True
+        return False
+
     def _add_ref_locked(self, key: str, layer: str) -> None:
-        layers = self._refs.setdefault(key, set())
-        if layer in layers:
+        if self._has_ref(key, layer):
             return
+        layer = self._layer(layer)
         with open(self._refs_path(layer), "ab") as f:
             f.write(key.encode() + b"\n")
-        layers.add(layer)
+        self._ref_add(key, layer)
 
     # ------------------------------------------------------------------ API
     def get_hot(self, key: str, layer: str | None = None) -> bytes | None:
@@ -355,16 +391,14 @@ class ChunkCache:
             except FileNotFoundError:
                 keys = set()
             for key in keys:
-                layers = self._refs.get(key)
-                if layers is None or lay not in layers:
+                if not self._has_ref(key, lay):
                     continue
-                layers.discard(lay)
-                if not layers:
-                    del self._refs[key]
+                if self._ref_discard(key, lay):
                     freed += self._lru.get(key, 0)
                     self._drop_locked(key)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+            self._layers.pop(lay, None)
             self.metrics.cache_bytes.set(self._bytes)
         log.debug("chunk cache: released layer %s, freed %d bytes", lay, freed)
 
@@ -372,7 +406,7 @@ class ChunkCache:
         """The cached chunks ``layer`` references."""
         lay = cache_key(layer)
         with self._lock:
-            return {k for k, layers in self._refs.items() if lay in layers and k in self._lru}
+            return {k for k in self._refs if k in self._lru and self._has_ref(k, lay)}
 
     @property
     def stats(self) -> CacheStats:
