@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -108,3 +109,19 @@ def test_chunk_cache_index_stays_small(tmp_path: Path) -> None:
     assert cache.get(keys[0]) == b"x" and cache.get(keys[1]) is None
     cache.release_layer(layer_b)
     assert cache.get(keys[0]) is None
+
+
+def test_idle_hot_chunks_leave_memory(tmp_path: Path) -> None:
+    """The memory tier keeps what is being read, not what was read once: chunks unused for the idle time are
+    dropped by trim_hot (the lazyfs process calls it every HOT_IDLE_SECONDS), recently used ones stay."""
+    cache = ChunkCache(tmp_path / "cache", 1 << 30, memory_bytes=1 << 20)
+    old, new = "1" * 64, "2" * 64
+    cache.put_hot(old, b"o" * 1000)
+    cache.put_hot(new, b"n" * 1000)
+    assert cache.trim_hot(idle=60.0) == 0 and cache.hot_bytes == 2000
+    time.sleep(0.6)
+    assert cache.get_hot(new) == b"n" * 1000  # a use refreshes it
+    assert cache.trim_hot(idle=0.4) == 1000
+    assert cache.get_hot(old) is None and cache.get_hot(new) == b"n" * 1000 and cache.hot_bytes == 1000
+    time.sleep(0.6)
+    assert cache.trim_hot(idle=0.4) == 1000 and cache.hot_bytes == 0

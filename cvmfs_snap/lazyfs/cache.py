@@ -31,7 +31,9 @@ The cache does not verify content: the reader checks every chunk it gets against
 
 - **Hot chunks** (``memory_bytes``, default 16 MiB for all layers together): the last chunks the reader verified
   are also kept in memory (:meth:`get_hot` / :meth:`put_hot`), so the 32 FUSE reads of 128 KiB that a 4 MiB chunk
-  takes cost one disk read and one hash, not 32.
+  takes cost one disk read and one hash, not 32. Chunks not used for ``HOT_IDLE_SECONDS`` leave it
+  (:meth:`trim_hot`, called by the lazyfs process now and then): an idle node does not keep 16 MiB of chunks
+  that the kernel's page cache holds anyway (a background pass and an unpacked copy read whole layers through it).
 
 Thread-safe.
 """
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 4 * 1024 ** 3
 DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
+#: hot chunks unused this long are dropped by :meth:`ChunkCache.trim_hot`
+HOT_IDLE_SECONDS = 10.0
 #: a written chunk's pages are dropped again this long after the write (its writeback is done by then)
 SETTLE_SECONDS = 1.0
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -103,7 +107,8 @@ class ChunkCache:
         self._reserved: dict[str, int] = {}
         self._reserved_bytes = 0
         self.memory_bytes = max(0, memory_bytes)
-        self._hot: OrderedDict[str, bytes] = OrderedDict()
+        self._hot: OrderedDict[str, bytes] = OrderedDict()  # least recently used first
+        self._hot_used: dict[str, float] = {}  # key -> monotonic time of its last use
         self._hot_bytes = 0
         self.hits = self.misses = self.evictions = 0
         self._tmp_seq = 0
@@ -205,6 +210,7 @@ class ChunkCache:
             if data is None:
                 return None
             self._hot.move_to_end(key)
+            self._hot_used[key] = time.monotonic()
             if key in self._lru:
                 self._lru.move_to_end(key)
                 if layer is not None:
@@ -218,13 +224,15 @@ class ChunkCache:
         if len(data) > self.memory_bytes:
             return
         with self._lock:
+            self._hot_used[key] = time.monotonic()
             if key in self._hot:
                 self._hot.move_to_end(key)
                 return
             self._hot[key] = data
             self._hot_bytes += len(data)
             while self._hot_bytes > self.memory_bytes:
-                _, old = self._hot.popitem(last=False)
+                old_key, old = self._hot.popitem(last=False)
+                self._hot_used.pop(old_key, None)
                 self._hot_bytes -= len(old)
 
     def states(self, keys: list[str]) -> list[int]:
@@ -232,8 +240,28 @@ class ChunkCache:
         with self._lock:
             return [2 if k in self._hot else 1 if k in self._lru else 0 for k in keys]
 
+    def trim_hot(self, idle: float = HOT_IDLE_SECONDS) -> int:
+        """Drop the hot chunks not used for ``idle`` seconds; returns the bytes dropped."""
+        before = time.monotonic() - idle
+        dropped = 0
+        with self._lock:
+            while self._hot:
+                key = next(iter(self._hot))
+                if self._hot_used.get(key, 0.0) > before:
+                    break  # the rest were used later (LRU order)
+                dropped += len(self._hot.pop(key))
+                self._hot_used.pop(key, None)
+            self._hot_bytes -= dropped
+        return dropped
+
+    @property
+    def hot_bytes(self) -> int:
+        with self._lock:
+            return self._hot_bytes
+
     def _unhot_locked(self, key: str) -> None:
         old = self._hot.pop(key, None)
+        self._hot_used.pop(key, None)
         if old is not None:
             self._hot_bytes -= len(old)
 

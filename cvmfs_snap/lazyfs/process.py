@@ -47,7 +47,7 @@ from cvmfs_snap.errors import (
 )
 from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.lazyfs import control, controlserver
-from cvmfs_snap.lazyfs.cache import ChunkCache
+from cvmfs_snap.lazyfs.cache import HOT_IDLE_SECONDS, ChunkCache
 from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
 from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
@@ -378,6 +378,7 @@ async def _serve(proc: LazyfsProcess) -> None:
             proc.nursery = proc.fs.nursery = n
             n.start_soon(_signals, n.cancel_scope)
             n.start_soon(_fuse_main, n.cancel_scope)
+            n.start_soon(_trim_hot, proc.cache)
             await n.start(controlserver.serve, opts.root / SOCKET, proc.handle)
             await proc.restore()
             log.info("lazyfs serves %d layer(s) at %s (control %s)", len(proc.layers), opts.mnt,
@@ -397,6 +398,15 @@ async def _fuse_main(scope: trio.CancelScope) -> None:
     if not scope.cancel_called:  # (SIGTERM cancels first)
         log.warning("lazyfs: the FUSE mount was unmounted from outside; exiting")
     scope.cancel()
+
+
+async def _trim_hot(cache: ChunkCache) -> None:
+    """Hot chunks nobody read for a while leave the cache's memory tier (resident memory of an idle node)."""
+    while True:
+        await trio.sleep(HOT_IDLE_SECONDS)
+        dropped = cache.trim_hot(HOT_IDLE_SECONDS)
+        if dropped:
+            log.debug("chunk cache: %d bytes of idle hot chunks dropped", dropped)
 
 
 async def _signals(scope: trio.CancelScope) -> None:
