@@ -156,6 +156,8 @@ def main() -> int:
                 print(f"lazyfs after reading the {len(many)} files of one layer: {memory(proc.pid)}")
                 read_file(paths[0] / "data/big.bin")
                 print(f"lazyfs after reading its 64 MiB file too: {memory(proc.pid)}")
+                time.sleep(25)  # idle: the memory tier's idle chunks are dropped (every 10 s)
+                print(f"lazyfs 25 s later (idle): {memory(proc.pid)}")
                 return 0
 
             # warm read vs the page cache
