@@ -30,7 +30,7 @@ PROBE = textwrap.dedent("""
     def probe():
         heavy = sorted({k.split(".")[0] for k, m in sys.modules.items() if m is not None
                         and k.split(".")[0] in ("trio", "anyio", "rich", "click", "pygments", "h2", "hpack",
-                                                "pyfuse3", "grpc", "httpx")})
+                                                "pyfuse3", "grpc", "httpx", "pydantic")})
         sys.stderr.write("PROBE " + json.dumps(heavy) + "\\n")
     atexit.register(probe)
     sys.argv = ["cvmfs-snap", *sys.argv[1:]]
@@ -40,12 +40,13 @@ PROBE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize(("command", "expected"), [
-    ("snapshotter", ["grpc", "httpx"]),  # no trio (the control client is blocking), no FUSE
-    ("lazyfs", ["httpx", "pyfuse3", "trio"]),
+    ("snapshotter", ["grpc", "httpx", "pydantic"]),  # no trio (the control client is blocking), no FUSE
+    ("lazyfs", ["httpx", "pyfuse3", "trio"]),  # no pydantic (Limits spells its constraints without it)
 ])
 def test_process_imports_only_what_it_uses(command: str, expected: list[str]) -> None:
     """The process as the console script starts it (``--help`` ends it once its subcommand module is imported):
-    httpx's own command line (click, rich, pygments), HTTP/2 and anyio are not loaded, and the daemon has no trio."""
+    httpx's own command line (click, rich, pygments), HTTP/2 and anyio are not loaded, the daemon has no trio and
+    the lazyfs process no pydantic (7 MiB)."""
     r = subprocess.run([sys.executable, "-c", PROBE, command, "--help"], capture_output=True, text=True,
                        timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                        stdin=subprocess.DEVNULL)
