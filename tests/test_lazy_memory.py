@@ -21,6 +21,7 @@ from cvmfs_snap.estargz import open_bytes
 from cvmfs_snap.lazyfs import cache as cache_module
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.tree import build_tree
+from cvmfs_snap.procmem import release_free_heap
 from tests.support.estargz import to_estargz
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,3 +134,24 @@ def test_idle_hot_chunks_leave_memory(tmp_path: Path) -> None:
     assert cache.get_hot(old) is None and cache.get_hot(new) == b"n" * 1000 and cache.hot_bytes == 1000
     time.sleep(0.6)
     assert cache.trim_hot(idle=0.4) == 1000 and cache.hot_bytes == 0
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_free_heap_goes_back_to_the_system() -> None:
+    """After a burst of chunk-sized objects (a few KB: heap, not mmap) is freed, with a few survivors pinning the
+    heap's top, release_free_heap gives the free pages back (the lazyfs process calls it once reads stop)."""
+    burst = [bytes(3000) + i.to_bytes(4, "little") for i in range(20_000)]  # ~60 MB
+    keep = burst[::500]  # survivors spread over the heap: nothing is trimmed at its top alone
+    del burst
+    gc.collect()
+    before = _rss_kib()
+    assert release_free_heap()
+    after = _rss_kib()
+    assert before - after > 20 * 1024, (before, after)
+    assert len(keep) == 40

@@ -57,6 +57,7 @@ from cvmfs_snap.lazyfs.unpack import copy_size, disk_usage, unpack_layer
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.hosts import credentials_from_wire, first_client
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
+from cvmfs_snap.procmem import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -401,12 +402,21 @@ async def _fuse_main(scope: trio.CancelScope) -> None:
 
 
 async def _trim_hot(cache: ChunkCache) -> None:
-    """Hot chunks nobody read for a while leave the cache's memory tier (resident memory of an idle node)."""
+    """Hot chunks nobody read for a while leave the cache's memory tier; after a whole period without reads, the
+    heap's free pages go back to the system, once (resident memory of an idle node)."""
+    seen, trimmed = -1, False
     while True:
         await trio.sleep(HOT_IDLE_SECONDS)
         dropped = cache.trim_hot(HOT_IDLE_SECONDS)
         if dropped:
             log.debug("chunk cache: %d bytes of idle hot chunks dropped", dropped)
+        stats = cache.stats
+        activity = stats.hits + stats.misses
+        if activity != seen:
+            seen, trimmed = activity, False
+        elif not trimmed:
+            await trio.to_thread.run_sync(release_free_heap)
+            trimmed = True
 
 
 async def _signals(scope: trio.CancelScope) -> None:
