@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.devenv.images import make_tar
+from cvmfs_snap_devenv.images import make_tar
 from cvmfs_snap.estargz import open_bytes
 from cvmfs_snap.lazyfs import cache as cache_module
 from cvmfs_snap.lazyfs.cache import ChunkCache
