@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap_devenv.images import make_tar
 from cvmfs_snap.estargz import open_bytes
 from cvmfs_snap.lazyfs import cache as cache_module
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.tree import build_tree
 from cvmfs_snap.procmem import release_free_heap
+from cvmfs_snap_devenv.images import make_tar
 from tests.support.estargz import to_estargz
 
 ROOT = Path(__file__).resolve().parent.parent
