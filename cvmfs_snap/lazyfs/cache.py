@@ -361,7 +361,7 @@ class ChunkCache:
         keep = cache_key(keep_layer) if keep_layer is not None else None
         with self._lock:
             others = self._reserved_bytes - self._reserved.get(name, 0)
-            kept = sum(size for k, size in self._lru.items() if keep in self._refs.get(k, ())) if keep else 0
+            kept = sum(size for k, size in self._lru.items() if self._has_ref(k, keep)) if keep else 0
             if not force and others + nbytes + kept > self.max_bytes:
                 return False
             self._reserved_bytes = others + nbytes
@@ -459,7 +459,7 @@ class ChunkCache:
         if self._bytes <= room:
             return
         if keep is not None:
-            for key in [k for k in self._lru if keep not in self._refs.get(k, ())]:
+            for key in [k for k in self._lru if not self._has_ref(k, keep)]:
                 if self._bytes <= room:
                     return
                 self._evict_one_locked(key)
