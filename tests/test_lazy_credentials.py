@@ -35,7 +35,7 @@ from cvmfs_snap.snapshotter.credentials import (
     socket_for,
 )
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, estargz_layer, image
-from cvmfs_snap_devenv.registry import Registry, blob_gets, free_port, log_mark, start_registry
+from cvmfs_snap_devenv.registry import Registry, blob_gets, free_port, htpasswd_auth, log_mark, start_registry
 from tests.support.e2e import PLUGIN
 from tests.support.runnable import require_busybox
 from tests.test_lazy_e2e import LAZYFS, busybox_estargz, lazy_node
@@ -52,10 +52,7 @@ PASSWORD = "s3cret-lazy-Pull-pw"
 @pytest.fixture(scope="module")
 def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     root = tmp_path_factory.mktemp("lazy-creds")
-    htpasswd = root / "htpasswd"
-    out = subprocess.run(["htpasswd", "-Bbn", "alice", PASSWORD], check=True, capture_output=True, text=True)
-    htpasswd.write_text(out.stdout)
-    with start_registry(root, {"auth": {"htpasswd": {"realm": "cvmfs-snap-test", "path": str(htpasswd)}}}) as reg:
+    with start_registry(root, htpasswd_auth(root, "alice", PASSWORD)) as reg:
         yield reg
 
 

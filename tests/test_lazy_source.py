@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, estargz_layer, image, push_image
 from cvmfs_snap_devenv.procs import stop_lazyfs
-from cvmfs_snap_devenv.registry import Registry, free_port, log_mark, start_registry
+from cvmfs_snap_devenv.registry import Registry, free_port, htpasswd_auth, log_mark, start_registry
 from tests.support.layersource import lookup
 
 CHAIN = "sha256:" + "c" * 64
@@ -197,10 +196,7 @@ def test_manifest_disagreeing_with_labels_means_a_normal_pull(lazy_image: tuple[
 @pytest.fixture(scope="module")
 def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     root = tmp_path_factory.mktemp("lazy-private")
-    htpasswd = root / "htpasswd"
-    out = subprocess.run(["htpasswd", "-Bbn", "alice", PASSWORD], check=True, capture_output=True, text=True)
-    htpasswd.write_text(out.stdout)
-    with start_registry(root, {"auth": {"htpasswd": {"realm": "cvmfs-snap-test", "path": str(htpasswd)}}}) as reg:
+    with start_registry(root, htpasswd_auth(root, "alice", PASSWORD)) as reg:
         yield reg
 
 

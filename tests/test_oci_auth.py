@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pytest
 from cvmfs_snap.errors import AuthError, CvmfsSnapError, NotFoundError
 from cvmfs_snap.oci import Credentials, CredentialStore, ImageReference, RegistryClient
 from cvmfs_snap_devenv import images as im
-from cvmfs_snap_devenv.registry import Registry, start_registry
+from cvmfs_snap_devenv.registry import Registry, htpasswd_auth, start_registry
 from tests.support.token_issuer import TokenIssuer, start_token_issuer
 
 PASSWORD = "pa55-Very-Secret-word"
@@ -70,10 +69,7 @@ def _config(tmp_path: Path, host: str, user: str, password: str) -> CredentialSt
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, Seeded]]:
     root = tmp_path_factory.mktemp("basic-registry")
     seeded = _seed(root)
-    htpasswd = root / "htpasswd"
-    out = subprocess.run(["htpasswd", "-Bbn", "alice", PASSWORD], check=True, capture_output=True, text=True)
-    htpasswd.write_text(out.stdout)
-    with start_registry(root, {"auth": {"htpasswd": {"realm": "cvmfs-snap-test", "path": str(htpasswd)}}}) as reg:
+    with start_registry(root, htpasswd_auth(root, "alice", PASSWORD)) as reg:
         yield reg, seeded
 
 

@@ -319,15 +319,12 @@ def test_unknown_image_and_bad_reference(registry: Registry, client: RegistryCli
 
 def test_auth_failure_and_credentials(tmp_path: Path) -> None:
     import base64
-    import subprocess
 
     from cvmfs_snap.oci import CredentialStore
-    from cvmfs_snap_devenv.registry import start_registry
+    from cvmfs_snap_devenv.registry import htpasswd_auth, start_registry
 
     password = "s3cret-Pw-for-publisher"
-    out = subprocess.run(["htpasswd", "-Bbn", "alice", password], check=True, capture_output=True, text=True)
-    (tmp_path / "htpasswd").write_text(out.stdout)
-    auth = {"auth": {"htpasswd": {"realm": "cvmfs-snap-test", "path": str(tmp_path / "htpasswd")}}}
+    auth = htpasswd_auth(tmp_path, "alice", password)
     with start_registry(tmp_path / "reg", auth) as reg:
         pusher = im.Pusher(reg.url, auth=("alice", password))
         pusher.image("private/img", "v1", im.image([base_layer("private")]))

@@ -91,6 +91,15 @@ def registry_config(root: Path, port: int, extra: dict[str, Any] | None = None) 
     return cfg
 
 
+def htpasswd_auth(root: Path, user: str, password: str) -> dict[str, Any]:
+    """Registry config (``extra_config`` of :func:`start_registry`) asking for HTTP Basic auth of ``user``:
+    writes ``root/htpasswd`` with ``htpasswd -B`` (apache2-utils)."""
+    out = subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "htpasswd").write_text(out.stdout)
+    return {"auth": {"htpasswd": {"realm": "cvmfs-snap-test", "path": str(root / "htpasswd")}}}
+
+
 @contextmanager
 def start_registry(root: Path, extra_config: dict[str, Any] | None = None, port: int = 0) -> Iterator[Registry]:
     """Start docker-registry with its storage under ``root``; ``extra_config`` keys (auth, notifications, ...)
