@@ -32,6 +32,7 @@ from cvmfs_snap.estargz import (
 )
 from cvmfs_snap.layer import open_layer
 from cvmfs_snap.layer.compression import MEDIA_TYPES
+from cvmfs_snap.layer.readahead import ReadAhead
 from cvmfs_snap.mediatypes import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP
 from cvmfs_snap.oci import (
     DOCKER_MANIFEST,
@@ -194,13 +195,18 @@ class Converter:
         self.progress.layer_start(key, f"{desc.digest[7:19]} convert", desc.size)
         name = f"layer {desc.digest} of {src.name}"
         upload = self.pusher.start_upload(dst)
+        workers = self.opts.workers or os.cpu_count() or 1
         bopts = BuildOptions(chunk_size=self.opts.chunk_size, compression_level=self.opts.compression_level,
-                             prioritized=tuple(self.opts.prioritized),
-                             workers=self.opts.workers or os.cpu_count() or 1)
+                             prioritized=tuple(self.opts.prioritized), workers=workers)
         try:
             with self.client.open_blob(src, desc.digest, desc.size) as raw, \
                     open_layer(_Counting(raw, self.progress, key), desc.media_type, name=name) as stream:
-                built = build(stream, upload, bopts, name=name)
+                if workers > 1:  # download + inflate + sha256s of the source on their own thread
+                    with ReadAhead(stream, name=desc.digest[7:19]) as ahead:
+                        built = build(ahead, upload, bopts, name=name)
+                        ahead.drain()
+                else:
+                    built = build(stream, upload, bopts, name=name)
                 stream.drain()
                 stream.verify_digest(desc.digest)
                 stream.verify_diff_id(diff_id)

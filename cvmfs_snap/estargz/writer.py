@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import struct
 import tarfile
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +43,7 @@ from cvmfs_snap.estargz.toc import (
     format_modtime,
     toc_json_parts,
 )
-from cvmfs_snap.layer.digesting import Readable
+from cvmfs_snap.layer.digesting import Hasher, Readable
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.paths import normalize_path
 from cvmfs_snap.layer.tarstream import BLOCK, TarEntry, TarReader
@@ -175,7 +177,7 @@ def _compress(unit: bytes, level: int, digests: list[tuple[int, int]], codec: st
 
 
 class _Unit:
-    __slots__ = ("chunks", "entries", "parts", "size")
+    __slots__ = ("chunks", "entries", "parts", "size", "whole")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
@@ -183,6 +185,8 @@ class _Unit:
         #: TOC entries whose chunk starts this unit (offset = the unit's blob offset) and their data ranges
         self.entries: list[TocEntry] = []
         self.chunks: list[tuple[int, int]] = []
+        #: per entry: the chunk is the whole file (its digest is the file's digest)
+        self.whole: list[bool] = []
 
     def add(self, data: bytes) -> None:
         if data:
@@ -191,7 +195,13 @@ class _Unit:
 
 
 class _Emitter:
-    """Units in, compressed members out in order; TOC offsets and chunk digests filled in as members land."""
+    """Units in, compressed members out in order; TOC offsets and chunk digests filled in as members land.
+
+    With one worker everything happens on the caller's thread. With more, units are compressed on a pool and
+    *landed* (diffID hashed, TOC entries completed, the member hashed and written to ``out``) in order by one
+    landing thread, so that the caller's thread only parses the tar and cuts units: the sha256s and the upload run
+    beside it and beside the compression. ``drain`` waits until everything submitted has landed.
+    """
 
     def __init__(self, out: Writable, opts: BuildOptions, progress: Callable[[int], None] | None) -> None:
         self.out = out
@@ -202,33 +212,54 @@ class _Emitter:
         self.diff_hash = hashlib.sha256()
         self.usize = 0
         self._pool = ThreadPoolExecutor(opts.workers, "estargz") if opts.workers > 1 else None
-        self._inflight: deque[tuple[_Unit, Future[tuple[bytes, list[str]]] | tuple[bytes, list[str]]]] = deque()
-        self._max = 2 * opts.workers + 1  # units queued or being compressed: every worker kept busy
+        #: units queued for landing (compressed or being compressed): every worker kept busy, memory bounded
+        self._queue: queue.Queue[tuple[_Unit, bytes, Future[tuple[bytes, list[str]]]] | None] = queue.Queue(
+            maxsize=2 * opts.workers)
+        self._error: BaseException | None = None
+        self._closing = False
+        self._lander: threading.Thread | None = None
+        if self._pool is not None:
+            self._lander = threading.Thread(target=self._landing, name="estargz-land", daemon=True)
+            self._lander.start()
 
     def submit(self, unit: _Unit) -> None:
         if not unit.size:
             return
-        data = b"".join(unit.parts)
+        data = unit.parts[0] if len(unit.parts) == 1 else b"".join(unit.parts)
         unit.parts = []
+        level, codec = self.opts.compression_level, self.opts.compression
+        if self._pool is None:
+            self._land(unit, data, _compress(data, level, unit.chunks, codec))
+            return
+        self._check()
+        self._queue.put((unit, data, self._pool.submit(_compress, data, level, unit.chunks, codec)))
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _landing(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None and not self._closing:  # else only empty the queue: no submitter blocks
+                    unit, data, fut = item
+                    self._land(unit, data, fut.result())
+            except BaseException as e:  # raised again on the submitting thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _land(self, unit: _Unit, data: bytes, done: tuple[bytes, list[str]]) -> None:
+        comp, digests = done
         self.diff_hash.update(data)
         self.usize += len(data)
-        if self._pool is None:
-            self._inflight.append((unit, _compress(data, self.opts.compression_level, unit.chunks,
-                                                   self.opts.compression)))
-        else:
-            self._inflight.append((unit, self._pool.submit(_compress, data, self.opts.compression_level,
-                                                           unit.chunks, self.opts.compression)))
-        while len(self._inflight) > (self._max if self._pool else 0):
-            self._land()
-
-    def _land(self) -> None:
-        unit, fut = self._inflight.popleft()
-        comp, digests = fut.result() if isinstance(fut, Future) else fut
-        for ent, dg in zip(unit.entries, digests, strict=True):
+        for ent, dg, whole in zip(unit.entries, digests, unit.whole, strict=True):
             ent.offset = self.offset
             ent.chunk_digest = dg
-            if ent.type == "reg" and not ent.digest:
-                # a one-chunk file; a longer file's digest is set (over this) when its last chunk was read
+            if whole:  # a one-chunk file; a longer file's digest is set by the tar thread after its last chunk
                 ent.digest = dg
         self._write(comp)
 
@@ -240,8 +271,10 @@ class _Emitter:
             self.progress(len(data))
 
     def drain(self) -> None:
-        while self._inflight:
-            self._land()
+        """Wait until every unit submitted has landed (raising what landing raised)."""
+        if self._pool is not None:
+            self._queue.join()
+            self._check()
 
     def write_raw(self, data: bytes, uncompressed: bytes = b"") -> None:
         self.drain()
@@ -251,19 +284,24 @@ class _Emitter:
         self._write(data)
 
     def close(self) -> None:
+        if self._lander is not None:
+            self._closing = True  # after a failure: what is still queued is dropped, not written
+            self._queue.put(None)
+            self._lander.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_exact(read: Callable[[int], bytes], n: int, what: str) -> bytes:
-    parts: list[bytes] = []
+def _read_into(unit: _Unit, fh: Hasher | None, read: Callable[[int], bytes], n: int, what: str) -> None:
+    """Add the next ``n`` bytes of ``read`` to ``unit`` as they come (joined once, when the unit is submitted)."""
     while n > 0:
         data = read(min(n, 1 << 20))
         if not data:
             raise InvalidInputError(f"{what}: data ends early")
-        parts.append(data)
+        if fh is not None:
+            fh.update(data)
+        unit.add(data)
         n -= len(data)
-    return b"".join(parts)
 
 
 def _modtime(mtime_ns: int, cache: dict[int, str]) -> str:
@@ -298,6 +336,7 @@ def _landmark_unit(lname: str, unit: _Unit, em: _Emitter, toc: list[TocEntry]) -
     unit = _Unit()
     unit.entries.append(e)
     unit.chunks.append((0, 1))
+    unit.whole.append(False)  # its digest is known
     unit.add(hdr[BLOCK:])
     toc.append(e)
     return unit
@@ -335,9 +374,7 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
             n = min(opts.chunk_size, te.size - done)
             em.submit(unit)
             unit = _Unit()
-            data = _read_exact(read, n, f"{name}: entry {te.display}")
-            if fh is not None:
-                fh.update(data)
+            _read_into(unit, fh, read, n, f"{name}: entry {te.display}")
             if cur is not ent:
                 toc.append(cur)
             cur.chunk_offset = done
@@ -345,7 +382,7 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
                 cur.chunk_size = n  # as Go writes it: a short last chunk leaves chunkSize out ("the rest")
             unit.entries.append(cur)
             unit.chunks.append((0, n))
-            unit.add(data)
+            unit.whole.append(whole)
             done += n
             cur = TocEntry(ent.name, "chunk")
         unit.add(bytes(-te.size % BLOCK))
