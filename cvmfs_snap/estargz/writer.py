@@ -194,13 +194,25 @@ class _Unit:
             self.size += len(data)
 
 
+#: units go to the pool in batches of at least this many bytes: thousands of small files make thousands of tiny
+#: units, and a task each would cost more in thread hand-offs (and GIL round trips) than compressing them
+BATCH_BYTES = 1 << 20
+
+_Member = tuple[bytes, list[str]]  # a compressed unit and its chunks' digests
+
+
+def _compress_batch(work: list[tuple[bytes, list[tuple[int, int]]]], level: int, codec: str) -> list[_Member]:
+    return [_compress(data, level, chunks, codec) for data, chunks in work]
+
+
 class _Emitter:
     """Units in, compressed members out in order; TOC offsets and chunk digests filled in as members land.
 
-    With one worker everything happens on the caller's thread. With more, units are compressed on a pool and
-    *landed* (diffID hashed, TOC entries completed, the member hashed and written to ``out``) in order by one
-    landing thread, so that the caller's thread only parses the tar and cuts units: the sha256s and the upload run
-    beside it and beside the compression. ``drain`` waits until everything submitted has landed.
+    With one worker everything happens on the caller's thread. With more, units are compressed on a pool, in
+    batches, and *landed* (TOC entries completed, the member hashed and written to ``out``) in order by one landing
+    thread, so that the caller's thread only parses the tar, cuts units and hashes them (the diffID): the blob's
+    sha256 and the upload run beside it and beside the compression. Batches being compressed and batches not yet
+    landed are bounded, so memory is too. ``drain`` waits until everything submitted has landed.
     """
 
     def __init__(self, out: Writable, opts: BuildOptions, progress: Callable[[int], None] | None) -> None:
@@ -212,9 +224,14 @@ class _Emitter:
         self.diff_hash = hashlib.sha256()
         self.usize = 0
         self._pool = ThreadPoolExecutor(opts.workers, "estargz") if opts.workers > 1 else None
-        #: units queued for landing (compressed or being compressed): every worker kept busy, memory bounded
-        self._queue: queue.Queue[tuple[_Unit, bytes, Future[tuple[bytes, list[str]]]] | None] = queue.Queue(
-            maxsize=2 * opts.workers)
+        self._batch: list[_Unit] = []
+        self._work: list[tuple[bytes, list[tuple[int, int]]]] = []
+        self._batch_size = 0
+        #: batches handed to the pool and not compressed yet: every worker busy, one more batch waiting each
+        self._slots = threading.Semaphore(2 * opts.workers)
+        #: batches not landed yet (compressed ones wait for an earlier one to land: members go out in order)
+        self._queue: queue.Queue[tuple[list[_Unit], Future[list[_Member]]] | None] = queue.Queue(
+            maxsize=4 * opts.workers)
         self._error: BaseException | None = None
         self._closing = False
         self._lander: threading.Thread | None = None
@@ -227,12 +244,27 @@ class _Emitter:
             return
         data = unit.parts[0] if len(unit.parts) == 1 else b"".join(unit.parts)
         unit.parts = []
-        level, codec = self.opts.compression_level, self.opts.compression
+        self.diff_hash.update(data)
+        self.usize += len(data)
         if self._pool is None:
-            self._land(unit, data, _compress(data, level, unit.chunks, codec))
+            self._land(unit, _compress(data, self.opts.compression_level, unit.chunks, self.opts.compression))
+            return
+        self._batch.append(unit)
+        self._work.append((data, unit.chunks))
+        self._batch_size += len(data)
+        if self._batch_size >= BATCH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._batch or self._pool is None:
             return
         self._check()
-        self._queue.put((unit, data, self._pool.submit(_compress, data, level, unit.chunks, codec)))
+        units, work = self._batch, self._work
+        self._batch, self._work, self._batch_size = [], [], 0
+        self._slots.acquire()
+        fut = self._pool.submit(_compress_batch, work, self.opts.compression_level, self.opts.compression)
+        fut.add_done_callback(lambda _: self._slots.release())
+        self._queue.put((units, fut))
 
     def _check(self) -> None:
         if self._error is not None:
@@ -245,17 +277,16 @@ class _Emitter:
                 if item is None:
                     return
                 if self._error is None and not self._closing:  # else only empty the queue: no submitter blocks
-                    unit, data, fut = item
-                    self._land(unit, data, fut.result())
+                    units, fut = item
+                    for unit, member in zip(units, fut.result(), strict=True):
+                        self._land(unit, member)
             except BaseException as e:  # raised again on the submitting thread
                 self._error = e
             finally:
                 self._queue.task_done()
 
-    def _land(self, unit: _Unit, data: bytes, done: tuple[bytes, list[str]]) -> None:
-        comp, digests = done
-        self.diff_hash.update(data)
-        self.usize += len(data)
+    def _land(self, unit: _Unit, member: _Member) -> None:
+        comp, digests = member
         for ent, dg, whole in zip(unit.entries, digests, unit.whole, strict=True):
             ent.offset = self.offset
             ent.chunk_digest = dg
@@ -273,6 +304,7 @@ class _Emitter:
     def drain(self) -> None:
         """Wait until every unit submitted has landed (raising what landing raised)."""
         if self._pool is not None:
+            self._flush()
             self._queue.join()
             self._check()
 
