@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +51,9 @@ from cvmfs_snap.oci.push import Pusher
 log = logging.getLogger(__name__)
 
 _GZIP_TYPES = {mt for mt, codec in MEDIA_TYPES.items() if codec == "gzip"}
+
+#: layers converted at the same time when there is more than one worker (one downloading, one finishing)
+LAYERS_AT_ONCE = 2
 
 
 @dataclass(frozen=True)
@@ -102,18 +107,35 @@ class _NoProgress:
 
 
 class _Counting:
-    """Counts the compressed bytes read from the source (for progress)."""
+    """Counts the compressed bytes read from the source (for progress); ``at_end`` is called at its end."""
 
-    def __init__(self, raw: Any, progress: Progress, key: str) -> None:
+    def __init__(self, raw: Any, progress: Progress, key: str, at_end: Callable[[], None] | None = None) -> None:
         self._raw = raw
         self._progress = progress
         self._key = key
+        self._at_end = at_end
 
     def read(self, n: int = -1, /) -> bytes:
         data: bytes = self._raw.read(n)
         if data:
             self._progress.layer_bytes(self._key, len(data))
+        elif n != 0 and self._at_end is not None:
+            self._at_end()
         return data
+
+
+class _Once:
+    """Calls ``fn`` on the first call only, from whichever thread."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._fn: Callable[[], object] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 class Converter:
@@ -122,7 +144,9 @@ class Converter:
         self.pusher = Pusher(client)
         self.opts = options
         self.progress = progress or _NoProgress()
-        self._done: dict[str, tuple[dict[str, Any], str, LayerResult]] = {}  # source layer digest -> result
+        self._workers = options.workers or os.cpu_count() or 1
+        #: source layer digest -> its conversion (a layer shared by platforms or repeated is converted once)
+        self._started: dict[str, Future[tuple[dict[str, Any], str, LayerResult]]] = {}
 
     # -- layers ----------------------------------------------------------------------------------------------
     def _probe(self, src: ImageReference, desc: Descriptor) -> EStargz | None:
@@ -174,9 +198,8 @@ class Converter:
         return usize if count else None
 
     def _layer(self, src: ImageReference, dst: ImageReference, desc: Descriptor, diff_id: str, docker: bool,
-               key: str) -> tuple[dict[str, Any], str, LayerResult]:
-        if desc.digest in self._done:
-            return self._done[desc.digest]
+               key: str, downloaded: Callable[[], None] | None = None) -> tuple[dict[str, Any], str, LayerResult]:
+        """Convert (or keep) one layer; ``downloaded`` is called once its source has been read whole."""
         t0 = time.monotonic()
         es = self._probe(src, desc)
         if es is not None:
@@ -190,17 +213,16 @@ class Converter:
             out = {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size, "annotations": ann}
             res = LayerResult(desc.digest, desc.digest, desc.size, True, time.monotonic() - t0,
                               int(ann[UNCOMPRESSED_SIZE_ANNOTATION]))
-            self._done[desc.digest] = (out, diff_id, res)
-            return self._done[desc.digest]
+            return out, diff_id, res
         self.progress.layer_start(key, f"{desc.digest[7:19]} convert", desc.size)
         name = f"layer {desc.digest} of {src.name}"
         upload = self.pusher.start_upload(dst)
-        workers = self.opts.workers or os.cpu_count() or 1
+        workers = self._workers
         bopts = BuildOptions(chunk_size=self.opts.chunk_size, compression_level=self.opts.compression_level,
                              prioritized=tuple(self.opts.prioritized), workers=workers)
         try:
             with self.client.open_blob(src, desc.digest, desc.size) as raw, \
-                    open_layer(_Counting(raw, self.progress, key), desc.media_type, name=name) as stream:
+                    open_layer(_Counting(raw, self.progress, key, downloaded), desc.media_type, name=name) as stream:
                 if workers > 1:  # download + inflate + sha256s of the source on their own thread
                     with ReadAhead(stream, name=desc.digest[7:19]) as ahead:
                         built = build(ahead, upload, bopts, name=name)
@@ -221,8 +243,7 @@ class Converter:
         out = {"mediaType": media, "digest": built.digest, "size": built.size, "annotations": ann}
         res = LayerResult(desc.digest, built.digest, built.size, False, time.monotonic() - t0,
                           built.uncompressed_size)
-        self._done[desc.digest] = (out, built.diff_id, res)
-        return self._done[desc.digest]
+        return out, built.diff_id, res
 
     # -- manifests -------------------------------------------------------------------------------------------
     def manifest(self, src: ImageReference, dst: ImageReference, m: Manifest, platform: str,
@@ -240,17 +261,42 @@ class Converter:
             ) from None
         docker = m.media_type == DOCKER_MANIFEST
         self.progress.image(str(src), platform, len(m.layers))
-        layers: list[dict[str, Any]] = []
         for i, desc in enumerate(m.layers):
             if desc.media_type not in MEDIA_TYPES:
                 raise InvalidInputError(f"image {src}: layer {i + 1} has media type {desc.media_type!r}, not a "
                                         "layer this converter can read")
-            key = f"{platform} {i + 1}/{len(m.layers)}"
-            out, new_diff, res = self._layer(src, dst, desc, str(diff_ids[i]), docker, key)
-            diff_ids[i] = new_diff
-            layers.append(out)
-            results.append(res)
-            self.progress.layer_done(key, res)
+        layers: list[dict[str, Any]] = []
+        keys = [f"{platform} {i + 1}/{len(m.layers)}" for i in range(len(m.layers))]
+        # With more than one worker, a layer starts as soon as the one before it has been downloaded, so that the
+        # end of that one (its last members, TOC, commit) does not leave cores idle; one layer downloads at a time.
+        downloading = threading.Semaphore(1)
+
+        def one(i: int, desc: Descriptor) -> tuple[dict[str, Any], str, LayerResult]:
+            downloading.acquire()
+            done = _Once(downloading.release)
+            try:
+                return self._layer(src, dst, desc, str(diff_ids[i]), docker, keys[i], done)
+            finally:
+                done()
+
+        with ThreadPoolExecutor(LAYERS_AT_ONCE if self._workers > 1 else 1, "convert-layer") as pool:
+            futs = []
+            for i, desc in enumerate(m.layers):
+                fut = self._started.get(desc.digest)
+                if fut is None:
+                    fut = self._started[desc.digest] = pool.submit(one, i, desc)
+                futs.append(fut)
+            try:
+                for i, fut in enumerate(futs):
+                    out, new_diff, res = fut.result()
+                    diff_ids[i] = new_diff
+                    layers.append(out)
+                    results.append(res)
+                    self.progress.layer_done(keys[i], res)
+            except BaseException:
+                for fut in futs:
+                    fut.cancel()
+                raise
         cfg["rootfs"]["diff_ids"] = diff_ids
         new_cfg = json.dumps(cfg, separators=(",", ":")).encode()
         cfg_digest = self.pusher.push_blob(dst, new_cfg)
