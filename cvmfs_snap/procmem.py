@@ -16,16 +16,19 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
-def limit_malloc_arenas(n: int = 2, mmap_threshold: int = 256 << 10) -> None:
+def limit_malloc_arenas(n: int = 2, mmap_threshold: int | None = 256 << 10) -> None:
     """Keep the process's RSS down after bursts of work in threads (glibc): few malloc arenas (each worker thread --
     the lazyfs process's chunk decoders, the daemon's gRPC handlers -- would get one, up to 8 per core, and keep
     its freed memory), and a fixed mmap threshold, so chunk-sized buffers are mapped and unmapped instead of
     fragmenting the heap (glibc otherwise raises the threshold up to 32 MiB after the first such buffers are
-    freed). Must run before threads start; the same as ``MALLOC_ARENA_MAX=2`` in the environment."""
+    freed; ``None`` keeps glibc's dynamic threshold: a fixed one costs page faults for every big buffer, ~2 CPU s
+    per GiB converted by ``cvmfs-snap convert``). Must run before threads start; the same as ``MALLOC_ARENA_MAX=2``
+    in the environment."""
     try:
         libc = ctypes.CDLL(None)  # the process's own symbols: libc's (no ldconfig run to find it)
         libc.mallopt(_M_ARENA_MAX, n)
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        if mmap_threshold is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
     except (OSError, AttributeError) as e:  # not glibc
         log.debug("mallopt: %s", e)
 

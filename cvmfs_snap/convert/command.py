@@ -12,6 +12,7 @@ from cvmfs_snap.convert.image import ConvertOptions, convert_image
 from cvmfs_snap.convert.progress import LogProgress, RichProgress, summary
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.estargz import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL
+from cvmfs_snap.procmem import limit_malloc_arenas
 from cvmfs_snap.oci import CredentialStore, ImageReference, Platform, RegistryClient
 
 
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # the threads (decoding, compressing, landing; two layers at a time) would each keep a malloc arena of freed
+    # megabyte buffers: 346 MiB peak for a 4 GiB layer instead of ~250
+    limit_malloc_arenas(2, mmap_threshold=None)
     src = ImageReference.parse(args.src)
     dst = ImageReference.parse(args.dst)
     prioritized: list[str] = []
