@@ -235,3 +235,73 @@ def test_chunked_upload_streams_in_pieces_and_the_registry_checks_the_digest(reg
         with pytest.raises(InvalidInputError, match=r"rejected the request .*HTTP 400"):
             bad.commit("sha256:" + "4" * 64)
         assert not p.blob_exists(ref, "sha256:" + "4" * 64)
+
+
+class _ThreadsHashing:
+    """A ``hash_factory`` that counts the bytes each thread feeds the layer streams' sha256s (source blob and tar)."""
+
+    threads: dict[str, int] = {}
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, data: bytes, /) -> None:
+        import threading
+
+        name = threading.current_thread().name
+        _ThreadsHashing.threads[name] = _ThreadsHashing.threads.get(name, 0) + len(data)
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def test_with_workers_the_source_is_decoded_and_hashed_beside_the_tar_parser(
+        registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import random
+
+    from cvmfs_snap.layer import digesting
+
+    data = [layer([(f"l{k}/f{i}", random.Random(k * 100 + i).randbytes(50_000) * 3) for i in range(20)])
+            for k in range(4)]
+    _push(registry, "conv/threads", "v1", image(data))
+    monkeypatch.setattr(digesting, "hash_factory", _ThreadsHashing)
+    _ThreadsHashing.threads = {}
+    out = _convert(capsys, registry.ref("conv/threads", "v1"), registry.ref("conv/threads-esgz", "v1"),
+                   "--workers", "2", "--chunk-size", "65536")
+    assert len(out["layers"]) == 4
+    # download + sha256 + inflate + sha256 of each source layer ran on its read-ahead thread, not the tar parser's
+    # (which only sniffs the first 512 bytes of each blob)
+    ahead = sum(n for t, n in _ThreadsHashing.threads.items() if t.startswith("readahead"))
+    assert ahead > 12_000_000 and sum(_ThreadsHashing.threads.values()) - ahead <= 4 * 512
+    m = _check_estargz_image(registry, registry.ref("conv/threads-esgz", "v1"), tmp_path)  # layers in order
+    assert [d.digest for d in m.layers] == [lay["digest"] for lay in out["layers"]]
+    _ThreadsHashing.threads = {}
+    _convert(capsys, registry.ref("conv/threads", "v1"), registry.ref("conv/threads-w1", "v1"), "--workers", "1",
+             "--chunk-size", "65536")
+    assert len(_ThreadsHashing.threads) == 1  # one worker: one thread does everything
+    with _client(registry) as c:  # and the same image, byte for byte
+        assert c.get_manifest(ImageReference.parse(registry.ref("conv/threads-w1", "v1"))).digest == out["digest"]
+
+
+def test_a_corrupt_layer_among_several_fails_cleanly_with_workers(registry: Registry,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+    import threading
+
+    good = [layer([(f"g{k}", bytes([k]) * 300_000)]) for k in range(4)]
+    bad = bytearray(good[2].blob)
+    bad[len(bad) // 2 : len(bad) // 2 + 32] = b"\xff" * 32
+    img = image([good[0], good[1], dataclasses.replace(good[2], blob=bytes(bad)), good[3]])
+    _push(registry, "conv/corrupt", "v1", img)
+    before = {t.ident for t in threading.enumerate()}
+    capsys.readouterr()
+    rc = cli_main(["convert", "--progress", "plain", "--workers", "2", registry.ref("conv/corrupt", "v1"),
+                   registry.ref("conv/corrupt-esgz", "v1")])
+    assert rc == InvalidInputError.exit_code
+    assert f"layer {img.layers[2].digest}" in caplog.text and "corrupt gzip data" in caplog.text
+    with _client(registry) as c, pytest.raises(NotFoundError, match="not found"):
+        c.get_manifest(ImageReference.parse(registry.ref("conv/corrupt-esgz", "v1")))
+    assert {t.ident for t in threading.enumerate() if t.is_alive()} <= before

@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import random
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,39 @@ def test_zstd_chunked_round_trip(case: str) -> None:
     plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
     assert "sha256:" + hashlib.sha256(plain).hexdigest() == res.diff_id and len(plain) == res.uncompressed_size
     assert _files(plain).keys() == _files(tar).keys() | {NO_PREFETCH_LANDMARK}
+
+
+def test_many_small_files_batched_on_the_pool_give_the_same_output() -> None:
+    """Small files make units of a few hundred bytes; they go to the pool in batches, still one member each."""
+    files = [(f"d{i % 7}/f{i}", bytes([i % 251]) * (i % 3000)) for i in range(3000)]
+    tar = make_tar([f"d{k}/" for k in range(7)] + files + [("big", bytes(range(256)) * 9000)])
+    blobs = {w: to_estargz(tar, chunk_size=200_000, workers=w)[0] for w in (1, 2, 4)}
+    assert len(set(blobs.values())) == 1
+    es = open_bytes(blobs[2])
+    assert es.toc.lookup(f"d{2998 % 7}/f2998") is not None
+    assert sum(1 for e in es.toc.entries if e.type == "reg") == 3000 + 2  # the files, "big" and the landmark
+
+
+class _FailingSink:
+    """A destination (an upload) that breaks after ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        if self.size + len(data) > self.limit:
+            raise OSError("the registry went away")
+        self.size += len(data)
+        return len(data)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_a_failing_destination_stops_the_build_and_its_threads(workers: int) -> None:
+    tar = make_tar([(f"f{i}", random.Random(i).randbytes(128_000)) for i in range(60)])  # 7.7 MB, incompressible
+    before = {t.ident for t in threading.enumerate()}
+    sink = _FailingSink(1 << 20)
+    with pytest.raises(OSError, match="the registry went away"):
+        build(io.BytesIO(tar), sink, BuildOptions(chunk_size=100_000, workers=workers))
+    assert sink.size <= 1 << 20
+    assert {t.ident for t in threading.enumerate() if t.is_alive()} <= before  # pool and landing thread ended
