@@ -3,9 +3,11 @@
 The uncompressed stream is cut into *units*, each compressed as its own gzip member: a unit starts at every chunk
 of a regular file (so a chunk can be fetched and decoded alone, at its TOC ``offset``) and goes on with the tar
 padding and the headers that follow, up to the next chunk. Units are compressed with zlib-ng (zlib's format, 1.3-2.5x
-faster at the same level and no larger at level 9) on a bounded pool of threads (it releases the GIL) and written in
-order; since each unit is compressed on its own, the output is byte-identical whatever the number of workers. Memory
-stays bounded: a few units (about ``chunk_size`` each) are in flight.
+faster at the same level and no larger at level 9) on a bounded pool of threads (it releases the GIL), handed over in
+batches of at least ``BATCH_BYTES`` (a layer of small files makes thousands of tiny units), and written in order by
+one landing thread (blob sha256 and ``out.write``, e.g. the upload, beside the tar parsing); since each unit is
+compressed on its own, the output is byte-identical whatever the number of workers. Memory stays bounded: a few
+batches (about ``chunk_size`` each) are in flight.
 
 Tar headers are copied as they are stored; only sparse members are rewritten as regular files (the TOC describes
 file bytes, which a sparse member does not hold). Prioritised files (and their parent directories and hardlink
