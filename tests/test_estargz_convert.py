@@ -305,3 +305,23 @@ def test_a_corrupt_layer_among_several_fails_cleanly_with_workers(registry: Regi
     with _client(registry) as c, pytest.raises(NotFoundError, match="not found"):
         c.get_manifest(ImageReference.parse(registry.ref("conv/corrupt-esgz", "v1")))
     assert {t.ident for t in threading.enumerate() if t.is_alive()} <= before
+
+
+def test_a_failed_layer_stops_the_one_beside_it_before_it_commits(registry: Registry,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """With workers, the next layer starts beside a failing one; it stops at its next read, its upload dropped."""
+    import dataclasses
+    import random
+
+    first = layer([("a", random.Random(1).randbytes(200_000))])
+    bad = bytearray(first.blob)
+    bad[100:132] = b"\xff" * 32  # near the start: the inflater fails early
+    rest = [layer([(f"r{k}/f{i}", random.Random(k * 10 + i).randbytes(400_000)) for i in range(8)])
+            for k in range(3)]
+    _push(registry, "conv/first-bad", "v1", image([dataclasses.replace(first, blob=bytes(bad)), *rest]))
+    capsys.readouterr()
+    rc = cli_main(["convert", "--progress", "plain", "--workers", "2", registry.ref("conv/first-bad", "v1"),
+                   registry.ref("conv/first-bad-esgz", "v1")])
+    assert rc == InvalidInputError.exit_code
+    links = registry.root / "data/docker/registry/v2/repositories/conv/first-bad-esgz/_layers"
+    assert not links.exists() or not any(links.rglob("link"))  # no converted layer was committed

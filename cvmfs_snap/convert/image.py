@@ -109,13 +109,17 @@ class _NoProgress:
 class _Counting:
     """Counts the compressed bytes read from the source (for progress); ``at_end`` is called at its end."""
 
-    def __init__(self, raw: Any, progress: Progress, key: str, at_end: Callable[[], None] | None = None) -> None:
+    def __init__(self, raw: Any, progress: Progress, key: str, at_end: Callable[[], None] | None = None,
+                 cancel: threading.Event | None = None) -> None:
         self._raw = raw
         self._progress = progress
         self._key = key
         self._at_end = at_end
+        self._cancel = cancel
 
     def read(self, n: int = -1, /) -> bytes:
+        if self._cancel is not None and self._cancel.is_set():
+            raise InvalidInputError(f"layer {self._key}: stopped, another layer of the image failed")
         data: bytes = self._raw.read(n)
         if data:
             self._progress.layer_bytes(self._key, len(data))
@@ -145,6 +149,8 @@ class Converter:
         self.opts = options
         self.progress = progress or _NoProgress()
         self._workers = options.workers or os.cpu_count() or 1
+        #: set when a layer failed: the layers being converted beside it stop at their next read (nothing committed)
+        self._cancel = threading.Event()
         #: source layer digest -> its conversion (a layer shared by platforms or repeated is converted once)
         self._started: dict[str, Future[tuple[dict[str, Any], str, LayerResult]]] = {}
 
@@ -222,7 +228,8 @@ class Converter:
                              prioritized=tuple(self.opts.prioritized), workers=workers)
         try:
             with self.client.open_blob(src, desc.digest, desc.size) as raw, \
-                    open_layer(_Counting(raw, self.progress, key, downloaded), desc.media_type, name=name) as stream:
+                    open_layer(_Counting(raw, self.progress, key, downloaded, self._cancel), desc.media_type,
+                               name=name) as stream:
                 if workers > 1:  # download + inflate + sha256s of the source on their own thread
                     with ReadAhead(stream, name=desc.digest[7:19]) as ahead:
                         built = build(ahead, upload, bopts, name=name)
@@ -276,6 +283,9 @@ class Converter:
             done = _Once(downloading.release)
             try:
                 return self._layer(src, dst, desc, str(diff_ids[i]), docker, keys[i], done)
+            except BaseException:
+                self._cancel.set()  # before the next layer may start: it stops at once
+                raise
             finally:
                 done()
 
