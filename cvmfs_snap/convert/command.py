@@ -12,8 +12,8 @@ from cvmfs_snap.convert.image import ConvertOptions, convert_image
 from cvmfs_snap.convert.progress import LogProgress, RichProgress, summary
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.estargz import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL
-from cvmfs_snap.procmem import limit_malloc_arenas
 from cvmfs_snap.oci import CredentialStore, ImageReference, Platform, RegistryClient
+from cvmfs_snap.procmem import limit_malloc_arenas
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
