@@ -55,8 +55,16 @@ UNUSED_BY_PULL = ("trio", "anyio", "httpx._main", "h2", "zstandard", "brotli", "
 #: decodes zstd chunks, so it keeps both.
 UNUSED_BY_DAEMON = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
 UNUSED_BY_LAZYFS = ("anyio", "httpx._main", "h2", "brotli", "brotlicffi")
+#: ``convert`` talks HTTP/1.1 from threads (no trio, anyio or h2) and fetches blobs as identity (no brotli); it keeps
+#: zstandard (zstd layers and the zstd eStargz variant). 0.1-0.3 s of a serial start the second worker cannot share
+#: (issue 8's speed-up goal).
+UNUSED_BY_CONVERT = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
 UNUSED_IMPORTS: dict[str, tuple[str, ...]] = {"pull": UNUSED_BY_PULL, "snapshotter": UNUSED_BY_DAEMON,
-                                              "lazyfs": UNUSED_BY_LAZYFS}
+                                              "lazyfs": UNUSED_BY_LAZYFS, "convert": UNUSED_BY_CONVERT}
+#: commands that end through :func:`fast_exit` when they are the process: everything they opened is closed and
+#: their output written by then; the interpreter's teardown (freeing a large image's TOC objects, module
+#: finalisation) would only add serial time
+FAST_EXIT = ("pull", "convert")
 
 
 def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_PULL) -> None:
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = exc.exit_code
     except KeyboardInterrupt:
         rc = 130
-    if own_process and only == "pull":
+    if own_process and only in FAST_EXIT:
         fast_exit(rc)
     return rc
 

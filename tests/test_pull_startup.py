@@ -44,9 +44,9 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _run_pull(*args: str) -> tuple[dict[str, object], str, str]:
-    """Run ``cvmfs-snap pull ARGS`` as its own process: (probe at exit, stderr, stdout)."""
-    r = subprocess.run([sys.executable, "-c", PROBE, "pull", *args], capture_output=True, text=True, timeout=120,
+def _run_pull(*args: str, command: str = "pull") -> tuple[dict[str, object], str, str]:
+    """Run ``cvmfs-snap pull ARGS`` (or another command) as its own process: (probe at exit, stderr, stdout)."""
+    r = subprocess.run([sys.executable, "-c", PROBE, command, *args], capture_output=True, text=True, timeout=120,
                        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL)
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("PROBE ")), None)
     assert line is not None, r.stderr[-3000:]
@@ -92,3 +92,27 @@ def test_whole_pull_as_its_own_process(registry: Registry) -> None:
         assert probe["modules"] and all(m.startswith("httpcore") for m in probe["modules"]), probe
         r = cd.ctr("images", "ls", "-q", check=False)
         assert p.ref in r.stdout.split()
+
+
+def test_convert_as_its_own_process_skips_trio_h2_and_exits_fast(registry: Registry) -> None:
+    """``cvmfs-snap convert`` (issue 8: its start-up is serial time the second worker cannot share) converts an
+    image without importing trio, anyio, h2, brotli or httpx's command line, and ends through the fast exit with its
+    JSON written whole. zstandard stays allowed: zstd layers need it."""
+    from cvmfs_snap.oci import Manifest
+    from cvmfs_snap_devenv.images import Pusher
+
+    img = im.image([im.layer([("a/x", b"x" * 5000), ("a/y", b"y")]), im.layer([("b", b"b" * 100_000)])])
+    pusher = Pusher(registry.url)
+    try:
+        pusher.image("startup/conv", "v1", img)
+    finally:
+        pusher.close()
+    dst = f"{registry.host}/startup/conv:esgz"
+    probe, err, out = _run_pull("--json", "--workers", "2", f"{registry.host}/startup/conv:v1", dst,
+                                command="convert")
+    assert probe["rc"] == 0, err[-2000:]
+    assert len(json.loads(out)["layers"]) == 2
+    assert all(m.split(".")[0] in ("httpcore", "zstandard") for m in probe["modules"]), probe
+    with RegistryClient(timeout=5, retries=0) as c:
+        m = c.get_manifest(ImageReference.parse(dst))
+    assert isinstance(m, Manifest) and len(m.layers) == 2
