@@ -280,7 +280,8 @@ class _Emitter:
                     return
                 if self._error is None and not self._closing:  # else only empty the queue: no submitter blocks
                     units, fut = item
-                    self._land_batch(units, fut.result())
+                    for unit, member in zip(units, fut.result(), strict=True):
+                        self._land(unit, member)
             except BaseException as e:  # raised again on the submitting thread
                 self._error = e
             finally:
@@ -288,27 +289,12 @@ class _Emitter:
 
     def _land(self, unit: _Unit, member: _Member) -> None:
         comp, digests = member
-        self._place(unit, self.offset, digests)
-        self._write(comp)
-
-    def _land_batch(self, units: list[_Unit], members: list[_Member]) -> None:
-        """Land a batch's members with one write (one upload append, sha256 update and progress call instead of
-        one per unit: a batch of small files holds hundreds, and each call takes the GIL from the compressors)."""
-        off = self.offset
-        comps = []
-        for unit, (comp, digests) in zip(units, members, strict=True):
-            self._place(unit, off, digests)
-            comps.append(comp)
-            off += len(comp)
-        self._write(comps[0] if len(comps) == 1 else b"".join(comps))
-
-    @staticmethod
-    def _place(unit: _Unit, offset: int, digests: list[str]) -> None:
         for ent, dg, whole in zip(unit.entries, digests, unit.whole, strict=True):
-            ent.offset = offset
+            ent.offset = self.offset
             ent.chunk_digest = dg
             if whole:  # a one-chunk file; a longer file's digest is set by the tar thread after its last chunk
                 ent.digest = dg
+        self._write(comp)
 
     def _write(self, data: bytes) -> None:
         self.out.write(data)
