@@ -232,7 +232,7 @@ class _Emitter:
         #: batches handed to the pool and not compressed yet: every worker busy, one more batch waiting each
         self._slots = threading.Semaphore(2 * opts.workers)
         #: batches not landed yet (compressed ones wait for an earlier one to land: members go out in order)
-        self._queue: queue.Queue[tuple[list[_Unit], list[bytes], Future[list[_Member]]] | None] = queue.Queue(
+        self._queue: queue.Queue[tuple[list[_Unit], Future[list[_Member]]] | None] = queue.Queue(
             maxsize=4 * opts.workers)
         self._error: BaseException | None = None
         self._closing = False
@@ -246,9 +246,9 @@ class _Emitter:
             return
         data = unit.parts[0] if len(unit.parts) == 1 else b"".join(unit.parts)
         unit.parts = []
+        self.diff_hash.update(data)
         self.usize += len(data)
         if self._pool is None:
-            self.diff_hash.update(data)
             self._land(unit, _compress(data, self.opts.compression_level, unit.chunks, self.opts.compression))
             return
         self._batch.append(unit)
@@ -266,7 +266,7 @@ class _Emitter:
         self._slots.acquire()
         fut = self._pool.submit(_compress_batch, work, self.opts.compression_level, self.opts.compression)
         fut.add_done_callback(lambda _: self._slots.release())
-        self._queue.put((units, [d for d, _ in work], fut))
+        self._queue.put((units, fut))
 
     def _check(self) -> None:
         if self._error is not None:
@@ -279,9 +279,7 @@ class _Emitter:
                 if item is None:
                     return
                 if self._error is None and not self._closing:  # else only empty the queue: no submitter blocks
-                    units, datas, fut = item
-                    for data in datas:  # the diffID, in order, off the tar thread (it feeds the compressors)
-                        self.diff_hash.update(data)
+                    units, fut = item
                     for unit, member in zip(units, fut.result(), strict=True):
                         self._land(unit, member)
             except BaseException as e:  # raised again on the submitting thread
