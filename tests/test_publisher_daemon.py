@@ -20,7 +20,7 @@ import yaml
 from cvmfs_snap.layout import ImageRecord, RepositoryLayout
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.procs import stop_process
-from cvmfs_snap_devenv.registry import Registry, free_port, start_registry
+from cvmfs_snap_devenv.registry import Registry, free_port, start_registry, webhook_notifications
 from tests.support import waiting
 
 SECRET = "s3cret-for-tests"
@@ -112,13 +112,8 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("daemon")
     port = free_port()
-    notifications = {"endpoints": [{
-        "name": "cvmfs-snap", "url": f"http://127.0.0.1:{port}/webhooks/registry",
-        "headers": {"Authorization": [f"Bearer {SECRET}"]},
-        "timeout": "2s", "threshold": 1, "backoff": "1s",
-        "ignoredmediatypes": ["application/octet-stream"],
-    }]}
-    with start_registry(tmp / "loud", extra_config={"notifications": notifications}) as loud, \
+    notifications = webhook_notifications(f"http://127.0.0.1:{port}/webhooks/registry", SECRET)
+    with start_registry(tmp / "loud", extra_config=notifications) as loud, \
             start_registry(tmp / "quiet") as quiet:
         recipe = [f"{loud.host}/hook/app:*", f"{quiet.host}/harbor/img:v2"]
         d = start_daemon(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cvmfs_snap_devenv import images as im
-from cvmfs_snap_devenv.registry import free_port, start_registry
+from cvmfs_snap_devenv.registry import free_port, start_registry, webhook_notifications
 from publisher import metrics
 from publisher.config import DaemonConfig, PublisherConfig
 from publisher.factory import make_backend
@@ -73,15 +73,10 @@ def test_a_webhook_gets_through_idle_and_half_sent_connections_under_a_low_fd_li
             pytest.skip(f"the test process needs {need} file descriptors, the hard limit is {hard}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     port = free_port()
-    notifications = {"endpoints": [{
-        "name": "cvmfs-snap", "url": f"http://127.0.0.1:{port}/webhooks/registry",
-        "headers": {"Authorization": [f"Bearer {SECRET}"]},
-        "timeout": "2s", "threshold": 1, "backoff": "1s",
-        "ignoredmediatypes": ["application/octet-stream"],
-    }]}
+    notifications = webhook_notifications(f"http://127.0.0.1:{port}/webhooks/registry", SECRET)
     idle: list[socket.socket] = []
     half: list[socket.socket] = []
-    with start_registry(tmp_path / "reg", extra_config={"notifications": notifications}) as reg:
+    with start_registry(tmp_path / "reg", extra_config=notifications) as reg:
         d = start_daemon(
             tmp_path, [f"{reg.host}/flood/app:*"],
             {"listen": f"127.0.0.1:{port}", "poll_interval": 3600, "debounce": 0.2, "keep_alive_timeout": 2,

@@ -100,6 +100,17 @@ def htpasswd_auth(root: Path, user: str, password: str) -> dict[str, Any]:
     return {"auth": {"htpasswd": {"realm": "cvmfs-snap-test", "path": str(root / "htpasswd")}}}
 
 
+def webhook_notifications(url: str, secret: str) -> dict[str, Any]:
+    """Registry config (``extra_config`` of :func:`start_registry`) posting push notifications to ``url`` with a
+    bearer ``secret``, one attempt per event (threshold 1), blob pushes left out."""
+    return {"notifications": {"endpoints": [{
+        "name": "cvmfs-snap", "url": url,
+        "headers": {"Authorization": [f"Bearer {secret}"]},
+        "timeout": "2s", "threshold": 1, "backoff": "1s",
+        "ignoredmediatypes": ["application/octet-stream"],
+    }]}}
+
+
 @contextmanager
 def start_registry(root: Path, extra_config: dict[str, Any] | None = None, port: int = 0) -> Iterator[Registry]:
     """Start docker-registry with its storage under ``root``; ``extra_config`` keys (auth, notifications, ...)
