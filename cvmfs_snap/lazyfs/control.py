@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from cvmfs_snap.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cvmfs_snap.unixline import exchange
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,12 @@ def call(sock: Path | str, request: Mapping[str, Any], timeout: float = 30.0) ->
     protocol's; ControlError for ``ok: false``. The request may hold credentials: they never reach a log line or an
     error message here."""
     op = str(request.get("op", "?"))
-    buf = bytearray()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(json.dumps(dict(request)).encode() + b"\n")
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_ANSWER:
-                    raise UnavailableError(f"lazyfs control {op}: answer longer than {MAX_ANSWER} bytes")
+        buf = exchange(sock, json.dumps(dict(request)).encode() + b"\n", timeout=timeout, limit=MAX_ANSWER)
     except OSError as exc:
         raise UnavailableError(f"lazyfs process at {sock} does not answer ({op}: {exc.strerror or exc})") from None
+    if buf is None:
+        raise UnavailableError(f"lazyfs control {op}: answer longer than {MAX_ANSWER} bytes")
     try:
         answer = json.loads(buf)
     except ValueError:

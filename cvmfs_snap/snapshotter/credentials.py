@@ -31,6 +31,7 @@ from pathlib import Path
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.oci.auth import Credentials
+from cvmfs_snap.unixline import exchange
 
 log = logging.getLogger(__name__)
 
@@ -199,24 +200,18 @@ def hand_over(sock: Path, image_ref: str, creds: Credentials, ttl: float = MAX_T
     ``sock``; returns the TTL it keeps them for. UnavailableError (without the secret) when it does not take them."""
     req = {"op": "credentials", "image_ref": image_ref, "username": creds.username, "secret": creds.password,
            "ttl": ttl}
-    buf = bytearray()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(json.dumps(req).encode() + b"\n")
-            while not buf.endswith(b"\n") and len(buf) <= MAX_REQUEST:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
+        buf = exchange(sock, json.dumps(req).encode() + b"\n", timeout=timeout, limit=MAX_REQUEST)
     except OSError as exc:
         raise UnavailableError(f"the snapshotter's credentials socket {sock} does not answer "
                                f"({exc.strerror or exc})") from None
+    invalid = UnavailableError(f"the snapshotter's credentials socket {sock} sent no valid answer")
+    if buf is None:  # longer than any answer of ours
+        raise invalid
     try:
         answer = json.loads(buf)
     except ValueError:
-        raise UnavailableError(f"the snapshotter's credentials socket {sock} sent no valid answer") from None
+        raise invalid from None
     if not isinstance(answer, dict) or not answer.get("ok"):
         why = answer.get("error") if isinstance(answer, dict) else None
         raise UnavailableError(f"the snapshotter at {sock} refused the credentials: {why or 'no reason given'}")
