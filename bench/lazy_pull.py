@@ -101,6 +101,9 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
             big_bytes = sum(g.size for g in blob_gets(reg_log, mark) if g.digest == big)
             rss, pss = pid_mem(lazyfs_pid(root / "lazy"))
             snap_rss, snap_pss = pid_mem(proc.pid)
+            if os.environ.get("LAZY_PULL_SMAPS"):
+                for what, pid in (("lazyfs", lazyfs_pid(root / "lazy")), ("snapshotter", proc.pid)):
+                    print(f"{what}: {top_mappings(pid)}")
     finally:
         stop_process(proc, timeout=20, group=False)
         stop_lazyfs(root / "lazy")
@@ -126,6 +129,24 @@ def pid_mem(pid: int | None) -> tuple[float, float]:
     except OSError:
         pass
     return got["Rss"], got["Pss"]
+
+
+def top_mappings(pid: int | None, n: int = 10) -> str:
+    """The ``n`` mappings of a process with the most resident memory (``LAZY_PULL_SMAPS=1``), and its threads."""
+    rss: dict[str, int] = {}
+    name = "?"
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                name = os.path.basename(head[5]) if len(head) > 5 else "[anon]"
+            elif head and head[0] == "Rss:":
+                rss[name] = rss.get(name, 0) + int(head[1])
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except OSError as e:
+        return str(e)
+    top = sorted(rss.items(), key=lambda kv: -kv[1])[:n]
+    return f"{threads} threads; " + ", ".join(f"{k} {v / 1024:.1f}" for k, v in top)
 
 
 def native_once(work: Path, reg_log: Path, ref: str, big: str) -> dict[str, float]:
