@@ -17,7 +17,8 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from types import ModuleType
 from typing import NoReturn
 
@@ -59,6 +60,12 @@ UNUSED_BY_LAZYFS = ("anyio", "httpx._main", "h2", "brotli", "brotlicffi")
 #: zstandard (zstd layers and the zstd eStargz variant). 0.1-0.3 s of a serial start the second worker cannot share
 #: (issue 8's speed-up goal).
 UNUSED_BY_CONVERT = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
+#: modules that must not be imported *while* a command's module is imported, but may be later: grpc's Cython core
+#: imports asyncio, which imports ssl eagerly (for asyncio's own TLS, which the daemon never uses: gRPC brings its
+#: own TLS, and the socket is a unix one) -- ssl and its libcrypto are ~5 MiB of the daemon's RSS (bench/README.md
+#: "Resident memory"). asyncio handles the ImportError (``ssl = None``); the block is lifted once the module is
+#: imported, so a daemon that does talk HTTPS later (a publish-on-miss report) imports ssl then, as usual.
+IMPORTED_WITHOUT: dict[str, tuple[str, ...]] = {"snapshotter": ("ssl",)}
 UNUSED_IMPORTS: dict[str, tuple[str, ...]] = {"pull": UNUSED_BY_PULL, "snapshotter": UNUSED_BY_DAEMON,
                                               "lazyfs": UNUSED_BY_LAZYFS, "convert": UNUSED_BY_CONVERT}
 #: commands that end through :func:`fast_exit` when they are the process: everything they opened is closed and
@@ -70,6 +77,20 @@ FAST_EXIT = ("pull", "convert")
 def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_PULL) -> None:
     for name in names:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+@contextmanager
+def imported_without(names: tuple[str, ...]) -> Iterator[None]:
+    """Make ``import X`` raise ImportError for each of ``names`` that is not imported yet, until the block ends."""
+    blocked = [n for n in names if n not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, "") is None:
+                del sys.modules[name]
 
 
 def subcommand(name: str) -> ModuleType:
@@ -143,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     only = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     if own_process and only in UNUSED_IMPORTS:
         skip_unused_imports(UNUSED_IMPORTS[only])
-    args = build_parser(only).parse_args(argv)
+    with imported_without(IMPORTED_WITHOUT.get(only or "", ()) if own_process else ()):
+        parser = build_parser(only)
+    args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         setup_logging(getattr(args, "log_level", "info") or "info")
     missing = getattr(args, "_missing", "")

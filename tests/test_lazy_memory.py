@@ -31,7 +31,8 @@ PROBE = textwrap.dedent("""
     def probe():
         heavy = sorted({k.split(".")[0] for k, m in sys.modules.items() if m is not None
                         and k.split(".")[0] in ("trio", "anyio", "rich", "click", "pygments", "h2", "hpack",
-                                                "pyfuse3", "grpc", "httpx", "pydantic")}
+                                                "pyfuse3", "grpc", "httpx", "pydantic", "ssl",
+                                                "prometheus_client")}
                        | {k for k, m in sys.modules.items() if m is not None and k in (
                           "cvmfs_snap.layer.apply", "cvmfs_snap.layer.compression", "cvmfs_snap.layer.tarstream",
                           "cvmfs_snap.estargz.reader", "cvmfs_snap.estargz.writer", "tarfile", "zlib_ng", "isal")})
@@ -46,11 +47,12 @@ PROBE = textwrap.dedent("""
 @pytest.mark.parametrize(("command", "expected"), [
     # no trio (the control client is blocking), no FUSE, no layer codecs nor eStargz reader and writer (it never
     # decodes a layer: cvmfs_snap.layer and cvmfs_snap.estargz import those on first use)
-    ("snapshotter", ["grpc", "httpx", "pydantic"]),
+    # and no HTTP client, ssl or prometheus_client (the lazyfs process reads the registry; metrics are off)
+    ("snapshotter", ["grpc", "pydantic"]),
     # no pydantic (Limits spells its constraints without it), no writer nor layer application; the reader needs
     # the tar header decoder, its chunks the gzip inflaters (isal, zlib-ng)
-    ("lazyfs", ["cvmfs_snap.estargz.reader", "cvmfs_snap.layer.tarstream", "httpx", "isal", "pyfuse3", "trio",
-                "zlib_ng"]),
+    ("lazyfs", ["cvmfs_snap.estargz.reader", "cvmfs_snap.layer.tarstream", "httpx", "isal", "prometheus_client",
+                "pyfuse3", "ssl", "trio", "zlib_ng"]),
 ])
 def test_process_imports_only_what_it_uses(command: str, expected: list[str]) -> None:
     """The process as the console script starts it (``--help`` ends it once its subcommand module is imported):

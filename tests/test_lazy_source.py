@@ -187,7 +187,8 @@ def test_manifest_disagreeing_with_labels_means_a_normal_pull(lazy_image: tuple[
         mounts = sn.prepare("k1", "", bad)  # no exception: a local snapshot
         assert mounts and sn.store.find("k1") is not None and not sn.store.find("k1").remote  # type: ignore[union-attr]
         assert "TOC digest label differs" in caplog.text
-        assert src.process.started is None  # nothing attached, no process
+        # nothing attached (the process, started to read the manifest, holds no layer; no record kept)
+        assert src.layers() == [] and src.held() == []
     finally:
         sn.close()
         stop(src)
@@ -235,9 +236,11 @@ def test_credentials_reach_the_process_but_no_log_or_file(private_registry: Regi
     sn2 = Snapshotter(tmp_path / "root2", sources=[src2])
     try:
         assert sn2.prepare("k", "", labels_for(img, reg.ref("private/app", "1")))
-        assert src2.process.started is None
+        assert src2.layers() == [] and src2.held() == []  # the process could not read the manifest: no attach
+        assert PASSWORD not in caplog.text
     finally:
         sn2.close()
+        stop(src2)
 
 
 def test_status_shows_percent_fetched(lazy_image: tuple[BuiltImage, str], tmp_path: Path, short_tmp: Path,

@@ -11,6 +11,7 @@ import pytest
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.oci import ImageReference
+from cvmfs_snap.oci.hostclient import endpoint_client, ssl_context
 from cvmfs_snap.oci.hosts import (
     Endpoint,
     RegistryHost,
@@ -111,9 +112,9 @@ def test_no_pull_host_left_is_an_error(tmp_path: Path) -> None:
 
 def test_skip_verify_context() -> None:
     ep = Endpoint(RegistryHost("r.site.org", skip_verify=True), ImageReference.parse("r.site.org/a:1"))
-    ctx = ep.ssl_context()
+    ctx = ssl_context(ep)
     assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
-    strict = Endpoint(RegistryHost("r.site.org"), ImageReference.parse("r.site.org/a:1")).ssl_context()
+    strict = ssl_context(Endpoint(RegistryHost("r.site.org"), ImageReference.parse("r.site.org/a:1")))
     assert strict.verify_mode == ssl.CERT_REQUIRED
 
 
@@ -122,7 +123,7 @@ def test_bad_ca_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("not a certificate")
     ep = Endpoint(RegistryHost("r.site.org", ca=(bad,)), ImageReference.parse("r.site.org/a:1"))
     with pytest.raises(InvalidInputError, match="cannot load a certificate"):
-        ep.client()
+        endpoint_client(ep)
 
 
 def test_mirror_serves_the_blobs(tmp_path: Path, registry: Registry) -> None:
@@ -134,7 +135,7 @@ def test_mirror_serves_the_blobs(tmp_path: Path, registry: Registry) -> None:
                                           '  capabilities = ["pull", "resolve"]\n')
     eps = endpoints(ImageReference.parse("registry.invalid/hostsmirror/busybox:1"), tmp_path)
     assert eps[0].ref.registry == registry.host
-    with eps[0].client() as client:
+    with endpoint_client(eps[0]) as client:
         manifest, _ = client.resolve(eps[0].ref)
         assert manifest.layers[0].digest == lay.digest
         assert client.read_range(eps[0].ref, lay.digest, 0, 2) == lay.blob[:2]
@@ -163,7 +164,8 @@ def test_credentials_docker_then_kubelet(tmp_path: Path) -> None:
 
 def test_credentials_wire_form_round_trip(tmp_path: Path, registry: Registry) -> None:
     from cvmfs_snap.oci.auth import Credentials
-    from cvmfs_snap.oci.hosts import credentials_from_wire, credentials_to_wire, first_client
+    from cvmfs_snap.oci.hostclient import first_client
+    from cvmfs_snap.oci.hosts import credentials_from_wire, credentials_to_wire
     wire = credentials_to_wire({"m.site.org": Credentials("u", "s3cret-w")})
     assert wire == {"m.site.org": {"username": "u", "secret": "s3cret-w"}}
     store = credentials_from_wire(wire)

@@ -13,6 +13,9 @@ request line and gets one JSON answer line::
                                                              "complete", "unpacked"}, ...]}
     {"op": "health"}             -> {"ok": true, "layers": N, "mount": "<mount>", "cache": {"chunk_bytes": N,
                                      "reserved_bytes": N (spool files, unpacked copies), "bound": N}}
+    {"op": "resolve", "image_ref": "host/repo@sha256:...", "hosts_dir": ..., "credentials": ...}
+        -> {"ok": true, "layers": {"sha256:...": [size, "<TOC digest annotation or empty>"], ...}}
+       (the image manifest's layers, read by the process: the snapshotter daemon loads no HTTP client)
 
 A failure is ``{"ok": false, "kind": "unavailable"|"integrity"|"invalid"|"notfound", "error": "..."}``.
 Credentials are never logged, echoed back or put into an error: the server logs the op and id only, and its errors
@@ -41,7 +44,7 @@ from cvmfs_snap.unixline import exchange
 
 log = logging.getLogger(__name__)
 
-OPS = ("attach", "detach", "check", "list", "health")
+OPS = ("attach", "detach", "check", "list", "health", "resolve")
 KINDS = ("unavailable", "integrity", "invalid", "notfound")
 #: a request line longer than this is refused (an attach with credentials is a few KiB)
 MAX_REQUEST = 1 << 20

@@ -45,6 +45,7 @@ from cvmfs_snap.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
 from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.lazyfs import control, controlserver
 from cvmfs_snap.lazyfs.cache import HOT_IDLE_SECONDS, ChunkCache
@@ -55,7 +56,8 @@ from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.lazyfs.tree import Tree, build_tree
 from cvmfs_snap.lazyfs.unpack import copy_size, disk_usage, unpack_layer
 from cvmfs_snap.oci.client import RegistryClient
-from cvmfs_snap.oci.hosts import credentials_from_wire, first_client
+from cvmfs_snap.oci.hostclient import first_client, manifest_layers
+from cvmfs_snap.oci.hosts import credentials_from_wire
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
 from cvmfs_snap.procmem import release_free_heap
 
@@ -158,6 +160,8 @@ class LazyfsProcess:
                               "bound": self.cache.max_bytes}}
         if op == "list":
             return {"layers": [self._describe(layer) for _, layer in sorted(self.layers.items())]}
+        if op == "resolve":
+            return {"layers": await trio.to_thread.run_sync(self._resolve, req)}
         if op == "attach":
             record = _record(req)
             return {"path": await self.attach(str(req["id"]), record, req.get("credentials"))}
@@ -177,6 +181,17 @@ class LazyfsProcess:
                 await self.detach(lid)
             return {}
         raise InvalidInputError(f"unknown op {op!r}")
+
+    def _resolve(self, req: dict[str, Any]) -> dict[str, list[object]]:
+        """The snapshotter's ``resolve``: {layer digest: [size, TOC digest annotation]} of an image manifest, read
+        here, where the registry client lives (the daemon imports no HTTP client: issue 9's RSS goal)."""
+        ref = ImageReference.parse(str(req.get("image_ref", "")))
+        hosts = req.get("hosts_dir")
+        if hosts is not None and not (isinstance(hosts, str) and hosts.startswith("/")):
+            raise InvalidInputError("hosts_dir must be an absolute path or null")
+        layers = manifest_layers(ref, Path(hosts) if hosts else None, credentials_from_wire(req.get("credentials")),
+                                 timeout=self.opts.timeout, annotation=TOC_DIGEST_ANNOTATION)
+        return {digest: [size, toc] for digest, (size, toc) in layers.items()}
 
     def _describe(self, layer: Layer) -> dict[str, Any]:
         return {"id": layer.id, "digest": layer.record["digest"], "path": str(self._path(layer)),

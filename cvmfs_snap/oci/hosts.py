@@ -22,6 +22,10 @@ verify the certificate. Endpoints whose API root is not ``/v2`` (``override_path
 cannot be served by our client and are skipped with a
 warning. ``header`` tables are ignored (warned once): nothing here sends extra headers.
 
+A client for an endpoint (its TLS settings) comes from :mod:`cvmfs_snap.oci.hostclient`: this module parses and
+imports no HTTP client, so the snapshotter daemon, which only hands endpoints' credentials to the lazyfs process,
+loads neither httpx nor ssl (issue 9's RSS goal, bench/README.md "Resident memory").
+
 Credentials never appear in this module's logs or errors: :class:`~cvmfs_snap.oci.auth.Credentials` hides them.
 """
 
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -37,13 +40,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.oci.auth import Credentials, CredentialStore
-from cvmfs_snap.oci.client import RegistryClient
-from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES, DOCKER_HUB_API_HOST, ImageReference
-from cvmfs_snap.oci.transport import is_loopback
+from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES, DOCKER_HUB_API_HOST, ImageReference, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -226,33 +225,6 @@ class Endpoint:
     host: RegistryHost
     ref: ImageReference
 
-    def client(self, credentials: CredentialStore | None = None, **kwargs: Any) -> RegistryClient:
-        """A RegistryClient for this endpoint: plain HTTP when the host is ``http://``, the host's CAs (added to
-        the system ones), client certificates and ``skip_verify`` through an httpx transport."""
-        insecure = [self.host.host] if self.host.plain_http else []
-        # an https host stays https even on loopback (a site's local TLS mirror; loopback defaults to plain HTTP)
-        tls = [] if self.host.plain_http else [self.host.host]
-        transport: httpx.BaseTransport | None = None
-        if self.host.ca or self.host.client_pairs or self.host.skip_verify:
-            transport = httpx.HTTPTransport(verify=self.ssl_context())
-        return RegistryClient(credentials=credentials, insecure_registries=insecure, transport=transport,
-                              tls_registries=tls, **kwargs)
-
-    def ssl_context(self) -> ssl.SSLContext:
-        ctx = httpx.create_ssl_context(trust_env=True)
-        try:
-            for ca in self.host.ca:
-                ctx.load_verify_locations(cafile=str(ca))
-            for cert, key in self.host.client_pairs:
-                ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidInputError(f"registry host {self.host.host}: cannot load a certificate of its hosts.toml: "
-                                    f"{exc}") from None
-        if self.host.skip_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
 
 def endpoints(ref: ImageReference, hosts_dir: Path | None, capability: str = "pull") -> list[Endpoint]:
     """The endpoints for ``ref`` that have ``capability``, in containerd's order. Hosts our client cannot use (an
@@ -319,11 +291,3 @@ def credentials_from_wire(value: object) -> CredentialStore:
             raise InvalidInputError(f"credentials for {str(host)[:100]!r} must be {{username, secret}} strings")
         out[host] = Credentials(entry["username"], entry["secret"])
     return CredentialStore(out)
-
-
-def first_client(ref: ImageReference, hosts_dir: Path | None, credentials: CredentialStore | None = None,
-                 **kwargs: Any) -> tuple[RegistryClient, ImageReference]:
-    """A RegistryClient and the reference to use with it for reading ``ref``'s blobs: the first pull host of
-    :func:`endpoints` (a mirror when one is configured). ``kwargs`` go to RegistryClient (timeouts, retries)."""
-    ep = endpoints(ref, hosts_dir, "pull")[0]
-    return ep.client(credentials, **kwargs), ep.ref

@@ -16,6 +16,7 @@ Every validator here matches the whole string (``re.fullmatch``): a tag or diges
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 
@@ -188,3 +189,18 @@ class ImageReference:
         if self.digest is not None:
             s += f"@{self.digest}"
         return s
+
+
+def is_loopback(host: str) -> bool:
+    """``host[:port]`` is localhost, 127.0.0.0/8 or ::1."""
+    h = host.lower()
+    if h.startswith("["):
+        h = h[1:h.find("]")] if "]" in h else h[1:]
+    else:
+        h = h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False

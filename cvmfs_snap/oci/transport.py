@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextvars
 import email.utils
-import ipaddress
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ import httpcore
 import httpx
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
-from cvmfs_snap.oci.reference import ImageReference
+from cvmfs_snap.oci.reference import ImageReference, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +59,6 @@ class Retryable(Exception):
         self.retry_after = retry_after
 
 
-def is_loopback(host: str) -> bool:
-    """``host[:port]`` is localhost, 127.0.0.0/8 or ::1."""
-    h = host.lower()
-    if h.startswith("["):
-        h = h[1:h.find("]")] if "]" in h else h[1:]
-    else:
-        h = h.rsplit(":", 1)[0] if h.count(":") == 1 else h
-    if h == "localhost" or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 def norm_host(h: str) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -32,12 +32,14 @@ from .config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, load_config
 from .core import Snapshotter
 from .credentials import CredentialServer, PullCredentials, socket_for
 from .metrics import Metrics
-from .missreport import MissReporter
 from .service import add_to_server
 from .sources.base import LayerSource
 from .sources.registry import SourceSettings, vouching
 from .sources.registry import build_sources as build_registered
 from .store import DB_NAME, Store
+
+if TYPE_CHECKING:
+    from .missreport import MissReporter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,10 @@ def build_reporter(cfg: Config, sources: list[LayerSource], metrics: Metrics) ->
 
     def available() -> bool:
         return all(s.health().available for s in judges)
+
+    # imported only when misses are reported: the reporter's HTTP client (httpx, ssl) and its counter
+    # (prometheus_client) are several MiB of this daemon's RSS (bench/README.md "Resident memory")
+    from .missreport import MissReporter
 
     return MissReporter(cfg.publish_on_miss_url, secret=cfg.publish_on_miss_secret, available=available,
                         registry=metrics.registry)
@@ -132,7 +138,7 @@ class Daemon:
         self.cfg = cfg
         self.address = address
         self.root = Path(root)
-        self.metrics = Metrics()
+        self.metrics = Metrics(enabled=bool(cfg.metrics_address or cfg.publish_on_miss_url))
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         # before anything touches the root (sources clean their temporaries at start, Cleanup collects unknown dirs)

@@ -3,20 +3,35 @@
 What a site admin wants to see: how many layers were served from CVMFS (or later lazily) instead of downloaded
 (``cvmfs_snap_snapshotter_prepare_total{outcome=cvmfs|lazy|local}``), how long each RPC takes, and which RPCs fail
 with which gRPC code.
+
+A daemon that serves no metrics (no ``metrics-address``) and reports no misses (no ``publish-on-miss-url``) makes
+``Metrics(enabled=False)``: nobody could read its counts, and prometheus_client is not imported (its exposition
+module loads http.server, wsgiref, urllib.request and ssl with libcrypto: bench/README.md "Resident memory").
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
 log = logging.getLogger(__name__)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.registry: CollectorRegistry | None = None
+        self.prepares: Counter | None = None
+        self.latency: Histogram | None = None
+        self.errors: Counter | None = None
+        self._server: Any = None
+        if not enabled:
+            return
+        # prometheus_client only where metrics are served or misses counted (optional at run time: module doc)
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
         self.registry = CollectorRegistry()
         self.prepares = Counter(
             "cvmfs_snap_snapshotter_prepare_total",
@@ -32,22 +47,33 @@ class Metrics:
             "cvmfs_snap_snapshotter_rpc_errors_total", "Snapshot service RPCs that failed, by gRPC code",
             ["rpc", "code"], registry=self.registry,
         )
-        self._server: Any = None
 
     def prepare_outcome(self, outcome: str) -> None:
-        self.prepares.labels(outcome=outcome).inc()
+        if self.prepares is not None:
+            self.prepares.labels(outcome=outcome).inc()
 
     def observe(self, rpc: str, seconds: float) -> None:
-        self.latency.labels(rpc=rpc).observe(seconds)
+        if self.latency is not None:
+            self.latency.labels(rpc=rpc).observe(seconds)
 
     def error(self, rpc: str, code: str) -> None:
-        self.errors.labels(rpc=rpc, code=code).inc()
+        if self.errors is not None:
+            self.errors.labels(rpc=rpc, code=code).inc()
 
     def text(self) -> str:
+        """The metrics in Prometheus' text format ("" when not enabled)."""
+        if self.registry is None:
+            return ""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry).decode()
 
     def serve(self, address: str) -> tuple[str, int]:
         """Serve /metrics on ``host:port`` (port 0 picks a free one); returns the bound address."""
+        if self.registry is None:
+            raise RuntimeError("Metrics(enabled=False) cannot serve")
+        from prometheus_client import start_http_server
+
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         server, _thread = start_http_server(int(port), addr=host, registry=self.registry)

@@ -5,10 +5,12 @@ When: a Prepare whose labels carry the layer's eStargz TOC digest (``containerd.
 layer annotation containerd's unpacker passes on) and the CRI image reference, and that no earlier source (CVMFS)
 serves. The source then
 
-1. finds the layer's size in the image manifest (``cri.manifest-digest``, digest-verified) from the registry
-   endpoints containerd itself would use (``hosts.toml`` under ``hosts-dir``, :mod:`cvmfs_snap.oci.hosts`);
-2. makes sure the lazyfs process runs (it is started on first use, in its own session, so that stopping or
+1. makes sure the lazyfs process runs (it is started on first use, in its own session, so that stopping or
    restarting the snapshotter never touches it nor the running containers reading through it);
+2. finds the layer's size in the image manifest (``cri.manifest-digest``, digest-verified), which the process reads
+   (``resolve``) from the registry endpoints containerd itself would use (``hosts.toml`` under ``hosts-dir``,
+   :mod:`cvmfs_snap.oci.hosts`): the registry client lives in the lazyfs process, this daemon imports no HTTP
+   client (issue 9's RSS goal, bench/README.md "Resident memory");
 3. asks it over its control socket to ``attach`` the layer (the process checks the TOC against the digest, prefetches
    the landmark files up to its bound, and answers the layer's directory under its one FUSE mount);
 4. answers a :class:`~.base.RemoteLayer`: the core commits a remote snapshot, containerd never downloads the blob.
@@ -287,35 +289,32 @@ class LazySource:
         return call_with_timeout(fn, self.settings.timeout + self.settings.start_timeout, what, self.budget)
 
     def _layer_size(self, ref: ImageReference, request: LayerRequest) -> int:
-        """The layer's size from its image manifest (fetched by digest, so verified), from the first endpoint of
-        ``hosts-dir`` that answers."""
+        """The layer's size from its image manifest (fetched by digest, so verified), which the lazyfs process
+        reads from the first endpoint of ``hosts-dir`` that answers (``resolve``: the registry client lives there,
+        this daemon loads no HTTP client)."""
         if request.manifest_digest:
             with self._manifests_lock:
                 known = self._manifests.get(request.manifest_digest)
             if known is not None and request.digest in known:
                 return self._checked(known[request.digest], request)
-        hosts_dir = Path(self.settings.hosts_dir) if self.settings.hosts_dir else None
+        hosts_dir = self.settings.hosts_dir or None
         target = ref.with_digest(request.manifest_digest) if request.manifest_digest else ref
-        errors: list[str] = []
-        creds = self._credentials(ref)
-        for ep in endpoints(target, hosts_dir, "pull"):
-            try:
-                with ep.client(creds, timeout=self.settings.timeout, retries=1,
-                               transfer_deadline=self.settings.timeout) as client:
-                    manifest, _ = client.resolve(ep.ref)
-            except CvmfsSnapError as exc:
-                errors.append(f"{ep.ref.registry}: {exc}")
-                continue
-            layers = {d.digest: (int(d.size), d.annotations.get(LABEL_TOC_DIGEST, "")) for d in manifest.layers}
-            if request.manifest_digest:
-                with self._manifests_lock:
-                    self._manifests[request.manifest_digest] = layers
-                    while len(self._manifests) > MANIFEST_CACHE:
-                        self._manifests.popitem(last=False)
-            if request.digest not in layers:
-                raise NotFoundError(f"layer {request.digest} is not in manifest {manifest.digest} of {target}")
-            return self._checked(layers[request.digest], request)
-        raise UnavailableError(f"cannot read the manifest of {target}: " + "; ".join(errors))
+        creds = credentials_for(self._credentials(ref), endpoints(target, Path(hosts_dir) if hosts_dir else None))
+        self.process.ensure()
+        try:
+            answer = self.process.call({"op": "resolve", "image_ref": str(target), "hosts_dir": hosts_dir,
+                                        "credentials": credentials_to_wire(creds)})
+        except control.ControlError as exc:
+            raise control.as_error(exc, f"reading the manifest of {target}") from None
+        layers = _manifest_layers(answer.get("layers"), target)
+        if request.manifest_digest:
+            with self._manifests_lock:
+                self._manifests[request.manifest_digest] = layers
+                while len(self._manifests) > MANIFEST_CACHE:
+                    self._manifests.popitem(last=False)
+        if request.digest not in layers:
+            raise NotFoundError(f"layer {request.digest} is not in the manifest of {target}")
+        return self._checked(layers[request.digest], request)
 
     @staticmethod
     def _checked(known: tuple[int, str], request: LayerRequest) -> int:
@@ -391,3 +390,16 @@ class LazySource:
                                 "the image from containerd and pull it again")
         log.info("lazy layer %s: attaching it again", digest)
         return self._attach(record)
+
+
+def _manifest_layers(value: object, target: ImageReference) -> dict[str, tuple[int, str]]:
+    """The ``layers`` of a ``resolve`` answer, checked: {digest: (size >= 0, TOC annotation)}."""
+    if not isinstance(value, dict):
+        raise UnavailableError(f"the lazyfs process answered no layers for the manifest of {target}")
+    out: dict[str, tuple[int, str]] = {}
+    for digest, entry in value.items():
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and entry[0] >= 0
+                and isinstance(entry[1], str)):
+            raise UnavailableError(f"the lazyfs process answered a malformed layer entry for {target}")
+        out[str(digest)] = (entry[0], entry[1])
+    return out
