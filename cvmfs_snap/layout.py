@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError
-from .validation import load_as
+from .plainvalidation import load_as
 
 #: version of the metadata files we write (layer.json, image.json)
 LAYOUT_VERSION = 1

@@ -7,6 +7,9 @@ What is expected is read from the JSON schema pydantic derives from the same ann
 bounds, ``Literal`` choices), so each fact is written once, on the dataclass. A field may say it in words with
 ``Field(json_schema_extra={EXPECT: "host:port"})``; a field marked ``{SECRET: True}`` never has its value echoed;
 a validator raising ``ValueError("host:port")`` gives ``expected host:port``.
+
+The node's own files (the snapshotter's TOML, the layout's JSON records) are validated with the same words and
+messages by :mod:`cvmfs_snap.plainvalidation`, without pydantic (the snapshotter daemon's resident memory).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails, to_json
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.plainvalidation import BOUND_WORDS, PLURAL_WORDS, TYPE_WORDS, key_path, shown
 
 T = TypeVar("T")
 
@@ -29,11 +33,7 @@ SECRET = "x-secret"
 _ADAPTERS: dict[type, TypeAdapter[object]] = {}
 _SCHEMAS: dict[type, dict[str, object]] = {}
 
-_TYPES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
-          "null": "null", "array": "a list", "object": "a mapping"}
-_PLURAL = {"integer": "integers", "number": "numbers", "string": "strings", "boolean": "booleans",
-           "object": "mappings", "array": "lists"}
-_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+_TYPES, _PLURAL, _BOUNDS = TYPE_WORDS, PLURAL_WORDS, BOUND_WORDS
 #: pydantic's error types for a key that is not a field
 _UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
 
@@ -109,16 +109,7 @@ def _expected(node: Mapping[str, object], root: Mapping[str, object]) -> str:
     return " ".join([text, " and ".join(bounds)]) if bounds else text
 
 
-def _key(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(the document)"
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+_key, _shown = key_path, shown
 
 
 def _problem(err: ErrorDetails, root: Mapping[str, object], prefix: Sequence[int | str]) -> str:

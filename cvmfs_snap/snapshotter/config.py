@@ -38,7 +38,8 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
 
 Unknown keys are logged as warnings and ignored (the official snapshotter ignores them too), so a typo is visible
 in the log but never stops a node. A value of the wrong type is an error naming the file, the key and what was
-expected (validated by :mod:`cvmfs_snap.validation`, like the publisher's YAML and the layout's records).
+expected (validated by :mod:`cvmfs_snap.plainvalidation`, like the layout's records, with the messages
+:mod:`cvmfs_snap.validation` gives for the publisher's YAML; no pydantic in the daemon: its resident memory).
 
 Command-line flags (``--address``, ``--root``, ``--log-level``) are not read from the file, as upstream.
 """
@@ -49,14 +50,13 @@ import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypedDict
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
-from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
+from annotated_types import Ge, Gt
 
 from ..errors import InvalidInputError, NotFoundError
-from ..validation import EXPECT, SECRET, load_as, unknown_keys
+from ..plainvalidation import SECRET, After, Before, Expect, Strip, load_as, unknown_keys
 from .sources.lazy import LazySettings
 from .sources.registry import DEFAULT_SOURCES, check_names, check_options
 
@@ -96,7 +96,7 @@ class Config:
         return Path("/cvmfs") / (self.repository or DEFAULT_REPOSITORY)
 
 
-# -- the file's shape (validated by cvmfs_snap.validation; defaults stay on Config and LazySettings) ---------------
+# -- the file's shape (validated by cvmfs_snap.plainvalidation; defaults stay on Config and LazySettings) ----------
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
           "t": 1 << 40, "tib": 1 << 40, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _SIZE_WORDS = 'a number of bytes or e.g. "4GiB", "512MiB"'
@@ -145,17 +145,16 @@ def _url_or_empty(url: str) -> str:
     return url
 
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True)]
-AbsolutePath = Annotated[Text, AfterValidator(_absolute_or_empty)]
-HostPort = Annotated[Text, AfterValidator(_host_port_or_empty)]
-Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0, json_schema_extra={EXPECT: f"a size: {_SIZE_WORDS}"})]
-NonZeroSize = Annotated[int, BeforeValidator(parse_size),
-                        Field(gt=0, json_schema_extra={EXPECT: f"a size above 0: {_SIZE_WORDS}"})]
+Text = Annotated[str, Strip()]
+AbsolutePath = Annotated[Text, After(_absolute_or_empty)]
+HostPort = Annotated[Text, After(_host_port_or_empty)]
+Size = Annotated[int, Before(parse_size), Ge(0), Expect(f"a size: {_SIZE_WORDS}")]
+NonZeroSize = Annotated[int, Before(parse_size), Gt(0), Expect(f"a size above 0: {_SIZE_WORDS}")]
 
 #: ``[cvmfs-snap.lazy]``; keys as in the file, each the LazySettings field of the same name in snake case
 LazyTable = TypedDict("LazyTable", {
     "enabled": bool, "cache-dir": AbsolutePath, "cache-size": NonZeroSize, "prefetch": bool,
-    "prefetch-bound": Size, "background-fetch": bool, "timeout": Annotated[float, Field(gt=0)],
+    "prefetch-bound": Size, "background-fetch": bool, "timeout": Annotated[float, Gt(0)],
     "hosts-dir": AbsolutePath, "docker-config": AbsolutePath, "force-single-range": bool,
     "metrics-address": HostPort,
 }, total=False)
@@ -164,9 +163,9 @@ LazyTable = TypedDict("LazyTable", {
 OurTable = TypedDict("OurTable", {
     "metrics-address": HostPort,
     "sources": list[str],  # names checked by the source registry
-    "grpc-workers": Annotated[int, Field(ge=1)],
-    "publish-on-miss-url": Annotated[Text, AfterValidator(_url_or_empty), Field(json_schema_extra={SECRET: True})],
-    "publish-on-miss-secret": Annotated[Text, Field(json_schema_extra={SECRET: True})],
+    "grpc-workers": Annotated[int, Ge(1)],
+    "publish-on-miss-url": Annotated[Text, After(_url_or_empty), SECRET],
+    "publish-on-miss-secret": Annotated[Text, SECRET],
     "publish-on-miss-secret-file": Text,
     "source-options": dict[str, dict[str, object]],  # options checked by the source registry
     "lazy": LazyTable,
@@ -174,7 +173,7 @@ OurTable = TypedDict("OurTable", {
 
 #: the file: the official snapshotter's keys and our table
 ConfigFile = TypedDict("ConfigFile", {
-    "repository": str, "absolute-mountpoint": Annotated[str, AfterValidator(_absolute_or_empty)],
+    "repository": str, "absolute-mountpoint": Annotated[str, After(_absolute_or_empty)],
     "cvmfs-snap": OurTable,  # OUR_TABLE
 }, total=False)
 
@@ -184,7 +183,7 @@ def parse_config(data: object, where: str = "configuration") -> Config:
     the file and the key)."""
     for key in unknown_keys(ConfigFile, data):
         log.warning("%s: unknown key %r ignored", where, key)
-    doc = load_as(ConfigFile, data, where, strict=True, kind="a table of settings")
+    doc = load_as(ConfigFile, data, where, kind="a table of settings")
     ours = doc.get("cvmfs-snap", {})
     cfg = Config()
     cfg.repository = doc.get("repository", cfg.repository)
