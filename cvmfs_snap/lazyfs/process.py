@@ -37,7 +37,6 @@ from typing import Any
 
 import pyfuse3
 import trio  # type: ignore[import-untyped]
-from prometheus_client import start_http_server
 
 from cvmfs_snap.errors import (
     CvmfsSnapError,
@@ -446,11 +445,15 @@ async def _signals(scope: trio.CancelScope) -> None:
 
 def serve_metrics(address: str) -> tuple[str, int]:
     """Serve the lazy metrics (:data:`~cvmfs_snap.lazyfs.metrics.DEFAULT_METRICS`: layer digests as labels, never
-    image references or credentials) on ``host:port``; returns the bound address."""
+    image references or credentials) on ``host:port``, counted from now on; returns the bound address."""
+    # prometheus_client only where metrics are served (lazyfs/metrics.py)
+    from prometheus_client import start_http_server
+
+    DEFAULT_METRICS.enable()
     host, _, port = address.rpartition(":")
     try:
         server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
-                                            registry=DEFAULT_METRICS.registry)
+                                            registry=DEFAULT_METRICS.registry)  # type: ignore[arg-type]
     except (ValueError, OSError) as e:
         raise InvalidInputError(f"lazyfs: cannot serve metrics on {address!r}: {e}") from None
     bound = server.server_address
