@@ -112,7 +112,8 @@ def _split(tp: object) -> tuple[object, tuple[object, ...]]:
 
 def _fields(tp: object) -> dict[str, tuple[object, bool]] | None:
     """{key: (type, required)} of a TypedDict or a dataclass; None for anything else."""
-    if isinstance(tp, type) and typing.is_typeddict(tp):
+    # a TypedDict of typing or of typing_extensions (which typing.is_typeddict does not know on Python 3.11)
+    if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__required_keys__"):
         hints = typing.get_type_hints(tp, include_extras=True)
         required = cast("frozenset[str]", getattr(tp, "__required_keys__", frozenset()))
         return {k: (v, k in required) for k, v in hints.items()}

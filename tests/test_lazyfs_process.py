@@ -17,7 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
 from cvmfs_snap.lazyfs import control
+from cvmfs_snap_devenv.images import estargz_layer, image, push_image
 from cvmfs_snap_devenv.registry import Registry, free_port
 from tests.support.layertrees import MTIMES
 from tests.support.range_proxies import Behaviour, PushedLayer, RangeProxy, push_estargz, range_proxy
@@ -156,6 +158,29 @@ def test_bad_attaches_and_credentials_stay_secret(tmp_path: Path, layer: PushedL
     with pytest.raises(control.ControlError) as e:
         q.call({"op": "detach", "id": layer.digest[7:]})
     assert e.value.kind == "notfound"
+
+
+def test_resolve_answers_the_manifests_layers_for_the_daemon(tmp_path: Path, registry: Registry,
+                                                             procs: list[Proc]) -> None:
+    """``resolve``: the snapshotter daemon has no HTTP client, so the process reads the image manifest (by digest)
+    and answers each layer's size and TOC annotation; bad requests are refused, credentials never echoed."""
+    lay = estargz_layer(["etc/", ("etc/motd", b"resolved\n")])
+    img = image([lay])
+    push_image(registry.url, "lazy/resolve", "1", img)
+    p = Proc(tmp_path / "lazy")
+    procs.append(p)
+    req: dict[str, object] = {"op": "resolve", "image_ref": f"{registry.host}/lazy/resolve@{img.manifest_digest}",
+                              "hosts_dir": None, "credentials": None}
+    assert p.call(req)["layers"] == {lay.digest: [len(lay.blob), lay.annotations[TOC_DIGEST_ANNOTATION]]}
+    unreachable = {"image_ref": "127.0.0.1:9/lazy/resolve:1",
+                   "credentials": {"127.0.0.1:9": {"username": "u", "secret": SECRET}}}
+    for bad, kind in (({"image_ref": "../x"}, "invalid"), ({"hosts_dir": "certs.d"}, "invalid"),
+                      (unreachable, "unavailable")):
+        with pytest.raises(control.ControlError) as e:
+            p.call({**req, **bad})
+        assert e.value.kind == kind and SECRET not in str(e.value)
+    p.stop()
+    assert SECRET not in p.log.read_text()
 
 
 def test_concurrent_attaches_of_one_layer_make_one(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
