@@ -15,10 +15,10 @@ memory"). ``LazyMetrics()`` (as tests make them) is enabled at once.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class _Off:
@@ -46,13 +46,13 @@ _OFF = _Off()
 class LazyMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, enabled: bool = True) -> None:
         self.registry: CollectorRegistry | None = None
-        self.fetched_bytes: Any = _OFF
-        self.fetch_seconds: Any = _OFF
-        self.cache_hits: Any = _OFF
-        self.cache_misses: Any = _OFF
-        self.cache_evictions: Any = _OFF
-        self.cache_bytes: Any = _OFF
-        self.background_fraction: Any = _OFF
+        self.fetched_bytes: Counter | _Off = _OFF
+        self.fetch_seconds: Histogram | _Off = _OFF
+        self.cache_hits: Counter | _Off = _OFF
+        self.cache_misses: Counter | _Off = _OFF
+        self.cache_evictions: Counter | _Off = _OFF
+        self.cache_bytes: Gauge | _Off = _OFF
+        self.background_fraction: Gauge | _Off = _OFF
         if enabled:
             self.enable(registry)
 
