@@ -101,17 +101,43 @@ class _Problem(Exception):
         self.text = text
 
 
+_SPLIT: dict[object, tuple[object, tuple[object, ...]]] = {}
+
+
 def _split(tp: object) -> tuple[object, tuple[object, ...]]:
-    """(the type, its Annotated metadata)."""
+    """(the type, its Annotated metadata), worked out once per type."""
+    try:
+        return _SPLIT[tp]
+    except KeyError:
+        pass
+    except TypeError:  # not hashable
+        return _unannotated(tp)
+    out = _SPLIT[tp] = _unannotated(tp)
+    return out
+
+
+def _unannotated(tp: object) -> tuple[object, tuple[object, ...]]:
     if typing.get_origin(tp) is typing.Annotated:
         base, *meta = typing.get_args(tp)
-        inner, more = _split(base)
+        inner, more = _unannotated(base)
         return inner, (*more, *meta)
     return tp, ()
 
 
+_FIELDS: dict[type, dict[str, tuple[object, bool]]] = {}
+
+
 def _fields(tp: object) -> dict[str, tuple[object, bool]] | None:
-    """{key: (type, required)} of a TypedDict or a dataclass; None for anything else."""
+    """{key: (type, required)} of a TypedDict or a dataclass (resolved once per class); None for anything else."""
+    if isinstance(tp, type) and tp in _FIELDS:
+        return _FIELDS[tp]
+    fields = _resolve_fields(tp)
+    if fields is not None and isinstance(tp, type):
+        _FIELDS[tp] = fields
+    return fields
+
+
+def _resolve_fields(tp: object) -> dict[str, tuple[object, bool]] | None:
     # a TypedDict of typing or of typing_extensions (which typing.is_typeddict does not know on Python 3.11)
     if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__required_keys__"):
         hints = typing.get_type_hints(tp, include_extras=True)
@@ -149,19 +175,26 @@ def expected(tp: object) -> str:
     return " ".join([text, " and ".join(bounds)]) if bounds else text
 
 
-def _secret(tp: object) -> bool:
-    return any(m is SECRET for m in _split(tp)[1])
+def _plain(tp: object) -> bool:
+    """``str``, ``int`` or ``bool`` as such (no metadata): checked by its exact type."""
+    return tp is str or tp is int or tp is bool
 
 
 def _fail(tp: object, value: object, loc: list[int | str], secret: bool, words: str | None = None) -> _Problem:
-    got = "" if secret or _secret(tp) else f", got {shown(value)}"
+    got = "" if secret else f", got {shown(value)}"
     return _Problem(loc, f"{key_path(loc)}: expected {words or expected(tp)}{got}")
 
 
 def _check(tp: object, value: object, loc: list[int | str], secret: bool, problems: list[_Problem]) -> object:
     """``value`` as ``tp`` (converted: stripped, parsed, int -> float); problems are appended, never raised."""
     base, meta = _split(tp)
-    secret = secret or _secret(tp)
+    if not meta:  # no markers: just the type
+        try:
+            return _typed(tp, base, value, loc, secret, problems)
+        except _Problem as p:
+            problems.append(p)
+            return value
+    secret = secret or any(m is SECRET for m in meta)
     try:
         for m in meta:
             if isinstance(m, Before):
@@ -185,9 +218,15 @@ def _check(tp: object, value: object, loc: list[int | str], secret: bool, proble
 
 def _typed(tp: object, base: object, value: object, loc: list[int | str], secret: bool,
            problems: list[_Problem]) -> object:
-    origin = typing.get_origin(base)
     if base is object or base is Any:
         return value
+    if type(base) is type and base in _KINDS:
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not base:
+            raise _fail(tp, value, loc, secret)
+        return value
+    origin = typing.get_origin(base)
     if origin in (typing.Union, types.UnionType):
         for alt in typing.get_args(base):
             trial: list[_Problem] = []
@@ -199,21 +238,23 @@ def _typed(tp: object, base: object, value: object, loc: list[int | str], secret
         if value is not None:
             raise _fail(tp, value, loc, secret)
         return value
-    if base in _KINDS:
-        if base is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if type(value) is not base:
-            raise _fail(tp, value, loc, secret)
-        return value
     if origin is list:
         if not isinstance(value, list):
             raise _fail(tp, value, loc, secret)
         (item,) = typing.get_args(base)
+        if _plain(item):  # the common case (a record's list of paths), without a call per item
+            bad = [i for i, v in enumerate(value) if type(v) is not item]
+            problems.extend(_fail(item, value[i], [*loc, i], secret) for i in bad)
+            return list(value)
         return [_check(item, v, [*loc, i], secret, problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise _fail(tp, value, loc, secret)
         _, item = typing.get_args(base)
+        if _plain(item):
+            wrong = [k for k, v in value.items() if type(v) is not item]
+            problems.extend(_fail(item, value[k], [*loc, str(k)], secret) for k in wrong)
+            return dict(value)
         return {k: _check(item, v, [*loc, str(k)], secret, problems) for k, v in value.items()}
     fields = _fields(base)
     if fields is None:
