@@ -71,6 +71,33 @@ def test_process_imports_only_what_it_uses(command: str, expected: list[str]) ->
     assert json.loads(line[len("PROBE "):]) == expected
 
 
+LATER_SSL = textwrap.dedent("""
+    import sys
+    sys.argv = ["cvmfs-snap", "snapshotter", "--help"]
+    from cvmfs_snap.cli import main
+    try:
+        main()
+    except SystemExit:
+        pass
+    assert "ssl" not in sys.modules, "ssl was imported with the daemon"
+    import asyncio.sslproto
+    assert asyncio.sslproto.ssl is None  # grpc's asyncio got no ssl
+    from cvmfs_snap.snapshotter import missreport  # the publish-on-miss reporter: httpx, ssl, prometheus_client
+    import ssl
+    ssl.create_default_context()
+    print("LATER", missreport.__name__)
+""")
+
+
+def test_daemon_imports_ssl_when_it_needs_it() -> None:
+    """ssl is kept out of the daemon's import (grpc's asyncio would load it and libcrypto for nothing) but not out
+    of the process: the publish-on-miss reporter, imported when configured, gets it as usual."""
+    r = subprocess.run([sys.executable, "-c", LATER_SSL], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LATER cvmfs_snap.snapshotter.missreport" in r.stdout
+
+
 def _small_files_layer(n: int) -> tuple[bytes, str]:
     rnd = random.Random(5)
     files = [(f"usr/share/d{i // 100:03d}/f{i:05d}.txt", rnd.randbytes(rnd.randint(200, 3000))) for i in range(n)]
