@@ -22,15 +22,10 @@ import grpc
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from cvmfs_snap.fsutil import remove_tree_quietly
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter.config import Config
 from cvmfs_snap.snapshotter.daemon import Daemon
-from cvmfs_snap.snapshotter.sources.base import (
-    LABEL_CRI_LAYER_DIGEST,
-    LABEL_TARGET_REF,
-    LayerRequest,
-    RemoteLayer,
-    SourceHealth,
-)
+from cvmfs_snap.snapshotter.sources.base import LayerRequest, RemoteLayer, SourceHealth
 
 
 class DirSource:
@@ -103,7 +98,7 @@ def main() -> None:
                 rparent = ""
                 for i in range(a.layers):
                     chain = f"sha256:{rep:032x}{i:032x}"
-                    labels = {LABEL_TARGET_REF: chain, LABEL_CRI_LAYER_DIGEST: f"sha256:{i:064x}"}
+                    labels = {SNAPSHOT_REF: chain, CRI_LAYER_DIGEST: f"sha256:{i:064x}"}
                     add("Prepare(remote->AlreadyExists)", timed(
                         stub.Prepare, pb.PrepareSnapshotRequest(key="x", parent=rparent, labels=labels),
                         grpc.StatusCode.ALREADY_EXISTS))

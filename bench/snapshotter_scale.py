@@ -34,8 +34,8 @@ import grpc
 
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
-from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from cvmfs_snap_devenv.procs import stop_process
 
 
@@ -129,7 +129,7 @@ def main() -> None:
             for d in range(a.depth):
                 digest = digests[img * a.depth + d]
                 chain = f"sha256:{img:032x}{d:032x}"
-                labels = {LABEL_TARGET_REF: chain, LABEL_CRI_LAYER_DIGEST: digest}
+                labels = {SNAPSHOT_REF: chain, CRI_LAYER_DIGEST: digest}
                 lat.setdefault("Prepare remote (AlreadyExists)", []).append(timed(
                     stub.Prepare, pb.PrepareSnapshotRequest(key=f"extract-{img}-{d}", parent=parent, labels=labels),
                     grpc.StatusCode.ALREADY_EXISTS))

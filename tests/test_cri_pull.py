@@ -13,6 +13,7 @@ import pytest
 from cvmfs_snap.api.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST
 from cvmfs_snap_devenv.containerd import Containerd
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, image, layer
 from cvmfs_snap_devenv.registry import Registry
@@ -60,7 +61,7 @@ def test_cri_pull_image_status_remove(registry: Registry, cri_overlayfs: Contain
         snaps = committed(cri_overlayfs, "overlayfs", K8S)
         chains = L.chain_ids([lay.diff_id for lay in img.layers])
         for i, chain in enumerate(chains):
-            assert snaps[chain].labels[L.CRI_LAYER_DIGEST] == img.layers[i].digest
+            assert snaps[chain].labels[CRI_LAYER_DIGEST] == img.layers[i].digest
         svc.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=ref)), timeout=30)
         gone = svc.ImageStatus(api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref)), timeout=30)
         assert not gone.HasField("image")

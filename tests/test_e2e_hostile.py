@@ -13,7 +13,7 @@ import pytest
 
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST, LABEL_TARGET_REF
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_LAYER_DIGEST, SNAPSHOT_REF
 from tests.support.e2e import PLUGIN, node, snapshotter_status
 from tests.support.trees import names
 
@@ -21,13 +21,13 @@ pytestmark = [pytest.mark.timeout(180)]
 
 CHAIN = "sha256:" + "c" * 64
 HOSTILE = [
-    (LABEL_CRI_LAYER_DIGEST, "sha256:../../etc"),
-    (LABEL_CRI_LAYER_DIGEST, "sha256:../../../../../../../../etc/passwd"),
-    (LABEL_CRI_LAYER_DIGEST, "md5:d41d8cd98f00b204e9800998ecf8427e"),
-    (LABEL_CRI_LAYER_DIGEST, "sha256:" + "A" * 64),
-    (LABEL_CRI_LAYER_DIGEST, "sha256:" + "a" * 63 + "/"),
-    (LABEL_CRI_LAYER_DIGEST, "../.layers"),
-    (LABEL_LAYER_DIGEST, "sha256:../../etc"),
+    (CRI_LAYER_DIGEST, "sha256:../../etc"),
+    (CRI_LAYER_DIGEST, "sha256:../../../../../../../../etc/passwd"),
+    (CRI_LAYER_DIGEST, "md5:d41d8cd98f00b204e9800998ecf8427e"),
+    (CRI_LAYER_DIGEST, "sha256:" + "A" * 64),
+    (CRI_LAYER_DIGEST, "sha256:" + "a" * 63 + "/"),
+    (CRI_LAYER_DIGEST, "../.layers"),
+    (SNAPSHOT_LAYER_DIGEST, "sha256:../../etc"),
 ]
 
 
@@ -48,7 +48,7 @@ def test_hostile_layer_labels_are_refused(short_tmp: Path) -> None:
             direct = pb_grpc.SnapshotsStub(ours)
             md = [("containerd-namespace", "default")]
             for i, (label, value) in enumerate(HOSTILE):
-                labels = {LABEL_TARGET_REF: CHAIN, label: value}
+                labels = {SNAPSHOT_REF: CHAIN, label: value}
                 ways = [("containerd", via_containerd, md), ("direct", direct, None)]
                 if not label.startswith("containerd.io/snapshot/"):
                     ways = ways[1:]  # containerd passes only containerd.io/snapshot/* labels on to a snapshotter

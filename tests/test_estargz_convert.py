@@ -15,7 +15,8 @@ import pytest
 
 from cvmfs_snap.cli import main as cli_main
 from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError
-from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, EStargz
+from cvmfs_snap.estargz import EStargz
+from cvmfs_snap.labelnames import TOC_DIGEST, UNCOMPRESSED_SIZE
 from cvmfs_snap.oci import ImageReference, Manifest, RegistryClient
 from cvmfs_snap.oci.push import Pusher as OciPusher
 from cvmfs_snap_devenv.containerd import Containerd
@@ -64,10 +65,10 @@ def _check_estargz_image(reg: Registry, ref: str, tmp: Path) -> Manifest:
             assert d.media_type.endswith("gzip")
             blob = c.get_blob(r, d.digest, d.size, max_size=1 << 30)
             es = EStargz.open(lambda o, n, b=blob: b[o : o + n], len(blob),
-                              toc_digest=d.annotations[TOC_DIGEST_ANNOTATION])
+                              toc_digest=d.annotations[TOC_DIGEST])
             es.verify_all(lambda o, n, b=blob: b[o : o + n])
             plain = gzip.decompress(blob)
-            assert int(d.annotations[UNCOMPRESSED_SIZE_ANNOTATION]) == len(plain)
+            assert int(d.annotations[UNCOMPRESSED_SIZE]) == len(plain)
             assert cfg["rootfs"]["diff_ids"][i] == "sha256:" + hashlib.sha256(plain).hexdigest()
             if goref_bin("esgz"):
                 p = tmp / f"layer{i}.esgz"
@@ -122,7 +123,7 @@ def test_every_platform_is_kept_and_estargz_layers_are_kept(registry: Registry, 
 
         with _client(registry) as c:
             m, _ = c.resolve(ImageReference.parse(dst), Platform("linux", arch, variant))
-        assert all(TOC_DIGEST_ANNOTATION in d.annotations for d in m.layers)
+        assert all(TOC_DIGEST in d.annotations for d in m.layers)
     # converting the result again keeps every layer byte for byte (and so every manifest)
     again = _convert(capsys, dst, registry.ref("conv/multi-again", "v1"))
     assert all(lay["kept"] for lay in again["layers"])
@@ -145,7 +146,7 @@ def test_estargz_base_layer_without_uncompressed_size_is_kept_and_annotated(
         m, _ = c.resolve(ref)
         doc = json.loads(m.raw)
         for d in doc["layers"]:
-            del d["annotations"][UNCOMPRESSED_SIZE_ANNOTATION]
+            del d["annotations"][UNCOMPRESSED_SIZE]
         OciPusher(c).push_manifest(ref, json.dumps(doc).encode(), m.media_type, reference="stripped")
     out2 = _convert(capsys, registry.ref("conv/base-esgz", "stripped"), registry.ref("conv/other-repo", "v1"))
     assert [lay["kept"] for lay in out2["layers"]] == [True, True]

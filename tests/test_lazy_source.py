@@ -22,17 +22,17 @@ import httpx
 import pytest
 
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError
+from cvmfs_snap.labelnames import (
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    SNAPSHOT_REF,
+    SNAPSHOT_SOURCE,
+    TOC_DIGEST,
+)
 from cvmfs_snap.snapshotter import status
 from cvmfs_snap.snapshotter.config import parse_config
 from cvmfs_snap.snapshotter.core import Snapshotter
-from cvmfs_snap.snapshotter.sources.base import (
-    LABEL_CRI_IMAGE_REF,
-    LABEL_CRI_LAYER_DIGEST,
-    LABEL_CRI_MANIFEST_DIGEST,
-    LABEL_SOURCE,
-    LABEL_TARGET_REF,
-    LABEL_TOC_DIGEST,
-)
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, estargz_layer, image, push_image
@@ -54,10 +54,10 @@ def lazy_image(registry: Registry) -> tuple[BuiltImage, str]:
 
 def labels_for(img: BuiltImage, ref: str, chain: str = CHAIN, toc: bool = True) -> dict[str, str]:
     lay = img.layers[0]
-    out = {LABEL_TARGET_REF: chain, LABEL_CRI_LAYER_DIGEST: lay.digest, LABEL_CRI_IMAGE_REF: ref,
-           LABEL_CRI_MANIFEST_DIGEST: img.manifest_digest}
+    out = {SNAPSHOT_REF: chain, CRI_LAYER_DIGEST: lay.digest, CRI_IMAGE_REF: ref,
+           CRI_MANIFEST_DIGEST: img.manifest_digest}
     if toc:
-        out[LABEL_TOC_DIGEST] = lay.annotations[LABEL_TOC_DIGEST]
+        out[TOC_DIGEST] = lay.annotations[TOC_DIGEST]
     return out
 
 
@@ -92,7 +92,7 @@ def test_only_prepares_with_toc_digest_and_image_ref_are_taken(lazy_image: tuple
         # no TOC digest label (a plain gzip layer, or `ctr images pull`): a normal pull, no process started
         assert sn.prepare("k1", "", labels_for(img, ref, toc=False))
         no_ref = labels_for(img, ref, chain="sha256:" + "d" * 64)
-        del no_ref[LABEL_CRI_IMAGE_REF]
+        del no_ref[CRI_IMAGE_REF]
         assert sn.prepare("k2", "", no_ref)
         assert src.process.started is None and not (short_tmp / "lazy" / "control.sock").exists()
         disabled = make_source(short_tmp / "lazy2", tmp_path, enabled=False)
@@ -119,9 +119,9 @@ def test_lazy_layer_is_attached_and_mounted(lazy_image: tuple[BuiltImage, str], 
         assert (root / "lazyfs.pid").read_text().strip() == str(src.process.started.pid)
         assert list(attached(src)) == [lay.digest]
         rec = sn.store.find(CHAIN)
-        assert rec is not None and rec.source == "lazy" and rec.labels[LABEL_SOURCE] == "lazy"
-        assert rec.labels[LABEL_TOC_DIGEST] == lay.annotations[LABEL_TOC_DIGEST]
-        assert [m[LABEL_CRI_LAYER_DIGEST] for m in missed] == [lay.digest]  # reported for publish-on-miss
+        assert rec is not None and rec.source == "lazy" and rec.labels[SNAPSHOT_SOURCE] == "lazy"
+        assert rec.labels[TOC_DIGEST] == lay.annotations[TOC_DIGEST]
+        assert [m[CRI_LAYER_DIGEST] for m in missed] == [lay.digest]  # reported for publish-on-miss
         [m] = sn.view("v", CHAIN)
         assert m.type == "bind"
         assert (Path(m.source) / "etc" / "os-release").read_bytes() == b"ID=test\n"  # through the FUSE mount
@@ -129,7 +129,7 @@ def test_lazy_layer_is_attached_and_mounted(lazy_image: tuple[BuiltImage, str], 
         assert src.held() == [lay.digest]
         rec_file = json.loads((root / "layers" / f"{lay.digest[7:]}.json").read_text())
         assert rec_file == {"digest": lay.digest, "size": len(lay.blob),
-                            "toc_digest": lay.annotations[LABEL_TOC_DIGEST], "image_ref": ref}
+                            "toc_digest": lay.annotations[TOC_DIGEST], "image_ref": ref}
         # the last snapshot goes: detached, nothing held
         sn.remove("v")
         sn.remove(CHAIN)
@@ -183,7 +183,7 @@ def test_manifest_disagreeing_with_labels_means_a_normal_pull(lazy_image: tuple[
     sn = Snapshotter(tmp_path / "root", sources=[src])
     try:
         bad = labels_for(img, ref)
-        bad[LABEL_TOC_DIGEST] = "sha256:" + "0" * 64
+        bad[TOC_DIGEST] = "sha256:" + "0" * 64
         mounts = sn.prepare("k1", "", bad)  # no exception: a local snapshot
         assert mounts and sn.store.find("k1") is not None and not sn.store.find("k1").remote  # type: ignore[union-attr]
         assert "TOC digest label differs" in caplog.text
@@ -309,9 +309,9 @@ def test_one_manifest_read_per_image(registry: Registry, tmp_path: Path, short_t
     mark = log_mark(registry.log)
     try:
         for i, lay in enumerate(layers):
-            lab = {LABEL_TARGET_REF: f"sha256:{i + 1:064x}", LABEL_CRI_LAYER_DIGEST: lay.digest,
-                   LABEL_CRI_IMAGE_REF: ref, LABEL_CRI_MANIFEST_DIGEST: img.manifest_digest,
-                   LABEL_TOC_DIGEST: lay.annotations[LABEL_TOC_DIGEST]}
+            lab = {SNAPSHOT_REF: f"sha256:{i + 1:064x}", CRI_LAYER_DIGEST: lay.digest,
+                   CRI_IMAGE_REF: ref, CRI_MANIFEST_DIGEST: img.manifest_digest,
+                   TOC_DIGEST: lay.annotations[TOC_DIGEST]}
             with pytest.raises(AlreadyExistsError):
                 sn.prepare(f"extract-{i}", "", lab)
         with open(registry.log, "rb") as f:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
+from cvmfs_snap.labelnames import TOC_DIGEST
 from cvmfs_snap.lazyfs import control
 from cvmfs_snap_devenv.images import estargz_layer, image, push_image
 from cvmfs_snap_devenv.registry import Registry, free_port
@@ -171,7 +171,7 @@ def test_resolve_answers_the_manifests_layers_for_the_daemon(tmp_path: Path, reg
     procs.append(p)
     req: dict[str, object] = {"op": "resolve", "image_ref": f"{registry.host}/lazy/resolve@{img.manifest_digest}",
                               "hosts_dir": None, "credentials": None}
-    assert p.call(req)["layers"] == {lay.digest: [len(lay.blob), lay.annotations[TOC_DIGEST_ANNOTATION]]}
+    assert p.call(req)["layers"] == {lay.digest: [len(lay.blob), lay.annotations[TOC_DIGEST]]}
     unreachable = {"image_ref": "127.0.0.1:9/lazy/resolve:1",
                    "credentials": {"127.0.0.1:9": {"username": "u", "secret": SECRET}}}
     for bad, kind in (({"image_ref": "../x"}, "invalid"), ({"hosts_dir": "certs.d"}, "invalid"),

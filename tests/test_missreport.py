@@ -16,16 +16,12 @@ from typing import Any
 import pytest
 
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.labelnames import CRI_IMAGE_REF, CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter.config import Config, parse_config
 from cvmfs_snap.snapshotter.core import Snapshotter
 from cvmfs_snap.snapshotter.daemon import build_reporter
 from cvmfs_snap.snapshotter.metrics import Metrics
 from cvmfs_snap.snapshotter.missreport import MissReporter, safe_url
-from cvmfs_snap.snapshotter.sources.base import (
-    LABEL_CRI_IMAGE_REF,
-    LABEL_CRI_LAYER_DIGEST,
-    LABEL_TARGET_REF,
-)
 from cvmfs_snap_devenv.registry import free_port
 from tests.support.http_servers import LoopbackHandler, running
 from tests.support.layersource import FakeSource
@@ -92,7 +88,7 @@ class Clock:
 
 
 def labels(image: str = IMAGE, digest: str = D1, chain: str = "sha256:" + "c" * 64) -> dict[str, str]:
-    return {LABEL_TARGET_REF: chain, LABEL_CRI_IMAGE_REF: image, LABEL_CRI_LAYER_DIGEST: digest}
+    return {SNAPSHOT_REF: chain, CRI_IMAGE_REF: image, CRI_LAYER_DIGEST: digest}
 
 
 def count(rep: MissReporter, outcome: str) -> float:
@@ -132,7 +128,7 @@ def test_one_report_per_image_with_layer_and_secret() -> None:
 def test_no_secret_no_authorization_header_and_no_image_label_no_report() -> None:
     with publisher() as pub, reporter(pub.url) as rep:
         rep.start()
-        rep.miss({LABEL_TARGET_REF: "sha256:" + "c" * 64, LABEL_CRI_LAYER_DIGEST: D1})  # ctr pull: no image label
+        rep.miss({SNAPSHOT_REF: "sha256:" + "c" * 64, CRI_LAYER_DIGEST: D1})  # ctr pull: no image label
         rep.miss(labels())
         assert rep.wait_idle(30)
         assert pub.bodies() == [{"image": IMAGE, "layer": D1}]
@@ -262,7 +258,7 @@ def test_core_reports_only_real_misses_and_prepare_is_unaffected(tmp_path: Path)
     try:
         m = sn.prepare("k1", "", labels(digest=D1, chain="sha256:" + "a" * 64))
         assert m and m[0].type == "bind"
-        assert [g[LABEL_CRI_LAYER_DIGEST] for g in got] == [D1]
+        assert [g[CRI_LAYER_DIGEST] for g in got] == [D1]
         # served remotely: AlreadyExists as usual, no miss
         with pytest.raises(AlreadyExistsError, match="served remotely"):
             sn.prepare("k2", "", labels(digest=D2, chain="sha256:" + "b" * 64))
@@ -297,7 +293,7 @@ def test_core_reports_layers_a_later_source_serves_because_the_first_lacks_them(
     try:
         with pytest.raises(Exception, match="served remotely by later"):
             sn.prepare("k1", "", labels(digest=D1, chain="sha256:" + "a" * 64))
-        assert [g[LABEL_CRI_LAYER_DIGEST] for g in got] == [D1]
+        assert [g[CRI_LAYER_DIGEST] for g in got] == [D1]
         assert sn.store.find("sha256:" + "a" * 64) is not None
         with pytest.raises(Exception, match="served remotely by first"):
             sn.prepare("k2", "", labels(digest=D2, chain="sha256:" + "b" * 64))

@@ -15,6 +15,19 @@ from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.containerd.unpack import Outcome
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.labelnames import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    DISTRIBUTION_SOURCE,
+    GC_REF_CONTENT_CONFIG,
+    GC_REF_CONTENT_LAYER,
+    GC_REF_CONTENT_MANIFEST,
+    GC_REF_SNAPSHOT,
+    SNAPSHOT_REF,
+    UNCOMPRESSED,
+)
 from cvmfs_snap_devenv.containerd import Containerd, start_containerd
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, image, layer
 from cvmfs_snap_devenv.registry import Registry
@@ -59,13 +72,13 @@ def test_pull_overlayfs_then_ctr_run(registry: Registry, containerd: Containerd,
         cfg = c.content_info(p.img.config_digest)
         assert man is not None and cfg is not None
         # GC references as containerd's own pull sets them
-        assert man.labels[L.GC_REF_CONTENT_CONFIG] == p.img.config_digest
+        assert man.labels[GC_REF_CONTENT_CONFIG] == p.img.config_digest
         for i, lay in enumerate(p.img.layers):
-            assert man.labels[f"{L.GC_REF_CONTENT_LAYER}{i}"] == lay.digest
+            assert man.labels[f"{GC_REF_CONTENT_LAYER}{i}"] == lay.digest
             info = c.content_info(lay.digest)
-            assert info is not None and info.labels[L.UNCOMPRESSED] == lay.diff_id
-        assert cfg.labels[L.GC_REF_SNAPSHOT + "overlayfs"] == chains[-1]
-        assert man.labels[L.DISTRIBUTION_SOURCE + "127.0.0.1"] == "pull/run"
+            assert info is not None and info.labels[UNCOMPRESSED] == lay.diff_id
+        assert cfg.labels[GC_REF_SNAPSHOT + "overlayfs"] == chains[-1]
+        assert man.labels[DISTRIBUTION_SOURCE + "127.0.0.1"] == "pull/run"
         # the lease is gone
         leases = c.leases.List(leases_pb2.ListRequest(), metadata=c.metadata()).leases
         assert not [lease for lease in leases if lease.id.startswith("cvmfs-snap-pull-")]
@@ -73,11 +86,11 @@ def test_pull_overlayfs_then_ctr_run(registry: Registry, containerd: Containerd,
     for i, chain in enumerate(chains):
         assert snaps[chain].parent == (chains[i - 1] if i else "")
         labels = snaps[chain].labels
-        assert labels[L.SNAPSHOT_REF] == chain
-        assert labels[L.CRI_LAYER_DIGEST] == p.img.layers[i].digest
-        assert labels[L.CRI_IMAGE_REF] == p.ref
-        assert labels[L.CRI_MANIFEST_DIGEST] == p.digest
-        assert labels[L.CRI_IMAGE_LAYERS] == ",".join(lay.digest for lay in p.img.layers[i:])
+        assert labels[SNAPSHOT_REF] == chain
+        assert labels[CRI_LAYER_DIGEST] == p.img.layers[i].digest
+        assert labels[CRI_IMAGE_REF] == p.ref
+        assert labels[CRI_MANIFEST_DIGEST] == p.digest
+        assert labels[CRI_IMAGE_LAYERS] == ",".join(lay.digest for lay in p.img.layers[i:])
     assert not active(containerd, "overlayfs")
 
     # a second pull finds everything in place and downloads nothing
@@ -128,8 +141,8 @@ def test_multi_platform_index(registry: Registry, containerd: Containerd) -> Non
     with client(containerd, "multi") as c:
         idx = c.content_info(idx_digest)
         assert idx is not None
-        assert idx.labels[L.GC_REF_CONTENT_MANIFEST + "0"] == amd.manifest_digest
-        assert idx.labels[L.GC_REF_CONTENT_MANIFEST + "1"] == arm.manifest_digest
+        assert idx.labels[GC_REF_CONTENT_MANIFEST + "0"] == amd.manifest_digest
+        assert idx.labels[GC_REF_CONTENT_MANIFEST + "1"] == arm.manifest_digest
         assert c.content_info(amd.layers[0].digest) is None  # the other platform is not downloaded
         rec = c.get_image(ref)
         assert rec is not None and rec.target.digest == idx_digest
@@ -198,7 +211,7 @@ def test_blob_in_content_store_is_not_downloaded_again(fresh_registry: Registry,
     assert blob_gets(fresh_registry.log, img.layers[0].digest) == 1
     with client(containerd, "cached2") as c:
         info = c.content_info(img.layers[0].digest)
-        assert info is not None and info.labels[L.DISTRIBUTION_SOURCE + "127.0.0.1"] == "pull/cached"
+        assert info is not None and info.labels[DISTRIBUTION_SOURCE + "127.0.0.1"] == "pull/cached"
 
 
 def _tamper(reg: Registry, digest: str) -> None:
@@ -309,6 +322,6 @@ def test_docker_media_types(registry: Registry, containerd: Containerd) -> None:
     assert res.manifest_digest == amd.manifest_digest
     with client(containerd, "docker") as c:
         man = c.content_info(amd.manifest_digest)
-        assert man is not None and man.labels[L.GC_REF_CONTENT_CONFIG] == amd.config_digest
-        assert man.labels[L.GC_REF_CONTENT_LAYER + "0"] == amd.layers[0].digest
+        assert man is not None and man.labels[GC_REF_CONTENT_CONFIG] == amd.config_digest
+        assert man.labels[GC_REF_CONTENT_LAYER + "0"] == amd.layers[0].digest
     assert set(committed(containerd, "overlayfs", "docker")) == {amd.layers[0].diff_id}

@@ -5,6 +5,13 @@ from __future__ import annotations
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.containerd.unpack import content_ref, unpack_key
+from cvmfs_snap.labelnames import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    SNAPSHOT_REF,
+)
 
 D = ["sha256:" + c * 64 for c in "abcdef"]
 LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -42,10 +49,10 @@ def test_child_gc_labels_numbering() -> None:
 def test_image_layers_label_is_cut_at_containerds_limit() -> None:
     many = [Descriptor(LAYER_GZ, "sha256:" + f"{i:064x}", 1) for i in range(100)]
     value = L.image_layers_label(many)
-    assert len(L.CRI_IMAGE_LAYERS) + len(value) <= L.MAX_LABEL
+    assert len(CRI_IMAGE_LAYERS) + len(value) <= L.MAX_LABEL
     parts = value.split(",")
     assert parts == [d.digest for d in many[:len(parts)]]
-    assert len(parts) == (L.MAX_LABEL - len(L.CRI_IMAGE_LAYERS) + 1) // 72  # 71 chars + ',' per digest
+    assert len(parts) == (L.MAX_LABEL - len(CRI_IMAGE_LAYERS) + 1) // 72  # 71 chars + ',' per digest
 
 
 def test_snapshot_labels_inherit_only_snapshot_annotations() -> None:
@@ -55,13 +62,13 @@ def test_snapshot_labels_inherit_only_snapshot_annotations() -> None:
     labels = L.snapshot_labels("r.example/x:1", D[4], layers, 0, D[3])
     assert labels == {
         "containerd.io/snapshot/stargz/toc.digest": D[5],
-        L.CRI_IMAGE_REF: "r.example/x:1",
-        L.CRI_LAYER_DIGEST: D[0],
-        L.CRI_IMAGE_LAYERS: f"{D[0]},{D[1]}",
-        L.CRI_MANIFEST_DIGEST: D[4],
-        L.SNAPSHOT_REF: D[3],
+        CRI_IMAGE_REF: "r.example/x:1",
+        CRI_LAYER_DIGEST: D[0],
+        CRI_IMAGE_LAYERS: f"{D[0]},{D[1]}",
+        CRI_MANIFEST_DIGEST: D[4],
+        SNAPSHOT_REF: D[3],
     }
-    assert L.snapshot_labels("r.example/x:1", D[4], layers, 1, D[2], cri_labels=False) == {L.SNAPSHOT_REF: D[2]}
+    assert L.snapshot_labels("r.example/x:1", D[4], layers, 1, D[2], cri_labels=False) == {SNAPSHOT_REF: D[2]}
 
 
 def test_distribution_source_label_merges_sorted_without_port() -> None:
@@ -90,8 +97,3 @@ def test_keys_and_refs_follow_containerd() -> None:
     assert content_ref(Descriptor("application/vnd.oci.image.index.v1+json", D[0], 1)) == f"index-{D[0]}"
     assert content_ref(Descriptor(OCI_CONFIG, D[0], 1)) == f"config-{D[0]}"
 
-
-def test_toc_digest_label_is_the_estargz_annotation() -> None:
-    from cvmfs_snap.containerd.labels import TOC_DIGEST
-    from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION
-    assert TOC_DIGEST == TOC_DIGEST_ANNOTATION

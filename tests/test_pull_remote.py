@@ -20,6 +20,14 @@ import pytest
 from cvmfs_snap.containerd import labels as L
 from cvmfs_snap.containerd.pull import run_pull
 from cvmfs_snap.containerd.unpack import Outcome
+from cvmfs_snap.labelnames import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    GC_REF_SNAPSHOT,
+    SNAPSHOT_REF,
+)
 from cvmfs_snap_devenv.containerd import Containerd
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, image, layer
 from cvmfs_snap_devenv.registry import Registry
@@ -65,7 +73,7 @@ def test_remote_layers_are_not_downloaded(fresh_registry: Registry, remote: Remo
         for lay in img.layers:
             assert c.content_info(lay.digest) is None, "a remote layer's blob reached the content store"
         cfg = c.content_info(img.config_digest)
-        assert cfg is not None and cfg.labels[L.GC_REF_SNAPSHOT + "fakeremote"] == chains[-1]
+        assert cfg is not None and cfg.labels[GC_REF_SNAPSHOT + "fakeremote"] == chains[-1]
         rec = c.get_image(ref)
         assert rec is not None and rec.target.digest == img.manifest_digest
     for lay in img.layers:
@@ -76,14 +84,14 @@ def test_remote_layers_are_not_downloaded(fresh_registry: Registry, remote: Remo
 
     # what the snapshotter saw: containerd's unpack key format, the parent chain, the CRI labels
     seen = [p for p in remote.prepares() if isinstance(p["labels"], dict)
-            and p["labels"].get(L.CRI_IMAGE_REF) == ref]
-    assert [p["labels"][L.SNAPSHOT_REF] for p in seen] == chains  # type: ignore[index]
+            and p["labels"].get(CRI_IMAGE_REF) == ref]
+    assert [p["labels"][SNAPSHOT_REF] for p in seen] == chains  # type: ignore[index]
     for i, p in enumerate(seen):
         labels = p["labels"]
         assert isinstance(labels, dict)
-        assert labels[L.CRI_LAYER_DIGEST] == img.layers[i].digest
-        assert labels[L.CRI_MANIFEST_DIGEST] == img.manifest_digest
-        assert labels[L.CRI_IMAGE_LAYERS] == ",".join(x.digest for x in img.layers[i:])
+        assert labels[CRI_LAYER_DIGEST] == img.layers[i].digest
+        assert labels[CRI_MANIFEST_DIGEST] == img.manifest_digest
+        assert labels[CRI_IMAGE_LAYERS] == ",".join(x.digest for x in img.layers[i:])
         # containerd's metadata layer prefixes "<namespace>/<id>/" to our key "extract-<unique> <chainID>"
         assert re.fullmatch(r"skip/\d+/extract-\d+-[A-Za-z0-9_-]{4} " + re.escape(chains[i]), str(p["key"]))
         assert p["outcome"] == "remote"
@@ -118,8 +126,8 @@ def test_labels_match_containerd_rpull(registry: Registry, remote: Remote) -> No
         out: dict[str, dict[str, str]] = {}
         for p in remote.prepares():
             lab = p["labels"]
-            if isinstance(lab, dict) and lab.get(L.CRI_IMAGE_REF) == ref and str(p["key"]).startswith(ns + "/"):
-                out[lab[L.SNAPSHOT_REF]] = lab
+            if isinstance(lab, dict) and lab.get(CRI_IMAGE_REF) == ref and str(p["key"]).startswith(ns + "/"):
+                out[lab[SNAPSHOT_REF]] = lab
         return out
 
     a = labels_by_chain("viarpull")

@@ -19,14 +19,14 @@ from cvmfs_snap.errors import (
     NotFoundError,
     UnavailableError,
 )
-from cvmfs_snap.snapshotter.core import Info, Mount, Snapshotter, b36
-from cvmfs_snap.snapshotter.sources.base import (
-    LABEL_CRI_LAYER_DIGEST,
-    LABEL_LAYER_DIGEST,
-    LABEL_REMOTE,
-    LABEL_SOURCE,
-    LABEL_TARGET_REF,
+from cvmfs_snap.labelnames import (
+    CRI_LAYER_DIGEST,
+    SNAPSHOT_LAYER_DIGEST,
+    SNAPSHOT_REF,
+    SNAPSHOT_REMOTE,
+    SNAPSHOT_SOURCE,
 )
+from cvmfs_snap.snapshotter.core import Info, Mount, Snapshotter, b36
 from cvmfs_snap.snapshotter.store import DB_NAME, Store
 from tests.support.layersource import FakeSource
 from tests.support.snapshotter_daemon import DB_FILES
@@ -246,7 +246,7 @@ def test_state_survives_restart_without_touching_dirs(tmp_path: Path) -> None:
 
 # -- remote snapshots -------------------------------------------------------------------------------------------------
 def remote_labels(chain: str, digest: str) -> dict[str, str]:
-    return {LABEL_TARGET_REF: chain, LABEL_CRI_LAYER_DIGEST: digest, "containerd.io/snapshot/cri.image-ref": "x/y:z"}
+    return {SNAPSHOT_REF: chain, CRI_LAYER_DIGEST: digest, "containerd.io/snapshot/cri.image-ref": "x/y:z"}
 
 
 @pytest.fixture
@@ -272,9 +272,9 @@ def test_prepare_with_served_layer_commits_remote_snapshot(tmp_path: Path, layer
     assert sn.store.find("extract-1 " + CHAIN1) is None
     info = sn.stat(CHAIN1)
     assert (info.kind, info.parent) == ("committed", "")
-    assert info.labels[LABEL_REMOTE] and info.labels[LABEL_SOURCE] == "fake"
-    assert info.labels[LABEL_LAYER_DIGEST] == D1 and info.labels["fake.example/served"] == "yes"
-    assert info.labels[LABEL_TARGET_REF] == CHAIN1  # containerd finds it with this label after AlreadyExists
+    assert info.labels[SNAPSHOT_REMOTE] and info.labels[SNAPSHOT_SOURCE] == "fake"
+    assert info.labels[SNAPSHOT_LAYER_DIGEST] == D1 and info.labels["fake.example/served"] == "yes"
+    assert info.labels[SNAPSHOT_REF] == CHAIN1  # containerd finds it with this label after AlreadyExists
     assert [i.name for i in sn.walk([f'labels."containerd.io/snapshot.ref"=={CHAIN1},parent==""'])] == [CHAIN1]
     assert not sn.snapshot_dir(sn.store.get(CHAIN1)).exists()  # no local dir for remote layers
 

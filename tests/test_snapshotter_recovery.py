@@ -19,6 +19,7 @@ import pytest
 
 from cvmfs_snap.errors import AlreadyExistsError, IntegrityError
 from cvmfs_snap.fsutil import make_deep_tree, walk_fd
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter.core import Mount, Snapshotter
 from cvmfs_snap.snapshotter.mountinfo import is_pinned, pinned_paths
 from cvmfs_snap.snapshotter.store import DB_NAME
@@ -259,7 +260,6 @@ def test_metadata_of_the_previous_schema_is_read_and_upgraded(tmp_path: Path) ->
 
 @needs_root
 def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: Path) -> None:
-    from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
     from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
     from cvmfs_snap_devenv.images import Entry, layer
     from tests.support.layertrees import write_cvmfs_layer
@@ -276,7 +276,7 @@ def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: P
 
     sn, src = snapshotter()
     with pytest.raises(AlreadyExistsError, match="already exists"):
-        sn.prepare("x", "", {LABEL_TARGET_REF: chain1, LABEL_CRI_LAYER_DIGEST: lay.digest})
+        sn.prepare("x", "", {SNAPSHOT_REF: chain1, CRI_LAYER_DIGEST: lay.digest})
     [m] = sn.prepare("ctr", chain1)
     with mounted(m, tmp_path / "rootfs") as rootfs:
         assert sorted(os.listdir(rootfs / "d")) == ["f"]  # the mask hides d/.wh.gone
@@ -287,7 +287,7 @@ def test_metadata_loss_keeps_the_cvmfs_dirs_a_running_container_uses(tmp_path: P
         assert src.held() == [lay.digest]
         # the same layer pulled again, then removed: its dirs are still the running container's lowerdirs
         with pytest.raises(AlreadyExistsError, match="already exists"):
-            sn.prepare("y", "", {LABEL_TARGET_REF: chain2, LABEL_CRI_LAYER_DIGEST: lay.digest})
+            sn.prepare("y", "", {SNAPSHOT_REF: chain2, CRI_LAYER_DIGEST: lay.digest})
         sn.view("v", chain2)
         sn.remove("v")
         sn.remove(chain2)

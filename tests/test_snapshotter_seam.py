@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError, UnavailableError
+from cvmfs_snap.labelnames import CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter.config import parse_config
 from cvmfs_snap.snapshotter.core import Snapshotter
 from cvmfs_snap.snapshotter.daemon import build_sources
-from cvmfs_snap.snapshotter.sources.base import (
-    LABEL_CRI_IMAGE_LAYERS,
-    LABEL_CRI_IMAGE_REF,
-    LABEL_CRI_LAYER_DIGEST,
-    LABEL_CRI_MANIFEST_DIGEST,
-    LABEL_TARGET_REF,
-    HostileLabelsError,
-    LayerRequest,
-)
+from cvmfs_snap.snapshotter.sources.base import HostileLabelsError, LayerRequest
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.registry import KNOWN_SOURCES
 from cvmfs_snap_devenv.images import Entry, layer
@@ -38,7 +31,7 @@ def chain(n: int) -> str:
 
 
 def labels(target: str, digest: str, **extra: str) -> dict[str, str]:
-    return {LABEL_TARGET_REF: target, LABEL_CRI_LAYER_DIGEST: digest, **extra}
+    return {SNAPSHOT_REF: target, CRI_LAYER_DIGEST: digest, **extra}
 
 
 def remote(sn: Snapshotter, target: str, digest: str, parent: str = "", **extra: str) -> None:
@@ -51,8 +44,8 @@ def test_request_is_parsed_once_and_stored(tmp_path: Path) -> None:
     d.mkdir()
     src = FakeSource(layers={D1: [d]})
     sn = Snapshotter(tmp_path / "root", sources=[src])
-    extra = {LABEL_CRI_IMAGE_REF: "reg.example/app:1", LABEL_CRI_MANIFEST_DIGEST: M1,
-             LABEL_CRI_IMAGE_LAYERS: f"{D1}, {D2}", "containerd.io/snapshot/stargz/toc.digest": D2,
+    extra = {CRI_IMAGE_REF: "reg.example/app:1", CRI_MANIFEST_DIGEST: M1,
+             CRI_IMAGE_LAYERS: f"{D1}, {D2}", "containerd.io/snapshot/stargz/toc.digest": D2,
              "containerd.io/snapshot/remote/other": "x"}
     remote(sn, chain(1), D1, **extra)
     [req] = src.lookups
@@ -87,7 +80,7 @@ def test_only_hostile_labels_fail_a_prepare(tmp_path: Path) -> None:
     assert src.lookups[-1].digest == D1
     # a malformed manifest label is only information: it never fails a Prepare
     src.fail_with = None
-    remote(sn, chain(3), D1, **{LABEL_CRI_MANIFEST_DIGEST: "nonsense"})
+    remote(sn, chain(3), D1, **{CRI_MANIFEST_DIGEST: "nonsense"})
     assert src.lookups[-1].manifest_digest == ""
     sn.close()
 
@@ -191,7 +184,7 @@ def test_daemon_restores_sources_at_start(short_tmp: Path) -> None:
     first = FakeSource(layers={D1: [d]})
     dm = Daemon(Config(grpc_workers=1), str(short_tmp / "s.sock"), short_tmp / "root", sources=[first])
     assert first.restored == []
-    remote(dm.core, chain(1), D1, **{LABEL_CRI_IMAGE_REF: "reg.example/app:1"})
+    remote(dm.core, chain(1), D1, **{CRI_IMAGE_REF: "reg.example/app:1"})
     dm.stop()
     again = FakeSource(layers={D1: [d]})
     dm = Daemon(Config(grpc_workers=1), str(short_tmp / "s.sock"), short_tmp / "root", sources=[again])

@@ -19,10 +19,10 @@ from google.protobuf import field_mask_pb2
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter import service
 from cvmfs_snap.snapshotter.config import Config, load_config, parse_config
 from cvmfs_snap.snapshotter.daemon import Daemon
-from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
 from tests.support.layersource import FakeSource
 from tests.support.snapshotter_daemon import DB_FILES, start_daemon, stop_daemon, wait_ready
 from tests.support.trees import shape
@@ -118,7 +118,7 @@ def test_error_mapping_table() -> None:
 
 def test_remote_prepare_and_metrics(served: tuple[Daemon, pb_grpc.SnapshotsStub, FakeSource]) -> None:
     d, stub, src = served
-    labels = {LABEL_TARGET_REF: CHAIN1, LABEL_CRI_LAYER_DIGEST: D1}
+    labels = {SNAPSHOT_REF: CHAIN1, CRI_LAYER_DIGEST: D1}
     assert code_of(lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="extract-1", labels=labels))) == (
         grpc.StatusCode.ALREADY_EXISTS)
     # what containerd does next: find the target with a filter
@@ -128,7 +128,7 @@ def test_remote_prepare_and_metrics(served: tuple[Daemon, pb_grpc.SnapshotsStub,
     v = stub.View(pb.ViewSnapshotRequest(key="v", parent=CHAIN1))
     assert v.mounts[0].source == str(src.layers[D1][0])
     # hostile labels -> INVALID_ARGUMENT
-    bad = {LABEL_TARGET_REF: "sha256:" + "b" * 64, LABEL_CRI_LAYER_DIGEST: "sha256:../../x"}
+    bad = {SNAPSHOT_REF: "sha256:" + "b" * 64, CRI_LAYER_DIGEST: "sha256:../../x"}
     assert code_of(lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="e2", labels=bad))) == (
         grpc.StatusCode.INVALID_ARGUMENT)
     stub.Prepare(pb.PrepareSnapshotRequest(key="local-one"))
@@ -145,14 +145,14 @@ def test_trailing_newline_and_source_errors(served: tuple[Daemon, pb_grpc.Snapsh
     """A digest label with a trailing newline is hostile (full-match validation), on either label; a source's own
     InvalidInputError (say its registry answered 400) is not: that layer is pulled normally."""
     d, stub, src = served
-    for key in (LABEL_CRI_LAYER_DIGEST, "cvmfs-snap.io/layer-digest"):
-        labels = {LABEL_TARGET_REF: CHAIN1, key: D1 + "\n"}
+    for key in (CRI_LAYER_DIGEST, "cvmfs-snap.io/layer-digest"):
+        labels = {SNAPSHOT_REF: CHAIN1, key: D1 + "\n"}
         assert code_of(lambda labels=labels: stub.Prepare(pb.PrepareSnapshotRequest(key="nl", labels=labels))) == (
             grpc.StatusCode.INVALID_ARGUMENT)
     assert [i for resp in stub.List(pb.ListSnapshotsRequest()) for i in resp.info] == []
     src.fail_with = InvalidInputError("registry answered 400 Bad Request")
-    r = stub.Prepare(pb.PrepareSnapshotRequest(key="local", labels={LABEL_TARGET_REF: CHAIN1,
-                                                                     LABEL_CRI_LAYER_DIGEST: D1}))
+    r = stub.Prepare(pb.PrepareSnapshotRequest(key="local", labels={SNAPSHOT_REF: CHAIN1,
+                                                                     CRI_LAYER_DIGEST: D1}))
     assert r.mounts[0].type == "bind"
     assert d.core.store.get("local").source == ""
 
@@ -314,7 +314,7 @@ def test_status_table_shows_origin(tmp_path: Path) -> None:
     layer.mkdir()
     sn = Snapshotter(tmp_path / "root", sources=[FakeSource(name="cvmfs", layers={D1: [layer]})])
     with pytest.raises(AlreadyExistsError, match="already exists"):
-        sn.prepare("e", "", {LABEL_TARGET_REF: CHAIN1, LABEL_CRI_LAYER_DIGEST: D1})
+        sn.prepare("e", "", {SNAPSHOT_REF: CHAIN1, CRI_LAYER_DIGEST: D1})
     sn.prepare("ctr", CHAIN1)
     sn.close()
     r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "status", "--root", str(tmp_path / "root")],

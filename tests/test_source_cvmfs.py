@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_LAYER_DIGEST, SNAPSHOT_REF, SNAPSHOT_SOURCE
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
-from cvmfs_snap.snapshotter.sources.base import (
-    LABEL_CRI_LAYER_DIGEST,
-    LABEL_LAYER_DIGEST,
-    LABEL_SOURCE,
-    LABEL_TARGET_REF,
-    LayerSource,
-    RemoteLayer,
-)
+from cvmfs_snap.snapshotter.sources.base import LayerSource, RemoteLayer
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.overlaydirs import FORMAT_VERSION
 from cvmfs_snap_devenv.images import BuiltLayer, Entry, layer
@@ -45,8 +39,8 @@ def repo(tmp_path: Path) -> tuple[Path, BuiltLayer]:
     return root, lay
 
 
-def labels(digest: str, key: str = LABEL_CRI_LAYER_DIGEST) -> dict[str, str]:
-    return {LABEL_TARGET_REF: CHAIN, key: digest}
+def labels(digest: str, key: str = CRI_LAYER_DIGEST) -> dict[str, str]:
+    return {SNAPSHOT_REF: CHAIN, key: digest}
 
 
 def health_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -59,11 +53,11 @@ def health_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 def test_lookup_published_layer(repo: tuple[Path, BuiltLayer], tmp_path: Path) -> None:
     root, lay = repo
     src: LayerSource = CvmfsSource(root, tmp_path / "state", name="cvmfs-a")
-    for key in (LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST):
+    for key in (CRI_LAYER_DIGEST, SNAPSHOT_LAYER_DIGEST):
         got = lookup(src, labels(lay.digest, key))
         assert got == RemoteLayer(source="cvmfs-a", digest=lay.digest,
-                                  labels={LABEL_SOURCE: "cvmfs-a", LABEL_LAYER_DIGEST: lay.digest})
-    both = {**labels(lay.digest), LABEL_LAYER_DIGEST: lay.digest}
+                                  labels={SNAPSHOT_SOURCE: "cvmfs-a", SNAPSHOT_LAYER_DIGEST: lay.digest})
+    both = {**labels(lay.digest), SNAPSHOT_LAYER_DIGEST: lay.digest}
     assert lookup(src, both) is not None
 
 
@@ -76,8 +70,8 @@ def test_lookup_not_published_or_incomplete(repo: tuple[Path, BuiltLayer], tmp_p
     with pytest.raises(NotFoundError, match=other.digest):
         src.lowerdirs(other.digest)
     # without the chain ID or without a digest there is nothing to serve
-    assert lookup(src, {LABEL_CRI_LAYER_DIGEST: lay.digest}) is None
-    assert lookup(src, {LABEL_TARGET_REF: CHAIN}) is None
+    assert lookup(src, {CRI_LAYER_DIGEST: lay.digest}) is None
+    assert lookup(src, {SNAPSHOT_REF: CHAIN}) is None
     # layer.json (written last by publishers) but no layerfs: broken, not complete
     partial = layer([("p", b"p")])
     lay_out = RepositoryLayout(root)
@@ -109,7 +103,7 @@ def test_lookup_not_published_or_incomplete(repo: tuple[Path, BuiltLayer], tmp_p
 def test_hostile_digest_labels(repo: tuple[Path, BuiltLayer], tmp_path: Path, digest: str) -> None:
     root, _ = repo
     src = CvmfsSource(root, tmp_path / "state")
-    for key in (LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST):
+    for key in (CRI_LAYER_DIGEST, SNAPSHOT_LAYER_DIGEST):
         with pytest.raises(InvalidInputError):
             lookup(src, labels(digest, key))
     with pytest.raises(InvalidInputError):
@@ -121,7 +115,7 @@ def test_contradictory_digest_labels(repo: tuple[Path, BuiltLayer], tmp_path: Pa
     root, lay = repo
     src = CvmfsSource(root, tmp_path / "state")
     with pytest.raises(InvalidInputError, match="contradictory"):
-        lookup(src, {**labels(lay.digest), LABEL_LAYER_DIGEST: "sha256:" + "0" * 64})
+        lookup(src, {**labels(lay.digest), SNAPSHOT_LAYER_DIGEST: "sha256:" + "0" * 64})
 
 
 # -- health ---------------------------------------------------------------------------------------------------

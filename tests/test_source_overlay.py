@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.snapshotter.sources.base import LABEL_CRI_LAYER_DIGEST, LABEL_TARGET_REF
+from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap_devenv.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
 from tests.support.layersource import lookup
@@ -226,7 +226,7 @@ def test_stack_matches_real_containerd_overlayfs(tmp_path: Path, short_tmp: Path
     build_repo(root, layers)
     src = CvmfsSource(root, tmp_path / "state")
     top_chain = chain_ids([lay.diff_id for lay in layers])[-1]
-    remote = lookup(src, {LABEL_TARGET_REF: top_chain, LABEL_CRI_LAYER_DIGEST: layers[-1].digest})
+    remote = lookup(src, {SNAPSHOT_REF: top_chain, CRI_LAYER_DIGEST: layers[-1].digest})
     assert remote is not None and remote.digest == layers[-1].digest
 
     with start_containerd(short_tmp / "ctd") as ctd:

@@ -41,6 +41,7 @@ from cvmfs_snap.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cvmfs_snap.labelnames import GC_EXPIRE
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ DEFAULT_NAMESPACE = "default"
 #: gRPC metadata keys containerd reads (see containerd's namespaces and leases packages)
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
-#: a lease with this label is collected after the time even if its owner died before deleting it
-LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 #: containerd's default gRPC message limit is 16 MiB; stay far below it
 WRITE_CHUNK = 1 << 20
 #: content writes sent ahead of containerd's answers (bounded memory: WRITE_WINDOW * WRITE_CHUNK)
@@ -227,7 +226,7 @@ class ContainerdClient:
         expire = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=expire_after)
         lease_id = f"cvmfs-snap-pull-{secrets.token_hex(8)}"
         resp = self._call(self.leases.Create, leases_pb2.CreateRequest(
-            id=lease_id, labels={LEASE_EXPIRE_LABEL: expire.strftime("%Y-%m-%dT%H:%M:%SZ")}), "create lease",
+            id=lease_id, labels={GC_EXPIRE: expire.strftime("%Y-%m-%dT%H:%M:%SZ")}), "create lease",
             timeout=self.timeout)  # the first call of a pull: a hung containerd fails here, within --timeout
         self.lease_id = resp.lease.id
         try:

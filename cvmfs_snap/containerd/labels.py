@@ -11,32 +11,23 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 from cvmfs_snap.containerd.client import Descriptor
+from cvmfs_snap.labelnames import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    DISTRIBUTION_SOURCE,
+    GC_REF_CONTENT_CONFIG,
+    GC_REF_CONTENT_LAYER,
+    GC_REF_CONTENT_MANIFEST,
+    GC_REF_CONTENT_OTHER,
+    SNAPSHOT_PREFIX,
+    SNAPSHOT_REF,
+)
 from cvmfs_snap.mediatypes import CONFIG_TYPES, DOCKER_LAYER_TYPES, MANIFEST_TYPES, OCI_LAYER_PREFIX
 
-#: on every snapshot the unpacker prepares: the chain ID it will be committed as
-SNAPSHOT_REF = "containerd.io/snapshot.ref"
-#: layer-descriptor annotations with this prefix are passed on to the snapshotter as labels
-INHERITED_PREFIX = "containerd.io/snapshot/"
-#: the CRI labels (containerd pkg/snapshotters): what a remote snapshotter uses to find the layer
-CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-#: the eStargz TOC digest annotation of a layer (inherited as a Prepare label): a lazy snapshotter may serve it.
-#: Spelled out, not imported from cvmfs_snap.estargz (whose import costs the pull's start-up zstandard); a test
-#: checks it equals ``cvmfs_snap.estargz.TOC_DIGEST_ANNOTATION``
-TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-#: content GC references
-GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"
-GC_REF_CONTENT_MANIFEST = "containerd.io/gc.ref.content.m."
-GC_REF_CONTENT_LAYER = "containerd.io/gc.ref.content.l."
-GC_REF_CONTENT_OTHER = "containerd.io/gc.ref.content."
-GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
-UNCOMPRESSED = "containerd.io/uncompressed"
-DISTRIBUTION_SOURCE = "containerd.io/distribution.source."
 #: containerd refuses a label whose key plus value is longer than this
 MAX_LABEL = 4096
-
 
 
 def is_layer_type(media_type: str) -> bool:
@@ -94,7 +85,7 @@ def snapshot_labels(ref: str, manifest_digest: str, layers: Sequence[Descriptor]
     """Labels for the Prepare (and Commit) of layer ``i``: inherited ``containerd.io/snapshot/*`` annotations of
     the layer descriptor, the CRI labels a remote snapshotter needs, and ``containerd.io/snapshot.ref``."""
     layer = layers[i]
-    labels = {k: v for k, v in layer.annotations.items() if k == SNAPSHOT_REF or k.startswith(INHERITED_PREFIX)}
+    labels = {k: v for k, v in layer.annotations.items() if k == SNAPSHOT_REF or k.startswith(SNAPSHOT_PREFIX)}
     if cri_labels:
         labels[CRI_IMAGE_REF] = ref
         labels[CRI_LAYER_DIGEST] = layer.digest

@@ -34,7 +34,8 @@ from cvmfs_snap.errors import (
     InvalidInputError,
     UnavailableError,
 )
-from cvmfs_snap.mediatypes import INDEX_TYPES
+from cvmfs_snap.labelnames import GC_REF_SNAPSHOT, TOC_DIGEST, UNCOMPRESSED
+from cvmfs_snap.mediatypes import CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES
 from cvmfs_snap.oci import ImageReference, Platform
 
 log = logging.getLogger(__name__)
@@ -116,13 +117,13 @@ def unpack_key(chain_id: str) -> str:
 def content_ref(desc: Descriptor) -> str:
     """The ingest ref containerd's remotes.MakeRefKey uses, so concurrent pulls of the same blob share it."""
     mt = desc.media_type
-    if mt in L.MANIFEST_TYPES:
+    if mt in MANIFEST_TYPES:
         kind = "manifest"
     elif mt in INDEX_TYPES:
         kind = "index"
     elif L.is_layer_type(mt):
         kind = "layer"
-    elif mt in L.CONFIG_TYPES:
+    elif mt in CONFIG_TYPES:
         kind = "config"
     else:
         kind = "unknown"
@@ -177,7 +178,7 @@ class Puller:
                 self._stop_prefetch()
             if chains:
                 self.client.update_content_labels(image.config.digest,
-                                                  {L.GC_REF_SNAPSHOT + self.snapshotter: chains[-1]})
+                                                  {GC_REF_SNAPSHOT + self.snapshotter: chains[-1]})
             for record in self.image_names(image):
                 self.client.put_image(record, image.target, self.image_labels())
         result.seconds = time.monotonic() - t0
@@ -300,7 +301,7 @@ class Puller:
         except BaseException:
             self._remove(key)
             raise
-        self.client.update_content_labels(desc.digest, {L.UNCOMPRESSED: diff_id})
+        self.client.update_content_labels(desc.digest, {UNCOMPRESSED: diff_id})
         return done(Outcome.PULLED if downloaded else Outcome.CACHED)
 
     def _start_prefetch(self, image: ResolvedImage, start: int) -> None:
@@ -313,7 +314,7 @@ class Puller:
         for j in range(start, min(start + self.max_downloads - 1, len(image.layers))):
             if j not in self._prefetch:
                 desc = image.layers[j]
-                if self.cri_labels and L.TOC_DIGEST in desc.annotations:
+                if self.cri_labels and TOC_DIGEST in desc.annotations:
                     continue
                 self._prefetch[j] = self._pool.submit(
                     self._fetch_layer, image.ref, desc, functools.partial(self.progress.layer_bytes, j))

@@ -22,16 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError
-from cvmfs_snap.estargz import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_COMPRESSION_LEVEL,
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    BuildOptions,
-    EStargz,
-    build,
-    parse_footer,
-)
+from cvmfs_snap.estargz import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, BuildOptions, EStargz, build, parse_footer
+from cvmfs_snap.labelnames import TOC_DIGEST, UNCOMPRESSED_SIZE
 from cvmfs_snap.layer import open_layer
 from cvmfs_snap.layer.compression import MEDIA_TYPES
 from cvmfs_snap.layer.readahead import ReadAhead
@@ -165,7 +157,7 @@ class Converter:
             footer = parse_footer(self.client.read_range(src, desc.digest, off, n), desc.size, name)
             toc = self.client.read_range(src, desc.digest, footer.toc_offset, footer.toc_size)
             return EStargz.from_parts(name, desc.size, footer, toc,
-                                      toc_digest=desc.annotations.get(TOC_DIGEST_ANNOTATION))
+                                      toc_digest=desc.annotations.get(TOC_DIGEST))
         except InvalidInputError:
             return None
         except IntegrityError as e:
@@ -211,14 +203,14 @@ class Converter:
         if es is not None:
             self.progress.layer_start(key, f"{desc.digest[7:19]} keep", desc.size)
             ann = dict(desc.annotations)
-            ann[TOC_DIGEST_ANNOTATION] = es.toc_digest
-            usize_s = ann.get(UNCOMPRESSED_SIZE_ANNOTATION, "")
+            ann[TOC_DIGEST] = es.toc_digest
+            usize_s = ann.get(UNCOMPRESSED_SIZE, "")
             usize = self._copy_blob(src, dst, desc, key, count=not usize_s.isdigit())
             if usize is not None:
-                ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(usize)
+                ann[UNCOMPRESSED_SIZE] = str(usize)
             out = {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size, "annotations": ann}
             res = LayerResult(desc.digest, desc.digest, desc.size, True, time.monotonic() - t0,
-                              int(ann[UNCOMPRESSED_SIZE_ANNOTATION]))
+                              int(ann[UNCOMPRESSED_SIZE]))
             return out, diff_id, res
         self.progress.layer_start(key, f"{desc.digest[7:19]} convert", desc.size)
         name = f"layer {desc.digest} of {src.name}"
@@ -244,9 +236,9 @@ class Converter:
             upload.abort()
             raise
         media = DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP
-        ann = {k: v for k, v in desc.annotations.items() if k not in (TOC_DIGEST_ANNOTATION,)}
-        ann[TOC_DIGEST_ANNOTATION] = built.toc_digest
-        ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(built.uncompressed_size)
+        ann = {k: v for k, v in desc.annotations.items() if k not in (TOC_DIGEST,)}
+        ann[TOC_DIGEST] = built.toc_digest
+        ann[UNCOMPRESSED_SIZE] = str(built.uncompressed_size)
         out = {"mediaType": media, "digest": built.digest, "size": built.size, "annotations": ann}
         res = LayerResult(desc.digest, built.digest, built.size, False, time.monotonic() - t0,
                           built.uncompressed_size)

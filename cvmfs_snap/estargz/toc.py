@@ -25,8 +25,6 @@ TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENTS = b"\x0f"
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 #: default upper bound on the uncompressed TOC JSON (a layer with 2 million entries needs ~600 MiB)
 DEFAULT_MAX_TOC_SIZE = 256 << 20
 

@@ -44,8 +44,8 @@ from cvmfs_snap.errors import (
     NotFoundError,
     UnavailableError,
 )
-from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
 from cvmfs_snap.fsutil import remove_tree
+from cvmfs_snap.labelnames import TOC_DIGEST
 from cvmfs_snap.lazyfs import control, controlserver
 from cvmfs_snap.lazyfs.cache import HOT_IDLE_SECONDS, ChunkCache
 from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
@@ -189,7 +189,7 @@ class LazyfsProcess:
         if hosts is not None and not (isinstance(hosts, str) and hosts.startswith("/")):
             raise InvalidInputError("hosts_dir must be an absolute path or null")
         layers = manifest_layers(ref, Path(hosts) if hosts else None, credentials_from_wire(req.get("credentials")),
-                                 timeout=self.opts.timeout, annotation=TOC_DIGEST_ANNOTATION)
+                                 timeout=self.opts.timeout, annotation=TOC_DIGEST)
         return {digest: [size, toc] for digest, (size, toc) in layers.items()}
 
     def _describe(self, layer: Layer) -> dict[str, Any]:

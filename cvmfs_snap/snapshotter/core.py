@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cvmfs_snap.labelnames import SNAPSHOT_LAYER_DIGEST, SNAPSHOT_REF, SNAPSHOT_REMOTE, SNAPSHOT_SOURCE
+
 from ..errors import (
     AlreadyExistsError,
     CvmfsSnapError,
@@ -64,16 +66,7 @@ from ..fsutil import remove_tree
 from . import filters as flt
 from .mountinfo import is_pinned
 from .snapdirs import LINKS_DIR, SNAPSHOTS_DIR, SnapshotDirs, Usage, b36, disk_usage
-from .sources.base import (
-    LABEL_LAYER_DIGEST,
-    LABEL_REMOTE,
-    LABEL_SOURCE,
-    LABEL_TARGET_REF,
-    HostileLabelsError,
-    LayerRequest,
-    LayerSource,
-    RemoteLayer,
-)
+from .sources.base import HostileLabelsError, LayerRequest, LayerSource, RemoteLayer
 from .store import DB_NAME, KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, SnapshotRecord, Store
 
 log = logging.getLogger(__name__)
@@ -194,7 +187,7 @@ class Snapshotter:
     # -- create ---------------------------------------------------------------------------------------------------
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
         labels = validate_labels(labels or {})
-        target = labels.get(LABEL_TARGET_REF, "")
+        target = labels.get(SNAPSHOT_REF, "")
         missed = False
         if target:
             request = LayerRequest.from_labels(labels)  # HostileLabelsError: InvalidArgument for containerd
@@ -268,10 +261,10 @@ class Snapshotter:
     def _create_remote(self, target: str, parent: str, labels: Mapping[str, str], remote: RemoteLayer,
                        request: LayerRequest) -> None:
         merged = dict(labels)
-        merged[LABEL_REMOTE] = "remote snapshot"
+        merged[SNAPSHOT_REMOTE] = "remote snapshot"
         merged.update(remote.labels)
-        merged[LABEL_SOURCE] = remote.source
-        merged[LABEL_LAYER_DIGEST] = remote.digest
+        merged[SNAPSHOT_SOURCE] = remote.source
+        merged[SNAPSHOT_LAYER_DIGEST] = remote.digest
         self.store.create(target, KIND_COMMITTED, parent, validate_labels(merged), source=remote.source,
                           digest=remote.digest, request=request.to_json(), taken=self.dirs.taken)
         log.info("snapshot %s: layer %s served by %s (parent %r)", target, remote.digest, remote.source,

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client import CollectorRegistry, Counter
 
+from cvmfs_snap.labelnames import CRI_IMAGE_REF, CRI_LAYER_DIGEST, SNAPSHOT_LAYER_DIGEST
 from cvmfs_snap.oci.transport import safe_url
-
-from .sources.base import LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_LAYER_DIGEST
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +151,13 @@ class MissReporter:
     # -- the core's on_miss callback ------------------------------------------------------------------------------
     def miss(self, labels: Mapping[str, str]) -> None:
         """Queue a report for the image the Prepare labels name; never blocks, never raises."""
-        image = labels.get(LABEL_CRI_IMAGE_REF, "").strip()
-        layer = labels.get(LABEL_CRI_LAYER_DIGEST) or labels.get(LABEL_LAYER_DIGEST) or ""
+        image = labels.get(CRI_IMAGE_REF, "").strip()
+        layer = labels.get(CRI_LAYER_DIGEST) or labels.get(SNAPSHOT_LAYER_DIGEST) or ""
         if not image:
             if not self._no_image_warned:
                 self._no_image_warned = True
                 log.info("a layer missing from CVMFS cannot be reported: the Prepare has no %s label (pulled with "
-                         "`ctr` instead of CRI or `cvmfs-snap pull`?)", LABEL_CRI_IMAGE_REF)
+                         "`ctr` instead of CRI or `cvmfs-snap pull`?)", CRI_IMAGE_REF)
             return
         if self._stop.is_set():
             return

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import zstandard
 
-from cvmfs_snap.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, BuildOptions, build
+from cvmfs_snap.estargz import BuildOptions, build
+from cvmfs_snap.labelnames import TOC_DIGEST, UNCOMPRESSED_SIZE
 from cvmfs_snap.mediatypes import (
     DOCKER_CONFIG,
     DOCKER_LIST,
@@ -139,8 +140,8 @@ def estargz_layer(entries: Iterable[Entry | tuple[str, bytes] | str], prioritize
     res = build(io.BytesIO(make_tar(entries)), out, opts)
     blob = out.getvalue()
     return BuiltLayer(tar=gzip.decompress(blob), blob=blob, media_type=LAYER_MEDIA["gzip"],
-                      annotations={TOC_DIGEST_ANNOTATION: res.toc_digest,
-                                   UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)})
+                      annotations={TOC_DIGEST: res.toc_digest,
+                                   UNCOMPRESSED_SIZE: str(res.uncompressed_size)})
 
 
 @dataclass

@@ -34,31 +34,21 @@ from pathlib import Path
 from typing import Protocol
 
 from cvmfs_snap.errors import InvalidInputError
-from cvmfs_snap.estargz.toc import TOC_DIGEST_ANNOTATION
+from cvmfs_snap.labelnames import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    CRI_PREFIX,
+    SNAPSHOT_LAYER_DIGEST,
+    SNAPSHOT_PREFIX,
+    SNAPSHOT_REF,
+    SNAPSHOT_REMOTE,
+    TOC_DIGEST,
+)
 from cvmfs_snap.layout import digest_hex
 
 from .health import CallBudget
-
-#: containerd's label with the chain ID a Prepare is unpacking into (the target snapshot name)
-LABEL_TARGET_REF = "containerd.io/snapshot.ref"
-#: the layer's compressed digest as CRI (and containerd's unpacker with snapshot annotations) sends it
-LABEL_CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-LABEL_CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-LABEL_CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-#: the label containerd's remote snapshotters put on snapshots they serve remotely
-LABEL_REMOTE = "containerd.io/snapshot/remote"
-#: prefix of the layer-descriptor annotations containerd's unpacker (and CRI) passes on as Prepare labels, e.g. the
-#: eStargz TOC digest ``containerd.io/snapshot/stargz/toc.digest`` (containerd's ``unpacker.go`` copies every
-#: annotation with this prefix); the CRI labels above share it but are parsed into their own fields
-LABEL_SNAPSHOT_PREFIX = "containerd.io/snapshot/"
-#: the CRI labels' own prefix (never copied into :attr:`LayerRequest.annotations`)
-LABEL_CRI_PREFIX = LABEL_SNAPSHOT_PREFIX + "cri."
-#: the eStargz TOC digest: the layer annotation (stargz-snapshotter's name) arrives as a Prepare label of that name
-LABEL_TOC_DIGEST = TOC_DIGEST_ANNOTATION
-#: our own labels on remote snapshots
-LABEL_SOURCE = "cvmfs-snap.io/source"
-LABEL_LAYER_DIGEST = "cvmfs-snap.io/layer-digest"
 
 #: version of the stored request's JSON form
 REQUEST_VERSION = 1
@@ -90,7 +80,7 @@ class LayerRequest:
     #: the image's other layers as CRI lists them (neighbours, for prefetching sources)
     image_layers: tuple[str, ...] = ()
     #: the layer's ``containerd.io/snapshot/*`` annotations as the Prepare's labels carry them (full label names, the
-    #: CRI labels and ``containerd.io/snapshot/remote`` left out), e.g. :data:`LABEL_TOC_DIGEST`
+    #: CRI labels and ``containerd.io/snapshot/remote`` left out), e.g. :data:`TOC_DIGEST`
     annotations: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -98,31 +88,31 @@ class LayerRequest:
         """The request of a Prepare that unpacks into a target (None without ``snapshot.ref``).
 
         Raises HostileLabelsError for a malformed or contradictory digest label."""
-        target = labels.get(LABEL_TARGET_REF, "")
-        cri = _digest(labels, LABEL_CRI_LAYER_DIGEST)
-        ours = _digest(labels, LABEL_LAYER_DIGEST)
+        target = labels.get(SNAPSHOT_REF, "")
+        cri = _digest(labels, CRI_LAYER_DIGEST)
+        ours = _digest(labels, SNAPSHOT_LAYER_DIGEST)
         if cri and ours and cri != ours:
             raise HostileLabelsError(
-                f"contradictory layer digest labels: {LABEL_CRI_LAYER_DIGEST}={cri} but {LABEL_LAYER_DIGEST}={ours}"
+                f"contradictory layer digest labels: {CRI_LAYER_DIGEST}={cri} but {SNAPSHOT_LAYER_DIGEST}={ours}"
             )
         if not target:
             return None
-        manifest = labels.get(LABEL_CRI_MANIFEST_DIGEST, "")
+        manifest = labels.get(CRI_MANIFEST_DIGEST, "")
         try:
             digest_hex(manifest)
         except InvalidInputError:
             manifest = ""  # informational only: never a reason to fail a Prepare
-        layers = tuple(x.strip() for x in labels.get(LABEL_CRI_IMAGE_LAYERS, "").split(",") if x.strip())
+        layers = tuple(x.strip() for x in labels.get(CRI_IMAGE_LAYERS, "").split(",") if x.strip())
         annotations = {k: v for k, v in labels.items()
-                       if k.startswith(LABEL_SNAPSHOT_PREFIX) and not k.startswith(LABEL_CRI_PREFIX)
-                       and k != LABEL_REMOTE}
-        return cls(target, cri or ours, labels.get(LABEL_CRI_IMAGE_REF, ""), manifest, layers, annotations)
+                       if k.startswith(SNAPSHOT_PREFIX) and not k.startswith(CRI_PREFIX)
+                       and k != SNAPSHOT_REMOTE}
+        return cls(target, cri or ours, labels.get(CRI_IMAGE_REF, ""), manifest, layers, annotations)
 
     @property
     def toc_digest(self) -> str:
         """The eStargz TOC digest the layer's annotations name, "" when none or malformed (never a reason to fail
         a Prepare: the layer is then simply not served lazily)."""
-        value = self.annotations.get(LABEL_TOC_DIGEST, "")
+        value = self.annotations.get(TOC_DIGEST, "")
         try:
             digest_hex(value)
         except InvalidInputError:

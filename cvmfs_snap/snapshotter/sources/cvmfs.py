@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.labelnames import SNAPSHOT_LAYER_DIGEST, SNAPSHOT_SOURCE
 from cvmfs_snap.layer import scan_tree_whiteouts
 from cvmfs_snap.layout import RepositoryLayout, digest_hex
 
-from .base import LABEL_LAYER_DIGEST, LABEL_SOURCE, LayerRequest, RemoteLayer, SourceHealth
+from .base import LayerRequest, RemoteLayer, SourceHealth
 from .health import CallBudget, HealthStatus, RepositoryHealth, call_with_timeout
 from .overlaydirs import LayerIndex, OverlayDirCache, OverlayDirs, root_markers
 
@@ -137,7 +138,7 @@ class CvmfsSource:
             return None
         log.debug("layer %s is served from %s", digest, self.root)
         return RemoteLayer(source=self.name, digest=digest,
-                           labels={LABEL_SOURCE: self.name, LABEL_LAYER_DIGEST: digest})
+                           labels={SNAPSHOT_SOURCE: self.name, SNAPSHOT_LAYER_DIGEST: digest})
 
     def mount_dirs(self, request: LayerRequest) -> list[Path]:
         return self.lowerdirs(request.digest)

@@ -52,6 +52,7 @@ from cvmfs_snap.errors import (
     NotFoundError,
     UnavailableError,
 )
+from cvmfs_snap.labelnames import SNAPSHOT_LAYER_DIGEST, SNAPSHOT_SOURCE, TOC_DIGEST
 from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.lazyfs import control
 from cvmfs_snap.oci import ImageReference
@@ -65,7 +66,7 @@ from cvmfs_snap.oci.hosts import (
 )
 
 from ..credentials import PullCredentials
-from .base import LABEL_LAYER_DIGEST, LABEL_SOURCE, LABEL_TOC_DIGEST, LayerRequest, RemoteLayer, SourceHealth
+from .base import LayerRequest, RemoteLayer, SourceHealth
 from .health import CallBudget, call_with_timeout
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,8 @@ class LazySource:
         self._attach(record)
         log.info("layer %s (%s) is served lazily from %s", request.digest, ref, ref.registry)
         return RemoteLayer(source=self.name, digest=request.digest,
-                           labels={LABEL_SOURCE: self.name, LABEL_LAYER_DIGEST: request.digest,
-                                   LABEL_TOC_DIGEST: toc})
+                           labels={SNAPSHOT_SOURCE: self.name, SNAPSHOT_LAYER_DIGEST: request.digest,
+                                   TOC_DIGEST: toc})
 
     def mount_dirs(self, request: LayerRequest) -> list[Path]:
         return [self._path(request.digest, reattach=True)]
