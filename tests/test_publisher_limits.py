@@ -453,7 +453,8 @@ def test_flat_trees_carry_no_privilege_of_any_kind(tmp_path: Path) -> None:
     when set through a hard link), everything else (FIFOs, dir setgid, other xattrs, mtimes) kept."""
     import struct
 
-    from publisher.backends.flatdir import CAPABILITY_XATTR, build_flat_dir
+    from cvmfs_snap.layer.paths import CAPABILITY_XATTR
+    from publisher.backends.flatdir import build_flat_dir
 
     cap = {f"SCHILY.xattr.{CAPABILITY_XATTR}": struct.pack("<IIIII", 0x02000001, 1 << 7, 0, 0, 0).decode("latin-1"),
            "SCHILY.xattr.user.keep": "yes"}  # cap_setuid+ep

@@ -11,6 +11,8 @@ from cvmfs_snap.layer.limits import Limits
 
 #: xattr namespaces that would change how overlayfs interprets the tree (opaque dirs, redirects, metacopy)
 FORBIDDEN_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+#: file capabilities: kept in layers, dropped (with set-id bits) in flat trees
+CAPABILITY_XATTR = "security.capability"
 
 
 def show(name: str, limit: int = 160) -> str:

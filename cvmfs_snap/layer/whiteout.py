@@ -22,6 +22,8 @@ from cvmfs_snap.fsutil import walk_fd
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+#: how overlayfs marks an opaque directory (value ``y``): what ``.wh..wh..opq`` becomes on a node
+OPAQUE_XATTR = "trusted.overlay.opaque"
 #: AUFS bookkeeping names (``.wh..wh.plnk``, ``.wh..wh.aufs``): not deletions, never shown to containers
 META_PREFIX = ".wh..wh."
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cvmfs_snap.estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME, Toc, TocEntry
-from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, aufs_meta_prefix
+from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX, aufs_meta_prefix
 
 #: root entries of an eStargz blob that are not image content
 HIDDEN_AT_ROOT = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
-OPAQUE_XATTR = b"trusted.overlay.opaque"
 
 _TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "char": stat.S_IFCHR,
               "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
@@ -217,7 +216,7 @@ def build_tree(toc: Toc, now_ns: int | None = None) -> Tree:
     for d in opaque:
         if d in index and nodes[index[d]].is_dir:
             n = nodes[index[d]]
-            n.xattrs = {**(n.xattrs or {}), OPAQUE_XATTR: b"y"}
+            n.xattrs = {**(n.xattrs or {}), OPAQUE_XATTR.encode(): b"y"}
     for n in nodes:
         if n.entries is not None:
             n.names = tuple(sorted(n.entries))

@@ -44,6 +44,8 @@ from pathlib import Path
 
 from cvmfs_snap.errors import CommandError, CvmfsSnapError, InvalidInputError
 from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly, walk
+from cvmfs_snap.layer.paths import CAPABILITY_XATTR
+from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX
 from cvmfs_snap.layout import (
     CATALOG_MARKER,
     FLAT_DIR,
@@ -313,7 +315,7 @@ class CvmfsBackend(Backend):
                         "trees take it from the registry", digest)
             return None
         # flats never carry file capabilities (privilege); the other xattrs are worth a download where kept
-        kept = {p: names for p, names in rec.xattrs.items() if set(names) - {"security.capability"}}
+        kept = {p: names for p, names in rec.xattrs.items() if set(names) - {CAPABILITY_XATTR}}
         if not kept:
             return path
         if self.server.includes_xattrs():
@@ -560,9 +562,9 @@ def _keeps_whiteouts(layerfs: Path, rec: LayerRecord) -> bool:
     """The tree still has the ``.wh.*`` files of every whiteout and opaque directory its record lists."""
     for p in rec.whiteouts:
         head, _, name = p.rpartition("/")
-        if not os.path.lexists(layerfs / head / f".wh.{name}"):
+        if not os.path.lexists(layerfs / head / (WHITEOUT_PREFIX + name)):
             return False
-    return all(os.path.lexists(layerfs / d / ".wh..wh..opq") for d in rec.opaque_dirs)
+    return all(os.path.lexists(layerfs / d / OPAQUE_MARKER) for d in rec.opaque_dirs)
 
 
 def _metadata_order(item: tuple[str, bytes]) -> tuple[str, bool, str]:

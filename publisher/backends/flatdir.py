@@ -21,6 +21,7 @@ from pathlib import Path
 from cvmfs_snap.layer.apply import apply_entries
 from cvmfs_snap.layer.digesting import HashingReader
 from cvmfs_snap.layer.limits import Limits
+from cvmfs_snap.layer.paths import CAPABILITY_XATTR
 from cvmfs_snap.layer.tarstream import TarEntry, TarReader
 from cvmfs_snap.layout import CATALOG_MARKER
 
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 #: mode bits a flat tree never keeps (setuid, setgid)
 SETID_BITS = 0o6000
-#: the file capabilities xattr (``setcap``), privilege like a setuid bit
-CAPABILITY_XATTR = "security.capability"
 
 
 class Defuser:

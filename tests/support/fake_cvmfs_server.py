@@ -48,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cvmfs_snap.fsutil import remove_tree, walk
+from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 NOBODY = 65534
 
@@ -339,7 +340,7 @@ def _apply_whiteouts(root: Path, backup: Path) -> None:
     before = _entries(backup)
     for rel in sorted(_entries(root), key=lambda r: (-r.count("/"), r)):
         name = os.path.basename(rel)
-        if not name.startswith(".wh.") or rel in before:
+        if not name.startswith(WHITEOUT_PREFIX) or rel in before:
             continue
         parent = os.path.dirname(rel)
         p = root / rel
@@ -347,11 +348,11 @@ def _apply_whiteouts(root: Path, backup: Path) -> None:
             remove_tree(p)
         elif os.path.lexists(p):
             p.unlink()
-        if name == ".wh..wh..opq":
+        if name == OPAQUE_MARKER:
             for old in sorted((r for r in before if os.path.dirname(r) == parent), reverse=True):
                 _delete_quiet(root / old)
         else:
-            _delete_quiet(root / parent / name[len(".wh."):])
+            _delete_quiet(root / parent / name[len(WHITEOUT_PREFIX):])
 
 
 def _delete_quiet(p: Path) -> None:

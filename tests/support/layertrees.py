@@ -22,13 +22,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX
 from cvmfs_snap.layout import CATALOG_MARKER, LayerRecord, RepositoryLayout
 from cvmfs_snap_devenv.images import BuiltLayer
 from tests.support.trees import TYPES
 
 MTIMES = TYPES - {"symlink"}  # tarfile (extract_like_containerd) leaves a symlink's mtime at "now"
-WH = ".wh."
-OPQ = ".wh..wh..opq"
 XATTR_PAX = "SCHILY.xattr."
 
 
@@ -81,10 +80,10 @@ def whiteout_index(tar: bytes) -> tuple[list[str], list[str]]:
         name = _norm(m.name)
         base = name.rpartition("/")[2]
         parent = name.rpartition("/")[0]
-        if base == OPQ:
+        if base == OPAQUE_MARKER:
             opq.append(parent)
-        elif base.startswith(WH):
-            wh.append(f"{parent}/{base[len(WH):]}" if parent else base[len(WH):])
+        elif base.startswith(WHITEOUT_PREFIX):
+            wh.append(f"{parent}/{base[len(WHITEOUT_PREFIX):]}" if parent else base[len(WHITEOUT_PREFIX):])
     return wh, opq
 
 
@@ -115,12 +114,12 @@ def extract_like_containerd(tar: bytes, dest: Path) -> None:
         name = _norm(m.name)
         base = name.rpartition("/")[2]
         parent = dest / name.rpartition("/")[0]
-        if base == OPQ:
+        if base == OPAQUE_MARKER:
             parent.mkdir(parents=True, exist_ok=True)
-            os.setxattr(parent, "trusted.overlay.opaque", b"y")
-        elif base.startswith(WH):
+            os.setxattr(parent, OPAQUE_XATTR, b"y")
+        elif base.startswith(WHITEOUT_PREFIX):
             parent.mkdir(parents=True, exist_ok=True)
-            target = parent / base[len(WH):]
+            target = parent / base[len(WHITEOUT_PREFIX):]
             os.mknod(target, stat.S_IFCHR, os.makedev(0, 0))  # EEXIST fails the unpack, as in containerd
             os.chown(target, m.uid, m.gid)
         else:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cvmfs_snap.fsutil import walk_fd
+from cvmfs_snap.layer.paths import FORBIDDEN_XATTR_PREFIXES  # overlayfs's own bookkeeping, not image content
 
 TYPES = frozenset({"dir", "file", "symlink", "char", "block", "fifo", "socket"})
 NON_DIRS = TYPES - {"dir"}
-OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")  # overlayfs's own bookkeeping, not image content
 
 Record = dict[str, Any]
 Listing = dict[str, Record]
@@ -91,7 +91,7 @@ def listing(root: Path, *, content: Literal["sha256", "bytes"] | None = "sha256"
 def view_listing(root: Path) -> Listing:
     """:func:`listing` of a mounted container view (a snapshot's mount): the root too, link counts, and no
     overlayfs bookkeeping xattrs."""
-    return listing(root, include_root=True, nlink=True, ignore_xattrs=OVERLAY_XATTR_PREFIXES)
+    return listing(root, include_root=True, nlink=True, ignore_xattrs=FORBIDDEN_XATTR_PREFIXES)
 
 
 def names(root: Path, *, skip: Collection[str] = ()) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cvmfs_snap.errors import IntegrityError
+from cvmfs_snap.layer.paths import CAPABILITY_XATTR, FORBIDDEN_XATTR_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ class MaskTree(Protocol):
 
 def allowed_xattr(name: str) -> bool:
     """Names an image may set on a node-local copy: never overlay's own, never the build machine's SELinux label."""
-    if name.startswith(("trusted.overlay.", "user.overlay.")):
+    if name.startswith(FORBIDDEN_XATTR_PREFIXES):
         return False
-    return name == "security.capability" or name.startswith(("user.", "trusted."))
+    return name == CAPABILITY_XATTR or name.startswith(("user.", "trusted."))
 
 
 def decode_xattrs(values: dict[str, str], path: str, digest: str) -> dict[str, bytes]:

@@ -55,15 +55,13 @@ from pathlib import Path
 from cvmfs_snap.errors import CvmfsSnapError, IntegrityError, UnavailableError
 from cvmfs_snap.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
+from cvmfs_snap.layer.paths import FORBIDDEN_XATTR_PREFIXES
+from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX
 from cvmfs_snap.layout import CVMFS_MARKER_FILES, digest_hex
 
 from .copyup import DEFAULT_COPY_LIMIT, restore_lost, set_xattrs
 
 log = logging.getLogger(__name__)
-
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 #: version of the node-local directory format; a layer whose directory has another version gets a new one beside it
 #: (2: AUFS metadata hidden, so indexes scanned by version 1, which did not list it, are not reused either;
@@ -87,7 +85,6 @@ CVMFS_MAGIC_XATTRS = frozenset({
     "user.tag", "user.timeout", "user.timeout_direct", "user.timestamp_last_ioerr", "user.uptime",
     "user.usedfd", "user.useddirp", "user.version", "xfsroot.rawlink",
 })
-_OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 
 @dataclass(frozen=True)
@@ -234,7 +231,7 @@ def _copy_xattrs(src: Path, dst: Path) -> None:
             log.debug("cannot list xattrs of %s: %s", src, exc)
         return
     for name in names:
-        if name in CVMFS_MAGIC_XATTRS or name.startswith(_OVERLAY_XATTR_PREFIXES):
+        if name in CVMFS_MAGIC_XATTRS or name.startswith(FORBIDDEN_XATTR_PREFIXES):
             continue
         try:
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
