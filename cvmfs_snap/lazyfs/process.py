@@ -48,6 +48,7 @@ from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.labelnames import TOC_DIGEST
 from cvmfs_snap.lazyfs import control, controlserver
 from cvmfs_snap.lazyfs.cache import HOT_IDLE_SECONDS, ChunkCache
+from cvmfs_snap.lazyfs.control import CACHE, MNT, SOCKET, SPOOL, STATE, UNPACKED
 from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
 from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
@@ -62,7 +63,6 @@ from cvmfs_snap.procmem import release_free_heap
 
 log = logging.getLogger(__name__)
 
-MNT, SOCKET, STATE, CACHE, UNPACKED, SPOOL = "mnt", "control.sock", "state.json", "cache", "unpacked", "spool"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 #: seconds between looks at a layer's background fetch (for the unpacked copy)
 POLL = 1.0

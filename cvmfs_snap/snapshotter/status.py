@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CvmfsSnapError
+from ..lazyfs.control import SOCKET
 from ..lazyfs.control import call as control_call
 from .config import DEFAULT_ROOT
-from .sources.lazy import SOCKET
 from .store import DB_NAME, Store
 
 #: the lazy source's name and state dir under the root (sources/registry.py builds it as <root>/<name>)
