@@ -7,6 +7,7 @@ import logging
 import sys
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
+from cvmfs_snap.progressbars import human_bytes
 from publisher.config import PublisherConfig
 from publisher.factory import make_backend, make_client
 from publisher.gc import collect_garbage
@@ -38,15 +39,6 @@ def load_wishlist(recipe_path: str, config: PublisherConfig, args: argparse.Name
     return Wishlist.from_refs(refs, problems, keep)
 
 
-def format_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def format_report(plan: GcPlan, *, dry_run: bool) -> str:
     verb = "would remove" if dry_run else "removed"
     lines: list[str] = []
@@ -60,12 +52,12 @@ def format_report(plan: GcPlan, *, dry_run: bool) -> str:
             lines.append(f"no image scheduled or removed as dropped from the recipe: {upd.not_scheduled}")
     for i in plan.items:
         if i.kind == "image":
-            lines.append(f"{verb} image {i.name} {i.relpath} ({format_size(i.size)} of metadata, scheduled "
+            lines.append(f"{verb} image {i.name} {i.relpath} ({human_bytes(i.size)} of metadata, scheduled "
                          f"{i.age_days:.1f} days ago)")
         elif i.name:
             lines.append(f"{verb} link {i.relpath} of image {i.name}")
         else:
-            lines.append(f"{verb} {i.kind} {i.digest} {i.relpath} ({format_size(i.size)}, {i.age_days:.1f} days old)")
+            lines.append(f"{verb} {i.kind} {i.digest} {i.relpath} ({human_bytes(i.size)}, {i.age_days:.1f} days old)")
     lines += [
         f"scheduled image {s.name}: dropped from the recipe {s.age_days:.1f} days ago, removable in "
         f"{s.remaining_days:.1f} days"
@@ -78,7 +70,7 @@ def format_report(plan: GcPlan, *, dry_run: bool) -> str:
     lines.append(
         f"gc: {verb} {plan.count('layer')} layers, {plan.count('flat')} flats, {plan.count('link')} links, "
         f"{plan.count('image')} images; "
-        f"{'would free' if dry_run else 'freed'} {plan.bytes} bytes ({format_size(plan.bytes)}); "
+        f"{'would free' if dry_run else 'freed'} {plan.bytes} bytes ({human_bytes(plan.bytes)}); "
         f"{plan.referenced_layers} layers referenced by {plan.metadata_files} metadata files; "
         f"{len(plan.kept_young)} unreferenced items kept (younger than the grace period); "
         f"{len(plan.scheduled_images)} images scheduled for removal"
@@ -127,4 +119,4 @@ def run_gc(args: argparse.Namespace, config: PublisherConfig) -> int:
     return 0
 
 
-__all__ = ["format_report", "format_size", "load_wishlist", "run_gc"]
+__all__ = ["format_report", "load_wishlist", "run_gc"]
