@@ -36,7 +36,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from cvmfs_snap.labelnames import CRI_IMAGE_REF, CRI_LAYER_DIGEST, SNAPSHOT_LAYER_DIGEST
-from cvmfs_snap.oci.transport import safe_url
+from cvmfs_snap.oci.transport import parse_retry_after, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,5 @@ def _detail(r: httpx.Response) -> str:
 
 
 def _retry_after(r: httpx.Response, default: float) -> float:
-    try:
-        return min(MAX_RETRY_AFTER, max(0.0, float(r.headers.get("Retry-After", ""))))
-    except ValueError:
-        return default
+    after = parse_retry_after(r.headers.get("Retry-After"))
+    return default if after is None else min(MAX_RETRY_AFTER, after)
