@@ -98,6 +98,35 @@ class Txn(ABC):
     root: Path
 
 
+@dataclass
+class TxnOp:
+    """One buffered change of a :class:`BufferedTxn`."""
+
+    kind: str  # write, symlink, remove, mkdir (and the cvmfs backends' catalog, install)
+    relpath: str
+    data: bytes = b""
+    target: str = ""
+    src: Path | None = None
+
+
+class BufferedTxn(Txn):
+    """A transaction that records its changes in ``ops`` (paths checked now), for its backend to apply at the end."""
+
+    ops: list[TxnOp]
+
+    def write_file(self, relpath: str, data: bytes) -> None:
+        self.ops.append(TxnOp("write", check_relpath(relpath), data=bytes(data)))
+
+    def symlink(self, relpath: str, target: str) -> None:
+        self.ops.append(TxnOp("symlink", check_relpath(relpath), target=target))
+
+    def remove(self, relpath: str) -> None:
+        self.ops.append(TxnOp("remove", check_relpath(relpath)))
+
+    def makedirs(self, relpath: str) -> None:
+        self.ops.append(TxnOp("mkdir", check_relpath(relpath)))
+
+
 class Backend(ABC):
     """Writes the repository tree. Thread-safe: the pipeline calls ``publish_layer`` from several threads."""
 

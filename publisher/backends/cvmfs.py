@@ -63,11 +63,12 @@ from cvmfs_snap.layout import (
 from ..crashpoints import crash_point
 from .base import (
     Backend,
+    BufferedTxn,
     FlatOpener,
     LayerInfo,
     RepoLock,
     TarStream,
-    Txn,
+    TxnOp,
     check_relpath,
     layers_json,
     merge_origin,
@@ -114,39 +115,18 @@ def _in_layer_dir(relpath: str) -> bool:
 
 
 @dataclass
-class _Op:
-    kind: str  # write, symlink, remove, mkdir, catalog, install
-    relpath: str
-    data: bytes = b""
-    target: str = ""
-    src: Path | None = None
-
-
-@dataclass
-class CvmfsTxn(Txn):
+class CvmfsTxn(BufferedTxn):
     """Buffered changes of one ``transaction()`` block (applied by the backend when the block ends normally)."""
 
     root: Path
-    ops: list[_Op] = field(default_factory=list)
-
-    def write_file(self, relpath: str, data: bytes) -> None:
-        self.ops.append(_Op("write", check_relpath(relpath), data=bytes(data)))
-
-    def symlink(self, relpath: str, target: str) -> None:
-        self.ops.append(_Op("symlink", check_relpath(relpath), target=target))
-
-    def remove(self, relpath: str) -> None:
-        self.ops.append(_Op("remove", check_relpath(relpath)))
-
-    def makedirs(self, relpath: str) -> None:
-        self.ops.append(_Op("mkdir", check_relpath(relpath)))
+    ops: list[TxnOp] = field(default_factory=list)
 
     def ensure_catalog(self, relpath: str) -> None:
-        self.ops.append(_Op("catalog", check_relpath(relpath)))
+        self.ops.append(TxnOp("catalog", check_relpath(relpath)))
 
     def install_tree(self, src: Path, relpath: str) -> None:
         """Move a staged tree into place (replacing what is there)."""
-        self.ops.append(_Op("install", check_relpath(relpath), src=src))
+        self.ops.append(TxnOp("install", check_relpath(relpath), src=src))
 
     def read_file(self, relpath: str) -> bytes | None:
         """What the file holds once this transaction is applied so far (buffered writes first)."""
@@ -407,7 +387,7 @@ class CvmfsBackend(Backend):
     def _commit(self, txn: CvmfsTxn) -> None:
         layer_writes: dict[str, bytes] = {}
         layer_removes: list[str] = []
-        others: list[_Op] = []
+        others: list[TxnOp] = []
         for op in txn.ops:
             if not _in_layer_dir(op.relpath):
                 others.append(op)
@@ -430,7 +410,7 @@ class CvmfsBackend(Backend):
         if layer_removes:
             self._delete_paths(layer_removes)
 
-    def _apply_in_transaction(self, ops: Sequence[_Op]) -> None:
+    def _apply_in_transaction(self, ops: Sequence[TxnOp]) -> None:
         self.server.transaction(self.lease_path)
         self._marker.write_text(f"{os.getpid()}\n")
         try:
@@ -457,7 +437,7 @@ class CvmfsBackend(Backend):
             raise
         self._marker.unlink(missing_ok=True)
 
-    def _apply(self, op: _Op) -> None:
+    def _apply(self, op: TxnOp) -> None:
         path = self.root / op.relpath
         if op.kind == "write":
             write_atomic(path, op.data)

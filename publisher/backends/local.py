@@ -44,13 +44,14 @@ from ..crashpoints import crash_point
 from ..workers import offloadable
 from .base import (
     Backend,
+    BufferedTxn,
     FlatOpener,
     LayerInfo,
     RepoLock,
     TarStream,
     Txn,
+    TxnOp,
     check_diff_id,
-    check_relpath,
     layers_json,
     merge_origin,
     new_record,
@@ -190,32 +191,12 @@ def write_layer_metadata(md: Path, rec: LayerRecord, origin: Sequence[str], exis
 
 
 @dataclass
-class _Op:
-    kind: str
-    relpath: str
-    data: bytes = b""
-    target: str = ""
-
-
-@dataclass
-class LocalTxn(Txn):
+class LocalTxn(BufferedTxn):
     """Buffers changes; ``commit`` applies them in order, each one atomically."""
 
     root: Path
     remove_into: Callable[[], Path]
-    ops: list[_Op] = field(default_factory=list)
-
-    def write_file(self, relpath: str, data: bytes) -> None:
-        self.ops.append(_Op("write", check_relpath(relpath), data=bytes(data)))
-
-    def symlink(self, relpath: str, target: str) -> None:
-        self.ops.append(_Op("symlink", check_relpath(relpath), target=target))
-
-    def remove(self, relpath: str) -> None:
-        self.ops.append(_Op("remove", check_relpath(relpath)))
-
-    def makedirs(self, relpath: str) -> None:
-        self.ops.append(_Op("mkdir", check_relpath(relpath)))
+    ops: list[TxnOp] = field(default_factory=list)
 
     def commit(self) -> None:
         # temporary files and links are made in a staging directory (same filesystem, removed by ``recover`` if
