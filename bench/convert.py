@@ -23,7 +23,6 @@ import argparse
 import io
 import os
 import random
-import shutil
 import stat
 import sys
 import tarfile
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from publish import _GzipSink, _HashingWriter  # type: ignore[import-not-found]  # noqa: E402
 from publish import push_image as push_layers  # noqa: E402
 
-from cvmfs_snap.fsutil import walk  # noqa: E402
+from cvmfs_snap.fsutil import remove_tree_quietly, walk  # noqa: E402
 from cvmfs_snap.layer.compression import MEDIA_TYPES  # noqa: E402
 from cvmfs_snap_devenv.containerd import start_containerd  # noqa: E402
 from cvmfs_snap_devenv.images import OCI_MANIFEST  # noqa: E402
@@ -239,7 +238,7 @@ def main() -> int:
                                      "peak RSS MiB": vm_hwm_mib(cd.proc.pid)})
                 finally:
                     unmount_below(d)
-                    shutil.rmtree(d, ignore_errors=True)
+                    remove_tree_quietly(d)
 
             if args.rss_gib:
                 n = int(args.rss_gib * (1 << 30))
@@ -253,7 +252,7 @@ def main() -> int:
                 print(rows[-1], flush=True)
     finally:
         if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree_quietly(work)
     print()
     print("| what | wall s | MB/s | CPU s | output MiB | peak RSS MiB | load avg |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.layer import apply_layer, open_layer
 
 MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip", "plain": "application/vnd.oci.image.layer.v1.tar"}
@@ -152,14 +153,14 @@ def main() -> None:
                     ["umoci", "unpack", "--image", f"{oci}:bench", str(bundle)], check=True,
                     stdout=subprocess.DEVNULL)))
             for d in (work / f"ours{run}", work / f"tar{run}", work / f"umoci{run}"):
-                shutil.rmtree(d, ignore_errors=True)
+                remove_tree_quietly(d)
         best = {k: min(v) for k, v in results.items() if v}
         ref = best["GNU tar -x"]
         print(f"layer: {args.size_mib} MiB, {args.files} files, codec {args.codec}, best of {args.runs}")
         for k, v in best.items():
             print(f"  {k:24s} {v:7.2f}s   x{v / ref:5.2f} of GNU tar")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree_quietly(work)
 
 
 if __name__ == "__main__":

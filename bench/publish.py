@@ -22,7 +22,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,6 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cvmfs_snap.fsutil import remove_tree_quietly  # noqa: E402
 from cvmfs_snap_devenv.images import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Pusher  # noqa: E402
 from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
@@ -248,7 +248,7 @@ def bench_image(label: str, ref: str, warm: str, work: Path, runs: int) -> list[
     root = work / "repo"
 
     def clean_root() -> None:
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree_quietly(root)
 
     def ours(what: str, *extra: str) -> None:
         best(what, [sys.executable, "-m", "publisher.cli", "convert-single-image", ref, "--root", str(root),
@@ -275,14 +275,14 @@ def bench_image(label: str, ref: str, warm: str, work: Path, runs: int) -> list[
     bundle = work / "bundle"
     s1, c1, r1, ok1 = best("skopeo copy (download to OCI layout)",
                            ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{oci}:v1"],
-                           lambda: shutil.rmtree(oci, ignore_errors=True))
+                           lambda: remove_tree_quietly(oci))
     s2, c2, r2, ok2 = best("umoci unpack (flat rootfs from the layout)",
                            ["umoci", "unpack", "--image", f"{oci}:v1", str(bundle)],
-                           lambda: shutil.rmtree(bundle, ignore_errors=True))
+                           lambda: remove_tree_quietly(bundle))
     results.append({"image": label, "what": "skopeo copy + umoci unpack", "seconds": round(s1 + s2, 2),
                     "cpu_seconds": round(c1 + c2, 1), "peak_rss_mib": max(r1, r2), "ok": ok1 and ok2})
-    shutil.rmtree(oci, ignore_errors=True)
-    shutil.rmtree(bundle, ignore_errors=True)
+    remove_tree_quietly(oci)
+    remove_tree_quietly(bundle)
     return results
 
 
@@ -329,7 +329,7 @@ def main() -> int:
                 results += bench_image(label, ref, reg.ref("bench/warm-up", "v1"), work, args.runs)
     finally:
         if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree_quietly(work)
     width = max(len(str(r["what"])) for r in results)
     iw = max(len(str(r["image"])) for r in results)
     print(f"{'image':<{iw}}  {'what':<{width}}  {'seconds':>8}  {'CPU s':>6}  {'peak RSS MiB':>12}  ok")

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.progressbars import human_bytes as human
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.containerd import Containerd, start_containerd
@@ -154,7 +154,7 @@ def main() -> None:
     with ExitStack() as stack:
         base = Path(tempfile.mkdtemp(prefix="cs-bpull-", dir="/tmp"))
         if not a.keep_workdir:
-            stack.callback(shutil.rmtree, base, True)
+            stack.callback(remove_tree_quietly, base)
         reg = stack.enter_context(start_registry(base / "registry"))
         for i, size in enumerate(sizes):
             work = base / f"s{i}"
@@ -174,7 +174,7 @@ def main() -> None:
             print(f"[bench] {human(size)}: pulling", file=sys.stderr)
             results.append(measure_ours(work, reg, repo, ref, size))
             results.append(measure_native(work, reg, ref, size))
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree_quietly(work)
 
     print(f"\npull benchmark ({os.cpu_count()} CPUs, registry and repository on loopback/local disk)")
     print(f"{'image data':>10} {'compressed':>11} {'how':<24} {'pull s':>7} {'(inner)':>7} {'blob GETs':>9} "

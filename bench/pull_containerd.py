@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cvmfs_snap.containerd.pull import run_pull
+from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap_devenv.containerd import start_containerd
 from cvmfs_snap_devenv.images import Pusher, image, layer
@@ -91,7 +91,7 @@ def main() -> int:
                               f"{registry_bytes(reg.log, mark)}", flush=True)
     finally:
         unmount_below(d)
-        shutil.rmtree(d, ignore_errors=True)
+        remove_tree_quietly(d)
     return 0
 
 

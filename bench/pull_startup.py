@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pull import PLUGIN, build_image, ctr, run
+from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.containerd import start_containerd
 from cvmfs_snap_devenv.procs import stop_process
@@ -69,7 +69,7 @@ def main() -> None:
     inner: list[float] = []
     with ExitStack() as stack:
         base = Path(tempfile.mkdtemp(prefix="cs-bstart-", dir="/tmp"))
-        stack.callback(shutil.rmtree, base, True)
+        stack.callback(remove_tree_quietly, base)
         reg = stack.enter_context(start_registry(base / "registry"))
         img = build_image(a.mib * MiB, 128 * MiB, seed=1)
         im.push_image(reg.url, "bench/startup", "v1", img)

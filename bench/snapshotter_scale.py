@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import grpc
 
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap_devenv.procs import stop_process
@@ -159,7 +159,7 @@ def main() -> None:
         ch.close()
     finally:
         stop_process(proc, timeout=20, group=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree_quietly(tmp)
 
     print(f"\nsnapshotter gRPC latency ({a.images} images x {a.depth} layers, {a.local} local layers, "
           f"{a.workers} workers, {os.cpu_count()} CPUs)")

@@ -18,7 +18,6 @@ import argparse
 import logging
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from cvmfs_snap.errors import CommandError, UnavailableError
+from cvmfs_snap.fsutil import remove_tree_quietly
 
 from . import images as im
 from .containerd import Containerd, start_containerd
@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             work = Path(tempfile.mkdtemp(prefix="csd-", dir="/tmp"))
             if not args.keep:
-                stack.callback(shutil.rmtree, work, True)
+                stack.callback(remove_tree_quietly, work)
         print(f"[demo] working in {work}")
 
         reg = stack.enter_context(start_registry(work / "registry"))

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cvmfs_snap.containerd.client import ContainerdClient, SnapshotInfo
+from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap_devenv.containerd import Containerd, start_containerd
 from cvmfs_snap_devenv.procs import stop_process, unmount_below
 from cvmfs_snap_devenv.registry import blob_gets as all_blob_gets
@@ -18,7 +19,6 @@ from cvmfs_snap_devenv.registry import blob_gets as all_blob_gets
 def containerd_in_tmp(proxy_plugins: Mapping[str, str] | None = None, cri_snapshotter: str | None = None,
                       insecure_registries: list[str] | None = None) -> Iterator[Containerd]:
     """A private containerd under a fresh short /tmp directory (socket paths must stay short)."""
-    import shutil
 
     d = Path(tempfile.mkdtemp(prefix="cs-pull-", dir="/tmp"))
     try:
@@ -27,7 +27,7 @@ def containerd_in_tmp(proxy_plugins: Mapping[str, str] | None = None, cri_snapsh
             yield cd
     finally:
         unmount_below(d)
-        shutil.rmtree(d, ignore_errors=True)
+        remove_tree_quietly(d)
 
 
 def blob_gets(log: Path, digest: str) -> int:
@@ -59,7 +59,6 @@ def active(cd: Containerd, snapshotter: str, namespace: str = "default") -> list
 @contextmanager
 def fakeremote(binary: str, remote: bool = True) -> Iterator[tuple[str, Path]]:
     """Run go-reference's ``fakeremote`` proxy snapshotter; yields (socket, prepare log). Killed by PID."""
-    import shutil
     import subprocess
     import time
 
@@ -79,4 +78,4 @@ def fakeremote(binary: str, remote: bool = True) -> Iterator[tuple[str, Path]]:
     finally:
         stop_process(proc)
         unmount_below(d)
-        shutil.rmtree(d, ignore_errors=True)
+        remove_tree_quietly(d)
