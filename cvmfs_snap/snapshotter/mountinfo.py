@@ -25,8 +25,8 @@ MOUNTINFO = "/proc/self/mountinfo"
 _OVERLAY_PATH_OPTIONS = ("upperdir", "workdir", "lowerdir", "datadir")
 
 
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (``\\040`` for a space, ``\\134`` for a backslash)."""
+def unescape(field: str) -> str:
+    """The octal escapes of mountinfo and /proc/mounts (``\\040`` for a space, ``\\134`` for a backslash)."""
     if "\\" not in field:
         return field
     out = []
@@ -89,7 +89,7 @@ def pinned_paths(relative_to: Sequence[Path] = (), link_dirs: Sequence[Path] = (
         fields = line.split(" ")
         try:
             sep = fields.index("-", 6)
-            dev, root, point = fields[2], _unescape(fields[3]), _unescape(fields[4])
+            dev, root, point = fields[2], unescape(fields[3]), unescape(fields[4])
             fstype, options = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
         except (ValueError, IndexError):
             log.debug("unparsable mountinfo line %r", line[:200])
@@ -104,7 +104,7 @@ def pinned_paths(relative_to: Sequence[Path] = (), link_dirs: Sequence[Path] = (
             pinned.add(os.path.normpath(fs_roots[dev].rstrip("/") + root))
         if fstype != "overlay":
             continue
-        for opt in (_unescape(o) for o in options.split(",")):
+        for opt in (unescape(o) for o in options.split(",")):
             name, eq, value = opt.partition("=")
             if not eq or name not in _OVERLAY_PATH_OPTIONS:
                 continue

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from cvmfs_snap.snapshotter.mountinfo import unescape
+
 
 def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0, group: bool = True) -> int:
     """SIGTERM ``proc`` (its whole process group when ``group``: it was started with ``start_new_session``), wait up
@@ -31,11 +33,6 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0, group:
     return proc.returncode
 
 
-def _unescape(field: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as octal."""
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\"))
-
-
 def mounts_below(path: Path) -> list[str]:
     """Mount points at or below ``path``, deepest first."""
     base = os.path.realpath(path)
@@ -45,7 +42,7 @@ def mounts_below(path: Path) -> list[str]:
             fields = line.split()
             if len(fields) < 2:
                 continue
-            mp = _unescape(fields[1])
+            mp = unescape(fields[1])
             if mp == base or mp.startswith(base + "/"):
                 found.append(mp)
     return sorted(found, key=len, reverse=True)
