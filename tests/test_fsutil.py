@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_snap.fsutil import make_deep_tree, remove_tree, remove_tree_at, walk, walk_fd
+from cvmfs_snap.fsutil import disk_usage, make_deep_tree, remove_tree, remove_tree_at, walk, walk_fd
 
 DEPTH = 5000
 
@@ -63,3 +63,14 @@ def test_remove_tree_at_relative_and_missing(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert os.listdir(tmp_path) == []
+
+
+def test_disk_usage_counts_hard_links_once_at_any_depth(tmp_path: Path) -> None:
+    make_deep_tree(tmp_path / "t", DEPTH)  # DEPTH directories below t, a one-byte "leaf" at the bottom
+    (tmp_path / "t" / "big").write_bytes(b"x" * 100_000)
+    before = disk_usage(tmp_path / "t")
+    assert before.inodes == (DEPTH + 1) + 2  # the directories (t included), leaf and big
+    assert before.size >= 100_000 + (DEPTH + 1) * 512
+    os.link(tmp_path / "t" / "big", tmp_path / "t" / "alias")
+    assert disk_usage(tmp_path / "t") == before  # a second name of big adds nothing
+    assert disk_usage(tmp_path / "gone").inodes == 0  # a missing tree is empty, not an error

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import trio  # type: ignore[import-untyped]
 
-from cvmfs_snap.fsutil import remove_tree, walk_fd
+from cvmfs_snap import fsutil
+from cvmfs_snap.fsutil import remove_tree
 from cvmfs_snap.lazyfs.fs import LayerFiles
 from cvmfs_snap.lazyfs.tree import Node, Tree
 
@@ -45,21 +46,7 @@ def copy_size(tree: Tree) -> int:
 
 def disk_usage(top: Path) -> int:
     """Bytes allocated to the tree at ``top`` (hardlinks once; 0 if it is gone), without recursion."""
-    total = 0
-    seen: set[int] = set()
-    try:
-        for _rel, fd, _dirs, files in walk_fd(top):
-            total += os.fstat(fd).st_blocks * 512
-            for name in files:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if st.st_nlink > 1:
-                    if st.st_ino in seen:
-                        continue
-                    seen.add(st.st_ino)
-                total += st.st_blocks * 512
-    except FileNotFoundError:
-        return total
-    return total
+    return fsutil.disk_usage(top).size
 
 
 def _meta(path: str, n: Node) -> None:

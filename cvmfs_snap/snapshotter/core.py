@@ -62,10 +62,10 @@ from ..errors import (
     InvalidInputError,
     UnavailableError,
 )
-from ..fsutil import remove_tree
+from ..fsutil import Usage, disk_usage, remove_tree
 from . import filters as flt
 from .mountinfo import is_pinned
-from .snapdirs import LINKS_DIR, SNAPSHOTS_DIR, SnapshotDirs, Usage, b36, disk_usage
+from .snapdirs import LINKS_DIR, SNAPSHOTS_DIR, SnapshotDirs, b36
 from .sources.base import HostileLabelsError, LayerRequest, LayerSource, RemoteLayer
 from .store import DB_NAME, KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, SnapshotRecord, Store
 

@@ -22,11 +22,10 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CvmfsSnapError, UnavailableError
-from ..fsutil import remove_tree, walk_fd
+from ..fsutil import remove_tree
 from .mountinfo import is_pinned, pinned_paths
 
 log = logging.getLogger(__name__)
@@ -39,12 +38,6 @@ TMP_PREFIX = ".tmp-"
 TMP_GRACE = 60.0
 
 
-@dataclass(frozen=True)
-class Usage:
-    size: int
-    inodes: int
-
-
 def b36(n: int) -> str:
     """Short lower-case base-36 text of a non-negative integer (snapshot ids in link names)."""
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -54,30 +47,6 @@ def b36(n: int) -> str:
         out = digits[r] + out
         if n == 0:
             return out
-
-
-def disk_usage(path: Path) -> Usage:
-    """Blocks and distinct inodes below ``path`` (like containerd's fs.DiskUsage: hard links counted once).
-
-    Walks with directory fds (:func:`~cvmfs_snap.fsutil.walk_fd`), so any depth works."""
-    size = 0
-    seen: set[tuple[int, int]] = set()
-
-    def add(st: os.stat_result) -> None:
-        nonlocal size
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            size += st.st_blocks * 512
-
-    try:
-        for _rel, fd, _dirs, files in walk_fd(path):  # every subdirectory is visited (and counted) by the walk
-            add(os.fstat(fd))
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):
-                    add(os.lstat(name, dir_fd=fd))
-    except FileNotFoundError:
-        pass
-    return Usage(size=size, inodes=len(seen))
 
 
 def _listdir(path: Path) -> list[str]:
