@@ -24,7 +24,6 @@ import pytest
 from cvmfs_snap.errors import UnavailableError
 from cvmfs_snap.fsutil import walk
 from cvmfs_snap.oci.auth import Credentials
-from cvmfs_snap.snapshotter.config import DEFAULT_ADDRESS
 from cvmfs_snap.snapshotter.credentials import (
     DEFAULT_SOCKET,
     MAX_TTL,
@@ -34,6 +33,7 @@ from cvmfs_snap.snapshotter.credentials import (
     handle_request,
     socket_for,
 )
+from cvmfs_snap.snapshotter.defaults import DEFAULT_ADDRESS
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, estargz_layer, image
 from cvmfs_snap_devenv.registry import Registry, blob_gets, free_port, htpasswd_auth, log_mark, start_registry
 from tests.support.e2e import PLUGIN

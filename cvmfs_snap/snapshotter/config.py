@@ -57,14 +57,12 @@ from annotated_types import Ge, Gt
 
 from ..errors import InvalidInputError, NotFoundError
 from ..plainvalidation import SECRET, After, Before, Expect, Strip, load_as, unknown_keys
+from .defaults import DEFAULT_CONFIG
 from .sources.lazy import LazySettings
 from .sources.registry import DEFAULT_SOURCES, check_names, check_options
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path("/etc/containerd-cvmfs-grpc/config.toml")
-DEFAULT_ADDRESS = "/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock"
-DEFAULT_ROOT = Path("/var/lib/containerd-cvmfs-grpc")
 DEFAULT_REPOSITORY = "unpacked.cern.ch"
 OUR_TABLE = "cvmfs-snap"
 

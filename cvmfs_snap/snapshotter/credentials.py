@@ -33,6 +33,8 @@ from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.oci.auth import Credentials
 from cvmfs_snap.unixline import exchange
 
+from .defaults import DEFAULT_ADDRESS
+
 log = logging.getLogger(__name__)
 
 #: seconds credentials handed over by a pull are kept (a pull's Prepares come within it; a lazy layer attached
@@ -42,14 +44,16 @@ MAX_TTL = 3600.0
 MAX_REQUEST = 64 << 10
 #: a client that sends nothing for this long is disconnected
 REQUEST_TIMEOUT = 10.0
-#: the socket for the default snapshot socket ``/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock``
-DEFAULT_SOCKET = Path("/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc-credentials.sock")
 
 
 def socket_for(address: str | os.PathLike[str]) -> Path:
     """The credentials socket of the snapshotter serving on ``address``: ``<dir>/<stem>-credentials.sock``."""
     p = Path(address)
     return p.with_name(p.stem + "-credentials.sock")
+
+
+#: the credentials socket of the default snapshot socket
+DEFAULT_SOCKET = socket_for(DEFAULT_ADDRESS)
 
 
 def repository_key(image_ref: str) -> str:

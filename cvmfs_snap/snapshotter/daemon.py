@@ -28,9 +28,10 @@ import grpc
 
 from ..errors import InvalidInputError, UnavailableError
 from ..procmem import limit_malloc_arenas
-from .config import DEFAULT_ADDRESS, DEFAULT_ROOT, Config, load_config
+from .config import Config, load_config
 from .core import Snapshotter
 from .credentials import CredentialServer, PullCredentials, socket_for
+from .defaults import DEFAULT_ADDRESS, DEFAULT_ROOT
 from .metrics import Metrics
 from .service import add_to_server
 from .sources.base import LayerSource

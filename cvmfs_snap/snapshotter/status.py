@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import CvmfsSnapError
 from ..lazyfs.control import SOCKET
 from ..lazyfs.control import call as control_call
-from .config import DEFAULT_ROOT
+from .defaults import DEFAULT_ROOT
 from .store import DB_NAME, Store
 
 #: the lazy source's name and state dir under the root (sources/registry.py builds it as <root>/<name>)
