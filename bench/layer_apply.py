@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.layer import apply_layer, open_layer
+from cvmfs_snap.mediatypes import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
 
-MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip", "plain": "application/vnd.oci.image.layer.v1.tar"}
+MEDIA = {"gzip": OCI_LAYER_GZIP, "plain": OCI_LAYER_TAR}
 
 
 def make_layer(path: Path, size: int, files: int, seed: int = 1) -> bytes:
@@ -116,8 +117,8 @@ def main() -> None:
         config = json.dumps({"architecture": "amd64", "os": "linux",
                              "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
         manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG,
                        "digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)},
             "layers": [{"mediaType": MEDIA[args.codec], "digest": "sha256:" + digest, "size": len(blob)}],
         }).encode()
@@ -125,7 +126,7 @@ def main() -> None:
             (oci / "blobs/sha256" / hashlib.sha256(b).hexdigest()).write_bytes(b)
         (oci / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         (oci / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "mediaType": OCI_MANIFEST,
             "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(), "size": len(manifest),
             "annotations": {"org.opencontainers.image.ref.name": "bench"}}]}))
         del blob

@@ -36,6 +36,7 @@ from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_gr
 from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
+from cvmfs_snap.mediatypes import OCI_LAYER_GZIP
 from cvmfs_snap_devenv.procs import stop_process
 
 
@@ -51,8 +52,8 @@ def publish_fake_layers(repo: Path, n: int) -> list[str]:
         (fs / "data" / f".wh.f{i - 1}").write_bytes(b"")
         (fs / ".cvmfscatalog").write_bytes(b"")
         layout.layer_metadata_dir(digest).mkdir()
-        rec = LayerRecord(digest=digest, diff_id=f"sha256:{i + 1:064x}", media_type="application/vnd.oci.image.layer"
-                          ".v1.tar+gzip", compressed_size=100, uncompressed_size=1000, entries=3,
+        rec = LayerRecord(digest=digest, diff_id=f"sha256:{i + 1:064x}", media_type=OCI_LAYER_GZIP,
+                          compressed_size=100, uncompressed_size=1000, entries=3,
                           whiteouts=[f"data/f{i - 1}"])
         layout.layer_json(digest).write_text(rec.to_json())
         digests.append(digest)

@@ -30,8 +30,6 @@ from cvmfs_snap.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, INDEX_T
 from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES
 from cvmfs_snap.validation import load_as
 
-DISTRIBUTION_EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
-
 #: media types of things a tag can point to; blob pushes carry layer/config types or octet-stream
 _MANIFEST_TYPES = MANIFEST_TYPES | INDEX_TYPES | {DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED}
 

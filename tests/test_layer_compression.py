@@ -17,6 +17,7 @@ import zstandard
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError
 from cvmfs_snap.layer import MEDIA_TYPES, apply_layer, iter_layer, open_layer
+from cvmfs_snap.mediatypes import OCI_LAYER_ZSTD
 from cvmfs_snap_devenv.images import make_tar
 
 TAR = make_tar([("a", b"alpha" * 1000), "d/", ("d/b", os.urandom(70000)), ("d/c", b"")])
@@ -205,11 +206,10 @@ def test_zstd_window_at_the_limit_is_accepted() -> None:
 
 
 # -- zstd frames through zstandard's decompressobj (eof / unused_data), issue 10 ------------------------------------
-ZSTD_MT = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def _zstd_read(blob: bytes, n: int = 1 << 18) -> bytes:
-    with open_layer(io.BytesIO(blob), ZSTD_MT) as s:
+    with open_layer(io.BytesIO(blob), OCI_LAYER_ZSTD) as s:
         parts = []
         while data := s.read(n):
             assert len(data) <= n
@@ -286,7 +286,7 @@ def test_zstd_bomb_after_ordinary_data_stays_bounded() -> None:
     del tar
     tracemalloc.start()
     try:
-        with open_layer(io.BytesIO(blob), ZSTD_MT) as s:
+        with open_layer(io.BytesIO(blob), OCI_LAYER_ZSTD) as s:
             assert s.drain() == size
         _, peak = tracemalloc.get_traced_memory()
     finally:

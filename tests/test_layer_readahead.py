@@ -14,8 +14,7 @@ import pytest
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer import open_layer
 from cvmfs_snap.layer.readahead import ReadAhead
-
-GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+from cvmfs_snap.mediatypes import OCI_LAYER_GZIP
 
 
 def _payload(n: int = 3 << 20) -> bytes:
@@ -45,7 +44,8 @@ def _threads() -> set[str]:
 def test_same_bytes_and_digests_as_the_stream_itself(size: int) -> None:
     data = _payload()
     blob = gzip.compress(data, 6)
-    with open_layer(io.BytesIO(blob), GZIP, name="l") as stream, ReadAhead(stream, "l", block=300_000) as ahead:
+    with open_layer(io.BytesIO(blob), OCI_LAYER_GZIP, name="l") as stream, \
+            ReadAhead(stream, "l", block=300_000) as ahead:
         parts = []
         while piece := ahead.read(size):
             assert len(piece) <= size
@@ -69,7 +69,7 @@ def test_a_source_without_a_digest_is_hashed_on_the_producing_thread() -> None:
 def test_the_producers_error_is_raised_by_the_consumer_and_again() -> None:
     blob = bytearray(gzip.compress(_payload(), 6))
     blob[len(blob) // 2 : len(blob) // 2 + 64] = bytes(64)  # corrupt in the middle
-    with open_layer(io.BytesIO(bytes(blob)), GZIP, name="layer sha256:bad") as stream, \
+    with open_layer(io.BytesIO(bytes(blob)), OCI_LAYER_GZIP, name="layer sha256:bad") as stream, \
             ReadAhead(stream, "bad", block=65536) as ahead:
         got = 0
         with pytest.raises(InvalidInputError, match="layer sha256:bad: corrupt gzip data") as first:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.mediatypes import OCI_MANIFEST
 from cvmfs_snap.oci.reference import ImageReference
 from publisher.policy import allowed_by, canonical_ref, recipe_patterns
 from publisher.recipe import Recipe
@@ -24,7 +25,6 @@ from publisher.webhooks import (
 )
 from publisher.workqueue import QueueItem, WorkQueue
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 D1 = "sha256:" + "1" * 64
 
 

@@ -12,17 +12,14 @@ from cvmfs_snap.labelnames import (
     CRI_MANIFEST_DIGEST,
     SNAPSHOT_REF,
 )
+from cvmfs_snap.mediatypes import DOCKER_LAYER_GZIP, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
 
 D = ["sha256:" + c * 64 for c in "abcdef"]
-LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
-DOCKER_GZ = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def test_layer_types_like_containerd() -> None:
-    for mt in (LAYER_GZ, "application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+zstd",
-               "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", DOCKER_GZ,
+    for mt in (OCI_LAYER_GZIP, "application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+zstd",
+               "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", DOCKER_LAYER_GZIP,
                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"):
         assert L.is_layer_type(mt), mt
     for mt in (OCI_CONFIG, OCI_MANIFEST, "application/octet-stream", "application/vnd.docker.image.rootfs.other"):
@@ -30,8 +27,8 @@ def test_layer_types_like_containerd() -> None:
 
 
 def test_child_gc_labels_numbering() -> None:
-    manifest_children = [Descriptor(OCI_CONFIG, D[0], 1), Descriptor(LAYER_GZ, D[1], 1),
-                         Descriptor(DOCKER_GZ, D[2], 1), Descriptor("application/x-unknown", D[3], 1),
+    manifest_children = [Descriptor(OCI_CONFIG, D[0], 1), Descriptor(OCI_LAYER_GZIP, D[1], 1),
+                         Descriptor(DOCKER_LAYER_GZIP, D[2], 1), Descriptor("application/x-unknown", D[3], 1),
                          Descriptor("application/x-unknown", D[4], 1)]
     assert L.child_gc_labels(manifest_children) == {
         "containerd.io/gc.ref.content.config": D[0],
@@ -47,7 +44,7 @@ def test_child_gc_labels_numbering() -> None:
 
 
 def test_image_layers_label_is_cut_at_containerds_limit() -> None:
-    many = [Descriptor(LAYER_GZ, "sha256:" + f"{i:064x}", 1) for i in range(100)]
+    many = [Descriptor(OCI_LAYER_GZIP, "sha256:" + f"{i:064x}", 1) for i in range(100)]
     value = L.image_layers_label(many)
     assert len(CRI_IMAGE_LAYERS) + len(value) <= L.MAX_LABEL
     parts = value.split(",")
@@ -56,9 +53,9 @@ def test_image_layers_label_is_cut_at_containerds_limit() -> None:
 
 
 def test_snapshot_labels_inherit_only_snapshot_annotations() -> None:
-    layers = [Descriptor(LAYER_GZ, D[0], 1, {"containerd.io/snapshot/stargz/toc.digest": D[5],
+    layers = [Descriptor(OCI_LAYER_GZIP, D[0], 1, {"containerd.io/snapshot/stargz/toc.digest": D[5],
                                              "org.opencontainers.image.title": "x"}),
-              Descriptor(LAYER_GZ, D[1], 1)]
+              Descriptor(OCI_LAYER_GZIP, D[1], 1)]
     labels = L.snapshot_labels("r.example/x:1", D[4], layers, 0, D[3])
     assert labels == {
         "containerd.io/snapshot/stargz/toc.digest": D[5],
@@ -92,7 +89,7 @@ def test_keys_and_refs_follow_containerd() -> None:
     prefix, chain = key.split(" ")
     assert chain == D[0] and prefix.startswith("extract-") and len(prefix.split("-")) >= 3
     assert unpack_key(D[0]) != key
-    assert content_ref(Descriptor(LAYER_GZ, D[0], 1)) == f"layer-{D[0]}"
+    assert content_ref(Descriptor(OCI_LAYER_GZIP, D[0], 1)) == f"layer-{D[0]}"
     assert content_ref(Descriptor(OCI_MANIFEST, D[0], 1)) == f"manifest-{D[0]}"
     assert content_ref(Descriptor("application/vnd.oci.image.index.v1+json", D[0], 1)) == f"index-{D[0]}"
     assert content_ref(Descriptor(OCI_CONFIG, D[0], 1)) == f"config-{D[0]}"
