@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 from dataclasses import dataclass
 from typing import Required
 from urllib.parse import urlsplit
@@ -27,16 +26,12 @@ from typing_extensions import TypedDict  # pydantic needs this TypedDict on Pyth
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, INDEX_TYPES, MANIFEST_TYPES
-from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES
+from cvmfs_snap.oci.reference import DOCKER_HUB_ALIASES, is_valid_name
 from cvmfs_snap.validation import load_as
 
 #: media types of things a tag can point to; blob pushes carry layer/config types or octet-stream
 _MANIFEST_TYPES = MANIFEST_TYPES | INDEX_TYPES | {DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED}
 
-# used with fullmatch: ``$`` would accept a trailing newline
-_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
-_REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 #: the largest webhook body we read (registries batch events, but never megabytes of them)
 MAX_BODY = 1 << 20
@@ -143,10 +138,6 @@ def load_json(body: bytes, what: str = "webhook body") -> object:
         raise InvalidInputError(f"{what} is not valid JSON: {exc}") from exc
 
 
-def _valid(registry: str, repository: str, tag: str) -> bool:
-    return bool(_HOST_RE.fullmatch(registry) and _REPO_RE.fullmatch(repository) and _TAG_RE.fullmatch(tag))
-
-
 def parse_distribution_events(body: bytes) -> list[PushEvent]:
     """Tag pushes from a distribution ``notifications`` envelope; other events are skipped."""
     return _distribution_events(load_json(body))
@@ -177,7 +168,7 @@ def _distribution_events(data: object) -> list[PushEvent]:
                 f"{what} lacks target.repository, target.tag or a registry host (target.url or request.host)"
             )
         host = normalize_host(host)
-        if not _valid(host, repository, tag):
+        if not is_valid_name(host, repository, tag):
             raise InvalidInputError(f"{what} names an invalid image {host[:100]}/{repository[:200]}:{tag[:130]}")
         digest = target.get("digest", "")
         out.append(PushEvent(host, repository, tag, digest if isinstance(digest, str) else ""))
@@ -218,7 +209,7 @@ def _harbor_events(data: object) -> list[PushEvent]:
             tag = given
         if not tag:
             continue  # pushed by digest only
-        if not _valid(host, repository, tag):
+        if not is_valid_name(host, repository, tag):
             raise InvalidInputError(
                 f"Harbor webhook resource #{i} names an invalid image {host[:100]}/{repository[:200]}:{tag[:130]}"
             )

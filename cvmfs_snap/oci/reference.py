@@ -62,6 +62,13 @@ def validate_digest(digest: str, what: str = "digest") -> str:
     return digest
 
 
+def is_valid_name(registry: str, repository: str, tag: str) -> bool:
+    """Whether ``registry`` (host[:port]), ``repository`` and ``tag`` are each valid as :meth:`ImageReference.parse`
+    checks them (for names that arrive already split, e.g. in registry webhooks)."""
+    return bool(_DOMAIN_RE.fullmatch(registry) and _TAG_RE.fullmatch(tag)
+                and all(_PATH_COMPONENT_RE.fullmatch(c) for c in repository.split("/")))
+
+
 def _is_domain(component: str) -> bool:
     # same rule as docker's reference normalisation: a first component is a registry host when it looks like one
     # (has a dot or a port, is localhost, or has upper-case letters, which repositories never have)
