@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .digests import SHA256_HEX
 from .errors import InvalidInputError
 from .plainvalidation import load_as
 
@@ -90,7 +91,6 @@ MULTIARCH_ALIASES: dict[str, tuple[str, ...]] = {
 #: the CVMFS variant-symlink expression of a node's architecture, with its default
 _VARIANT_ARCH = re.compile(r"\$\(CVMFS_ARCH(?::-([^)]*))?\)")
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would accept a trailing "\n"
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._:@+-]*$")
 
 
@@ -109,7 +109,7 @@ def digest_hex(digest: str) -> str:
         raise InvalidInputError(
             f"unsupported digest algorithm {algo[:20]!r} in {digest[:100]!r}: only sha256 layers can be served"
         )
-    if not _HEX64.fullmatch(hexpart):
+    if not SHA256_HEX.fullmatch(hexpart):
         raise InvalidInputError(f"invalid sha256 digest {digest[:100]!r}: expected 64 lower-case hex digits")
     return hexpart
 
@@ -268,7 +268,7 @@ class RepositoryLayout:
                 names = sorted(os.listdir(self.layers_root / b))
             except (NotADirectoryError, FileNotFoundError):
                 continue
-            out.extend(f"sha256:{n}" for n in names if _HEX64.fullmatch(n) and n[:2] == b)
+            out.extend(f"sha256:{n}" for n in names if SHA256_HEX.fullmatch(n) and n[:2] == b)
         return out
 
     # -- images ---------------------------------------------------------------------------------------------------

@@ -160,6 +160,11 @@ def test_unknown_type_bad_fields_and_forbidden_xattr() -> None:
         entry(d, "e")["xattrs"] = {"trusted.overlay.opaque": "eQ=="}
     refuse(with_toc(m3)[0], UnsafeLayerError, "overlayfs semantics")
 
+    def m4(d: dict[str, Any]) -> None:
+        e = entry(d, "d/a", "chunk")
+        e["chunkDigest"] = e["chunkDigest"] + "\n"  # "$" in a regex match would take it
+    refuse(with_toc(m4)[0], InvalidInputError, "is not a sha256 digest")
+
 
 def test_one_gib_toc_claim_in_a_one_kib_blob() -> None:
     # gzip: the TOC tar header claims 1 GiB

@@ -12,11 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from cvmfs_snap.digests import is_sha256
 from cvmfs_snap.errors import InvalidInputError, UnsafeLayerError
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layer.paths import check_xattr, normalize_path, show
@@ -29,7 +29,6 @@ LANDMARK_CONTENTS = b"\x0f"
 DEFAULT_MAX_TOC_SIZE = 256 << 20
 
 _TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _INT_FIELDS = ("size", "mode", "uid", "gid", "offset", "devMajor", "devMinor", "chunkOffset", "chunkSize",
                "innerOffset")
 
@@ -237,7 +236,7 @@ def _entry(r: dict[str, object], i: int, name: str, lim: Limits, memo: _Interner
         raise _bad(name, i, f"mode {e.mode:o} is out of range", rawname)
     for key in ("digest", "chunkDigest"):
         v = r.get(key)
-        if v and not _DIGEST.match(str(v)):
+        if v and not is_sha256(v):
             raise _bad(name, i, f"{key} {str(v)[:80]!r} is not a sha256 digest", rawname)
     xa = r.get("xattrs", {})
     if not isinstance(xa, dict):

@@ -43,13 +43,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_snap.digests import SHA256_HEX
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 
@@ -61,13 +61,12 @@ DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
 HOT_IDLE_SECONDS = 10.0
 #: a written chunk's pages are dropped again this long after the write (its writeback is done by then)
 SETTLE_SECONDS = 1.0
-_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_key(digest: str) -> str:
     """``sha256:<hex>`` or ``<hex>`` -> ``<hex>``; InvalidInputError for anything else."""
     hexpart = digest[len("sha256:"):] if digest.startswith("sha256:") else digest
-    if not _HEX.fullmatch(hexpart):
+    if not SHA256_HEX.fullmatch(hexpart):
         raise InvalidInputError(f"not a sha256 digest usable as a cache key: {digest[:80]!r}")
     return hexpart
 
@@ -123,13 +122,13 @@ class ChunkCache:
             os.unlink(e.path)
         for e in os.scandir(self.directory / "layers"):
             name = e.name
-            if not name.endswith(".refs") or not _HEX.fullmatch(name[:-5]):
+            if not name.endswith(".refs") or not SHA256_HEX.fullmatch(name[:-5]):
                 continue
             layer = name[:-5]
             with open(e.path, "rb") as f:
                 for line in f:
                     key = line.strip().decode("ascii", "replace")
-                    if _HEX.fullmatch(key):  # a crash may have cut the last line
+                    if SHA256_HEX.fullmatch(key):  # a crash may have cut the last line
                         self._ref_add(key, self._layer(layer))
         found: list[tuple[float, str, int]] = []
         for d in os.scandir(self.directory / "chunks"):
@@ -138,7 +137,7 @@ class ChunkCache:
             for e in os.scandir(d.path):
                 key = e.name
                 st = e.stat(follow_symlinks=False)
-                if not _HEX.fullmatch(key) or key[:2] != d.name or key not in self._refs:
+                if not SHA256_HEX.fullmatch(key) or key[:2] != d.name or key not in self._refs:
                     os.unlink(e.path)  # not ours, or no layer owns it (it was being released)
                     continue
                 found.append((st.st_mtime, key, st.st_size))
