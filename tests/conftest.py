@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.fsutil import remove_tree, remove_tree_quietly
+from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap_devenv.procs import unmount_below
 from cvmfs_snap_devenv.registry import Registry, start_registry
 
@@ -25,6 +26,13 @@ def fresh_registry(tmp_path: Path) -> Iterator[Registry]:
     """A registry of this test's own (for tests that count requests or read its log)."""
     with start_registry(tmp_path / "registry") as reg:
         yield reg
+
+
+@pytest.fixture
+def client() -> Iterator[RegistryClient]:
+    """A registry client for the loopback registries: one retry, quick back-off, a generous timeout."""
+    with RegistryClient(timeout=30, retries=1, backoff_base=0.01) as c:
+        yield c
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ prefetch of the landmark set and the background fetch; blobs built by our writer
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,6 @@ def content() -> dict[str, bytes]:
 def layer(registry: Registry) -> PushedLayer:
     return push_estargz(registry.host, "lazy/reader", content(), chunk_size=CHUNK,
                         prioritized=("etc/small.conf", "bin/tool"))
-
-
-@pytest.fixture
-def client() -> Iterator[RegistryClient]:
-    with RegistryClient(timeout=10, retries=1, backoff_base=0.01) as c:
-        yield c
 
 
 def make_fetcher(client: RegistryClient, host: str, layer: PushedLayer, cls: type[BlobFetcher] = BlobFetcher,

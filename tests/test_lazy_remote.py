@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,6 @@ from tests.support.token_issuer import start_token_issuer
 def layer(registry: Registry) -> PushedLayer:
     files = {f"d/f{i}": os.urandom(20_000) + bytes([i]) * 30_000 for i in range(12)}
     return push_estargz(registry.host, "lazy/remote", files, chunk_size=16 * 1024)
-
-
-@pytest.fixture
-def client() -> Iterator[RegistryClient]:
-    with RegistryClient(timeout=10, retries=1, backoff_base=0.01) as c:
-        yield c
 
 
 def fetcher(client: RegistryClient, host: str, layer: PushedLayer, **kw: Any) -> BlobFetcher:

@@ -14,12 +14,6 @@ from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.registry import Registry
 
 
-@pytest.fixture
-def client() -> Iterator[RegistryClient]:
-    with RegistryClient(timeout=10, retries=1, backoff_base=0.01) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def pusher(registry: Registry) -> Iterator[im.Pusher]:
     p = im.Pusher(registry.url)

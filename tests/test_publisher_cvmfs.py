@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCvmfs:
     f = make_fake_cvmfs(tmp_path)
     f.apply_env(monkeypatch)
     return f
-
-
-@pytest.fixture
-def client() -> Iterator[RegistryClient]:
-    with RegistryClient(timeout=20, retries=1) as c:
-        yield c
 
 
 def make_publisher(fake: FakeCvmfs, client: RegistryClient, backend: str, **extra: object) -> Publisher:

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,12 +43,6 @@ TARGETS = [
 def target(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
     kind, backend = request.param
     return make_target(kind, backend, tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def client() -> Iterator[RegistryClient]:
-    with RegistryClient(timeout=30, retries=1) as c:
-        yield c
 
 
 def _layers(marker: str) -> tuple[im.BuiltLayer, im.BuiltLayer]:

@@ -40,12 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
 
-@pytest.fixture
-def client() -> Iterator[RegistryClient]:
-    with RegistryClient(timeout=30, retries=1) as c:
-        yield c
-
-
 def _publish(root: Path, client: RegistryClient, ref: str, limits: Limits | None = None, **kw: object) -> object:
     with Publisher(LocalBackend(root, limits=limits), client, **kw) as pub:  # type: ignore[arg-type]
         return pub.publish_image(ref)

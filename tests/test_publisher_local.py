@@ -6,7 +6,6 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,6 @@ class CountingBackend(LocalBackend):
         with self._clock:
             self.calls[info.digest] += 1
         return super().publish_layer(info, tar_stream)
-
-
-@pytest.fixture
-def client() -> Iterator[RegistryClient]:
-    with RegistryClient(timeout=20, retries=1) as c:
-        yield c
 
 
 def publisher(root: Path, client: RegistryClient, **kw: object) -> tuple[Publisher, CountingBackend]:
