@@ -23,6 +23,7 @@ from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter.core import Mount, Snapshotter
 from cvmfs_snap.snapshotter.mountinfo import is_pinned, pinned_paths
 from cvmfs_snap.snapshotter.store import DB_NAME
+from tests.test_snapshotter_core import commit_layer
 
 DEPTH = 5000
 
@@ -40,14 +41,6 @@ def mounted(m: Mount, target: Path) -> Iterator[Path]:
         yield target
     finally:
         subprocess.run(["umount", str(target)], check=True)
-
-
-def commit_layer(sn: Snapshotter, name: str, files: dict[str, bytes]) -> None:
-    sn.prepare(f"{name}-active", "")
-    fs = sn.fs_dir(sn.store.get(f"{name}-active"))
-    for rel, data in files.items():
-        (fs / rel).write_bytes(data)
-    sn.commit(name, f"{name}-active")
 
 
 def lose_metadata(root: Path, how: str) -> None:
@@ -73,7 +66,7 @@ def test_metadata_loss_never_deletes_a_running_containers_dirs(tmp_path: Path, h
                                                                caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "root"
     sn = Snapshotter(root)
-    commit_layer(sn, "base", {"lower-file": b"from the image\n"})
+    commit_layer(sn, "base", files={"lower-file": b"from the image\n"})
     [m] = sn.prepare("ctr", "base")
     ctr = sn.store.get("ctr")
     base = sn.store.get("base")

@@ -7,7 +7,6 @@ in one test, with real containerd's overlayfs snapshotter after a real pull).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.containerd.labels import chain_ids
 from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap_devenv.images import BuiltLayer, Entry, estargz_layer, image, layer, push_image
@@ -202,13 +202,6 @@ def test_128_layer_image_mounts(tmp_path: Path) -> None:
 
 
 # -- against real containerd ----------------------------------------------------------------------------------
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    out = [diff_ids[0]]
-    for d in diff_ids[1:]:
-        out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
 
 
 @pytest.mark.slow
