@@ -223,23 +223,31 @@ def test_gc_waits_for_publishers(tmp_path: Path) -> None:
         pass
 
 
-def test_gc_removes_multiarch_flats_and_links_of_a_dropped_image(tmp_path: Path, registry: Registry) -> None:
-    repo = make_repo(tmp_path, registry)
+def publish_multiarch_and_keep(repo: Repo, registry: Registry, multi: str, other: str
+                               ) -> tuple[im.BuiltImage, im.BuiltImage, im.BuiltImage, list[Path]]:
+    """Push and publish ``multi:v1`` (amd64 and arm64/v8) and a single-platform ``other:v1``: (amd, arm, other's
+    image, the public and both ``.multiarch`` links of ``multi``, checked to exist)."""
     amd = im.image([im.layer([("etc/arch", b"amd64\n")])], architecture="amd64")
     arm = im.image([im.layer([("etc/arch", b"arm64\n")])], architecture="arm64", variant="v8")
     keep = im.image([im.layer([("etc/keep", b"kept\n")])])
     p = im.Pusher(registry.url)
     try:
-        p.multiarch("gc/multi", "v1", [(amd, {"os": "linux", "architecture": "amd64"}),
-                                       (arm, {"os": "linux", "architecture": "arm64", "variant": "v8"})])
-        p.image("gc/keep", "v1", keep)
+        p.multiarch(multi, "v1", [(amd, {"os": "linux", "architecture": "amd64"}),
+                                  (arm, {"os": "linux", "architecture": "arm64", "variant": "v8"})])
+        p.image(other, "v1", keep)
     finally:
         p.close()
-    repo.publish(registry.ref("gc/multi", "v1"), registry.ref("gc/keep", "v1"))
-    links = [repo.link("gc/multi", "v1"),
-             repo.layout.multiarch_link("amd64", registry.host, "gc/multi", "v1"),
-             repo.layout.multiarch_link("arm64:v8", registry.host, "gc/multi", "v1")]
+    repo.publish(registry.ref(multi, "v1"), registry.ref(other, "v1"))
+    links = [repo.link(multi, "v1"),
+             repo.layout.multiarch_link("amd64", registry.host, multi, "v1"),
+             repo.layout.multiarch_link("arm64:v8", registry.host, multi, "v1")]
     assert all(link.is_symlink() for link in links)
+    return amd, arm, keep, links
+
+
+def test_gc_removes_multiarch_flats_and_links_of_a_dropped_image(tmp_path: Path, registry: Registry) -> None:
+    repo = make_repo(tmp_path, registry)
+    amd, arm, keep, links = publish_multiarch_and_keep(repo, registry, "gc/multi", "gc/keep")
 
     subprocess.run(["rm", "-r", str(repo.meta("gc/multi", "v1"))], check=True)
     repo.age_everything(30)

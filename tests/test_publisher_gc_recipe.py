@@ -23,7 +23,7 @@ from publisher.gc import collect_garbage, record_unwanted
 from publisher.schedule import REASON_DROPPED
 from publisher.wishlist import Wishlist
 from tests.support.trees import names
-from tests.test_publisher_gc import STATE, Repo, make_repo
+from tests.test_publisher_gc import STATE, Repo, make_repo, publish_multiarch_and_keep
 
 
 def write_recipe(path: Path, lines: list[str]) -> Path:
@@ -247,22 +247,8 @@ def test_a_recipe_line_whose_registry_is_down_schedules_nothing(tmp_path: Path, 
 
 def test_dropped_multiarch_image_loses_its_multiarch_links(tmp_path: Path, registry: Registry) -> None:
     repo = make_repo(tmp_path, registry)
-    amd = im.image([im.layer([("etc/arch", b"amd64\n")])], architecture="amd64")
-    arm = im.image([im.layer([("etc/arch", b"arm64\n")])], architecture="arm64", variant="v8")
-    keep = im.image([im.layer([("etc/keep", b"kept\n")])])
-    p = im.Pusher(registry.url)
-    try:
-        p.multiarch("gcr/multi", "v1", [(amd, {"os": "linux", "architecture": "amd64"}),
-                                        (arm, {"os": "linux", "architecture": "arm64", "variant": "v8"})])
-        p.image("gcr/multi-keep", "v1", keep)
-    finally:
-        p.close()
+    amd, arm, _, links = publish_multiarch_and_keep(repo, registry, "gcr/multi", "gcr/multi-keep")
     keep_ref = registry.ref("gcr/multi-keep", "v1")
-    repo.publish(registry.ref("gcr/multi", "v1"), keep_ref)
-    links = [repo.link("gcr/multi", "v1"),
-             repo.layout.multiarch_link("amd64", registry.host, "gcr/multi", "v1"),
-             repo.layout.multiarch_link("arm64:v8", registry.host, "gcr/multi", "v1")]
-    assert all(link.is_symlink() for link in links)
     backend = make_backend(repo.config)
 
     collect_garbage(backend, repo.state, 0, dry_run=False, wishlist=Wishlist.from_refs([keep_ref]))
