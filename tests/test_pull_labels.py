@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cvmfs_snap.containerd import labels as L
-from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.containerd.unpack import content_ref, unpack_key
 from cvmfs_snap.labelnames import (
     CRI_IMAGE_LAYERS,
@@ -13,6 +12,7 @@ from cvmfs_snap.labelnames import (
     SNAPSHOT_REF,
 )
 from cvmfs_snap.mediatypes import DOCKER_LAYER_GZIP, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
+from cvmfs_snap.oci import Descriptor
 
 D = ["sha256:" + c * 64 for c in "abcdef"]
 

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -42,6 +42,7 @@ from cvmfs_snap.errors import (
     UnavailableError,
 )
 from cvmfs_snap.labelnames import GC_EXPIRE
+from cvmfs_snap.oci.manifest import Descriptor
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,14 @@ WRITE_CHUNK = 1 << 20
 WRITE_WINDOW = 4
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """A content descriptor as containerd's API carries it."""
+def descriptor_to_pb(desc: Descriptor) -> descriptor_pb2.Descriptor:
+    """A content descriptor as containerd's API carries it (no platform: containerd keeps that in the index)."""
+    return descriptor_pb2.Descriptor(media_type=desc.media_type, digest=desc.digest, size=desc.size,
+                                     annotations=dict(desc.annotations))
 
-    media_type: str
-    digest: str
-    size: int
-    annotations: Mapping[str, str] = field(default_factory=dict)
 
-    def to_pb(self) -> descriptor_pb2.Descriptor:
-        return descriptor_pb2.Descriptor(media_type=self.media_type, digest=self.digest, size=self.size,
-                                         annotations=dict(self.annotations))
-
-    @classmethod
-    def from_pb(cls, pb: descriptor_pb2.Descriptor) -> Descriptor:
-        return cls(pb.media_type, pb.digest, pb.size, dict(pb.annotations))
+def descriptor_from_pb(pb: descriptor_pb2.Descriptor) -> Descriptor:
+    return Descriptor(pb.media_type, pb.digest, pb.size, dict(pb.annotations))
 
 
 @dataclass(frozen=True)
@@ -429,10 +422,10 @@ class ContainerdClient:
     def apply(self, desc: Descriptor, mounts: list[Mount]) -> Descriptor:
         """Let containerd decompress and apply a layer blob (already in its content store) onto ``mounts``;
         returns the uncompressed descriptor (its digest is the layer's diffID)."""
-        resp = self._call(self.diff.Apply, diff_pb2.ApplyRequest(diff=desc.to_pb(),
+        resp = self._call(self.diff.Apply, diff_pb2.ApplyRequest(diff=descriptor_to_pb(desc),
                                                                  mounts=[m.to_pb() for m in mounts]),
                           f"apply layer {desc.digest}", timeout=3600)
-        return Descriptor.from_pb(resp.applied)
+        return descriptor_from_pb(resp.applied)
 
     # -- images -------------------------------------------------------------------------------------------------
 
@@ -442,15 +435,15 @@ class ContainerdClient:
         except NotFoundError:
             return None
         im = resp.image
-        return ImageRecord(im.name, Descriptor.from_pb(im.target), dict(im.labels))
+        return ImageRecord(im.name, descriptor_from_pb(im.target), dict(im.labels))
 
     def list_images(self, *filters: str) -> list[ImageRecord]:
         resp = self._call(self.images.List, images_pb2.ListImagesRequest(filters=list(filters)), "list images")
-        return [ImageRecord(im.name, Descriptor.from_pb(im.target), dict(im.labels)) for im in resp.images]
+        return [ImageRecord(im.name, descriptor_from_pb(im.target), dict(im.labels)) for im in resp.images]
 
     def put_image(self, name: str, target: Descriptor, labels: Mapping[str, str] | None = None) -> ImageRecord:
         """Create the image record, or point an existing one at ``target`` (like containerd's createNewImage)."""
-        image = images_pb2.Image(name=name, target=target.to_pb(), labels=dict(labels or {}))
+        image = images_pb2.Image(name=name, target=descriptor_to_pb(target), labels=dict(labels or {}))
         for _ in range(3):
             try:
                 resp = self._call(self.images.Create, images_pb2.CreateImageRequest(image=image),
@@ -462,7 +455,7 @@ class ContainerdClient:
                 except NotFoundError:  # deleted in between: create again
                     continue
             im = resp.image
-            return ImageRecord(im.name, Descriptor.from_pb(im.target), dict(im.labels))
+            return ImageRecord(im.name, descriptor_from_pb(im.target), dict(im.labels))
         raise FailedPreconditionError(f"image {name} keeps disappearing while it is recorded: is another client "
                                       "deleting it? Retry the pull")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.labelnames import (
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
@@ -25,6 +24,7 @@ from cvmfs_snap.labelnames import (
     SNAPSHOT_REF,
 )
 from cvmfs_snap.mediatypes import CONFIG_TYPES, DOCKER_LAYER_TYPES, MANIFEST_TYPES, OCI_LAYER_PREFIX
+from cvmfs_snap.oci import Descriptor
 
 #: containerd refuses a label whose key plus value is longer than this
 MAX_LABEL = 4096

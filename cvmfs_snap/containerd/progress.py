@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from typing import TextIO
 
-from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.containerd.registry import ResolvedImage
 from cvmfs_snap.containerd.unpack import LayerResult, Outcome, PullResult
+from cvmfs_snap.oci import Descriptor
 from cvmfs_snap.progressbars import BarDisplay, human_bytes
 
 log = logging.getLogger(__name__)

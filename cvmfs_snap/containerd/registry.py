@@ -14,10 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from cvmfs_snap.containerd.client import Descriptor
 from cvmfs_snap.errors import InvalidInputError
-from cvmfs_snap.oci import CredentialStore, ImageReference, Platform, RegistryClient, validate_digest
-from cvmfs_snap.oci import Descriptor as OciDescriptor
+from cvmfs_snap.oci import CredentialStore, Descriptor, ImageReference, Platform, RegistryClient, validate_digest
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +53,6 @@ class RegistryAccess(Protocol):
     def close(self) -> None: ...
 
 
-def _desc(d: OciDescriptor) -> Descriptor:
-    return Descriptor(d.media_type, d.digest, d.size, dict(d.annotations))
-
-
 def parse_diff_ids(config_raw: bytes, config_digest: str, ref: ImageReference, nlayers: int) -> list[str]:
     """``rootfs.diff_ids`` of an image config, checked against the number of layers of the manifest."""
     try:
@@ -87,17 +81,17 @@ class OciRegistry:
         mdesc = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
         if index is not None:
             target = Descriptor(index.media_type, index.digest, len(index.raw))
-            children = [_desc(d) for d in index.manifests]
+            children = list(index.manifests)
             chosen = next((d for d in index.manifests if d.digest == manifest.digest), None)
             chosen_platform = chosen.platform if chosen is not None and chosen.platform else platform
         else:
             target, children, chosen_platform = mdesc, [], platform
-        config = _desc(manifest.config)
+        config = manifest.config
         if config.size > MAX_CONFIG:
             raise InvalidInputError(f"config {config.digest} of {ref} is {config.size} bytes: too large for an "
                                     "image config")
         config_raw = self.client.get_blob(ref, config.digest, size=config.size, max_size=MAX_CONFIG)
-        layers = [_desc(d) for d in manifest.layers]
+        layers = list(manifest.layers)
         return ResolvedImage(
             ref=ref, target=target, index_raw=bytes(index.raw) if index is not None else None,
             index_manifests=children, manifest=mdesc, manifest_raw=bytes(manifest.raw), config=config,

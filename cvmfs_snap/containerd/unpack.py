@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cvmfs_snap.containerd import labels as L
-from cvmfs_snap.containerd.client import ContainerdClient, Descriptor, Mount
+from cvmfs_snap.containerd.client import ContainerdClient, Mount
 from cvmfs_snap.containerd.registry import RegistryAccess, ResolvedImage
 from cvmfs_snap.errors import (
     AlreadyExistsError,
@@ -36,7 +36,7 @@ from cvmfs_snap.errors import (
 )
 from cvmfs_snap.labelnames import GC_REF_SNAPSHOT, TOC_DIGEST, UNCOMPRESSED
 from cvmfs_snap.mediatypes import CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES
-from cvmfs_snap.oci import ImageReference, Platform
+from cvmfs_snap.oci import Descriptor, ImageReference, Platform
 
 log = logging.getLogger(__name__)
 
