@@ -54,6 +54,8 @@ from .plainvalidation import load_as
 
 #: version of the metadata files we write (layer.json, image.json)
 LAYOUT_VERSION = 1
+#: where CVMFS clients (and a stratum-0) mount repositories: ``/cvmfs/<repository>``
+CVMFS_MOUNT_ROOT = Path("/cvmfs")
 
 LAYERS_DIR = ".layers"
 METADATA_DIR = ".metadata"

@@ -43,6 +43,7 @@ from pydantic import AfterValidator, ConfigDict, Field, with_config
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer.limits import Limits
+from cvmfs_snap.layout import CVMFS_MOUNT_ROOT
 from cvmfs_snap.validation import SECRET, load_as
 
 Backend = Literal["local", "cvmfs-ingest", "cvmfs-transaction"]
@@ -222,7 +223,7 @@ class PublisherConfig:
         if self.root:
             return Path(self.root)
         if self.repo:
-            return Path("/cvmfs") / self.repo
+            return CVMFS_MOUNT_ROOT / self.repo
         raise InvalidInputError(
             "no repository given: pass --root DIR (local backend) or --repo NAME (cvmfs backends), "
             "or set root/repo in the configuration file"

@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 from annotated_types import Ge, Gt
 
 from ..errors import InvalidInputError, NotFoundError
+from ..layout import CVMFS_MOUNT_ROOT
 from ..plainvalidation import SECRET, After, Before, Expect, Strip, load_as, unknown_keys
 from .defaults import DEFAULT_CONFIG
 from .sources.lazy import LazySettings
@@ -91,7 +92,7 @@ class Config:
         """Where the repository is mounted: ``absolute-mountpoint``, else ``/cvmfs/<repository>`` (as upstream)."""
         if self.absolute_mountpoint:
             return Path(self.absolute_mountpoint)
-        return Path("/cvmfs") / (self.repository or DEFAULT_REPOSITORY)
+        return CVMFS_MOUNT_ROOT / (self.repository or DEFAULT_REPOSITORY)
 
 
 # -- the file's shape (validated by cvmfs_snap.plainvalidation; defaults stay on Config and LazySettings) ----------
