@@ -14,9 +14,6 @@ from cvmfs_snap.progressbars import BarDisplay, human_bytes
 log = logging.getLogger(__name__)
 
 
-human = human_bytes
-
-
 def short(digest: str) -> str:
     return digest.split(":", 1)[-1][:12]
 
@@ -30,7 +27,7 @@ class LogProgress:
     def resolved(self, image: ResolvedImage) -> None:
         self.total = len(image.layers)
         log.info("resolved %s to manifest %s (%s, %d layers, %s)", image.ref, image.manifest.digest,
-                 image.platform, len(image.layers), human(sum(lay.size for lay in image.layers)))
+                 image.platform, len(image.layers), human_bytes(sum(lay.size for lay in image.layers)))
 
     def layer_started(self, index: int, desc: Descriptor) -> None:
         log.debug("layer %d/%d %s: start", index + 1, self.total, desc.digest)
@@ -40,7 +37,7 @@ class LogProgress:
 
     def layer_done(self, result: LayerResult) -> None:
         log.info("layer %d/%d %s: %s, %s downloaded in %.2fs", result.index + 1, self.total, result.digest,
-                 result.outcome.value, human(result.downloaded), result.seconds)
+                 result.outcome.value, human_bytes(result.downloaded), result.seconds)
 
 
 class RichProgress(BarDisplay):
@@ -79,10 +76,10 @@ def summary(result: PullResult) -> str:
     lines = [f"{result.name} ({result.manifest_digest}) on snapshotter {result.snapshotter}"]
     for lay in result.layers:
         lines.append(f"  layer {lay.index + 1}/{len(result.layers)} {lay.digest} {lay.outcome.value:<7} "
-                     f"size={human(lay.size)} downloaded={human(lay.downloaded)} time={lay.seconds:.2f}s")
+                     f"size={human_bytes(lay.size)} downloaded={human_bytes(lay.downloaded)} time={lay.seconds:.2f}s")
     lines.append(
         f"done in {result.seconds:.2f}s: {len(result.layers)} layers, {result.count(Outcome.REMOTE)} remote, "
         f"{result.count(Outcome.PULLED)} pulled, {result.count(Outcome.CACHED)} cached, "
-        f"{result.count(Outcome.PRESENT)} present; {human(result.downloaded)} downloaded "
-        f"of {human(sum(lay.size for lay in result.layers))}")
+        f"{result.count(Outcome.PRESENT)} present; {human_bytes(result.downloaded)} downloaded "
+        f"of {human_bytes(sum(lay.size for lay in result.layers))}")
     return "\n".join(lines)

@@ -10,9 +10,6 @@ from cvmfs_snap.progressbars import BarDisplay, human_bytes
 log = logging.getLogger(__name__)
 
 
-human = human_bytes
-
-
 class LogProgress:
     """A line per image and per layer, and one every 10 % of a large layer."""
 
@@ -23,7 +20,7 @@ class LogProgress:
         log.info("converting %s (%s): %d layers", ref, platform, layers)
 
     def layer_start(self, key: str, what: str, total: int) -> None:
-        log.info("layer %s %s: %s", key, what, human(total))
+        log.info("layer %s %s: %s", key, what, human_bytes(total))
         self._seen[key] = (0, total, total // 10)
 
     def layer_bytes(self, key: str, n: int) -> None:
@@ -36,7 +33,7 @@ class LogProgress:
 
     def layer_done(self, key: str, result: LayerResult) -> None:
         log.info("layer %s %s: %s -> %s %s in %.1fs", key, "kept" if result.kept else "converted",
-                 result.source[:19], result.digest[:19], human(result.size), result.seconds)
+                 result.source[:19], result.digest[:19], human_bytes(result.size), result.seconds)
 
 
 class RichProgress(BarDisplay):
@@ -60,7 +57,8 @@ def summary(result: ConvertResult) -> str:
     lines = [f"{result.destination}: {result.media_type} {result.digest}"]
     for lay in result.layers:
         lines.append(f"  {'kept     ' if lay.kept else 'converted'} {lay.source} -> {lay.digest} "
-                     f"size={human(lay.size)} uncompressed={human(lay.uncompressed_size)} {lay.seconds:.1f}s")
+                     f"size={human_bytes(lay.size)} uncompressed={human_bytes(lay.uncompressed_size)} "
+                     f"{lay.seconds:.1f}s")
     kept = sum(1 for lay in result.layers if lay.kept)
     lines.append(f"done in {result.seconds:.1f}s: {len(result.layers)} layers, {kept} kept as they were")
     return "\n".join(lines)
