@@ -16,9 +16,10 @@ import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
-from cvmfs_snap.lazyfs.remote import BlobFetcher, merge_spans
+from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.oci.auth import CredentialStore
 from cvmfs_snap.oci.client import RegistryClient
+from cvmfs_snap.oci.ranges import merge_ranges
 from cvmfs_snap.oci.reference import ImageReference
 from cvmfs_snap_devenv.registry import Registry, start_registry
 from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
@@ -46,11 +47,11 @@ RANGES = [(100, 50), (300, 10), (20_000, 5000), (60_000, 100), (60_150, 10)]
 
 
 def test_merge_spans_joins_near_ranges_up_to_the_gap_and_the_span_limit() -> None:
-    assert merge_spans([(0, 10), (15, 5), (100, 1)], gap=5) == [(0, 20), (100, 101)]
-    assert merge_spans([(0, 10), (16, 5)], gap=5) == [(0, 10), (16, 21)]
-    assert merge_spans([(50, 10), (0, 100)], gap=0) == [(0, 100)]  # overlap always merges
-    assert merge_spans([(0, 10), (12, 10)], gap=5, max_span=15) == [(0, 10), (12, 22)]
-    assert merge_spans([(0, 0), (5, 0)], gap=100) == []
+    assert merge_ranges([(0, 10), (15, 5), (100, 1)], gap=5) == [(0, 20), (100, 101)]
+    assert merge_ranges([(0, 10), (16, 5)], gap=5) == [(0, 10), (16, 21)]
+    assert merge_ranges([(50, 10), (0, 100)], gap=0) == [(0, 100)]  # overlap always merges
+    assert merge_ranges([(0, 10), (12, 10)], gap=5, max_span=15) == [(0, 10), (12, 22)]
+    assert merge_ranges([(0, 0), (5, 0)], gap=100) == []
 
 
 def test_fetch_returns_the_blob_bytes_and_merges_near_ranges(client: RegistryClient, layer: PushedLayer,
@@ -130,7 +131,7 @@ def test_force_single_range_for_registries_answering_multi_range_with_the_whole_
         assert run(lambda: f.fetch(RANGES)) == [layer.blob[o:o + n] for o, n in RANGES]
         assert all("," not in rng and status == 206 for rng, status, _ in proxy.blob_gets)
         assert len(proxy.blob_gets) == 5
-        assert proxy.bytes_sent == sum(e - s for s, e in merge_spans(RANGES, 0))
+        assert proxy.bytes_sent == sum(e - s for s, e in merge_ranges(RANGES))
 
 
 def test_connection_dropped_mid_body_is_retried(client: RegistryClient, layer: PushedLayer,

@@ -42,7 +42,7 @@ from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.handoff import RangeHandoff
-from cvmfs_snap.oci.ranges import RangeIgnoredError
+from cvmfs_snap.oci.ranges import RangeIgnoredError, merge_ranges
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
 
 log = logging.getLogger(__name__)
@@ -50,21 +50,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MERGE_GAP = 64 * 1024
 DEFAULT_MAX_SPAN = 32 * 1024 * 1024
 SPOOL_READ = 1024 * 1024
-
-
-def merge_spans(ranges: Sequence[tuple[int, int]], gap: int, max_span: int = DEFAULT_MAX_SPAN
-                ) -> list[tuple[int, int]]:
-    """Sorted [start, end) spans covering every (offset, length) range; ranges at most ``gap`` bytes apart are
-    merged, unless the merged span would exceed ``max_span`` bytes (a single range longer than that stays whole)."""
-    spans: list[tuple[int, int]] = []
-    for off, n in sorted((o, n) for o, n in ranges if n > 0):
-        end = off + n
-        if spans and off <= spans[-1][1] + gap and (max(end, spans[-1][1]) - spans[-1][0] <= max_span
-                                                    or off <= spans[-1][1]):
-            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
-        else:
-            spans.append((off, end))
-    return spans
 
 
 class _Flight:
@@ -125,7 +110,7 @@ class BlobFetcher:
         for off, n in ranges:
             if off < 0 or n < 0 or off + n > self.size:
                 raise InvalidInputError(f"range ({off}, {n}) is outside blob {self.digest} of {self.size} bytes")
-        spans = merge_spans(ranges, self.merge_gap, self.max_span)
+        spans = merge_ranges(ranges, self.merge_gap, self.max_span)
         got: dict[tuple[int, int], bytes] = {}
         mine: list[_Flight] = []
         waits: list[tuple[tuple[int, int], _Flight]] = []

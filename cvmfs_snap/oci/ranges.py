@@ -101,8 +101,11 @@ def parse_multipart_byteranges(body: bytes, content_type: str) -> list[tuple[int
             raise ValueError("multipart body without closing boundary")
 
 
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, coalesced [start, end) spans covering all (offset, length) ranges (overlapping or adjacent merge).
+def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0, max_span: int | None = None
+                 ) -> list[tuple[int, int]]:
+    """Sorted, coalesced [start, end) spans covering all (offset, length) ranges: overlapping or adjacent ones
+    always merge, ranges at most ``gap`` bytes apart too unless the merged span would exceed ``max_span`` bytes (a
+    single range longer than that stays whole).
 
     Servers (Go's http.ServeContent, so docker-registry) answer 200 with the whole blob when requested ranges
     overlap, so overlapping ranges are never sent as such.
@@ -110,7 +113,8 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     for off, length in sorted((o, n) for o, n in ranges if n > 0):
         end = off + length
-        if spans and off <= spans[-1][1]:
+        if spans and off <= spans[-1][1] + gap and (off <= spans[-1][1] or max_span is None
+                                                    or max(end, spans[-1][1]) - spans[-1][0] <= max_span):
             spans[-1] = (spans[-1][0], max(spans[-1][1], end))
         else:
             spans.append((off, end))
