@@ -42,7 +42,7 @@ from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.handoff import RangeHandoff
-from cvmfs_snap.oci.ranges import RangeIgnoredError, merge_ranges
+from cvmfs_snap.oci.ranges import RangeIgnoredError, cut_ranges, merge_ranges
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
 
 log = logging.getLogger(__name__)
@@ -141,14 +141,7 @@ class BlobFetcher:
             assert fl.data is not None
             lo = span[0] - fl.span[0]
             got[span] = fl.data[lo:lo + span[1] - span[0]]
-        out: list[bytes] = []
-        for off, n in ranges:
-            if n == 0:
-                out.append(b"")
-                continue
-            span = next(s for s in spans if s[0] <= off < s[1])
-            out.append(got[span][off - span[0]:off - span[0] + n])
-        return out
+        return cut_ranges(ranges, spans, got)
 
     def close(self) -> None:
         """Remove the whole-blob spool file, if one was made (a later fetch downloads the blob again)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -121,6 +121,20 @@ def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0, max_span: int 
     return spans
 
 
+def cut_ranges(ranges: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]],
+               got: Mapping[tuple[int, int], bytes]) -> list[bytes]:
+    """The bytes of each (offset, length) range, in the order asked, cut from the fetched ``spans``
+    (:func:`merge_ranges` of them) whose data ``got`` holds."""
+    out: list[bytes] = []
+    for off, length in ranges:
+        if length == 0:
+            out.append(b"")
+            continue
+        span = next(s for s in spans if s[0] <= off < s[1])
+        out.append(got[span][off - span[0]:off - span[0] + length])
+    return out
+
+
 class RangeReader:
     """Range reads of one client (thread-safe)."""
 
@@ -187,15 +201,7 @@ class RangeReader:
                 for span in todo:
                     if span not in got:
                         got.update(self._single_range(ref, digest, span, todo, whole_blob))
-        out: list[bytes] = []
-        for off, length in ranges:
-            if length == 0:
-                out.append(b"")
-                continue
-            span = next(s for s in spans if s[0] <= off < s[1])
-            data = got[span]
-            out.append(data[off - span[0]:off - span[0] + length])
-        return out
+        return cut_ranges(ranges, spans, got)
 
     def _range_what(self, ref: ImageReference, digest: str) -> str:
         return f"blob {digest} of {ref.name}"
