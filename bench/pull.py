@@ -32,12 +32,13 @@ from pathlib import Path
 
 from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.progressbars import human_bytes as human
+from cvmfs_snap.snapshotter.defaults import PROXY_PLUGIN
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.containerd import Containerd, start_containerd
 from cvmfs_snap_devenv.procs import stop_process
 from cvmfs_snap_devenv.registry import Registry, blob_gets, start_registry
 
-PLUGIN = "cvmfs-snapshotter"
+PLUGIN = PROXY_PLUGIN
 MiB = 1 << 20
 
 

@@ -23,12 +23,12 @@ from cvmfs_snap.layout import RepositoryLayout
 from cvmfs_snap_devenv.containerd import Containerd, start_containerd
 from cvmfs_snap_devenv.images import BuiltLayer
 from cvmfs_snap_devenv.registry import Registry
+from tests.support.e2e import PLUGIN
 from tests.support.pullcheck import blob_gets, client, committed
 from tests.support.runnable import goref_bin, push_runnable, require_busybox
 from tests.support.snapshotter_daemon import running_daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-PLUGIN = "cvmfs-snapshotter"
 K8S = "k8s.io"
 
 

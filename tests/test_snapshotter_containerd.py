@@ -16,6 +16,7 @@ from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap_devenv.containerd import start_containerd
 from cvmfs_snap_devenv.images import BuiltLayer
 from cvmfs_snap_devenv.registry import Registry
+from tests.support.e2e import PLUGIN, snapshotter_status
 from tests.support.pullcheck import blob_gets
 from tests.support.runnable import push_runnable, require_busybox
 from tests.support.snapshotter_daemon import running_daemon
@@ -23,14 +24,6 @@ from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-PLUGIN = "cvmfs-snapshotter"
-
-
-def status(root: Path) -> dict[str, object]:
-    r = subprocess.run([sys.executable, "-m", "cvmfs_snap.cli", "status", "--root", str(root), "--json"],
-                       capture_output=True, text=True, check=True, timeout=60)
-    data: dict[str, object] = json.loads(r.stdout)
-    return data
 
 
 def test_ctr_pull_and_run_with_local_layers(registry: Registry, short_tmp: Path) -> None:
@@ -55,7 +48,7 @@ def test_ctr_pull_and_run_with_local_layers(registry: Registry, short_tmp: Path)
         assert r.returncode == 0 and r.stdout.strip() == "50", r.stderr
 
         def snaps() -> list[dict[str, object]]:
-            found = status(sp.root)["snapshots"]
+            found = snapshotter_status(sp.root)["snapshots"]
             assert isinstance(found, list)
             return found
 
@@ -112,7 +105,7 @@ def test_cvmfs_snap_pull_serves_published_layers_without_download(fresh_registry
         assert r2.returncode == 0, r2.stderr + sp.log.read_text()[-3000:]
         assert r2.stdout.split() == ["100", "cvmfs-snap-test"]
 
-        st = status(sp.root)
+        st = snapshotter_status(sp.root)
         snaps = st["snapshots"]
         assert isinstance(snaps, list)
         by_source = sorted((s["source"], s["digest"]) for s in snaps if s["kind"] == "committed")

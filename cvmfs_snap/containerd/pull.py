@@ -30,10 +30,10 @@ from cvmfs_snap.errors import InvalidInputError, UnavailableError
 from cvmfs_snap.oci import CredentialStore, ImageReference, Platform
 from cvmfs_snap.oci.auth import Credentials
 from cvmfs_snap.snapshotter.credentials import DEFAULT_SOCKET, hand_over
+from cvmfs_snap.snapshotter.defaults import PROXY_PLUGIN
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SNAPSHOTTER = "cvmfs-snapshotter"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE,
                         help="containerd namespace (default %(default)s). With k8s.io (Kubernetes') the image "
                              "is recorded under the names CRI uses, so the kubelet finds it")
-    parser.add_argument("--snapshotter", default=DEFAULT_SNAPSHOTTER,
+    parser.add_argument("--snapshotter", default=PROXY_PLUGIN,
                         help="snapshotter to unpack with (default %(default)s)")
     parser.add_argument("--platform", default=None,
                         help="os/arch[/variant] to pull from a multi-platform image (default: this host's)")
@@ -123,7 +123,7 @@ def pull_credentials(ref: ImageReference, user: Credentials | None, docker_confi
 
 
 def run_pull(image: str, address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE,
-             snapshotter: str = DEFAULT_SNAPSHOTTER, platform: str | None = None, plain_http: bool = False,
+             snapshotter: str = PROXY_PLUGIN, platform: str | None = None, plain_http: bool = False,
              cri_labels: bool = True, progress: Progress | None = None, timeout: float = 10.0,
              max_downloads: int = 3, user: Credentials | None = None, docker_config: Path | None = None,
              credentials_socket: Path = DEFAULT_SOCKET) -> PullResult:

@@ -12,3 +12,5 @@ DEFAULT_CONFIG = Path("/etc/containerd-cvmfs-grpc/config.toml")
 #: the snapshot API socket containerd's proxy plugin is pointed at
 DEFAULT_ADDRESS = "/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock"
 DEFAULT_ROOT = Path("/var/lib/containerd-cvmfs-grpc")
+#: the name containerd knows the snapshotter by (``[proxy_plugins.cvmfs-snapshotter]``, ``--snapshotter``)
+PROXY_PLUGIN = "cvmfs-snapshotter"

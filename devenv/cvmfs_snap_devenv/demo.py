@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cvmfs_snap.errors import CommandError, UnavailableError
 from cvmfs_snap.fsutil import remove_tree_quietly
+from cvmfs_snap.snapshotter.defaults import PROXY_PLUGIN
 
 from . import images as im
 from .containerd import Containerd, start_containerd
@@ -141,12 +142,12 @@ def main(args: argparse.Namespace) -> int:
         _wait_socket(sock, snap, snap_log)
 
         ctd: Containerd = stack.enter_context(
-            start_containerd(work / "ctd", proxy_plugins={"cvmfs-snapshotter": str(sock)}))
+            start_containerd(work / "ctd", proxy_plugins={PROXY_PLUGIN: str(sock)}))
         native: Containerd = stack.enter_context(start_containerd(work / "nat"))
 
         mark = log_mark(reg.log)
         t0 = time.monotonic()
-        _run([py, "-m", "cvmfs_snap.cli", "pull", "--address", ctd.address, "--snapshotter", "cvmfs-snapshotter",
+        _run([py, "-m", "cvmfs_snap.cli", "pull", "--address", ctd.address, "--snapshotter", PROXY_PLUGIN,
               ref], "cvmfs-snap pull")
         t_cvmfs = time.monotonic() - t0
         n_cvmfs, b_cvmfs = _blob_gets(reg, mark)
@@ -154,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
         script = ("cat /etc/demo/message; ls /data | wc -l; "
                   "test ! -e /etc/demo/deleted-later && echo 'deleted file: gone'; "
                   "ls /etc/demo/old-dir")
-        out = ctd.ctr("run", "--rm", "--snapshotter", "cvmfs-snapshotter", ref, "demo-cvmfs", "/bin/sh", "-c",
+        out = ctd.ctr("run", "--rm", "--snapshotter", PROXY_PLUGIN, ref, "demo-cvmfs", "/bin/sh", "-c",
                       script).stdout
         print("[demo] container on CVMFS layers says:")
         for line in out.strip().splitlines():

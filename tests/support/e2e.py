@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_snap.snapshotter.defaults import PROXY_PLUGIN
 from cvmfs_snap_devenv.containerd import Containerd, start_containerd
 from cvmfs_snap_devenv.registry import blob_gets
 from tests.support.snapshotter_daemon import SnapshotterProcess, running_daemon
 
-PLUGIN = "cvmfs-snapshotter"
+PLUGIN = PROXY_PLUGIN
 REPO_NAME = "unpacked.test.ch"
 #: xattrs the kernel's overlayfs keeps for itself: they describe how a tree is stacked, not the image
 
