@@ -24,6 +24,7 @@ from typing import NoReturn
 
 from . import __version__
 from .errors import CvmfsSnapError
+from .unusedimports import UNUSED_BY_HTTP_CLIENTS, skip_unused_imports
 
 SUBCOMMANDS: dict[str, str] = {
     "snapshotter": "run the containerd remote snapshotter (proxy plugin)",
@@ -43,23 +44,19 @@ MISSING_HINTS = {
 
 log = logging.getLogger("cvmfs_snap")
 
-#: modules that libraries import eagerly although ``cvmfs-snap pull`` never uses them: httpcore imports trio and
-#: anyio for its async half (a conditional import, httpcore PR #692) and h2 for HTTP/2 (off), httpx imports its own
-#: command line (click, rich, pygments) and the zstd/brotli content decoders (blobs are fetched as identity).
-#: Together 0.1-0.4 s of a pull's start-up. A ``None`` entry in ``sys.modules`` makes ``import X`` raise
-#: ImportError, the case both libraries handle (as when the package is not installed). Done only when the process
-#: *is* the command (``main()`` called without argv), never inside a process that may use them.
-UNUSED_BY_PULL = ("trio", "anyio", "httpx._main", "h2", "zstandard", "brotli", "brotlicffi")
+#: modules that libraries import eagerly although ``cvmfs-snap pull`` never uses them (:mod:`cvmfs_snap.unusedimports`),
+#: zstandard too (blobs are fetched as identity and applied by containerd). Together 0.1-0.4 s of a pull's start-up.
+UNUSED_BY_PULL = (*UNUSED_BY_HTTP_CLIENTS, "zstandard")
 #: the same for the two long-running processes of a node, for their resident memory (issue 9's RSS goal, bench/
 #: README.md): httpx's command line alone is 4-5 MiB of RSS in each, trio (pulled in only by httpcore; the daemon's
 #: own code never imports it) 5 MiB in the snapshotter daemon, h2 1 MiB. The lazyfs process runs on trio and
 #: decodes zstd chunks, so it keeps both.
-UNUSED_BY_DAEMON = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
-UNUSED_BY_LAZYFS = ("anyio", "httpx._main", "h2", "brotli", "brotlicffi")
+UNUSED_BY_DAEMON = UNUSED_BY_HTTP_CLIENTS
+UNUSED_BY_LAZYFS = tuple(n for n in UNUSED_BY_HTTP_CLIENTS if n != "trio")
 #: ``convert`` talks HTTP/1.1 from threads (no trio, anyio or h2) and fetches blobs as identity (no brotli); it keeps
 #: zstandard (zstd layers and the zstd eStargz variant). 0.1-0.3 s of a serial start the second worker cannot share
 #: (issue 8's speed-up goal).
-UNUSED_BY_CONVERT = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
+UNUSED_BY_CONVERT = UNUSED_BY_HTTP_CLIENTS
 #: modules that must not be imported *while* a command's module is imported, but may be later: grpc's Cython core
 #: imports asyncio, which imports ssl eagerly (for asyncio's own TLS, which the daemon never uses: gRPC brings its
 #: own TLS, and the socket is a unix one) -- ssl and its libcrypto are ~5 MiB of the daemon's RSS (bench/README.md
@@ -72,11 +69,6 @@ UNUSED_IMPORTS: dict[str, tuple[str, ...]] = {"pull": UNUSED_BY_PULL, "snapshott
 #: their output written by then; the interpreter's teardown (freeing a large image's TOC objects, module
 #: finalisation) would only add serial time
 FAST_EXIT = ("pull", "convert")
-
-
-def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_PULL) -> None:
-    for name in names:
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 from cvmfs_snap.progressbars import BarDisplay
+from cvmfs_snap.unusedimports import UNUSED_BY_HTTP_CLIENTS, skip_unused_imports
 
 from .config import BACKENDS, PublisherConfig
 
@@ -34,19 +35,10 @@ if TYPE_CHECKING:
 # imports (hypercorn, watchdog), and the libraries' unused halves are kept out first (``UNUSED_BY_COMMANDS``). The
 # CLI is the top of the module graph, so these function-level imports hide no cycle.
 
-#: modules that libraries import eagerly although no verb but ``loop`` uses them: httpcore imports trio and anyio for
-#: its async half (a conditional import) and h2 for HTTP/2 (off in our client), httpx imports its own command line
-#: (click, rich, pygments) and the brotli content decoder (blobs are fetched as identity). Together 0.2-0.3 s of CPU
-#: of each command's start-up. A ``None`` entry in ``sys.modules`` makes ``import X`` raise ImportError, the case
-#: both libraries handle (as when the package is not installed). Done only when ``main()`` runs as the process
-#: (no argv given), never for ``loop``, whose HTTP server (hypercorn) serves HTTP/2 with h2. zstandard is not in the
-#: list: zstd layers need it.
-UNUSED_BY_COMMANDS = ("trio", "anyio", "httpx._main", "h2", "brotli", "brotlicffi")
-
-
-def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_COMMANDS) -> None:
-    for name in names:
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+#: modules that libraries import eagerly although no verb but ``loop`` uses them (:mod:`cvmfs_snap.unusedimports`):
+#: 0.2-0.3 s of CPU of each command's start-up. Never for ``loop``, whose HTTP server (hypercorn) serves HTTP/2 with
+#: h2. zstandard is not in the list: zstd layers need it.
+UNUSED_BY_COMMANDS = UNUSED_BY_HTTP_CLIENTS
 
 
 log = logging.getLogger("publisher")
@@ -227,7 +219,7 @@ def cmd_check_image_syntax(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and args.command != "loop":
-        skip_unused_imports()
+        skip_unused_imports(UNUSED_BY_COMMANDS)
     if args.command == "check-image-syntax":
         _setup_logging(args.log_level, None)
         try:
