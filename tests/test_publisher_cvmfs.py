@@ -19,6 +19,7 @@ from publisher.config import PublisherConfig
 from publisher.factory import make_backend
 from publisher.pipeline import Publisher
 from tests.support.blobcount import settled_blob_gets
+from tests.support.fake_cvmfs_server import ENV_HANG_SECONDS
 from tests.support.publisher_env import FakeCvmfs, base_layer, check_invariants, make_fake_cvmfs, top_layer
 
 
@@ -404,7 +405,7 @@ def test_killed_publisher_leaves_the_repository_locked_until_its_cvmfs_server_en
         f"cvmfs_server={fake.exe!r}, state_dir={str(state)!r}))\n"
         "with b.transaction() as txn:\n    txn.write_file('published-by-orphan', b'x')\n"
     )
-    env = {**os.environ, **fake.env(fail="hang-publish@1"), "FAKE_CVMFS_HANG_SECONDS": "4"}
+    env = {**os.environ, **fake.env(fail="hang-publish@1"), ENV_HANG_SECONDS: "4"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     deadline = time.monotonic() + 60
     while not _hung_pids(fake, "publish"):

@@ -51,10 +51,13 @@ from cvmfs_snap.fsutil import remove_tree, walk
 from cvmfs_snap.layer.whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 NOBODY = 65534
+#: the environment the stand-in reads (see the module doc); tests.support.publisher_env sets it
+ENV_REPOS, ENV_STATE, ENV_ETC = "FAKE_CVMFS_REPOS", "FAKE_CVMFS_STATE", "FAKE_CVMFS_ETC"
+ENV_FAIL, ENV_HANG_SECONDS = "FAKE_CVMFS_FAIL", "FAKE_CVMFS_HANG_SECONDS"
 
 
 def _state() -> Path:
-    p = Path(os.environ["FAKE_CVMFS_STATE"])
+    p = Path(os.environ[ENV_STATE])
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -64,7 +67,7 @@ def _name(repo: str) -> str:
 
 
 def _repo_dir(repo: str) -> Path:
-    d = Path(os.environ["FAKE_CVMFS_REPOS"]) / _name(repo)
+    d = Path(os.environ[ENV_REPOS]) / _name(repo)
     if not d.is_dir():
         print(f"Repository {_name(repo)} does not exist", file=sys.stderr)
         raise SystemExit(1)
@@ -141,7 +144,7 @@ def _count(kind: str) -> int:
 
 
 def _should_fail(kind: str, n: int) -> bool:
-    for item in filter(None, os.environ.get("FAKE_CVMFS_FAIL", "").split(",")):
+    for item in filter(None, os.environ.get(ENV_FAIL, "").split(",")):
         name, _, at = item.partition("@")
         if name == kind and (not at or int(at) == n):
             return True
@@ -150,12 +153,12 @@ def _should_fail(kind: str, n: int) -> bool:
 
 def _maybe_hang(kind: str) -> None:
     """``hang-<kind>`` (every call) or ``hang-<kind>@N`` (the N-th call) sleeps for an hour."""
-    if not any(i.startswith(f"hang-{kind}") for i in os.environ.get("FAKE_CVMFS_FAIL", "").split(",")):
+    if not any(i.startswith(f"hang-{kind}") for i in os.environ.get(ENV_FAIL, "").split(",")):
         return
     if _should_fail(f"hang-{kind}", _count(f"hang-{kind}")):
         with open(_state() / f"hung-{kind}", "a") as f:
             f.write(f"{os.getpid()}\n")
-        time.sleep(float(os.environ.get("FAKE_CVMFS_HANG_SECONDS", "3600")))
+        time.sleep(float(os.environ.get(ENV_HANG_SECONDS, "3600")))
 
 
 def _log(argv: list[str], stdin_bytes: int, status: int) -> None:
@@ -324,7 +327,7 @@ def cmd_transaction(args: list[str]) -> int:
 
 
 def _include_xattrs(repo: str) -> bool:
-    etc = os.environ.get("FAKE_CVMFS_ETC")
+    etc = os.environ.get(ENV_ETC)
     if not etc:
         return False
     conf = Path(etc) / "repositories.d" / _name(repo) / "server.conf"

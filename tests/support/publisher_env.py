@@ -12,6 +12,7 @@ from typing import Any
 from cvmfs_snap.fsutil import walk
 from cvmfs_snap.layout import IMAGE_JSON, ImageRecord, RepositoryLayout, link_resolves
 from cvmfs_snap_devenv import images as im
+from tests.support import fake_cvmfs_server
 
 FAKE_CVMFS_SERVER = Path(__file__).with_name("fake_cvmfs_server.py")
 
@@ -69,8 +70,8 @@ class FakeCvmfs:
         return self.etc / "repositories.d" / self.repo / "server.conf"
 
     def env(self, fail: str = "") -> dict[str, str]:
-        return {"FAKE_CVMFS_REPOS": str(self.repos), "FAKE_CVMFS_STATE": str(self.state), "FAKE_CVMFS_FAIL": fail,
-                "FAKE_CVMFS_ETC": str(self.etc)}
+        f = fake_cvmfs_server
+        return {f.ENV_REPOS: str(self.repos), f.ENV_STATE: str(self.state), f.ENV_FAIL: fail, f.ENV_ETC: str(self.etc)}
 
     def apply_env(self, monkeypatch: object, fail: str = "") -> None:
         for k, v in self.env(fail).items():
