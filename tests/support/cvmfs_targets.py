@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_snap.layout import CVMFS_MOUNT_ROOT
 from publisher.backends.cvmfs import CvmfsBackend, CvmfsIngestBackend, CvmfsTransactionBackend
+from publisher.backends.cvmfs_server import SERVER_CONF
 from tests.support.publisher_env import FakeCvmfs, make_fake_cvmfs
 
 REAL_CVMFS_SERVER = Path("/usr/bin/cvmfs_server")
@@ -30,9 +32,9 @@ def real_unavailable(repo: str) -> str | None:
         return f"no real CernVM-FS server here ({REAL_CVMFS_SERVER} missing; see /work/shared/tools/real-cvmfs)"
     if os.geteuid() != 0:
         return "the real cvmfs_server needs root"
-    if not Path(f"/etc/cvmfs/repositories.d/{repo}/server.conf").is_file():
+    if not Path(SERVER_CONF.format(repo=repo)).is_file():
         return f"repository {repo} does not exist on this stratum-0 (cvmfs_server mkfs {repo})"
-    if not (Path("/cvmfs") / repo / "new_repository").exists():
+    if not (CVMFS_MOUNT_ROOT / repo / "new_repository").exists():
         return f"/cvmfs/{repo} is not mounted (cvmfs_server mount {repo})"
     return None
 
@@ -78,5 +80,5 @@ def make_target(kind: str, backend_name: str, tmp_path: Path, monkeypatch: pytes
     why = real_unavailable(repo)
     if why:
         pytest.skip(why)
-    return Target("real", backend_name, repo, Path("/cvmfs") / repo, str(REAL_CVMFS_SERVER),
+    return Target("real", backend_name, repo, CVMFS_MOUNT_ROOT / repo, str(REAL_CVMFS_SERVER),
                   tmp_path / "publisher-state")
