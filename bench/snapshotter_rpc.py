@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.snapshotter_scale import timed
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from cvmfs_snap.fsutil import remove_tree_quietly
@@ -59,16 +61,6 @@ class DirSource:
 
     def health(self) -> SourceHealth:
         return SourceHealth(True)
-
-
-def timed(fn: Callable[[Any], object], request: Any, expect: grpc.StatusCode | None = None) -> float:
-    t = time.perf_counter()
-    try:
-        fn(request)
-    except grpc.RpcError as exc:
-        if exc.code() != expect:
-            raise
-    return time.perf_counter() - t
 
 
 def main() -> None:
