@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +30,15 @@ from typing import Any
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_snap.api.gen.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.labelnames import CRI_LAYER_DIGEST, SNAPSHOT_REF
 from cvmfs_snap.layout import LayerRecord, RepositoryLayout
 from cvmfs_snap.mediatypes import OCI_LAYER_GZIP
-from cvmfs_snap_devenv.procs import stop_process
+from tests.support.snapshotter_daemon import start_daemon, stop_daemon, wait_ready
 
 
 def publish_fake_layers(repo: Path, n: int) -> list[str]:
@@ -99,24 +100,17 @@ def main() -> None:
         sys.exit("run as root (the snapshotter makes overlay whiteout devices)")
 
     tmp = Path(tempfile.mkdtemp(prefix="cs-scale-", dir="/tmp"))
-    repo, sock, log = tmp / "repo", tmp / "s.sock", tmp / "daemon.log"
+    repo = tmp / "repo"
     digests = publish_fake_layers(repo, a.images * a.depth)
     cfg = tmp / "c.toml"
     cfg.write_text(f'absolute-mountpoint = "{repo}"\n[cvmfs-snap]\ngrpc-workers = {a.workers}\n')
-    with open(log, "wb") as lf:
-        proc = subprocess.Popen([sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--config", str(cfg),
-                                 "--address", str(sock), "--root", str(tmp / "root"), "--log-level", "warn"],
-                                stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+    sp = start_daemon(tmp, "--config", str(cfg), "--log-level", "warn", address=tmp / "s.sock")
+    proc = sp.proc
     lat: dict[str, list[float]] = {}
     mem: list[tuple[str, dict[str, int], int]] = []
     try:
-        ch = grpc.insecure_channel(f"unix:{sock}")
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"snapshotter did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        grpc.channel_ready_future(ch).result(timeout=30)
+        wait_ready(sp)
+        ch = grpc.insecure_channel(f"unix:{sp.address}")
         stub = pb_grpc.SnapshotsStub(ch)
 
         def n_snapshots() -> int:
@@ -159,7 +153,7 @@ def main() -> None:
         mem.append(("+ local + containers", proc_mem(proc.pid), n_snapshots()))
         ch.close()
     finally:
-        stop_process(proc, timeout=20, group=False)
+        stop_daemon(sp)
         remove_tree_quietly(tmp)
 
     print(f"\nsnapshotter gRPC latency ({a.images} images x {a.depth} layers, {a.local} local layers, "
