@@ -30,13 +30,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap.progressbars import human_bytes as human
 from cvmfs_snap.snapshotter.defaults import PROXY_PLUGIN
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.containerd import Containerd, start_containerd
-from cvmfs_snap_devenv.procs import stop_process
 from cvmfs_snap_devenv.registry import Registry, blob_gets, start_registry
+from tests.support.snapshotter_daemon import running_daemon
 
 PLUGIN = PROXY_PLUGIN
 MiB = 1 << 20
@@ -107,27 +109,15 @@ def measure_ours(work: Path, reg: Registry, repo: Path, ref: str, size: int) -> 
     snap.mkdir()
     cfg = snap / "c.toml"
     cfg.write_text(f'absolute-mountpoint = "{repo}"\n')
-    sock = snap / "s.sock"
-    with open(snap / "log", "wb") as lf:
-        proc = subprocess.Popen([sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--config", str(cfg),
-                                 "--address", str(sock), "--root", str(snap / "root"), "--log-level", "warn"],
-                                stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"snapshotter did not start: {(snap / 'log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        with start_containerd(work / "ctd", proxy_plugins={PLUGIN: str(sock)}) as cd:
-            mark = reg.log.stat().st_size
-            t_pull, out = run_out([sys.executable, "-m", "cvmfs_snap.cli", "pull", "--address", cd.address,
-                                   "--snapshotter", PLUGIN, "--plain-http", "--json", ref], "cvmfs-snap pull")
-            inner = float(json.loads(out)["seconds"])
-            requests, fetched = blob_stats(reg.log, mark)
-            t_run = run(ctr(cd, "run", "--rm", "--snapshotter", PLUGIN, ref, "bench-ours", "/bin/true"),
-                        "ctr run (cvmfs-snap)")
-    finally:
-        stop_process(proc, timeout=20, group=False)
+    with running_daemon(snap, "--config", str(cfg), "--log-level", "warn", address=snap / "s.sock") as sp, \
+            start_containerd(work / "ctd", proxy_plugins={PLUGIN: str(sp.address)}) as cd:
+        mark = reg.log.stat().st_size
+        t_pull, out = run_out([sys.executable, "-m", "cvmfs_snap.cli", "pull", "--address", cd.address,
+                               "--snapshotter", PLUGIN, "--plain-http", "--json", ref], "cvmfs-snap pull")
+        inner = float(json.loads(out)["seconds"])
+        requests, fetched = blob_stats(reg.log, mark)
+        t_run = run(ctr(cd, "run", "--rm", "--snapshotter", PLUGIN, ref, "bench-ours", "/bin/true"),
+                    "ctr run (cvmfs-snap)")
     return Result(size, "cvmfs-snap (published)", t_pull, inner, requests, fetched, t_run)
 
 

@@ -38,8 +38,8 @@ from bench.pull import PLUGIN, build_image, ctr, run
 from cvmfs_snap.fsutil import remove_tree_quietly
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.containerd import start_containerd
-from cvmfs_snap_devenv.procs import stop_process
 from cvmfs_snap_devenv.registry import start_registry
+from tests.support.snapshotter_daemon import running_daemon
 
 MiB = 1 << 20
 
@@ -80,18 +80,9 @@ def main() -> None:
         snap = base / "snap"
         snap.mkdir()
         (snap / "c.toml").write_text(f'absolute-mountpoint = "{repo}"\n')
-        sock = snap / "s.sock"
-        logf = stack.enter_context(open(snap / "log", "wb"))
-        proc = subprocess.Popen([py, "-m", "cvmfs_snap.cli", "snapshotter", "--config", str(snap / "c.toml"),
-                                 "--address", str(sock), "--root", str(snap / "root"), "--log-level", "warn"],
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        stack.callback(lambda: stop_process(proc, timeout=20, group=False))
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"snapshotter did not start: {(snap / 'log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        cd = stack.enter_context(start_containerd(base / "ctd", proxy_plugins={PLUGIN: str(sock)}))
+        sp = stack.enter_context(running_daemon(snap, "--config", str(snap / "c.toml"), "--log-level", "warn",
+                                                address=snap / "s.sock"))
+        cd = stack.enter_context(start_containerd(base / "ctd", proxy_plugins={PLUGIN: str(sp.address)}))
         pull = [py, "-m", "cvmfs_snap.cli", "pull", "--address", cd.address, "--snapshotter", PLUGIN, "--json"]
         for i in range(a.reps):
             rows.setdefault("python -c pass", []).append(timed([py, "-c", "pass"], "python")[:2])
