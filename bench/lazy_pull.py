@@ -36,8 +36,9 @@ from bench.pull import PLUGIN, blob_stats, ctr, run, run_out
 from cvmfs_snap.snapshotter.sources.lazy import LazyProcess, LazySettings
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.containerd import start_containerd
-from cvmfs_snap_devenv.procs import stop_lazyfs, stop_process
+from cvmfs_snap_devenv.procs import stop_lazyfs
 from cvmfs_snap_devenv.registry import blob_gets, start_registry
+from tests.support.snapshotter_daemon import start_daemon, stop_daemon, wait_ready
 
 MiB = 1 << 20
 SMALL = b"hello from the small file\n"
@@ -67,25 +68,17 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
     cfg = snap / "c.toml"
     cfg.write_text(f'absolute-mountpoint = "{repo}"\n[cvmfs-snap.lazy]\nhosts-dir = "{work / "certs.d"}"\n'
                    'prefetch = false\nbackground-fetch = false\n')
-    sock = snap / "s.sock"
-    root = snap / "root"
-    with open(snap / "log", "wb") as lf:
-        proc = subprocess.Popen([sys.executable, "-m", "cvmfs_snap.cli", "snapshotter", "--config", str(cfg),
-                                 "--address", str(sock), "--root", str(root), "--log-level", "warn"],
-                                stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+    sp = start_daemon(snap, "--config", str(cfg), "--log-level", "warn", address=snap / "s.sock")
+    root = sp.root
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"snapshotter did not start: {(snap / 'log').read_text()[-2000:]}")
-            time.sleep(0.05)
+        wait_ready(sp)
         # the lazyfs process runs before the pull is timed (as stargz-grpc does in the peer's run); its start-up
         # (the first lazy layer on a node) is reported on its own
         t0 = time.perf_counter()
         LazyProcess(root / "lazy", LazySettings(hosts_dir=str(work / "certs.d"), prefetch=False,
                                                 background_fetch=False)).ensure()
         t_start = time.perf_counter() - t0
-        with start_containerd(work / "ctd", proxy_plugins={PLUGIN: str(sock)}) as cd:
+        with start_containerd(work / "ctd", proxy_plugins={PLUGIN: str(sp.address)}) as cd:
             mark = reg_log.stat().st_size
             if use_rpull:
                 t_pull = run([rpull_bin(), "--address", cd.address, "--snapshotter", PLUGIN, "--plain-http", ref],
@@ -100,12 +93,12 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
             n, total = blob_stats(reg_log, mark)
             big_bytes = sum(g.size for g in blob_gets(reg_log, mark) if g.digest == big)
             rss, pss = pid_mem(lazyfs_pid(root / "lazy"))
-            snap_rss, snap_pss = pid_mem(proc.pid)
+            snap_rss, snap_pss = pid_mem(sp.proc.pid)
             if os.environ.get("LAZY_PULL_SMAPS"):
-                for what, pid in (("lazyfs", lazyfs_pid(root / "lazy")), ("snapshotter", proc.pid)):
+                for what, pid in (("lazyfs", lazyfs_pid(root / "lazy")), ("snapshotter", sp.proc.pid)):
                     print(f"{what}: {top_mappings(pid)}")
     finally:
-        stop_process(proc, timeout=20, group=False)
+        stop_daemon(sp)
         stop_lazyfs(root / "lazy")
     return {"pull": t_pull, "run": t_run, "requests": n, "bytes": total, "big": big_bytes, "rss": rss,
             "start": t_start, "snap_rss": snap_rss, "pss": pss, "snap_pss": snap_pss}
