@@ -28,6 +28,9 @@ TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 #: the eStargz layer annotation with the size of the uncompressed tar
 UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 
+#: containerd refuses a label whose key plus value is longer than this (bytes; labels.Validate)
+MAX_LABEL = 4096
+
 #: content GC references
 GC_REF_CONTENT_CONFIG = "containerd.io/gc.ref.content.config"
 GC_REF_CONTENT_MANIFEST = "containerd.io/gc.ref.content.m."

@@ -9,6 +9,7 @@ from cvmfs_snap.labelnames import (
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
+    MAX_LABEL,
     SNAPSHOT_REF,
 )
 from cvmfs_snap.mediatypes import DOCKER_LAYER_GZIP, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
@@ -46,10 +47,10 @@ def test_child_gc_labels_numbering() -> None:
 def test_image_layers_label_is_cut_at_containerds_limit() -> None:
     many = [Descriptor(OCI_LAYER_GZIP, "sha256:" + f"{i:064x}", 1) for i in range(100)]
     value = L.image_layers_label(many)
-    assert len(CRI_IMAGE_LAYERS) + len(value) <= L.MAX_LABEL
+    assert len(CRI_IMAGE_LAYERS) + len(value) <= MAX_LABEL
     parts = value.split(",")
     assert parts == [d.digest for d in many[:len(parts)]]
-    assert len(parts) == (L.MAX_LABEL - len(CRI_IMAGE_LAYERS) + 1) // 72  # 71 chars + ',' per digest
+    assert len(parts) == (MAX_LABEL - len(CRI_IMAGE_LAYERS) + 1) // 72  # 71 chars + ',' per digest
 
 
 def test_snapshot_labels_inherit_only_snapshot_annotations() -> None:

@@ -20,14 +20,12 @@ from cvmfs_snap.labelnames import (
     GC_REF_CONTENT_LAYER,
     GC_REF_CONTENT_MANIFEST,
     GC_REF_CONTENT_OTHER,
+    MAX_LABEL,
     SNAPSHOT_PREFIX,
     SNAPSHOT_REF,
 )
 from cvmfs_snap.mediatypes import CONFIG_TYPES, DOCKER_LAYER_TYPES, MANIFEST_TYPES, OCI_LAYER_PREFIX
 from cvmfs_snap.oci import Descriptor
-
-#: containerd refuses a label whose key plus value is longer than this
-MAX_LABEL = 4096
 
 
 def is_layer_type(media_type: str) -> bool:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cvmfs_snap.labelnames import SNAPSHOT_LAYER_DIGEST, SNAPSHOT_REF, SNAPSHOT_REMOTE, SNAPSHOT_SOURCE
+from cvmfs_snap.labelnames import MAX_LABEL, SNAPSHOT_LAYER_DIGEST, SNAPSHOT_REF, SNAPSHOT_REMOTE, SNAPSHOT_SOURCE
 
 from ..errors import (
     AlreadyExistsError,
@@ -73,8 +73,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LINKS_DIR", "SNAPSHOTS_DIR", "Info", "Mount", "Snapshotter", "Usage", "b36", "disk_usage"]
 
-#: containerd's limit on one label (key + value), labels.Validate
-MAX_LABEL_SIZE = 4096
 #: outcome name of a Prepare served by a normal local snapshot (for metrics)
 OUTCOME_LOCAL = "local"
 
@@ -113,9 +111,9 @@ MissCallback = Callable[[Mapping[str, str]], None]
 def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in labels.items():
-        if len(k.encode()) + len(v.encode()) > MAX_LABEL_SIZE:
+        if len(k.encode()) + len(v.encode()) > MAX_LABEL:
             raise InvalidInputError(
-                f"label {k[:80]!r} is too long: key and value together may not exceed {MAX_LABEL_SIZE} bytes"
+                f"label {k[:80]!r} is too long: key and value together may not exceed {MAX_LABEL} bytes"
             )
         out[str(k)] = str(v)
     return out
