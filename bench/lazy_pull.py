@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pull import PLUGIN, blob_stats, ctr, run, run_out
+from cvmfs_snap.lazyfs.control import PID
 from cvmfs_snap.snapshotter.sources.lazy import LazyProcess, LazySettings
 from cvmfs_snap_devenv import images as im
 from cvmfs_snap_devenv.containerd import start_containerd
@@ -106,7 +107,7 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
 
 def lazyfs_pid(lazy: Path) -> int | None:
     try:
-        return int((lazy / "lazyfs.pid").read_text())
+        return int((lazy / PID).read_text())
     except (OSError, ValueError):
         return None
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 #: names under the lazyfs process's directory (lazy-design.md "Paths"), which the snapshotter's lazy source owns:
 #: the FUSE mount, this socket, the re-attach state, the chunk cache, the unpacked copies, spooled whole blobs
 MNT, SOCKET, STATE, CACHE, UNPACKED, SPOOL = "mnt", "control.sock", "state.json", "cache", "unpacked", "spool"
+#: and the lazy source's own there: its per-layer records, the process's output, the pid of the process it started
+LAYERS, LOG, PID = "layers", "lazyfs.log", "lazyfs.pid"
 OPS = ("attach", "detach", "check", "list", "health", "resolve")
 KINDS = ("unavailable", "integrity", "invalid", "notfound")
 #: a request line longer than this is refused (an attach with credentials is a few KiB)

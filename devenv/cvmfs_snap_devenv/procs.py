@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from cvmfs_snap.lazyfs.control import PID
 from cvmfs_snap.snapshotter.mountinfo import unescape
 
 
@@ -73,5 +74,5 @@ def stop_pid_file(pid_file: Path, *, timeout: float = 10.0) -> None:
 
 def stop_lazyfs(lazy_root: Path) -> None:
     """Stop the lazyfs process of a snapshotter's ``<root>/lazy`` and unmount whatever it left below it."""
-    stop_pid_file(lazy_root / "lazyfs.pid")
+    stop_pid_file(lazy_root / PID)
     unmount_below(lazy_root)

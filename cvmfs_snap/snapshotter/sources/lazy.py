@@ -55,7 +55,7 @@ from cvmfs_snap.errors import (
 from cvmfs_snap.labelnames import SNAPSHOT_LAYER_DIGEST, SNAPSHOT_SOURCE, TOC_DIGEST
 from cvmfs_snap.layout import digest_hex
 from cvmfs_snap.lazyfs import control
-from cvmfs_snap.lazyfs.control import CACHE, MNT, SOCKET, UNPACKED
+from cvmfs_snap.lazyfs.control import CACHE, LAYERS, LOG, MNT, PID, SOCKET, UNPACKED
 from cvmfs_snap.oci import ImageReference
 from cvmfs_snap.oci.auth import CredentialStore
 from cvmfs_snap.oci.hosts import (
@@ -74,8 +74,6 @@ log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 MIB = 1 << 20
-#: names under the lazy root (lazy-design.md "Paths") besides the lazyfs process's own (control.MNT, ...)
-LAYERS, LOG, PID = "layers", "lazyfs.log", "lazyfs.pid"
 #: seconds after a failed start of the lazyfs process during which it is not started again
 START_BACKOFF = 60.0
 #: image manifests remembered (their layers' sizes and TOC annotations)
