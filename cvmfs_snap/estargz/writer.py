@@ -509,6 +509,27 @@ def _spooled_items(tar: Readable, opts: BuildOptions, limits: Limits, name: str,
             yield _Item(e, header, rd)
 
 
+#: a serialised TOC up to this size is kept from the pass that measures it for the pass that writes it
+TOC_KEEP_BYTES = 8 << 20
+
+
+def _toc_text(toc: list[TocEntry]) -> tuple[int, Callable[[], Iterable[bytes]]]:
+    """The TOC's length (its tar header goes first) and its text in pieces. A small TOC is serialised once and
+    kept; a larger one is serialised again for writing, so that a layer of a million files never holds it whole."""
+    kept: list[bytes] | None = []
+    size = 0
+    for part in toc_json_parts(toc):
+        size += len(part)
+        if kept is not None:
+            kept.append(part)
+            if size > TOC_KEEP_BYTES:
+                kept = None
+    if kept is None:
+        return size, lambda: toc_json_parts(toc)
+    parts = kept
+    return size, lambda: parts
+
+
 def build(
     tar: Readable, out: Writable, options: BuildOptions | None = None, *, name: str = "layer",
     limits: Limits | None = None, progress: Callable[[int], None] | None = None,
@@ -529,13 +550,12 @@ def build(
         toc = _write_items(items, em, opts, not opts.prioritized, name)
         if missing:
             log.warning("%s: prioritised files not in the layer: %s", name, ", ".join(missing[:20]))
-        # the TOC is serialised twice (its size goes first, in the tar header), never held whole
-        body_len = sum(len(part) for part in toc_json_parts(toc))
+        body_len, toc_parts = _toc_text(toc)
         toc_hash = hashlib.sha256()
         if opts.compression == "zstd":
             z = zstandard.ZstdCompressor(level=opts.compression_level).compressobj(size=body_len)
             pieces = []
-            for part in toc_json_parts(toc):
+            for part in toc_parts():
                 toc_hash.update(part)
                 pieces.append(z.compress(part))
             pieces.append(z.flush())
@@ -548,7 +568,7 @@ def build(
             toc_offset = em.offset
             header = _toc_header(body_len)
             em.write_raw(c.compress(header), header)
-            for part in toc_json_parts(toc):
+            for part in toc_parts():
                 toc_hash.update(part)
                 em.write_raw(c.compress(part), part)
             tail = bytes(-body_len % BLOCK) + bytes(2 * BLOCK)
