@@ -190,6 +190,43 @@ def test_many_small_files_batched_on_the_pool_give_the_same_output() -> None:
     assert sum(1 for e in es.toc.entries if e.type == "reg") == 3000 + 2  # the files, "big" and the landmark
 
 
+class _CountingSink:
+    def __init__(self) -> None:
+        self.writes = 0
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        self.data += data
+        return len(data)
+
+
+def test_small_files_are_joined_hashed_and_landed_per_batch_not_per_file() -> None:
+    """With a pool, a batch of small files costs one join, one diffID update and one write (a GIL round trip per
+    file made a layer of many small files convert at 1.45x on two cores instead of ~1.9x)."""
+    files = [(f"d/f{i}", random.Random(i).randbytes(i % 700 + 1)) for i in range(3000)]
+    tar = make_tar(["d/", *files])
+    sink = _CountingSink()
+    res = build(io.BytesIO(tar), sink, BuildOptions(chunk_size=CHUNK, workers=2))
+    assert bytes(sink.data) == to_estargz(tar, chunk_size=CHUNK, workers=1)[0]
+    assert "sha256:" + hashlib.sha256(gzip.decompress(bytes(sink.data))).hexdigest() == res.diff_id
+    assert sink.writes < 40  # 3000 members in a few batches, the TOC pieces, the footer
+
+
+@pytest.mark.parametrize("level", range(10))
+def test_one_call_compression_keeps_the_compressobj_bytes(level: int) -> None:
+    from zlib_ng import zlib_ng
+
+    from cvmfs_snap.estargz.writer import _compress
+
+    rnd = random.Random(level)
+    for data in (b"", b"x", bytes(70_000), rnd.randbytes(5000), b"".join(rnd.choice([b"ab", b"cde", b"\n"])
+                                                                          for _ in range(40_000))):
+        c = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)
+        assert _compress(memoryview(data), level, [(0, len(data))], "gzip") == (
+            c.compress(data) + c.flush(), ["sha256:" + hashlib.sha256(data).hexdigest()])
+
+
 class _FailingSink:
     """A destination (an upload) that breaks after ``limit`` bytes."""
 

@@ -4,8 +4,10 @@ The uncompressed stream is cut into *units*, each compressed as its own gzip mem
 of a regular file (so a chunk can be fetched and decoded alone, at its TOC ``offset``) and goes on with the tar
 padding and the headers that follow, up to the next chunk. Units are compressed with zlib-ng (zlib's format, 1.3-2.5x
 faster at the same level and no larger at level 9) on a bounded pool of threads (it releases the GIL), handed over in
-batches of at least ``BATCH_BYTES`` (a layer of small files makes thousands of tiny units), and written in order by
-one landing thread (blob sha256 and ``out.write``, e.g. the upload, beside the tar parsing); since each unit is
+batches of at least ``BATCH_BYTES`` (a layer of small files makes thousands of tiny units: a batch is joined into one
+buffer, hashed for the diffID with one call and landed with one write, since a GIL round trip per small file kept two
+cores from being used), and written in order by one landing thread (blob sha256 and ``out.write``, e.g. the upload,
+beside the tar parsing); since each unit is
 compressed on its own, the output is byte-identical whatever the number of workers. Memory stays bounded: a few
 batches (about ``chunk_size`` each) are in flight.
 
@@ -168,10 +170,13 @@ def _toc_header(size: int) -> bytes:
     return ti.tobuf(tarfile.USTAR_FORMAT)
 
 
-def _compress(unit: bytes, level: int, digests: list[tuple[int, int]], codec: str) -> tuple[bytes, list[str]]:
+def _compress(unit: bytes | memoryview, level: int, digests: list[tuple[int, int]],
+              codec: str) -> tuple[bytes, list[str]]:
     if codec == "zstd":
         out = zstandard.ZstdCompressor(level=level).compress(unit)
-    else:
+    elif level >= 2:  # one call, one GIL round trip; the same bytes as compressobj at these levels
+        out = zlib_ng.compress(unit, level, wbits=31)
+    else:  # levels 0 and 1 make other blocks in one call than through compressobj: keep their output
         c = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)
         out = c.compress(unit) + c.flush()
     mv = memoryview(unit)
@@ -201,10 +206,12 @@ class _Unit:
 BATCH_BYTES = 1 << 20
 
 _Member = tuple[bytes, list[str]]  # a compressed unit and its chunks' digests
+_Span = tuple[int, int, list[tuple[int, int]]]  # a unit's range in its batch's buffer and its chunks' ranges
 
 
-def _compress_batch(work: list[tuple[bytes, list[tuple[int, int]]]], level: int, codec: str) -> list[_Member]:
-    return [_compress(data, level, chunks, codec) for data, chunks in work]
+def _compress_batch(buf: bytes, spans: list[_Span], level: int, codec: str) -> list[_Member]:
+    with memoryview(buf) as mv:
+        return [_compress(mv[a:b], level, chunks, codec) for a, b, chunks in spans]
 
 
 class _Emitter:
@@ -226,8 +233,10 @@ class _Emitter:
         self.diff_hash = hashlib.sha256()
         self.usize = 0
         self._pool = ThreadPoolExecutor(opts.workers, "estargz") if opts.workers > 1 else None
+        #: the batch being filled: its units, their parts (joined into one buffer at flush) and their spans in it
         self._batch: list[_Unit] = []
-        self._work: list[tuple[bytes, list[tuple[int, int]]]] = []
+        self._parts: list[bytes] = []
+        self._spans: list[_Span] = []
         self._batch_size = 0
         #: batches handed to the pool and not compressed yet: every worker busy, one more batch waiting each
         self._slots = threading.Semaphore(2 * opts.workers)
@@ -244,16 +253,20 @@ class _Emitter:
     def submit(self, unit: _Unit) -> None:
         if not unit.size:
             return
-        data = unit.parts[0] if len(unit.parts) == 1 else b"".join(unit.parts)
-        unit.parts = []
-        self.diff_hash.update(data)
-        self.usize += len(data)
         if self._pool is None:
+            data = unit.parts[0] if len(unit.parts) == 1 else b"".join(unit.parts)
+            unit.parts = []
+            self.diff_hash.update(data)
+            self.usize += len(data)
             self._land(unit, _compress(data, self.opts.compression_level, unit.chunks, self.opts.compression))
             return
+        # with a pool, a batch's units are joined once and hashed once (not a GIL round trip per small file)
+        start = self._batch_size
         self._batch.append(unit)
-        self._work.append((data, unit.chunks))
-        self._batch_size += len(data)
+        self._parts += unit.parts
+        unit.parts = []
+        self._batch_size += unit.size
+        self._spans.append((start, self._batch_size, unit.chunks))
         if self._batch_size >= BATCH_BYTES:
             self._flush()
 
@@ -261,10 +274,14 @@ class _Emitter:
         if not self._batch or self._pool is None:
             return
         self._check()
-        units, work = self._batch, self._work
-        self._batch, self._work, self._batch_size = [], [], 0
+        units, spans, parts = self._batch, self._spans, self._parts
+        self._batch, self._spans, self._parts, self._batch_size = [], [], [], 0
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        del parts
+        self.diff_hash.update(buf)
+        self.usize += len(buf)
         self._slots.acquire()
-        fut = self._pool.submit(_compress_batch, work, self.opts.compression_level, self.opts.compression)
+        fut = self._pool.submit(_compress_batch, buf, spans, self.opts.compression_level, self.opts.compression)
         fut.add_done_callback(lambda _: self._slots.release())
         self._queue.put((units, fut))
 
@@ -280,20 +297,28 @@ class _Emitter:
                     return
                 if self._error is None and not self._closing:  # else only empty the queue: no submitter blocks
                     units, fut = item
-                    for unit, member in zip(units, fut.result(), strict=True):
-                        self._land(unit, member)
+                    members = fut.result()
+                    offset = self.offset
+                    for unit, (comp, digests) in zip(units, members, strict=True):
+                        self._place(unit, offset, digests)
+                        offset += len(comp)
+                    self._write(members[0][0] if len(members) == 1 else b"".join(m[0] for m in members))
             except BaseException as e:  # raised again on the submitting thread
                 self._error = e
             finally:
                 self._queue.task_done()
 
-    def _land(self, unit: _Unit, member: _Member) -> None:
-        comp, digests = member
+    @staticmethod
+    def _place(unit: _Unit, offset: int, digests: list[str]) -> None:
         for ent, dg, whole in zip(unit.entries, digests, unit.whole, strict=True):
-            ent.offset = self.offset
+            ent.offset = offset
             ent.chunk_digest = dg
             if whole:  # a one-chunk file; a longer file's digest is set by the tar thread after its last chunk
                 ent.digest = dg
+
+    def _land(self, unit: _Unit, member: _Member) -> None:
+        comp, digests = member
+        self._place(unit, self.offset, digests)
         self._write(comp)
 
     def _write(self, data: bytes) -> None:
