@@ -7,9 +7,8 @@ faster at the same level and no larger at level 9) on a bounded pool of threads 
 batches of at least ``BATCH_BYTES`` (a layer of small files makes thousands of tiny units: a batch is joined into one
 buffer, hashed for the diffID with one call and landed with one write, since a GIL round trip per small file kept two
 cores from being used), and written in order by one landing thread (blob sha256 and ``out.write``, e.g. the upload,
-beside the tar parsing); since each unit is
-compressed on its own, the output is byte-identical whatever the number of workers. Memory stays bounded: a few
-batches (about ``chunk_size`` each) are in flight.
+beside the tar parsing); since each unit is compressed on its own, the output is byte-identical whatever the number
+of workers. Memory stays bounded: a few batches (about ``chunk_size`` each) are in flight.
 
 Tar headers are copied as they are stored; only sparse members are rewritten as regular files (the TOC describes
 file bytes, which a sparse member does not hold). Prioritised files (and their parent directories and hardlink
