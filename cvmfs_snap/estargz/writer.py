@@ -534,7 +534,7 @@ def _spooled_items(tar: Readable, opts: BuildOptions, limits: Limits, name: str,
 
 
 #: a serialised TOC up to this size is kept from the pass that measures it for the pass that writes it
-TOC_KEEP_BYTES = 8 << 20
+TOC_KEEP_BYTES = 4 << 20
 
 
 def _toc_text(toc: list[TocEntry]) -> tuple[int, Callable[[], Iterable[bytes]]]:
