@@ -96,37 +96,17 @@ def format_modtime(mtime_ns: int) -> str:
         return ""
 
 
-#: one entry's members, one per line at the TOC's entry depth (C encoder; ``indent`` would pick the Python one)
-_ENTRY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",\n\t\t\t", ": "))
-
-
-def _entry_json(e: TocEntry) -> str:
-    """One entry as ``json.dumps(..., indent="\t")`` writes it, indented to the depth of the entries list."""
-    doc = e.to_json()
-    if "xattrs" in doc:  # the one nested object: rare, the generic way
-        return json.dumps(doc, indent="\t", ensure_ascii=False).replace("\n", "\n\t\t")
-    return "{\n\t\t\t" + _ENTRY_ENCODER.encode(doc)[1:-1] + "\n\t\t}"
-
-
-def toc_json_parts(entries: list[TocEntry], block: int = 64 << 10) -> Iterator[bytes]:
-    """The serialised TOC piece by piece, pieces of about ``block`` bytes (tab-indented like Go's
-    ``json.MarshalIndent``): a layer with a million files is written without holding its whole TOC text, nor a
-    million dicts, at once."""
+def toc_json_parts(entries: list[TocEntry]) -> Iterator[bytes]:
+    """The serialised TOC piece by piece (tab-indented like Go's ``json.MarshalIndent``): a layer with a million
+    files is written without holding its whole TOC text, nor a million dicts, at once."""
     if not entries:
         yield b'{\n\t"version": 1,\n\t"entries": []\n}'
         return
     yield b'{\n\t"version": 1,\n\t"entries": [\n'
     last = len(entries) - 1
-    texts: list[str] = []
-    size = 0
     for i, e in enumerate(entries):
-        text = _entry_json(e)
-        texts.append(text)
-        size += len(text)
-        if size >= block or i == last:
-            end = ",\n" if i < last else "\n"
-            yield ("\t\t" + ",\n\t\t".join(texts) + end).encode("utf-8", "surrogateescape")
-            texts, size = [], 0
+        text = json.dumps(e.to_json(), indent="\t", ensure_ascii=False).replace("\n", "\n\t\t")
+        yield b"\t\t" + text.encode("utf-8", "surrogateescape") + (b",\n" if i < last else b"\n")
     yield b"\t]\n}"
 
 
