@@ -339,7 +339,8 @@ class _Emitter:
         if uncompressed:
             self.diff_hash.update(uncompressed)
             self.usize += len(uncompressed)
-        self._write(data)
+        if data:  # the TOC's compressor returns nothing for most entries: no empty write to the upload each
+            self._write(data)
 
     def close(self) -> None:
         if self._lander is not None:
