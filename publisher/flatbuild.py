@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from cvmfs_snap.errors import CvmfsSnapError
@@ -26,13 +26,17 @@ log = logging.getLogger(__name__)
 
 #: opens one layer's decoded tar from the registry
 RegistryOpener = Callable[[Descriptor], LayerOpener]
+#: held while one layer is applied to the flat
+Slot = Callable[[], AbstractContextManager[object]]
 
 
 def build_flat(backend: Backend, ref: ImageReference, p: ImagePlatform, layers: Mapping[str, Future[str]],
-               flushed: Future[None], from_registry: RegistryOpener, *, from_tree: bool = True) -> None:
+               flushed: Future[None], from_registry: RegistryOpener, *, from_tree: bool = True,
+               slot: Slot = nullcontext) -> None:
     """Build and publish the flat tree of ``p`` through ``backend`` as the futures in ``layers`` (digest ->
     publish outcome) complete; an error there aborts the flat. ``flushed`` is done once the image's layers are
-    flushed (a batching backend makes them visible then). ``from_tree=False``: every layer from the registry."""
+    flushed (a batching backend makes them visible then). ``from_tree=False``: every layer from the registry.
+    ``slot`` is held while one layer is applied, once it is ready (``publisher.slots``)."""
     layout = backend.layout
     failed: list[BaseException] = []
     read_from_tree: list[str] = []
@@ -50,7 +54,7 @@ def build_flat(backend: Backend, ref: ImageReference, p: ImagePlatform, layers: 
             else:
                 read_from_tree.append(desc.digest)
                 cm = _tree_opener(tree, desc.digest, not backend.reads_through_cvmfs, backend.limits, failed)()
-            with cm as tar:
+            with slot(), cm as tar:
                 yield tar
 
         return opened

@@ -11,7 +11,9 @@ layer wanted by several images at once is processed once (the in-flight table ma
 thread downloads its blob and has it unpacked in one of ``concurrency`` worker processes (``publisher.workers``), so
 that layers use every core. Image orchestration runs in lightweight threads that mostly wait; flat-tree builds (at
 most ``concurrency`` at once) start with the image's layers and apply each layer as soon as it and the layers below
-it are published, so the flat is ready soon after the last layer; it becomes visible only when complete.
+it are published, so the flat is ready soon after the last layer; it becomes visible only when complete. Layer
+unpacks and flat applications share ``concurrency`` slots (``publisher.slots``), a flat's next layer first: the flat
+is the critical path of an image.
 Streaming end to end (registry -> decompressor -> unpacker), so memory does not grow with layer size. Flat trees
 are built from the published layer trees (``publisher.flatbuild``, ``publisher.layertree``), so each blob is
 downloaded once per publish. Which platforms are published is ``publisher.platforms``' job, the metadata written
@@ -48,6 +50,7 @@ from .imagemeta import ImageMetadata
 from .inventory import image_names
 from .locks import gc_lock
 from .platforms import ImagePlatform, load_platforms
+from .slots import FLAT, LAYER, WorkSlots
 from .workers import LayerWorkers
 
 log = logging.getLogger(__name__)
@@ -131,6 +134,8 @@ class Publisher:
         self._workers = LayerWorkers(self.concurrency) if unpack_in_processes else None
         #: flat-tree builds (at most ``concurrency`` at once); each mostly waits for its layers, then applies them
         self._flat_pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish-flat")
+        #: ``concurrency`` heavy units at once (a layer's unpack, a layer's application to a flat), flats first
+        self.slots = WorkSlots(self.concurrency)
         self._lock = threading.RLock()
         self._inflight: dict[str, Future[str]] = {}
         self._image_locks: dict[str, threading.Lock] = {}
@@ -323,7 +328,7 @@ class Publisher:
         with self._lock:
             fut = self._inflight.get(desc.digest)
             if fut is None:
-                fut = self._pool.submit(self._do_layer, ref, desc, diff_id, cfg)
+                fut = self._pool.submit(self._do_layer, ref, desc, diff_id, cfg, self.slots.ticket())
                 self._inflight[desc.digest] = fut
                 fut.add_done_callback(functools.partial(self._forget, desc.digest))
             return fut
@@ -357,9 +362,9 @@ class Publisher:
         if self.concurrency == 1:  # one unit of heavy work at a time: the flat after the layers, not beside them
             _wait_quietly(flushed)
         build_flat(self.backend, ref, p, layers, flushed, functools.partial(self._opener, ref),
-                   from_tree=self.flat_from_tree)
+                   from_tree=self.flat_from_tree, slot=functools.partial(self.slots.hold, FLAT))
 
-    def _do_layer(self, ref: ImageReference, desc: Descriptor, diff_id: str, cfg: str) -> str:
+    def _do_layer(self, ref: ImageReference, desc: Descriptor, diff_id: str, cfg: str, order: int) -> str:
         digest = desc.digest
         if self.backend.has_layer(digest):
             metrics.LAYERS_SKIPPED.labels(self._backend_label).inc()
@@ -373,7 +378,7 @@ class Publisher:
         ok = False
         try:
             info = LayerInfo(digest, desc.media_type, desc.size, expected_diff_id=diff_id, origin=[cfg])
-            with self._open_layer(ref, desc, offload=True) as tar:
+            with self.slots.hold(LAYER, order), self._open_layer(ref, desc, offload=True) as tar:
                 rec = self.backend.publish_layer(info, tar)
             ok = True
             metrics.LAYERS_PUBLISHED.labels(self._backend_label).inc()

@@ -1,0 +1,144 @@
+"""Heavy work shares ``concurrency`` slots, a flat's next layer first (publisher.slots).
+
+With 2 cores and 2 workers, a flat applied beside two layer unpacks got two thirds of a core while it was the
+image's critical path; now at most ``concurrency`` heavy units run at once and the flat goes first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from cvmfs_snap.layout import LayerRecord
+from cvmfs_snap.oci import RegistryClient
+from cvmfs_snap_devenv import images as im
+from cvmfs_snap_devenv.registry import Registry
+from publisher.backends.base import FlatLayer, FlatOpener, LayerInfo, TarStream
+from publisher.backends.local import LocalBackend
+from publisher.pipeline import Publisher
+from publisher.slots import FLAT, LAYER, WorkSlots
+
+
+def test_flat_goes_before_waiting_layers_and_layers_in_order() -> None:
+    slots = WorkSlots(1)
+    got: list[str] = []
+    holder = slots.hold(LAYER, 0)
+    holder.__enter__()
+
+    def wait(name: str, priority: int, order: int | None) -> None:
+        with slots.hold(priority, order):
+            got.append(name)
+            time.sleep(0.01)
+
+    threads = []
+    for name, prio, order in (("layer 7", LAYER, 7), ("layer 3", LAYER, 3), ("flat", FLAT, None)):
+        t = threading.Thread(target=wait, args=(name, prio, order))
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)  # all three are waiting before the slot is free
+    holder.__exit__(None, None, None)
+    for t in threads:
+        t.join(5)
+    assert got == ["flat", "layer 3", "layer 7"]
+    assert slots.peak == 1
+
+
+def test_a_waiter_that_gives_up_does_not_block_the_others() -> None:
+    slots = WorkSlots(1)
+    holder = slots.hold(LAYER, 0)
+    holder.__enter__()
+    first = slots.hold(FLAT)
+    done: list[str] = []
+
+    def later() -> None:
+        with slots.hold(LAYER, 5):
+            done.append("later")
+
+    class Stop(Exception):
+        pass
+
+    def give_up() -> None:
+        try:
+            with first:
+                raise AssertionError("never granted")
+        except Stop:
+            done.append("gave up")
+
+    t = threading.Thread(target=later)
+    t.start()
+    time.sleep(0.05)
+    # a waiter interrupted while it waits (here: by an exception from its condition wait) leaves the queue
+    original = slots._cond.wait
+    calls = {"n": 0}
+
+    def interrupting_wait(timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "giver":
+            calls["n"] += 1
+            raise Stop
+        return original(timeout)
+
+    slots._cond.wait = interrupting_wait  # type: ignore[method-assign]
+    g = threading.Thread(target=give_up, name="giver")
+    g.start()
+    g.join(5)
+    slots._cond.wait = original  # type: ignore[method-assign]
+    holder.__exit__(None, None, None)
+    t.join(5)
+    assert done == ["gave up", "later"]
+    assert calls["n"] == 1
+
+
+class _CountingBackend(LocalBackend):
+    """Counts heavy units running at once: a layer's publish (slowed down a little) and a flat's layer apply."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.running = 0
+        self.peak = 0
+        self.flat_applies = 0
+        self._mu = threading.Lock()
+
+    @contextmanager
+    def _unit(self) -> Iterator[None]:
+        with self._mu:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(0.05)
+            yield
+        finally:
+            with self._mu:
+                self.running -= 1
+
+    def publish_layer(self, info: LayerInfo, tar_stream: TarStream) -> LayerRecord:
+        with self._unit():
+            return super().publish_layer(info, tar_stream)
+
+    def publish_flat(self, config_digest: str, layers: Sequence[FlatOpener]) -> None:
+        def counted(opener: FlatOpener) -> FlatOpener:
+            @contextmanager
+            def opened() -> Iterator[FlatLayer]:
+                with opener() as layer, self._unit():
+                    self.flat_applies += 1
+                    yield layer
+
+            return opened
+
+        super().publish_flat(config_digest, [counted(o) for o in layers])
+
+
+def test_layers_and_flat_never_run_more_than_concurrency_units(tmp_path: Path, registry: Registry) -> None:
+    layers = [im.layer([(f"l{i}/f{j}", b"x" * 100) for j in range(20)]) for i in range(6)]
+    im.push_image(registry.url, "slots/six", "v1", im.image(layers))
+    backend = _CountingBackend(tmp_path / "repo")
+    with RegistryClient(insecure_registries=[registry.host], retries=0) as client, \
+            Publisher(backend, client, concurrency=2, unpack_in_processes=False) as pub:
+        result = pub.publish_image(registry.ref("slots/six", "v1"))
+    assert result.ok, result.error
+    assert backend.flat_applies == 6
+    assert backend.peak == 2  # before: the flat ran beside two layers (3)
+    flat = next((tmp_path / "repo/.flat").glob("*/*"))
+    assert sorted(p.name for p in flat.iterdir() if p.is_dir()) == [f"l{i}" for i in range(6)]
