@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from cvmfs_snap.errors import CvmfsSnapError
@@ -26,36 +26,48 @@ log = logging.getLogger(__name__)
 
 #: opens one layer's decoded tar from the registry
 RegistryOpener = Callable[[Descriptor], LayerOpener]
-#: held while one layer is applied to the flat
-Slot = Callable[[], AbstractContextManager[object]]
+#: held while one layer (digest) is applied to the flat, once the callable (which waits for the layer) returned
+Claim = Callable[[str, Callable[[], object]], AbstractContextManager[object]]
 
 
 def build_flat(backend: Backend, ref: ImageReference, p: ImagePlatform, layers: Mapping[str, Future[str]],
                flushed: Future[None], from_registry: RegistryOpener, *, from_tree: bool = True,
-               slot: Slot = nullcontext) -> None:
+               claim: Claim | None = None) -> None:
     """Build and publish the flat tree of ``p`` through ``backend`` as the futures in ``layers`` (digest ->
     publish outcome) complete; an error there aborts the flat. ``flushed`` is done once the image's layers are
     flushed (a batching backend makes them visible then). ``from_tree=False``: every layer from the registry.
-    ``slot`` is held while one layer is applied, once it is ready (``publisher.slots``)."""
+    ``claim(digest, ready)`` is held while one layer is applied, once ``ready`` returned (``WorkSlots.after``)."""
     layout = backend.layout
     failed: list[BaseException] = []
     read_from_tree: list[str] = []
 
     def opener(desc: Descriptor) -> FlatOpener:
+        def published() -> None:
+            layers[desc.digest].result()  # published (or raises the layer's error: no flat without it)
+
+        @contextmanager
+        def slot() -> Iterator[None]:
+            with (claim or _unclaimed)(desc.digest, published):
+                if layout.is_layer_complete(desc.digest):
+                    yield
+                    return
+            # accepted into a batch: visible once the image's layers are flushed, which needs the slot given back
+            flushed.result()
+            with (claim or _unclaimed)(desc.digest, _nothing):
+                yield
+
         @contextmanager
         def opened() -> Iterator[FlatLayer]:
-            layers[desc.digest].result()  # published (or raises the layer's error: no flat without it)
-            if not layout.is_layer_complete(desc.digest):
-                flushed.result()  # accepted into a batch: visible once the image's layers are flushed
-            tree = backend.layer_tree(desc.digest) if from_tree else None
-            cm: AbstractContextManager[FlatLayer]
-            if tree is None:
-                cm = from_registry(desc)()
-            else:
-                read_from_tree.append(desc.digest)
-                cm = _tree_opener(tree, desc.digest, not backend.reads_through_cvmfs, backend.limits, failed)()
-            with slot(), cm as tar:
-                yield tar
+            with slot():
+                tree = backend.layer_tree(desc.digest) if from_tree else None
+                cm: AbstractContextManager[FlatLayer]
+                if tree is None:
+                    cm = from_registry(desc)()
+                else:
+                    read_from_tree.append(desc.digest)
+                    cm = _tree_opener(tree, desc.digest, not backend.reads_through_cvmfs, backend.limits, failed)()
+                with cm as tar:
+                    yield tar
 
         return opened
 
@@ -86,3 +98,13 @@ def _tree_opener(tree: Path, digest: str, user_xattrs: bool, limits: Limits,
             raise
 
     return opened
+
+
+def _nothing() -> None:
+    pass
+
+
+@contextmanager
+def _unclaimed(digest: str, ready: Callable[[], object]) -> Iterator[None]:
+    ready()
+    yield

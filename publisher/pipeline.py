@@ -50,7 +50,7 @@ from .imagemeta import ImageMetadata
 from .inventory import image_names
 from .locks import gc_lock
 from .platforms import ImagePlatform, load_platforms
-from .slots import FLAT, LAYER, WorkSlots
+from .slots import LAYER, WorkSlots
 from .workers import LayerWorkers
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ class Publisher:
         if self.concurrency == 1:  # one unit of heavy work at a time: the flat after the layers, not beside them
             _wait_quietly(flushed)
         build_flat(self.backend, ref, p, layers, flushed, functools.partial(self._opener, ref),
-                   from_tree=self.flat_from_tree, slot=functools.partial(self.slots.hold, FLAT))
+                   from_tree=self.flat_from_tree, claim=self.slots.after)
 
     def _do_layer(self, ref: ImageReference, desc: Descriptor, diff_id: str, cfg: str, order: int) -> str:
         digest = desc.digest
@@ -378,7 +378,7 @@ class Publisher:
         ok = False
         try:
             info = LayerInfo(digest, desc.media_type, desc.size, expected_diff_id=diff_id, origin=[cfg])
-            with self.slots.hold(LAYER, order), self._open_layer(ref, desc, offload=True) as tar:
+            with self.slots.hold(LAYER, order, key=digest), self._open_layer(ref, desc, offload=True) as tar:
                 rec = self.backend.publish_layer(info, tar)
             ok = True
             metrics.LAYERS_PUBLISHED.labels(self._backend_label).inc()

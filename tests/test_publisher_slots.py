@@ -91,6 +91,72 @@ def test_a_waiter_that_gives_up_does_not_block_the_others() -> None:
     assert calls["n"] == 1
 
 
+def test_a_layer_hands_its_slot_to_the_flat_waiting_for_it() -> None:
+    """The layer's thread (or any other waiter) cannot take the slot between the layer's end and the moment the
+    flat learns of it (its future is set after the slot is released)."""
+    slots = WorkSlots(1)
+    got: list[str] = []
+    published = threading.Event()
+    unit = slots.hold(LAYER, 0, key="sha256:a")
+    unit.__enter__()
+
+    def flat() -> None:
+        with slots.after("sha256:a", published.wait):
+            got.append("flat")
+
+    def next_layer() -> None:
+        with slots.hold(LAYER, 1):
+            got.append("next layer")
+
+    threads = [threading.Thread(target=flat), threading.Thread(target=next_layer)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    unit.__exit__(None, None, None)
+    time.sleep(0.05)  # the next layer waited before and the slot is not in use: it still must not get it
+    assert got == []
+    published.set()
+    for t in threads:
+        t.join(5)
+    assert got == ["flat", "next layer"]
+    assert slots.handovers == 1
+
+
+def test_a_handed_slot_is_freed_when_the_flat_gives_up() -> None:
+    slots = WorkSlots(1)
+    got: list[str] = []
+    failed = threading.Event()
+    unit = slots.hold(LAYER, 0, key="sha256:a")
+    unit.__enter__()
+
+    def ready() -> None:
+        failed.wait()
+        raise RuntimeError("the layer failed")
+
+    def flat() -> None:
+        try:
+            with slots.after("sha256:a", ready):
+                got.append("flat")
+        except RuntimeError:
+            got.append("flat gave up")
+
+    def next_layer() -> None:
+        with slots.hold(LAYER, 1):
+            got.append("next layer")
+
+    threads = [threading.Thread(target=flat), threading.Thread(target=next_layer)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    unit.__exit__(None, None, None)
+    failed.set()
+    for t in threads:
+        t.join(5)
+    assert got == ["flat gave up", "next layer"]
+    with slots.hold(FLAT):  # and nothing leaked: the one slot is free
+        pass
+
+
 class _CountingBackend(LocalBackend):
     """Counts heavy units running at once: a layer's publish (slowed down a little) and a flat's layer apply."""
 
