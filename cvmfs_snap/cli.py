@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from types import ModuleType
-from typing import NoReturn
 
 from . import __version__
 from .errors import CvmfsSnapError
+from .procexit import fast_exit
 from .unusedimports import UNUSED_BY_HTTP_CLIENTS, skip_unused_imports
 
 SUBCOMMANDS: dict[str, str] = {
@@ -177,16 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     if own_process and only in FAST_EXIT:
         fast_exit(rc)
     return rc
-
-
-def fast_exit(rc: int) -> NoReturn:
-    """End the process now: output flushed, nothing else to clean up (the pull closed its channel, client and
-    lease). Skips the interpreter's teardown and gRPC's shutdown hooks, up to 0.1 s of a short command."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(rc)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from cvmfs_snap import __version__
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
+from cvmfs_snap.procexit import fast_exit
 from cvmfs_snap.progressbars import BarDisplay
 from cvmfs_snap.unusedimports import UNUSED_BY_HTTP_CLIENTS, skip_unused_imports
 
@@ -172,7 +173,17 @@ def _summary(results: list[ImageResult], recipe_errors: list[RecipeError]) -> in
     return 1 if failed or recipe_errors else 0
 
 
+def _start_forkserver() -> None:
+    """The layer workers' forkserver, started before the pipeline's and the registry client's imports: its own
+    imports then run on another core meanwhile, not after them on the first layer's path."""
+    from .backends import cvmfs, local  # noqa: F401 - their offloadable steps, which the forkserver preloads
+    from .workers import start_forkserver
+
+    start_forkserver()
+
+
 def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
+    _start_forkserver()
     from .factory import make_publisher
     from .policy import recipe_into_config
     from .recipe import Recipe
@@ -186,6 +197,7 @@ def cmd_convert(args: argparse.Namespace, config: PublisherConfig, progress: Ric
 
 
 def cmd_convert_single(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
+    _start_forkserver()
     from cvmfs_snap.oci import ImageReference
 
     from .factory import make_publisher
@@ -242,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_gc(args, config)
         if progress is not None:
             with progress:
-                return _dispatch(args, config, progress)
-        return _dispatch(args, config, None)
+                rc = _dispatch(args, config, progress)
+        else:
+            rc = _dispatch(args, config, None)
     except InvalidInputError as exc:
         log.error("%s", exc)
         return exc.exit_code
@@ -252,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    if argv is None:  # the process: its publisher (workers, client, backend) is closed and the summary printed
+        fast_exit(rc)
+    return rc
 
 
 def _dispatch(args: argparse.Namespace, config: PublisherConfig, progress: RichProgress | None) -> int:
