@@ -157,17 +157,18 @@ class LayerTreeEntries:
 
     def _entry(self, dfd: int, base: str, path: str, links: dict[tuple[int, int], str]) -> TarEntry | None:
         lim = self.limits
-        where = f"{self.name}: {show(path)}"
-        if len(path.encode("utf-8", "surrogateescape")) > lim.max_path_len:
-            raise UnsafeLayerError(f"{where}: path exceeds Limits.max_path_len ({lim.max_path_len}); refusing it")
+        # (a UTF-8 character is at most 4 bytes: most paths need no encoding to pass)
+        if len(path) * 4 > lim.max_path_len and len(path.encode("utf-8", "surrogateescape")) > lim.max_path_len:
+            raise UnsafeLayerError(f"{self._where(path)}: path exceeds Limits.max_path_len ({lim.max_path_len}); "
+                                   "refusing it")
         try:
             st = os.lstat(base, dir_fd=dfd)
         except FileNotFoundError:
-            raise CommandError(f"{where} vanished while the published layer tree was read") from None
+            raise CommandError(f"{self._where(path)} vanished while the published layer tree was read") from None
         fmt = stat.S_IFMT(st.st_mode)
         kind = _KINDS.get(fmt)
         if kind is None:
-            log.debug("%s: a socket; left out, as tar does", where)
+            log.debug("%s: a socket; left out, as tar does", self._where(path))
             return None
         mode = st.st_mode & 0o7777
         if kind != "dir" and st.st_nlink > 1:
@@ -181,9 +182,9 @@ class LayerTreeEntries:
             try:
                 fst = os.fstat(fd)
                 if (fst.st_ino, fst.st_dev) != (st.st_ino, st.st_dev) or not stat.S_ISREG(fst.st_mode):
-                    raise CommandError(f"{where} was replaced while the published layer tree was read")
+                    raise CommandError(f"{self._where(path)} was replaced while the published layer tree was read")
                 sparse = _data_segments(fd, st.st_size) if st.st_blocks * 512 < st.st_size else None
-                xattrs = self._xattrs(fd, None, where)
+                xattrs = self._xattrs(fd, None, path)
             except BaseException:
                 os.close(fd)
                 raise
@@ -194,9 +195,13 @@ class LayerTreeEntries:
         if kind in ("char", "block"):
             major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
         return TarEntry(path, path, kind, mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns, linkname=linkname,
-                        devmajor=major, devminor=minor, xattrs=self._xattrs(dfd, base, where))
+                        devmajor=major, devminor=minor, xattrs=self._xattrs(dfd, base, path))
 
-    def _xattrs(self, fd: int, base: str | None, where: str) -> dict[str, bytes]:
+    def _where(self, path: str) -> str:
+        """The prefix of a message about ``path`` (made only when there is one to write)."""
+        return f"{self.name}: {show(path)}"
+
+    def _xattrs(self, fd: int, base: str | None, path: str) -> dict[str, bytes]:
         """xattrs of the open file ``fd``, or of ``base`` in the directory ``fd`` (never following a symlink)."""
         target: int | str = fd if base is None else f"/proc/self/fd/{fd}/{base}"
         follow = base is None
@@ -216,7 +221,7 @@ class LayerTreeEntries:
                 if exc.errno in (errno.ENODATA, errno.ENOTSUP):
                     continue
                 raise
-            check_xattr(key, value, self.limits, where)
+            check_xattr(key, value, self.limits, self._where(path))
             out[key] = value
         return out
 
