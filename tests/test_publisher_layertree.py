@@ -175,3 +175,13 @@ def test_tree_entries_obey_the_limits(tmp_path: Path) -> None:
     os.setxattr(root / "a/b/c/f", "trusted.overlay.opaque", b"y")
     with open_layer_tree(root, name="layer odd") as tree, pytest.raises(UnsafeLayerError, match="overlayfs"):
         list(tree)
+
+
+def test_tree_path_length_is_counted_in_utf8_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "layerfs"
+    (root / ("é" * 60)).mkdir(parents=True)  # 60 characters, 120 bytes
+    with open_layer_tree(root, limits=Limits(max_path_len=100), name="layer wide") as tree, \
+            pytest.raises(UnsafeLayerError, match=r"layer wide: .*Limits\.max_path_len \(100\)"):
+        list(tree)
+    with open_layer_tree(root, limits=Limits(max_path_len=120)) as tree:
+        assert [e.path for e in tree] == ["é" * 60]
