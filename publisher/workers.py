@@ -284,9 +284,10 @@ class LayerWorkers:
 
 def _forkserver_context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
-    # workers fork warm, with the main module and the steps' modules imported once (a forkserver already running
-    # keeps what it preloaded)
-    ctx.set_forkserver_preload(["__main__", __name__, *sorted(_STEP_MODULES)])
+    # workers fork warm, with the steps' modules imported once (a forkserver already running keeps what it
+    # preloaded); not the main module (a command line: its config and HTTP client imports, which no worker uses),
+    # unless a step is defined there
+    ctx.set_forkserver_preload([__name__, *sorted(_STEP_MODULES)])
     return ctx
 
 
