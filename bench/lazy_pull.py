@@ -81,12 +81,15 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
         t_start = time.perf_counter() - t0
         with start_containerd(work / "ctd", proxy_plugins={PLUGIN: str(sp.address)}) as cd:
             mark = reg_log.stat().st_size
+            daemons = (sp.proc.pid, lazyfs_pid(root / "lazy"))
+            cpu0 = sum(cpu_seconds(p) for p in daemons)
             if use_rpull:
                 t_pull = run([rpull_bin(), "--address", cd.address, "--snapshotter", PLUGIN, "--plain-http", ref],
                              "rpull")
             else:
                 t_pull = run([sys.executable, "-m", "cvmfs_snap.cli", "pull", "--address", cd.address,
                               "--snapshotter", PLUGIN, "--plain-http", "--json", ref], "cvmfs-snap pull")
+            cpu_pull = sum(cpu_seconds(p) for p in daemons) - cpu0
             t_run, out = run_out(ctr(cd, "run", "--rm", "--snapshotter", PLUGIN, ref, "bench-lazy", "/bin/cat",
                                      "/data/small.txt"), "ctr run (lazy)")
             if out.encode() != SMALL:
@@ -101,7 +104,7 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
     finally:
         stop_daemon(sp)
         stop_lazyfs(root / "lazy")
-    return {"pull": t_pull, "run": t_run, "requests": n, "bytes": total, "big": big_bytes, "rss": rss,
+    return {"pull": t_pull, "cpu": cpu_pull, "run": t_run, "requests": n, "bytes": total, "big": big_bytes, "rss": rss,
             "start": t_start, "snap_rss": snap_rss, "pss": pss, "snap_pss": snap_pss}
 
 
@@ -110,6 +113,15 @@ def lazyfs_pid(lazy: Path) -> int | None:
         return int((lazy / PID).read_text())
     except (OSError, ValueError):
         return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used (/proc/PID/stat), 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pid_mem(pid: int | None) -> tuple[float, float]:
@@ -153,7 +165,8 @@ def native_once(work: Path, reg_log: Path, ref: str, big: str) -> dict[str, floa
             sys.exit(f"native container printed {out!r}")
         n, total = blob_stats(reg_log, mark)
         big_bytes = sum(g.size for g in blob_gets(reg_log, mark) if g.digest == big)
-    return {"pull": t_pull, "run": t_run, "requests": n, "bytes": total, "big": big_bytes, "rss": float("nan"),
+    return {"pull": t_pull, "cpu": float("nan"), "run": t_run, "requests": n, "bytes": total, "big": big_bytes,
+            "rss": float("nan"),
             "start": float("nan"), "snap_rss": float("nan"), "pss": float("nan"), "snap_pss": float("nan")}
 
 
@@ -186,7 +199,10 @@ def main() -> None:
         print(f"{mode:<8} {med['pull']:>16.3f} {med['run']:>8.3f} {int(med['big']):>12} {int(med['bytes']):>12} "
               f"{med['rss']:>15.1f} {med['snap_rss']:>15.1f} {med['start']:>15.3f}")
         pulls = ", ".join(f"{x['pull']:.3f}" for x in rs)
-        print(f"         pulls: {pulls}")
+        print(f"         pulls: {pulls} (range {min(x['pull'] for x in rs):.3f}-{max(x['pull'] for x in rs):.3f})")
+        if mode == "lazy":
+            cpus = ", ".join(f"{x['cpu']:.2f}" for x in rs)
+            print(f"         snapshotter + lazyfs CPU s during the pull: {cpus} (median {med['cpu']:.2f})")
         if mode == "lazy":
             print(f"         PSS MiB: lazyfs {med['pss']:.1f}, snapshotter {med['snap_pss']:.1f}; RSS total "
                   f"{med['rss'] + med['snap_rss']:.1f} MiB (PSS {med['pss'] + med['snap_pss']:.1f})")

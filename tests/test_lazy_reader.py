@@ -14,7 +14,7 @@ import trio  # type: ignore[import-untyped]
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
-from cvmfs_snap.lazyfs.reader import LayerReader, ReadActivity, open_layer_reader
+from cvmfs_snap.lazyfs.reader import TAIL_READ, LayerReader, ReadActivity, open_layer_reader
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.oci.client import RegistryClient
 from cvmfs_snap.oci.reference import ImageReference
@@ -63,7 +63,9 @@ def test_reads_return_the_files_bytes_and_fetch_only_what_they_need(
     async def main() -> None:
         with range_proxy(registry.url) as proxy:
             r = await open_reader(client, proxy.host, layer, cache)
-            assert len(proxy.blob_gets) == 2  # footer, TOC
+            # footer and TOC in one range request: the blob's last TAIL_READ bytes
+            assert [(rng, n) for rng, _, n in proxy.blob_gets] == [
+                (f"bytes={layer.size - TAIL_READ}-{layer.size - 1}", TAIL_READ)]
             toc_bytes = proxy.bytes_sent
             assert await r.read("etc/small.conf", 0, 4096) == b"answer = 42\n"
             assert proxy.bytes_sent - toc_bytes < 0.02 * layer.size
@@ -77,6 +79,25 @@ def test_reads_return_the_files_bytes_and_fetch_only_what_they_need(
             with pytest.raises(InvalidInputError):
                 await r.read("no/such", 0, 10)
             assert 0 < r.fetched_fraction() < 0.3 and not r.is_complete()
+
+    trio.run(main)
+
+
+def test_a_toc_larger_than_the_tail_read_costs_one_more_request(registry: Registry, client: RegistryClient,
+                                                                 tmp_path: Path) -> None:
+    files = {f"d/{os.urandom(12).hex()}": os.urandom(8) for _ in range(3000)}  # names that do not compress
+    big = push_estargz(registry.host, "lazy/bigtoc", files)
+    assert big.size > 2 * TAIL_READ
+
+    async def main() -> None:
+        with range_proxy(registry.url) as proxy:
+            r = await open_reader(client, proxy.host, big, new_cache(tmp_path))
+            assert len(proxy.blob_gets) == 2  # the tail, then the TOC's start
+            toc_offset = r.stargz.footer.toc_offset
+            assert big.size - toc_offset > TAIL_READ
+            assert proxy.blob_gets[1][0] == f"bytes={toc_offset}-{big.size - TAIL_READ - 1}"
+            name = sorted(files)[1234]
+            assert await r.read(name, 0, 100) == files[name]
 
     trio.run(main)
 
@@ -329,7 +350,7 @@ def test_concurrent_reads_of_a_cold_chunk_fetch_and_decode_it_once(
             assert sorted(got) == sorted(blob[i * 4096:i * 4096 + 1000] for i in range(8))
             assert len(proxy.blob_gets) - before == 1
             # the TOC lookup and the first read's chunk lookup missed; the other reads waited for that one
-            assert cache.stats.misses == 2 and cache.stats.hits == 7 and r.fetcher.requests == 3
+            assert cache.stats.misses == 2 and cache.stats.hits == 7 and r.fetcher.requests == 2  # tail, chunk
 
     trio.run(main)
 

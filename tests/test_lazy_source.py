@@ -23,6 +23,7 @@ import pytest
 
 from cvmfs_snap.errors import AlreadyExistsError, InvalidInputError
 from cvmfs_snap.labelnames import (
+    CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
@@ -37,8 +38,9 @@ from cvmfs_snap.snapshotter.sources.cvmfs import CvmfsSource
 from cvmfs_snap.snapshotter.sources.lazy import LazySettings, LazySource
 from cvmfs_snap_devenv.images import BuiltImage, Pusher, estargz_layer, image, push_image
 from cvmfs_snap_devenv.procs import stop_lazyfs
-from cvmfs_snap_devenv.registry import Registry, free_port, htpasswd_auth, log_mark, start_registry
+from cvmfs_snap_devenv.registry import Registry, blob_gets, free_port, htpasswd_auth, log_mark, start_registry
 from tests.support.layersource import lookup
+from tests.support.waiting import wait_for
 
 CHAIN = "sha256:" + "c" * 64
 PASSWORD = "lazy-s3cret-pw"
@@ -347,3 +349,66 @@ def test_process_that_cannot_start_means_normal_pulls_without_waiting(lazy_image
         assert "not retried" in caplog.text
     finally:
         sn.close()
+
+
+def two_layer_labels(img: BuiltImage, ref: str, i: int, image_layers: str) -> dict[str, str]:
+    lay = img.layers[i]
+    return {SNAPSHOT_REF: f"sha256:{i + 0xab:064x}", CRI_LAYER_DIGEST: lay.digest,
+            CRI_IMAGE_REF: ref, CRI_MANIFEST_DIGEST: img.manifest_digest,
+            CRI_IMAGE_LAYERS: image_layers, TOC_DIGEST: lay.annotations[TOC_DIGEST]}
+
+
+@pytest.fixture
+def two_layers(registry: Registry) -> tuple[BuiltImage, str]:
+    img = image([estargz_layer([("one", os.urandom(100_000))]), estargz_layer([("two", b"layer two\n")])])
+    push_image(registry.url, "lazysrc/two", "1", img)
+    return img, registry.ref("lazysrc/two", "1")
+
+
+def test_the_images_other_layers_are_resolved_ahead(two_layers: tuple[BuiltImage, str], registry: Registry,
+                                                    tmp_path: Path, short_tmp: Path) -> None:
+    """The first lazy Prepare of an image has the process fetch the footer and TOC of its other layers in the
+    background: the second Prepare makes no registry request at all. A hostile image-layers label changes
+    nothing (only layers of the verified manifest are named)."""
+    img, ref = two_layers
+    src = make_source(short_tmp / "lazy", tmp_path)
+    sn = Snapshotter(tmp_path / "root", sources=[src])
+    listed = ",".join([img.layers[0].digest, "../../../etc/passwd", "sha256:" + "z" * 64, "x" * 500,
+                       img.layers[1].digest, *(["sha256:" + "e" * 64] * 30)])  # under the 4 KiB label bound
+    try:
+        with pytest.raises(AlreadyExistsError, match="served remotely by lazy"):
+            sn.prepare("extract-0", "", two_layer_labels(img, ref, 0, listed))
+        wait_for(lambda: src.process.call({"op": "health"})["resolved"] == 1, "layer two to be resolved ahead")
+        wait_for(lambda: img.layers[1].digest in {g.digest for g in blob_gets(registry.log)},
+                 "the registry to log the GET of layer two")  # (its access log line is written after the answer)
+        mark = log_mark(registry.log)
+        with pytest.raises(AlreadyExistsError, match="served remotely by lazy"):
+            sn.prepare("extract-1", f"sha256:{0xab:064x}", two_layer_labels(img, ref, 1, listed))
+        assert blob_gets(registry.log, mark) == []  # neither footer, TOC nor manifest
+        with open(registry.log, "rb") as f:
+            f.seek(mark)
+            assert "GET /v2/" not in f.read().decode(errors="replace")
+        assert sorted(src.held()) == sorted(lay.digest for lay in img.layers)
+    finally:
+        sn.close()
+        stop(src)
+
+
+def test_remove_drops_what_was_resolved_ahead(two_layers: tuple[BuiltImage, str], tmp_path: Path,
+                                              short_tmp: Path) -> None:
+    img, ref = two_layers
+    src = make_source(short_tmp / "lazy", tmp_path)
+    sn = Snapshotter(tmp_path / "root", sources=[src])
+    try:
+        with pytest.raises(AlreadyExistsError):
+            sn.prepare("extract-0", "", two_layer_labels(img, ref, 0, ""))  # no label: the manifest's layers
+        wait_for(lambda: src.process.call({"op": "health"})["resolved"] == 1, "layer two to be resolved ahead")
+        sn.remove(f"sha256:{0xab:064x}")  # containerd's unpack failed, or the image went away
+        h = src.process.call({"op": "health"})
+        assert h["resolved"] == 0 and h["resolving"] == 0 and h["layers"] == 0
+        assert h["cache"]["chunk_bytes"] == 0  # layer two's TOC is not kept either
+        assert src.held() == []
+    finally:
+        sn.close()
+        stop(src)
+

@@ -20,7 +20,7 @@ import pytest
 from cvmfs_snap.labelnames import TOC_DIGEST
 from cvmfs_snap.lazyfs import control
 from cvmfs_snap_devenv.images import estargz_layer, image, push_image
-from cvmfs_snap_devenv.registry import Registry, free_port
+from cvmfs_snap_devenv.registry import Registry, blob_gets, free_port, log_mark
 from tests.support.layertrees import MTIMES
 from tests.support.range_proxies import Behaviour, PushedLayer, RangeProxy, push_estargz, range_proxy
 from tests.support.trees import listing
@@ -195,7 +195,7 @@ def test_concurrent_attaches_of_one_layer_make_one(tmp_path: Path, layer: Pushed
     assert len(set(paths)) == 1
     assert len(p.call({"op": "list"})["layers"]) == 1  # type: ignore[arg-type]
     footer_and_toc = [g for g in proxy.blob_gets if g[1] == 206]
-    assert len(footer_and_toc) == 2  # one open of the layer, not four
+    assert len(footer_and_toc) == 1  # one open of the layer (footer and TOC in one range), not four
 
 
 def test_complete_layer_gets_an_unpacked_copy(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
@@ -306,3 +306,115 @@ def test_process_ends_when_its_mount_is_unmounted_from_outside(tmp_path: Path, p
     subprocess.run(["umount", "-l", str(root / "mnt")], check=True)
     assert p.p.wait(30) == 0
     assert not (root / "control.sock").exists()
+
+
+@pytest.fixture(scope="module")
+def neighbour(registry: Registry) -> PushedLayer:
+    return push_estargz(registry.host, "lazy/proc", {"etc/other.conf": b"other = 1\n",
+                                                     "data/n": os.urandom(300_000)}, chunk_size=64 * 1024)
+
+
+def neighbour_entry(layer: PushedLayer) -> dict[str, object]:
+    return {"id": layer.digest[7:], "digest": layer.digest, "size": layer.size, "toc_digest": layer.toc_digest}
+
+
+def registry_saw(registry: Registry, mark: int, *digests: str) -> None:
+    """Wait until the registry's access log shows exactly these blob GETs (in any order) after ``mark``."""
+    wait_for(lambda: sorted(g.digest for g in blob_gets(registry.log, mark)) == sorted(digests),
+             f"the registry to log GETs of {digests}", timeout=5)
+    time.sleep(0.2)  # and no more
+    assert sorted(g.digest for g in blob_gets(registry.log, mark)) == sorted(digests)
+
+
+def health(p: Proc) -> dict[str, object]:
+    return p.call({"op": "health"})
+
+
+def test_neighbours_are_resolved_ahead_and_their_attach_fetches_nothing(
+        tmp_path: Path, layer: PushedLayer, neighbour: PushedLayer, proxy: RangeProxy, registry: Registry,
+        procs: list[Proc]) -> None:
+    p = Proc(tmp_path / "lazy", "--no-background-fetch", "--prefetch-bound", "0")
+    procs.append(p)
+    hostile: list[object] = [
+        "not an object", {"id": "../../etc", "digest": neighbour.digest, "size": neighbour.size,
+                          "toc_digest": neighbour.toc_digest},
+        {"id": "x", "digest": "sha256:" + "z" * 64, "size": 1, "toc_digest": neighbour.toc_digest},
+        {"id": "y", "digest": neighbour.digest, "size": -5, "toc_digest": neighbour.toc_digest},
+        {"id": "z"}, {**neighbour_entry(layer), "size": True}]
+    missing = "sha256:" + "0" * 64  # well-formed, but not in the registry: its pre-resolve fails, only logged
+    hostile.append({"id": missing[7:], "digest": missing, "size": 1000, "toc_digest": neighbour.toc_digest})
+    start = log_mark(registry.log)
+    p.call(attach_req(layer, proxy.host, neighbours=[*hostile, neighbour_entry(neighbour)]))  # no failure
+    wait_for(lambda: health(p)["resolved"] == 1 and health(p)["resolving"] == 0, "the neighbours to be resolved")
+    # one tail read each, the malformed entries not tried (the access log line is written after the answer)
+    registry_saw(registry, start, layer.digest, neighbour.digest, missing)
+    assert "pre-resolving layer " + missing in p.log.read_text()
+    mark = log_mark(registry.log)
+    path = Path(str(p.call(attach_req(neighbour, proxy.host))["path"]))
+    assert blob_gets(registry.log, mark) == []  # footer and TOC were there already
+    assert (path / "etc/other.conf").read_bytes() == b"other = 1\n"  # the resolved reader serves reads
+    registry_saw(registry, mark, neighbour.digest)  # that chunk only
+    h = health(p)
+    assert h["resolved"] == 0 and h["layers"] == 2
+    assert h["clients"] == 1  # one registry host, no credentials: one client for both layers
+
+
+def test_detach_drops_the_layers_resolved_for_it(tmp_path: Path, layer: PushedLayer, neighbour: PushedLayer,
+                                                 proxy: RangeProxy, registry: Registry, procs: list[Proc]) -> None:
+    p = Proc(tmp_path / "lazy", "--no-background-fetch", "--prefetch-bound", "0")
+    procs.append(p)
+    p.call(attach_req(layer, proxy.host, neighbours=[neighbour_entry(neighbour)]))
+    wait_for(lambda: health(p)["resolved"] == 1, "the neighbour to be resolved ahead")
+    assert health(p)["cache"]["chunk_bytes"] > 0  # type: ignore[index]
+    p.call({"op": "detach", "id": layer.digest[7:]})
+    h = health(p)
+    assert h["resolved"] == 0 and h["resolving"] == 0 and h["layers"] == 0
+    assert h["clients"] == 0  # the client went with the last layer using it
+    assert h["cache"]["chunk_bytes"] == 0  # type: ignore[index]  # both TOCs left the cache
+    mark = log_mark(registry.log)
+    p.call(attach_req(neighbour, proxy.host))
+    registry_saw(registry, mark, neighbour.digest)  # fetched again: it was dropped
+
+
+def test_layers_share_a_registry_client_only_with_the_same_credentials(
+        tmp_path: Path, layer: PushedLayer, neighbour: PushedLayer, proxy: RangeProxy, procs: list[Proc]) -> None:
+    p = Proc(tmp_path / "lazy", "--no-background-fetch", "--prefetch-bound", "0")
+    procs.append(p)
+    creds = {proxy.host: {"username": "u", "secret": SECRET}}
+    p.call(attach_req(layer, proxy.host))
+    p.call(attach_req(neighbour, proxy.host, credentials=creds))
+    assert health(p)["clients"] == 2  # one image's credentials never serve another's reads
+    # a layer resolved ahead with other credentials than its attach brings is not taken: opened anew, on its own
+    # credentials' client (its TOC from the cache)
+    p.call({"op": "detach", "id": neighbour.digest[7:]})
+    p.call(attach_req(layer, proxy.host, neighbours=[neighbour_entry(neighbour)]))  # attached: resolves only
+    wait_for(lambda: health(p)["resolved"] == 1, "the neighbour to be resolved ahead")
+    before = len(proxy.blob_gets)
+    path = Path(str(p.call(attach_req(neighbour, proxy.host, credentials=creds))["path"]))
+    assert len(proxy.blob_gets) == before  # its TOC came from the cache
+    h = health(p)
+    assert h["resolved"] == 0 and h["clients"] == 2
+    assert (path / "etc/other.conf").read_bytes() == b"other = 1\n"
+    p.stop()
+    assert SECRET not in p.log.read_text()
+
+
+def test_detach_does_not_wait_for_a_slow_pre_resolve(tmp_path: Path, layer: PushedLayer, neighbour: PushedLayer,
+                                                     registry: Registry, procs: list[Proc]) -> None:
+    """Remove during a neighbour's footer + TOC fetch: the detach answers at once (the fetch is cancelled, what it
+    opened closed when it ends), and nothing of the neighbour is left behind."""
+    with range_proxy(registry.url, Behaviour(hold=neighbour.digest)) as slow:
+        p = Proc(tmp_path / "lazy", "--no-background-fetch", "--prefetch-bound", "0")
+        procs.append(p)
+        p.call(attach_req(layer, slow.host, neighbours=[neighbour_entry(neighbour)]))
+        wait_for(lambda: slow.behaviour.holding == 1, "the neighbour's fetch to reach the registry")
+        assert health(p)["resolving"] == 1
+        t0 = time.monotonic()
+        p.call({"op": "detach", "id": layer.digest[7:]})
+        assert time.monotonic() - t0 < 5  # not the fetch's 10 s timeout
+        h = health(p)
+        assert h["resolving"] == 0 and h["resolved"] == 0 and h["layers"] == 0
+        slow.behaviour.release.set()  # the fetch ends now; the process closes and releases what it opened
+        wait_for(lambda: health(p)["clients"] == 0, "the cancelled resolve to close its client")
+        assert health(p)["cache"]["chunk_bytes"] == 0  # type: ignore[index]  # its TOC was not kept
+        assert p.call({"op": "list"})["layers"] == []

@@ -5,14 +5,20 @@ request line and gets one JSON answer line::
 
     {"op": "attach", "id": "<layer id>", "digest": "sha256:...", "size": N, "toc_digest": "sha256:...",
      "image_ref": "host/repo:tag", "hosts_dir": "/etc/containerd/certs.d" | null,
-     "credentials": {"host": {"username": "...", "secret": "..."}} | null}
+     "credentials": {"host": {"username": "...", "secret": "..."}} | null,
+     "neighbours": [{"id": ..., "digest": ..., "size": N, "toc_digest": ...}, ...]  (optional)}
         -> {"ok": true, "path": "<mount>/<layer id>"}
+
+(``neighbours``: the image's other layers, same image reference, hosts directory and credentials, resolved in the
+background for their own attach: :mod:`cvmfs_snap.lazyfs.resolve`; a malformed entry is skipped.)
     {"op": "detach", "id": ...}  -> {"ok": true}
     {"op": "check", "id": ...}   -> {"ok": true, "path": ..., "complete": bool, "unpacked": bool}
     {"op": "list"}               -> {"ok": true, "layers": [{"id", "digest", "fetched_fraction", "bytes_fetched",
                                                              "complete", "unpacked"}, ...]}
-    {"op": "health"}             -> {"ok": true, "layers": N, "mount": "<mount>", "cache": {"chunk_bytes": N,
-                                     "reserved_bytes": N (spool files, unpacked copies), "bound": N}}
+    {"op": "health"}             -> {"ok": true, "layers": N, "mount": "<mount>", "resolved": N, "resolving": N
+                                     (layers resolved ahead, not attached), "clients": N (registry clients),
+                                     "cache": {"chunk_bytes": N, "reserved_bytes": N (spool files, unpacked
+                                     copies), "bound": N}}
     {"op": "resolve", "image_ref": "host/repo@sha256:...", "hosts_dir": ..., "credentials": ...}
         -> {"ok": true, "layers": {"sha256:...": [size, "<TOC digest annotation or empty>"], ...}}
        (the image manifest's layers, read by the process: the snapshotter daemon loads no HTTP client)
@@ -61,6 +67,11 @@ REQUEST_TIMEOUT = 10.0
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+class NotRunningError(UnavailableError):
+    """Nobody listens on the control socket (no socket file, or the connection is refused): the process is not
+    running, and the request was not delivered."""
+
+
 class ControlError(CvmfsSnapError):
     """The lazyfs process answered ``ok: false``; ``kind`` is the protocol's error kind."""
 
@@ -97,6 +108,8 @@ def call(sock: Path | str, request: Mapping[str, Any], timeout: float = 30.0) ->
     op = str(request.get("op", "?"))
     try:
         buf = exchange(sock, json.dumps(dict(request)).encode() + b"\n", timeout=timeout, limit=MAX_ANSWER)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise NotRunningError(f"no lazyfs process listens on {sock} ({op}: {exc.strerror or exc})") from None
     except OSError as exc:
         raise UnavailableError(f"lazyfs process at {sock} does not answer ({op}: {exc.strerror or exc})") from None
     if buf is None:

@@ -9,7 +9,11 @@ Under its root (``<snapshotter root>/lazy/``, lazy-design.md "Paths"): ``mnt/`` 
   TOC digest), builds its tree, prefetches the landmark files up to ``--prefetch-bound`` (waiting at most
   ``--timeout``), shows it at ``mnt/<id>``, starts the background fetch and records it in ``state.json`` (never
   the credentials: only whether there were any). Attaching an attached layer is a no-op.
-- **detach** hides the layer, stops its reads, frees the chunks only it used and its unpacked copy.
+- An attach may name the image's other layers (``neighbours``): their footer and TOC are fetched in the background
+  and kept for their own attach, which then needs no registry request (:mod:`cvmfs_snap.lazyfs.resolve`). Layers
+  of one registry host and credentials share one registry client.
+- **detach** hides the layer, stops its reads, frees the chunks only it used and its unpacked copy, and drops the
+  layers resolved ahead for it that nobody attached.
 - At **start** the process mounts (lazily unmounting a dead predecessor's mount), then attaches again every layer of
   ``state.json`` that needed no credentials; layers that did are attached again by the snapshotter, which holds
   the credentials (``check`` answers ``notfound`` until then).
@@ -51,12 +55,11 @@ from cvmfs_snap.lazyfs.cache import HOT_IDLE_SECONDS, ChunkCache
 from cvmfs_snap.lazyfs.control import CACHE, MNT, SOCKET, SPOOL, STATE, UNPACKED
 from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
-from cvmfs_snap.lazyfs.reader import LayerReader, open_layer_reader
-from cvmfs_snap.lazyfs.remote import BlobFetcher
-from cvmfs_snap.lazyfs.tree import Tree, build_tree
+from cvmfs_snap.lazyfs.reader import LayerReader
+from cvmfs_snap.lazyfs.resolve import MAX_NEIGHBOURS, ClientKey, ClientPool, LayerOpener, PreResolver
+from cvmfs_snap.lazyfs.tree import Tree
 from cvmfs_snap.lazyfs.unpack import copy_size, disk_usage, unpack_layer
-from cvmfs_snap.oci.client import RegistryClient
-from cvmfs_snap.oci.hostclient import first_client, manifest_layers
+from cvmfs_snap.oci.hostclient import manifest_layers
 from cvmfs_snap.oci.hosts import credentials_from_wire
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
 from cvmfs_snap.procmem import release_free_heap
@@ -68,6 +71,8 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 POLL = 1.0
 #: layers whose background fetch runs at the same time (each holds a batch of chunks in memory)
 BACKGROUND_LAYERS = 1
+#: seconds between looks for layers resolved ahead whose time is up
+RESOLVED_EXPIRY_POLL = 30.0
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,31 @@ class Layer:
     record: dict[str, Any]
     reader: LayerReader
     tree: Tree
-    client: RegistryClient
+    client_key: ClientKey
     unpacked: bool = False
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def _neighbours(req: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The attach request's ``neighbours`` (the image's other layers: id, digest, size, TOC digest; its image
+    reference and hosts directory) as validated records; a malformed entry is skipped with a warning, never
+    failing the attach."""
+    given = req.get("neighbours")
+    if not isinstance(given, list):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for n in given[:MAX_NEIGHBOURS]:
+        if not isinstance(n, dict):
+            continue
+        try:
+            rec = _record({**{k: n.get(k) for k in ("id", "digest", "size", "toc_digest")},
+                           "image_ref": req.get("image_ref"), "hosts_dir": req.get("hosts_dir"),
+                           "credentials": req.get("credentials")})
+        except InvalidInputError as e:
+            log.warning("attach of %s: neighbouring layer skipped: %s", str(req.get("digest"))[:80], e)
+            continue
+        out[str(n["id"])] = rec
+    return out
 
 
 def _record(req: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +154,10 @@ class LazyfsProcess:
         self.fs = LazyFS()
         self.cache = ChunkCache(opts.cache_dir or opts.root / CACHE, opts.cache_size)
         self.layers: dict[str, Layer] = {}
+        self.clients = ClientPool(timeout=opts.timeout, retries=2)
+        self.opener = LayerOpener(self.cache, self.clients, spool_dir=opts.root / SPOOL, timeout=opts.timeout,
+                                  prefetch_bound=opts.prefetch_bound, force_single_range=opts.force_single_range)
+        self.resolver = PreResolver(self.opener.open, self.opener.close, self.cache)
         self._locks: dict[str, trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
         self._background = trio.Semaphore(BACKGROUND_LAYERS)
@@ -154,7 +185,9 @@ class LazyfsProcess:
         op = req["op"]
         if op == "health":
             st = self.cache.stats
-            return {"layers": len(self.layers), "mount": str(self.opts.mnt),
+            return {"layers": len(self.layers), "mount": str(self.opts.mnt), "resolved": self.resolver.ready,
+                    "resolving": self.resolver.pending,
+                    "clients": len(self.clients),
                     "cache": {"chunk_bytes": st.bytes, "reserved_bytes": st.reserved,
                               "bound": self.cache.max_bytes}}
         if op == "list":
@@ -163,7 +196,7 @@ class LazyfsProcess:
             return {"layers": await trio.to_thread.run_sync(self._resolve, req)}
         if op == "attach":
             record = _record(req)
-            return {"path": await self.attach(str(req["id"]), record, req.get("credentials"))}
+            return {"path": await self.attach(str(req["id"]), record, req.get("credentials"), _neighbours(req))}
         lid = str(req.get("id", ""))
         layer = self.layers.get(lid)
         if op == "check":
@@ -205,15 +238,32 @@ class LazyfsProcess:
         return self._locks.setdefault(lid, trio.Lock())
 
     # ------------------------------------------------------------------ attach / detach
-    async def attach(self, lid: str, record: dict[str, Any], credentials: object = None) -> str:
+    def _busy(self, lid: str) -> bool:
+        """Attached, or being attached or detached."""
+        lock = self._locks.get(lid)
+        return lid in self.layers or (lock is not None and lock.locked())
+
+    async def attach(self, lid: str, record: dict[str, Any], credentials: object = None,
+                     neighbours: dict[str, dict[str, Any]] | None = None) -> str:
         async with self._lock(lid):
             have = self.layers.get(lid)
             if have is not None:
                 if have.record["digest"] != record["digest"]:
                     raise InvalidInputError(f"layer id {lid} is attached for {have.record['digest']}, not "
                                             f"{record['digest']}")
+                self._preresolve(lid, neighbours, credentials)
                 return str(self._path(have))
-            layer = await self._open(lid, record, credentials)
+            opened = (await self.resolver.take(lid, record, credentials)
+                      or await self.opener.open(record, credentials))
+            # the neighbours after this layer's own footer and TOC: on the GIL and two cores, fetching them at
+            # the same time would only slow down the attach that a Prepare waits for
+            self._preresolve(lid, neighbours, credentials)
+            try:
+                await self.opener.prefetch(opened, record["digest"])
+            except BaseException:
+                await self.opener.close(opened, "")
+                raise
+            layer = Layer(lid, record, opened.reader, opened.tree, opened.client_key)
             self.layers[lid] = layer
             store = [p for p in layer.reader.stargz.prefetch if p in layer.reader.stargz.toc.chunks]
             self.fs.add_layer(lid, layer.tree, layer.reader, store)
@@ -223,34 +273,10 @@ class LazyfsProcess:
             log.info("attached layer %s (%s) at %s", record["digest"], record["image_ref"], self.opts.mnt / lid)
             return str(self._path(layer))
 
-    async def _open(self, lid: str, record: dict[str, Any], credentials: object) -> Layer:
-        creds = credentials_from_wire(credentials)
-        ref = ImageReference.parse(record["image_ref"])
-        hosts = Path(record["hosts_dir"]) if record["hosts_dir"] else None
-        client, ep_ref = first_client(ref, hosts, creds, timeout=self.opts.timeout, retries=2)
-        try:
-            fetcher = BlobFetcher(client, ep_ref, record["digest"], record["size"],
-                                  force_single_range=self.opts.force_single_range,
-                                  spool_dir=self.opts.root / SPOOL, space=self.cache)
-            try:
-                with trio.fail_after(self.opts.timeout):
-                    reader = await open_layer_reader(fetcher, self.cache, digest=record["digest"],
-                                                     size=record["size"], toc_digest=record["toc_digest"])
-            except trio.TooSlowError:
-                fetcher.close()
-                raise UnavailableError(f"layer {record['digest']}: its TOC did not arrive from {ref.registry} "
-                                       f"within {self.opts.timeout:.0f} s") from None
-            tree = await trio.to_thread.run_sync(build_tree, reader.stargz.toc)
-            if self.opts.prefetch_bound > 0:
-                with trio.move_on_after(self.opts.timeout * 0.8):
-                    try:
-                        await reader.prefetch(self.opts.prefetch_bound)
-                    except CvmfsSnapError as e:  # reads fetch what they need
-                        log.warning("prefetch of layer %s: %s", record["digest"], e)
-        except BaseException:
-            client.close()
-            raise
-        return Layer(lid, record, reader, tree, client)
+    def _preresolve(self, lid: str, neighbours: dict[str, dict[str, Any]] | None, credentials: object) -> None:
+        if neighbours:
+            assert self.nursery is not None
+            self.resolver.start(self.nursery, lid, neighbours, credentials, self._busy)
 
     async def _follow(self, layer: Layer) -> None:
         """The layer's background fetch, then its unpacked copy once every chunk is cached."""
@@ -296,12 +322,13 @@ class LazyfsProcess:
         self.fs.remove_layer(lid)
         layer.reader.close()
         await layer.reader.settle()  # a readahead thread still storing a chunk would outlive the release
-        layer.client.close()
+        self.clients.release(layer.client_key)
         self._save()
         digest = layer.record["digest"]
         await trio.to_thread.run_sync(self.cache.release_layer, digest)
         await trio.to_thread.run_sync(lambda: remove_tree(self.opts.root / UNPACKED / lid))
         self.cache.unreserve(_copy_name(lid))
+        await self.resolver.drop_for(lid, self._busy)
         log.info("detached layer %s", digest)
 
     async def _count_copy(self, lid: str) -> None:
@@ -338,7 +365,7 @@ class LazyfsProcess:
     def close(self) -> None:
         for layer in self.layers.values():
             layer.reader.close()
-            layer.client.close()
+        self.clients.close()
 
 
 def _copy_name(lid: str) -> str:
@@ -394,6 +421,7 @@ async def _serve(proc: LazyfsProcess) -> None:
             n.start_soon(_signals, n.cancel_scope)
             n.start_soon(_fuse_main, n.cancel_scope)
             n.start_soon(_trim_hot, proc.cache)
+            n.start_soon(_expire_resolved, proc)
             await n.start(controlserver.serve, opts.root / SOCKET, proc.handle)
             await proc.restore()
             log.info("lazyfs serves %d layer(s) at %s (control %s)", len(proc.layers), opts.mnt,
@@ -431,6 +459,13 @@ async def _trim_hot(cache: ChunkCache) -> None:
         elif not trimmed:
             await trio.to_thread.run_sync(release_free_heap)
             trimmed = True
+
+
+async def _expire_resolved(proc: LazyfsProcess) -> None:
+    """Layers resolved ahead that no attach took within their time are dropped."""
+    while True:
+        await trio.sleep(RESOLVED_EXPIRY_POLL)
+        await proc.resolver.expire(proc._busy)
 
 
 async def _signals(scope: trio.CancelScope) -> None:

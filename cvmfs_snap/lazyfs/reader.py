@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
-from cvmfs_snap.estargz import ChunkRef, EStargz, TocEntry, parse_footer
+from cvmfs_snap.estargz import FOOTER_READ_SIZE, ChunkRef, EStargz, TocEntry, parse_footer
 from cvmfs_snap.lazyfs.cache import ChunkCache, cache_key
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.lazyfs.remote import BlobFetcher
@@ -54,6 +54,11 @@ BATCH_BYTES = 4 * 1024 * 1024
 PREFETCH_PARALLEL = 2
 #: sequential reads fetch ahead up to this many compressed bytes (the window starts at 1/8 of it)
 DEFAULT_READAHEAD = 8 * 1024 * 1024
+#: bytes read from a blob's end at open: its footer and a TOC of up to about this size in one request (below
+#: stargz-snapshotter's 50,000-byte chunk, which it reads for the footer)
+TAIL_READ = 32 * 1024
+#: compressed TOCs up to this size (some hundred entries) are parsed without a thread hop
+INLINE_TOC = 16 * 1024
 #: chunks of one fetch decoded at once, each on a worker thread (inflating and hashing release the GIL)
 DECODE_THREADS = max(2, min(8, os.cpu_count() or 2))
 #: chunks of one fetch are decoded in groups of at least this many compressed bytes (one thread hop per group)
@@ -512,7 +517,8 @@ async def open_layer_reader(fetcher: BlobFetcher, cache: ChunkCache, *, digest: 
                             metrics: LazyMetrics | None = None, activity: ReadActivity | None = None,
                             readahead_bytes: int = DEFAULT_READAHEAD) -> LayerReader:
     """Open layer ``digest`` (``size`` bytes): footer and TOC from the cache (stored under the TOC digest) or from
-    the registry (two range reads), the TOC checked against ``toc_digest`` (the layer's
+    the registry (one range read of the blob's last :data:`TAIL_READ` bytes; a second one only for a larger
+    TOC), the TOC checked against ``toc_digest`` (the layer's
     ``containerd.io/snapshot/stargz/toc.digest`` annotation). IntegrityError when it does not match."""
     if size != fetcher.size or digest != fetcher.digest:
         raise InvalidInputError(f"layer {digest} ({size} bytes) opened with a fetcher for {fetcher.digest} "
@@ -535,15 +541,22 @@ async def open_layer_reader(fetcher: BlobFetcher, cache: ChunkCache, *, digest: 
             cache.discard(tkey)
             return None
 
-    es = await trio.to_thread.run_sync(cached)
+    # a TOC not in the cache is known without a thread hop (the cache's index is in memory)
+    es = None if cache.absent([tkey]) else await trio.to_thread.run_sync(cached)
     if es is None:
-        off, n = EStargz.footer_range(size)
-        (tail,) = await fetcher.fetch([(off, n)])
-        footer = await trio.to_thread.run_sync(parse_footer, tail, size, digest)
+        tail_off = max(0, size - TAIL_READ)  # footer and (mostly) the whole TOC in one request
+        (tail,) = await fetcher.fetch([(tail_off, size - tail_off)])
+        footer = parse_footer(tail, size, digest)  # its last bytes only: microseconds, no thread hop
         if footer.toc_size > size - footer.toc_offset:
             raise InvalidInputError(f"{digest}: footer points outside the blob")
-        (toc,) = await fetcher.fetch([(footer.toc_offset, footer.toc_size)])
-        es = await trio.to_thread.run_sync(parse, tail, toc)
+        if footer.toc_offset < tail_off:  # a TOC larger than the tail read: one more request for its start
+            (head,) = await fetcher.fetch([(footer.toc_offset, tail_off - footer.toc_offset)])
+            tail, tail_off = head + tail, footer.toc_offset
+        toc = tail[footer.toc_offset - tail_off:footer.toc_offset - tail_off + footer.toc_size]
+        tail = tail[-FOOTER_READ_SIZE:]
+        # a small TOC is parsed in the event loop: in a worker thread it would hold the GIL all the same, and
+        # cost two thread hops on the Prepare path
+        es = parse(tail, toc) if len(toc) <= INLINE_TOC else await trio.to_thread.run_sync(parse, tail, toc)
         record = _TOC_HEADER.pack(len(tail)) + tail + toc
         await trio.to_thread.run_sync(cache.put, tkey, record, digest)
     return LayerReader(fetcher, cache, es, digest=digest, metrics=metrics, activity=activity,

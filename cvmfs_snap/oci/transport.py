@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -234,10 +235,21 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
+@functools.cache
+def _unused_tls_context() -> ssl.SSLContext:
+    """What httpx's transport is given for plain HTTP: it makes a TLS context of its own even for ``verify=False``
+    (about 1 ms each, for every client: the lazyfs process and the snapshotter make clients on the Prepare path),
+    and the pool that replaces its own never uses it. One per process, never used."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def _deadline_transport(ssl_context: ssl.SSLContext | None) -> httpx.HTTPTransport:
     """httpx's transport on a connection pool with :class:`_DeadlineBackend` (httpcore's network-backend extension
     point, which httpx does not expose: the pool is swapped in after construction, with httpx's default limits)."""
-    t = httpx.HTTPTransport(verify=ssl_context if ssl_context is not None else False)
+    t = httpx.HTTPTransport(verify=ssl_context if ssl_context is not None else _unused_tls_context())
     t._pool = httpcore.ConnectionPool(ssl_context=ssl_context, max_connections=100, max_keepalive_connections=20,
                                       keepalive_expiry=5.0, network_backend=_DeadlineBackend())
     return t

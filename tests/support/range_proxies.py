@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class Behaviour:
     drop: int = 0
     redirect: bool = False
     storage_uses: int = 0
+    #: GETs of this blob digest wait for ``release`` (a slow registry), counted in ``holding``
+    hold: str = ""
+    release: threading.Event = field(default_factory=threading.Event)
+    holding: int = 0
 
 
 @dataclass
@@ -108,6 +113,9 @@ def range_proxy(upstream: str, behaviour: Behaviour | None = None) -> Iterator[R
             headers.pop("range")
         if is_blob and beh.ignore_range:
             headers.pop("range", None)
+        if is_blob and beh.hold and beh.hold in req.path:
+            beh.holding += 1
+            beh.release.wait(30)
         resp = client.request(req.method, req.path, headers=headers)
         body = resp.content
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() in _PASS_HEADERS}

@@ -12,7 +12,10 @@ serves. The source then
    :mod:`cvmfs_snap.oci.hosts`): the registry client lives in the lazyfs process, this daemon imports no HTTP
    client (issue 9's RSS goal, bench/README.md "Resident memory");
 3. asks it over its control socket to ``attach`` the layer (the process checks the TOC against the digest, prefetches
-   the landmark files up to its bound, and answers the layer's directory under its one FUSE mount);
+   the landmark files up to its bound, and answers the layer's directory under its one FUSE mount), naming the
+   image's other eStargz layers (from the manifest: digest, size, TOC digest; only those the
+   ``cri.image-layers`` label lists, when it is given), whose footer and TOC the process then fetches in the
+   background, so that their own Prepares make no registry request (stargz-snapshotter's pre-resolve);
 4. answers a :class:`~.base.RemoteLayer`: the core commits a remote snapshot, containerd never downloads the blob.
 
 ``mount_dirs`` asks the process where the layer is (``check``; re-attaching it, and restarting a dead process, when
@@ -78,6 +81,8 @@ MIB = 1 << 20
 START_BACKOFF = 60.0
 #: image manifests remembered (their layers' sizes and TOC annotations)
 MANIFEST_CACHE = 64
+#: neighbouring layers named in one attach (the process takes no more)
+MAX_NEIGHBOURS = 256
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,15 @@ class LazyProcess:
 
     def call(self, request: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
         return control.call(self.socket, request, timeout or self.settings.timeout)
+
+    def call_started(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``call``, starting the process first when nobody listens on its socket (no ``health`` round trip
+        before every call: the process normally runs)."""
+        try:
+            return self.call(request)
+        except control.NotRunningError:
+            self.ensure()
+            return self.call(request)
 
     def alive(self) -> bool:
         try:
@@ -212,9 +226,14 @@ class LazySource:
         if not (self.settings.enabled and toc and request.digest and request.image_ref and request.target):
             return None
         ref = ImageReference.parse(request.image_ref)
-        size = self._call(lambda: self._layer_size(ref, request), f"finding layer {request.digest} in {ref}")
-        record = {"digest": request.digest, "size": size, "toc_digest": toc, "image_ref": str(ref)}
-        self._attach(record)
+
+        def find_and_attach() -> None:  # one thread hand-off for the whole Prepare
+            layers = self._layers(ref, request)
+            size = self._checked(layers, request)
+            record = {"digest": request.digest, "size": size, "toc_digest": toc, "image_ref": str(ref)}
+            self._attach_now(record, self._neighbours(layers, request))
+
+        self._call(find_and_attach, f"serving layer {request.digest} of {ref} lazily")
         log.info("layer %s (%s) is served lazily from %s", request.digest, ref, ref.registry)
         return RemoteLayer(source=self.name, digest=request.digest,
                            labels={SNAPSHOT_SOURCE: self.name, SNAPSHOT_LAYER_DIGEST: request.digest,
@@ -287,22 +306,22 @@ class LazySource:
     def _call(self, fn: Any, what: str) -> Any:
         return call_with_timeout(fn, self.settings.timeout + self.settings.start_timeout, what, self.budget)
 
-    def _layer_size(self, ref: ImageReference, request: LayerRequest) -> int:
-        """The layer's size from its image manifest (fetched by digest, so verified), which the lazyfs process
-        reads from the first endpoint of ``hosts-dir`` that answers (``resolve``: the registry client lives there,
-        this daemon loads no HTTP client)."""
+    def _layers(self, ref: ImageReference, request: LayerRequest) -> Mapping[str, tuple[int, str]]:
+        """The image's layers (digest -> size, TOC annotation) from its manifest (fetched by digest, so verified),
+        which the lazyfs process reads from the first endpoint of ``hosts-dir`` that answers (``resolve``: the
+        registry client lives there, this daemon loads no HTTP client); NotFoundError when the layer is not among
+        them."""
         if request.manifest_digest:
             with self._manifests_lock:
                 known = self._manifests.get(request.manifest_digest)
             if known is not None and request.digest in known:
-                return self._checked(known[request.digest], request)
+                return known
         hosts_dir = self.settings.hosts_dir or None
         target = ref.with_digest(request.manifest_digest) if request.manifest_digest else ref
         creds = credentials_for(self._credentials(ref), endpoints(target, Path(hosts_dir) if hosts_dir else None))
-        self.process.ensure()
         try:
-            answer = self.process.call({"op": "resolve", "image_ref": str(target), "hosts_dir": hosts_dir,
-                                        "credentials": credentials_to_wire(creds)})
+            answer = self.process.call_started({"op": "resolve", "image_ref": str(target), "hosts_dir": hosts_dir,
+                                                "credentials": credentials_to_wire(creds)})
         except control.ControlError as exc:
             raise control.as_error(exc, f"reading the manifest of {target}") from None
         layers = _manifest_layers(answer.get("layers"), target)
@@ -313,15 +332,26 @@ class LazySource:
                     self._manifests.popitem(last=False)
         if request.digest not in layers:
             raise NotFoundError(f"layer {request.digest} is not in the manifest of {target}")
-        return self._checked(layers[request.digest], request)
+        return layers
 
     @staticmethod
-    def _checked(known: tuple[int, str], request: LayerRequest) -> int:
-        size, toc = known
+    def _checked(layers: Mapping[str, tuple[int, str]], request: LayerRequest) -> int:
+        """The layer's size; InvalidInputError when its TOC label contradicts the manifest."""
+        size, toc = layers[request.digest]
         if toc and toc != request.toc_digest:
             raise InvalidInputError(f"layer {request.digest}: the TOC digest label differs from the manifest's "
                                     "annotation; pulling normally")
         return size
+
+    @staticmethod
+    def _neighbours(layers: Mapping[str, tuple[int, str]], request: LayerRequest) -> list[dict[str, Any]]:
+        """The image's other eStargz layers for the process to resolve ahead: those of the (verified) manifest
+        with a TOC annotation, and when the ``cri.image-layers`` label is given only those it lists (so a hostile
+        label can only make the list shorter)."""
+        listed = set(request.image_layers)
+        return [{"id": layer_id(d), "digest": d, "size": size, "toc_digest": toc}
+                for d, (size, toc) in layers.items()
+                if d != request.digest and toc and (not listed or d in listed)][:MAX_NEIGHBOURS]
 
     def _credentials(self, ref: ImageReference) -> CredentialStore:
         """The credentials for ``ref``: those a ``cvmfs-snap pull`` of its repository handed over (for its
@@ -353,6 +383,11 @@ class LazySource:
 
     def _attach(self, record: Mapping[str, Any]) -> Path:
         """Attach (idempotent in the process) and remember how; the process is started when it is not running."""
+        return self._call(lambda: self._attach_now(record), f"attaching lazy layer {record['digest']}")
+
+    def _attach_now(self, record: Mapping[str, Any], neighbours: Sequence[Mapping[str, Any]] = ()) -> Path:
+        """:meth:`_attach` in the calling thread (already under :meth:`_call`); ``neighbours``: the image's other
+        layers for the process to resolve ahead."""
         digest = str(record["digest"])
         self._save(record)  # before the attach: a crash in between leaves a record Cleanup releases
         ref = ImageReference.parse(str(record["image_ref"]))
@@ -361,13 +396,10 @@ class LazySource:
         req = {"op": "attach", "id": layer_id(digest), "digest": digest, "size": int(record["size"]),
                "toc_digest": str(record["toc_digest"]), "image_ref": str(ref), "hosts_dir": hosts_dir,
                "credentials": credentials_to_wire(creds)}
-
-        def run() -> dict[str, Any]:
-            self.process.ensure()
-            return self.process.call(req)
-
+        if neighbours:
+            req["neighbours"] = [dict(n) for n in neighbours]
         try:
-            answer = self._call(run, f"attaching lazy layer {digest}")
+            answer = self.process.call_started(req)
         except control.ControlError as exc:
             raise control.as_error(exc, f"attaching lazy layer {digest} of {ref}") from None
         return Path(str(answer["path"]))
