@@ -4,6 +4,7 @@ prefetch of the landmark set and the background fetch; blobs built by our writer
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,7 @@ def test_a_chunk_damaged_on_disk_is_discarded_and_fetched_again(
     async def main() -> None:
         r = await open_reader(client, registry.host, layer, cache)
         assert await r.read("data/blob2", 0, 100) == blob[:100]
+        await r.settle()  # the chunk's write to the disk cache runs after the read
         key = r.stargz.chunks_for("data/blob2", 0, 1)[0].entry.chunk_digest.split(":")[1]
         path = cache.directory / "chunks" / key[:2] / key
         damaged = bytearray(path.read_bytes())
@@ -166,6 +168,7 @@ def test_a_chunk_damaged_on_disk_is_discarded_and_fetched_again(
         before = r.bytes_fetched
         assert await r.read("data/blob2", 0, 100) == blob[:100]
         assert r.bytes_fetched > before
+        await r.settle()
         assert path.read_bytes() == blob[:CHUNK]
 
     trio.run(main)
@@ -282,6 +285,7 @@ def test_release_frees_the_layers_chunks(client: RegistryClient, layer: PushedLa
     async def main() -> None:
         r = await open_reader(client, registry.host, layer, cache)
         await r.read("data/blob5", 0, 300_000)
+        await r.settle()  # the chunks' writes run after the read
         assert cache.stats.entries > 1
         r.close()
         cache.release_layer(layer.digest)
@@ -496,3 +500,43 @@ def test_small_files_read_in_order_are_read_ahead_from_the_disk_cache(registry: 
 
     trio.run(fill)
     trio.run(restarted)
+
+
+class GatedCache(ChunkCache):
+    """A chunk cache on a disk that takes as long as ``gate`` stays shut to store a chunk (a slow cache dir)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.gate = threading.Event()
+        self.armed = False
+        self.waiting = 0
+
+    def put(self, key: str, data: bytes, layer: str) -> None:
+        if self.armed:
+            self.waiting += 1
+            self.gate.wait(30)
+        super().put(key, data, layer)
+
+
+def test_a_read_does_not_wait_for_the_cache_write(client: RegistryClient, layer: PushedLayer, registry: Registry,
+                                                  tmp_path: Path) -> None:
+    cache = GatedCache(tmp_path / "cache", 1 << 30, metrics=LazyMetrics())
+    blob = layer.files["data/blob2"]
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, cache)
+        cache.armed = True  # the TOC is stored; now the chunks' writes get stuck
+        threading.Timer(30, cache.gate.set).start()  # a safety net only: the reads below must not need it
+        got = [bytes(await r.read("data/blob2", off, 16 * 1024)) for off in range(0, len(blob), 16 * 1024)]
+        assert not cache.gate.is_set() and cache.waiting > 0  # served while the writes were still stuck
+        assert b"".join(got) == blob
+        again = await r.read("data/blob2", 100, 1000)  # served from the chunks on their way to the disk
+        assert again == blob[100:1100] and r.fetcher.requests >= 1
+        requests = r.fetcher.requests
+        cache.gate.set()
+        await r.settle()
+        assert r.fetcher.requests == requests
+        chunks = r.stargz.chunks_for("data/blob2")
+        assert all(cache.contains(c.entry.chunk_digest) for c in chunks)
+
+    trio.run(main)

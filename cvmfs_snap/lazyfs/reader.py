@@ -156,8 +156,11 @@ class LayerReader:
         self._last_name = ""
         self._ra_cross = False
         self._ra_until = -1  # highest position readahead has been started for
-        self._ra_scopes: set[trio.CancelScope] = set()
-        self._ra_idle = trio.Event()  # set whenever the last running readahead task ends
+        self._ra_scopes: set[trio.CancelScope] = set()  # readahead tasks (close() cancels them)
+        self._tasks = 0  # readahead and cache-write tasks running (settle() waits for them)
+        self._idle = trio.Event()  # set whenever the last of them ends
+        #: chunks read and verified whose cache write is still under way (reads take them from here)
+        self._unwritten: dict[str, bytes] = {}
         #: background pass state: "idle", "running", "done", "failed", "off"
         self.background_state = "idle"
 
@@ -218,6 +221,8 @@ class LayerReader:
         theirs: list[tuple[ChunkRef, trio.Event]] = []
         for k, r in {_key(r): r for r in refs}.items():
             data = self.cache.get_hot(k, layer)
+            if data is None:
+                data = self._unwritten.get(k)
             if data is not None:
                 got[k] = data
             elif k in self._pending:
@@ -304,8 +309,19 @@ class LayerReader:
         self._ra_until = max(self._ra_until, i - 1)
         if todo:
             scope = trio.CancelScope()
-            self._ra_scopes.add(scope)  # counted from now on, before the task first runs (see settle)
+            self._ra_scopes.add(scope)
+            self._task_started()  # counted from now on, before the task first runs (see settle)
             trio.lowlevel.spawn_system_task(self._readahead_task, todo, scope)
+
+    def _task_started(self) -> None:
+        if self._tasks == 0:
+            self._idle = trio.Event()
+        self._tasks += 1
+
+    def _task_ended(self) -> None:
+        self._tasks -= 1
+        if self._tasks == 0:
+            self._idle.set()
 
     async def _readahead_task(self, refs: list[ChunkRef], scope: trio.CancelScope) -> None:
         # a system task: nothing may escape it (that would end the process's trio run), and close() cancels it
@@ -316,17 +332,45 @@ class LayerReader:
                 log.debug("readahead of layer %s: %s (the read itself will retry)", self.digest, e)
             finally:
                 self._ra_scopes.discard(scope)
-                if not self._ra_scopes:
-                    self._ra_idle.set()
+                self._task_ended()
+
+    def _store_later(self, items: list[tuple[str, bytes]]) -> None:
+        """Write verified chunks to the disk cache in a task of their own: the reads waiting for them go on at
+        once (they are served from ``_unwritten`` meanwhile). Not cancelled by ``close``: a write is short."""
+        for k, plain in items:
+            self._unwritten[k] = plain
+        self._task_started()
+        trio.lowlevel.spawn_system_task(self._store_task, items)
+
+    async def _store_task(self, items: list[tuple[str, bytes]]) -> None:
+        try:
+            with trio.CancelScope(shield=True):  # not even the end of the trio run: the chunks reach the disk
+                await trio.to_thread.run_sync(self._store, items)
+        except Exception as e:  # a system task: nothing may escape it
+            log.warning("chunk cache %s: cannot store chunks of layer %s: %s", self.cache.directory, self.digest, e)
+        finally:
+            for k, _ in items:
+                self._unwritten.pop(k, None)
+            self._task_ended()
+
+    def _store(self, items: list[tuple[str, bytes]]) -> None:
+        """Store verified chunks in the disk cache (in a worker thread); a cache that cannot take them is logged,
+        the reads were served anyway."""
+        for k, plain in items:
+            try:
+                self.cache.put(k, plain, self.digest)
+            except OSError as e:  # disk full, cache dir gone: serve the read anyway
+                log.warning("chunk cache %s: cannot store a chunk of layer %s: %s", self.cache.directory,
+                            self.digest, e)
 
     async def settle(self) -> None:
-        """Wait until the readahead tasks started so far have ended: their chunks are in the cache (or were
-        dropped) and no worker thread of theirs still writes to it. ``close`` then ``settle`` before the layer's
-        chunks are released."""
-        while self._ra_scopes:
-            if self._ra_idle.is_set():
-                self._ra_idle = trio.Event()
-            await self._ra_idle.wait()
+        """Wait until the readahead and cache-write tasks started so far have ended: their chunks are in the
+        cache (or were dropped) and no worker thread of theirs still writes to it. ``close`` then ``settle``
+        before the layer's chunks are released."""
+        while self._tasks:
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     async def _fetch(self, refs: list[ChunkRef], hot: bool, done: Callable[[str], None] | None = None
                      ) -> dict[str, bytes]:
@@ -368,18 +412,18 @@ class LayerReader:
                         bad.append(r)
                     continue
                 k = _key(r)
-                try:
-                    self.cache.put(k, plain, self.digest)
-                except OSError as e:  # disk full, cache dir gone: serve the read anyway
-                    log.warning("chunk cache %s: cannot store a chunk of layer %s: %s", self.cache.directory,
-                                self.digest, e)
                 if hot:
                     self.cache.put_hot(k, plain)
+                else:  # prefetch, background: on disk before the load returns (they are not kept in memory)
+                    self._store([(k, plain)])
                 res.append((k, plain))
             return res
 
         async def one(group: list[tuple[ChunkRef, bytes]]) -> None:
-            for k, plain in await trio.to_thread.run_sync(decode, group, limiter=self._decoders):
+            res = await trio.to_thread.run_sync(decode, group, limiter=self._decoders)
+            if hot and res:
+                self._store_later(res)  # the reads waiting for these chunks do not wait for the disk
+            for k, plain in res:
                 out[k] = plain
                 if done is not None:
                     done(k)
