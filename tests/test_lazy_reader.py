@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +218,11 @@ class GatedFetcher(BlobFetcher):
         if self.hold is not None and self.hold in ranges:
             await self.gate.wait()
         return await super().fetch(ranges)
+
+    async def stream(self, ranges: Sequence[tuple[int, int]], deliver: Callable[[int, bytes], None]) -> None:
+        if self.hold is not None and self.hold in ranges:
+            await self.gate.wait()
+        await super().stream(ranges, deliver)
 
 
 def test_background_fetch_completes_and_pauses_while_reads_wait(
@@ -526,8 +531,12 @@ def test_a_read_does_not_wait_for_the_cache_write(client: RegistryClient, layer:
     async def main() -> None:
         r = await open_reader(client, registry.host, layer, cache)
         cache.armed = True  # the TOC is stored; now the chunks' writes get stuck
-        threading.Timer(30, cache.gate.set).start()  # a safety net only: the reads below must not need it
-        got = [bytes(await r.read("data/blob2", off, 16 * 1024)) for off in range(0, len(blob), 16 * 1024)]
+        timer = threading.Timer(30, cache.gate.set)  # a safety net only: the reads below must not need it
+        timer.start()
+        try:
+            got = [bytes(await r.read("data/blob2", off, 16 * 1024)) for off in range(0, len(blob), 16 * 1024)]
+        finally:
+            timer.cancel()
         assert not cache.gate.is_set() and cache.waiting > 0  # served while the writes were still stuck
         assert b"".join(got) == blob
         again = await r.read("data/blob2", 100, 1000)  # served from the chunks on their way to the disk

@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import math
 import os
 import struct
 from array import array
@@ -376,27 +377,19 @@ class LayerReader:
                      ) -> dict[str, bytes]:
         """Fetch, decode and verify ``refs`` (once more for chunks that do not verify), store them; ``done(key)``
         as each chunk is ready."""
-        datas = await self.fetcher.fetch([r.blob_range for r in refs])
         out: dict[str, bytes] = {}
-        bad = await self._decode_all(list(zip(refs, datas, strict=True)), hot, out, done, last=False)
+        bad = await self._fetch_decode(refs, hot, out, done, last=False)
         if bad:
             log.warning("layer %s: %d chunk(s) did not verify; fetching them once more", self.digest, len(bad))
-            again = await self.fetcher.fetch([r.blob_range for r in bad])
-            await self._decode_all(list(zip(bad, again, strict=True)), hot, out, done, last=True)
+            await self._fetch_decode(bad, hot, out, done, last=True)
         return out
 
-    async def _decode_all(self, pairs: list[tuple[ChunkRef, bytes]], hot: bool, out: dict[str, bytes],
-                          done: Callable[[str], None] | None, *, last: bool) -> list[ChunkRef]:
-        """Decode, verify and store chunks on up to DECODE_THREADS worker threads, in groups of DECODE_GROUP
-        compressed bytes, in blob order; the chunks that did not verify (``last``: IntegrityError instead)."""
-        groups: list[list[tuple[ChunkRef, bytes]]] = [[]]
-        size = 0
-        for r, data in pairs:
-            if size >= DECODE_GROUP:
-                groups.append([])
-                size = 0
-            groups[-1].append((r, data))
-            size += len(data)
+    async def _fetch_decode(self, refs: list[ChunkRef], hot: bool, out: dict[str, bytes],
+                            done: Callable[[str], None] | None, *, last: bool) -> list[ChunkRef]:
+        """Stream ``refs`` from the registry and decode, verify and store each chunk as soon as it has arrived
+        (so decoding overlaps the transfer of the chunks after it), on up to DECODE_THREADS worker threads, in
+        groups of up to DECODE_GROUP compressed bytes (what has arrived while the threads were busy); the chunks
+        that did not verify (``last``: IntegrityError instead)."""
         bad: list[ChunkRef] = []
         errors: list[IntegrityError] = []
 
@@ -428,12 +421,28 @@ class LayerReader:
                 if done is not None:
                     done(k)
 
-        if len(groups) == 1:
-            await one(groups[0])
-        else:
-            async with trio.open_nursery() as n:
-                for g in groups:
-                    n.start_soon(one, g)
+        send, recv = trio.open_memory_channel(math.inf)
+
+        def arrived(i: int, data: bytes) -> None:
+            send.send_nowait((refs[i], data))
+
+        async def transfer() -> None:
+            async with send:  # closed when the transfer ends, however it ends: the loop below ends too
+                await self.fetcher.stream([r.blob_range for r in refs], arrived)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(transfer)
+            group: list[tuple[ChunkRef, bytes]] = []
+            size = 0
+            async with recv:
+                async for pair in recv:
+                    group.append(pair)
+                    size += len(pair[1])
+                    if size >= DECODE_GROUP or not recv.statistics().current_buffer_used:
+                        n.start_soon(one, group)
+                        group, size = [], 0
+            if group:
+                n.start_soon(one, group)
         if errors:
             raise errors[0]
         return bad

@@ -32,8 +32,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import trio  # type: ignore[import-untyped]
 
@@ -50,6 +51,24 @@ log = logging.getLogger(__name__)
 DEFAULT_MERGE_GAP = 64 * 1024
 DEFAULT_MAX_SPAN = 32 * 1024 * 1024
 SPOOL_READ = 1024 * 1024
+
+T = TypeVar("T")
+
+
+def _pieces(ranges: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[list[tuple[int, int, int]]]]:
+    """Sorted (offset, length) ranges -> non-overlapping pieces that cover them, and for each piece the ranges it
+    completes: (index into ``ranges``, start, end within the piece's bytes). Ranges that overlap share a piece."""
+    pieces: list[tuple[int, int]] = []
+    owner: list[list[tuple[int, int, int]]] = []
+    for k, (off, n) in enumerate(ranges):
+        if pieces and off < pieces[-1][0] + pieces[-1][1]:
+            p0, pn = pieces[-1]
+            pieces[-1] = (p0, max(pn, off + n - p0))
+            owner[-1].append((k, off - p0, off - p0 + n))
+        else:
+            pieces.append((off, n))
+            owner.append([(k, 0, n)])
+    return pieces, owner
 
 
 class _Flight:
@@ -143,6 +162,53 @@ class BlobFetcher:
             got[span] = fl.data[lo:lo + span[1] - span[0]]
         return cut_ranges(ranges, spans, got)
 
+    async def stream(self, ranges: Sequence[tuple[int, int]], deliver: Callable[[int, bytes], None]) -> None:
+        """Like :meth:`fetch`, but each range's bytes are handed to ``deliver(i, data)`` (in the event loop) as
+        soon as they have arrived, in blob order: the ranges merged into one span come in one request, and the
+        caller can decode the first while the rest is on the wire. After a transient failure only the ranges not
+        delivered yet are asked for again. Not single-flighted against other fetches (the reader is, per chunk)."""
+        for off, n in ranges:
+            if off < 0 or n < 0 or off + n > self.size:
+                raise InvalidInputError(f"range ({off}, {n}) is outside blob {self.digest} of {self.size} bytes")
+        todo = sorted((i for i, (_, n) in enumerate(ranges) if n > 0), key=lambda i: ranges[i])
+        for i, (_, n) in enumerate(ranges):
+            if n == 0:
+                deliver(i, b"")
+        left = set(todo)
+
+        def got(i: int, data: bytes, fetched: bool = False) -> None:
+            if i in left:  # each range once, whatever retries happen
+                left.discard(i)
+                if fetched:  # not when read from the spool file (its download was counted)
+                    self._count(0, len(data))
+                deliver(i, data)
+
+        async def once() -> None:
+            rest = [i for i in todo if i in left]
+            if self._spooled:
+                for i, data in zip(rest, await self._from_spool([(ranges[i][0], ranges[i][0] + ranges[i][1])
+                                                                 for i in rest]), strict=True):
+                    got(i, data)
+                return
+            for span in merge_ranges([ranges[i] for i in rest], self.merge_gap, self.max_span):
+                mine = [i for i in rest if span[0] <= ranges[i][0] < span[1]]
+                pieces, owner = _pieces([ranges[i] for i in mine])
+
+                def arrived(j: int, data: bytes, mine: list[int] = mine,
+                            owner: list[list[tuple[int, int, int]]] = owner) -> None:
+                    for k, a, b in owner[j]:
+                        got(mine[k], data if a == 0 and b == len(data) else data[a:b], True)
+
+                self._count(1, 0)
+                await self.handoff.stream_range(self.ref, self.digest, pieces, arrived)
+
+        t0 = time.monotonic()
+        try:
+            if todo:
+                await self._retrying(len(todo), once)
+        finally:
+            self.metrics.fetch_seconds.observe(time.monotonic() - t0)
+
     def close(self) -> None:
         """Remove the whole-blob spool file, if one was made (a later fetch downloads the blob again)."""
         spool, self._spool = self._spool, None
@@ -193,10 +259,15 @@ class BlobFetcher:
             fl.data = data
 
     async def _with_retries(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        return await self._retrying(len(spans), lambda: self._once(spans))
+
+    async def _retrying(self, count: int, once: Callable[[], Awaitable[T]]) -> T:
+        """``once()`` until it succeeds: retried with back-off on transient errors, through the spool file once
+        the registry is found to ignore Range; ``count`` ranges are asked for (for messages)."""
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                return await self._once(spans)
+                return await once()
             except RangeIgnoredError:
                 if self.spool_dir is None:
                     raise UnavailableError(f"registry {self.ref.api_host} ignores HTTP Range requests and no spool "
@@ -211,10 +282,10 @@ class BlobFetcher:
                 last = e
             if attempt < self.retries:
                 delay = self.backoff * (2 ** attempt) * (0.5 + random.random() / 2)  # jitter: no herds
-                log.warning("fetching %d range(s) of %s failed (%s); retry %d/%d in %.1fs", len(spans),
+                log.warning("fetching %d range(s) of %s failed (%s); retry %d/%d in %.1fs", count,
                             self.digest, last, attempt + 1, self.retries, delay)
                 await trio.sleep(delay)
-        raise UnavailableError(f"could not fetch {len(spans)} range(s) of layer {self.digest} from registry "
+        raise UnavailableError(f"could not fetch {count} range(s) of layer {self.digest} from registry "
                                f"{self.ref.api_host} after {self.retries + 1} attempts: {last}")
 
     async def _once(self, spans: list[tuple[int, int]]) -> list[bytes]:

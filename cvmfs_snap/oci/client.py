@@ -43,7 +43,7 @@ from cvmfs_snap.oci.manifest import (
     compute_digest,
     parse_manifest,
 )
-from cvmfs_snap.oci.ranges import DEFAULT_RANGE_FALLBACK_LIMIT, RangeReader, RangeSupport
+from cvmfs_snap.oci.ranges import DEFAULT_RANGE_FALLBACK_LIMIT, Deliver, RangeReader, RangeSupport
 from cvmfs_snap.oci.reference import ImageReference
 from cvmfs_snap.oci.session import Session
 from cvmfs_snap.oci.transport import (
@@ -210,6 +210,12 @@ class RegistryClient:
         """Several (offset, length) ranges of one blob, in the order asked (see :mod:`cvmfs_snap.oci.ranges`;
         ``whole_blob=False``: RangeIgnoredError where the registry ignores Range, instead of downloading)."""
         return self._ranges.read_ranges(ref, digest, ranges, whole_blob=whole_blob)
+
+    def stream_range(self, ref: ImageReference, digest: str, pieces: Sequence[tuple[int, int]],
+                     deliver: Deliver) -> None:
+        """One range request, each (offset, length) piece handed to ``deliver(i, data)`` as it arrives (see
+        :meth:`cvmfs_snap.oci.ranges.RangeReader.stream_range`)."""
+        self._ranges.stream_range(ref, digest, pieces, deliver)
 
     # ------------------------------------------------------------------ tags
 

@@ -12,7 +12,7 @@ This is the only module of :mod:`cvmfs_snap.oci` that imports trio; nothing else
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio  # type: ignore[import-untyped]
 
@@ -38,6 +38,18 @@ class RangeHandoff:
         return await trio.to_thread.run_sync(
             functools.partial(self.client.read_ranges, ref, digest, list(ranges), whole_blob=whole_blob),
             limiter=self.limiter)
+
+    async def stream_range(self, ref: ImageReference, digest: str, pieces: Sequence[tuple[int, int]],
+                           deliver: Callable[[int, bytes], None]) -> None:
+        """:meth:`RegistryClient.stream_range` in a worker thread; ``deliver(i, data)`` runs in the event loop
+        (queued without blocking the transfer, and all of them before this returns)."""
+        token = trio.lowlevel.current_trio_token()
+
+        def hand_over(i: int, data: bytes) -> None:
+            token.run_sync_soon(deliver, i, data)  # FIFO, like the thread's own report of its end
+
+        await trio.to_thread.run_sync(
+            functools.partial(self.client.stream_range, ref, digest, list(pieces), hand_over), limiter=self.limiter)
 
     async def read_range(self, ref: ImageReference, digest: str, offset: int, length: int) -> bytes:
         return (await self.read_ranges(ref, digest, [(offset, length)]))[0]

@@ -6,6 +6,10 @@ refuses them (400/416, or 200 with the whole blob), and when it ignores ``Range`
 once from its start (verified when it is small enough) and slices it. Every range GET goes through
 :meth:`cvmfs_snap.oci.blobs.Blobs.get`, so a registry that redirects to blob storage costs one round trip per range
 once the storage URL is cached.
+
+:meth:`RangeReader.stream_range` is the streaming variant for long sequential spans (the lazy filesystem's
+readahead): one single-range request whose pieces (chunks) are handed on as soon as their last byte has arrived,
+so decoding the first ones overlaps the transfer of the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -22,6 +26,9 @@ from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableErro
 from cvmfs_snap.oci.blobs import Blobs, BlobStream
 from cvmfs_snap.oci.reference import ImageReference, validate_digest
 from cvmfs_snap.oci.transport import ERROR_BODY_LIMIT, Deadline, drain, read_limited
+
+#: ``deliver(i, data)``: piece ``i`` of a streamed range has arrived, ``data`` its bytes
+Deliver = Callable[[int, bytes], None]
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +209,72 @@ class RangeReader:
                     if span not in got:
                         got.update(self._single_range(ref, digest, span, todo, whole_blob))
         return cut_ranges(ranges, spans, got)
+
+    def stream_range(self, ref: ImageReference, digest: str, pieces: Sequence[tuple[int, int]],
+                     deliver: Deliver) -> None:
+        """One single-range request from the first piece's start to the last one's end; ``deliver(i, data)`` (in
+        this thread) as soon as each (offset, length) piece, sorted and not overlapping, has arrived. A piece is
+        delivered whole or not at all: after an error, the pieces delivered so far are good and the others are
+        the caller's to ask for again. RangeIgnoredError where the registry ignores Range (response closed
+        unread); IntegrityError for a body that is short, long or not the range asked for; UnavailableError for
+        a transfer that fails."""
+        validate_digest(digest)
+        pos = -1
+        for off, n in pieces:
+            if not isinstance(off, int) or not isinstance(n, int) or n <= 0 or off < pos:
+                raise InvalidInputError(f"stream of blob {digest} of {ref.name}: pieces must be sorted, not "
+                                        f"overlapping and not empty, got ({off!r}, {n!r})")
+            pos = off + n
+        if not pieces:
+            return
+        what = self._range_what(ref, digest)
+        start, end = pieces[0][0], pieces[-1][0] + pieces[-1][1]
+        label = f"bytes {start}-{end - 1} of {what}"
+        if self.range_support(ref).single is False:
+            raise self._ignored(ref, digest)
+        dl = self._deadline(ref, label, end - start)
+        resp = self._get(ref, digest, label, {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+                         (200, 206, 416), dl)
+        if resp.status_code == 416:
+            drain(resp)
+            cr = resp.headers.get("content-range", "")
+            raise InvalidInputError(f"range {start}-{end - 1} is beyond the end of {what} ({cr or 'size unknown'})")
+        if resp.status_code == 200:
+            resp.close()
+            self._set_ranges(ref.api_host, single=False, multi=False)
+            raise self._ignored(ref, digest)
+        self._set_ranges(ref.api_host, single=True)
+        cr = parse_content_range(resp.headers.get("content-range"))
+        if cr is None or cr[0] != start or cr[1] != end - 1:
+            resp.close()
+            raise IntegrityError(f"registry {ref.api_host} answered a request for {label} with "
+                                 f"{resp.headers.get('content-range') or 'no valid Content-Range'}")
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        got = 0
+        i = 0
+        try:
+            for chunk in resp.iter_bytes():
+                n = len(chunk)
+                if got + n > len(buf):
+                    raise IntegrityError(f"registry {ref.api_host} sent more than the {len(buf)} bytes of {label}")
+                view[got:got + n] = chunk
+                got += n
+                while i < len(pieces) and pieces[i][0] + pieces[i][1] - start <= got:
+                    lo = pieces[i][0] - start
+                    deliver(i, bytes(view[lo:lo + pieces[i][1]]))
+                    i += 1
+                dl.check(f"{got} bytes received")
+        except httpx.RemoteProtocolError as e:
+            raise IntegrityError(f"{label} is truncated: the server closed the connection after {got} bytes ({e}); "
+                                 "retry") from None
+        except httpx.TransportError as e:
+            raise UnavailableError(f"reading {label} failed after {got} bytes: {type(e).__name__}: {e}; "
+                                   "retry later") from None
+        finally:
+            resp.close()
+        if got != len(buf):
+            raise IntegrityError(f"{label} is truncated: {got} of {len(buf)} bytes; retry")
 
     def _range_what(self, ref: ImageReference, digest: str) -> str:
         return f"blob {digest} of {ref.name}"
