@@ -234,3 +234,52 @@ def test_spool_file_counts_in_the_cache_bound(client: RegistryClient, layer: Pus
         assert "cache-size" in str(e.value)
         assert len(proxy.blob_gets) <= gets + 1  # at most the one probe: no retries, no download
         assert small.stats.reserved == 0 and not any((tmp_path / "spool2").glob("*"))
+
+
+PIECES = [(0, 10_000), (10_000, 10_000), (20_000, 10_000), (30_000, 10_000)]
+
+
+def stream(f: BlobFetcher, ranges: list[tuple[int, int]], got: list[tuple[int, bytes]] | None = None
+           ) -> list[tuple[int, bytes]]:
+    """``f.stream(ranges)``: (index, bytes) in the order delivered (into ``got``, kept when it raises)."""
+    out: list[tuple[int, bytes]] = [] if got is None else got
+
+    async def main() -> None:
+        await f.stream(ranges, lambda i, data: out.append((i, data)))
+
+    run(main)
+    return out
+
+
+def test_stream_hands_on_each_range_as_it_arrives_and_asks_again_only_for_the_rest(
+        client: RegistryClient, layer: PushedLayer, registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(drop=1)) as proxy:  # the first answer is cut after 20,000 bytes
+        f = fetcher(client, proxy.host, layer)
+        got = stream(f, PIECES)
+        assert got == [(i, layer.blob[o:o + n]) for i, (o, n) in enumerate(PIECES)]
+        assert proxy.blob_gets == [("bytes=0-39999", 206, 20_000), ("bytes=20000-39999", 206, 20_000)]
+        assert f.bytes_fetched == 40_000 and f.requests == 2
+
+
+def test_stream_delivers_the_ranges_that_arrived_before_a_transfer_failed(
+        client: RegistryClient, layer: PushedLayer, registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(drop=-1)) as proxy:
+        f = fetcher(client, proxy.host, layer, retries=0)
+        got: list[tuple[int, bytes]] = []
+        with pytest.raises(UnavailableError, match="after 1 attempts"):
+            stream(f, PIECES, got)
+        assert got == [(0, layer.blob[:10_000]), (1, layer.blob[10_000:20_000])]  # before the body's end
+        assert len(proxy.blob_gets) == 1
+
+
+def test_stream_merges_near_ranges_into_spans_and_serves_a_registry_ignoring_range_from_the_spool(
+        client: RegistryClient, layer: PushedLayer, registry: Registry, tmp_path: Path) -> None:
+    ranges = [(60_000, 100), (100, 50), (300, 10), (0, 0)]
+    with range_proxy(registry.url) as proxy:
+        f = fetcher(client, proxy.host, layer, merge_gap=1000)
+        assert sorted(stream(f, ranges)) == [(i, layer.blob[o:o + n]) for i, (o, n) in enumerate(ranges)]
+        assert [g[0] for g in proxy.blob_gets] == ["bytes=100-309", "bytes=60000-60099"]
+    with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
+        f = fetcher(client, proxy.host, layer, spool_dir=tmp_path)
+        assert sorted(stream(f, ranges)) == [(i, layer.blob[o:o + n]) for i, (o, n) in enumerate(ranges)]
+        assert f.bytes_fetched == layer.size and (tmp_path / (layer.digest[7:] + ".blob")).exists()
