@@ -4,6 +4,10 @@
 Layers are generated here (nothing is downloaded), converted with our eStargz writer and pushed; the real
 ``cvmfs-snap lazyfs`` process attaches them. Measured (needs root and /dev/fuse):
 
+- **cold sequential read**: the 64 MiB file read through the FUSE mount of a second ``lazyfs`` process (no
+  background fetch, so only the reads fetch), kernel caches dropped and the layer attached afresh each time (its
+  chunk cache empty), against a plain HTTP download of the same blob (httpx, bytes discarded); both ratios the
+  goal could mean are printed (see bench/README.md);
 - **warm read vs the page cache**: a 64 MiB file read through the FUSE mount after one full read (its pages are in
   the page cache, kept by ``keep_cache``), against the same file on a native tree, also cached;
 - **file-heavy workload**: ``find`` + read of 20,000 small files, through an overlayfs mount of the lazy layer and
@@ -18,6 +22,7 @@ Layers are generated here (nothing is downloaded), converted with our eStargz wr
     python bench/lazy_fs.py --files 5000   # a smaller file-heavy tree
     python bench/lazy_fs.py --no-drop-caches
     python bench/lazy_fs.py --rss-only     # memory only: attach the 20 layers, read every file once, no timing
+    python bench/lazy_fs.py --cold-only --tmp /dev/shm   # the cold sequential read only
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -42,6 +49,7 @@ from cvmfs_snap_devenv.images import Pusher, make_tar  # noqa: E402
 from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
 MIB = 1 << 20
+FILE_MIB = 64
 
 
 def layer_blob(files: dict[str, bytes]) -> tuple[bytes, str]:
@@ -49,6 +57,14 @@ def layer_blob(files: dict[str, bytes]) -> tuple[bytes, str]:
     out = io.BytesIO()
     res = build(io.BytesIO(make_tar([*dirs, *files.items()])), out, BuildOptions())
     return out.getvalue(), res.toc_digest
+
+
+def big_file(rnd: random.Random) -> bytes:
+    """FILE_MIB MiB: a third random bytes, the rest word-like text (about 2:1 compressible overall)."""
+    n = FILE_MIB * MIB
+    words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 10))) for _ in range(5000)]
+    text = b" ".join(rnd.choice(words) for _ in range((n - n // 3) // 6 + 1))
+    return (rnd.randbytes(n // 3) + text)[:n]
 
 
 def small_files(n: int, seed: int) -> dict[str, bytes]:
@@ -90,6 +106,63 @@ def read_file(p: Path) -> float:
     return time.perf_counter() - t0
 
 
+def start_lazyfs(root: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A ``cvmfs-snap lazyfs`` process on ``root``, answering its control socket."""
+    root.mkdir(exist_ok=True)
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "cvmfs_snap.cli", "lazyfs", "--root", str(root), *extra],
+                                stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for _ in range(600):
+        try:
+            control.call(root / "control.sock", {"op": "health"}, timeout=2)
+            return proc
+        except Exception:
+            time.sleep(0.05)
+    raise SystemExit(f"lazyfs on {root} did not answer (see {log})")
+
+
+def attach(sock: Path, lid: str, blob: bytes, toc: str, digest: str, host: str) -> Path:
+    ans = control.call(sock, {"op": "attach", "id": lid, "digest": digest, "size": len(blob), "toc_digest": toc,
+                              "image_ref": f"{host}/bench/lazyfs:x", "hosts_dir": None, "credentials": None},
+                       timeout=120)
+    return Path(str(ans["path"]))
+
+
+def cold_read(tmp: Path, blob: bytes, toc: str, digest: str, host: str, name: str, runs: int) -> None:
+    """Cold sequential read of file ``name`` of the layer through FUSE vs a plain download of its blob."""
+    url = f"http://{host}/v2/bench/lazyfs/blobs/{digest}"
+    with httpx.Client() as c:
+        def download() -> float:
+            t0 = time.perf_counter()
+            with c.stream("GET", url) as resp:
+                for _ in resp.iter_raw():
+                    pass
+            return time.perf_counter() - t0
+        dl = min(download() for _ in range(runs))
+    root = tmp / "lazy-cold"
+    proc = start_lazyfs(root, tmp / "lazyfs-cold.log", "--no-background-fetch", "--no-unpacked-copy")
+    sock = root / "control.sock"
+    try:
+        rows = []
+        for i in range(runs):
+            path = attach(sock, f"cold{i}", blob, toc, digest, host) / name
+            file_bytes = path.stat().st_size
+            drop_caches()
+            c0 = cpu_seconds(proc.pid)
+            t = read_file(path)
+            rows.append((t, cpu_seconds(proc.pid) - c0))
+            control.call(sock, {"op": "detach", "id": f"cold{i}"}, timeout=60)  # its chunks leave the cache
+        t, cpu = min(rows)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"plain HTTP download of the {len(blob) / MIB:.1f} MiB blob: {dl:.3f} s, {len(blob) / dl / MIB:.0f} MiB/s")
+    print(f"{file_bytes / MIB:.0f} MiB file, cold sequential read through FUSE: {t:.3f} s (lazyfs CPU {cpu:.2f} s), "
+          f"{file_bytes / t / MIB:.0f} MiB/s of file data; time ratio (download time / read time) {dl / t:.2f}x, "
+          f"throughput ratio (file bytes/s read / blob bytes/s downloaded) {(file_bytes / t) / (len(blob) / dl):.2f}x"
+          f" (best of {runs}; all: {', '.join(f'{r:.3f}' for r, _ in rows)} s)")
+
+
 def memory(pid: int) -> str:
     """``RSS x MiB (PSS y MiB)`` of a process, from its smaps_rollup."""
     got = {}
@@ -111,44 +184,41 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tmp", type=Path, default=None, help="work directory (lazyfs roots, caches; default $TMPDIR)")
+    ap.add_argument("--cold-only", action="store_true", help="only the cold sequential read of the 64 MiB file")
     ap.add_argument("--rss-only", action="store_true",
                     help="attach the layers, read every file of the file-heavy one once, report memory; no timing")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-lazyfs-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-lazyfs-", dir=args.tmp))
     mounts: list[Path] = []
     proc: subprocess.Popen[bytes] | None = None
     try:
         rnd = random.Random(3)
-        big = {"data/big.bin": rnd.randbytes(32 * MIB) + b"text " * (32 * MIB // 5 + 1)}
+        big = {"data/big.bin": big_file(rnd)}
+        if args.cold_only:
+            blob, toc = layer_blob(big)
+            with start_registry(tmp / "registry") as reg:
+                p = Pusher(reg.url)
+                digest = p.blob("bench/lazyfs", blob)
+                p.close()
+                cold_read(tmp, blob, toc, digest, reg.host, "data/big.bin", args.runs)
+            return 0
         many = small_files(args.files, 1)
         extra = [small_files(1000, 100 + i) for i in range(max(0, args.layers - 2))]
         blobs = [layer_blob(big), layer_blob(many), *(layer_blob(f) for f in extra)]
         write_native(big, tmp / "native-big")
         write_native(many, tmp / "native-many")
         lroot = tmp / "lazy"
-        lroot.mkdir()
         with start_registry(tmp / "registry") as reg:
             p = Pusher(reg.url)
             digests = [p.blob("bench/lazyfs", b) for b, _ in blobs]
             p.close()
-            with open(tmp / "lazyfs.log", "wb") as logf:
-                proc = subprocess.Popen([sys.executable, "-m", "cvmfs_snap.cli", "lazyfs", "--root", str(lroot)],
-                                        stdout=logf, stderr=subprocess.STDOUT, env={**os.environ,
-                                                                                    "PYTHONPATH": str(ROOT)})
+            cold_read(tmp, *blobs[0], digests[0], reg.host, "data/big.bin", args.runs)
+            proc = start_lazyfs(lroot, tmp / "lazyfs.log")
             sock = lroot / "control.sock"
-            for _ in range(600):
-                try:
-                    control.call(sock, {"op": "health"}, timeout=2)
-                    break
-                except Exception:
-                    time.sleep(0.05)
             print(f"lazyfs after start, no layer: {memory(proc.pid)}")
-            paths = []
-            for (blob, toc), digest in zip(blobs, digests, strict=True):
-                ans = control.call(sock, {"op": "attach", "id": digest[7:], "digest": digest, "size": len(blob),
-                                          "toc_digest": toc, "image_ref": f"{reg.host}/bench/lazyfs:x",
-                                          "hosts_dir": None, "credentials": None}, timeout=120)
-                paths.append(Path(str(ans["path"])))
+            paths = [attach(sock, digest[7:], blob, toc, digest, reg.host)
+                     for (blob, toc), digest in zip(blobs, digests, strict=True)]
             print(f"lazyfs with {len(paths)} lazy layers attached ({sum(len(f) for f in extra) + len(many) + 1}"
                   f" files): {memory(proc.pid)}")
             if args.rss_only:
