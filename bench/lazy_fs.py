@@ -128,7 +128,17 @@ def attach(sock: Path, lid: str, blob: bytes, toc: str, digest: str, host: str) 
     return Path(str(ans["path"]))
 
 
-def cold_read(tmp: Path, blob: bytes, toc: str, digest: str, host: str, name: str, runs: int) -> None:
+def read_ahead_kb(mnt: Path, kb: int | None = None) -> int:
+    """The kernel readahead of the FUSE mount at ``mnt`` (its bdi's ``read_ahead_kb``), set to ``kb`` first."""
+    st = os.stat(mnt)
+    knob = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    if kb is not None:
+        knob.write_text(f"{kb}\n")
+    return int(knob.read_text())
+
+
+def cold_read(tmp: Path, blob: bytes, toc: str, digest: str, host: str, name: str, runs: int,
+              ra_kb: int | None = None) -> None:
     """Cold sequential read of file ``name`` of the layer through FUSE vs a plain download of its blob."""
     url = f"http://{host}/v2/bench/lazyfs/blobs/{digest}"
     with httpx.Client() as c:
@@ -143,6 +153,7 @@ def cold_read(tmp: Path, blob: bytes, toc: str, digest: str, host: str, name: st
     proc = start_lazyfs(root, tmp / "lazyfs-cold.log", "--no-background-fetch", "--no-unpacked-copy")
     sock = root / "control.sock"
     try:
+        ra = read_ahead_kb(root / "mnt", ra_kb)
         rows = []
         for i in range(runs):
             path = attach(sock, f"cold{i}", blob, toc, digest, host) / name
@@ -160,7 +171,7 @@ def cold_read(tmp: Path, blob: bytes, toc: str, digest: str, host: str, name: st
     print(f"{file_bytes / MIB:.0f} MiB file, cold sequential read through FUSE: {t:.3f} s (lazyfs CPU {cpu:.2f} s), "
           f"{file_bytes / t / MIB:.0f} MiB/s of file data; time ratio (download time / read time) {dl / t:.2f}x, "
           f"throughput ratio (file bytes/s read / blob bytes/s downloaded) {(file_bytes / t) / (len(blob) / dl):.2f}x"
-          f" (best of {runs}; all: {', '.join(f'{r:.3f}' for r, _ in rows)} s)")
+          f" (best of {runs}; all: {', '.join(f'{r:.3f}' for r, _ in rows)} s; FUSE readahead {ra} KiB)")
 
 
 def memory(pid: int) -> str:
@@ -186,6 +197,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tmp", type=Path, default=None, help="work directory (lazyfs roots, caches; default $TMPDIR)")
     ap.add_argument("--cold-only", action="store_true", help="only the cold sequential read of the 64 MiB file")
+    ap.add_argument("--read-ahead-kb", type=int, default=None,
+                    help="set the FUSE mount's kernel readahead (read_ahead_kb of its bdi) for the cold read")
     ap.add_argument("--rss-only", action="store_true",
                     help="attach the layers, read every file of the file-heavy one once, report memory; no timing")
     args = ap.parse_args()
@@ -201,7 +214,7 @@ def main() -> int:
                 p = Pusher(reg.url)
                 digest = p.blob("bench/lazyfs", blob)
                 p.close()
-                cold_read(tmp, blob, toc, digest, reg.host, "data/big.bin", args.runs)
+                cold_read(tmp, blob, toc, digest, reg.host, "data/big.bin", args.runs, args.read_ahead_kb)
             return 0
         many = small_files(args.files, 1)
         extra = [small_files(1000, 100 + i) for i in range(max(0, args.layers - 2))]
@@ -213,7 +226,7 @@ def main() -> int:
             p = Pusher(reg.url)
             digests = [p.blob("bench/lazyfs", b) for b, _ in blobs]
             p.close()
-            cold_read(tmp, *blobs[0], digests[0], reg.host, "data/big.bin", args.runs)
+            cold_read(tmp, *blobs[0], digests[0], reg.host, "data/big.bin", args.runs, args.read_ahead_kb)
             proc = start_lazyfs(lroot, tmp / "lazyfs.log")
             sock = lroot / "control.sock"
             print(f"lazyfs after start, no layer: {memory(proc.pid)}")

@@ -7,7 +7,9 @@ compressible overall), converted with our eStargz writer (default 4 MiB chunks) 
 cold chunk cache:
 
 - plain HTTP download of the blob (httpx, streamed, bytes discarded), and download + gunzip of the whole stream;
-- cold sequential read of every file in 128 KiB reads (what FUSE sends), with and without fdatasync of cache files;
+- cold sequential read of every file in 128 KiB reads (what FUSE sends), with and without fdatasync of cache files,
+  with two ratios to the plain download: time (download seconds / read seconds, the same blob's bytes both ways)
+  and throughput (file bytes per second read / blob bytes per second downloaded: what the goal names);
 - warm read of the same from the disk cache by a new reader (a restarted lazyfs process; memory tier cold);
 - bytes fetched per byte read: one small file, 10 % of the files, all of them.
 
@@ -103,16 +105,17 @@ def main() -> int:
             url = f"{reg.url}/v2/bench/lazy/blobs/{digest}"
             # plain download (best of 3), and download + gunzip
             best = best_gz = 1e9
-            for _ in range(3):
+            plain = httpx.Client()  # one connection, kept: the download is as fast as httpx gets
+            for _ in range(max(3, args.runs)):
                 t0 = time.perf_counter()
-                with httpx.stream("GET", url) as resp:
-                    for _chunk in resp.iter_bytes(1 << 20):
+                with plain.stream("GET", url) as resp:
+                    for _chunk in resp.iter_raw():
                         pass
                 best = min(best, time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 d = zlib.decompressobj(31)
-                with httpx.stream("GET", url) as resp:
-                    for c in resp.iter_bytes(1 << 20):
+                with plain.stream("GET", url) as resp:
+                    for c in resp.iter_raw():
                         d.decompress(c)
                         while d.unused_data:  # next gzip member
                             rest = d.unused_data
@@ -147,8 +150,9 @@ def main() -> int:
                     t, cpu, n, fetched = min(runs)
                     assert n == data_bytes
                     print(f"cold lazy read ({'fdatasync' if sync else 'default  '}): {t:6.2f} s (CPU {cpu:.2f} s) "
-                          f"{n / t / 2**20:7.1f} MiB/s of data  = {best / t:.2f}x plain download, "
-                          f"{best_gz / t:.2f}x download+gunzip; fetched {fetched / len(blob):.3f} of the blob")
+                          f"{n / t / 2**20:7.1f} MiB/s of data; time ratio {best / t:.2f}x, throughput ratio "
+                          f"{(n / t) / (len(blob) / best):.2f}x of the plain download, {best_gz / t:.2f}x "
+                          f"download+gunzip; fetched {fetched / len(blob):.3f} of the blob")
 
                 async def warm() -> tuple[float, float]:
                     cache = ChunkCache(tmp / "cache-True-0", 4 << 30, metrics=LazyMetrics())
@@ -187,6 +191,7 @@ def main() -> int:
                     print(f"  {label:18s}: read {n:>10d} B, fetched {fetched:>10d} B = {fetched / max(n, 1):7.2f} "
                           f"per byte read, {100 * fetched / len(blob):6.2f} % of the blob")
                 print(f"  footer + TOC: {toc_bytes[0]} B ({100 * toc_bytes[0] / len(blob):.3f} % of the blob)")
+        plain.close()
         return 0
     finally:
         remove_tree_quietly(tmp)

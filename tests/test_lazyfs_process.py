@@ -19,6 +19,7 @@ import pytest
 
 from cvmfs_snap.labelnames import TOC_DIGEST
 from cvmfs_snap.lazyfs import control
+from cvmfs_snap.lazyfs.fs import READ_AHEAD_KB
 from cvmfs_snap_devenv.images import estargz_layer, image, push_image
 from cvmfs_snap_devenv.registry import Registry, blob_gets, free_port, log_mark
 from tests.support.layertrees import MTIMES
@@ -126,6 +127,18 @@ def test_attach_read_detach_and_small_reads_fetch_little(tmp_path: Path, layer: 
     assert p.call({"op": "list"})["layers"] == []
     assert p.stop() == 0
     assert not os.path.ismount(root / "mnt")
+
+
+def test_the_mount_reads_ahead_in_large_requests(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,
+                                                procs: list[Proc]) -> None:
+    p = Proc(tmp_path / "lazy", "--no-background-fetch")
+    procs.append(p)
+    mnt = tmp_path / "lazy" / "mnt"
+    st = os.stat(mnt)
+    knob = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    assert int(knob.read_text()) == READ_AHEAD_KB  # not the kernel's 128 KiB: fewer trips through the process
+    path = Path(str(p.call(attach_req(layer, proxy.host))["path"]))
+    assert (path / "data/blob3").read_bytes() == layer.files["data/blob3"]
 
 
 def test_bad_attaches_and_credentials_stay_secret(tmp_path: Path, layer: PushedLayer, proxy: RangeProxy,

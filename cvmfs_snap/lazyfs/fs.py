@@ -23,6 +23,7 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import pyfuse3
@@ -95,6 +96,8 @@ class LazyFS(pyfuse3.Operations):
         self._root = Node(mode=stat.S_IFDIR | 0o755, nlink=2)
         self.mounted = False
         self.nursery: trio.Nursery | None = None
+        #: the mount point (set before mounting): its kernel readahead is raised once the INIT handshake is done
+        self.mnt: Path | None = None
         self.read_errors = 0
 
     # ------------------------------------------------------------------ layers
@@ -222,6 +225,12 @@ class LazyFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
+    def init(self) -> None:
+        # called while the kernel's INIT is answered, and that answer sets the readahead back to the kernel's
+        # default: raise it in a task that runs once the answer has gone
+        if self.mnt is not None and self.nursery is not None:
+            self.nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, self.mnt)
+
     # ------------------------------------------------------------------ files
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         _, node = self._node(inode)
@@ -268,6 +277,30 @@ class LazyFS(pyfuse3.Operations):
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
+
+
+#: the mount's kernel readahead (KiB): the kernel's default of 128 KiB splits a sequential read into 128 KiB FUSE
+#: requests, one trip through the process each; with more, it sends 1 MiB requests (``max_pages``), several at once
+READ_AHEAD_KB = 4096
+
+
+def set_read_ahead(mnt: Path, kb: int = READ_AHEAD_KB) -> int | None:
+    """Set the kernel readahead of the FUSE mount at ``mnt`` (``read_ahead_kb`` of its backing device, which
+    the FUSE INIT reply can only lower); the value now in force, None where it cannot be set (logged). The
+    device comes from /proc/self/mountinfo: a stat of the mount would wait for this very process to answer."""
+    want = str(mnt).encode().replace(b"\\", b"\\134").replace(b" ", b"\\040").replace(b"\t", b"\\011")
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            devs = [line.split()[2].decode() for line in f if line.split()[4] == want]
+        if not devs:
+            raise OSError(f"{mnt} is not in /proc/self/mountinfo")
+        knob = Path(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb")
+        knob.write_text(f"{kb}\n")
+        return int(knob.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("cannot set the readahead of the lazy mount %s (%s): sequential reads go through the process "
+                    "in 128 KiB requests", mnt, e)
+        return None
 
 
 def mount_options(fsname: str = "cvmfs-snap-lazy") -> set[str]:

@@ -413,6 +413,7 @@ def _prepare(opts: Options) -> None:
 
 async def _serve(proc: LazyfsProcess) -> None:
     opts = proc.opts
+    proc.fs.mnt = opts.mnt
     pyfuse3.init(proc.fs, str(opts.mnt), mount_options())
     proc.fs.mounted = True
     try:
