@@ -298,18 +298,15 @@ class LayerReader:
             if own:
                 stop = min(stop, bisect.bisect_right(self._offsets, own[-1].offset))
         todo: list[ChunkRef] = []
-        # decoded bytes ahead of this read: half the memory tier, so readahead never pushes the chunks about to
-        # be read out of it (they would be read back from the disk and hashed again, or fetched again)
-        hot_cap = self._ucum[start] + self.cache.memory_bytes // 2
+        hot_cap = self._ucum[start] + self.cache.memory_bytes // 2  # ahead from the disk cache: half the memory tier
         i = i0 = max(start, self._ra_until + 1)
-        if (i0 > start and self._cum[i0] - self._cum[start] >= self._ra_window // 2
-                and self._ucum[i0] - self._ucum[start] >= self.cache.memory_bytes // 4):
+        if i0 > start and self._cum[i0] - self._cum[start] >= self._ra_window // 2:
             return  # more than half the window is still on its way: top it up later, in one larger request
         keys = [_entry_key(self._seq[j]) for j in range(i0, stop)]
         for k, state in zip(keys, self.cache.states(keys), strict=True):
             if state < 2 and k not in self._pending:
-                if self._ucum[i + 1] > hot_cap and (state == 1 or (todo and self.cache.memory_bytes)):
-                    break  # a later read goes on from here
+                if state == 1 and self._ucum[i + 1] > hot_cap:
+                    break  # would push the chunks about to be read out of the memory tier: a later read goes on
                 todo.append(_ref(self._seq[i]))
             i += 1
         self._ra_until = max(self._ra_until, i - 1)
