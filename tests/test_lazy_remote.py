@@ -278,7 +278,7 @@ def test_stream_merges_near_ranges_into_spans_and_serves_a_registry_ignoring_ran
     with range_proxy(registry.url) as proxy:
         f = fetcher(client, proxy.host, layer, merge_gap=1000)
         assert sorted(stream(f, ranges)) == [(i, layer.blob[o:o + n]) for i, (o, n) in enumerate(ranges)]
-        assert [g[0] for g in proxy.blob_gets] == ["bytes=100-309", "bytes=60000-60099"]
+        assert sorted(g[0] for g in proxy.blob_gets) == ["bytes=100-309", "bytes=60000-60099"]  # at once
     with range_proxy(registry.url, Behaviour(ignore_range=True)) as proxy:
         f = fetcher(client, proxy.host, layer, spool_dir=tmp_path)
         assert sorted(stream(f, ranges)) == [(i, layer.blob[o:o + n]) for i, (o, n) in enumerate(ranges)]

@@ -38,7 +38,14 @@ from typing import TypeVar
 
 import trio  # type: ignore[import-untyped]
 
-from cvmfs_snap.errors import AuthError, IntegrityError, InvalidInputError, NotFoundError, UnavailableError
+from cvmfs_snap.errors import (
+    AuthError,
+    CvmfsSnapError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    UnavailableError,
+)
 from cvmfs_snap.lazyfs.cache import ChunkCache
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.oci.client import RegistryClient
@@ -190,17 +197,31 @@ class BlobFetcher:
                                                                  for i in rest]), strict=True):
                     got(i, data)
                 return
-            for span in merge_ranges([ranges[i] for i in rest], self.merge_gap, self.max_span):
-                mine = [i for i in rest if span[0] <= ranges[i][0] < span[1]]
+            errors: list[CvmfsSnapError] = []
+
+            async def span_of(mine: list[int]) -> None:
                 pieces, owner = _pieces([ranges[i] for i in mine])
 
-                def arrived(j: int, data: bytes, mine: list[int] = mine,
-                            owner: list[list[tuple[int, int, int]]] = owner) -> None:
+                def arrived(j: int, data: bytes) -> None:
                     for k, a, b in owner[j]:
                         got(mine[k], data if a == 0 and b == len(data) else data[a:b], True)
 
                 self._count(1, 0)
-                await self.handoff.stream_range(self.ref, self.digest, pieces, arrived)
+                try:
+                    await self.handoff.stream_range(self.ref, self.digest, pieces, arrived)
+                except CvmfsSnapError as e:  # raised below, one of them, not as an exception group
+                    errors.append(e)
+
+            spans = merge_ranges([ranges[i] for i in rest], self.merge_gap, self.max_span)
+            groups = [[i for i in rest if s <= ranges[i][0] < e] for s, e in spans]
+            if len(groups) == 1:
+                await span_of(groups[0])
+            else:  # spans far apart (what a background batch leaves between chunks already read): at once
+                async with trio.open_nursery() as n:
+                    for g in groups:
+                        n.start_soon(span_of, g)
+            if errors:  # a Range-ignoring registry first: that one means "read the spool file" to the caller
+                raise next((e for e in errors if isinstance(e, RangeIgnoredError)), errors[0])
 
         t0 = time.monotonic()
         try:
