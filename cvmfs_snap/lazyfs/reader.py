@@ -32,8 +32,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-import math
-import os
 import struct
 from array import array
 from collections import OrderedDict
@@ -44,6 +42,7 @@ import trio  # type: ignore[import-untyped]
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.estargz import FOOTER_READ_SIZE, ChunkRef, EStargz, TocEntry, parse_footer
 from cvmfs_snap.lazyfs.cache import ChunkCache, cache_key
+from cvmfs_snap.lazyfs.decoding import DECODE_THREADS, stream_decoded
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 
@@ -60,10 +59,6 @@ DEFAULT_READAHEAD = 8 * 1024 * 1024
 TAIL_READ = 32 * 1024
 #: compressed TOCs up to this size (some hundred entries) are parsed without a thread hop
 INLINE_TOC = 16 * 1024
-#: chunks of one fetch decoded at once, each on a worker thread (inflating and hashing release the GIL)
-DECODE_THREADS = max(2, min(8, os.cpu_count() or 2))
-#: chunks of one fetch are decoded in groups of at least this many compressed bytes (one thread hop per group)
-DECODE_GROUP = 1024 * 1024
 #: files whose chunk lists the reader keeps at hand (FUSE reads a file in many pieces)
 FILE_MEMO = 64
 
@@ -388,66 +383,25 @@ class LayerReader:
 
     async def _fetch_decode(self, refs: list[ChunkRef], hot: bool, out: dict[str, bytes],
                             done: Callable[[str], None] | None, *, last: bool) -> list[ChunkRef]:
-        """Stream ``refs`` from the registry and decode, verify and store each chunk as soon as it has arrived
-        (so decoding overlaps the transfer of the chunks after it), on up to DECODE_THREADS worker threads, in
-        groups of up to DECODE_GROUP compressed bytes (what has arrived while the threads were busy); the chunks
-        that did not verify (``last``: IntegrityError instead)."""
-        bad: list[ChunkRef] = []
-        errors: list[IntegrityError] = []
+        """Stream, decode and verify ``refs`` (``decoding.stream_decoded``); the chunks that did not verify."""
 
-        def decode(group: list[tuple[ChunkRef, bytes]]) -> list[tuple[str, bytes]]:
-            res: list[tuple[str, bytes]] = []
-            for r, data in group:
-                try:
-                    plain = self.stargz.decode_chunk(r, data)
-                except IntegrityError as e:
-                    if last:
-                        errors.append(e)
-                    else:
-                        bad.append(r)
-                    continue
-                k = _key(r)
-                if hot:
-                    self.cache.put_hot(k, plain)
-                else:  # prefetch, background: on disk before the load returns (they are not kept in memory)
-                    self._store([(k, plain)])
-                res.append((k, plain))
-            return res
+        def in_thread(r: ChunkRef, plain: bytes) -> None:
+            if hot:
+                self.cache.put_hot(_key(r), plain)
+            else:  # prefetch, background: on disk before the load returns (they are not kept in memory)
+                self._store([(_key(r), plain)])
 
-        async def one(group: list[tuple[ChunkRef, bytes]]) -> None:
-            res = await trio.to_thread.run_sync(decode, group, limiter=self._decoders)
-            if hot and res:
+        def ready(chunks: list[tuple[ChunkRef, bytes]]) -> None:
+            res = [(_key(r), plain) for r, plain in chunks]
+            if hot:
                 self._store_later(res)  # the reads waiting for these chunks do not wait for the disk
             for k, plain in res:
                 out[k] = plain
                 if done is not None:
                     done(k)
 
-        send, recv = trio.open_memory_channel(math.inf)
-
-        def arrived(i: int, data: bytes) -> None:
-            send.send_nowait((refs[i], data))
-
-        async def transfer() -> None:
-            async with send:  # closed when the transfer ends, however it ends: the loop below ends too
-                await self.fetcher.stream([r.blob_range for r in refs], arrived)
-
-        async with trio.open_nursery() as n:
-            n.start_soon(transfer)
-            group: list[tuple[ChunkRef, bytes]] = []
-            size = 0
-            async with recv:
-                async for pair in recv:
-                    group.append(pair)
-                    size += len(pair[1])
-                    if size >= DECODE_GROUP or not recv.statistics().current_buffer_used:
-                        n.start_soon(one, group)
-                        group, size = [], 0
-            if group:
-                n.start_soon(one, group)
-        if errors:
-            raise errors[0]
-        return bad
+        return await stream_decoded(self.fetcher, self.stargz, refs, self._decoders, in_thread=in_thread,
+                                    ready=ready, last=last)
 
     # ------------------------------------------------------------------ prefetch, background
     def prefetch_set(self, bound_bytes: int) -> list[ChunkRef]:
