@@ -549,3 +549,37 @@ def test_a_read_does_not_wait_for_the_cache_write(client: RegistryClient, layer:
         assert all(cache.contains(c.entry.chunk_digest) for c in chunks)
 
     trio.run(main)
+
+
+def test_a_slow_cache_disk_slows_reads_instead_of_filling_memory(client: RegistryClient, layer: PushedLayer,
+                                                                 registry: Registry, tmp_path: Path) -> None:
+    cache = GatedCache(tmp_path / "cache", 1 << 30, metrics=LazyMetrics())
+    names = [n for n in layer.files if n.startswith("data/")]
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, cache)
+        r.readahead_bytes = 4 * CHUNK
+        r.unwritten_max = 2 * CHUNK
+        cache.armed = True
+        got: dict[str, bytes] = {}
+        finished = trio.Event()
+
+        async def read_all() -> None:
+            for n in names:
+                got[n] = bytes(await r.read(n, 0, len(layer.files[n])))
+            finished.set()
+
+        timer = threading.Timer(30, cache.gate.set)  # a safety net only
+        timer.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                await trio.sleep(1)
+                assert not finished.is_set()  # the reads wait for the stuck writes...
+                assert r._unwritten_bytes <= r.unwritten_max + 10 * CHUNK  # ... instead of holding every chunk
+                cache.gate.set()
+        finally:
+            timer.cancel()
+        assert got == {n: layer.files[n] for n in names}
+
+    trio.run(main)

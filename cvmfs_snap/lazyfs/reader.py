@@ -59,6 +59,8 @@ DEFAULT_READAHEAD = 8 * 1024 * 1024
 TAIL_READ = 32 * 1024
 #: compressed TOCs up to this size (some hundred entries) are parsed without a thread hop
 INLINE_TOC = 16 * 1024
+#: decoded bytes of chunks waiting for their cache write above which fetches wait for the writes
+UNWRITTEN_MAX = 64 * 1024 * 1024
 #: files whose chunk lists the reader keeps at hand (FUSE reads a file in many pieces)
 FILE_MEMO = 64
 
@@ -155,8 +157,12 @@ class LayerReader:
         self._ra_scopes: set[trio.CancelScope] = set()  # readahead tasks (close() cancels them)
         self._tasks = 0  # readahead and cache-write tasks running (settle() waits for them)
         self._idle = trio.Event()  # set whenever the last of them ends
-        #: chunks read and verified whose cache write is still under way (reads take them from here)
+        #: chunks read and verified whose cache write is still under way (reads take them from here), their bytes,
+        #: and the bound above which fetches wait for the writes (a slow cache disk slows reads, memory stays put)
         self._unwritten: dict[str, bytes] = {}
+        self._unwritten_bytes = 0
+        self.unwritten_max = UNWRITTEN_MAX
+        self._written = trio.Event()
         #: background pass state: "idle", "running", "done", "failed", "off"
         self.background_state = "idle"
 
@@ -337,8 +343,16 @@ class LayerReader:
         once (they are served from ``_unwritten`` meanwhile). Not cancelled by ``close``: a write is short."""
         for k, plain in items:
             self._unwritten[k] = plain
+        self._unwritten_bytes += sum(len(p) for _, p in items)
         self._task_started()
         trio.lowlevel.spawn_system_task(self._store_task, items)
+
+    async def _written_enough(self) -> None:
+        """Wait while more than ``unwritten_max`` bytes of chunks wait for their cache write."""
+        while self._unwritten_bytes > self.unwritten_max:
+            if self._written.is_set():
+                self._written = trio.Event()
+            await self._written.wait()
 
     async def _store_task(self, items: list[tuple[str, bytes]]) -> None:
         try:
@@ -347,8 +361,10 @@ class LayerReader:
         except Exception as e:  # a system task: nothing may escape it
             log.warning("chunk cache %s: cannot store chunks of layer %s: %s", self.cache.directory, self.digest, e)
         finally:
-            for k, _ in items:
+            for k, plain in items:
                 self._unwritten.pop(k, None)
+                self._unwritten_bytes -= len(plain)
+            self._written.set()
             self._task_ended()
 
     def _store(self, items: list[tuple[str, bytes]]) -> None:
@@ -384,6 +400,8 @@ class LayerReader:
     async def _fetch_decode(self, refs: list[ChunkRef], hot: bool, out: dict[str, bytes],
                             done: Callable[[str], None] | None, *, last: bool) -> list[ChunkRef]:
         """Stream, decode and verify ``refs`` (``decoding.stream_decoded``); the chunks that did not verify."""
+        if hot:
+            await self._written_enough()  # a cache disk slower than the registry: fetch no faster than it writes
 
         def in_thread(r: ChunkRef, plain: bytes) -> None:
             if hot:
