@@ -5,11 +5,13 @@
 
 - ``read(path, offset, size)`` maps the byte range to the file's chunks (``EStargz.chunks_for``); chunks in the
   :class:`~cvmfs_snap.lazyfs.cache.ChunkCache` are checked against their digest (a damaged one is discarded and
-  fetched again), the missing ones are fetched together (one :meth:`BlobFetcher.fetch`, so neighbours merge),
-  decoded and verified by ``EStargz.decode_chunk`` and stored. A chunk whose bytes do not verify is fetched once
-  more; if it fails again the read raises :class:`IntegrityError` (EIO to the caller): **never wrong bytes**.
-  A registry that stays unreachable gives :class:`UnavailableError` (EIO as well). Not a regular file:
-  :class:`InvalidInputError`.
+  fetched again), the missing ones are fetched together (one streamed :meth:`BlobFetcher.stream`, so neighbours
+  merge), each decoded and verified by ``EStargz.decode_chunk`` as soon as it has arrived (``lazyfs/decoding.py``)
+  and stored: the reads waiting for it go on first, a task of its own writes it to the disk cache (at most
+  ``UNWRITTEN_MAX`` bytes wait so; past that, fetches wait for the writes). A chunk whose bytes do not verify
+  is fetched once more; if it fails again the read raises :class:`IntegrityError` (EIO to the caller): **never
+  wrong bytes**. A registry that stays unreachable gives :class:`UnavailableError` (EIO as well). Not a regular
+  file: :class:`InvalidInputError`.
 - **Readahead**: reads that go through the layer in blob order (the rest of a file, then the file stored after
   it) start fetching the chunks ahead of them (or reading them from the disk cache into the memory tier, up to
   half its size: a ``find`` + ``cat`` of many small files costs one thread hop per window, not one per file)
