@@ -283,3 +283,13 @@ def test_stream_merges_near_ranges_into_spans_and_serves_a_registry_ignoring_ran
         f = fetcher(client, proxy.host, layer, spool_dir=tmp_path)
         assert sorted(stream(f, ranges)) == [(i, layer.blob[o:o + n]) for i, (o, n) in enumerate(ranges)]
         assert f.bytes_fetched == layer.size and (tmp_path / (layer.digest[7:] + ".blob")).exists()
+
+
+def test_streamed_ranges_reuse_the_redirected_blob_url_and_refresh_it(
+        client: RegistryClient, layer: PushedLayer, registry: Registry) -> None:
+    with range_proxy(registry.url, Behaviour(redirect=True, storage_uses=3)) as proxy:
+        f = fetcher(client, proxy.host, layer)
+        got = [stream(f, [(i * 10_000, 100), (i * 10_000 + 200, 50)]) for i in range(5)]
+        assert got == [[(0, layer.blob[i * 10_000:i * 10_000 + 100]),
+                        (1, layer.blob[i * 10_000 + 200:i * 10_000 + 250])] for i in range(5)]
+        assert proxy.registry_gets == 2 and proxy.storage_gets == 6  # as for fetch: one round trip per span
