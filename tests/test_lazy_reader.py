@@ -583,3 +583,21 @@ def test_a_slow_cache_disk_slows_reads_instead_of_filling_memory(client: Registr
         assert got == {n: layer.files[n] for n in names}
 
     trio.run(main)
+
+
+def test_sequential_readahead_is_topped_up_in_large_requests(registry: Registry, client: RegistryClient,
+                                                             tmp_path: Path) -> None:
+    big = os.urandom(48 * CHUNK)
+    layer = push_estargz(registry.host, "lazy/bigseq", {"big": big}, chunk_size=CHUNK)
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, new_cache(tmp_path))
+        r.readahead_bytes = 8 * CHUNK
+        before = r.fetcher.requests
+        for off in range(0, len(big), 32 * 1024):
+            assert await r.read("big", off, 32 * 1024) == big[off:off + 32 * 1024]
+        await r.settle()
+        # not one request per chunk (48): the window is refilled once half of it has been read
+        assert r.fetcher.requests - before <= 20, r.fetcher.requests - before
+
+    trio.run(main)
