@@ -177,6 +177,7 @@ def main() -> int:
                     toc = f.bytes_fetched
                     n = await read_all(r, which, files)
                     r.close()
+                    await r.settle()  # the last chunks' cache writes run after the reads
                     remove_tree_quietly(d)
                     toc_bytes.append(toc)
                     return n, f.bytes_fetched - toc
