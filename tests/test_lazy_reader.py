@@ -601,3 +601,26 @@ def test_sequential_readahead_is_topped_up_in_large_requests(registry: Registry,
         assert r.fetcher.requests - before <= 20, r.fetcher.requests - before
 
     trio.run(main)
+
+
+def test_chunks_on_their_way_to_the_cache_count_as_fetched(client: RegistryClient, layer: PushedLayer,
+                                                           registry: Registry, tmp_path: Path) -> None:
+    cache = GatedCache(tmp_path / "cache", 1 << 30, metrics=LazyMetrics())
+
+    async def main() -> None:
+        r = await open_reader(client, registry.host, layer, cache)
+        r.readahead_bytes = 0
+        cache.armed = True
+        timer = threading.Timer(30, cache.gate.set)  # a safety net only
+        timer.start()
+        try:
+            blob = layer.files["data/blob4"]
+            assert await r.read("data/blob4", 0, len(blob)) == blob
+            assert not cache.gate.is_set()
+            assert r.fetched_fraction() > 0.05  # `cvmfs-snap status` right after the read sees it fetched
+        finally:
+            cache.gate.set()
+            timer.cancel()
+        await r.settle()
+
+    trio.run(main)

@@ -511,12 +511,14 @@ class LayerReader:
                 yield r
 
     def fetched_fraction(self) -> float:
-        """The part of the layer's chunk data (compressed bytes) present in the cache, 0.0 to 1.0."""
+        """The part of the layer's chunk data (compressed bytes) fetched: in the cache or on its way there (a read
+        returns before its chunks' cache write), 0.0 to 1.0."""
         have = total = 0
         for r in self._distinct():
             n = r.blob_end - r.blob_offset
             total += n
-            if self.cache.contains(_key(r)):
+            k = _key(r)
+            if k in self._unwritten or self.cache.contains(k):
                 have += n
         return min(1.0, have / total) if total else 1.0
 
