@@ -1,55 +1,186 @@
 """One validation approach for what the project reads from files (the layout's JSON records, the publisher's YAML
-and the snapshotter's TOML configuration): pydantic over the dataclasses that describe them, with messages that
-name the file, the key (a dotted path) and what was expected, e.g.
+and the snapshotter's TOML configuration): msgspec (``msgspec.convert``) over the dataclasses and TypedDicts that
+describe them, with messages that name the file, the key (a dotted path) and what was expected, e.g.
 ``publisher.yaml: daemon.workers: expected an integer >= 1, got 'two'``.
 
-What is expected is read from the JSON schema pydantic derives from the same annotations (types, ``Field``
-bounds, ``Literal`` choices), so each fact is written once, on the dataclass. A field may say it in words with
-``Field(json_schema_extra={EXPECT: "host:port"})``; a field marked ``{SECRET: True}`` never has its value echoed;
-a validator raising ``ValueError("host:port")`` gives ``expected host:port``.
-
-The node's own files (the snapshotter's TOML, the layout's JSON records) are validated with the same words and
-messages by :mod:`cvmfs_snap.plainvalidation`, without pydantic (the snapshotter daemon's resident memory).
+What is expected is read from the JSON schema msgspec derives from the same annotations (types, ``msgspec.Meta``
+bounds, ``Literal`` choices), so each fact is written once, on the class. A field may say it in words with
+``Meta(extra_json_schema={EXPECT: "host:port"})``; a field marked ``{SECRET: True}`` never has its value echoed.
+What a type cannot say is a :class:`Check` in the field's ``Annotated`` metadata (msgspec ignores it): a function
+run on the value once msgspec has converted it, returning the value to keep; raising ``ValueError("host:port")``
+gives ``expected host:port``. A dataclass whose ``forbid_unknown_fields`` (a ``ClassVar``, as msgspec spells the
+option for its Structs) is true refuses keys it does not describe; other unknown keys are ignored (or listed by
+:func:`unknown_keys` for files that warn about them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TypeVar, cast
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
-from pydantic import TypeAdapter, ValidationError
-from pydantic_core import ErrorDetails, to_json
+import msgspec
 
 from cvmfs_snap.errors import InvalidInputError
-from cvmfs_snap.plainvalidation import BOUND_WORDS, PLURAL_WORDS, TYPE_WORDS, key_path, shown
 
 T = TypeVar("T")
 
-#: ``json_schema_extra`` key: what the value must be, in words (when the type and bounds do not say it)
+#: ``extra_json_schema`` key: what the value must be, in words (when the type and bounds do not say it)
 EXPECT = "x-expect"
-#: ``json_schema_extra`` key: the value is a secret (or may carry one, e.g. a URL): never shown in an error
+#: ``extra_json_schema`` key: the value is a secret (or may carry one, e.g. a URL): never shown in an error
 SECRET = "x-secret"
-
-_ADAPTERS: dict[type, TypeAdapter[object]] = {}
-_SCHEMAS: dict[type, dict[str, object]] = {}
-
-_TYPES, _PLURAL, _BOUNDS = TYPE_WORDS, PLURAL_WORDS, BOUND_WORDS
-#: pydantic's error types for a key that is not a field
-_UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
+#: the ``ClassVar`` of a dataclass whose unknown keys are an error (a typo in a configuration file)
+FORBID = "forbid_unknown_fields"
 
 
-def _adapter(cls: type[T]) -> TypeAdapter[T]:
-    adapter = _ADAPTERS.get(cls)
-    if adapter is None:
-        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
-    return cast("TypeAdapter[T]", adapter)
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """``Annotated`` metadata: ``fn`` gets the converted value and returns the value to keep, or raises
+    ``ValueError(words)`` (what was expected, in words)."""
+
+    fn: Callable[[Any], Any]
 
 
-def _schema(cls: type) -> dict[str, object]:
+_SCHEMAS: dict[object, dict[str, object]] = {}
+
+_TYPES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+          "null": "null", "array": "a list", "object": "a mapping"}
+_PLURAL = {"integer": "integers", "number": "numbers", "string": "strings", "boolean": "booleans",
+           "object": "mappings", "array": "lists"}
+_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+#: msgspec's message: "Expected `int` >= 1 - at `$.a.b[0]`" (the path is absent at the top level)
+_MESSAGE = re.compile(r"(?P<msg>.*?)(?: - at (?:`[^`]*` in )?`(?P<path>\$[^`]*)`)?", re.S)
+_MISSING = re.compile(r"Object missing required field `(?P<name>[^`]*)`")
+
+
+# -- the annotations ------------------------------------------------------------------------------------------------
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(tp: object) -> dict[str, Any] | None:
+    """The fields of a dataclass or TypedDict (None for other types)."""
+    if not isinstance(tp, type) or not (dataclasses.is_dataclass(tp) or typing.is_typeddict(tp)):
+        return None
+    hints = _HINTS.get(tp)
+    if hints is None:
+        hints = get_type_hints(tp, include_extras=True)
+        if dataclasses.is_dataclass(tp):
+            hints = {f.name: hints[f.name] for f in dataclasses.fields(tp)}
+        hints = _HINTS[tp] = {k: _unrequired(v) for k, v in hints.items()}
+    return hints
+
+
+def _unrequired(tp: object) -> object:
+    while get_origin(tp) in (typing.Required, typing.NotRequired):
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _inner(tp: object) -> list[object]:
+    """The types a value of ``tp`` may hold directly: the alternatives of a union, the item type of a list, the
+    value type of a mapping, the fields of a class."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return [get_args(tp)[0]]
+    if origin in (Union, types.UnionType):
+        return list(get_args(tp))
+    if origin is list:
+        return [get_args(tp)[0]]
+    if origin is dict:
+        return [get_args(tp)[1]]
+    return list((_hints(tp) or {}).values())
+
+
+def _types(tp: object, seen: set[object]) -> Iterator[object]:
+    """``tp`` and every type it is made of."""
+    if tp in seen:
+        return
+    seen.add(tp)
+    yield tp
+    if get_origin(tp) is not Literal:
+        for inner in _inner(tp):
+            yield from _types(inner, seen)
+
+
+def _in_order(node: object, choices: Mapping[tuple[object, ...], list[object]]) -> None:
+    """msgspec sorts a ``Literal``'s values in the schema: put them back in the order the code gives them."""
+    if isinstance(node, dict):
+        enum = node.get("enum")
+        if isinstance(enum, list):
+            node["enum"] = choices.get(tuple(sorted(enum, key=repr)), enum)
+        for v in node.values():
+            _in_order(v, choices)
+    elif isinstance(node, list):
+        for v in node:
+            _in_order(v, choices)
+
+
+def _checked(tp: object, value: Any, loc: list[int | str]) -> Any:
+    """``value`` (converted by msgspec to ``tp``) after the :class:`Check` functions of its annotations."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *meta = get_args(tp)
+        value = _checked(base, value, loc)
+        for m in meta:
+            if isinstance(m, Check):
+                try:
+                    value = m.fn(value)
+                except ValueError as exc:
+                    raise _Failed(loc, str(exc), value) from None
+        return value
+    if origin in (Union, types.UnionType):
+        alts = [a for a in get_args(tp) if a is not type(None)]
+        return _checked(alts[0], value, loc) if len(alts) == 1 and value is not None else value
+    if origin is list and isinstance(value, list):
+        return [_checked(get_args(tp)[0], v, [*loc, i]) for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {k: _checked(get_args(tp)[1], v, [*loc, k]) for k, v in value.items()}
+    if (hints := _hints(tp)) is not None:
+        if isinstance(value, dict):  # a TypedDict
+            return {k: _checked(hints[k], v, [*loc, k]) if k in hints else v for k, v in value.items()}
+        for name, hint in hints.items():
+            if (new := _checked(hint, old := getattr(value, name), [*loc, name])) is not old:
+                object.__setattr__(value, name, new)  # (a frozen dataclass too: it is being built)
+    return value
+
+
+class _Failed(Exception):
+    """A :class:`Check` refused the value at ``loc``."""
+
+    def __init__(self, loc: list[int | str], expected: str, value: object) -> None:
+        super().__init__(expected)
+        self.loc, self.expected, self.value = loc, expected, value
+
+
+# -- the schema -----------------------------------------------------------------------------------------------------
+def _schema(cls: object) -> dict[str, object]:
     schema = _SCHEMAS.get(cls)
     if schema is None:
-        schema = _SCHEMAS[cls] = _adapter(cls).json_schema()
+        schema = msgspec.json.schema(cls, schema_hook=_free)
+        defs = cast("dict[str, dict[str, object]]", schema.get("$defs", {}))
+        found = list(_types(cls, set()))
+        _in_order(schema, {tuple(sorted(get_args(t), key=repr)): list(get_args(t))
+                           for t in found if get_origin(t) is Literal})
+        for klass in found:
+            fields = _hints(klass)
+            if isinstance(klass, type) and fields is not None and getattr(klass, FORBID, False):
+                names = set(fields)  # (additionalProperties: JSON schema's "no other keys")
+                for node in defs.values():
+                    props = node.get("properties")
+                    if node.get("title") == klass.__name__ and isinstance(props, Mapping) and set(props) == names:
+                        node["additionalProperties"] = False
+        _SCHEMAS[cls] = schema
     return schema
+
+
+def _free(tp: type) -> dict[str, object]:
+    """The schema of ``object`` (any value; msgspec passes it through unchecked)."""
+    if tp is object:
+        return {"description": "any value"}
+    raise NotImplementedError(tp)
 
 
 def _resolve(node: Mapping[str, object], root: Mapping[str, object]) -> Mapping[str, object]:
@@ -109,27 +240,77 @@ def _expected(node: Mapping[str, object], root: Mapping[str, object]) -> str:
     return " ".join([text, " and ".join(bounds)]) if bounds else text
 
 
-_key, _shown = key_path, shown
+# -- msgspec's errors -----------------------------------------------------------------------------------------------
+def _step(tp: object, part: int | str) -> object | None:
+    """The type of ``part`` (a key or an index) of a value of type ``tp`` (None: not described)."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _step(get_args(tp)[0], part)
+    if origin in (Union, types.UnionType):
+        return next((s for a in get_args(tp) if (s := _step(a, part)) is not None), None)
+    if origin is list:
+        return get_args(tp)[0] if isinstance(part, int) else None
+    if origin is dict:
+        return get_args(tp)[1] if isinstance(part, str) else None
+    hints = _hints(tp)
+    return hints.get(part) if hints is not None and isinstance(part, str) else None
 
 
-def _problem(err: ErrorDetails, root: Mapping[str, object], prefix: Sequence[int | str]) -> str:
-    loc = err["loc"]
-    node, parent = _at(root, loc)
-    key = _key([*prefix, *loc])
-    if err["type"] == "missing":
-        return f"{key}: missing (a required key)" + (f", expected {_expected(node, root)}" if node else "")
-    if err["type"] in _UNKNOWN_KEY:
-        known = parent.get("properties")
-        names = ", ".join(sorted(known)) if isinstance(known, Mapping) else ""
-        return f"{key}: unknown setting" + (f"; known here: {names}" if names else "")
-    ctx = err.get("ctx") or {}
-    if err["type"] == "value_error" and "error" in ctx:
-        expected = str(ctx["error"])  # a validator's own words
-    elif node:
-        expected = _expected(node, root)
-    else:
-        expected = err["msg"].lower().removeprefix("input should be ")
-    return f"{key}: expected {expected}{_got(root, loc, err.get('input'))}"
+def _located(exc: msgspec.ValidationError, tp: object, data: object, strict: bool) -> tuple[list[int | str], str]:
+    """Where in ``data`` msgspec's error is (its ``$.a.b[0]`` path as keys and indexes) and its message."""
+    match = _MESSAGE.fullmatch(str(exc))
+    msg, rest = (match["msg"], (match["path"] or "$")[1:]) if match else (str(exc), "")
+    loc: list[int | str] = []
+    value: object = data
+    while rest:
+        if rest.startswith("[...]"):  # a value of a mapping; msgspec does not say which: convert each to find it
+            vtype = _step(tp, "")
+            for k, v in value.items() if isinstance(value, dict) and vtype is not None else ():
+                try:
+                    msgspec.convert(v, vtype, strict=strict)
+                except msgspec.ValidationError as sub:
+                    inner, msg = _located(sub, vtype, v, strict)
+                    return [*loc, k, *inner], msg
+            break
+        if rest.startswith("["):
+            end = rest.find("]")
+            part: int | str = int(rest[1:end]) if rest[1:end].isdigit() else rest[1:end]
+            rest = rest[end + 1:]
+        else:  # ".key": the longest key of the mapping that the path goes on from (a key may hold dots)
+            body = rest[1:]
+            keys = [k for k in value if isinstance(k, str) and body.startswith(k)
+                    and body[len(k):len(k) + 1] in ("", ".", "[")] if isinstance(value, dict) else []
+            part = max(keys, key=len) if keys else re.split(r"[.\[]", body, maxsplit=1)[0]
+            rest = body[len(part):]
+        loc.append(part)
+        tp = _step(tp, part)
+        value = _value_at(value, [part])
+    if missing := _MISSING.fullmatch(msg):
+        loc.append(missing["name"])
+    return loc, msg
+
+
+def _value_at(value: object, loc: Sequence[int | str]) -> object:
+    for part in loc:
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        else:
+            return None
+    return value
+
+
+def _key(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(the document)"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _got(root: Mapping[str, object], loc: Sequence[int | str], value: object) -> str:
@@ -139,19 +320,20 @@ def _got(root: Mapping[str, object], loc: Sequence[int | str], value: object) ->
     return f", got {_shown(value)}"
 
 
-def describe(exc: ValidationError, cls: type | None = None, prefix: Sequence[int | str] = ()) -> str:
-    """The first problem of ``exc`` as ``key: expected ..., got ...`` (``cls``: the class validated, for the
-    expectations its schema states)."""
-    root = _schema(cls) if cls is not None else {}
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return _problem(exc.errors(include_url=False)[0], root, prefix) + more
+def _problem(msg: str, loc: list[int | str], data: object, root: Mapping[str, object],
+             prefix: Sequence[int | str]) -> str:
+    node, _ = _at(root, loc)
+    key = _key([*prefix, *loc])
+    if _MISSING.fullmatch(msg):
+        return f"{key}: missing (a required key)" + (f", expected {_expected(node, root)}" if node else "")
+    expected = _expected(node, root) if node else msg[:1].lower() + msg[1:].removeprefix("Expected ")
+    return f"{key}: expected {expected}{_got(root, loc, _value_at(data, loc))}"
 
 
-def unknown_keys(cls: type, data: object) -> list[str]:
-    """The dotted keys of ``data`` that ``cls`` does not describe (for files whose unknown keys are warned about and
-    ignored rather than refused, as the snapshotter's TOML); keys under a free-form mapping are all known."""
-    root = _schema(cls)
-    found: list[str] = []
+# -- keys -----------------------------------------------------------------------------------------------------------
+def _unknown(root: Mapping[str, object], data: object) -> list[tuple[list[int | str], Mapping[str, object]]]:
+    """The keys of ``data`` that the schema does not describe, with the schema of the mapping holding each."""
+    found: list[tuple[list[int | str], Mapping[str, object]]] = []
 
     def walk(node: Mapping[str, object], value: object, loc: list[int | str]) -> None:
         if not isinstance(value, dict):
@@ -166,11 +348,17 @@ def unknown_keys(cls: type, data: object) -> list[str]:
                 elif isinstance(free, Mapping):
                     walk(free, v, [*loc, k])
                 else:
-                    found.append(_key([*loc, k]))
+                    found.append(([*loc, k], alt))
             return
 
     walk(root, data, [])
     return found
+
+
+def unknown_keys(cls: type, data: object) -> list[str]:
+    """The dotted keys of ``data`` that ``cls`` does not describe (for files whose unknown keys are warned about and
+    ignored rather than refused, as the snapshotter's TOML); keys under a free-form mapping are all known."""
+    return [_key(loc) for loc, _ in _unknown(_schema(cls), data)]
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -190,24 +378,33 @@ def _not_plain(value: object, loc: list[int | str]) -> Iterator[tuple[list[int |
 
 def load_as(cls: type[T], data: object, what: str, *, strict: bool = False, kind: str = "a JSON object",
             prefix: Sequence[int | str] = ()) -> T:
-    """``data`` (parsed JSON / YAML / TOML) as an instance of the dataclass ``cls``.
+    """``data`` (parsed JSON / YAML / TOML) as an instance of the dataclass (or TypedDict) ``cls``.
 
     Anything else is an :class:`InvalidInputError` starting with ``what`` (e.g. ``"malformed image.json"`` or a
     configuration file's path). ``strict``: types as written in the file (no ``"2"`` for 2, no ``true`` for 1; an
-    integer is a number), as for configuration; unknown keys follow ``cls``'s pydantic config (ignored unless it
-    says ``extra="forbid"``). ``kind`` names what the top level must be; ``prefix``: the keys above ``data``.
+    integer is a number), as for configuration; unknown keys are ignored unless a dataclass forbids them
+    (:data:`FORBID`). ``kind`` names what the top level must be; ``prefix``: the keys above ``data``.
     """
     if not isinstance(data, dict):
         got = "nothing (the document is empty)" if data is None else f"{type(data).__name__} {_shown(data)}"
         raise InvalidInputError(f"{what}: expected {kind}, got {got}")
+    root = _schema(cls)
+    if strict:  # JSON's strictness: mappings may become dataclasses, integers numbers
+        for loc, value in _not_plain(data, []):  # a date would pass as its text where a string is expected
+            if node := _at(root, loc)[0]:  # (unknown keys and free-form values are left to the schema)
+                raise InvalidInputError(f"{what}: {_key([*prefix, *loc])}: expected {_expected(node, root)}"
+                                        f"{_got(root, loc, value)}")
+    for loc, parent in _unknown(root, data):
+        if parent.get("additionalProperties") is False:
+            known = parent.get("properties")
+            names = ", ".join(sorted(known)) if isinstance(known, Mapping) else ""
+            raise InvalidInputError(f"{what}: {_key([*prefix, *loc])}: unknown setting"
+                                    + (f"; known here: {names}" if names else ""))
     try:
-        if strict:  # JSON's strictness: mappings may become dataclasses, integers numbers
-            root = _schema(cls)
-            for loc, value in _not_plain(data, []):  # a date would pass as its text where a string is expected
-                if node := _at(root, loc)[0]:  # (unknown keys and free-form values are left to the schema)
-                    raise InvalidInputError(f"{what}: {_key([*prefix, *loc])}: expected {_expected(node, root)}"
-                                            f"{_got(root, loc, value)}")
-            return _adapter(cls).validate_json(to_json(data), strict=True)
-        return _adapter(cls).validate_python(data)
-    except ValidationError as exc:
-        raise InvalidInputError(f"{what}: {describe(exc, cls, prefix)}") from None
+        return cast("T", _checked(cls, msgspec.convert(data, cls, strict=strict), []))
+    except msgspec.ValidationError as exc:
+        loc, msg = _located(exc, cls, data, strict)
+        raise InvalidInputError(f"{what}: {_problem(msg, loc, data, root, prefix)}") from None
+    except _Failed as exc:
+        raise InvalidInputError(f"{what}: {_key([*prefix, *exc.loc])}: expected {exc.expected}"
+                                f"{_got(root, exc.loc, exc.value)}") from None

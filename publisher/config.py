@@ -36,22 +36,20 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, ClassVar, Literal, get_args
 
+import msgspec
 import yaml
-from pydantic import AfterValidator, ConfigDict, Field, with_config
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layer.limits import Limits
 from cvmfs_snap.layout import CVMFS_MOUNT_ROOT
-from cvmfs_snap.validation import SECRET, load_as
+from cvmfs_snap.validation import SECRET, Check, load_as
 
 Backend = Literal["local", "cvmfs-ingest", "cvmfs-transaction"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-#: the settings file's own keys only: a typo is an error, not a silently ignored setting
-_SETTINGS = ConfigDict(extra="forbid")
 
 
 def _host_port(value: str) -> str:
@@ -72,18 +70,20 @@ def _relative(value: str) -> str:
     return value
 
 
-Seconds = Annotated[float, Field(ge=0)]
-PositiveSeconds = Annotated[float, Field(gt=0)]
-Count = Annotated[int, Field(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
 
 
-@with_config(_SETTINGS)
 @dataclass
 class DaemonConfig:
     """Settings of ``loop`` (the daemon, see ``publisher.daemon``)."""
 
+    #: the settings file's own keys only: a typo is an error, not a silently ignored setting
+    forbid_unknown_fields: ClassVar[bool] = True
+
     #: host:port of the HTTP endpoint (webhooks, /metrics, /healthz)
-    listen: Annotated[str, AfterValidator(_host_port)] = "127.0.0.1:8080"
+    listen: Annotated[str, Check(_host_port)] = "127.0.0.1:8080"
     #: seconds between two full passes over the recipe (tag lists re-read, moved tags republished)
     poll_interval: PositiveSeconds = 300.0
     #: seconds to wait after a webhook before publishing, to coalesce bursts of pushes
@@ -93,13 +93,14 @@ class DaemonConfig:
     #: shared secret webhooks must send (``Authorization: Bearer <secret>``); None: taken from the environment
     #: variable ``CVMFS_SNAP_WEBHOOK_SECRET``, and when that is unset too every webhook is accepted. Prefer the
     #: environment (a systemd ``EnvironmentFile`` readable only by the publisher) over a world-readable file.
-    webhook_secret: Annotated[str | None, Field(min_length=1, json_schema_extra={SECRET: True})] = None
+    webhook_secret: Annotated[Annotated[str, msgspec.Meta(min_length=1)] | None,
+                              msgspec.Meta(extra_json_schema={SECRET: True})] = None
     #: images published side by side (layers inside each image overlap according to ``concurrency``)
     workers: Count = 2
     #: seconds: a publish-on-miss request for an image tried less than this long ago is answered 429
     miss_cooldown: Seconds = 60.0
     #: publish-on-miss requests queued per minute at most (token bucket); the others are answered 429
-    miss_rate_per_minute: Annotated[float, Field(ge=0)] = 30.0
+    miss_rate_per_minute: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     #: seconds in-flight images may take to finish after SIGTERM/SIGINT before they are abandoned
     shutdown_timeout: Seconds = 30.0
     #: threads answering HTTP requests (connections themselves cost no thread)
@@ -118,24 +119,25 @@ class DaemonConfig:
         load_as(DaemonConfig, dataclasses.asdict(self), source, strict=True, prefix=("daemon",))
 
 
-@with_config(_SETTINGS)
 @dataclass
 class PublisherConfig:
     """Every publisher setting. ``load`` reads the YAML file, ``apply_args`` lays command-line flags over it."""
+
+    forbid_unknown_fields: ClassVar[bool] = True
 
     backend: Backend = "local"
     #: directory the repository tree is written to / read from; default ``/cvmfs/<repo>``
     root: str | None = None
     #: CVMFS repository name (``unpacked.cern.ch``); for ``local`` only informational
-    repo: Annotated[str, AfterValidator(_repo_name)] | None = None
+    repo: Annotated[str, Check(_repo_name)] | None = None
     #: path of the ``cvmfs_server`` command (cvmfs backends)
     cvmfs_server: str = "cvmfs_server"
     #: a sub-path for ``cvmfs_server transaction <repo>/<lease_path>`` (gateway lease; cvmfs-transaction backend)
-    lease_path: Annotated[str, AfterValidator(_relative)] | None = None
+    lease_path: Annotated[str, Check(_relative)] | None = None
     #: seconds one ``cvmfs_server`` call may take (plus 1 s per ``cvmfs_server_min_rate_mib`` MiB fed to an
     #: ingest) before it is killed and its transaction aborted
     cvmfs_server_timeout: PositiveSeconds = 3600.0
-    cvmfs_server_min_rate_mib: Annotated[float, Field(gt=0)] = 2.0
+    cvmfs_server_min_rate_mib: Annotated[float, msgspec.Meta(gt=0)] = 2.0
     #: how many layers are downloaded/unpacked at the same time
     concurrency: Count = 2
     #: do not build the flattened root filesystem (``.flat``) nor the public symlinks
@@ -147,16 +149,16 @@ class PublisherConfig:
     #: platforms to publish from multi-arch images (``linux/amd64``); empty: all
     platforms: list[str] = field(default_factory=list)
     #: GC keeps images scheduled for removal at least this long
-    grace_period_days: Annotated[float, Field(ge=0)] = 7.0
+    grace_period_days: Annotated[float, msgspec.Meta(ge=0)] = 7.0
     #: local state (lock file, staging of the cvmfs backends, GC schedule); default depends on the backend
     state_dir: str | None = None
     #: per-request registry timeout (seconds) and retries
     registry_timeout: PositiveSeconds = 60.0
-    registry_retries: Annotated[int, Field(ge=0)] = 4
+    registry_retries: Annotated[int, msgspec.Meta(ge=0)] = 4
     #: overall deadline (seconds) of one manifest, token or tag-list transfer, retries included; a blob gets this
     #: plus its declared size at ``registry_min_rate`` bytes per second (a trickling registry is cut off)
     registry_deadline: PositiveSeconds = 300.0
-    registry_min_rate: Annotated[float, Field(gt=0)] = 256 * 1024
+    registry_min_rate: Annotated[float, msgspec.Meta(gt=0)] = 256 * 1024
     #: what one image and each of its layers may ask (``cvmfs_snap.layer.Limits``; ``limits:`` in the file)
     limits: Limits = field(default_factory=Limits)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Required
+from typing import Required, TypedDict
 
 from prometheus_client import Counter
-from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.layout import digest_hex

@@ -25,15 +25,14 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Required
+from typing import Annotated, Literal, Required, TypedDict
 
+import msgspec
 import yaml
-from pydantic import AfterValidator, Field
-from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
 
 from cvmfs_snap.errors import CvmfsSnapError, InvalidInputError
 from cvmfs_snap.oci import ImageReference, Platform, RegistryClient
-from cvmfs_snap.validation import EXPECT, load_as, unknown_keys
+from cvmfs_snap.validation import EXPECT, Check, load_as, unknown_keys
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +48,10 @@ def _platform(value: str) -> str:
 #: the recipe file's shape (checked by cvmfs_snap.validation); ``input`` entries are checked one by one, so that a
 #: bad line fails alone; ``user`` and ``output_format`` are DUCC's, read and ignored whatever they hold
 class RecipeFile(TypedDict, total=False):
-    version: Required[Annotated[Literal[1], Field(json_schema_extra={
+    version: Required[Annotated[Literal[1], msgspec.Meta(extra_json_schema={
         EXPECT: "1: only DUCC recipe version 1 is understood (add 'version: 1')"})]]
-    input: Required[Annotated[list[object], Field(json_schema_extra={EXPECT: "a list of image references"})]]
-    platforms: list[Annotated[str, AfterValidator(_platform)]] | None
+    input: Required[Annotated[list[object], msgspec.Meta(extra_json_schema={EXPECT: "a list of image references"})]]
+    platforms: list[Annotated[str, Check(_platform)]] | None
     cvmfs_repo: str | None
     user: object
     output_format: object

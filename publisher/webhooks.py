@@ -19,10 +19,8 @@ from __future__ import annotations
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Required
+from typing import Required, TypedDict
 from urllib.parse import urlsplit
-
-from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python < 3.12
 
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.mediatypes import DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, INDEX_TYPES, MANIFEST_TYPES

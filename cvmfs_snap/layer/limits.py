@@ -13,25 +13,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
-from annotated_types import Ge
+import msgspec
 
 GiB = 1 << 30
 #: expanded bytes below which ``max_expansion_ratio`` is not applied (small layers of zeros are harmless)
 RATIO_GRACE = GiB
 
-#: a limit: a positive integer. The constraint and the config below are spelt with ``annotated_types`` and a plain
-#: ``__pydantic_config__`` (what pydantic reads; ``cvmfs_snap.validation`` validates the publisher's ``limits:``
-#: with them), not with pydantic's own helpers: the lazyfs process and the snapshotter use Limits too, and importing
-#: pydantic here cost the lazyfs process 7 MiB of RSS (bench/README.md "Resident memory").
-Bound = Annotated[int, Ge(1)]
+#: a limit: a positive integer (``msgspec.Meta``: what ``cvmfs_snap.validation`` checks the publisher's ``limits:``
+#: against; msgspec is small, about 1 MiB resident, where pydantic cost the lazyfs process 7 MiB: bench/README.md
+#: "Resident memory")
+Bound = Annotated[int, msgspec.Meta(ge=1)]
 
 
 @dataclass(frozen=True)
 class Limits:
     """Bounds enforced while reading and applying one layer, and (the last two) per image by the publisher."""
 
-    #: ``limits:`` of the publisher configuration: a typo is an error
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+    #: ``limits:`` of the publisher configuration: a typo is an error (``cvmfs_snap.validation.FORBID``)
+    forbid_unknown_fields: ClassVar[bool] = True
 
     #: tar entries per layer (metadata headers such as PAX or GNU long names are not counted)
     max_entries: Bound = 2_000_000

@@ -38,8 +38,7 @@ Keys of cvmfs-snap (in the ``[cvmfs-snap]`` table, ignored by the official snaps
 
 Unknown keys are logged as warnings and ignored (the official snapshotter ignores them too), so a typo is visible
 in the log but never stops a node. A value of the wrong type is an error naming the file, the key and what was
-expected (validated by :mod:`cvmfs_snap.plainvalidation`, like the layout's records, with the messages
-:mod:`cvmfs_snap.validation` gives for the publisher's YAML; no pydantic in the daemon: its resident memory).
+expected (validated by :mod:`cvmfs_snap.validation`, like the publisher's YAML and the layout's records).
 
 Command-line flags (``--address``, ``--root``, ``--log-level``) are not read from the file, as upstream.
 """
@@ -53,11 +52,11 @@ from pathlib import Path
 from typing import Annotated, TypedDict
 from urllib.parse import urlsplit
 
-from annotated_types import Ge, Gt
+import msgspec
 
 from ..errors import InvalidInputError, NotFoundError
 from ..layout import CVMFS_MOUNT_ROOT
-from ..plainvalidation import SECRET, After, Before, Expect, Strip, load_as, unknown_keys
+from ..validation import EXPECT, SECRET, Check, load_as, unknown_keys
 from .defaults import DEFAULT_CONFIG
 from .sources.lazy import LazySettings
 from .sources.registry import DEFAULT_SOURCES, check_names, check_options
@@ -95,23 +94,36 @@ class Config:
         return CVMFS_MOUNT_ROOT / (self.repository or DEFAULT_REPOSITORY)
 
 
-# -- the file's shape (validated by cvmfs_snap.plainvalidation; defaults stay on Config and LazySettings) ----------
+# -- the file's shape (validated by cvmfs_snap.validation; defaults stay on Config and LazySettings) ---------------
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
           "t": 1 << 40, "tib": 1 << 40, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _SIZE_WORDS = 'a number of bytes or e.g. "4GiB", "512MiB"'
 
 
-def parse_size(value: object) -> object:
-    """A byte count from an integer, or a string such as ``"4GiB"``, ``"512 MiB"``, ``"64M"`` (binary K/M/G/T);
-    other values are left for the type check to refuse."""
-    if not isinstance(value, str):
+def parse_size(value: int | str) -> int:
+    """A byte count from an integer, or a string such as ``"4GiB"``, ``"512 MiB"``, ``"64M"`` (binary K/M/G/T)."""
+    if isinstance(value, int):
         return value
     text = value.strip().lower()
     num = text.rstrip("kmgtib ")
     try:
-        return int(float(num) * _UNITS[text[len(num):].strip()]) if num else value
+        return int(float(num) * _UNITS[text[len(num):].strip()]) if num else int(text)
     except (ValueError, KeyError):
         raise ValueError(f"a size: {_SIZE_WORDS}") from None
+
+
+def _size(value: int | str) -> int:
+    size = parse_size(value)
+    if size < 0:
+        raise ValueError(f"a size: {_SIZE_WORDS}")
+    return size
+
+
+def _nonzero_size(value: int | str) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError(f"a size above 0: {_SIZE_WORDS}")
+    return size
 
 
 def _absolute_or_empty(value: str) -> str:
@@ -144,16 +156,18 @@ def _url_or_empty(url: str) -> str:
     return url
 
 
-Text = Annotated[str, Strip()]
-AbsolutePath = Annotated[Text, After(_absolute_or_empty)]
-HostPort = Annotated[Text, After(_host_port_or_empty)]
-Size = Annotated[int, Before(parse_size), Ge(0), Expect(f"a size: {_SIZE_WORDS}")]
-NonZeroSize = Annotated[int, Before(parse_size), Gt(0), Expect(f"a size above 0: {_SIZE_WORDS}")]
+Text = Annotated[str, Check(str.strip)]
+AbsolutePath = Annotated[Text, Check(_absolute_or_empty)]
+HostPort = Annotated[Text, Check(_host_port_or_empty)]
+#: a byte count, or its text with a unit (``parse_size``); an integer once checked
+Size = Annotated[int | str, Check(_size), msgspec.Meta(extra_json_schema={EXPECT: f"a size: {_SIZE_WORDS}"})]
+NonZeroSize = Annotated[int | str, Check(_nonzero_size),
+                        msgspec.Meta(extra_json_schema={EXPECT: f"a size above 0: {_SIZE_WORDS}"})]
 
 #: ``[cvmfs-snap.lazy]``; keys as in the file, each the LazySettings field of the same name in snake case
 LazyTable = TypedDict("LazyTable", {
     "enabled": bool, "cache-dir": AbsolutePath, "cache-size": NonZeroSize, "prefetch": bool,
-    "prefetch-bound": Size, "background-fetch": bool, "timeout": Annotated[float, Gt(0)],
+    "prefetch-bound": Size, "background-fetch": bool, "timeout": Annotated[float, msgspec.Meta(gt=0)],
     "hosts-dir": AbsolutePath, "docker-config": AbsolutePath, "force-single-range": bool,
     "metrics-address": HostPort,
 }, total=False)
@@ -162,9 +176,9 @@ LazyTable = TypedDict("LazyTable", {
 OurTable = TypedDict("OurTable", {
     "metrics-address": HostPort,
     "sources": list[str],  # names checked by the source registry
-    "grpc-workers": Annotated[int, Ge(1)],
-    "publish-on-miss-url": Annotated[Text, After(_url_or_empty), SECRET],
-    "publish-on-miss-secret": Annotated[Text, SECRET],
+    "grpc-workers": Annotated[int, msgspec.Meta(ge=1)],
+    "publish-on-miss-url": Annotated[Text, Check(_url_or_empty), msgspec.Meta(extra_json_schema={SECRET: True})],
+    "publish-on-miss-secret": Annotated[Text, msgspec.Meta(extra_json_schema={SECRET: True})],
     "publish-on-miss-secret-file": Text,
     "source-options": dict[str, dict[str, object]],  # options checked by the source registry
     "lazy": LazyTable,
@@ -172,7 +186,7 @@ OurTable = TypedDict("OurTable", {
 
 #: the file: the official snapshotter's keys and our table
 ConfigFile = TypedDict("ConfigFile", {
-    "repository": str, "absolute-mountpoint": Annotated[str, After(_absolute_or_empty)],
+    "repository": str, "absolute-mountpoint": Annotated[str, Check(_absolute_or_empty)],
     "cvmfs-snap": OurTable,  # OUR_TABLE
 }, total=False)
 
@@ -182,7 +196,7 @@ def parse_config(data: object, where: str = "configuration") -> Config:
     the file and the key)."""
     for key in unknown_keys(ConfigFile, data):
         log.warning("%s: unknown key %r ignored", where, key)
-    doc = load_as(ConfigFile, data, where, kind="a table of settings")
+    doc = load_as(ConfigFile, data, where, strict=True, kind="a table of settings")
     ours = doc.get("cvmfs-snap", {})
     cfg = Config()
     cfg.repository = doc.get("repository", cfg.repository)
