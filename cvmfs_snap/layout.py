@@ -50,7 +50,7 @@ from typing import Any
 
 from .digests import SHA256_HEX
 from .errors import InvalidInputError
-from .plainvalidation import load_as
+from .validation import load_as
 
 #: version of the metadata files we write (layer.json, image.json)
 LAYOUT_VERSION = 1

@@ -118,8 +118,21 @@ def _in_order(node: object, choices: Mapping[tuple[object, ...], list[object]]) 
             _in_order(v, choices)
 
 
+_HAS_CHECKS: dict[object, bool] = {}
+
+
+def _has_checks(tp: object) -> bool:
+    found = _HAS_CHECKS.get(tp)
+    if found is None:
+        found = _HAS_CHECKS[tp] = any(isinstance(m, Check) for t in _types(tp, set()) if get_origin(t) is Annotated
+                                      for m in get_args(t)[1:])
+    return found
+
+
 def _checked(tp: object, value: Any, loc: list[int | str]) -> Any:
     """``value`` (converted by msgspec to ``tp``) after the :class:`Check` functions of its annotations."""
+    if not _has_checks(tp):  # (most records: their lists are not walked)
+        return value
     origin = get_origin(tp)
     if origin is Annotated:
         base, *meta = get_args(tp)

@@ -8,13 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Annotated
 
 import pytest
-from annotated_types import Ge
-from typing_extensions import TypedDict
 
-from cvmfs_snap import plainvalidation, validation
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.snapshotter.config import Config, load_config, parse_config
 from publisher.config import PublisherConfig
@@ -170,32 +166,3 @@ def test_dates_do_not_pass_as_their_text(tmp_path: Path) -> None:
     p = tmp_path / "unknown.toml"
     p.write_text("when = 1979-05-27\n")  # an unknown key stays a warning, whatever its value
     assert load_config(p).repository == "unpacked.cern.ch"
-
-
-
-class _Inner(TypedDict, total=False):
-    s: str
-
-
-class _Shape(TypedDict, total=False):
-    """A shape both validators read (typing_extensions' TypedDict: pydantic needs it on Python < 3.12)."""
-
-    n: Annotated[int, Ge(1)]
-    ratio: float
-    names: list[str]
-    sizes: dict[str, int]
-    flag: bool
-    inner: _Inner
-
-
-def test_node_files_get_the_publishers_messages() -> None:
-    """The node's files are checked without pydantic (cvmfs_snap.plainvalidation, for the daemon's resident
-    memory); a shape both can read gets the same message from both."""
-    for data in ({"n": 0}, {"n": "2"}, {"n": True}, {"ratio": "x"}, {"names": "a"}, {"names": ["a", 1]},
-                 {"sizes": {"a": "b"}}, {"flag": 1}, {"inner": 5}, {"inner": {"s": 5}}, {"n": 0, "flag": 2}):
-        with pytest.raises(InvalidInputError) as pyd:
-            validation.load_as(_Shape, data, "f.toml", strict=True)
-        with pytest.raises(InvalidInputError) as plain:
-            plainvalidation.load_as(_Shape, data, "f.toml")
-        assert str(plain.value) == str(pyd.value), data
-    assert plainvalidation.load_as(_Shape, {"n": 3, "ratio": 1}, "f.toml") == {"n": 3, "ratio": 1.0}

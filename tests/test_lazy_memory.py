@@ -48,9 +48,9 @@ PROBE = textwrap.dedent("""
     # no trio (the control client is blocking), no FUSE, no layer codecs nor eStargz reader and writer (it never
     # decodes a layer: cvmfs_snap.layer and cvmfs_snap.estargz import those on first use)
     # and no HTTP client, ssl or prometheus_client (the lazyfs process reads the registry; metrics are off), no
-    # pydantic (the TOML and the layout's records are checked by cvmfs_snap.plainvalidation)
+    # pydantic (cvmfs_snap.validation checks the TOML and the layout's records with msgspec, about 1 MiB)
     ("snapshotter", ["grpc"]),
-    # no pydantic (Limits spells its constraints without it), no writer nor layer application; the reader needs
+    # no pydantic (msgspec spells Limits' constraints), no writer nor layer application; the reader needs
     # the tar header decoder, its chunks the gzip inflaters (isal, zlib-ng); no prometheus_client without
     # --metrics-address
     ("lazyfs", ["cvmfs_snap.estargz.reader", "cvmfs_snap.layer.tarstream", "httpx", "isal", "pyfuse3", "ssl", "trio",
