@@ -368,6 +368,12 @@ def _unknown(root: Mapping[str, object], data: object) -> list[tuple[list[int | 
     return found
 
 
+def _forbids(root: Mapping[str, object]) -> bool:
+    """Some mapping of the schema refuses unknown keys."""
+    defs = cast("Mapping[str, Mapping[str, object]]", root.get("$defs", {}))
+    return any(node.get("additionalProperties") is False for node in defs.values())
+
+
 def unknown_keys(cls: type, data: object) -> list[str]:
     """The dotted keys of ``data`` that ``cls`` does not describe (for files whose unknown keys are warned about and
     ignored rather than refused, as the snapshotter's TOML); keys under a free-form mapping are all known."""
@@ -407,7 +413,7 @@ def load_as(cls: type[T], data: object, what: str, *, strict: bool = False, kind
             if node := _at(root, loc)[0]:  # (unknown keys and free-form values are left to the schema)
                 raise InvalidInputError(f"{what}: {_key([*prefix, *loc])}: expected {_expected(node, root)}"
                                         f"{_got(root, loc, value)}")
-    for loc, parent in _unknown(root, data):
+    for loc, parent in _unknown(root, data) if _forbids(root) else ():
         if parent.get("additionalProperties") is False:
             known = parent.get("properties")
             names = ", ".join(sorted(known)) if isinstance(known, Mapping) else ""
