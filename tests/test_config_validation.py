@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,42 @@ def test_dates_do_not_pass_as_their_text(tmp_path: Path) -> None:
     p = tmp_path / "unknown.toml"
     p.write_text("when = 1979-05-27\n")  # an unknown key stays a warning, whatever its value
     assert load_config(p).repository == "unpacked.cern.ch"
+
+
+def test_snapshotter_values_are_stripped_sized_and_keys_under_free_mappings_found(tmp_path: Path) -> None:
+    """What a type cannot say (a Check): strings stripped, sizes with units; a wrong value inside a free-form
+    mapping is named by its own key, even one holding dots (msgspec's path says only ``[...]`` there)."""
+    p = tmp_path / "config.toml"
+    p.write_text('[cvmfs-snap]\nmetrics-address = " 127.0.0.1:9102 "\n[cvmfs-snap.lazy]\ncache-size = "2GiB"\n'
+                 'prefetch-bound = 1024\n')
+    cfg = load_config(p)
+    assert (cfg.metrics_address, cfg.lazy.cache_size, cfg.lazy.prefetch_bound) == ("127.0.0.1:9102", 2 << 30, 1024)
+    assert _snapshotter(tmp_path, '[cvmfs-snap.source-options]\ncvmfs = {}\n"a.b" = 3\n') == (
+        "cvmfs-snap.source-options.a.b: expected a mapping, got 3")
+    assert _snapshotter(tmp_path, '[cvmfs-snap]\nmetrics-address = "9102"\n') == (
+        "cvmfs-snap.metrics-address: expected HOST:PORT (or empty: off), got '9102'")
+
+
+ONE_LIBRARY = """
+import json, sys
+from cvmfs_snap.layout import ImageRecord
+from cvmfs_snap.snapshotter.config import parse_config
+from publisher.config import PublisherConfig
+from publisher.recipe import Recipe
+from publisher.webhooks import parse_webhook
+parse_config({"cvmfs-snap": {"lazy": {"cache-size": "1GiB"}}})
+PublisherConfig.from_dict({"daemon": {"workers": 3}, "limits": {"max_depth": 9}})
+Recipe.parse("version: 1\\ninput: ['r.example/a:1']\\n")
+parse_webhook(b'{"events": []}')
+ImageRecord.from_json(json.dumps({"reference": "r", "manifest_digest": "d", "config_digest": "c", "layers": []}))
+print(sorted({m.split(".")[0] for m in sys.modules} & {"pydantic", "pydantic_core", "msgspec", "annotated_types"}))
+"""
+
+
+def test_one_validation_library() -> None:
+    """Every file the project reads is validated by msgspec (about 1 MiB resident; pydantic cost the snapshotter
+    daemon 6-10 MiB): no part loads pydantic any more."""
+    r = subprocess.run([sys.executable, "-c", ONE_LIBRARY], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[-2] == "['msgspec']"
