@@ -100,28 +100,29 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 <<
 _SIZE_WORDS = 'a number of bytes or e.g. "4GiB", "512MiB"'
 
 
-def parse_size(value: int | str) -> int:
-    """A byte count from an integer, or a string such as ``"4GiB"``, ``"512 MiB"``, ``"64M"`` (binary K/M/G/T)."""
+def parse_size(value: int | str) -> int | None:
+    """A byte count from an integer, or a string such as ``"4GiB"``, ``"512 MiB"``, ``"64M"`` (binary K/M/G/T);
+    None for a string without a number (``""``, ``"GiB"``); ValueError for one that is not a size."""
     if isinstance(value, int):
         return value
     text = value.strip().lower()
     num = text.rstrip("kmgtib ")
     try:
-        return int(float(num) * _UNITS[text[len(num):].strip()]) if num else int(text)
+        return int(float(num) * _UNITS[text[len(num):].strip()]) if num else None
     except (ValueError, KeyError):
         raise ValueError(f"a size: {_SIZE_WORDS}") from None
 
 
 def _size(value: int | str) -> int:
     size = parse_size(value)
-    if size < 0:
+    if size is None or size < 0:
         raise ValueError(f"a size: {_SIZE_WORDS}")
     return size
 
 
 def _nonzero_size(value: int | str) -> int:
     size = parse_size(value)
-    if size <= 0:
+    if size is None or size <= 0:
         raise ValueError(f"a size above 0: {_SIZE_WORDS}")
     return size
 
