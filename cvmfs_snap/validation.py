@@ -39,7 +39,8 @@ FORBID = "forbid_unknown_fields"
 @dataclasses.dataclass(frozen=True)
 class Check:
     """``Annotated`` metadata: ``fn`` gets the converted value and returns the value to keep, or raises
-    ``ValueError(words)`` (what was expected, in words)."""
+    ``ValueError(words)`` (what was expected, in words). Run where the type says so: on the field, each item of a
+    list, each value of a mapping, the one alternative of ``X | None`` (not inside unions of several types)."""
 
     fn: Callable[[Any], Any]
 
