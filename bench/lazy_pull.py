@@ -61,7 +61,7 @@ def rpull_bin() -> str:
     sys.exit("rpull not found: build shared/tools/go-reference (./build.sh) or set GOREF_BIN")
 
 
-def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) -> dict[str, float]:
+def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool, idle: float = 0.0) -> dict[str, float]:
     snap = work / "snap"
     repo = work / "cvmfs"
     repo.mkdir(parents=True)
@@ -98,6 +98,10 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
             big_bytes = sum(g.size for g in blob_gets(reg_log, mark) if g.digest == big)
             rss, pss = pid_mem(lazyfs_pid(root / "lazy"))
             snap_rss, snap_pss = pid_mem(sp.proc.pid)
+            idle_rss = float("nan")
+            if idle:  # the same node left alone: what stays resident while the layers stay mounted
+                time.sleep(idle)
+                idle_rss = pid_mem(lazyfs_pid(root / "lazy"))[0] + pid_mem(sp.proc.pid)[0]
             if os.environ.get("LAZY_PULL_SMAPS"):
                 for what, pid in (("lazyfs", lazyfs_pid(root / "lazy")), ("snapshotter", sp.proc.pid)):
                     print(f"{what}: {top_mappings(pid)}")
@@ -105,7 +109,7 @@ def lazy_once(work: Path, reg_log: Path, ref: str, big: str, use_rpull: bool) ->
         stop_daemon(sp)
         stop_lazyfs(root / "lazy")
     return {"pull": t_pull, "cpu": cpu_pull, "run": t_run, "requests": n, "bytes": total, "big": big_bytes, "rss": rss,
-            "start": t_start, "snap_rss": snap_rss, "pss": pss, "snap_pss": snap_pss}
+            "start": t_start, "snap_rss": snap_rss, "pss": pss, "snap_pss": snap_pss, "idle_rss": idle_rss}
 
 
 def lazyfs_pid(lazy: Path) -> int | None:
@@ -167,7 +171,8 @@ def native_once(work: Path, reg_log: Path, ref: str, big: str) -> dict[str, floa
         big_bytes = sum(g.size for g in blob_gets(reg_log, mark) if g.digest == big)
     return {"pull": t_pull, "cpu": float("nan"), "run": t_run, "requests": n, "bytes": total, "big": big_bytes,
             "rss": float("nan"),
-            "start": float("nan"), "snap_rss": float("nan"), "pss": float("nan"), "snap_pss": float("nan")}
+            "start": float("nan"), "snap_rss": float("nan"), "pss": float("nan"), "snap_pss": float("nan"),
+            "idle_rss": float("nan")}
 
 
 def main() -> None:
@@ -177,6 +182,8 @@ def main() -> None:
     ap.add_argument("--extra-layers", type=int, default=0, help="small eStargz layers between the two (RSS with N "
                     "lazy layers mounted)")
     ap.add_argument("--rpull", action="store_true", help="pull with rpull (CRI's code) instead of cvmfs-snap pull")
+    ap.add_argument("--idle", type=float, default=0.0, help="also the total RSS after the node has been idle this "
+                    "many seconds with the layers mounted (the processes give free heap back when idle)")
     ap.add_argument("--stargz-peer", action="store_true", help="also run shared/tools/stargz-peer/run-e2e.sh")
     args = ap.parse_args()
     img = build(args.files, args.extra_layers)
@@ -190,7 +197,7 @@ def main() -> None:
         im.push_image(reg.url, "bench/lazy", "v1", img)
         ref = reg.ref("bench/lazy", "v1")
         for r in range(args.reps):
-            results["lazy"].append(lazy_once(tmp / f"lazy{r}", reg.log, ref, big.digest, args.rpull))
+            results["lazy"].append(lazy_once(tmp / f"lazy{r}", reg.log, ref, big.digest, args.rpull, args.idle))
             results["native"].append(native_once(tmp / f"nat{r}", reg.log, ref, big.digest))
     print(f"{'mode':<8} {'pull s (median)':>16} {'run s':>8} {'big-layer B':>12} {'all blobs B':>12} "
           f"{'lazyfs RSS MiB':>15} {'snapshotter RSS':>15} {'lazyfs start s':>15}")
@@ -205,7 +212,8 @@ def main() -> None:
             print(f"         snapshotter + lazyfs CPU s during the pull: {cpus} (median {med['cpu']:.2f})")
         if mode == "lazy":
             print(f"         PSS MiB: lazyfs {med['pss']:.1f}, snapshotter {med['snap_pss']:.1f}; RSS total "
-                  f"{med['rss'] + med['snap_rss']:.1f} MiB (PSS {med['pss'] + med['snap_pss']:.1f})")
+                  f"{med['rss'] + med['snap_rss']:.1f} MiB (PSS {med['pss'] + med['snap_pss']:.1f})"
+                  + (f"; after {args.idle:g} s idle: RSS total {med['idle_rss']:.1f} MiB" if args.idle else ""))
     lazy_big = statistics.median(x["big"] for x in results["lazy"])
     print(f"bytes of the data layer fetched to read one small file: {int(lazy_big)} = "
           f"{100 * lazy_big / len(big.blob):.2f} % of it")
