@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +20,19 @@ from publisher.backends.base import FlatLayer, FlatOpener, LayerInfo, TarStream
 from publisher.backends.local import LocalBackend
 from publisher.pipeline import Publisher
 from publisher.slots import FLAT, LAYER, WorkSlots
+
+
+def _until(cond: Callable[[], bool]) -> None:
+    """Wait (up to 10 s) until ``cond()`` holds: the threads of a test have reached their wait, whatever the load."""
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, "the test's threads did not reach their wait within 10 s"
+        time.sleep(0.002)
+
+
+def _queued(slots: WorkSlots, n: int) -> Callable[[], bool]:
+    return lambda: len(slots._waiting) == n
+
 
 
 def test_flat_goes_before_waiting_layers_and_layers_in_order() -> None:
@@ -34,11 +47,11 @@ def test_flat_goes_before_waiting_layers_and_layers_in_order() -> None:
             time.sleep(0.01)
 
     threads = []
-    for name, prio, order in (("layer 7", LAYER, 7), ("layer 3", LAYER, 3), ("flat", FLAT, None)):
+    for i, (name, prio, order) in enumerate((("layer 7", LAYER, 7), ("layer 3", LAYER, 3), ("flat", FLAT, None))):
         t = threading.Thread(target=wait, args=(name, prio, order))
         t.start()
         threads.append(t)
-        time.sleep(0.05)  # all three are waiting before the slot is free
+        _until(_queued(slots, i + 1))  # all three are waiting before the slot is free
     holder.__exit__(None, None, None)
     for t in threads:
         t.join(5)
@@ -69,7 +82,7 @@ def test_a_waiter_that_gives_up_does_not_block_the_others() -> None:
 
     t = threading.Thread(target=later)
     t.start()
-    time.sleep(0.05)
+    _until(_queued(slots, 1))
     # a waiter interrupted while it waits (here: by an exception from its condition wait) leaves the queue
     original = slots._cond.wait
     calls = {"n": 0}
@@ -111,7 +124,7 @@ def test_a_layer_hands_its_slot_to_the_flat_waiting_for_it() -> None:
     threads = [threading.Thread(target=flat), threading.Thread(target=next_layer)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+    _until(lambda: slots._wanted["sha256:a"] == 1 and len(slots._waiting) == 1)
     unit.__exit__(None, None, None)
     time.sleep(0.05)  # the next layer waited before and the slot is not in use: it still must not get it
     assert got == []
@@ -147,7 +160,7 @@ def test_a_handed_slot_is_freed_when_the_flat_gives_up() -> None:
     threads = [threading.Thread(target=flat), threading.Thread(target=next_layer)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+    _until(lambda: slots._wanted["sha256:a"] == 1 and len(slots._waiting) == 1)
     unit.__exit__(None, None, None)
     failed.set()
     for t in threads:
