@@ -59,6 +59,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After a green run, remove this run's temporary tree ourselves: the deep trees the tests make (5,000 levels)
     would make pytest's own recursive clean-up of old runs fail at exit. A failed run's tree is kept to look at."""
     factory = getattr(session.config, "_tmp_path_factory", None)
-    if exitstatus == 0 and factory is not None and factory._basetemp is not None:
+    if factory is None or factory._basetemp is None:
+        return
+    if exitstatus == 0:
         unmount_below(factory._basetemp)
         remove_tree(factory._basetemp)
+    if not session.config.option.basetemp:
+        _prune_old_runs(factory._basetemp.parent)
+
+
+def _prune_old_runs(root: Path, keep: int = 3) -> None:
+    """What pytest's own clean-up at exit would remove from its numbered ``pytest-N`` directories (all but the
+    newest ``keep``) and the ``garbage-*`` directories it failed to remove before, removed here without recursion:
+    a failed run's 5,000-level trees make pytest's recursive removal raise RecursionError at every later exit."""
+    runs = sorted((int(d.name.removeprefix("pytest-")), d) for d in root.glob("pytest-*")
+                  if d.name.removeprefix("pytest-").isdigit() and not d.is_symlink())
+    for _, d in [*runs[:-keep], *((0, g) for g in root.glob("garbage-*"))]:
+        unmount_below(d)
+        remove_tree_quietly(d)
