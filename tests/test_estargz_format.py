@@ -217,13 +217,13 @@ def test_small_files_are_joined_hashed_and_landed_per_batch_not_per_file() -> No
 def test_one_call_compression_keeps_the_compressobj_bytes(level: int) -> None:
     from zlib_ng import zlib_ng
 
-    from cvmfs_snap.estargz.writer import _compress
+    from cvmfs_snap.estargz.emitter import compress_unit
 
     rnd = random.Random(level)
     for data in (b"", b"x", bytes(70_000), rnd.randbytes(5000), b"".join(rnd.choice([b"ab", b"cde", b"\n"])
                                                                           for _ in range(40_000))):
         c = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)
-        assert _compress(memoryview(data), level, [(0, len(data))], "gzip") == (
+        assert compress_unit(memoryview(data), level, [(0, len(data))], "gzip") == (
             c.compress(data) + c.flush(), ["sha256:" + hashlib.sha256(data).hexdigest()])
 
 

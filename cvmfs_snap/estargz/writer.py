@@ -8,7 +8,8 @@ batches of at least ``BATCH_BYTES`` (a layer of small files makes thousands of t
 buffer, hashed for the diffID with one call and landed with one write, since a GIL round trip per small file kept two
 cores from being used), and written in order by one landing thread (blob sha256 and ``out.write``, e.g. the upload,
 beside the tar parsing); since each unit is compressed on its own, the output is byte-identical whatever the number
-of workers. Memory stays bounded: a few batches (about ``chunk_size`` each) are in flight.
+of workers. Memory stays bounded: a few batches (about ``chunk_size`` each) are in flight. The ordered parallel
+compression is :mod:`cvmfs_snap.estargz.emitter`; this module cuts the stream into units and writes the TOC.
 
 Tar headers are copied as they are stored; only sparse members are rewritten as regular files (the TOC describes
 file bytes, which a sparse member does not hold). Prioritised files (and their parent directories and hardlink
@@ -21,21 +22,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import struct
 import tarfile
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import zstandard
 from zlib_ng import zlib_ng
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.estargz.emitter import Emitter, Unit, Writable
 from cvmfs_snap.estargz.footer import SKIPPABLE_MAGIC, gzip_footer, zstd_footer
 from cvmfs_snap.estargz.toc import (
     LANDMARK_CONTENTS,
@@ -57,10 +55,6 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_COMPRESSION_LEVEL = 6
 _TYPES = {"file": "reg", "dir": "dir", "symlink": "symlink", "hardlink": "hardlink", "char": "char",
           "block": "block", "fifo": "fifo"}
-
-
-class Writable(Protocol):
-    def write(self, data: bytes, /) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -169,189 +163,7 @@ def _toc_header(size: int) -> bytes:
     return ti.tobuf(tarfile.USTAR_FORMAT)
 
 
-def _compress(unit: bytes | memoryview, level: int, digests: list[tuple[int, int]],
-              codec: str) -> tuple[bytes, list[str]]:
-    if codec == "zstd":
-        out = zstandard.ZstdCompressor(level=level).compress(unit)
-    elif level >= 2:  # one call, one GIL round trip; the same bytes as compressobj at these levels
-        out = zlib_ng.compress(unit, level, wbits=31)
-    else:  # levels 0 and 1 make other blocks in one call than through compressobj: keep their output
-        c = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 31)
-        out = c.compress(unit) + c.flush()
-    mv = memoryview(unit)
-    return out, ["sha256:" + hashlib.sha256(mv[a:b]).hexdigest() for a, b in digests]
-
-
-class _Unit:
-    __slots__ = ("chunks", "entries", "parts", "size", "whole")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
-        #: TOC entries whose chunk starts this unit (offset = the unit's blob offset) and their data ranges
-        self.entries: list[TocEntry] = []
-        self.chunks: list[tuple[int, int]] = []
-        #: per entry: the chunk is the whole file (its digest is the file's digest)
-        self.whole: list[bool] = []
-
-    def add(self, data: bytes) -> None:
-        if data:
-            self.parts.append(data)
-            self.size += len(data)
-
-
-#: units go to the pool in batches of at least this many bytes: thousands of small files make thousands of tiny
-#: units, and a task each would cost more in thread hand-offs (and GIL round trips) than compressing them
-BATCH_BYTES = 1 << 20
-
-_Member = tuple[bytes, list[str]]  # a compressed unit and its chunks' digests
-_Span = tuple[int, int, list[tuple[int, int]]]  # a unit's range in its batch's buffer and its chunks' ranges
-
-
-def _compress_batch(buf: bytes, spans: list[_Span], level: int, codec: str) -> list[_Member]:
-    with memoryview(buf) as mv:
-        return [_compress(mv[a:b], level, chunks, codec) for a, b, chunks in spans]
-
-
-class _Emitter:
-    """Units in, compressed members out in order; TOC offsets and chunk digests filled in as members land.
-
-    With one worker everything happens on the caller's thread. With more, units are compressed on a pool, in
-    batches, and *landed* (TOC entries completed, the member hashed and written to ``out``) in order by one landing
-    thread, so that the caller's thread only parses the tar, cuts units and hashes them (the diffID): the blob's
-    sha256 and the upload run beside it and beside the compression. Batches being compressed and batches not yet
-    landed are bounded, so memory is too. ``drain`` waits until everything submitted has landed.
-    """
-
-    def __init__(self, out: Writable, opts: BuildOptions, progress: Callable[[int], None] | None) -> None:
-        self.out = out
-        self.opts = opts
-        self.progress = progress
-        self.offset = 0
-        self.blob_hash = hashlib.sha256()
-        self.diff_hash = hashlib.sha256()
-        self.usize = 0
-        self._pool = ThreadPoolExecutor(opts.workers, "estargz") if opts.workers > 1 else None
-        #: the batch being filled: its units, their parts (joined into one buffer at flush) and their spans in it
-        self._batch: list[_Unit] = []
-        self._parts: list[bytes] = []
-        self._spans: list[_Span] = []
-        self._batch_size = 0
-        #: batches handed to the pool and not compressed yet: every worker busy, one more batch waiting each
-        self._slots = threading.Semaphore(2 * opts.workers)
-        #: batches not landed yet (compressed ones wait for an earlier one to land: members go out in order)
-        self._queue: queue.Queue[tuple[list[_Unit], Future[list[_Member]]] | None] = queue.Queue(
-            maxsize=4 * opts.workers)
-        self._error: BaseException | None = None
-        self._closing = False
-        self._lander: threading.Thread | None = None
-        if self._pool is not None:
-            self._lander = threading.Thread(target=self._landing, name="estargz-land", daemon=True)
-            self._lander.start()
-
-    def submit(self, unit: _Unit) -> None:
-        if not unit.size:
-            return
-        if self._pool is None:
-            data = unit.parts[0] if len(unit.parts) == 1 else b"".join(unit.parts)
-            unit.parts = []
-            self.diff_hash.update(data)
-            self.usize += len(data)
-            self._land(unit, _compress(data, self.opts.compression_level, unit.chunks, self.opts.compression))
-            return
-        # with a pool, a batch's units are joined once and hashed once (not a GIL round trip per small file)
-        start = self._batch_size
-        self._batch.append(unit)
-        self._parts += unit.parts
-        unit.parts = []
-        self._batch_size += unit.size
-        self._spans.append((start, self._batch_size, unit.chunks))
-        if self._batch_size >= BATCH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._batch or self._pool is None:
-            return
-        self._check()
-        units, spans, parts = self._batch, self._spans, self._parts
-        self._batch, self._spans, self._parts, self._batch_size = [], [], [], 0
-        buf = parts[0] if len(parts) == 1 else b"".join(parts)
-        del parts
-        self.diff_hash.update(buf)
-        self.usize += len(buf)
-        self._slots.acquire()
-        fut = self._pool.submit(_compress_batch, buf, spans, self.opts.compression_level, self.opts.compression)
-        fut.add_done_callback(lambda _: self._slots.release())
-        self._queue.put((units, fut))
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _landing(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if self._error is None and not self._closing:  # else only empty the queue: no submitter blocks
-                    units, fut = item
-                    members = fut.result()
-                    offset = self.offset
-                    for unit, (comp, digests) in zip(units, members, strict=True):
-                        self._place(unit, offset, digests)
-                        offset += len(comp)
-                    self._write(members[0][0] if len(members) == 1 else b"".join(m[0] for m in members))
-            except BaseException as e:  # raised again on the submitting thread
-                self._error = e
-            finally:
-                self._queue.task_done()
-
-    @staticmethod
-    def _place(unit: _Unit, offset: int, digests: list[str]) -> None:
-        for ent, dg, whole in zip(unit.entries, digests, unit.whole, strict=True):
-            ent.offset = offset
-            ent.chunk_digest = dg
-            if whole:  # a one-chunk file; a longer file's digest is set by the tar thread after its last chunk
-                ent.digest = dg
-
-    def _land(self, unit: _Unit, member: _Member) -> None:
-        comp, digests = member
-        self._place(unit, self.offset, digests)
-        self._write(comp)
-
-    def _write(self, data: bytes) -> None:
-        self.out.write(data)
-        self.blob_hash.update(data)
-        self.offset += len(data)
-        if self.progress:
-            self.progress(len(data))
-
-    def drain(self) -> None:
-        """Wait until every unit submitted has landed (raising what landing raised)."""
-        if self._pool is not None:
-            self._flush()
-            self._queue.join()
-            self._check()
-
-    def write_raw(self, data: bytes, uncompressed: bytes = b"") -> None:
-        self.drain()
-        if uncompressed:
-            self.diff_hash.update(uncompressed)
-            self.usize += len(uncompressed)
-        if data:  # the TOC's compressor returns nothing for most entries: no empty write to the upload each
-            self._write(data)
-
-    def close(self) -> None:
-        if self._lander is not None:
-            self._closing = True  # after a failure: what is still queued is dropped, not written
-            self._queue.put(None)
-            self._lander.join()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _read_into(unit: _Unit, fh: Hasher | None, read: Callable[[int], bytes], n: int, what: str) -> None:
+def _read_into(unit: Unit, fh: Hasher | None, read: Callable[[int], bytes], n: int, what: str) -> None:
     """Add the next ``n`` bytes of ``read`` to ``unit`` as they come (joined once, when the unit is submitted)."""
     while n > 0:
         data = read(min(n, 1 << 20))
@@ -387,12 +199,12 @@ def _toc_entry(e: TarEntry, modtimes: dict[int, str]) -> TocEntry:
     return t
 
 
-def _landmark_unit(lname: str, unit: _Unit, em: _Emitter, toc: list[TocEntry]) -> _Unit:
+def _landmark_unit(lname: str, unit: Unit, em: Emitter, toc: list[TocEntry]) -> Unit:
     hdr = _landmark(lname)
     e = TocEntry(lname, "reg", size=1, mode=0o644, digest="sha256:" + hashlib.sha256(LANDMARK_CONTENTS).hexdigest())
     unit.add(hdr[:BLOCK])
     em.submit(unit)
-    unit = _Unit()
+    unit = Unit()
     unit.entries.append(e)
     unit.chunks.append((0, 1))
     unit.whole.append(False)  # its digest is known
@@ -401,11 +213,11 @@ def _landmark_unit(lname: str, unit: _Unit, em: _Emitter, toc: list[TocEntry]) -
     return unit
 
 
-def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOptions, lead: bool,
+def _write_items(items: Iterable[_Item | bytes], em: Emitter, opts: BuildOptions, lead: bool,
                  name: str) -> list[TocEntry]:
     toc: list[TocEntry] = []
     modtimes: dict[int, str] = {}
-    unit = _Unit()
+    unit = Unit()
     if lead:
         unit = _landmark_unit(NO_PREFETCH_LANDMARK, unit, em, toc)
     for item in items:
@@ -422,7 +234,7 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
         if te.kind != "file" or te.size == 0:
             if unit.size >= opts.chunk_size:
                 em.submit(unit)
-                unit = _Unit()
+                unit = Unit()
             continue
         read = _expand_sparse(te, item.read) if te.sparse is not None else item.read
         whole = te.size <= opts.chunk_size  # one chunk: its digest is the file's (set when the chunk lands)
@@ -432,7 +244,7 @@ def _write_items(items: Iterable[_Item | bytes], em: _Emitter, opts: BuildOption
         while done < te.size:
             n = min(opts.chunk_size, te.size - done)
             em.submit(unit)
-            unit = _Unit()
+            unit = Unit()
             _read_into(unit, fh, read, n, f"{name}: entry {te.display}")
             if cur is not ent:
                 toc.append(cur)
@@ -564,7 +376,8 @@ def build(
     opts = options or BuildOptions()
     opts.check()
     lim = limits or Limits()
-    em = _Emitter(out, opts, progress)
+    em = Emitter(out, workers=opts.workers, level=opts.compression_level, codec=opts.compression,
+                 progress=progress)
     missing: list[str] = []
     try:
         items: Iterable[_Item | bytes]
