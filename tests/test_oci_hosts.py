@@ -164,8 +164,8 @@ def test_credentials_docker_then_kubelet(tmp_path: Path) -> None:
 
 def test_credentials_wire_form_round_trip(tmp_path: Path, registry: Registry) -> None:
     from cvmfs_snap.oci.auth import Credentials
-    from cvmfs_snap.oci.hostclient import first_client
-    from cvmfs_snap.oci.hosts import credentials_from_wire, credentials_to_wire
+    from cvmfs_snap.oci.hostclient import endpoint_client
+    from cvmfs_snap.oci.hosts import credentials_from_wire, credentials_to_wire, endpoints
     wire = credentials_to_wire({"m.site.org": Credentials("u", "s3cret-w")})
     assert wire == {"m.site.org": {"username": "u", "secret": "s3cret-w"}}
     store = credentials_from_wire(wire)
@@ -175,6 +175,7 @@ def test_credentials_wire_form_round_trip(tmp_path: Path, registry: Registry) ->
         credentials_from_wire({"h": {"username": "u", "secret": 5}})
     assert "5" not in str(ei.value).replace("{username, secret}", "")
     _write(tmp_path / "registry.invalid", f'[host."http://{registry.host}"]\n')
-    client, ref = first_client(ImageReference.parse("registry.invalid/a/b:1"), tmp_path, store)
+    ep = endpoints(ImageReference.parse("registry.invalid/a/b:1"), tmp_path, "pull")[0]  # as the lazyfs ClientPool
+    client, ref = endpoint_client(ep, store), ep.ref
     with client:
         assert ref.registry == registry.host and client.base_url(ref) == f"http://{registry.host}"

@@ -64,12 +64,20 @@ def credentials_key(wire: object) -> str:
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass
+class _Shared:
+    """A pooled client and how many layers use it."""
+
+    client: RegistryClient
+    references: int = 0
+
+
 class ClientPool:
     """Registry clients shared by layers (see the module docstring). Use from the trio thread only."""
 
     def __init__(self, **client_kwargs: Any) -> None:
         self._kwargs = client_kwargs
-        self._clients: dict[ClientKey, list[Any]] = {}  # key -> [client, references]
+        self._clients: dict[ClientKey, _Shared] = {}
 
     def acquire(self, ref: ImageReference, hosts_dir: Path | None, credentials: object
                 ) -> tuple[ClientKey, RegistryClient, ImageReference]:
@@ -79,25 +87,26 @@ class ClientPool:
         key = (ref.registry, str(hosts_dir or ""), credentials_key(credentials))
         entry = self._clients.get(key)
         if entry is None:
-            entry = self._clients[key] = [endpoint_client(ep, credentials_from_wire(credentials), **self._kwargs), 0]
-        entry[1] += 1
-        return key, entry[0], ep.ref
+            client = endpoint_client(ep, credentials_from_wire(credentials), **self._kwargs)
+            entry = self._clients[key] = _Shared(client)
+        entry.references += 1
+        return key, entry.client, ep.ref
 
     def release(self, key: ClientKey) -> None:
         entry = self._clients.get(key)
         if entry is None:
             return
-        entry[1] -= 1
-        if entry[1] <= 0:
+        entry.references -= 1
+        if entry.references <= 0:
             del self._clients[key]
-            entry[0].close()
+            entry.client.close()
 
     def __len__(self) -> int:
         return len(self._clients)
 
     def close(self) -> None:
-        for client, _ in self._clients.values():
-            client.close()
+        for entry in self._clients.values():
+            entry.client.close()
         self._clients.clear()
 
 

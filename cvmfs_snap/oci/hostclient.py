@@ -50,15 +50,6 @@ def ssl_context(ep: Endpoint) -> ssl.SSLContext:
     return ctx
 
 
-def first_client(ref: ImageReference, hosts_dir: Path | None, credentials: CredentialStore | None = None,
-                 **kwargs: Any) -> tuple[RegistryClient, ImageReference]:
-    """A RegistryClient and the reference to use with it for reading ``ref``'s blobs: the first pull host of
-    :func:`~cvmfs_snap.oci.hosts.endpoints` (a mirror when one is configured). ``kwargs`` go to RegistryClient
-    (timeouts, retries)."""
-    ep = endpoints(ref, hosts_dir, "pull")[0]
-    return endpoint_client(ep, credentials, **kwargs), ep.ref
-
-
 def manifest_layers(target: ImageReference, hosts_dir: Path | None, credentials: CredentialStore, *,
                     timeout: float, annotation: str) -> dict[str, tuple[int, str]]:
     """{layer digest: (size, its ``annotation``)} of the image manifest ``target`` (by digest: verified), from the
