@@ -3,6 +3,7 @@
 Layout under ``directory`` (one lazyfs process owns it)::
 
     chunks/<2 hex>/<64 hex>   one decoded chunk, named by its sha256 (its eStargz ``chunkDigest``)
+    packs/<name>.pack         small chunks stored together (``lazyfs/packs.py``: one disk read for many)
     layers/<64 hex>.refs      the chunk keys a layer uses, one a line (append-only)
     tmp/                      chunks being written (emptied at start)
 
@@ -17,8 +18,13 @@ Layout under ``directory`` (one lazyfs process owns it)::
 - **References**: ``put(key, data, layer)`` and ``get(key, layer)`` record that ``layer`` uses ``key`` (the refs
   line is written *before* the chunk file, so a crash leaves at worst a line without a chunk, never a chunk no
   layer owns). ``release_layer`` deletes the chunks only that layer used.
+- **Packs**: chunks of at most ``PACK_CHUNK_MAX`` bytes stored together (:meth:`put_many`, :meth:`get_many`)
+  share one pack file, so the reads of many small files cost one disk I/O instead of one each. A pack is evicted
+  (or discarded when one of its chunks does not verify) as a whole, at the place of its least recently used chunk
+  in the LRU order: its chunks were fetched together and are mostly read together. A released chunk leaves its
+  pack's index; the pack file goes with its last chunk (until then its bytes still count in the bound).
 - **Restart**: the index (sizes, LRU order, references) is rebuilt from the directory; LRU order is then the
-  chunk files' modification order. Leftover temporary files and chunks no layer references are removed: no hand
+  chunk and pack files' modification order. Leftover temporary files and chunks no layer references are removed: no hand
   cleaning after a crash.
 - **Page cache**: the kernel already caches the FUSE files' pages; the cache files' own pages are dropped after
   every read (``posix_fadvise(POSIX_FADV_DONTNEED)``). A written chunk's pages are still dirty when it is renamed
@@ -49,6 +55,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_snap.lazyfs import packs
+
 from cvmfs_snap.digests import SHA256_HEX
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
@@ -61,6 +69,13 @@ DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
 HOT_IDLE_SECONDS = 10.0
 #: a written chunk's pages are dropped again this long after the write (its writeback is done by then)
 SETTLE_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class _Pack:
+    path: Path
+    size: int  # bytes of the file (all of them count in the bound)
+    slots: dict[str, tuple[int, int]]  # key -> (offset, length) of its chunks still in the index
 
 
 def cache_key(digest: str) -> str:
@@ -102,6 +117,10 @@ class ChunkCache:
         self._refs: dict[str, str | set[str]] = {}
         self._layers: dict[str, str] = {}
         self._bytes = 0
+        #: chunks stored in packs: key -> pack number, and the packs by number
+        self._packed: dict[str, int] = {}
+        self._packs: dict[int, _Pack] = {}
+        self._pack_seq = 0
         #: name -> bytes of the files counted in the bound that are not chunks (spool files, unpacked copies)
         self._reserved: dict[str, int] = {}
         self._reserved_bytes = 0
@@ -111,7 +130,7 @@ class ChunkCache:
         self._hot_bytes = 0
         self.hits = self.misses = self.evictions = 0
         self._tmp_seq = 0
-        for sub in ("chunks", "layers", "tmp"):
+        for sub in ("chunks", "packs", "layers", "tmp"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._load()
 
@@ -131,6 +150,10 @@ class ChunkCache:
                     if SHA256_HEX.fullmatch(key):  # a crash may have cut the last line
                         self._ref_add(key, self._layer(layer))
         found: list[tuple[float, str, int]] = []
+        for e in os.scandir(self.directory / "packs"):
+            pack = self._load_pack(e.path)
+            if pack is not None:
+                found.append((os.stat(e.path).st_mtime, e.path, -pack))
         for d in os.scandir(self.directory / "chunks"):
             if not d.is_dir(follow_symlinks=False):
                 continue
@@ -142,8 +165,22 @@ class ChunkCache:
                     continue
                 found.append((st.st_mtime, key, st.st_size))
         for _, key, size in sorted(found):
-            self._lru[key] = size
-            self._bytes += size
+            if size >= 0:
+                self._lru[key] = size
+                self._bytes += size
+                continue
+            pack = self._packs[-size]
+            for k, (_, n) in list(pack.slots.items()):
+                if k in self._lru:  # stored twice (a crash between two writes): keep the first
+                    del pack.slots[k]
+                else:
+                    self._lru[k] = n
+                    self._packed[k] = -size
+            if pack.slots:
+                self._bytes += pack.size
+            else:
+                del self._packs[-size]
+                os.unlink(pack.path)
         for key in [k for k in self._refs if k not in self._lru]:
             del self._refs[key]
         with self._lock:
@@ -152,6 +189,29 @@ class ChunkCache:
         if found:
             log.info("chunk cache %s: %d chunks, %d bytes (bound %d)", self.directory, len(self._lru), self._bytes,
                      self.max_bytes)
+
+    def _load_pack(self, path: str) -> int | None:
+        """Index the pack at ``path`` (its chunks that a layer references; its LRU place is set by ``_load``);
+        its number, or None when it is not a pack of ours, damaged, or holds nothing referenced (deleted)."""
+        try:
+            if not path.endswith(packs.SUFFIX):
+                raise ValueError("not a pack")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size, slots = packs.read_index(fd)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as e:
+            log.warning("chunk cache %s: removing %s (%s)", self.directory, path, e)
+            os.unlink(path)
+            return None
+        live = {k: (off, n) for k, off, n in slots if k in self._refs}
+        if not live:
+            os.unlink(path)
+            return None
+        self._pack_seq += 1
+        self._packs[self._pack_seq] = _Pack(Path(path), size, live)
+        return self._pack_seq
 
     # ------------------------------------------------------------------ paths
     def _path(self, key: str) -> Path:
@@ -194,12 +254,18 @@ class ChunkCache:
         return False
 
     def _add_ref_locked(self, key: str, layer: str) -> None:
-        if self._has_ref(key, layer):
+        self._add_refs_locked([key], layer)
+
+    def _add_refs_locked(self, keys: list[str], layer: str) -> None:
+        """``layer`` references ``keys``: the new ones are appended to its refs file (one write) first."""
+        new = [k for k in keys if not self._has_ref(k, layer)]
+        if not new:
             return
         layer = self._layer(layer)
         with open(self._refs_path(layer), "ab") as f:
-            f.write(key.encode() + b"\n")
-        self._ref_add(key, layer)
+            f.write("".join(f"{k}\n" for k in new).encode())
+        for k in new:
+            self._ref_add(k, layer)
 
     # ------------------------------------------------------------------ API
     def get_hot(self, key: str, layer: str | None = None) -> bytes | None:
@@ -280,33 +346,134 @@ class ChunkCache:
     def get(self, key: str, layer: str | None = None) -> bytes | None:
         """The chunk's bytes, or None (a miss). With ``layer``, that layer now references the chunk too."""
         key = cache_key(key)
+        return self.get_many([key], layer).get(key)
+
+    def get_many(self, keys: list[str], layer: str | None = None) -> dict[str, bytes]:
+        """The bytes of those of ``keys`` (distinct) that are stored, by bare hex key (the others are misses);
+        chunks of one pack are read together (see :func:`packs.read_slots`). ``layer`` as for :meth:`get`."""
+        ks = [cache_key(k) for k in keys]
         lay = cache_key(layer) if layer is not None else None
+        loose: list[str] = []
+        by_pack: dict[int, tuple[Path, list[packs.Slot]]] = {}
         with self._lock:
-            if key not in self._lru:
-                self.misses += 1
-                self.metrics.cache_misses.inc()
-                return None
-            self._lru.move_to_end(key)
-            if lay is not None:
-                self._add_ref_locked(key, lay)
+            stored = [k for k in ks if k in self._lru]
+            if lay is not None and stored:
+                self._add_refs_locked(stored, lay)
+            for k in stored:
+                self._lru.move_to_end(k)
+                num = self._packed.get(k)
+                if num is None:
+                    loose.append(k)
+                else:
+                    pack = self._packs[num]
+                    off, n = pack.slots[k]
+                    by_pack.setdefault(num, (pack.path, []))[1].append((k, off, n))
             settled = self._take_settled_locked(time.monotonic() - SETTLE_SECONDS) if self._settling else []
         _drop_pages(settled)
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # evicted or released meanwhile
-            with self._lock:
-                self.misses += 1
-            self.metrics.cache_misses.inc()
-            return None
-        try:
-            data = _read_all(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        out: dict[str, bytes] = {}
+        for k in loose:
+            try:
+                fd = os.open(self._path(k), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # evicted or released meanwhile
+                continue
+            try:
+                out[k] = _read_all(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        for path, slots in by_pack.values():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                out.update(packs.read_slots(fd, slots))
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        hits, misses = len(out), len(ks) - len(out)
         with self._lock:
-            self.hits += 1
-        self.metrics.cache_hits.inc()
-        return data
+            self.hits += hits
+            self.misses += misses
+        if hits:
+            self.metrics.cache_hits.inc(hits)
+        if misses:
+            self.metrics.cache_misses.inc(misses)
+        return out
+
+    def put_many(self, items: list[tuple[str, bytes]], layer: str) -> None:
+        """Store chunks (verified by the caller) for ``layer``: those of at most ``packs.PACK_CHUNK_MAX`` bytes
+        together in packs of up to ``packs.PACK_MAX`` bytes, larger ones as :meth:`put` does."""
+        lay = cache_key(layer)
+        small: list[tuple[str, bytes]] = []
+        for key, data in items:
+            if len(data) > packs.PACK_CHUNK_MAX:
+                self.put(key, data, layer)
+            else:
+                small.append((cache_key(key), data))
+        if not small:
+            return
+        with self._lock:
+            self._add_refs_locked([k for k, _ in small], lay)
+            todo: dict[str, bytes] = {}
+            for k, data in small:
+                if k in self._lru:
+                    self._lru.move_to_end(k)
+                else:
+                    todo.setdefault(k, data)
+        group: list[tuple[str, bytes]] = []
+        size = 0
+        for k, data in todo.items():
+            if group and size + len(data) > packs.PACK_MAX:
+                self._write_pack(group, lay)
+                group, size = [], 0
+            group.append((k, data))
+            size += len(data)
+        if group:
+            self._write_pack(group, lay)
+
+    def _write_pack(self, items: list[tuple[str, bytes]], layer: str) -> None:
+        pieces, slots = packs.encode(items)
+        size = sum(map(len, pieces))
+        if len(items) == 1 or size > self.max_bytes - self._reserved_bytes:
+            for k, data in items:  # a pack of one chunk is a chunk file; one too large for a tiny bound, chunks
+                self.put(k, data, layer)
+            return
+        with self._lock:
+            self._tmp_seq += 1
+            name = f"{time.time_ns():x}-{os.getpid()}-{self._tmp_seq}{packs.SUFFIX}"
+        tmp = self.directory / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            packs.write(fd, pieces)
+            if self.sync:
+                os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        path = self.directory / "packs" / name
+        with self._lock:
+            live = {k: (off, n) for k, off, n in slots if k not in self._lru and k in self._refs}
+            if not live:  # raced with other puts, or released meanwhile
+                os.unlink(tmp)
+                return
+            os.replace(tmp, path)
+            self._pack_seq += 1
+            self._packs[self._pack_seq] = _Pack(path, size, live)
+            for k, (_, n) in live.items():
+                self._lru[k] = n
+                self._packed[k] = self._pack_seq
+            self._bytes += size
+            self._evict_locked()
+            self.metrics.cache_bytes.set(self._bytes)
+            now = time.monotonic()
+            if not self.sync:
+                self._settling.append((now, path))
+            settled = self._take_settled_locked(now - SETTLE_SECONDS)
+        _drop_pages(settled)
 
     def put(self, key: str, data: bytes, layer: str) -> None:
         """Store a chunk (already verified by the caller) for ``layer``; evicts LRU chunks past the bound."""
@@ -422,7 +589,7 @@ class ChunkCache:
                     continue
                 if self._ref_discard(key, lay):
                     freed += self._lru.get(key, 0)
-                    self._drop_locked(key)
+                    self._forget_locked(key)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             self._layers.pop(lay, None)
@@ -443,6 +610,18 @@ class ChunkCache:
 
     # ------------------------------------------------------------------ internals
     def _drop_locked(self, key: str) -> None:
+        """Delete a chunk (evicted, damaged): a packed one with its whole pack."""
+        num = self._packed.get(key)
+        if num is not None:
+            pack = self._packs.pop(num)
+            for k in pack.slots:
+                self._unhot_locked(k)
+                self._lru.pop(k, None)
+                self._packed.pop(k, None)
+            self._bytes -= pack.size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pack.path)
+            return
         self._unhot_locked(key)
         size = self._lru.pop(key, None)
         if size is None:
@@ -450,6 +629,23 @@ class ChunkCache:
         self._bytes -= size
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
+
+    def _forget_locked(self, key: str) -> None:
+        """Delete a chunk no layer references: a packed one leaves its pack's index (the file goes with the
+        pack's last chunk)."""
+        num = self._packed.pop(key, None)
+        if num is None:
+            self._drop_locked(key)
+            return
+        self._unhot_locked(key)
+        self._lru.pop(key, None)
+        pack = self._packs[num]
+        del pack.slots[key]
+        if not pack.slots:
+            del self._packs[num]
+            self._bytes -= pack.size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pack.path)
 
     def _evict_locked(self, keep: str | None = None) -> None:
         """Evict LRU chunks until chunks + reservations fit the bound (the chunks ``keep`` uses last of all, and
@@ -461,14 +657,20 @@ class ChunkCache:
             for key in [k for k in self._lru if not self._has_ref(k, keep)]:
                 if self._bytes <= room:
                     return
+                num = self._packed.get(key)
+                if key not in self._lru or num is not None and any(
+                        self._has_ref(k, keep) for k in self._packs[num].slots):
+                    continue  # gone with its pack already, or its pack holds chunks of ``keep``
                 self._evict_one_locked(key)
         while self._bytes > room and self._lru:
             self._evict_one_locked(next(iter(self._lru)))
 
     def _evict_one_locked(self, key: str) -> None:
+        num = self._packed.get(key)
+        n = len(self._packs[num].slots) if num is not None else 1
         self._drop_locked(key)
-        self.evictions += 1
-        self.metrics.cache_evictions.inc()
+        self.evictions += n
+        self.metrics.cache_evictions.inc(n)
 
 
 def _drop_pages(paths: list[Path]) -> None:

@@ -35,6 +35,7 @@ import bisect
 import hashlib
 import logging
 import struct
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +47,7 @@ from cvmfs_snap.estargz import FOOTER_READ_SIZE, ChunkRef, EStargz, TocEntry, pa
 from cvmfs_snap.lazyfs.cache import ChunkCache, cache_key
 from cvmfs_snap.lazyfs.decoding import DECODE_THREADS, stream_decoded
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
+from cvmfs_snap.lazyfs.packs import PACK_CHUNK_MAX, PACK_MAX
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,8 @@ class LayerReader:
         self._unwritten: dict[str, bytes] = {}
         self._unwritten_bytes = 0
         self.unwritten_max = UNWRITTEN_MAX
+        self._to_write: list[tuple[str, bytes]] = []  # what the writer task takes next
+        self._writing = False
         self._written = trio.Event()
         #: background pass state: "idle", "running", "done", "failed", "off"
         self.background_state = "idle"
@@ -262,10 +266,7 @@ class LayerReader:
     def _from_disk(self, keys: list[str], hot: bool) -> dict[str, bytes]:
         """Chunks of the disk cache that verify (a damaged one is discarded). In a worker thread."""
         out: dict[str, bytes] = {}
-        for k in keys:
-            data = self.cache.get(k, self.digest)
-            if data is None:
-                continue
+        for k, data in self.cache.get_many(keys, self.digest).items():
             if _sha(data) == k:
                 out[k] = data
                 if hot:
@@ -342,12 +343,17 @@ class LayerReader:
 
     def _store_later(self, items: list[tuple[str, bytes]]) -> None:
         """Write verified chunks to the disk cache in a task of their own: the reads waiting for them go on at
-        once (they are served from ``_unwritten`` meanwhile). Not cancelled by ``close``: a write is short."""
+        once (they are served from ``_unwritten`` meanwhile). One writer task at a time takes every chunk that
+        waits, so small chunks that arrived while it wrote go into one pack together. Not cancelled by
+        ``close``: a write is short."""
         for k, plain in items:
             self._unwritten[k] = plain
         self._unwritten_bytes += sum(len(p) for _, p in items)
-        self._task_started()
-        trio.lowlevel.spawn_system_task(self._store_task, items)
+        self._to_write.extend(items)
+        if not self._writing:
+            self._writing = True
+            self._task_started()
+            trio.lowlevel.spawn_system_task(self._store_task)
 
     async def _written_enough(self) -> None:
         """Wait while more than ``unwritten_max`` bytes of chunks wait for their cache write."""
@@ -356,28 +362,33 @@ class LayerReader:
                 self._written = trio.Event()
             await self._written.wait()
 
-    async def _store_task(self, items: list[tuple[str, bytes]]) -> None:
+    async def _store_task(self) -> None:
         try:
-            with trio.CancelScope(shield=True):  # not even the end of the trio run: the chunks reach the disk
-                await trio.to_thread.run_sync(self._store, items)
-        except Exception as e:  # a system task: nothing may escape it
-            log.warning("chunk cache %s: cannot store chunks of layer %s: %s", self.cache.directory, self.digest, e)
+            while self._to_write:
+                items, self._to_write = self._to_write, []
+                try:
+                    with trio.CancelScope(shield=True):  # not even the end of the trio run: chunks reach the disk
+                        await trio.to_thread.run_sync(self._store, items)
+                except Exception as e:  # a system task: nothing may escape it
+                    log.warning("chunk cache %s: cannot store chunks of layer %s: %s", self.cache.directory,
+                                self.digest, e)
+                finally:
+                    for k, plain in items:
+                        self._unwritten.pop(k, None)
+                        self._unwritten_bytes -= len(plain)
+                    self._written.set()
         finally:
-            for k, plain in items:
-                self._unwritten.pop(k, None)
-                self._unwritten_bytes -= len(plain)
-            self._written.set()
+            self._writing = False
             self._task_ended()
 
     def _store(self, items: list[tuple[str, bytes]]) -> None:
-        """Store verified chunks in the disk cache (in a worker thread); a cache that cannot take them is logged,
-        the reads were served anyway."""
-        for k, plain in items:
-            try:
-                self.cache.put(k, plain, self.digest)
-            except OSError as e:  # disk full, cache dir gone: serve the read anyway
-                log.warning("chunk cache %s: cannot store a chunk of layer %s: %s", self.cache.directory,
-                            self.digest, e)
+        """Store verified chunks in the disk cache (small ones packed together; in a worker thread); a cache
+        that cannot take them is logged, the reads were served anyway."""
+        try:
+            self.cache.put_many(items, self.digest)
+        except OSError as e:  # disk full, cache dir gone: serve the read anyway
+            log.warning("chunk cache %s: cannot store %d chunk(s) of layer %s: %s", self.cache.directory,
+                        len(items), self.digest, e)
 
     async def settle(self) -> None:
         """Wait until the readahead and cache-write tasks started so far have ended: their chunks are in the
@@ -405,11 +416,27 @@ class LayerReader:
         if hot:
             await self._written_enough()  # a cache disk slower than the registry: fetch no faster than it writes
 
+        packing: list[tuple[str, bytes]] = []  # small chunks of prefetch, background: stored in packs
+        lock = threading.Lock()
+        packed = [0]
+
         def in_thread(r: ChunkRef, plain: bytes) -> None:
             if hot:
                 self.cache.put_hot(_key(r), plain)
-            else:  # prefetch, background: on disk before the load returns (they are not kept in memory)
+                return
+            # prefetch, background: on disk before the load returns (they are not kept in memory)
+            if len(plain) > PACK_CHUNK_MAX:
                 self._store([(_key(r), plain)])
+                return
+            with lock:
+                packing.append((_key(r), plain))
+                packed[0] += len(plain)
+                if packed[0] < PACK_MAX:
+                    return
+                items = packing[:]
+                packing.clear()
+                packed[0] = 0
+            self._store(items)
 
         def ready(chunks: list[tuple[ChunkRef, bytes]]) -> None:
             res = [(_key(r), plain) for r, plain in chunks]
@@ -420,8 +447,13 @@ class LayerReader:
                 if done is not None:
                     done(k)
 
-        return await stream_decoded(self.fetcher, self.stargz, refs, self._decoders, in_thread=in_thread,
-                                    ready=ready, last=last)
+        try:
+            return await stream_decoded(self.fetcher, self.stargz, refs, self._decoders, in_thread=in_thread,
+                                        ready=ready, last=last)
+        finally:
+            if packing:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._store, packing)
 
     # ------------------------------------------------------------------ prefetch, background
     def prefetch_set(self, bound_bytes: int) -> list[ChunkRef]:
