@@ -92,7 +92,7 @@ def main() -> int:
                     if not args.no_drop_caches:
                         drop_caches()
                     rows.append(trio.run(one, False))
-                for t, c, fetched in rows:
+                for _, _, fetched in rows:
                     assert fetched == 0, "a cold pass fetched from the registry"
                 t, c, _ = min(rows)
                 n = len(names)

@@ -3,12 +3,13 @@
 Layout under ``directory`` (one lazyfs process owns it)::
 
     chunks/<2 hex>/<64 hex>   one decoded chunk, named by its sha256 (its eStargz ``chunkDigest``)
-    packs/<name>.pack         small chunks stored together (``lazyfs/packs.py``: one disk read for many)
-    layers/<64 hex>.refs      the chunk keys a layer uses, one a line (append-only)
-    tmp/                      chunks being written (emptied at start)
+    packs/<name>.pack         small chunks stored together (``lazyfs/cachefiles.py``: one disk read for many)
+    layers/<64 hex>.refs      the chunk keys a layer uses, one a line (append-only; ``lazyfs/refs.py``)
+    tmp/                      chunks and packs being written (emptied at start)
 
 - **Content-addressed**: a chunk is stored once whatever the number of layers (or files) holding it, so nothing
-  is ever duplicated, also not by a crash: a chunk file appears only by ``rename`` of a complete temporary file.
+  is ever duplicated, also not by a crash: a chunk or pack file appears only by ``rename`` of a complete
+  temporary file.
 - **Size bound** (``max_bytes``, default 4 GiB) over everything the lazy path keeps on disk: the chunks, and the
   space :meth:`reserve` d for the other files (a whole blob spooled from a registry that ignores ``Range``, the
   node-local unpacked copy of a completely fetched layer). Past it, least recently used chunks are evicted; a
@@ -24,8 +25,8 @@ Layout under ``directory`` (one lazyfs process owns it)::
   in the LRU order: its chunks were fetched together and are mostly read together. A released chunk leaves its
   pack's index; the pack file goes with its last chunk (until then its bytes still count in the bound).
 - **Restart**: the index (sizes, LRU order, references) is rebuilt from the directory; LRU order is then the
-  chunk and pack files' modification order. Leftover temporary files and chunks no layer references are removed: no hand
-  cleaning after a crash.
+  chunk and pack files' modification order. Leftover temporary files, damaged packs and chunks no layer
+  references are removed: no hand cleaning after a crash.
 - **Page cache**: the kernel already caches the FUSE files' pages; the cache files' own pages are dropped after
   every read (``posix_fadvise(POSIX_FADV_DONTNEED)``). A written chunk's pages are still dirty when it is renamed
   into place (DONTNEED only starts their writeback), so they are dropped a second time about a second later, once
@@ -55,11 +56,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_snap.lazyfs import packs
-
 from cvmfs_snap.digests import SHA256_HEX
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.lazyfs import cachefiles
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
+from cvmfs_snap.lazyfs.refs import LayerRefs
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,7 @@ class ChunkCache:
         self._settling: deque[tuple[float, Path]] = deque()
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
-        #: key -> the layer using it, or the set of layers when several do (most chunks have one: a set each would
-        #: cost ~200 bytes per chunk); layer names are shared objects (:meth:`_layer`)
-        self._refs: dict[str, str | set[str]] = {}
-        self._layers: dict[str, str] = {}
+        self._refs = LayerRefs(self.directory / "layers")
         self._bytes = 0
         #: chunks stored in packs: key -> pack number, and the packs by number
         self._packed: dict[str, int] = {}
@@ -136,24 +134,14 @@ class ChunkCache:
 
     # ------------------------------------------------------------------ start-up
     def _load(self) -> None:
-        tmp = self.directory / "tmp"
-        for e in os.scandir(tmp):
+        for e in os.scandir(self.directory / "tmp"):
             os.unlink(e.path)
-        for e in os.scandir(self.directory / "layers"):
-            name = e.name
-            if not name.endswith(".refs") or not SHA256_HEX.fullmatch(name[:-5]):
-                continue
-            layer = name[:-5]
-            with open(e.path, "rb") as f:
-                for line in f:
-                    key = line.strip().decode("ascii", "replace")
-                    if SHA256_HEX.fullmatch(key):  # a crash may have cut the last line
-                        self._ref_add(key, self._layer(layer))
+        self._refs.load()
         found: list[tuple[float, str, int]] = []
         for e in os.scandir(self.directory / "packs"):
-            pack = self._load_pack(e.path)
-            if pack is not None:
-                found.append((os.stat(e.path).st_mtime, e.path, -pack))
+            num = self._load_pack(e.path)
+            if num is not None:
+                found.append((os.stat(e.path).st_mtime, e.path, -num))
         for d in os.scandir(self.directory / "chunks"):
             if not d.is_dir(follow_symlinks=False):
                 continue
@@ -181,8 +169,7 @@ class ChunkCache:
             else:
                 del self._packs[-size]
                 os.unlink(pack.path)
-        for key in [k for k in self._refs if k not in self._lru]:
-            del self._refs[key]
+        self._refs.keep_only(self._lru)
         with self._lock:
             self._evict_locked()
         self.metrics.cache_bytes.set(self._bytes)
@@ -193,18 +180,10 @@ class ChunkCache:
     def _load_pack(self, path: str) -> int | None:
         """Index the pack at ``path`` (its chunks that a layer references; its LRU place is set by ``_load``);
         its number, or None when it is not a pack of ours, damaged, or holds nothing referenced (deleted)."""
-        try:
-            if not path.endswith(packs.SUFFIX):
-                raise ValueError("not a pack")
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                size, slots = packs.read_index(fd)
-            finally:
-                os.close(fd)
-        except (OSError, ValueError) as e:
-            log.warning("chunk cache %s: removing %s (%s)", self.directory, path, e)
-            os.unlink(path)
+        index = cachefiles.load_index(Path(path))
+        if index is None:
             return None
+        size, slots = index
         live = {k: (off, n) for k, off, n in slots if k in self._refs}
         if not live:
             os.unlink(path)
@@ -216,56 +195,6 @@ class ChunkCache:
     # ------------------------------------------------------------------ paths
     def _path(self, key: str) -> Path:
         return self.directory / "chunks" / key[:2] / key
-
-    def _refs_path(self, layer: str) -> Path:
-        return self.directory / "layers" / f"{layer}.refs"
-
-    def _layer(self, layer: str) -> str:
-        return self._layers.setdefault(layer, layer)
-
-    def _has_ref(self, key: str, layer: str) -> bool:
-        layers = self._refs.get(key)
-        return layers == layer if isinstance(layers, str) else layers is not None and layer in layers
-
-    def _ref_add(self, key: str, layer: str) -> None:
-        layers = self._refs.get(key)
-        if layers is None:
-            self._refs[key] = layer
-        elif isinstance(layers, str):
-            if layers != layer:
-                self._refs[key] = {layers, layer}
-        else:
-            layers.add(layer)
-
-    def _ref_discard(self, key: str, layer: str) -> bool:
-        """Drop ``layer``'s reference; True when no layer references ``key`` any more (and it is forgotten)."""
-        layers = self._refs.get(key)
-        if isinstance(layers, set):
-            layers.discard(layer)
-            if len(layers) == 1:
-                self._refs[key] = next(iter(layers))
-            elif not layers:
-                del self._refs[key]
-                return True
-            return False
-        if layers == layer:
-            del self._refs[key]
-            return True
-        return False
-
-    def _add_ref_locked(self, key: str, layer: str) -> None:
-        self._add_refs_locked([key], layer)
-
-    def _add_refs_locked(self, keys: list[str], layer: str) -> None:
-        """``layer`` references ``keys``: the new ones are appended to its refs file (one write) first."""
-        new = [k for k in keys if not self._has_ref(k, layer)]
-        if not new:
-            return
-        layer = self._layer(layer)
-        with open(self._refs_path(layer), "ab") as f:
-            f.write("".join(f"{k}\n" for k in new).encode())
-        for k in new:
-            self._ref_add(k, layer)
 
     # ------------------------------------------------------------------ API
     def get_hot(self, key: str, layer: str | None = None) -> bytes | None:
@@ -279,7 +208,9 @@ class ChunkCache:
             if key in self._lru:
                 self._lru.move_to_end(key)
                 if layer is not None:
-                    self._add_ref_locked(key, cache_key(layer))
+                    lay = self._refs.known(layer)  # a bare layer key already seen: no validation again
+                    if lay is None or not self._refs.has(key, lay):
+                        self._refs.add([key], cache_key(layer))
             self.hits += 1
         self.metrics.cache_hits.inc()
         return data
@@ -350,15 +281,15 @@ class ChunkCache:
 
     def get_many(self, keys: list[str], layer: str | None = None) -> dict[str, bytes]:
         """The bytes of those of ``keys`` (distinct) that are stored, by bare hex key (the others are misses);
-        chunks of one pack are read together (see :func:`packs.read_slots`). ``layer`` as for :meth:`get`."""
+        chunks of one pack are read together (see :func:`cachefiles.read_slots`). ``layer`` as for :meth:`get`."""
         ks = [cache_key(k) for k in keys]
         lay = cache_key(layer) if layer is not None else None
         loose: list[str] = []
-        by_pack: dict[int, tuple[Path, list[packs.Slot]]] = {}
+        by_pack: dict[int, tuple[Path, list[cachefiles.Slot]]] = {}
         with self._lock:
             stored = [k for k in ks if k in self._lru]
             if lay is not None and stored:
-                self._add_refs_locked(stored, lay)
+                self._refs.add(stored, lay)
             for k in stored:
                 self._lru.move_to_end(k)
                 num = self._packed.get(k)
@@ -369,28 +300,14 @@ class ChunkCache:
                     off, n = pack.slots[k]
                     by_pack.setdefault(num, (pack.path, []))[1].append((k, off, n))
             settled = self._take_settled_locked(time.monotonic() - SETTLE_SECONDS) if self._settling else []
-        _drop_pages(settled)
+        cachefiles.drop_pages(settled)
         out: dict[str, bytes] = {}
         for k in loose:
-            try:
-                fd = os.open(self._path(k), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:  # evicted or released meanwhile
-                continue
-            try:
-                out[k] = _read_all(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            data = cachefiles.read_whole(self._path(k))
+            if data is not None:
+                out[k] = data
         for path, slots in by_pack.values():
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                out.update(packs.read_slots(fd, slots))
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            out.update(cachefiles.read_pack(path, slots))
         hits, misses = len(out), len(ks) - len(out)
         with self._lock:
             self.hits += hits
@@ -402,19 +319,19 @@ class ChunkCache:
         return out
 
     def put_many(self, items: list[tuple[str, bytes]], layer: str) -> None:
-        """Store chunks (verified by the caller) for ``layer``: those of at most ``packs.PACK_CHUNK_MAX`` bytes
-        together in packs of up to ``packs.PACK_MAX`` bytes, larger ones as :meth:`put` does."""
+        """Store chunks (verified by the caller) for ``layer``: those of at most ``cachefiles.PACK_CHUNK_MAX`` bytes
+        together in packs of up to ``cachefiles.PACK_MAX`` bytes, larger ones as :meth:`put` does."""
         lay = cache_key(layer)
         small: list[tuple[str, bytes]] = []
         for key, data in items:
-            if len(data) > packs.PACK_CHUNK_MAX:
+            if len(data) > cachefiles.PACK_CHUNK_MAX:
                 self.put(key, data, layer)
             else:
                 small.append((cache_key(key), data))
         if not small:
             return
         with self._lock:
-            self._add_refs_locked([k for k, _ in small], lay)
+            self._refs.add([k for k, _ in small], lay)
             todo: dict[str, bytes] = {}
             for k, data in small:
                 if k in self._lru:
@@ -424,7 +341,7 @@ class ChunkCache:
         group: list[tuple[str, bytes]] = []
         size = 0
         for k, data in todo.items():
-            if group and size + len(data) > packs.PACK_MAX:
+            if group and size + len(data) > cachefiles.PACK_MAX:
                 self._write_pack(group, lay)
                 group, size = [], 0
             group.append((k, data))
@@ -433,27 +350,14 @@ class ChunkCache:
             self._write_pack(group, lay)
 
     def _write_pack(self, items: list[tuple[str, bytes]], layer: str) -> None:
-        pieces, slots = packs.encode(items)
+        pieces, slots = cachefiles.encode(items)
         size = sum(map(len, pieces))
         if len(items) == 1 or size > self.max_bytes - self._reserved_bytes:
             for k, data in items:  # a pack of one chunk is a chunk file; one too large for a tiny bound, chunks
                 self.put(k, data, layer)
             return
-        with self._lock:
-            self._tmp_seq += 1
-            name = f"{time.time_ns():x}-{os.getpid()}-{self._tmp_seq}{packs.SUFFIX}"
-        tmp = self.directory / "tmp" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            packs.write(fd, pieces)
-            if self.sync:
-                os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
+        name = f"{time.time_ns():x}-{os.getpid()}-{self._next_tmp()}{cachefiles.SUFFIX}"
+        tmp = self._write_tmp(name, pieces)
         path = self.directory / "packs" / name
         with self._lock:
             live = {k: (off, n) for k, off, n in slots if k not in self._lru and k in self._refs}
@@ -473,7 +377,7 @@ class ChunkCache:
             if not self.sync:
                 self._settling.append((now, path))
             settled = self._take_settled_locked(now - SETTLE_SECONDS)
-        _drop_pages(settled)
+        cachefiles.drop_pages(settled)
 
     def put(self, key: str, data: bytes, layer: str) -> None:
         """Store a chunk (already verified by the caller) for ``layer``; evicts LRU chunks past the bound."""
@@ -482,25 +386,11 @@ class ChunkCache:
         if len(data) > self.max_bytes - self._reserved_bytes:
             return
         with self._lock:
-            self._add_ref_locked(key, lay)
+            self._refs.add([key], lay)
             if key in self._lru:
                 self._lru.move_to_end(key)
                 return
-            self._tmp_seq += 1
-            tmp = self.directory / "tmp" / f"{key}.{os.getpid()}.{self._tmp_seq}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if self.sync:
-                os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
+        tmp = self._write_tmp(f"{key}.{os.getpid()}.{self._next_tmp()}", [data])
         path = self._path(key)
         path.parent.mkdir(exist_ok=True, mode=0o700)
         with self._lock:
@@ -516,7 +406,17 @@ class ChunkCache:
             if not self.sync:
                 self._settling.append((now, path))
             settled = self._take_settled_locked(now - SETTLE_SECONDS)
-        _drop_pages(settled)
+        cachefiles.drop_pages(settled)
+
+    def _next_tmp(self) -> int:
+        with self._lock:
+            self._tmp_seq += 1
+            return self._tmp_seq
+
+    def _write_tmp(self, name: str, pieces: list[bytes]) -> Path:
+        tmp = self.directory / "tmp" / name
+        cachefiles.write_new(tmp, pieces, sync=self.sync)
+        return tmp
 
     def reserve(self, name: str, nbytes: int, *, keep_layer: str | None = None, force: bool = False) -> bool:
         """Count ``nbytes`` of a file that is not a chunk (a spool file, an unpacked copy) in the bound under
@@ -527,7 +427,7 @@ class ChunkCache:
         keep = cache_key(keep_layer) if keep_layer is not None else None
         with self._lock:
             others = self._reserved_bytes - self._reserved.get(name, 0)
-            kept = sum(size for k, size in self._lru.items() if self._has_ref(k, keep)) if keep else 0
+            kept = sum(size for k, size in self._lru.items() if self._refs.has(k, keep)) if keep else 0
             if not force and others + nbytes + kept > self.max_bytes:
                 return False
             self._reserved_bytes = others + nbytes
@@ -551,14 +451,7 @@ class ChunkCache:
         """Drop the pages of every chunk written so far (once their writeback is done; at shutdown, in tests)."""
         with self._lock:
             paths = self._take_settled_locked(float("inf"))
-        for p in paths:
-            with contextlib.suppress(OSError):
-                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fdatasync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+        cachefiles.drop_pages(paths, sync=True)
 
     def _take_settled_locked(self, before: float) -> list[Path]:
         out: list[Path] = []
@@ -576,23 +469,12 @@ class ChunkCache:
     def release_layer(self, layer: str) -> None:
         """``layer`` is gone: delete the chunks no other layer references, and its reference list."""
         lay = cache_key(layer)
-        path = self._refs_path(lay)
         with self._lock:
             freed = 0
-            try:  # every reference is in the layer's list before it is in memory: read only that list
-                with open(path, "rb") as f:
-                    keys = {line.strip().decode("ascii", "replace") for line in f}
-            except FileNotFoundError:
-                keys = set()
-            for key in keys:
-                if not self._has_ref(key, lay):
-                    continue
-                if self._ref_discard(key, lay):
-                    freed += self._lru.get(key, 0)
-                    self._forget_locked(key)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            self._layers.pop(lay, None)
+            for key in self._refs.release(lay):
+                freed += self._lru.get(key, 0)
+                self._forget_locked(key)
+            self._refs.forget_layer(lay)
             self.metrics.cache_bytes.set(self._bytes)
         log.debug("chunk cache: released layer %s, freed %d bytes", lay, freed)
 
@@ -600,7 +482,7 @@ class ChunkCache:
         """The cached chunks ``layer`` references."""
         lay = cache_key(layer)
         with self._lock:
-            return {k for k in self._refs if k in self._lru and self._has_ref(k, lay)}
+            return {k for k in self._refs if k in self._lru and self._refs.has(k, lay)}
 
     @property
     def stats(self) -> CacheStats:
@@ -654,12 +536,12 @@ class ChunkCache:
         if self._bytes <= room:
             return
         if keep is not None:
-            for key in [k for k in self._lru if not self._has_ref(k, keep)]:
+            for key in [k for k in self._lru if not self._refs.has(k, keep)]:
                 if self._bytes <= room:
                     return
                 num = self._packed.get(key)
-                if key not in self._lru or num is not None and any(
-                        self._has_ref(k, keep) for k in self._packs[num].slots):
+                if key not in self._lru or (num is not None and any(
+                        self._refs.has(k, keep) for k in self._packs[num].slots)):
                     continue  # gone with its pack already, or its pack holds chunks of ``keep``
                 self._evict_one_locked(key)
         while self._bytes > room and self._lru:
@@ -672,25 +554,3 @@ class ChunkCache:
         self.evictions += n
         self.metrics.cache_evictions.inc(n)
 
-
-def _drop_pages(paths: list[Path]) -> None:
-    for p in paths:
-        with contextlib.suppress(OSError):  # evicted or released meanwhile
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    parts: list[bytes] = []
-    got = 0
-    while got < size:
-        b = os.pread(fd, size - got, got)
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)

@@ -45,9 +45,9 @@ import trio  # type: ignore[import-untyped]
 from cvmfs_snap.errors import IntegrityError, InvalidInputError, UnavailableError
 from cvmfs_snap.estargz import FOOTER_READ_SIZE, ChunkRef, EStargz, TocEntry, parse_footer
 from cvmfs_snap.lazyfs.cache import ChunkCache, cache_key
+from cvmfs_snap.lazyfs.cachefiles import PACK_CHUNK_MAX, PACK_MAX
 from cvmfs_snap.lazyfs.decoding import DECODE_THREADS, stream_decoded
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
-from cvmfs_snap.lazyfs.packs import PACK_CHUNK_MAX, PACK_MAX
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 
 log = logging.getLogger(__name__)
@@ -92,18 +92,23 @@ class ReadActivity:
 
     def __init__(self) -> None:
         self.waiting = 0
-        self.idle = trio.Event()
-        self.idle.set()
+        self._idle: trio.Event | None = None  # made only while something waits for it (not one per read)
 
     def begin(self) -> None:
         self.waiting += 1
-        if self.waiting == 1:
-            self.idle = trio.Event()
 
     def end(self) -> None:
         self.waiting -= 1
-        if self.waiting == 0:
-            self.idle.set()
+        if self.waiting == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Return once no read waits."""
+        if self.waiting:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
 
 def _batches(refs: Iterable[ChunkRef], limit: int = BATCH_BYTES) -> list[list[ChunkRef]]:
@@ -132,6 +137,7 @@ class LayerReader:
         self.cache = cache
         self.stargz = stargz
         self.digest = digest
+        self._layer_key = cache_key(digest)
         self.metrics = metrics or DEFAULT_METRICS
         self.activity = activity or ReadActivity()
         self._closed = False
@@ -205,7 +211,9 @@ class LayerReader:
         """``EStargz.chunks_for(path, offset, size)``, from the chunk lists of the files read last."""
         memo = self._memo.get(path)
         if memo is None:
-            refs = self.stargz.chunks_for(path)  # InvalidInputError for what is not a regular file
+            own = self.stargz.toc.chunks.get(path)  # a regular file's TOC name (what the FUSE layer passes)
+            # else: normalised, hardlinks resolved; InvalidInputError for what is not a regular file
+            refs = [_ref(c) for c in own] if own is not None else self.stargz.chunks_for(path)
             memo = (refs, [r.file_offset for r in refs])
             self._memo[path] = memo
             if len(self._memo) > FILE_MEMO:
@@ -223,7 +231,7 @@ class LayerReader:
         """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached). ``hot``:
         keep them in the cache's memory tier too (reads; not the background pass, which would flush it).
         A chunk another task is loading is waited for, not looked up or fetched again."""
-        layer = self.digest
+        layer = self._layer_key
         got: dict[str, bytes] = {}
         mine: list[ChunkRef] = []
         theirs: list[tuple[ChunkRef, trio.Event]] = []
@@ -266,7 +274,7 @@ class LayerReader:
     def _from_disk(self, keys: list[str], hot: bool) -> dict[str, bytes]:
         """Chunks of the disk cache that verify (a damaged one is discarded). In a worker thread."""
         out: dict[str, bytes] = {}
-        for k, data in self.cache.get_many(keys, self.digest).items():
+        for k, data in self.cache.get_many(keys, self._layer_key).items():
             if _sha(data) == k:
                 out[k] = data
                 if hot:
@@ -508,7 +516,7 @@ class LayerReader:
             for batch in _batches(todo):
                 while self.activity.waiting and not self._closed:
                     with trio.move_on_after(0.5):  # wake up now and then to notice close()
-                        await self.activity.idle.wait()
+                        await self.activity.wait_idle()
                 if self._closed:
                     self.background_state = "off"
                     return

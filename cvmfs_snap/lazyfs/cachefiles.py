@@ -1,4 +1,10 @@
-"""Pack files of the lazy chunk cache: many small chunks in one file, so reading them costs one disk I/O.
+"""The files of the lazy chunk cache: written complete or not at all, read with their pages dropped, and packs.
+
+:class:`~cvmfs_snap.lazyfs.cache.ChunkCache` keeps the index (LRU order, bound, references); this module does the
+I/O of its files: :func:`write_new` (a new file in ``tmp/``, renamed into place by the cache), :func:`read_whole`
+(a chunk file, its pages dropped after the read), :func:`drop_pages`, and the pack format.
+
+**Packs**: many small chunks in one file, so reading them costs one disk I/O.
 
 A container's ``find`` + ``cat`` of many small files reads one small chunk per file; as one cache file each,
 every read after ``drop_caches`` (or once the cache file's pages were dropped, as the cache always does) is a disk
@@ -20,10 +26,15 @@ reader against their digests, as for chunk files.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: chunks up to this many bytes are stored in packs
 PACK_CHUNK_MAX = 32 * 1024
@@ -55,16 +66,89 @@ def encode(items: Sequence[tuple[str, bytes]]) -> tuple[list[bytes], list[Slot]]
     return pieces, slots
 
 
-def write(fd: int, pieces: Sequence[bytes]) -> int:
-    """Write ``pieces`` to ``fd``; the bytes written."""
-    total = 0
-    for p in pieces:
-        view = memoryview(p)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-            total += n
-    return total
+def write_new(path: Path, pieces: Sequence[bytes], *, sync: bool) -> None:
+    """A new file ``path`` (refused if it exists) holding ``pieces``, its pages on their way out of the page cache
+    (``sync``: on disk first, then dropped). Removed again when the write fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for p in pieces:
+            view = memoryview(p)
+            while view:
+                view = view[os.write(fd, view):]
+        if sync:
+            os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def read_whole(path: Path) -> bytes | None:
+    """The bytes of file ``path`` (None if it is gone), its pages dropped after the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # evicted or released meanwhile
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        parts: list[bytes] = []
+        got = 0
+        while got < size:
+            b = os.pread(fd, size - got, got)
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return b"".join(parts)
+
+
+def drop_pages(paths: Iterable[Path], *, sync: bool = False) -> None:
+    """Drop the page cache pages of ``paths`` (``sync``: written back first); files gone meanwhile are skipped."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if sync:
+                    os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def load_index(path: Path) -> tuple[int, list[Slot]] | None:
+    """Size and chunks of the pack at ``path``; None, and the file removed, when it is no sound pack of ours."""
+    try:
+        if path.suffix != SUFFIX:
+            raise ValueError("not a pack")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return read_index(fd)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as e:
+        log.warning("chunk cache: removing %s (%s)", path, e)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return None
+
+
+def read_pack(path: Path, slots: Sequence[Slot]) -> dict[str, bytes]:
+    """:func:`read_slots` of the pack at ``path`` (nothing if it is gone), its pages dropped after the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # evicted meanwhile
+        return {}
+    try:
+        out = read_slots(fd, slots)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return out
 
 
 def read_index(fd: int) -> tuple[int, list[Slot]]:
