@@ -560,7 +560,7 @@ def test_a_slow_cache_disk_slows_reads_instead_of_filling_memory(client: Registr
     async def main() -> None:
         r = await open_reader(client, registry.host, layer, cache)
         r.readahead_bytes = 4 * CHUNK
-        r.unwritten_max = 2 * CHUNK
+        r.writes.max_bytes = 2 * CHUNK
         cache.armed = True
         got: dict[str, bytes] = {}
         finished = trio.Event()
@@ -577,7 +577,7 @@ def test_a_slow_cache_disk_slows_reads_instead_of_filling_memory(client: Registr
                 nursery.start_soon(read_all)
                 await trio.sleep(1)
                 assert not finished.is_set()  # the reads wait for the stuck writes...
-                assert r._unwritten_bytes <= r.unwritten_max + 10 * CHUNK  # ... instead of holding every chunk
+                assert r.writes.pending_bytes <= r.writes.max_bytes + 10 * CHUNK  # ... instead of holding every chunk
                 cache.gate.set()
         finally:
             timer.cancel()

@@ -59,6 +59,7 @@ from pathlib import Path
 from cvmfs_snap.digests import SHA256_HEX
 from cvmfs_snap.errors import InvalidInputError
 from cvmfs_snap.lazyfs import cachefiles
+from cvmfs_snap.lazyfs.hot import HotChunks
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.lazyfs.refs import LayerRefs
 
@@ -123,9 +124,7 @@ class ChunkCache:
         self._reserved: dict[str, int] = {}
         self._reserved_bytes = 0
         self.memory_bytes = max(0, memory_bytes)
-        self._hot: OrderedDict[str, bytes] = OrderedDict()  # least recently used first
-        self._hot_used: dict[str, float] = {}  # key -> monotonic time of its last use
-        self._hot_bytes = 0
+        self._hot = HotChunks(self.memory_bytes)
         self.hits = self.misses = self.evictions = 0
         self._tmp_seq = 0
         for sub in ("chunks", "packs", "layers", "tmp"):
@@ -203,8 +202,6 @@ class ChunkCache:
             data = self._hot.get(key)
             if data is None:
                 return None
-            self._hot.move_to_end(key)
-            self._hot_used[key] = time.monotonic()
             if key in self._lru:
                 self._lru.move_to_end(key)
                 if layer is not None:
@@ -217,19 +214,8 @@ class ChunkCache:
 
     def put_hot(self, key: str, data: bytes) -> None:
         """Keep ``data`` (verified by the caller against ``key``) in memory too."""
-        if len(data) > self.memory_bytes:
-            return
         with self._lock:
-            self._hot_used[key] = time.monotonic()
-            if key in self._hot:
-                self._hot.move_to_end(key)
-                return
-            self._hot[key] = data
-            self._hot_bytes += len(data)
-            while self._hot_bytes > self.memory_bytes:
-                old_key, old = self._hot.popitem(last=False)
-                self._hot_used.pop(old_key, None)
-                self._hot_bytes -= len(old)
+            self._hot.put(key, data)
 
     def states(self, keys: list[str]) -> list[int]:
         """For each of ``keys`` (bare hex): 0 not stored, 1 on disk, 2 in the memory tier too (one lock, no I/O)."""
@@ -238,28 +224,13 @@ class ChunkCache:
 
     def trim_hot(self, idle: float = HOT_IDLE_SECONDS) -> int:
         """Drop the hot chunks not used for ``idle`` seconds; returns the bytes dropped."""
-        before = time.monotonic() - idle
-        dropped = 0
         with self._lock:
-            while self._hot:
-                key = next(iter(self._hot))
-                if self._hot_used.get(key, 0.0) > before:
-                    break  # the rest were used later (LRU order)
-                dropped += len(self._hot.pop(key))
-                self._hot_used.pop(key, None)
-            self._hot_bytes -= dropped
-        return dropped
+            return self._hot.trim(idle)
 
     @property
     def hot_bytes(self) -> int:
         with self._lock:
-            return self._hot_bytes
-
-    def _unhot_locked(self, key: str) -> None:
-        old = self._hot.pop(key, None)
-        self._hot_used.pop(key, None)
-        if old is not None:
-            self._hot_bytes -= len(old)
+            return self._hot.bytes
 
     def contains(self, key: str) -> bool:
         with self._lock:
@@ -497,14 +468,14 @@ class ChunkCache:
         if num is not None:
             pack = self._packs.pop(num)
             for k in pack.slots:
-                self._unhot_locked(k)
+                self._hot.drop(k)
                 self._lru.pop(k, None)
                 self._packed.pop(k, None)
             self._bytes -= pack.size
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(pack.path)
             return
-        self._unhot_locked(key)
+        self._hot.drop(key)
         size = self._lru.pop(key, None)
         if size is None:
             return
@@ -519,7 +490,7 @@ class ChunkCache:
         if num is None:
             self._drop_locked(key)
             return
-        self._unhot_locked(key)
+        self._hot.drop(key)
         self._lru.pop(key, None)
         pack = self._packs[num]
         del pack.slots[key]

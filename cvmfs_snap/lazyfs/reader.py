@@ -7,8 +7,9 @@
   :class:`~cvmfs_snap.lazyfs.cache.ChunkCache` are checked against their digest (a damaged one is discarded and
   fetched again), the missing ones are fetched together (one streamed :meth:`BlobFetcher.stream`, so neighbours
   merge), each decoded and verified by ``EStargz.decode_chunk`` as soon as it has arrived (``lazyfs/decoding.py``)
-  and stored: the reads waiting for it go on first, a task of its own writes it to the disk cache (at most
-  ``UNWRITTEN_MAX`` bytes wait so; past that, fetches wait for the writes). A chunk whose bytes do not verify
+  and stored: the reads waiting for it go on first, a task of its own writes it to the disk cache
+  (``lazyfs/writeback.py``: at most ``UNWRITTEN_MAX`` bytes wait so; past that, fetches wait for the writes;
+  small chunks go into packs, one disk read for many when read again). A chunk whose bytes do not verify
   is fetched once more; if it fails again the read raises :class:`IntegrityError` (EIO to the caller): **never
   wrong bytes**. A registry that stays unreachable gives :class:`UnavailableError` (EIO as well). Not a regular
   file: :class:`InvalidInputError`.
@@ -49,6 +50,7 @@ from cvmfs_snap.lazyfs.cachefiles import PACK_CHUNK_MAX, PACK_MAX
 from cvmfs_snap.lazyfs.decoding import DECODE_THREADS, stream_decoded
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS, LazyMetrics
 from cvmfs_snap.lazyfs.remote import BlobFetcher
+from cvmfs_snap.lazyfs.writeback import ChunkWriteback
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,6 @@ DEFAULT_READAHEAD = 8 * 1024 * 1024
 TAIL_READ = 32 * 1024
 #: compressed TOCs up to this size (some hundred entries) are parsed without a thread hop
 INLINE_TOC = 16 * 1024
-#: decoded bytes of chunks waiting for their cache write above which fetches wait for the writes
-UNWRITTEN_MAX = 64 * 1024 * 1024
 #: files whose chunk lists the reader keeps at hand (FUSE reads a file in many pieces)
 FILE_MEMO = 64
 
@@ -167,14 +167,8 @@ class LayerReader:
         self._ra_scopes: set[trio.CancelScope] = set()  # readahead tasks (close() cancels them)
         self._tasks = 0  # readahead and cache-write tasks running (settle() waits for them)
         self._idle = trio.Event()  # set whenever the last of them ends
-        #: chunks read and verified whose cache write is still under way (reads take them from here), their bytes,
-        #: and the bound above which fetches wait for the writes (a slow cache disk slows reads, memory stays put)
-        self._unwritten: dict[str, bytes] = {}
-        self._unwritten_bytes = 0
-        self.unwritten_max = UNWRITTEN_MAX
-        self._to_write: list[tuple[str, bytes]] = []  # what the writer task takes next
-        self._writing = False
-        self._written = trio.Event()
+        #: chunks read and verified whose cache write is still under way (reads take them from there)
+        self.writes = ChunkWriteback(cache, digest, self._task_started, self._task_ended)
         #: background pass state: "idle", "running", "done", "failed", "off"
         self.background_state = "idle"
 
@@ -238,7 +232,7 @@ class LayerReader:
         for k, r in {_key(r): r for r in refs}.items():
             data = self.cache.get_hot(k, layer)
             if data is None:
-                data = self._unwritten.get(k)
+                data = self.writes.get(k)
             if data is not None:
                 got[k] = data
             elif k in self._pending:
@@ -349,55 +343,6 @@ class LayerReader:
                 self._ra_scopes.discard(scope)
                 self._task_ended()
 
-    def _store_later(self, items: list[tuple[str, bytes]]) -> None:
-        """Write verified chunks to the disk cache in a task of their own: the reads waiting for them go on at
-        once (they are served from ``_unwritten`` meanwhile). One writer task at a time takes every chunk that
-        waits, so small chunks that arrived while it wrote go into one pack together. Not cancelled by
-        ``close``: a write is short."""
-        for k, plain in items:
-            self._unwritten[k] = plain
-        self._unwritten_bytes += sum(len(p) for _, p in items)
-        self._to_write.extend(items)
-        if not self._writing:
-            self._writing = True
-            self._task_started()
-            trio.lowlevel.spawn_system_task(self._store_task)
-
-    async def _written_enough(self) -> None:
-        """Wait while more than ``unwritten_max`` bytes of chunks wait for their cache write."""
-        while self._unwritten_bytes > self.unwritten_max:
-            if self._written.is_set():
-                self._written = trio.Event()
-            await self._written.wait()
-
-    async def _store_task(self) -> None:
-        try:
-            while self._to_write:
-                items, self._to_write = self._to_write, []
-                try:
-                    with trio.CancelScope(shield=True):  # not even the end of the trio run: chunks reach the disk
-                        await trio.to_thread.run_sync(self._store, items)
-                except Exception as e:  # a system task: nothing may escape it
-                    log.warning("chunk cache %s: cannot store chunks of layer %s: %s", self.cache.directory,
-                                self.digest, e)
-                finally:
-                    for k, plain in items:
-                        self._unwritten.pop(k, None)
-                        self._unwritten_bytes -= len(plain)
-                    self._written.set()
-        finally:
-            self._writing = False
-            self._task_ended()
-
-    def _store(self, items: list[tuple[str, bytes]]) -> None:
-        """Store verified chunks in the disk cache (small ones packed together; in a worker thread); a cache
-        that cannot take them is logged, the reads were served anyway."""
-        try:
-            self.cache.put_many(items, self.digest)
-        except OSError as e:  # disk full, cache dir gone: serve the read anyway
-            log.warning("chunk cache %s: cannot store %d chunk(s) of layer %s: %s", self.cache.directory,
-                        len(items), self.digest, e)
-
     async def settle(self) -> None:
         """Wait until the readahead and cache-write tasks started so far have ended: their chunks are in the
         cache (or were dropped) and no worker thread of theirs still writes to it. ``close`` then ``settle``
@@ -422,7 +367,7 @@ class LayerReader:
                             done: Callable[[str], None] | None, *, last: bool) -> list[ChunkRef]:
         """Stream, decode and verify ``refs`` (``decoding.stream_decoded``); the chunks that did not verify."""
         if hot:
-            await self._written_enough()  # a cache disk slower than the registry: fetch no faster than it writes
+            await self.writes.room()  # a cache disk slower than the registry: fetch no faster than it writes
 
         packing: list[tuple[str, bytes]] = []  # small chunks of prefetch, background: stored in packs
         lock = threading.Lock()
@@ -434,7 +379,7 @@ class LayerReader:
                 return
             # prefetch, background: on disk before the load returns (they are not kept in memory)
             if len(plain) > PACK_CHUNK_MAX:
-                self._store([(_key(r), plain)])
+                self.writes.store([(_key(r), plain)])
                 return
             with lock:
                 packing.append((_key(r), plain))
@@ -444,12 +389,12 @@ class LayerReader:
                 items = packing[:]
                 packing.clear()
                 packed[0] = 0
-            self._store(items)
+            self.writes.store(items)
 
         def ready(chunks: list[tuple[ChunkRef, bytes]]) -> None:
             res = [(_key(r), plain) for r, plain in chunks]
             if hot:
-                self._store_later(res)  # the reads waiting for these chunks do not wait for the disk
+                self.writes.later(res)  # the reads waiting for these chunks do not wait for the disk
             for k, plain in res:
                 out[k] = plain
                 if done is not None:
@@ -461,7 +406,7 @@ class LayerReader:
         finally:
             if packing:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._store, packing)
+                    await trio.to_thread.run_sync(self.writes.store, packing)
 
     # ------------------------------------------------------------------ prefetch, background
     def prefetch_set(self, bound_bytes: int) -> list[ChunkRef]:
@@ -558,7 +503,7 @@ class LayerReader:
             n = r.blob_end - r.blob_offset
             total += n
             k = _key(r)
-            if k in self._unwritten or self.cache.contains(k):
+            if k in self.writes or self.cache.contains(k):
                 have += n
         return min(1.0, have / total) if total else 1.0
 
