@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_snap.errors import InvalidInputError
+from cvmfs_snap.lazyfs import cachefiles
 from cvmfs_snap.lazyfs.cache import SETTLE_SECONDS, ChunkCache
 from cvmfs_snap.lazyfs.metrics import LazyMetrics
 
@@ -116,6 +117,7 @@ def test_leftovers_of_a_crash_are_cleaned_at_start(tmp_path: Path) -> None:
 CRASHER = """
 import hashlib, os, sys
 from pathlib import Path
+from cvmfs_snap.lazyfs import cachefiles
 from cvmfs_snap.lazyfs.cache import SETTLE_SECONDS, ChunkCache
 c = ChunkCache(Path(sys.argv[1]), 50_000_000)
 i = 0
@@ -249,3 +251,128 @@ def test_reservations_for_spool_files_and_unpacked_copies_count_in_the_bound(tmp
     # a copy found on disk at start counts whatever it costs
     assert c2.reserve("unpacked:old", 9000, force=True) and c2.stats.bytes == 0
     assert c2.stats.reserved == 14_000
+
+
+# ---------------------------------------------------------------------- packs of small chunks
+def packs_of(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "packs").iterdir())
+
+
+def on_disk(cache_dir: Path) -> int:
+    return sum(p.stat().st_size for p in [*files(cache_dir), *packs_of(cache_dir)])
+
+
+def test_small_chunks_are_packed_read_together_and_survive_a_restart(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    c = new(tmp_path, max_bytes=10_000_000)
+    small = dict(chunk(i, 2000) for i in range(50))
+    big_k, big = chunk(99, cachefiles.PACK_CHUNK_MAX + 4)
+    c.put_many([*small.items(), (big_k, big)], A)
+    assert [p.name for p in files(c.directory)] == [big_k]  # larger than PACK_CHUNK_MAX: a chunk file
+    assert len(packs_of(c.directory)) == 1  # the 50 small ones: one pack
+    assert c.stats.entries == 51 and c.stats.bytes == on_disk(c.directory)
+    opened: list[Path] = []
+    read_pack = cachefiles.read_pack
+
+    def counted(path: Path, slots: list[cachefiles.Slot]) -> dict[str, bytes]:
+        opened.append(path)
+        return read_pack(path, slots)
+
+    monkeypatch.setattr(cachefiles, "read_pack", counted)
+    got = c.get_many([*small, big_k, chunk(100)[0]], B)
+    assert got == {**small, big_k: big} and len(opened) == 1  # the pack read once for all 50
+    assert c.stats.misses == 1 and c.stats.hits == 51
+    assert c.layer_keys(B) == {*small, big_k}
+    c.put_many(list(small.items()), B)  # stored already: nothing written again
+    assert len(packs_of(c.directory)) == 1
+    c2 = new(tmp_path, max_bytes=10_000_000)
+    assert c2.stats.entries == 51 and c2.stats.bytes == c.stats.bytes
+    assert c2.get_many(list(small)) == small and c2.layer_keys(A) == {*small, big_k}
+
+
+def test_packs_are_evicted_whole_and_released_with_their_last_chunk(tmp_path: Path) -> None:
+    c = new(tmp_path, max_bytes=30_000)
+    batches = [dict(chunk(10 * b + i, 1000) for i in range(8)) for b in range(6)]  # 8 KB + index per pack
+    for batch in batches[:3]:
+        c.put_many(list(batch.items()), A)
+    assert len(packs_of(c.directory)) == 3 and c.stats.evictions == 0
+    c.get(next(iter(batches[0])))  # the first pack is now the most recently used
+    c.put_many(list(batches[3].items()), A)  # past the bound: the least recently used pack goes, whole
+    assert c.stats.bytes <= 30_000 and c.stats.bytes == on_disk(c.directory)
+    assert all(c.contains(k) for k in batches[0]) and not any(c.contains(k) for k in batches[1])
+    assert c.stats.evictions == 8
+    # release: a pack stays while another layer uses one of its chunks, and goes with that chunk's release
+    shared = next(iter(batches[2]))
+    assert c.get(shared, B) is not None
+    c.release_layer(A)
+    assert c.contains(shared) and not any(c.contains(k) for k in batches[2] if k != shared)
+    assert len(packs_of(c.directory)) == 1 and c.stats.bytes == on_disk(c.directory)
+    assert new(tmp_path, max_bytes=30_000).get(shared) == batches[2][shared]  # also after a restart
+    c.release_layer(B)
+    assert packs_of(c.directory) == [] and c.stats.bytes == 0 and c.stats.entries == 0
+
+
+def test_an_unpacked_copy_keeps_the_packs_of_its_layer(tmp_path: Path) -> None:
+    c = new(tmp_path, max_bytes=40_000)
+    mixed = dict(chunk(i, 1000) for i in range(8))
+    c.put_many(list(mixed.items()), A)
+    c.get(next(iter(mixed)), B)  # one of A's packed chunks is B's too
+    c.put_many([chunk(20 + i, 1000) for i in range(8)], A)
+    c.put_many([chunk(40 + i, 1000) for i in range(8)], A)
+    assert c.reserve("unpacked:b", 25_000, keep_layer=B)
+    assert all(c.contains(k) for k in mixed)  # B's chunk keeps its whole pack
+    assert c.stats.bytes + c.stats.reserved <= 40_000
+
+
+def test_damaged_packs_are_removed_at_start(tmp_path: Path) -> None:
+    c = new(tmp_path, max_bytes=10_000_000)
+    for b in range(3):
+        c.put_many([chunk(10 * b + i, 1000) for i in range(5)], A)
+    cut, flipped, whole = packs_of(c.directory)
+    cut.write_bytes(cut.read_bytes()[:-3])  # a trailer cut short
+    data = bytearray(flipped.read_bytes())
+    data[-20] ^= 1  # a byte of the index: its crc no longer matches
+    flipped.write_bytes(bytes(data))
+    (c.directory / "packs" / "stray.pack").write_bytes(b"not a pack at all")
+    (c.directory / "packs" / "other-file").write_bytes(b"x")
+    c2 = new(tmp_path, max_bytes=10_000_000)
+    assert packs_of(c2.directory) == [whole]
+    assert c2.stats.entries == 5 and c2.stats.bytes == whole.stat().st_size
+    assert c2.get_many([chunk(20 + i, 1000)[0] for i in range(5)]) == dict(chunk(20 + i, 1000) for i in range(5))
+
+
+PACK_CRASHER = """
+import hashlib, os, sys
+from pathlib import Path
+from cvmfs_snap.lazyfs.cache import ChunkCache
+c = ChunkCache(Path(sys.argv[1]), 50_000_000)
+i = 0
+while True:
+    items = []
+    for _ in range(100):
+        data = os.urandom(2000) + i.to_bytes(8, "big")
+        items.append((hashlib.sha256(data).hexdigest(), data))
+        i += 1
+    c.put_many(items, sys.argv[2])
+    if i == 2000:
+        print("ready", flush=True)
+"""
+
+
+def test_killed_pack_writer_leaves_only_whole_packs(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", PACK_CRASHER, str(cache_dir), A], stdout=subprocess.PIPE, env=env)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    time.sleep(0.3)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    c = ChunkCache(cache_dir, 50_000_000, metrics=LazyMetrics())
+    keys = c.layer_keys(A)
+    assert len(keys) == c.stats.entries >= 2000 and list((cache_dir / "tmp").iterdir()) == []
+    got = c.get_many(sorted(keys))
+    assert len(got) == len(keys) and all(hashlib.sha256(d).hexdigest() == k for k, d in got.items())
+    assert c.stats.bytes == on_disk(cache_dir)
+    c.release_layer(A)
+    assert packs_of(cache_dir) == [] and files(cache_dir) == [] and c.stats.bytes == 0

@@ -174,6 +174,35 @@ def test_a_chunk_damaged_on_disk_is_discarded_and_fetched_again(
     trio.run(main)
 
 
+def test_a_chunk_damaged_in_a_pack_is_discarded_and_fetched_again(registry: Registry, client: RegistryClient,
+                                                                   tmp_path: Path) -> None:
+    files = {f"etc/f{i:02d}": os.urandom(500 + i) for i in range(30)}
+    layer = push_estargz(registry.host, "lazy/packed", files, chunk_size=CHUNK)
+    names = sorted(files)
+
+    async def main() -> None:
+        cache = new_cache(tmp_path, memory_bytes=0)  # no memory tier: every read goes to the disk
+        r = await open_reader(client, registry.host, layer, cache)
+        r.readahead_bytes = 0
+        await r.prefetch(0)  # nothing: the bound is 0
+        await r._load([ref for n in names for ref in r.stargz.chunks_for(n)], hot=False)  # as background does
+        (pack,) = list((cache.directory / "packs").iterdir())  # all 30 small chunks in one pack
+        data = bytearray(pack.read_bytes())
+        where = data.find(files[names[3]])
+        data[where + 7] ^= 1
+        pack.write_bytes(bytes(data))
+        before = r.bytes_fetched
+        assert await r.read(names[3], 0, 4096) == files[names[3]]  # refetched, never the damaged bytes
+        assert r.bytes_fetched > before
+        await r.settle()
+        for n in names:  # the damaged pack went whole; its chunks come back from the registry when read
+            assert await r.read(n, 0, 4096) == files[n]
+        await r.settle()
+        assert not pack.exists() and cache.stats.entries == len(names) + 1  # and the TOC
+
+    trio.run(main)
+
+
 def test_unreachable_registry_gives_unavailable(client: RegistryClient, layer: PushedLayer, registry: Registry,
                                                 tmp_path: Path) -> None:
     async def main() -> None:
@@ -503,6 +532,11 @@ def test_small_files_read_in_order_are_read_ahead_from_the_disk_cache(registry: 
         await r.settle()
         assert r.fetcher.requests == 0  # everything came from the disk cache (the TOC too),
         assert sum(loads) == len(names) and len(loads) <= 20, loads  # ... one thread hop per window, not per file
+        # ... and one disk read per pack of small chunks: 200 chunks in a few packs, not 200 chunk files
+        packs = list((cache.directory / "packs").iterdir())
+        loose = [p for d in (cache.directory / "chunks").iterdir() for p in d.iterdir()]
+        assert 1 <= len(packs) <= 20 and len(loose) <= 5, (len(packs), len(loose))
+        assert cache.stats.entries == len(names) + 1, cache.stats  # and the TOC
 
     trio.run(fill)
     trio.run(restarted)

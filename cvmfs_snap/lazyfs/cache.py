@@ -21,9 +21,11 @@ Layout under ``directory`` (one lazyfs process owns it)::
   layer owns). ``release_layer`` deletes the chunks only that layer used.
 - **Packs**: chunks of at most ``PACK_CHUNK_MAX`` bytes stored together (:meth:`put_many`, :meth:`get_many`)
   share one pack file, so the reads of many small files cost one disk I/O instead of one each. A pack is evicted
-  (or discarded when one of its chunks does not verify) as a whole, at the place of its least recently used chunk
-  in the LRU order: its chunks were fetched together and are mostly read together. A released chunk leaves its
-  pack's index; the pack file goes with its last chunk (until then its bytes still count in the bound).
+  (or discarded when one of its chunks does not verify) as a whole: its chunks were fetched together and are
+  mostly read together. Its place in the LRU order is about that of its most recently used chunk (when eviction
+  reaches a chunk of a pack used since, the pack's chunks all move to the recent end once: a second chance).
+  A released chunk leaves its pack's index; the pack file goes with its last chunk (until then its bytes still
+  count in the bound).
 - **Restart**: the index (sizes, LRU order, references) is rebuilt from the directory; LRU order is then the
   chunk and pack files' modification order. Leftover temporary files, damaged packs and chunks no layer
   references are removed: no hand cleaning after a crash.
@@ -78,6 +80,7 @@ class _Pack:
     path: Path
     size: int  # bytes of the file (all of them count in the bound)
     slots: dict[str, tuple[int, int]]  # key -> (offset, length) of its chunks still in the index
+    used: bool = False  # one of its chunks was used since eviction last looked at it (its second chance)
 
 
 def cache_key(digest: str) -> str:
@@ -203,7 +206,7 @@ class ChunkCache:
             if data is None:
                 return None
             if key in self._lru:
-                self._lru.move_to_end(key)
+                self._touch_locked(key)
                 if layer is not None:
                     lay = self._refs.known(layer)  # a bare layer key already seen: no validation again
                     if lay is None or not self._refs.has(key, lay):
@@ -262,7 +265,7 @@ class ChunkCache:
             if lay is not None and stored:
                 self._refs.add(stored, lay)
             for k in stored:
-                self._lru.move_to_end(k)
+                self._touch_locked(k)
                 num = self._packed.get(k)
                 if num is None:
                     loose.append(k)
@@ -306,7 +309,7 @@ class ChunkCache:
             todo: dict[str, bytes] = {}
             for k, data in small:
                 if k in self._lru:
-                    self._lru.move_to_end(k)
+                    self._touch_locked(k)
                 else:
                     todo.setdefault(k, data)
         group: list[tuple[str, bytes]] = []
@@ -359,7 +362,7 @@ class ChunkCache:
         with self._lock:
             self._refs.add([key], lay)
             if key in self._lru:
-                self._lru.move_to_end(key)
+                self._touch_locked(key)
                 return
         tmp = self._write_tmp(f"{key}.{os.getpid()}.{self._next_tmp()}", [data])
         path = self._path(key)
@@ -516,7 +519,21 @@ class ChunkCache:
                     continue  # gone with its pack already, or its pack holds chunks of ``keep``
                 self._evict_one_locked(key)
         while self._bytes > room and self._lru:
-            self._evict_one_locked(next(iter(self._lru)))
+            key = next(iter(self._lru))
+            num = self._packed.get(key)
+            if num is not None and self._packs[num].used:  # a chunk of its pack was used since: the pack's
+                self._packs[num].used = False  # chunks all move to the recent end (each pack once per use)
+                for k in self._packs[num].slots:
+                    self._lru.move_to_end(k)
+                continue
+            self._evict_one_locked(key)
+
+    def _touch_locked(self, key: str) -> None:
+        """``key`` (stored) was used: most recently used now, and its pack, if any, gets a second chance."""
+        self._lru.move_to_end(key)
+        num = self._packed.get(key)
+        if num is not None:
+            self._packs[num].used = True
 
     def _evict_one_locked(self, key: str) -> None:
         num = self._packed.get(key)
