@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from cvmfs_snap.lazyfs.metrics import LazyMetrics
 from cvmfs_snap.lazyfs.remote import BlobFetcher
 from cvmfs_snap.oci.auth import CredentialStore
 from cvmfs_snap.oci.client import RegistryClient
-from cvmfs_snap.oci.ranges import merge_ranges
+from cvmfs_snap.oci.ranges import _take, merge_ranges
 from cvmfs_snap.oci.reference import ImageReference
 from cvmfs_snap_devenv.registry import Registry, start_registry
 from tests.support.range_proxies import Behaviour, PushedLayer, push_estargz, range_proxy
@@ -293,3 +294,36 @@ def test_streamed_ranges_reuse_the_redirected_blob_url_and_refresh_it(
         assert got == [[(0, layer.blob[i * 10_000:i * 10_000 + 100]),
                         (1, layer.blob[i * 10_000 + 200:i * 10_000 + 250])] for i in range(5)]
         assert proxy.registry_gets == 2 and proxy.storage_gets == 6  # as for fetch: one round trip per span
+
+
+def test_streamed_pieces_are_cut_from_the_received_blocks_exactly() -> None:
+    """``ranges._take``: each piece's bytes from blocks as the socket hands them over (pieces straddling blocks,
+    gaps between pieces, pieces within one block), copied once; a piece that is exactly one block is that block."""
+    rnd = random.Random(5)
+    body = rnd.randbytes(300_000)
+    for _ in range(50):
+        pieces, pos = [], 0
+        while pos < len(body) - 10:
+            pos += rnd.choice((0, 0, rnd.randint(1, 3000)))  # gaps between merged pieces
+            if pos >= len(body):
+                break
+            n = min(rnd.choice((1, 100, 5000, 70_000)), len(body) - pos)
+            pieces.append((pos, n))
+            pos += n
+        start = pieces[0][0]  # the body of one request from the first piece's start to the last one's end
+        wire = body[start:pieces[-1][0] + pieces[-1][1]]
+        cuts = sorted(rnd.sample(range(1, len(wire)), min(40, len(wire) - 1)))
+        blocks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+        held: list[bytes | memoryview] = []
+        pos, got, i, out = start, 0, 0, []
+        for b in blocks:
+            held.append(b)
+            got += len(b)
+            while i < len(pieces) and pieces[i][0] + pieces[i][1] <= start + got:
+                data, held, pos = _take(held, pos, pieces[i])
+                out.append(bytes(data))
+                i += 1
+        assert out == [body[o:o + n] for o, n in pieces]
+    block = b"x" * 1000
+    data, rest, pos = _take([block], 0, (0, 1000))
+    assert data is block and rest == [] and pos == 1000

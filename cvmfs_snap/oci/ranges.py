@@ -142,6 +142,27 @@ def cut_ranges(ranges: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int
     return out
 
 
+def _take(held: list[bytes | memoryview], pos: int, piece: tuple[int, int]
+          ) -> tuple[bytes, list[bytes | memoryview], int]:
+    """The bytes of ``piece`` (offset, length) out of ``held`` (blocks received back to back from blob offset
+    ``pos``, covering the piece), copied once; and what is left of ``held`` after the piece, and its offset.
+    Bytes before the piece (a gap between merged pieces) are dropped."""
+    lo, hi = piece[0], piece[0] + piece[1]
+    take: list[bytes | memoryview] = []
+    rest: list[bytes | memoryview] = []
+    p = pos
+    for b in held:
+        b_end = p + len(b)
+        if b_end > lo and p < hi:
+            s, e = max(lo, p) - p, min(hi, b_end) - p
+            take.append(b if s == 0 and e == len(b) else memoryview(b)[s:e])
+        if b_end > hi:
+            rest.append(b if p >= hi else memoryview(b)[hi - p:])
+        p = b_end
+    data = take[0] if len(take) == 1 and isinstance(take[0], bytes) else b"".join(take)
+    return data, rest, max(hi, pos)
+
+
 class RangeReader:
     """Range reads of one client (thread-safe)."""
 
@@ -249,22 +270,25 @@ class RangeReader:
             resp.close()
             raise IntegrityError(f"registry {ref.api_host} answered a request for {label} with "
                                  f"{resp.headers.get('content-range') or 'no valid Content-Range'}")
-        buf = bytearray(end - start)
-        view = memoryview(buf)
+        total = end - start
         got = 0
         i = 0
+        #: what arrived since the last piece was delivered (views of the received blocks), from blob offset ``pos``
+        held: list[bytes | memoryview] = []
+        pos = start
         try:
             for chunk in resp.iter_bytes():
                 n = len(chunk)
-                if got + n > len(buf):
-                    raise IntegrityError(f"registry {ref.api_host} sent more than the {len(buf)} bytes of {label}")
-                view[got:got + n] = chunk
+                if got + n > total:
+                    raise IntegrityError(f"registry {ref.api_host} sent more than the {total} bytes of {label}")
                 got += n
-                while i < len(pieces) and pieces[i][0] + pieces[i][1] - start <= got:
-                    lo = pieces[i][0] - start
-                    deliver(i, bytes(view[lo:lo + pieces[i][1]]))
+                held.append(chunk)
+                while i < len(pieces) and pieces[i][0] + pieces[i][1] <= start + got:
+                    data, held, pos = _take(held, pos, pieces[i])
+                    deliver(i, data)
                     i += 1
-                dl.check(f"{got} bytes received")
+                if dl.expired():
+                    raise dl.error(f"{got} bytes received")
         except httpx.RemoteProtocolError as e:
             raise IntegrityError(f"{label} is truncated: the server closed the connection after {got} bytes ({e}); "
                                  "retry") from None
@@ -273,8 +297,8 @@ class RangeReader:
                                    "retry later") from None
         finally:
             resp.close()
-        if got != len(buf):
-            raise IntegrityError(f"{label} is truncated: {got} of {len(buf)} bytes; retry")
+        if got != total:
+            raise IntegrityError(f"{label} is truncated: {got} of {total} bytes; retry")
 
     def _range_what(self, ref: ImageReference, digest: str) -> str:
         return f"blob {digest} of {ref.name}"
