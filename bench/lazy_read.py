@@ -16,6 +16,7 @@ cold chunk cache:
     python bench/lazy_read.py                 # 64 MiB of file data
     python bench/lazy_read.py --size-mib 256
     python bench/lazy_read.py --inflater zlib --tmp /dev/shm   # another inflater, caches in memory
+    python bench/lazy_read.py --big-file --read-kib 1024   # lazy_fs.py's one 64 MiB file, read as FUSE sends it
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import trio  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.lazy_fs import big_file  # noqa: E402
 from cvmfs_snap.estargz import BuildOptions, build  # noqa: E402
 from cvmfs_snap.fsutil import remove_tree_quietly  # noqa: E402
 from cvmfs_snap.layer import gzipmember  # noqa: E402
@@ -47,7 +49,7 @@ from cvmfs_snap.oci.reference import ImageReference  # noqa: E402
 from cvmfs_snap_devenv.images import Pusher, make_tar  # noqa: E402
 from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
 
-READ = 128 * 1024
+READ = 128 * 1024  # --read-kib
 
 
 def gen_files(total: int, seed: int = 7) -> dict[str, bytes]:
@@ -81,20 +83,30 @@ async def read_all(r: LayerReader, names: list[str], files: dict[str, bytes]) ->
     return n
 
 
+def big_layer() -> dict[str, bytes]:
+    """``lazy_fs.py``'s layer for the cold sequential read: one 64 MiB file (a third random bytes)."""
+    return {"data/big.bin": big_file(random.Random(3))}
+
+
 def main() -> int:
+    global READ
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3, help="cold and warm reads: best of this many")
     ap.add_argument("--inflater", choices=list(gzipmember.BACKENDS), default=gzipmember.INFLATER)
     ap.add_argument("--readahead-mib", type=float, default=DEFAULT_READAHEAD / 2**20)
     ap.add_argument("--tmp", type=Path, default=None, help="work directory (chunk caches; default: $TMPDIR)")
+    ap.add_argument("--big-file", action="store_true", help="the one 64 MiB file of lazy_fs.py's cold read")
+    ap.add_argument("--read-kib", type=int, default=128, help="bytes per read (FUSE: 128, or 1024 with "
+                    "the mount's 4 MiB readahead)")
     args = ap.parse_args()
+    READ = args.read_kib * 1024
     gzipmember.use_inflater(args.inflater)
     readahead = int(args.readahead_mib * 2**20)
     print(f"inflater {gzipmember.INFLATER}, readahead {readahead / 2**20:g} MiB")
     tmp = Path(tempfile.mkdtemp(prefix="bench-lazy-", dir=args.tmp))
     try:
-        files = gen_files(args.size_mib * 1024 * 1024)
+        files = big_layer() if args.big_file else gen_files(args.size_mib * 1024 * 1024)
         blob, toc_digest = build_layer(files)
         data_bytes = sum(map(len, files.values()))
         print(f"layer: {len(files)} files, {data_bytes / 2**20:.1f} MiB of file data, blob {len(blob) / 2**20:.1f} MiB")
@@ -182,6 +194,9 @@ def main() -> int:
                     toc_bytes.append(toc)
                     return n, f.bytes_fetched - toc
 
+                if args.big_file:
+                    plain.close()
+                    return 0
                 toc_bytes: list[int] = []
                 print("bytes fetched per byte read (chunk data; the footer + TOC come on top, once):")
                 rnd = random.Random(1)
