@@ -55,7 +55,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_snap.digests import SHA256_HEX
@@ -79,8 +79,30 @@ SETTLE_SECONDS = 1.0
 class _Pack:
     path: Path
     size: int  # bytes of the file (all of them count in the bound)
-    slots: dict[str, tuple[int, int]]  # key -> (offset, length) of its chunks still in the index
+    #: its chunks' keys as stored (a key released or stored again elsewhere since is not the pack's any more:
+    #: :meth:`ChunkCache._live`); ``live`` counts those still its own
+    keys: list[str] = field(default_factory=list)
+    live: int = 0
     used: bool = False  # one of its chunks was used since eviction last looked at it (its second chance)
+
+
+#: the index's value of a chunk in a pack: ``-1 - (pack << 56 | offset << 24 | length)`` (a chunk file's value is
+#: its size, >= 0): one int per chunk, whatever the number of chunks cached
+_OFF_BITS, _LEN_BITS = 32, 24
+
+
+def _packed(num: int, off: int, n: int) -> int:
+    return -1 - (num << (_OFF_BITS + _LEN_BITS) | off << _LEN_BITS | n)
+
+
+def _slot(v: int) -> tuple[int, int, int]:
+    """(pack, offset, length) of a packed chunk's index value."""
+    c = -1 - v
+    return c >> (_OFF_BITS + _LEN_BITS), (c >> _LEN_BITS) & ((1 << _OFF_BITS) - 1), c & ((1 << _LEN_BITS) - 1)
+
+
+def _size(v: int) -> int:
+    return v if v >= 0 else (-1 - v) & ((1 << _LEN_BITS) - 1)
 
 
 def cache_key(digest: str) -> str:
@@ -116,11 +138,11 @@ class ChunkCache:
         #: (time written, path) of chunks whose pages may still be dirty: dropped again once clean
         self._settling: deque[tuple[float, Path]] = deque()
         self._lock = threading.Lock()
-        self._lru: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
+        #: key -> size (a chunk file) or place in a pack (< 0, :func:`_slot`), least recently used first
+        self._lru: OrderedDict[str, int] = OrderedDict()
         self._refs = LayerRefs(self.directory / "layers")
         self._bytes = 0
-        #: chunks stored in packs: key -> pack number, and the packs by number
-        self._packed: dict[str, int] = {}
+        #: the packs by number (their chunks' values in ``_lru`` say which pack, where: :func:`_slot`)
         self._packs: dict[int, _Pack] = {}
         self._pack_seq = 0
         #: name -> bytes of the files counted in the bound that are not chunks (spool files, unpacked copies)
@@ -140,8 +162,9 @@ class ChunkCache:
             os.unlink(e.path)
         self._refs.load()
         found: list[tuple[float, str, int]] = []
+        slots: dict[int, list[cachefiles.Slot]] = {}
         for e in os.scandir(self.directory / "packs"):
-            num = self._load_pack(e.path)
+            num = self._load_pack(e.path, slots)
             if num is not None:
                 found.append((os.stat(e.path).st_mtime, e.path, -num))
         for d in os.scandir(self.directory / "chunks"):
@@ -160,13 +183,12 @@ class ChunkCache:
                 self._bytes += size
                 continue
             pack = self._packs[-size]
-            for k, (_, n) in list(pack.slots.items()):
-                if k in self._lru:  # stored twice (a crash between two writes): keep the first
-                    del pack.slots[k]
-                else:
-                    self._lru[k] = n
-                    self._packed[k] = -size
-            if pack.slots:
+            for k, off, n in slots[-size]:
+                if k not in self._lru:  # else stored twice (a crash between two writes): the first one stays
+                    self._lru[k] = _packed(-size, off, n)
+                    pack.keys.append(k)
+                    pack.live += 1
+            if pack.live:
                 self._bytes += pack.size
             else:
                 del self._packs[-size]
@@ -179,19 +201,20 @@ class ChunkCache:
             log.info("chunk cache %s: %d chunks, %d bytes (bound %d)", self.directory, len(self._lru), self._bytes,
                      self.max_bytes)
 
-    def _load_pack(self, path: str) -> int | None:
-        """Index the pack at ``path`` (its chunks that a layer references; its LRU place is set by ``_load``);
-        its number, or None when it is not a pack of ours, damaged, or holds nothing referenced (deleted)."""
+    def _load_pack(self, path: str, slots: dict[int, list[cachefiles.Slot]]) -> int | None:
+        """Number the pack at ``path`` and put its chunks that a layer references into ``slots`` (``_load``
+        indexes them); None when it is not a pack of ours, damaged, or holds nothing referenced (deleted)."""
         index = cachefiles.load_index(Path(path))
         if index is None:
             return None
-        size, slots = index
-        live = {k: (off, n) for k, off, n in slots if k in self._refs}
-        if not live:
-            os.unlink(path)
+        size, found = index
+        live = [(k, off, n) for k, off, n in found if k in self._refs]
+        if not live or any(off >> _OFF_BITS or n >> _LEN_BITS for _, off, n in live):
+            os.unlink(path)  # nothing referenced, or not written by this code (no such offsets or lengths)
             return None
         self._pack_seq += 1
-        self._packs[self._pack_seq] = _Pack(Path(path), size, live)
+        self._packs[self._pack_seq] = _Pack(Path(path), size)
+        slots[self._pack_seq] = live
         return self._pack_seq
 
     # ------------------------------------------------------------------ paths
@@ -266,13 +289,12 @@ class ChunkCache:
                 self._refs.add(stored, lay)
             for k in stored:
                 self._touch_locked(k)
-                num = self._packed.get(k)
-                if num is None:
+                v = self._lru[k]
+                if v >= 0:
                     loose.append(k)
                 else:
-                    pack = self._packs[num]
-                    off, n = pack.slots[k]
-                    by_pack.setdefault(num, (pack.path, []))[1].append((k, off, n))
+                    num, off, n = _slot(v)
+                    by_pack.setdefault(num, (self._packs[num].path, []))[1].append((k, off, n))
             settled = self._take_settled_locked(time.monotonic() - SETTLE_SECONDS) if self._settling else []
         cachefiles.drop_pages(settled)
         out: dict[str, bytes] = {}
@@ -334,16 +356,15 @@ class ChunkCache:
         tmp = self._write_tmp(name, pieces)
         path = self.directory / "packs" / name
         with self._lock:
-            live = {k: (off, n) for k, off, n in slots if k not in self._lru and k in self._refs}
+            live = [(k, off, n) for k, off, n in slots if k not in self._lru and k in self._refs]
             if not live:  # raced with other puts, or released meanwhile
                 os.unlink(tmp)
                 return
             os.replace(tmp, path)
             self._pack_seq += 1
-            self._packs[self._pack_seq] = _Pack(path, size, live)
-            for k, (_, n) in live.items():
-                self._lru[k] = n
-                self._packed[k] = self._pack_seq
+            self._packs[self._pack_seq] = _Pack(path, size, [k for k, _, _ in live], len(live))
+            for k, off, n in live:
+                self._lru[k] = _packed(self._pack_seq, off, n)
             self._bytes += size
             self._evict_locked()
             self.metrics.cache_bytes.set(self._bytes)
@@ -401,7 +422,7 @@ class ChunkCache:
         keep = cache_key(keep_layer) if keep_layer is not None else None
         with self._lock:
             others = self._reserved_bytes - self._reserved.get(name, 0)
-            kept = sum(size for k, size in self._lru.items() if self._refs.has(k, keep)) if keep else 0
+            kept = sum(_size(v) for k, v in self._lru.items() if self._refs.has(k, keep)) if keep else 0
             if not force and others + nbytes + kept > self.max_bytes:
                 return False
             self._reserved_bytes = others + nbytes
@@ -446,7 +467,7 @@ class ChunkCache:
         with self._lock:
             freed = 0
             for key in self._refs.release(lay):
-                freed += self._lru.get(key, 0)
+                freed += _size(self._lru.get(key, 0))
                 self._forget_locked(key)
             self._refs.forget_layer(lay)
             self.metrics.cache_bytes.set(self._bytes)
@@ -465,15 +486,22 @@ class ChunkCache:
                               self._reserved_bytes)
 
     # ------------------------------------------------------------------ internals
+    def _pack_of(self, key: str) -> int | None:
+        v = self._lru.get(key)
+        return _slot(v)[0] if v is not None and v < 0 else None
+
+    def _live(self, num: int) -> list[str]:
+        """The keys of pack ``num`` that are still its own."""
+        return [k for k in self._packs[num].keys if self._pack_of(k) == num]
+
     def _drop_locked(self, key: str) -> None:
         """Delete a chunk (evicted, damaged): a packed one with its whole pack."""
-        num = self._packed.get(key)
+        num = self._pack_of(key)
         if num is not None:
-            pack = self._packs.pop(num)
-            for k in pack.slots:
+            for k in self._live(num):
                 self._hot.drop(k)
-                self._lru.pop(k, None)
-                self._packed.pop(k, None)
+                del self._lru[k]
+            pack = self._packs.pop(num)
             self._bytes -= pack.size
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(pack.path)
@@ -489,15 +517,15 @@ class ChunkCache:
     def _forget_locked(self, key: str) -> None:
         """Delete a chunk no layer references: a packed one leaves its pack's index (the file goes with the
         pack's last chunk)."""
-        num = self._packed.pop(key, None)
+        num = self._pack_of(key)
         if num is None:
             self._drop_locked(key)
             return
         self._hot.drop(key)
-        self._lru.pop(key, None)
+        del self._lru[key]
         pack = self._packs[num]
-        del pack.slots[key]
-        if not pack.slots:
+        pack.live -= 1
+        if not pack.live:
             del self._packs[num]
             self._bytes -= pack.size
             with contextlib.suppress(FileNotFoundError):
@@ -513,17 +541,17 @@ class ChunkCache:
             for key in [k for k in self._lru if not self._refs.has(k, keep)]:
                 if self._bytes <= room:
                     return
-                num = self._packed.get(key)
+                num = self._pack_of(key)
                 if key not in self._lru or (num is not None and any(
-                        self._refs.has(k, keep) for k in self._packs[num].slots)):
+                        self._refs.has(k, keep) for k in self._live(num))):
                     continue  # gone with its pack already, or its pack holds chunks of ``keep``
                 self._evict_one_locked(key)
         while self._bytes > room and self._lru:
             key = next(iter(self._lru))
-            num = self._packed.get(key)
+            num = self._pack_of(key)
             if num is not None and self._packs[num].used:  # a chunk of its pack was used since: the pack's
                 self._packs[num].used = False  # chunks all move to the recent end (each pack once per use)
-                for k in self._packs[num].slots:
+                for k in self._live(num):
                     self._lru.move_to_end(k)
                 continue
             self._evict_one_locked(key)
@@ -531,13 +559,13 @@ class ChunkCache:
     def _touch_locked(self, key: str) -> None:
         """``key`` (stored) was used: most recently used now, and its pack, if any, gets a second chance."""
         self._lru.move_to_end(key)
-        num = self._packed.get(key)
+        num = self._pack_of(key)
         if num is not None:
             self._packs[num].used = True
 
     def _evict_one_locked(self, key: str) -> None:
-        num = self._packed.get(key)
-        n = len(self._packs[num].slots) if num is not None else 1
+        num = self._pack_of(key)
+        n = self._packs[num].live if num is not None else 1
         self._drop_locked(key)
         self.evictions += n
         self.metrics.cache_evictions.inc(n)
