@@ -376,3 +376,17 @@ def test_killed_pack_writer_leaves_only_whole_packs(tmp_path: Path) -> None:
     assert c.stats.bytes == on_disk(cache_dir)
     c.release_layer(A)
     assert packs_of(cache_dir) == [] and files(cache_dir) == [] and c.stats.bytes == 0
+
+
+def test_a_chunk_stored_both_packed_and_as_a_file_is_indexed_once(tmp_path: Path) -> None:
+    c = new(tmp_path, max_bytes=10_000_000)
+    items = [chunk(i, 1000) for i in range(4)]
+    c.put_many(items, A)
+    k, d = items[0]
+    (c.directory / "chunks" / k[:2]).mkdir(exist_ok=True)
+    (c.directory / "chunks" / k[:2] / k).write_bytes(d)  # as if also written as a chunk file before a crash
+    c2 = new(tmp_path, max_bytes=10_000_000)
+    assert c2.stats.entries == 4 and files(c2.directory) == [] and c2.stats.bytes == on_disk(c2.directory)
+    assert c2.get(k) == d
+    c2.release_layer(A)
+    assert packs_of(c2.directory) == [] and c2.stats.bytes == 0

@@ -179,6 +179,9 @@ class ChunkCache:
                 found.append((st.st_mtime, key, st.st_size))
         for _, key, size in sorted(found):
             if size >= 0:
+                if key in self._lru:  # in a pack already (stored twice): the file goes
+                    os.unlink(self._path(key))
+                    continue
                 self._lru[key] = size
                 self._bytes += size
                 continue
