@@ -189,7 +189,9 @@ class LayerReader:
         if len(refs) == 1:  # most reads: a chunk verified recently, no task, no wait
             r = refs[0]
             k = _key(r)
-            data = self.cache.get_hot(k, self._layer_key) or self.writes.get(k)
+            data = self.cache.get_hot(k, self._layer_key)
+            if data is None:
+                data = self.writes.get(k)
             if data is not None:
                 lo, hi = max(offset - r.file_offset, 0), min(end - r.file_offset, r.size)
                 return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
@@ -225,7 +227,7 @@ class LayerReader:
         if size == 0 or not refs:
             return []
         if len(refs) == 1:  # a small file: its one chunk
-            return refs if offset < refs[0].size else []
+            return refs if refs[0].file_offset + refs[0].size > offset else []
         lo = max(bisect.bisect_right(starts, offset) - 1, 0)
         hi = bisect.bisect_left(starts, offset + size, lo)
         return [r for r in refs[lo:hi] if r.file_offset + r.size > offset]
