@@ -54,12 +54,12 @@ CONGESTION_THRESHOLD = 12
 # opcodes (include/uapi/linux/fuse.h)
 LOOKUP, FORGET, GETATTR, READLINK, OPEN, READ, STATFS, RELEASE = 1, 2, 3, 5, 14, 15, 17, 18
 GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
-INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 36, 38, 42, 44
+INTERRUPT, DESTROY, IOCTL, BATCH_FORGET, READDIRPLUS = 36, 38, 39, 42, 44
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 OPCODE_NAMES = {LOOKUP: "lookup", FORGET: "forget", GETATTR: "getattr", READLINK: "readlink", OPEN: "open",
                 READ: "read", STATFS: "statfs", RELEASE: "release", GETXATTR: "getxattr", LISTXATTR: "listxattr",
                 FLUSH: "flush", INIT: "init", OPENDIR: "opendir", READDIR: "readdir", RELEASEDIR: "releasedir",
-                INTERRUPT: "interrupt", DESTROY: "destroy", BATCH_FORGET: "batch_forget", READDIRPLUS: "readdirplus"}
+                INTERRUPT: "interrupt", DESTROY: "destroy", IOCTL: "ioctl", BATCH_FORGET: "batch_forget", READDIRPLUS: "readdirplus"}
 
 # INIT flags we ask for (the kernel offers them; we keep those it offers)
 ASYNC_READ = 1 << 0
@@ -396,6 +396,9 @@ class Session:
     def _ok(self, _: int, __: memoryview) -> bytes | int:
         return b""
 
+    def _ioctl(self, _: int, __: memoryview) -> bytes | int:
+        return errno.ENOTTY  # (``isatty`` of a file opened on the mount itself; overlayfs never passes one down)
+
     def _getxattr(self, ino: int, body: memoryview) -> bytes | int:
         size, _ = _GETXATTR_IN.unpack_from(body)
         value = self.ops.getxattr(ino, bytes(body[8:]).split(b"\0", 1)[0])
@@ -417,7 +420,7 @@ class Session:
     _handlers: dict[int, Callable[[Session, int, memoryview], bytes | int]] = {
         INIT: _init, LOOKUP: _lookup, GETATTR: _getattr, READLINK: _readlink, OPEN: _open, OPENDIR: _opendir,
         READDIR: _readdir, READDIRPLUS: _readdirplus, RELEASEDIR: _ok, RELEASE: _ok, DESTROY: _ok,
-        GETXATTR: _getxattr, LISTXATTR: _listxattr, STATFS: _statfs,
+        GETXATTR: _getxattr, LISTXATTR: _listxattr, STATFS: _statfs, IOCTL: _ioctl,
     }
 
     def close(self, *, unmount_it: bool = True) -> None:
