@@ -59,7 +59,8 @@ NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 OPCODE_NAMES = {LOOKUP: "lookup", FORGET: "forget", GETATTR: "getattr", READLINK: "readlink", OPEN: "open",
                 READ: "read", STATFS: "statfs", RELEASE: "release", GETXATTR: "getxattr", LISTXATTR: "listxattr",
                 FLUSH: "flush", INIT: "init", OPENDIR: "opendir", READDIR: "readdir", RELEASEDIR: "releasedir",
-                INTERRUPT: "interrupt", DESTROY: "destroy", IOCTL: "ioctl", BATCH_FORGET: "batch_forget", READDIRPLUS: "readdirplus"}
+                INTERRUPT: "interrupt", DESTROY: "destroy", IOCTL: "ioctl", BATCH_FORGET: "batch_forget",
+                READDIRPLUS: "readdirplus"}
 
 # INIT flags we ask for (the kernel offers them; we keep those it offers)
 ASYNC_READ = 1 << 0
