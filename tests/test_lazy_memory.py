@@ -53,7 +53,7 @@ PROBE = textwrap.dedent("""
     # no pydantic (msgspec spells Limits' constraints), no writer nor layer application; the reader needs
     # the tar header decoder, its chunks the gzip inflaters (isal, zlib-ng); no prometheus_client without
     # --metrics-address
-    ("lazyfs", ["cvmfs_snap.estargz.reader", "cvmfs_snap.layer.tarstream", "httpx", "isal", "pyfuse3", "ssl", "trio",
+    ("lazyfs", ["cvmfs_snap.estargz.reader", "cvmfs_snap.layer.tarstream", "httpx", "isal", "ssl", "trio",
                 "zlib_ng"]),
 ])
 def test_process_imports_only_what_it_uses(command: str, expected: list[str]) -> None:

@@ -1,15 +1,16 @@
-"""ONE pyfuse3 file system for every lazy layer of the node: a directory per layer under the mount root.
+"""ONE FUSE file system for every lazy layer of the node: a directory per layer under the mount root.
 
-``<mount>/<layer id>/`` is layer ``id``'s tree (:mod:`cvmfs_snap.lazyfs.tree`), read-only. Inode numbers are
-``layer seq << 32 | node index`` (the mount root is 1), so one number never means two things: a layer attached
-again gets a new ``seq``.
+``<mount>/<layer id>/`` is layer ``id``'s tree (:mod:`cvmfs_snap.lazyfs.tree`), read-only, served by our own FUSE
+loop (:mod:`cvmfs_snap.lazyfs.fuse`). Inode numbers are ``layer seq << 32 | node index`` (the mount root is 1), so
+one number never means two things: a layer attached again gets a new ``seq``.
 
 Kernel caching is used fully, the trees being immutable: entries, attributes and negative lookups inside a layer
 are cached for :data:`LONG_TIMEOUT` (overlayfs looks names up in every lower layer; the misses are cached too),
-files are opened with ``keep_cache`` (warm reads come from the page cache, never through Python), and the data of
-prefetched files is pushed into the page cache with ``notify_store`` when the kernel first looks such a file up
-(the container's first read then needs no round trip). Only the mount root, whose entries come and go as layers
-attach and detach, is cached briefly, and each attach/detach invalidates its entry.
+files are opened without asking the process (no-open mode: the page cache is kept, warm reads and opens never reach
+Python), a layer's directory listings are cached, and the data of prefetched files is pushed into the page cache
+with ``notify_store`` when the kernel first looks such a file up (the container's first read then needs no round
+trip). Only the mount root, whose entries come and go as layers attach and detach, is cached briefly, and each
+attach/detach invalidates its entry.
 
 File contents come from a :class:`LayerFiles` (the layer's :class:`~cvmfs_snap.lazyfs.reader.LayerReader`);
 any error it raises is EIO for that read, never wrong bytes.
@@ -21,20 +22,19 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import pyfuse3
 import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import CvmfsSnapError
+from cvmfs_snap.lazyfs.fuse import ROOT_INODE, Attr, FuseError, Session, StatFs
 from cvmfs_snap.lazyfs.tree import Node, Tree
 
 log = logging.getLogger(__name__)
 
-ROOT_INODE: int = pyfuse3.ROOT_INODE
 #: seconds the kernel keeps entries and attributes of layer trees (immutable; detach invalidates the root entry)
 LONG_TIMEOUT = 365 * 86400.0
 #: seconds for the mount root's own entries (layers come and go)
@@ -61,44 +61,35 @@ class MountedLayer:
     store: set[str] = field(default_factory=set)
 
 
-def _attrs(ino: int, n: Node, timeout: float) -> pyfuse3.EntryAttributes:
-    a = pyfuse3.EntryAttributes()
-    a.st_ino = ino
-    a.generation = 0
-    a.entry_timeout = timeout
-    a.attr_timeout = timeout
-    a.st_mode = n.mode
-    a.st_nlink = n.nlink
-    a.st_uid = n.uid
-    a.st_gid = n.gid
-    a.st_rdev = n.rdev
-    a.st_size = n.size if not n.is_dir else 4096
-    a.st_blksize = 4096
-    a.st_blocks = (a.st_size + 511) // 512
-    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
-    return a
+def _attrs(ino: int, n: Node, timeout: float) -> Attr:
+    return Attr(ino, n.mode, n.nlink, n.uid, n.gid, n.rdev, n.size if not n.is_dir else 4096, n.mtime_ns, timeout)
 
 
-def fuse_error(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
+def fuse_error(code: int) -> FuseError:
+    return FuseError(code)
 
 
-class LazyFS(pyfuse3.Operations):
-    """The operations of the one mount (see the module docstring)."""
+class LazyFS:
+    """The operations of the one mount (see the module docstring; :class:`cvmfs_snap.lazyfs.fuse.Operations`).
 
-    enable_writeback_cache = False
+    The metadata operations run in the FUSE thread, ``read`` and the layer changes in the trio thread: the
+    metadata ones only read the layer maps, which the trio thread replaces entries of (atomic under the GIL)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.layers: dict[str, MountedLayer] = {}
         self._by_seq: dict[int, MountedLayer] = {}
         self._next_seq = 1
         self._root = Node(mode=stat.S_IFDIR | 0o755, nlink=2)
-        self.mounted = False
+        #: the FUSE connection, once mounted (notify_store, entry invalidation)
+        self.session: Session | None = None
         self.nursery: trio.Nursery | None = None
         #: the mount point (set before mounting): its kernel readahead is raised once the INIT handshake is done
         self.mnt: Path | None = None
         self.read_errors = 0
+
+    @property
+    def mounted(self) -> bool:
+        return self.session is not None
 
     # ------------------------------------------------------------------ layers
     def add_layer(self, layer_id: str, tree: Tree, files: LayerFiles, store: Iterable[str] = ()) -> MountedLayer:
@@ -118,12 +109,12 @@ class LazyFS(pyfuse3.Operations):
         return layer
 
     def _invalidate(self, layer_id: str) -> None:
-        if not self.mounted:
-            return
-        try:
-            pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(layer_id), ignore_enoent=True)
-        except OSError as e:  # the kernel forgot the entry already
-            log.debug("invalidating %s: %s", layer_id, e)
+        session = self.session
+        if session is None or self.nursery is None:
+            return  # not mounted: the kernel has no entry; else the entry expires after ROOT_TIMEOUT anyway
+        # from a worker thread: the kernel takes the root directory's lock, which a request the loop has yet to
+        # answer may hold
+        self.nursery.start_soon(trio.to_thread.run_sync, _invalidate_quietly, session, os.fsencode(layer_id))
 
     def _node(self, ino: int) -> tuple[MountedLayer | None, Node]:
         if ino == ROOT_INODE:
@@ -134,116 +125,98 @@ class LazyFS(pyfuse3.Operations):
             raise fuse_error(errno.ESTALE)  # a detached layer's inode
         return layer, layer.tree.nodes[idx]
 
-    def _root_attrs(self) -> pyfuse3.EntryAttributes:
-        a = _attrs(ROOT_INODE, self._root, ROOT_TIMEOUT)
-        a.st_nlink = 2 + len(self.layers)
-        return a
+    def _root_attrs(self) -> Attr:
+        n = self._root
+        return Attr(ROOT_INODE, n.mode, 2 + len(self.layers), size=4096, timeout=ROOT_TIMEOUT)
 
     # ------------------------------------------------------------------ metadata
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
-                     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INODE:
-            if name in (b".", b".."):
-                return self._root_attrs()
-            layer = self.layers.get(os.fsdecode(name))
-            if layer is None:
-                raise fuse_error(errno.ENOENT)  # not cached: a layer may be attached in a moment
-            return _attrs(layer.seq << SEQ_SHIFT, layer.tree.nodes[0], LONG_TIMEOUT)
-        layer, node = self._node(parent_inode)
-        assert layer is not None
-        if node.entries is None:
-            raise fuse_error(errno.ENOTDIR)
-        if name == b".":
-            return _attrs(parent_inode, node, LONG_TIMEOUT)
-        if name == b"..":
-            raise fuse_error(errno.ENOENT)  # the kernel resolves ".." itself
-        idx = node.entries.get(name)
-        if idx is None:
-            miss = pyfuse3.EntryAttributes()
-            miss.st_ino = 0
-            miss.entry_timeout = LONG_TIMEOUT  # cached: the tree never changes
-            return miss
-        child = layer.tree.nodes[idx]
-        ino = layer.seq << SEQ_SHIFT | idx
-        if layer.store and child.is_reg and child.path in layer.store:
-            layer.store.discard(child.path)
-            if self.nursery is not None and 0 < child.size <= STORE_MAX:
-                self.nursery.start_soon(self._store, layer, ino, child)
-        return _attrs(ino, child, LONG_TIMEOUT)
-
-    async def _store(self, layer: MountedLayer, ino: int, node: Node) -> None:
-        """Push a prefetched file's data into the kernel's page cache (best effort)."""
-        try:
-            data = await layer.files.read(node.path, 0, node.size)
-            await trio.sleep(0)  # let the lookup's answer reach the kernel first: it must know the inode
-            pyfuse3.notify_store(ino, 0, data if isinstance(data, bytes) else bytes(data))
-        except (CvmfsSnapError, OSError) as e:
-            log.debug("notify_store of %s in layer %s: %s", node.path, layer.id, e)
-
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        if inode == ROOT_INODE:
-            return self._root_attrs()
-        _, node = self._node(inode)
-        return _attrs(inode, node, LONG_TIMEOUT)
-
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        _, node = self._node(inode)
-        if not stat.S_ISLNK(node.mode):
-            raise fuse_error(errno.EINVAL)
-        return node.target
-
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        return None  # nothing to free: nodes live as long as their layer
-
-    # ------------------------------------------------------------------ directories
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != ROOT_INODE:
-            _, node = self._node(inode)
-            if node.entries is None:
-                raise fuse_error(errno.ENOTDIR)
-        return inode
-
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if fh == ROOT_INODE:
-            for i, lid in enumerate(sorted(self.layers)):
-                if i < start_id:
-                    continue
-                top = self.layers[lid]
-                a = _attrs(top.seq << SEQ_SHIFT, top.tree.nodes[0], LONG_TIMEOUT)
-                if not pyfuse3.readdir_reply(token, os.fsencode(lid), a, i + 1):
-                    return
-            return
-        layer, node = self._node(fh)
-        assert layer is not None and node.entries is not None
-        names = node.names
-        for i in range(start_id, len(names)):
-            idx = node.entries[names[i]]
-            a = _attrs(layer.seq << SEQ_SHIFT | idx, layer.tree.nodes[idx], LONG_TIMEOUT)
-            if not pyfuse3.readdir_reply(token, names[i], a, i + 1):
-                return
-
-    async def releasedir(self, fh: int) -> None:
-        return None
-
     def init(self) -> None:
         # called while the kernel's INIT is answered, and that answer sets the readahead back to the kernel's
         # default: raise it in a task that runs once the answer has gone
         if self.mnt is not None and self.nursery is not None:
             self.nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, self.mnt)
 
-    # ------------------------------------------------------------------ files
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        _, node = self._node(inode)
-        if not node.is_reg:
-            raise fuse_error(errno.EISDIR if node.is_dir else errno.EINVAL)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise fuse_error(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
-
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
-        # pyfuse3 replies with any buffer (PyObject_GetBuffer); its stub says bytes
-        layer, node = self._node(fh)
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        if parent == ROOT_INODE:
+            if name in (b".", b".."):
+                return self._root_attrs()
+            layer = self.layers.get(os.fsdecode(name))
+            if layer is None:
+                raise fuse_error(errno.ENOENT)  # not cached: a layer may be attached in a moment
+            return _attrs(layer.seq << SEQ_SHIFT, layer.tree.nodes[0], LONG_TIMEOUT)
+        layer, node = self._node(parent)
         assert layer is not None
+        if node.entries is None:
+            raise fuse_error(errno.ENOTDIR)
+        if name == b".":
+            return _attrs(parent, node, LONG_TIMEOUT)
+        if name == b"..":
+            raise fuse_error(errno.ENOENT)  # the kernel resolves ".." itself
+        idx = node.entries.get(name)
+        if idx is None:
+            return Attr(0, timeout=LONG_TIMEOUT)  # a negative entry, cached: the tree never changes
+        child = layer.tree.nodes[idx]
+        ino = layer.seq << SEQ_SHIFT | idx
+        self._maybe_store(layer, ino, child)
+        return _attrs(ino, child, LONG_TIMEOUT)
+
+    def _maybe_store(self, layer: MountedLayer, ino: int, child: Node) -> None:
+        if layer.store and child.is_reg and child.path in layer.store:
+            layer.store.discard(child.path)
+            if self.session is not None and 0 < child.size <= STORE_MAX:
+                self.session.spawn(self._store, layer, ino, child)  # (called from the FUSE thread)
+
+    async def _store(self, layer: MountedLayer, ino: int, node: Node) -> None:
+        """Push a prefetched file's data into the kernel's page cache (best effort)."""
+        session = self.session
+        try:
+            data = await layer.files.read(node.path, 0, node.size)
+            await trio.sleep(0)  # let the lookup's answer reach the kernel first: it must know the inode
+            if session is not None:  # from a thread: the kernel takes the inode's page locks
+                await trio.to_thread.run_sync(session.notify_store, ino, 0, data)
+        except (CvmfsSnapError, OSError) as e:
+            log.debug("notify_store of %s in layer %s: %s", node.path, layer.id, e)
+
+    def getattr(self, ino: int) -> Attr:
+        if ino == ROOT_INODE:
+            return self._root_attrs()
+        _, node = self._node(ino)
+        return _attrs(ino, node, LONG_TIMEOUT)
+
+    def readlink(self, ino: int) -> bytes:
+        _, node = self._node(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise fuse_error(errno.EINVAL)
+        return node.target
+
+    # ------------------------------------------------------------------ directories
+    def opendir(self, ino: int) -> bool:
+        if ino == ROOT_INODE:
+            return False  # layers come and go: never cached
+        _, node = self._node(ino)
+        if node.entries is None:
+            raise fuse_error(errno.ENOTDIR)
+        return True
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr]]:
+        if ino == ROOT_INODE:  # (layers come and go in the trio thread meanwhile)
+            for lid, top in sorted(self.layers.copy().items())[start:]:
+                yield os.fsencode(lid), _attrs(top.seq << SEQ_SHIFT, top.tree.nodes[0], ROOT_TIMEOUT)
+            return
+        layer, node = self._node(ino)
+        assert layer is not None and node.entries is not None
+        names, entries, nodes, base = node.names, node.entries, layer.tree.nodes, layer.seq << SEQ_SHIFT
+        for i in range(start, len(names)):
+            idx = entries[names[i]]
+            child = nodes[idx]
+            self._maybe_store(layer, base | idx, child)  # READDIRPLUS makes the kernel know it, as a lookup does
+            yield names[i], _attrs(base | idx, child, LONG_TIMEOUT)
+
+    # ------------------------------------------------------------------ files
+    async def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
+        layer, node = self._node(ino)
+        if layer is None or not node.is_reg:
+            raise fuse_error(errno.EISDIR if node.is_dir else errno.EINVAL)
         if off >= node.size or size <= 0:
             return b""
         try:
@@ -253,30 +226,29 @@ class LazyFS(pyfuse3.Operations):
             log.warning("read of %s in lazy layer %s failed (EIO to the reader): %s", node.path, layer.id, e)
             raise fuse_error(errno.EIO) from None
 
-    async def release(self, fh: int) -> None:
-        return None
-
     # ------------------------------------------------------------------ xattrs, statfs
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        _, node = self._node(inode)
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        _, node = self._node(ino)
         value = (node.xattrs or {}).get(name)
         if value is None:
             raise fuse_error(errno.ENODATA)
         return value
 
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        _, node = self._node(inode)
+    def listxattr(self, ino: int) -> Sequence[bytes]:
+        _, node = self._node(ino)
         return list(node.xattrs or ())
 
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = sum(layer.tree.file_bytes for layer in self.layers.values()) // 4096
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = sum(len(layer.tree.nodes) for layer in self.layers.values()) + 1
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
+    def statfs(self) -> StatFs:
+        layers = list(self.layers.values())  # (layers come and go in the trio thread meanwhile)
+        return StatFs(blocks=sum(layer.tree.file_bytes for layer in layers) // 4096,
+                      files=sum(len(layer.tree.nodes) for layer in layers) + 1)
+
+
+def _invalidate_quietly(session: Session, name: bytes) -> None:
+    try:
+        session.invalidate_entry(ROOT_INODE, name)
+    except OSError as e:  # the kernel forgot the entry already, or the mount is gone
+        log.debug("invalidating %s: %s", name, e)
 
 
 #: the mount's kernel readahead (KiB): the kernel's default of 128 KiB splits a sequential read into 128 KiB FUSE
@@ -301,9 +273,3 @@ def set_read_ahead(mnt: Path, kb: int = READ_AHEAD_KB) -> int | None:
         log.warning("cannot set the readahead of the lazy mount %s (%s): sequential reads go through the process "
                     "in 128 KiB requests", mnt, e)
         return None
-
-
-def mount_options(fsname: str = "cvmfs-snap-lazy") -> set[str]:
-    """The mount's options: read-only, permissions checked by the kernel from the tree's modes, open to every
-    user (containers run as any uid)."""
-    return {*pyfuse3.default_options, f"fsname={fsname}", "subtype=cvmfs-snap", "ro", "allow_other"}

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.errors import (
@@ -53,7 +52,8 @@ from cvmfs_snap.labelnames import TOC_DIGEST
 from cvmfs_snap.lazyfs import control, controlserver
 from cvmfs_snap.lazyfs.cache import HOT_IDLE_SECONDS, ChunkCache
 from cvmfs_snap.lazyfs.control import CACHE, MNT, SOCKET, SPOOL, STATE, UNPACKED
-from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
+from cvmfs_snap.lazyfs.fs import LazyFS
+from cvmfs_snap.lazyfs.fuse import Session
 from cvmfs_snap.lazyfs.metrics import DEFAULT_METRICS
 from cvmfs_snap.lazyfs.reader import LayerReader
 from cvmfs_snap.lazyfs.resolve import MAX_NEIGHBOURS, ClientKey, ClientPool, LayerOpener, PreResolver
@@ -188,6 +188,7 @@ class LazyfsProcess:
             return {"layers": len(self.layers), "mount": str(self.opts.mnt), "resolved": self.resolver.ready,
                     "resolving": self.resolver.pending,
                     "clients": len(self.clients),
+                    "fuse_requests": self.fs.session.request_counts() if self.fs.session is not None else {},
                     "cache": {"chunk_bytes": st.bytes, "reserved_bytes": st.reserved,
                               "bound": self.cache.max_bytes}}
         if op == "list":
@@ -414,13 +415,12 @@ def _prepare(opts: Options) -> None:
 async def _serve(proc: LazyfsProcess) -> None:
     opts = proc.opts
     proc.fs.mnt = opts.mnt
-    pyfuse3.init(proc.fs, str(opts.mnt), mount_options())
-    proc.fs.mounted = True
+    session = proc.fs.session = Session(proc.fs, opts.mnt)
     try:
         async with trio.open_nursery() as n:
             proc.nursery = proc.fs.nursery = n
             n.start_soon(_signals, n.cancel_scope)
-            n.start_soon(_fuse_main, n.cancel_scope)
+            n.start_soon(_fuse_main, session, n.cancel_scope)
             n.start_soon(_trim_hot, proc.cache)
             n.start_soon(_expire_resolved, proc)
             await n.start(controlserver.serve, opts.root / SOCKET, proc.handle)
@@ -431,14 +431,16 @@ async def _serve(proc: LazyfsProcess) -> None:
         proc.close()
         with contextlib.suppress(OSError):
             (opts.root / SOCKET).unlink()
-        pyfuse3.close(unmount=True)
+        proc.fs.session = None
+        session.close()
+        log.debug("lazyfs: FUSE requests: %s", session.request_counts())
         log.info("lazyfs unmounted %s", opts.mnt)
 
 
-async def _fuse_main(scope: trio.CancelScope) -> None:
+async def _fuse_main(session: Session, scope: trio.CancelScope) -> None:
     """The FUSE loop; when it ends (someone unmounted ``mnt/``), so does the process: a process without its mount
     must not keep answering ``health``, so the snapshotter starts a new one."""
-    await pyfuse3.main()
+    await session.serve()
     if not scope.cancel_called:  # (SIGTERM cancels first)
         log.warning("lazyfs: the FUSE mount was unmounted from outside; exiting")
     scope.cancel()
@@ -474,8 +476,6 @@ async def _signals(scope: trio.CancelScope) -> None:
         async for sig in received:
             log.info("lazyfs: %s, unmounting", signal.Signals(sig).name)
             scope.cancel()
-            with contextlib.suppress(Exception):
-                pyfuse3.terminate()
             return
 
 

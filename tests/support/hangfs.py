@@ -11,38 +11,37 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio  # type: ignore[import-untyped]
 
+from cvmfs_snap.lazyfs.fuse import Session
 
-class HangFS(pyfuse3.Operations):
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        await trio.sleep_forever()
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        await trio.sleep_forever()
+class HangFS:
+    """Answers the kernel's INIT, then never anything: the first request blocks the loop for good (the kernel
+    queues the later ones), as a CVMFS client waiting on dead proxies does."""
 
-    async def opendir(self, inode: int, ctx: Any) -> Any:
-        await trio.sleep_forever()
+    def init(self) -> None:
+        return None
 
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> Any:
-        await trio.sleep_forever()
+    def __getattr__(self, name: str) -> Any:
+        def hang(*args: Any) -> Any:
+            threading.Event().wait()
+        return hang
 
 
 def main(mountpoint: str) -> None:
-    opts = set(pyfuse3.default_options)
-    opts.add("fsname=hangfs")
-    pyfuse3.init(HangFS(), mountpoint, opts)
+    session = Session(HangFS(), Path(mountpoint), "hangfs", "hangfs")  # type: ignore[arg-type]
     try:
-        trio.run(pyfuse3.main)
+        trio.run(session.serve)
     finally:
-        pyfuse3.close(unmount=False)
+        session.close(unmount_it=False)
 
 
 def _mounted(mountpoint: Path) -> bool:

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio  # type: ignore[import-untyped]
 
 from cvmfs_snap.estargz import EStargz, open_bytes
-from cvmfs_snap.lazyfs.fs import LazyFS, mount_options
+from cvmfs_snap.lazyfs.fs import LazyFS
+from cvmfs_snap.lazyfs.fuse import Session
 from cvmfs_snap.lazyfs.tree import build_tree
 
 
@@ -64,15 +64,15 @@ def mounted_lazyfs(mnt: Path) -> Iterator[MountedFS]:
 
     async def main() -> None:
         box["token"] = trio.lowlevel.current_trio_token()
-        pyfuse3.init(fs, str(mnt), mount_options("cvmfs-snap-test"))
-        fs.mounted = True
+        session = fs.session = Session(fs, mnt, "cvmfs-snap-test")
         try:
             async with trio.open_nursery() as n:
-                fs.nursery = n
+                fs.nursery = box["nursery"] = n
                 ready.set()
-                await pyfuse3.main()
+                await session.serve()
         finally:
-            pyfuse3.close(unmount=True)
+            fs.session = None
+            session.close()
 
     def run() -> None:
         try:
@@ -89,7 +89,7 @@ def mounted_lazyfs(mnt: Path) -> Iterator[MountedFS]:
     try:
         yield MountedFS(fs, mnt, box["token"])
     finally:
-        trio.from_thread.run_sync(pyfuse3.terminate, trio_token=box["token"])
+        trio.from_thread.run_sync(box["nursery"].cancel_scope.cancel, trio_token=box["token"])
         t.join(20)
         if t.is_alive():
             subprocess.run(["umount", "-l", str(mnt)], check=False)
