@@ -50,6 +50,10 @@ class LayerFiles(Protocol):
 
     async def read(self, path: str, offset: int, size: int) -> bytes | memoryview: ...
 
+    def read_ready(self, path: str, offset: int, size: int) -> bytes | memoryview | None:
+        """The same bytes if they are in memory already (no I/O, no waiting, any thread), else None."""
+        ...
+
 
 @dataclass(slots=True)
 class MountedLayer:
@@ -213,6 +217,14 @@ class LazyFS:
             yield names[i], _attrs(base | idx, child, LONG_TIMEOUT)
 
     # ------------------------------------------------------------------ files
+    def read_now(self, ino: int, off: int, size: int) -> bytes | memoryview | None:
+        layer, node = self._node(ino)
+        if layer is None or not node.is_reg:
+            return None  # (read() answers the error)
+        if off >= node.size or size <= 0:
+            return b""
+        return layer.files.read_ready(node.path, off, min(size, node.size - off))
+
     async def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
         layer, node = self._node(ino)
         if layer is None or not node.is_reg:

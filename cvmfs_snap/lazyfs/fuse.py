@@ -1,8 +1,9 @@
-"""The FUSE kernel protocol, spoken on ``/dev/fuse`` by the lazy mount's trio loop (docs/lazy.md, "The FUSE mount").
+"""The FUSE kernel protocol, spoken on ``/dev/fuse`` for the lazy mount (docs/lazy.md, "Reads and the kernel's caches").
 
-One read-only mount: a thread reads the requests and answers the metadata ones from memory; each ``READ`` runs as
-a task of the trio loop (its bytes may have to come from the registry). The INIT answer is what pyfuse3 on libfuse 3.14
-cannot give and what the lazy mount needs (bench/README.md, "Our own FUSE loop"):
+One read-only mount: a thread reads the requests and answers the metadata ones, and the READs whose bytes are in
+memory already; any other READ runs as a task of the trio loop (its bytes may have to come from the registry). The
+INIT answer is what pyfuse3 on libfuse 3.14 cannot give and what the lazy mount needs (bench/README.md, "Our own
+FUSE loop"):
 
 - **no-open mode**: ``OPEN`` and ``FLUSH`` are answered ENOSYS once, after which the kernel opens and closes files
   without asking (a warm ``open`` + ``read`` + ``close`` of a small file makes no request at all); reads carry the
@@ -149,6 +150,9 @@ class Operations(Protocol):
     def readdir(self, ino: int, start: int) -> Iterable[tuple[bytes, Attr]]:
         """Entries from index ``start`` on (no ``.``/``..``)."""
         ...
+    def read_now(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
+        """The answer to a READ if it is at hand (called in the FUSE thread: no I/O, no waiting), else None."""
+        ...
     def read(self, ino: int, offset: int, size: int) -> Awaitable[bytes | memoryview]: ...
     def getxattr(self, ino: int, name: bytes) -> bytes: ...
     def listxattr(self, ino: int) -> Sequence[bytes]: ...
@@ -283,7 +287,7 @@ class Session:
     def _loop(self) -> None:
         token, nursery = self._token, self._nursery
         assert token is not None and nursery is not None
-        fd, buf = self.fd, bytearray(BUFFER_SIZE)
+        fd, buf, read_now = self.fd, bytearray(BUFFER_SIZE), self.ops.read_now
         view, counts = memoryview(buf), self.counts
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -305,6 +309,13 @@ class Session:
             counts[op] += 1
             if op == READ:
                 _, offset, size = _READ_IN.unpack_from(buf, 40)
+                try:
+                    data = read_now(nodeid, offset, size)
+                except Exception:  # (read() answers the error)
+                    data = None
+                if data is not None:
+                    self._reply(unique, data)
+                    continue
                 try:
                     token.run_sync_soon(nursery.start_soon, self._read, unique, nodeid, offset, size)
                 except trio.RunFinishedError:

@@ -127,6 +127,21 @@ def _batches(refs: Iterable[ChunkRef], limit: int = BATCH_BYTES) -> list[list[Ch
     return out
 
 
+
+def _assemble(refs: list[ChunkRef], got: dict[str, bytes], offset: int, size: int) -> bytes | memoryview:
+    """Bytes ``[offset, offset+size)`` of a file from its chunks ``refs`` (their bytes in ``got``): a view of the
+    one chunk (no copy) or the pieces joined."""
+    end = offset + size
+    parts: list[memoryview] = []
+    for r in refs:
+        data = got[_key(r)]
+        lo = max(offset - r.file_offset, 0)
+        hi = min(end - r.file_offset, r.size)
+        if len(refs) == 1:
+            return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+        parts.append(memoryview(data)[lo:hi])
+    return b"".join(parts)
+
 class LayerReader:
     """Verified reads of one layer (see module docstring)."""
 
@@ -138,6 +153,8 @@ class LayerReader:
         self.stargz = stargz
         self.digest = digest
         self._layer_key = cache_key(digest)
+        #: the trio run reads happen in (read_ready starts readahead there), known from the first read on
+        self._token: trio.lowlevel.TrioToken | None = None
         self.metrics = metrics or DEFAULT_METRICS
         self.activity = activity or ReadActivity()
         self._closed = False
@@ -181,34 +198,56 @@ class LayerReader:
         one chunk is a view of the chunk's bytes (no copy; FUSE and ``os.pwrite`` take any buffer)."""
         if offset < 0 or size < 0:
             raise InvalidInputError(f"invalid read of {size} bytes at {offset} in {path!r}")
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
         refs = self._chunks(path, offset, size)
         if not refs:
             return b""
         self._readahead(refs)
-        end = offset + size
         if len(refs) == 1:  # most reads: a chunk verified recently, no task, no wait
-            r = refs[0]
-            k = _key(r)
-            data = self.cache.get_hot(k, self._layer_key)
-            if data is None:
-                data = self.writes.get(k)
+            data = self._from_memory(refs, offset, size)
             if data is not None:
-                lo, hi = max(offset - r.file_offset, 0), min(end - r.file_offset, r.size)
-                return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+                return data
         self.activity.begin()
         try:
             got = await self._load(refs)
         finally:
             self.activity.end()
-        parts: list[memoryview] = []
+        return _assemble(refs, got, offset, size)
+
+    def read_ready(self, path: str, offset: int, size: int) -> bytes | memoryview | None:
+        """What :meth:`read` would answer when every chunk it needs is in memory already (verified), else None:
+        no I/O, no waiting, callable from any thread (the FUSE thread answers such reads itself, without a trip
+        through the trio loop); the readahead the read continues is started in the trio loop all the same."""
+        token = self._token
+        if token is None or self._closed or offset < 0 or size < 0:
+            return None
+        try:
+            refs = self._chunks(path, offset, size)
+        except Exception:  # not a file (read() says so), or the memo changed under us: the slow path decides
+            return None
+        if not refs:
+            return b""
+        data = self._from_memory(refs, offset, size)
+        if data is not None and self.readahead_bytes:
+            try:
+                token.run_sync_soon(self._readahead, refs)
+            except trio.RunFinishedError:
+                return None
+        return data
+
+    def _from_memory(self, refs: list[ChunkRef], offset: int, size: int) -> bytes | memoryview | None:
+        """The bytes of a read from chunks in the memory tier or on their way to the disk, or None."""
+        got: dict[str, bytes] = {}
         for r in refs:
-            data = got[_key(r)]
-            lo = max(offset - r.file_offset, 0)
-            hi = min(end - r.file_offset, r.size)
-            if len(refs) == 1:
-                return data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
-            parts.append(memoryview(data)[lo:hi])
-        return b"".join(parts)
+            k = _key(r)
+            data = self.cache.get_hot(k, self._layer_key)
+            if data is None:
+                data = self.writes.get(k)
+            if data is None:
+                return None
+            got[k] = data
+        return _assemble(refs, got, offset, size)
 
     def _chunks(self, path: str, offset: int, size: int) -> list[ChunkRef]:
         """``EStargz.chunks_for(path, offset, size)``, from the chunk lists of the files read last."""
