@@ -103,7 +103,8 @@ class LazyFS:
         self._next_seq += 1
         self.layers[layer_id] = layer
         self._by_seq[layer.seq] = layer
-        return layer  # unknown names at the root are never cached: nothing to invalidate
+        self._invalidate_listing()  # unknown names at the root are never cached: only the listing to invalidate
+        return layer
 
     def remove_layer(self, layer_id: str) -> MountedLayer | None:
         layer = self.layers.pop(layer_id, None)
@@ -119,6 +120,13 @@ class LazyFS:
         # from a worker thread: the kernel takes the root directory's lock, which a request the loop has yet to
         # answer may hold
         self.nursery.start_soon(trio.to_thread.run_sync, _invalidate_quietly, session, os.fsencode(layer_id))
+        self._invalidate_listing()
+
+    def _invalidate_listing(self) -> None:
+        """The kernel caches directory listings (no-opendir mode): the root's changes with each attach/detach."""
+        session = self.session
+        if session is not None and self.nursery is not None:
+            self.nursery.start_soon(trio.to_thread.run_sync, _invalidate_root_quietly, session)
 
     def _node(self, ino: int) -> tuple[MountedLayer | None, Node]:
         if ino == ROOT_INODE:
@@ -194,14 +202,6 @@ class LazyFS:
         return node.target
 
     # ------------------------------------------------------------------ directories
-    def opendir(self, ino: int) -> bool:
-        if ino == ROOT_INODE:
-            return False  # layers come and go: never cached
-        _, node = self._node(ino)
-        if node.entries is None:
-            raise fuse_error(errno.ENOTDIR)
-        return True
-
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr]]:
         if ino == ROOT_INODE:  # (layers come and go in the trio thread meanwhile)
             for lid, top in sorted(self.layers.copy().items())[start:]:
@@ -254,6 +254,13 @@ class LazyFS:
         layers = list(self.layers.values())  # (layers come and go in the trio thread meanwhile)
         return StatFs(blocks=sum(layer.tree.file_bytes for layer in layers) // 4096,
                       files=sum(len(layer.tree.nodes) for layer in layers) + 1)
+
+
+def _invalidate_root_quietly(session: Session) -> None:
+    try:
+        session.invalidate_inode(ROOT_INODE)
+    except OSError as e:  # the mount is gone
+        log.debug("invalidating the mount root's listing: %s", e)
 
 
 def _invalidate_quietly(session: Session, name: bytes) -> None:

@@ -8,8 +8,10 @@ FUSE loop"):
 - **no-open mode**: ``OPEN`` and ``FLUSH`` are answered ENOSYS once, after which the kernel opens and closes files
   without asking (a warm ``open`` + ``read`` + ``close`` of a small file makes no request at all); reads carry the
   inode number in their header, so nothing needs a file handle, and the page cache is kept across opens;
-- directories are opened with ``cache_dir`` (warm ``readdir`` from the page cache) and listed with READDIRPLUS (a
-  cold ``find`` instantiates the entries it lists: no LOOKUP per file afterwards); symlinks are cached;
+- **no-opendir mode** likewise for directories (``OPENDIR`` answered ENOSYS): the kernel then caches listings (a
+  warm ``readdir`` makes no request; the mount root's listing, which changes, is invalidated at each attach and
+  detach), and lists with READDIRPLUS (a cold ``find`` instantiates the entries it lists: no LOOKUP per file
+  afterwards); symlinks are cached;
 - 1 MiB requests (``max_pages``), readahead asked for up to :data:`MAX_READAHEAD`.
 
 Only what a read-only tree needs is implemented; every other request gets ENOSYS, which the kernel remembers where
@@ -40,9 +42,10 @@ from cvmfs_snap.errors import UnavailableError
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-#: the protocol minor we speak (7.36: ``flags2``); older kernels (< 7.28, Linux < 4.20) are refused at INIT
+#: the protocol minor we speak (7.36: ``flags2``); older kernels (< 7.29, Linux < 5.1: no no-opendir mode) are
+#: refused at INIT
 PROTO_MINOR = 36
-MIN_KERNEL_MINOR = 28
+MIN_KERNEL_MINOR = 29
 #: largest READ the kernel sends (max_pages x 4 KiB), and the readahead the INIT answer allows
 MAX_PAGES = 256
 MAX_READAHEAD = 4 << 20
@@ -72,13 +75,10 @@ CACHE_SYMLINKS = 1 << 23
 EXPLICIT_INVAL_DATA = 1 << 25
 INIT_EXT = 1 << 30
 NO_OPEN_SUPPORT = 1 << 17
+NO_OPENDIR_SUPPORT = 1 << 24
 WANTED = ASYNC_READ | DO_READDIRPLUS | PARALLEL_DIROPS | INIT_MAX_PAGES | CACHE_SYMLINKS | EXPLICIT_INVAL_DATA
 
-# open flags of an OPENDIR answer
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_CACHE_DIR = 1 << 3
-
-NOTIFY_INVAL_ENTRY, NOTIFY_STORE = 3, 4
+NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY, NOTIFY_STORE = 2, 3, 4
 
 _IN = struct.Struct("<IIQQIIIHH")  # fuse_in_header: 40 bytes
 _OUT = struct.Struct("<IiQ")  # fuse_out_header: 16 bytes
@@ -91,10 +91,10 @@ _GETXATTR_IN = struct.Struct("<II")
 _U32PAIR = struct.Struct("<II")
 _INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags (flags2 follows where INIT_EXT)
 _INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # fuse_init_out: 64 bytes
-_OPEN_OUT = struct.Struct("<QIi")
 _STATFS = struct.Struct("<QQQQQIIII24x")  # fuse_kstatfs: 80 bytes
 _STORE = struct.Struct("<QQII")  # fuse_notify_store_out
 _INVAL_ENTRY = struct.Struct("<QII")  # fuse_notify_inval_entry_out
+_INVAL_INODE = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV = 1, 2, 4
 _MNT_DETACH = 2
@@ -144,9 +144,6 @@ class Operations(Protocol):
     def lookup(self, parent: int, name: bytes) -> Attr: ...
     def getattr(self, ino: int) -> Attr: ...
     def readlink(self, ino: int) -> bytes: ...
-    def opendir(self, ino: int) -> bool:
-        """Check ``ino`` is a directory; True if its listing never changes (the kernel may cache it)."""
-        ...
     def readdir(self, ino: int, start: int) -> Iterable[tuple[bytes, Attr]]:
         """Entries from index ``start`` on (no ``.``/``..``)."""
         ...
@@ -257,6 +254,16 @@ class Session:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
                 raise
 
+    def invalidate_inode(self, ino: int) -> None:
+        """Drop the kernel's attributes and cached pages of ``ino`` (a directory: its cached listing); from a
+        worker thread, as :meth:`invalidate_entry`."""
+        body = _INVAL_INODE.pack(ino, 0, -1)
+        try:
+            os.writev(self.fd, [_OUT.pack(16 + len(body), NOTIFY_INVAL_INODE, 0), body])
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                raise
+
     # ------------------------------------------------------------------ the loop
     async def serve(self) -> None:
         """Answer requests until the mount goes away (unmounted from outside: returns) or the task is cancelled.
@@ -358,11 +365,12 @@ class Session:
     def _init(self, _: int, body: memoryview) -> bytes | int:
         major, minor, _ra, flags = _INIT_IN.unpack_from(body)
         if major != 7 or minor < MIN_KERNEL_MINOR:
-            log.error("lazyfs: the kernel speaks FUSE %d.%d; this needs 7.%d or later (Linux 4.20+)", major, minor,
+            log.error("lazyfs: the kernel speaks FUSE %d.%d; this needs 7.%d or later (Linux 5.1+)", major, minor,
                       MIN_KERNEL_MINOR)
             return errno.EPROTO
-        if not flags & NO_OPEN_SUPPORT:
-            log.error("lazyfs: the kernel's FUSE has no no-open support (FUSE_NO_OPEN_SUPPORT)")
+        if flags & (NO_OPEN_SUPPORT | NO_OPENDIR_SUPPORT) != NO_OPEN_SUPPORT | NO_OPENDIR_SUPPORT:
+            log.error("lazyfs: the kernel's FUSE cannot open files and directories without asking the process "
+                      "(FUSE_NO_OPEN_SUPPORT, FUSE_NO_OPENDIR_SUPPORT: Linux 5.1+)")
             return errno.EPROTO
         self.kernel_flags = flags
         return _INIT_OUT.pack(7, min(minor, PROTO_MINOR), MAX_READAHEAD, flags & WANTED, MAX_BACKGROUND,
@@ -383,8 +391,7 @@ class Session:
         return errno.ENOSYS  # no-open mode (see the module docstring)
 
     def _opendir(self, ino: int, _: memoryview) -> bytes | int:
-        fixed = self.ops.opendir(ino)
-        return _OPEN_OUT.pack(ino, FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR if fixed else 0, 0)
+        return errno.ENOSYS  # no-opendir mode: listings are cached, directories opened without a request
 
     def _listing(self, ino: int, body: memoryview, plus: bool) -> bytes:
         _, start, size = _READ_IN.unpack_from(body)
