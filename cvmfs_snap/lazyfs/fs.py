@@ -114,19 +114,17 @@ class LazyFS:
         return layer
 
     def _invalidate(self, layer_id: str) -> None:
+        # here and now: the kernel may wait for the root directory's lock, which a request may hold, but the
+        # requests are answered by the FUSE thread, not this one
         session = self.session
-        if session is None or self.nursery is None:
-            return  # not mounted: the kernel has no entry; else the entry expires after ROOT_TIMEOUT anyway
-        # from a worker thread: the kernel takes the root directory's lock, which a request the loop has yet to
-        # answer may hold
-        self.nursery.start_soon(trio.to_thread.run_sync, _invalidate_quietly, session, os.fsencode(layer_id))
+        if session is not None:
+            _invalidate_quietly(session, os.fsencode(layer_id))
         self._invalidate_listing()
 
     def _invalidate_listing(self) -> None:
         """The kernel caches directory listings (no-opendir mode): the root's changes with each attach/detach."""
-        session = self.session
-        if session is not None and self.nursery is not None:
-            self.nursery.start_soon(trio.to_thread.run_sync, _invalidate_root_quietly, session)
+        if self.session is not None:
+            _invalidate_root_quietly(self.session)
 
     def _node(self, ino: int) -> tuple[MountedLayer | None, Node]:
         if ino == ROOT_INODE:
