@@ -239,14 +239,15 @@ class Session:
                 log.warning("lazyfs: answering the kernel failed: %s", e)
 
     def notify_store(self, ino: int, offset: int, data: bytes | memoryview) -> None:
-        """Put ``data`` into ``ino``'s page cache at ``offset`` (blocks on the inode's page locks: call it from a
-        worker thread)."""
+        """Put ``data`` into ``ino``'s page cache at ``offset``. It may wait for the inode's page locks, which a
+        READ waiting for the trio loop holds: call it from a worker thread, never from the loop or the FUSE
+        thread."""
         body = _STORE.pack(ino, offset, len(data), 0)
         os.writev(self.fd, [_OUT.pack(16 + len(body) + len(data), NOTIFY_STORE, 0), body, data])
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
-        """Drop the kernel's entry ``name`` of directory ``parent`` (takes the directory's lock: call it from a
-        worker thread, never from the loop)."""
+        """Drop the kernel's entry ``name`` of directory ``parent``. It may wait for the directory's lock, which a
+        request the FUSE thread has yet to answer may hold: never call it from the FUSE thread."""
         body = _INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"
         try:
             os.writev(self.fd, [_OUT.pack(16 + len(body), NOTIFY_INVAL_ENTRY, 0), body])
@@ -255,8 +256,8 @@ class Session:
                 raise
 
     def invalidate_inode(self, ino: int) -> None:
-        """Drop the kernel's attributes and cached pages of ``ino`` (a directory: its cached listing); from a
-        worker thread, as :meth:`invalidate_entry`."""
+        """Drop the kernel's attributes and cached pages of ``ino`` (a directory: its cached listing); never from
+        the FUSE thread, as :meth:`invalidate_entry`."""
         body = _INVAL_INODE.pack(ino, 0, -1)
         try:
             os.writev(self.fd, [_OUT.pack(16 + len(body), NOTIFY_INVAL_INODE, 0), body])
@@ -268,9 +269,9 @@ class Session:
     async def serve(self) -> None:
         """Answer requests until the mount goes away (unmounted from outside: returns) or the task is cancelled.
 
-        The requests are read and the metadata ones answered by a thread of their own, which blocks in the kernel
-        while there is nothing to do (one system call per request each way); READs are handed to this trio loop,
-        a task each."""
+        The requests are read by a thread of their own, which answers the metadata ones and the READs whose bytes
+        are in memory (``Operations.read_now``) and waits in the kernel while there is nothing to do; the other
+        READs are handed to this trio loop, a task each."""
         async with trio.open_nursery() as nursery:
             self._nursery, self._token = nursery, trio.lowlevel.current_trio_token()
             nursery.start_soon(self._stop_on_cancel)
