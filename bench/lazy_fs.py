@@ -282,20 +282,25 @@ def main() -> int:
                 time.sleep(0.5)
             print(f"background fetch and unpacked copies of the {len(paths)} layers done after "
                   f"{time.monotonic() - t0:.1f} s more (the timed runs below do not compete with them)")
-            rows = []
-            for label, tree in (("lazy", lz), ("native", nt)):
-                colds, warms = [], []
-                for _ in range(args.runs):
+            # lazy and native alternate, so that a change of load weighs on both; each warm run follows its cold one
+            runs: dict[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]] = {"lazy": ([], []),
+                                                                                           "native": ([], [])}
+            for _ in range(args.runs):
+                for label, tree in (("lazy", lz), ("native", nt)):
                     if not args.no_drop_caches:
                         drop_caches()
                     r0 = requests(sock)
-                    colds.append(workload(tree, proc.pid))
+                    runs[label][0].append(workload(tree, proc.pid))
                     r1 = requests(sock)
-                    warms.append(workload(tree, proc.pid))
+                    runs[label][1].append(workload(tree, proc.pid))
                     r2 = requests(sock)
-                rows.append((label, min(colds), min(warms)))
-                if label == "lazy":
-                    print(f"FUSE requests of the last cold run: {diff(r0, r1)}; of the last warm run: {diff(r1, r2)}")
+                    if label == "lazy":
+                        cold_req, warm_req = diff(r0, r1), diff(r1, r2)
+            print(f"FUSE requests of the last cold run: {cold_req}; of the last warm run: {warm_req}")
+            for label, (c, w) in runs.items():
+                print(f"  {label}: cold {', '.join(f'{t:.2f}' for t, _ in c)} s; "
+                      f"warm {', '.join(f'{t:.2f}' for t, _ in w)} s")
+            rows = [(label, min(c), min(w)) for label, (c, w) in runs.items()]
             (_, (lc, lcc), (lwm, lwc)), (_, (nc, _), (nwm, _)) = rows
             print(f"find + read of {args.files} small files: cold lazy {lc:.2f} s vs native {nc:.2f} s = "
                   f"{lc / nc:.2f}x; warm lazy {lwm:.2f} s vs native {nwm:.2f} s = {lwm / nwm:.2f}x"
