@@ -218,7 +218,8 @@ class LayerReader:
     def read_ready(self, path: str, offset: int, size: int) -> bytes | memoryview | None:
         """What :meth:`read` would answer when every chunk it needs is in memory already (verified), else None:
         no I/O, no waiting, callable from any thread (the FUSE thread answers such reads itself, without a trip
-        through the trio loop); the readahead the read continues is started in the trio loop all the same."""
+        through the trio loop); the readahead the read continues is started in the trio loop when it has chunks to
+        fetch."""
         token = self._token
         if token is None or self._closed or offset < 0 or size < 0:
             return None
@@ -229,11 +230,13 @@ class LayerReader:
         if not refs:
             return b""
         data = self._from_memory(refs, offset, size)
-        if data is not None and self.readahead_bytes:
-            try:
-                token.run_sync_soon(self._readahead, refs)
-            except trio.RunFinishedError:
-                return None
+        if data is not None:
+            todo = self._readahead_plan(refs)
+            if todo:
+                try:
+                    token.run_sync_soon(self._start_readahead, todo)
+                except trio.RunFinishedError:
+                    return None
         return data
 
     def _from_memory(self, refs: list[ChunkRef], offset: int, size: int) -> bytes | memoryview | None:
@@ -332,8 +335,16 @@ class LayerReader:
     # ------------------------------------------------------------------ readahead
     def _readahead(self, refs: list[ChunkRef]) -> None:
         """Start fetching ahead when this read continues the previous one in blob order (see module docstring)."""
+        todo = self._readahead_plan(refs)
+        if todo:
+            self._start_readahead(todo)
+
+    def _readahead_plan(self, refs: list[ChunkRef]) -> list[ChunkRef]:
+        """What to fetch ahead after the read of ``refs``, the read sequence's state updated; no task started (the
+        FUSE thread calls this for the reads it answers, and the trio loop starts the readahead only when there
+        is something to fetch: most reads in order find it under way already)."""
         if not self.readahead_bytes or self._closed:
-            return
+            return []
         first = bisect.bisect_left(self._offsets, refs[0].blob_offset)
         last = bisect.bisect_right(self._offsets, refs[-1].blob_offset) - 1
         prev_pos, prev_name = self._last_pos, self._last_name
@@ -342,7 +353,7 @@ class LayerReader:
             self._ra_window = 0
             self._ra_cross = False
             self._ra_until = last
-            return
+            return []
         if refs[0].entry.name != prev_name and refs[0].file_offset == 0:
             self._ra_cross = True  # went on to the file stored next: reading the layer in order
         grow = self._ra_window * 2 if self._ra_window else self.readahead_bytes // 8
@@ -357,7 +368,7 @@ class LayerReader:
         hot_cap = self._ucum[start] + self.cache.memory_bytes // 2  # ahead from the disk cache: half the memory tier
         i = i0 = max(start, self._ra_until + 1)
         if i0 > start and self._cum[i0] - self._cum[start] >= self._ra_window // 2:
-            return  # more than half the window is still on its way: top it up later, in one larger request
+            return []  # more than half the window is still on its way: top it up later, in one larger request
         keys = [_entry_key(self._seq[j]) for j in range(i0, stop)]
         for k, state in zip(keys, self.cache.states(keys), strict=True):
             if state < 2 and k not in self._pending:
@@ -366,11 +377,15 @@ class LayerReader:
                 todo.append(_ref(self._seq[i]))
             i += 1
         self._ra_until = max(self._ra_until, i - 1)
-        if todo:
-            scope = trio.CancelScope()
-            self._ra_scopes.add(scope)
-            self._task_started()  # counted from now on, before the task first runs (see settle)
-            trio.lowlevel.spawn_system_task(self._readahead_task, todo, scope)
+        return todo
+
+    def _start_readahead(self, todo: list[ChunkRef]) -> None:
+        if self._closed:
+            return
+        scope = trio.CancelScope()
+        self._ra_scopes.add(scope)
+        self._task_started()  # counted from now on, before the task first runs (see settle)
+        trio.lowlevel.spawn_system_task(self._readahead_task, todo, scope)
 
     def _task_started(self) -> None:
         if self._tasks == 0:
