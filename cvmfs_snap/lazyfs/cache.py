@@ -55,7 +55,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_snap.digests import SHA256_HEX
@@ -73,36 +73,6 @@ DEFAULT_MEMORY_BYTES = 16 * 1024 * 1024
 HOT_IDLE_SECONDS = 10.0
 #: a written chunk's pages are dropped again this long after the write (its writeback is done by then)
 SETTLE_SECONDS = 1.0
-
-
-@dataclass(slots=True)
-class _Pack:
-    path: Path
-    size: int  # bytes of the file (all of them count in the bound)
-    #: its chunks' keys as stored (a key released or stored again elsewhere since is not the pack's any more:
-    #: :meth:`ChunkCache._live`); ``live`` counts those still its own
-    keys: list[str] = field(default_factory=list)
-    live: int = 0
-    used: bool = False  # one of its chunks was used since eviction last looked at it (its second chance)
-
-
-#: the index's value of a chunk in a pack: ``-1 - (pack << 56 | offset << 24 | length)`` (a chunk file's value is
-#: its size, >= 0): one int per chunk, whatever the number of chunks cached
-_OFF_BITS, _LEN_BITS = 32, 24
-
-
-def _packed(num: int, off: int, n: int) -> int:
-    return -1 - (num << (_OFF_BITS + _LEN_BITS) | off << _LEN_BITS | n)
-
-
-def _slot(v: int) -> tuple[int, int, int]:
-    """(pack, offset, length) of a packed chunk's index value."""
-    c = -1 - v
-    return c >> (_OFF_BITS + _LEN_BITS), (c >> _LEN_BITS) & ((1 << _OFF_BITS) - 1), c & ((1 << _LEN_BITS) - 1)
-
-
-def _size(v: int) -> int:
-    return v if v >= 0 else (-1 - v) & ((1 << _LEN_BITS) - 1)
 
 
 def cache_key(digest: str) -> str:
@@ -138,12 +108,12 @@ class ChunkCache:
         #: (time written, path) of chunks whose pages may still be dirty: dropped again once clean
         self._settling: deque[tuple[float, Path]] = deque()
         self._lock = threading.Lock()
-        #: key -> size (a chunk file) or place in a pack (< 0, :func:`_slot`), least recently used first
+        #: key -> size (a chunk file) or place in a pack (< 0, :func:`cachefiles.slot_of`), least recently used first
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._refs = LayerRefs(self.directory / "layers")
         self._bytes = 0
-        #: the packs by number (their chunks' values in ``_lru`` say which pack, where: :func:`_slot`)
-        self._packs: dict[int, _Pack] = {}
+        #: the packs by number (their chunks' values in ``_lru`` say which pack, where: :func:`cachefiles.slot_of`)
+        self._packs: dict[int, cachefiles.Pack] = {}
         self._pack_seq = 0
         #: name -> bytes of the files counted in the bound that are not chunks (spool files, unpacked copies)
         self._reserved: dict[str, int] = {}
@@ -188,7 +158,7 @@ class ChunkCache:
             pack = self._packs[-size]
             for k, off, n in slots[-size]:
                 if k not in self._lru:  # else stored twice (a crash between two writes): the first one stays
-                    self._lru[k] = _packed(-size, off, n)
+                    self._lru[k] = cachefiles.packed_value(-size, off, n)
                     pack.keys.append(k)
                     pack.live += 1
             if pack.live:
@@ -212,11 +182,11 @@ class ChunkCache:
             return None
         size, found = index
         live = [(k, off, n) for k, off, n in found if k in self._refs]
-        if not live or any(off >> _OFF_BITS or n >> _LEN_BITS for _, off, n in live):
+        if not live or any(off >> cachefiles.OFF_BITS or n >> cachefiles.LEN_BITS for _, off, n in live):
             os.unlink(path)  # nothing referenced, or not written by this code (no such offsets or lengths)
             return None
         self._pack_seq += 1
-        self._packs[self._pack_seq] = _Pack(Path(path), size)
+        self._packs[self._pack_seq] = cachefiles.Pack(Path(path), size)
         slots[self._pack_seq] = live
         return self._pack_seq
 
@@ -296,7 +266,7 @@ class ChunkCache:
                 if v >= 0:
                     loose.append(k)
                 else:
-                    num, off, n = _slot(v)
+                    num, off, n = cachefiles.slot_of(v)
                     by_pack.setdefault(num, (self._packs[num].path, []))[1].append((k, off, n))
             settled = self._take_settled_locked(time.monotonic() - SETTLE_SECONDS) if self._settling else []
         cachefiles.drop_pages(settled)
@@ -365,9 +335,9 @@ class ChunkCache:
                 return
             os.replace(tmp, path)
             self._pack_seq += 1
-            self._packs[self._pack_seq] = _Pack(path, size, [k for k, _, _ in live], len(live))
+            self._packs[self._pack_seq] = cachefiles.Pack(path, size, [k for k, _, _ in live], len(live))
             for k, off, n in live:
-                self._lru[k] = _packed(self._pack_seq, off, n)
+                self._lru[k] = cachefiles.packed_value(self._pack_seq, off, n)
             self._bytes += size
             self._evict_locked()
             self.metrics.cache_bytes.set(self._bytes)
@@ -425,7 +395,7 @@ class ChunkCache:
         keep = cache_key(keep_layer) if keep_layer is not None else None
         with self._lock:
             others = self._reserved_bytes - self._reserved.get(name, 0)
-            kept = sum(_size(v) for k, v in self._lru.items() if self._refs.has(k, keep)) if keep else 0
+            kept = sum(cachefiles.value_size(v) for k, v in self._lru.items() if self._refs.has(k, keep)) if keep else 0
             if not force and others + nbytes + kept > self.max_bytes:
                 return False
             self._reserved_bytes = others + nbytes
@@ -470,7 +440,7 @@ class ChunkCache:
         with self._lock:
             freed = 0
             for key in self._refs.release(lay):
-                freed += _size(self._lru.get(key, 0))
+                freed += cachefiles.value_size(self._lru.get(key, 0))
                 self._forget_locked(key)
             self._refs.forget_layer(lay)
             self.metrics.cache_bytes.set(self._bytes)
@@ -491,7 +461,7 @@ class ChunkCache:
     # ------------------------------------------------------------------ internals
     def _pack_of(self, key: str) -> int | None:
         v = self._lru.get(key)
-        return _slot(v)[0] if v is not None and v < 0 else None
+        return cachefiles.slot_of(v)[0] if v is not None and v < 0 else None
 
     def _live(self, num: int) -> list[str]:
         """The keys of pack ``num`` that are still its own."""

@@ -32,6 +32,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,41 @@ def encode(items: Sequence[tuple[str, bytes]]) -> tuple[list[bytes], list[Slot]]
     pieces.append(index)
     pieces.append(_TRAILER.pack(MAGIC, len(slots), zlib.crc32(index)))
     return pieces, slots
+
+
+# ---------------------------------------------------------------------- the cache's index of packs
+@dataclass(slots=True)
+class Pack:
+    """A pack file as the cache's index knows it."""
+
+    path: Path
+    size: int  # bytes of the file (all of them count in the bound)
+    #: its chunks' keys as stored (a key released or stored again elsewhere since is not the pack's any more:
+    #: ``ChunkCache._live``); ``live`` counts those still its own
+    keys: list[str] = field(default_factory=list)
+    live: int = 0
+    used: bool = False  # one of its chunks was used since eviction last looked at it (its second chance)
+
+
+#: the index's value of a chunk in a pack: ``-1 - (pack << 56 | offset << 24 | length)`` (a chunk file's value is
+#: its size, >= 0): one int per chunk, whatever the number of chunks cached
+OFF_BITS, LEN_BITS = 32, 24
+
+
+def packed_value(num: int, off: int, n: int) -> int:
+    """The index value of chunk ``(off, n)`` of pack ``num``."""
+    return -1 - (num << (OFF_BITS + LEN_BITS) | off << LEN_BITS | n)
+
+
+def slot_of(v: int) -> tuple[int, int, int]:
+    """(pack, offset, length) of a packed chunk's index value."""
+    c = -1 - v
+    return c >> (OFF_BITS + LEN_BITS), (c >> LEN_BITS) & ((1 << OFF_BITS) - 1), c & ((1 << LEN_BITS) - 1)
+
+
+def value_size(v: int) -> int:
+    """The bytes of a chunk, from its index value (a chunk file's or a packed one's)."""
+    return v if v >= 0 else (-1 - v) & ((1 << LEN_BITS) - 1)
 
 
 def write_new(path: Path, pieces: Sequence[bytes], *, sync: bool) -> None:
