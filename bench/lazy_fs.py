@@ -13,6 +13,8 @@ Layers are generated here (nothing is downloaded), converted with our eStargz wr
 - **file-heavy workload**: ``find`` + read of 20,000 small files, through an overlayfs mount of the lazy layer and
   of a native copy; "cold" = kernel caches dropped (``drop_caches``; the lazy layer's chunks are in its local cache,
   as on a node that started the container before), "warm" = run again right after;
+- warm ``open`` + ``read`` + ``close`` of each of those files in this process (the file systems' own cost, without
+  ``find`` and ``cat``'s ``exec``s);
 - the same workload on the node-local **unpacked copy** the process makes once the background fetch has the whole
   layer (what new containers get on a long-lived node);
 - **RSS of the lazyfs process** with 20 lazy layers attached (each ~1000 files), besides the two above (RSS and
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cvmfs_snap.estargz import BuildOptions, build  # noqa: E402
-from cvmfs_snap.fsutil import remove_tree_quietly  # noqa: E402
+from cvmfs_snap.fsutil import remove_tree_quietly, walk  # noqa: E402
 from cvmfs_snap.lazyfs import control  # noqa: E402
 from cvmfs_snap_devenv.images import Pusher, make_tar  # noqa: E402
 from cvmfs_snap_devenv.registry import start_registry  # noqa: E402
@@ -96,6 +98,36 @@ def workload(tree: Path, pid: int | None = None) -> tuple[float, float]:
     t0 = time.perf_counter()
     subprocess.run(f"find {tree} -type f -print0 | xargs -0 cat > /dev/null", shell=True, check=True)
     return time.perf_counter() - t0, (cpu_seconds(pid) - c0 if pid else 0.0)
+
+
+def tree_files(root: Path) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, files in walk(root) for f in files)
+
+
+def open_read_close(paths: list[str]) -> float:
+    t0 = time.perf_counter()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.read(fd, 1 << 16)
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def warm_per_file(lazy: Path, native: Path, reps: int = 9) -> str:
+    """Warm ``open`` + ``read`` + ``close`` of every file, in this process (no ``find``, no ``exec`` of ``cat``:
+    only the file systems' own cost), lazy and native alternating; per file, best and median."""
+    a, b = tree_files(lazy), tree_files(native)
+    open_read_close(a), open_read_close(b)
+    ra, rb = [], []
+    for _ in range(reps):
+        ra.append(open_read_close(a))
+        rb.append(open_read_close(b))
+    ra.sort()
+    rb.sort()
+    med = reps // 2
+    return (f"warm open+read+close per file, in process: lazy {ra[0] / len(a) * 1e6:.2f} us (median "
+            f"{ra[med] / len(a) * 1e6:.2f}), native {rb[0] / len(b) * 1e6:.2f} us (median {rb[med] / len(b) * 1e6:.2f})"
+            f" = {ra[0] / rb[0]:.3f}x best, {ra[med] / rb[med]:.3f}x median")
 
 
 def requests(sock: Path) -> dict[str, int]:
@@ -306,6 +338,7 @@ def main() -> int:
                   f"{lc / nc:.2f}x; warm lazy {lwm:.2f} s vs native {nwm:.2f} s = {lwm / nwm:.2f}x"
                   + (" (caches not dropped)" if args.no_drop_caches else "")
                   + f"; lazyfs process CPU: cold {lcc:.2f} s, warm {lwc:.2f} s")
+            print(warm_per_file(lz, nt))
             print(f"lazyfs after the workloads: {memory(proc.pid)}")
             # once the background fetch has everything, new containers get the node-local unpacked copy
             lid = digests[1][7:]
