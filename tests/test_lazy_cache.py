@@ -131,15 +131,20 @@ while True:
 """
 
 
-def test_killed_writer_leaves_no_damaged_or_duplicated_chunk(tmp_path: Path) -> None:
-    cache_dir = tmp_path / "cache"
+def kill_while_writing(script: str, cache_dir: Path, *layers: str) -> None:
+    """Run ``script`` on ``cache_dir`` in a process of its own and SIGKILL it 0.3 s after it says ``ready``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    p = subprocess.Popen([sys.executable, "-c", CRASHER, str(cache_dir), A, B], stdout=subprocess.PIPE, env=env)
+    p = subprocess.Popen([sys.executable, "-c", script, str(cache_dir), *layers], stdout=subprocess.PIPE, env=env)
     assert p.stdout is not None
     assert p.stdout.readline() == b"ready\n"
     time.sleep(0.3)
     p.send_signal(signal.SIGKILL)
     p.wait()
+
+
+def test_killed_writer_leaves_no_damaged_or_duplicated_chunk(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    kill_while_writing(CRASHER, cache_dir, A, B)
     c = ChunkCache(cache_dir, 50_000_000, metrics=LazyMetrics())
     on_disk = files(cache_dir)
     assert len(on_disk) == c.stats.entries >= 20
@@ -361,13 +366,7 @@ while True:
 
 def test_killed_pack_writer_leaves_only_whole_packs(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    p = subprocess.Popen([sys.executable, "-c", PACK_CRASHER, str(cache_dir), A], stdout=subprocess.PIPE, env=env)
-    assert p.stdout is not None
-    assert p.stdout.readline() == b"ready\n"
-    time.sleep(0.3)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_while_writing(PACK_CRASHER, cache_dir, A)
     c = ChunkCache(cache_dir, 50_000_000, metrics=LazyMetrics())
     keys = c.layer_keys(A)
     assert len(keys) == c.stats.entries >= 2000 and list((cache_dir / "tmp").iterdir()) == []

@@ -338,13 +338,7 @@ class ChunkCache:
             self._packs[self._pack_seq] = cachefiles.Pack(path, size, [k for k, _, _ in live], len(live))
             for k, off, n in live:
                 self._lru[k] = cachefiles.packed_value(self._pack_seq, off, n)
-            self._bytes += size
-            self._evict_locked()
-            self.metrics.cache_bytes.set(self._bytes)
-            now = time.monotonic()
-            if not self.sync:
-                self._settling.append((now, path))
-            settled = self._take_settled_locked(now - SETTLE_SECONDS)
+            settled = self._stored_locked(path, size)
         cachefiles.drop_pages(settled)
 
     def put(self, key: str, data: bytes, layer: str) -> None:
@@ -367,14 +361,19 @@ class ChunkCache:
                 return
             os.replace(tmp, path)
             self._lru[key] = len(data)
-            self._bytes += len(data)
-            self._evict_locked()
-            self.metrics.cache_bytes.set(self._bytes)
-            now = time.monotonic()
-            if not self.sync:
-                self._settling.append((now, path))
-            settled = self._take_settled_locked(now - SETTLE_SECONDS)
+            settled = self._stored_locked(path, len(data))
         cachefiles.drop_pages(settled)
+
+    def _stored_locked(self, path: Path, size: int) -> list[Path]:
+        """A file of ``size`` bytes is in place at ``path``: counted, the bound kept; the files whose pages may be
+        dropped now (their writes have settled)."""
+        self._bytes += size
+        self._evict_locked()
+        self.metrics.cache_bytes.set(self._bytes)
+        now = time.monotonic()
+        if not self.sync:
+            self._settling.append((now, path))
+        return self._take_settled_locked(now - SETTLE_SECONDS)
 
     def _next_tmp(self) -> int:
         with self._lock:
