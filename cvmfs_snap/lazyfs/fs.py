@@ -84,11 +84,8 @@ class LazyFS:
         self._by_seq: dict[int, MountedLayer] = {}
         self._next_seq = 1
         self._root = Node(mode=stat.S_IFDIR | 0o755, nlink=2)
-        #: the FUSE connection, once mounted (notify_store, entry invalidation)
+        #: the FUSE connection, once mounted (notify_store, invalidations, the mount point, tasks)
         self.session: Session | None = None
-        self.nursery: trio.Nursery | None = None
-        #: the mount point (set before mounting): its kernel readahead is raised once the INIT handshake is done
-        self.mnt: Path | None = None
         self.read_errors = 0
 
     @property
@@ -98,33 +95,40 @@ class LazyFS:
     # ------------------------------------------------------------------ layers
     def add_layer(self, layer_id: str, tree: Tree, files: LayerFiles, store: Iterable[str] = ()) -> MountedLayer:
         """Show ``tree`` at ``<mount>/<layer_id>`` (replacing a layer of that id)."""
-        self.remove_layer(layer_id)
+        replaced = self._drop(layer_id)
         layer = MountedLayer(layer_id, self._next_seq, tree, files, set(store))
         self._next_seq += 1
         self.layers[layer_id] = layer
         self._by_seq[layer.seq] = layer
-        self._invalidate_listing()  # unknown names at the root are never cached: only the listing to invalidate
+        # unknown names at the root are never cached: only the listing (and a replaced layer's entry) to invalidate
+        self._invalidate(layer_id if replaced is not None else None)
         return layer
 
     def remove_layer(self, layer_id: str) -> MountedLayer | None:
-        layer = self.layers.pop(layer_id, None)
+        layer = self._drop(layer_id)
         if layer is not None:
-            self._by_seq.pop(layer.seq, None)
             self._invalidate(layer_id)
         return layer
 
-    def _invalidate(self, layer_id: str) -> None:
-        # here and now: the kernel may wait for the root directory's lock, which a request may hold, but the
-        # requests are answered by the FUSE thread, not this one
-        session = self.session
-        if session is not None:
-            _invalidate_quietly(session, os.fsencode(layer_id))
-        self._invalidate_listing()
+    def _drop(self, layer_id: str) -> MountedLayer | None:
+        layer = self.layers.pop(layer_id, None)
+        if layer is not None:
+            self._by_seq.pop(layer.seq, None)
+        return layer
 
-    def _invalidate_listing(self) -> None:
-        """The kernel caches directory listings (no-opendir mode): the root's changes with each attach/detach."""
-        if self.session is not None:
-            _invalidate_root_quietly(self.session)
+    def _invalidate(self, layer_id: str | None) -> None:
+        """The kernel's entry of ``layer_id`` (if given) and its cached listing of the root (no-opendir mode), here
+        and now: the kernel may wait for the root directory's lock, which a request may hold, but the requests
+        are answered by the FUSE thread, not this one. Quiet where the kernel has neither or the mount is gone."""
+        session = self.session
+        if session is None:
+            return
+        try:
+            if layer_id is not None:
+                session.invalidate_entry(ROOT_INODE, os.fsencode(layer_id))
+            session.invalidate_inode(ROOT_INODE)
+        except OSError as e:
+            log.debug("invalidating the mount root's entries: %s", e)
 
     def _node(self, ino: int) -> tuple[MountedLayer | None, Node]:
         if ino == ROOT_INODE:
@@ -143,8 +147,8 @@ class LazyFS:
     def init(self) -> None:
         # called while the kernel's INIT is answered, and that answer sets the readahead back to the kernel's
         # default: raise it in a task that runs once the answer has gone
-        if self.mnt is not None and self.nursery is not None:
-            self.nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, self.mnt)
+        if self.session is not None:
+            self.session.spawn(trio.to_thread.run_sync, set_read_ahead, self.session.mnt)
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         if parent == ROOT_INODE:
@@ -252,20 +256,6 @@ class LazyFS:
         layers = list(self.layers.values())  # (layers come and go in the trio thread meanwhile)
         return StatFs(blocks=sum(layer.tree.file_bytes for layer in layers) // 4096,
                       files=sum(len(layer.tree.nodes) for layer in layers) + 1)
-
-
-def _invalidate_root_quietly(session: Session) -> None:
-    try:
-        session.invalidate_inode(ROOT_INODE)
-    except OSError as e:  # the mount is gone
-        log.debug("invalidating the mount root's listing: %s", e)
-
-
-def _invalidate_quietly(session: Session, name: bytes) -> None:
-    try:
-        session.invalidate_entry(ROOT_INODE, name)
-    except OSError as e:  # the kernel forgot the entry already, or the mount is gone
-        log.debug("invalidating %s: %s", name, e)
 
 
 #: the mount's kernel readahead (KiB): the kernel's default of 128 KiB splits a sequential read into 128 KiB FUSE

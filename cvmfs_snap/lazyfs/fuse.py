@@ -97,6 +97,8 @@ _INVAL_ENTRY = struct.Struct("<QII")  # fuse_notify_inval_entry_out
 _INVAL_INODE = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV = 1, 2, 4
+#: errors of a write to /dev/fuse that only say the request or entry is gone, or the mount
+_GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.EBADF})
 _MNT_DETACH = 2
 
 
@@ -166,14 +168,13 @@ def entry_out(a: Attr) -> bytes:
     return _ENTRY_HEAD.pack(a.ino, 0, s, s, ns, ns) + a.pack()
 
 
-def _dirent_plus(name: bytes, a: Attr, off: int) -> bytes:
-    rec = entry_out(a) + _DIRENT.pack(a.ino, off, len(name), (a.mode >> 12) & 0o17) + name
-    return rec + b"\0" * (-len(rec) % 8)
-
-
 def _dirent(name: bytes, a: Attr, off: int) -> bytes:
     rec = _DIRENT.pack(a.ino, off, len(name), (a.mode >> 12) & 0o17) + name
     return rec + b"\0" * (-len(rec) % 8)
+
+
+def _dirent_plus(name: bytes, a: Attr, off: int) -> bytes:
+    return entry_out(a) + _dirent(name, a, off)  # (the entry part is 128 bytes: the record stays 8-aligned)
 
 
 def _libc() -> ctypes.CDLL:
@@ -235,35 +236,34 @@ class Session:
         try:
             os.writev(self.fd, parts)
         except OSError as e:  # ENOENT: the request was interrupted; ENODEV: unmounted
-            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+            if e.errno not in _GONE:
                 log.warning("lazyfs: answering the kernel failed: %s", e)
+
+    def _notify(self, code: int, parts: list[bytes | memoryview], quiet: bool = False) -> None:
+        """Write a notification (``code`` in the error field, unique 0) of ``parts``; ``quiet``: nothing raised
+        where the kernel has no such entry or the mount is gone."""
+        try:
+            os.writev(self.fd, [_OUT.pack(16 + sum(len(p) for p in parts), code, 0), *parts])
+        except OSError as e:
+            if not quiet or e.errno not in _GONE:
+                raise
 
     def notify_store(self, ino: int, offset: int, data: bytes | memoryview) -> None:
         """Put ``data`` into ``ino``'s page cache at ``offset``. It may wait for the inode's page locks, which a
         READ waiting for the trio loop holds: call it from a worker thread, never from the loop or the FUSE
         thread."""
-        body = _STORE.pack(ino, offset, len(data), 0)
-        os.writev(self.fd, [_OUT.pack(16 + len(body) + len(data), NOTIFY_STORE, 0), body, data])
+        self._notify(NOTIFY_STORE, [_STORE.pack(ino, offset, len(data), 0), data])
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
-        """Drop the kernel's entry ``name`` of directory ``parent``. It may wait for the directory's lock, which a
-        request the FUSE thread has yet to answer may hold: never call it from the FUSE thread."""
-        body = _INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"
-        try:
-            os.writev(self.fd, [_OUT.pack(16 + len(body), NOTIFY_INVAL_ENTRY, 0), body])
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
-                raise
+        """Drop the kernel's entry ``name`` of directory ``parent`` (quiet where the kernel has none, or the mount
+        is gone). It may wait for the directory's lock, which a request the FUSE thread has yet to answer may
+        hold: never call it from the FUSE thread."""
+        self._notify(NOTIFY_INVAL_ENTRY, [_INVAL_ENTRY.pack(parent, len(name), 0), name, b"\0"], quiet=True)
 
     def invalidate_inode(self, ino: int) -> None:
-        """Drop the kernel's attributes and cached pages of ``ino`` (a directory: its cached listing); never from
-        the FUSE thread, as :meth:`invalidate_entry`."""
-        body = _INVAL_INODE.pack(ino, 0, -1)
-        try:
-            os.writev(self.fd, [_OUT.pack(16 + len(body), NOTIFY_INVAL_INODE, 0), body])
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
-                raise
+        """Drop the kernel's attributes and cached pages of ``ino`` (a directory: its cached listing); quiet and
+        never from the FUSE thread, as :meth:`invalidate_entry`."""
+        self._notify(NOTIFY_INVAL_INODE, [_INVAL_INODE.pack(ino, 0, -1)], quiet=True)
 
     # ------------------------------------------------------------------ the loop
     async def serve(self) -> None:

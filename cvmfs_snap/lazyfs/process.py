@@ -414,11 +414,10 @@ def _prepare(opts: Options) -> None:
 
 async def _serve(proc: LazyfsProcess) -> None:
     opts = proc.opts
-    proc.fs.mnt = opts.mnt
     session = proc.fs.session = Session(proc.fs, opts.mnt)
     try:
         async with trio.open_nursery() as n:
-            proc.nursery = proc.fs.nursery = n
+            proc.nursery = n
             n.start_soon(_signals, n.cancel_scope)
             n.start_soon(_fuse_main, session, n.cancel_scope)
             n.start_soon(_trim_hot, proc.cache)

@@ -77,7 +77,7 @@ def mounted_lazyfs(mnt: Path) -> Iterator[MountedFS]:
         session = fs.session = Session(fs, mnt, "cvmfs-snap-test")
         try:
             async with trio.open_nursery() as n:
-                fs.nursery = box["nursery"] = n
+                box["nursery"] = n
                 ready.set()
                 await session.serve()
         finally:
