@@ -244,13 +244,16 @@ class LayerReader:
         got: dict[str, bytes] = {}
         for r in refs:
             k = _key(r)
-            data = self.cache.get_hot(k, self._layer_key)
-            if data is None:
-                data = self.writes.get(k)
+            data = self._in_memory(k)
             if data is None:
                 return None
             got[k] = data
         return _assemble(refs, got, offset, size)
+
+    def _in_memory(self, key: str) -> bytes | None:
+        """Chunk ``key`` from the memory tier (counted as a hit) or on its way to the disk cache, else None."""
+        data = self.cache.get_hot(key, self._layer_key)
+        return data if data is not None else self.writes.get(key)
 
     def _chunks(self, path: str, offset: int, size: int) -> list[ChunkRef]:
         """``EStargz.chunks_for(path, offset, size)``, from the chunk lists of the files read last."""
@@ -278,14 +281,11 @@ class LayerReader:
         """The verified bytes of each chunk, by key: from the cache, else fetched (and then cached). ``hot``:
         keep them in the cache's memory tier too (reads; not the background pass, which would flush it).
         A chunk another task is loading is waited for, not looked up or fetched again."""
-        layer = self._layer_key
         got: dict[str, bytes] = {}
         mine: list[ChunkRef] = []
         theirs: list[tuple[ChunkRef, trio.Event]] = []
         for k, r in {_key(r): r for r in refs}.items():
-            data = self.cache.get_hot(k, layer)
-            if data is None:
-                data = self.writes.get(k)
+            data = self._in_memory(k)
             if data is not None:
                 got[k] = data
             elif k in self._pending:
