@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from cvmfs_snap.layout import LayerRecord
@@ -104,6 +104,22 @@ def test_a_waiter_that_gives_up_does_not_block_the_others() -> None:
     assert calls["n"] == 1
 
 
+def _flat_and_next_layer(slots: WorkSlots, unit: AbstractContextManager[None], flat: Callable[[], None], got: list[str]
+                         ) -> list[threading.Thread]:
+    """Start ``flat`` (waiting for layer ``sha256:a``) and the next layer's thread (wanting the one slot), wait
+    until both wait, then end ``unit`` (the layer holding the slot); the two threads."""
+    def next_layer() -> None:
+        with slots.hold(LAYER, 1):
+            got.append("next layer")
+
+    threads = [threading.Thread(target=flat), threading.Thread(target=next_layer)]
+    for t in threads:
+        t.start()
+    _until(lambda: slots._wanted["sha256:a"] == 1 and len(slots._waiting) == 1)
+    unit.__exit__(None, None, None)
+    return threads
+
+
 def test_a_layer_hands_its_slot_to_the_flat_waiting_for_it() -> None:
     """The layer's thread (or any other waiter) cannot take the slot between the layer's end and the moment the
     flat learns of it (its future is set after the slot is released)."""
@@ -117,15 +133,7 @@ def test_a_layer_hands_its_slot_to_the_flat_waiting_for_it() -> None:
         with slots.after("sha256:a", published.wait):
             got.append("flat")
 
-    def next_layer() -> None:
-        with slots.hold(LAYER, 1):
-            got.append("next layer")
-
-    threads = [threading.Thread(target=flat), threading.Thread(target=next_layer)]
-    for t in threads:
-        t.start()
-    _until(lambda: slots._wanted["sha256:a"] == 1 and len(slots._waiting) == 1)
-    unit.__exit__(None, None, None)
+    threads = _flat_and_next_layer(slots, unit, flat, got)
     time.sleep(0.05)  # the next layer waited before and the slot is not in use: it still must not get it
     assert got == []
     published.set()
@@ -153,15 +161,7 @@ def test_a_handed_slot_is_freed_when_the_flat_gives_up() -> None:
         except RuntimeError:
             got.append("flat gave up")
 
-    def next_layer() -> None:
-        with slots.hold(LAYER, 1):
-            got.append("next layer")
-
-    threads = [threading.Thread(target=flat), threading.Thread(target=next_layer)]
-    for t in threads:
-        t.start()
-    _until(lambda: slots._wanted["sha256:a"] == 1 and len(slots._waiting) == 1)
-    unit.__exit__(None, None, None)
+    threads = _flat_and_next_layer(slots, unit, flat, got)
     failed.set()
     for t in threads:
         t.join(5)
